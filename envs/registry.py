@@ -1,0 +1,35 @@
+"""Env registration: one call registers an id with Gymnasium and our own listing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+
+_REGISTERED: dict[str, dict[str, Any]] = {}
+
+
+def register_env(env_id: str, entry_point, *, nondeterministic: bool = False,
+                 description: str = "", **default_kwargs: Any) -> str:
+    """Register ``env_id`` with Gymnasium (idempotent for the same entry point)."""
+    if env_id in gym.registry:
+        existing = _REGISTERED.get(env_id)
+        if existing is not None and existing["entry_point"] is entry_point:
+            return env_id
+        raise ValueError(f"env id {env_id!r} is already registered; choose another id")
+    gym.register(id=env_id, entry_point=entry_point, nondeterministic=nondeterministic,
+                 kwargs=dict(default_kwargs))
+    _REGISTERED[env_id] = {"entry_point": entry_point, "description": description,
+                           "nondeterministic": nondeterministic}
+    return env_id
+
+
+def list_envs() -> list[str]:
+    """Ids registered by knobgym (not Gymnasium's own)."""
+    return sorted(_REGISTERED)
+
+
+def check_env_id(env_id: str) -> str:
+    if env_id not in _REGISTERED:
+        raise ValueError(f"unknown env id {env_id!r}; accepted: {', '.join(list_envs()) or '(none registered)'}")
+    return env_id
