@@ -1,0 +1,69 @@
+"""The minimal backend surface every env, the latency profiler and the trace recorder use.
+
+A backend owns one loaded model and its data splits. Implementations: the HF vision-language
+backend (``backends.hf``) with the tiny reference model as default (``backends.tiny``), and the
+trace backend that replays recorded outcomes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from backends.knobs import KnobConfig, KnobSpace
+from backends.outcome import Outcome, Stage1State
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One input: a question (and image) with its reference answer.
+
+    ``question_type`` indexes ``Backend.question_types`` (-1 when the data has none);
+    ``image`` is an HxWx3 uint8 array or ``None`` for text-only data.
+    """
+
+    sample_id: int
+    split: str
+    question: str
+    reference: str | None
+    image: np.ndarray | None = None
+    question_type: int = -1
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (0, 0) if self.image is None else (int(self.image.shape[0]), int(self.image.shape[1]))
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; accepted: {', '.join(SPLITS)}")
+    return split
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What envs need from a model. ``run`` equals ``run_stage2(run_stage1(sample, tier), knobs)``."""
+
+    knob_space: KnobSpace
+    question_types: tuple[str, ...]
+    summary_dim: int
+
+    def identity(self) -> dict[str, Any]:
+        """Backend name, model id / path, revision loaded, dtype, device: for caches and run logs."""
+
+    def samples(self, split: str) -> Sequence[Sample]:
+        """The fixed samples of a split (``train``, ``validation`` or ``test``)."""
+
+    def run_stage1(self, sample: Sample, tier: str | None) -> Stage1State:
+        """Vision tower at ``tier`` plus decoder block 1 at the model's full top-k."""
+
+    def run_stage2(self, state: Stage1State, knobs: KnobConfig) -> Outcome:
+        """The rest of the model under ``knobs`` (tier must match the state), then decode and score."""
+
+    def run(self, sample: Sample, knobs: KnobConfig) -> Outcome:
+        """Both stages."""

@@ -1,0 +1,1 @@
+"""knobgym latency_model."""
