@@ -9,10 +9,15 @@ reload, no copy of weights).
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 TIER_NAMES = ("low", "medium", "high")
 
@@ -167,3 +172,249 @@ class KnobSpace:
 def kept_tokens(n_tokens: int, token_budget: float) -> int:
     """K of N vision tokens kept under a budget fraction: ``ceil(b * N)``, at least 1."""
     return max(1, min(n_tokens, math.ceil(token_budget * n_tokens - 1e-9)))
+
+
+# --------------------------------------------------------------------------------------------
+# Vision-token transforms (tier pooling, budgeted selection). Pure functions on feature tensors,
+# used by the knob context manager and by the tiny model's adaptive training alike.
+# --------------------------------------------------------------------------------------------
+def pool_vision_tokens(features: torch.Tensor, n_out: int) -> torch.Tensor:
+    """Pool ``[B, N, d]`` patch features to ``[B, n_out, d]``.
+
+    Square grids (N and n_out perfect squares) use 2-D adaptive average pooling so that spatial
+    neighbours are merged, as LLaVA-style token pooling does; other counts (e.g. a perceiver
+    resampler's latents) fall back to 1-D adaptive average pooling over the sequence.
+    """
+    b, n, d = features.shape
+    if not (1 <= n_out <= n):
+        raise KnobError(f"cannot pool {n} vision tokens to {n_out}; accepted: 1 <= n_out <= {n}")
+    if n_out == n:
+        return features
+    side, side_out = math.isqrt(n), math.isqrt(n_out)
+    if side * side == n and side_out * side_out == n_out:
+        grid = features.transpose(1, 2).reshape(b, d, side, side)
+        pooled = F.adaptive_avg_pool2d(grid, side_out)
+        return pooled.reshape(b, d, n_out).transpose(1, 2)
+    return F.adaptive_avg_pool1d(features.transpose(1, 2), n_out).transpose(1, 2)
+
+
+def vision_token_scores(features: torch.Tensor) -> torch.Tensor:
+    """Informativeness of each vision token: L2 distance from the image's mean token, ``[B, N]``.
+
+    Why this score: background patches are near the mean, object patches far from it, and it
+    needs no attention weights (so it works with SDPA / flash attention and every tower).
+    """
+    return (features - features.mean(dim=1, keepdim=True)).float().norm(dim=-1)
+
+
+def select_vision_tokens(features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the ``k`` most informative of ``N`` tokens (see :func:`vision_token_scores`).
+
+    Returns the kept tokens ``[B, k, d]`` in their original order (so the spatial order the
+    language model was trained on is preserved) and their indices ``[B, k]``.
+    """
+    b, n, d = features.shape
+    if not (1 <= k <= n):
+        raise KnobError(f"cannot keep {k} of {n} vision tokens; accepted: 1 <= k <= {n}")
+    if k == n:
+        idx = torch.arange(n, device=features.device).expand(b, n)
+        return features, idx
+    idx = vision_token_scores(features).topk(k, dim=1).indices.sort(dim=1).values
+    return features.gather(1, idx.unsqueeze(-1).expand(b, k, d)), idx
+
+
+def transform_vision_features(features: torch.Tensor, space: "KnobSpace", knobs: KnobConfig) -> torch.Tensor:
+    """Apply tier pooling then budgeted selection: ``[B, N, d] -> [B, space.vision_tokens(knobs), d]``."""
+    n_tier = space.tiers[knobs.tier] if knobs.tier is not None else features.shape[1]
+    pooled = pool_vision_tokens(features, n_tier)
+    return select_vision_tokens(pooled, kept_tokens(n_tier, knobs.token_budget))[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Model structure: where the decoder blocks, routers and vision features live per family.
+# --------------------------------------------------------------------------------------------
+_TEXT_DECODER_PATHS = (
+    "model.language_model",  # LLaVA (Llama / OLMoE text model)
+    "model.text_model",  # IDEFICS2
+    "gpt_neox",  # GPT-NeoX / Pythia
+    "model",  # OLMoE, Qwen2-MoE, Mixtral, Llama causal LMs
+)
+_LM_HEAD_NAMES = ("lm_head", "embed_out")
+_FINAL_NORM_NAMES = ("norm", "final_layer_norm")
+SUPPORTED_FAMILIES = ("LlavaForConditionalGeneration", "Idefics2ForConditionalGeneration",
+                      "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM",
+                      "GPTNeoXForCausalLM", "LlamaForCausalLM")
+
+
+def _get_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """Handles to the parts of a loaded model that knobs act on."""
+
+    model: nn.Module
+    text_decoder: nn.Module  # has .layers (ModuleList) and a final norm
+    final_norm: nn.Module
+    lm_head: nn.Module
+    multimodal: nn.Module | None  # the module whose get_image_features feeds the LM (None: text-only)
+    image_token_id: int | None
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.text_decoder.layers
+
+    def routers(self, layer_index: int) -> list[nn.Module]:
+        """Modules in one block that choose experts (they carry an integer ``top_k``)."""
+        return [m for m in self.layers[layer_index].modules()
+                if isinstance(getattr(m, "top_k", None), int) and not isinstance(m, nn.ModuleList)]
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    """Locate decoder blocks, final norm, LM head and the vision merge point of ``model``."""
+    cls = type(model).__name__
+    decoder = None
+    for path in _TEXT_DECODER_PATHS:
+        cand = _get_path(model, path)
+        if cand is not None and isinstance(getattr(cand, "layers", None), nn.ModuleList):
+            decoder = cand
+            break
+    if decoder is None:
+        raise KnobError(f"unsupported model class {cls}: no decoder blocks found; supported families: "
+                        f"{', '.join(SUPPORTED_FAMILIES)}")
+    norm = next((getattr(decoder, n) for n in _FINAL_NORM_NAMES if getattr(decoder, n, None) is not None), None)
+    head = next((getattr(model, n) for n in _LM_HEAD_NAMES if getattr(model, n, None) is not None), None)
+    if norm is None or head is None:
+        raise KnobError(f"unsupported model class {cls}: no final norm / LM head found; supported families: "
+                        f"{', '.join(SUPPORTED_FAMILIES)}")
+    inner = getattr(model, "model", None)
+    multimodal = inner if inner is not None and hasattr(inner, "get_image_features") else None
+    image_token_id = None
+    if multimodal is not None:
+        image_token_id = getattr(model.config, "image_token_id", None)
+        if image_token_id is None:
+            image_token_id = getattr(model.config, "image_token_index", None)
+    return ModelParts(model, decoder, norm, head, multimodal, image_token_id)
+
+
+def knob_space_from_model(model: nn.Module, *, tiers: dict | None = None, top_ks=None, depths=None,
+                          token_budgets=(0.25, 0.5, 0.75, 1.0)) -> KnobSpace:
+    """Derive the knob space from a loaded model's config.
+
+    Defaults mirror the real targets: top-k choices ``full/2 .. full``, depth choices
+    ``ceil(0.75 L) .. L``; vision tiers ``native``, ``native/4``, ``native/16`` tokens. A config
+    dict ``knobgym`` saved with a checkpoint (``tiers``, ``top_ks``, ``depths``) overrides them.
+    """
+    parts = model_parts(model)
+    saved = getattr(model.config, "knobgym", None) or {}
+    num_layers = len(parts.layers)
+    routers = [r for i in range(num_layers) for r in parts.routers(i)]
+    num_experts = full_k = None
+    if routers:
+        full_k = routers[0].top_k
+        num_experts = next((int(getattr(r, "num_experts")) for r in routers if hasattr(r, "num_experts")), None)
+        if num_experts is None:
+            text_cfg = getattr(model.config, "text_config", model.config)
+            num_experts = int(getattr(text_cfg, "num_experts", None) or getattr(text_cfg, "num_local_experts"))
+    if top_ks is None:
+        top_ks = saved.get("top_ks") or (tuple(range(max(1, full_k // 2), full_k + 1)) if full_k else ())
+    if depths is None:
+        depths = saved.get("depths") or tuple(range(max(1, math.ceil(0.75 * num_layers)), num_layers + 1))
+    native = 0
+    if parts.multimodal is not None:
+        native = int(saved.get("native_vision_tokens") or _native_vision_tokens(model))
+        if tiers is None:
+            tiers = saved.get("tiers") or {"low": max(1, native // 16), "medium": max(1, native // 4), "high": native}
+        tiers = {str(k): int(v) for k, v in tiers.items()}
+    else:
+        tiers = {}
+    space = KnobSpace(model_class=type(model).__name__, tiers=tiers, native_vision_tokens=native,
+                      token_budgets=tuple(float(b) for b in token_budgets), top_ks=tuple(int(k) for k in top_ks),
+                      full_top_k=full_k, num_experts=num_experts, depths=tuple(int(d) for d in depths),
+                      num_layers=num_layers)
+    for k in space.top_ks:
+        space.validate(KnobConfig(top_k=k))
+    for d in space.depths:
+        space.validate(KnobConfig(depth=d))
+    for name, n in tiers.items():
+        if not (1 <= n <= max(native, 1)):
+            raise KnobError(f"tier {name!r} has {n} tokens; accepted: 1..{native} (the tower's native count)")
+    return space
+
+
+def _native_vision_tokens(model: nn.Module) -> int:
+    cfg = model.config
+    if hasattr(cfg, "perceiver_config"):  # IDEFICS2: the resampler's latents
+        return int(cfg.perceiver_config.resampler_n_latents)
+    vc = cfg.vision_config
+    n = (vc.image_size // vc.patch_size) ** 2
+    strategy = getattr(cfg, "vision_feature_select_strategy", "default")
+    return n if strategy == "default" else n + 1
+
+
+# --------------------------------------------------------------------------------------------
+# Applying knobs: one context manager, restored exactly on exit.
+# --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def apply_knobs(model: nn.Module, knobs: KnobConfig, space: KnobSpace | None = None):
+    """Run ``model`` under ``knobs`` inside the ``with`` block; restore it exactly on exit.
+
+    - top-k: sets ``top_k`` of the expert routers in every block except the first (block 1 keeps
+      the model's own top-k, since the stage-2 controller decides after it).
+    - depth: swaps the decoder's ``layers`` for a ModuleList of the first D blocks (same module
+      objects, so the KV cache layers 0..D-1 stay consistent during generation); the final norm
+      and LM head then run on block D's output.
+    - tier / token budget: wraps the instance's ``get_image_features`` so that the features fed to
+      the language model are pooled to the tier's size and reduced to the K most informative tokens.
+      The caller must put exactly ``space.vision_tokens(knobs)`` image placeholders in ``input_ids``.
+
+    Nothing is reloaded or copied: attributes are set and put back in a ``finally`` block.
+    """
+    space = space or knob_space_from_model(model)
+    space.validate(knobs)
+    parts = model_parts(model)
+    restore: list = []
+    try:
+        if knobs.top_k is not None:
+            for i in range(1, len(parts.layers)):
+                for router in parts.routers(i):
+                    restore.append((router, "top_k", router.top_k))
+                    router.top_k = knobs.top_k
+        if knobs.depth is not None and knobs.depth < len(parts.layers):
+            decoder = parts.text_decoder
+            restore.append((decoder, "layers", decoder.layers))
+            # Same module objects: only which ones run changes.
+            decoder.layers = nn.ModuleList(list(decoder.layers)[: knobs.depth])
+        if parts.multimodal is not None and (knobs.tier is not None or knobs.token_budget < 1):
+            mm = parts.multimodal
+            original = mm.get_image_features  # bound method of the class (or an earlier wrapper)
+            had_instance_attr = "get_image_features" in vars(mm)
+
+            # functools.wraps keeps the signature visible to generate(), which inspects it to
+            # decide which kwargs (pixel_values, ...) to route to the image encoder.
+            @functools.wraps(original)
+            def get_image_features(*args, **kwargs):
+                out = original(*args, **kwargs)
+                feats = out.pooler_output
+                stacked = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+                reduced = transform_vision_features(stacked, space, knobs)
+                out.pooler_output = list(reduced) if isinstance(feats, (list, tuple)) else reduced
+                return out
+
+            restore.append((mm, "get_image_features", original if had_instance_attr else _DELETE))
+            mm.get_image_features = get_image_features
+        yield model
+    finally:
+        for obj, name, value in reversed(restore):
+            if value is _DELETE:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
+
+
+_DELETE = object()
