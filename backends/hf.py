@@ -1,0 +1,290 @@
+"""The generic Hugging Face backend: one loaded model, its data, and a two-stage run under knobs.
+
+Stage 1 (``run_stage1``): the vision tower, tier pooling and budgeted token selection, then
+decoder block 1 at the model's own top-k over the whole prompt. Stage 2 (``run_stage2``): the
+remaining blocks under the chosen top-k and depth, the final norm and LM head, then
+token-by-token decoding under the same knobs (``apply_knobs``), scored against the reference.
+
+A stage-1 state is never mutated by stage 2 (its KV cache is copied), so one stage-1
+computation serves every member of a GRPO group with the same tier.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+from backends.base import Sample, check_split
+from backends.knobs import (KnobConfig, KnobError, KnobSpace, apply_knobs, knob_space_from_model, kept_tokens,
+                            model_parts, pool_vision_tokens, select_vision_tokens)
+from backends.loading import GenerationSettings, LoadedModel
+from backends.outcome import Outcome, Stage1State, TokenCounts
+
+SUMMARY_DIM = 16
+
+
+class Task(Protocol):
+    """The data a backend serves and how answers are scored."""
+
+    question_types: tuple[str, ...]
+
+    def samples(self, split: str) -> Sequence[Sample]: ...
+
+    def score(self, answer: str, reference: str | None) -> float: ...
+
+
+@dataclass
+class _Stage1Payload:
+    hidden: torch.Tensor  # [1, T, d] output of block 1 (before the final norm)
+    cache: DynamicCache  # holds block 1's keys/values for the prompt
+    position_ids: torch.Tensor
+    prompt_len: int
+
+
+class _Timer:
+    """Wall-clock milliseconds, CUDA-synchronised when the model is on a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter_ns()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.ms = (time.perf_counter_ns() - self.t0) / 1e6
+
+
+class HFBackend:
+    """Backend over a loaded HF model (LLaVA, IDEFICS2, or a text-only MoE / dense causal LM).
+
+    Args:
+        loaded: the :class:`~backends.loading.LoadedModel`.
+        task: samples per split and the scoring function.
+        generation: decoding settings (honoured as given: greedy only if ``do_sample=False``).
+        prompt_template: prompt with ``{question}`` and, for vision models, the image token once.
+        knob_space: override of the space derived from the model config.
+        name: backend name recorded in identities (``tiny``, ``hf``, ...).
+    """
+
+    summary_dim = SUMMARY_DIM
+
+    def __init__(self, loaded: LoadedModel, task: Task, generation: GenerationSettings = GenerationSettings(),
+                 prompt_template: str | None = None, knob_space: KnobSpace | None = None, name: str = "hf"):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.image_processor = loaded.image_processor
+        self.task = task
+        self.generation = generation
+        self.name = name
+        self.parts = model_parts(self.model)
+        self.knob_space = knob_space or knob_space_from_model(self.model)
+        self.question_types = tuple(task.question_types)
+        saved = getattr(self.model.config, "knobgym", None) or {}
+        self.prompt_template = prompt_template or saved.get("prompt_template") or (
+            "USER: <image>\n{question} ASSISTANT:" if self.knob_space.has_vision else "{question}")
+        self.device = next(self.model.parameters()).device
+        self._embed = self.model.get_input_embeddings()
+        self._layer_takes_layer_past = "layer_past" in inspect.signature(self.parts.layers[0].forward).parameters
+        self._rotary = getattr(self.parts.text_decoder, "rotary_emb", None)
+        # A fixed random projection of block 1's pooled output: the stage-2 observation summary.
+        gen = torch.Generator().manual_seed(1234)
+        hidden = self._embed.weight.shape[1]
+        q, _ = torch.linalg.qr(torch.randn(hidden, max(hidden, SUMMARY_DIM), generator=gen))
+        self._summary_proj = q[:, :SUMMARY_DIM].to(torch.float32)
+        self._eos_ids = self._eos_token_ids()
+        self._sample_cache: dict[str, Sequence[Sample]] = {}
+
+    # ----------------------------------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        return {"backend": self.name, **self.loaded.identity}
+
+    def cost_params(self) -> dict[str, float]:
+        """Architecture numbers for analytic latency features."""
+        cfg = self.model.config
+        text = getattr(cfg, "text_config", cfg)
+        vision = getattr(cfg, "vision_config", None)
+        return {
+            "hidden_size": float(text.hidden_size),
+            "intermediate_size": float(getattr(text, "intermediate_size", 4 * text.hidden_size)),
+            "expert_intermediate_size": float(getattr(text, "moe_intermediate_size", None)
+                                              or getattr(text, "intermediate_size", 4 * text.hidden_size)),
+            "num_layers": float(len(self.parts.layers)),
+            "num_experts": float(self.knob_space.num_experts or 0),
+            "full_top_k": float(self.knob_space.full_top_k or 0),
+            "vocab_size": float(text.vocab_size),
+            "vision_layers": float(getattr(vision, "num_hidden_layers", 0) if vision else 0),
+            "vision_hidden": float(getattr(vision, "hidden_size", 0) if vision else 0),
+            "native_vision_tokens": float(self.knob_space.native_vision_tokens),
+        }
+
+    def samples(self, split: str) -> Sequence[Sample]:
+        check_split(split)
+        if split not in self._sample_cache:
+            self._sample_cache[split] = self.task.samples(split)
+        return self._sample_cache[split]
+
+    def sample(self, split: str, sample_id: int) -> Sample:
+        items = self.samples(split)
+        if not (isinstance(sample_id, (int, np.integer)) and 0 <= sample_id < len(items)):
+            raise ValueError(f"sample_id={sample_id!r} is out of range for split {split!r}; accepted: 0..{len(items) - 1}")
+        return items[int(sample_id)]
+
+    # ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run_stage1(self, sample: Sample, tier: str | None, token_budget: float = 1.0) -> Stage1State:
+        """Vision tower at ``tier`` (and ``token_budget``), then decoder block 1 at full top-k."""
+        space = self.knob_space
+        space.validate(KnobConfig(tier=tier, token_budget=token_budget))
+        with _Timer(self.device) as timer:
+            ids, image_features, n_full = self._prompt_inputs(sample, tier, token_budget)
+            embeds = self._embed(ids)
+            n_vision = 0
+            if image_features is not None:
+                mask = (ids == self.parts.image_token_id).unsqueeze(-1)
+                embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
+                n_vision = image_features.shape[1]
+            cache = DynamicCache(config=self._text_config)
+            position_ids = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
+            hidden = self._run_blocks(embeds, 0, 1, cache, position_ids)
+        pooled = hidden[0].float().mean(dim=0)
+        summary = (pooled / (pooled.norm() + 1e-6)) @ self._summary_proj
+        counts = TokenCounts(prompt_tokens=int(ids.shape[1] - n_vision), vision_tokens_full=n_full,
+                             vision_tokens=n_vision)
+        payload = _Stage1Payload(hidden=hidden, cache=cache, position_ids=position_ids, prompt_len=int(ids.shape[1]))
+        return Stage1State(sample_id=sample.sample_id, tier=tier, token_counts=counts,
+                           summary=summary.cpu().numpy().astype(np.float32), measured_ms=timer.ms,
+                           payload=(sample, token_budget, payload))
+
+    @torch.no_grad()
+    def run_stage2(self, state: Stage1State, knobs: KnobConfig) -> Outcome:
+        """Blocks 2..D under ``knobs``, then decode and score. ``state`` is left untouched."""
+        sample, token_budget, payload = state.payload
+        if knobs.tier != state.tier or knobs.token_budget != token_budget:
+            raise KnobError(f"stage-2 knobs {knobs} do not match the stage-1 state (tier={state.tier!r}, "
+                            f"token_budget={token_budget}); accepted: the same tier and token budget")
+        self.knob_space.validate(knobs)
+        gen = self.generation
+        rng = torch.Generator(device="cpu").manual_seed(gen.seed * 1_000_003 + int(sample.sample_id))
+        new_ids: list[int] = []
+        nonfinite = False
+        with _Timer(self.device) as timer, apply_knobs(self.model, knobs, self.knob_space):
+            cache = copy.deepcopy(payload.cache)  # stage 1's cache is shared by the whole group
+            depth = len(self.parts.layers)  # already truncated by apply_knobs
+            hidden = self._run_blocks(payload.hidden, 1, depth, cache, payload.position_ids)
+            logits = self.parts.lm_head(self.parts.final_norm(hidden[:, -1:]))[0, -1]
+            position = payload.prompt_len
+            for step in range(gen.max_new_tokens):
+                if not torch.isfinite(logits).all():
+                    nonfinite = True
+                    break
+                token = self._choose_token(logits, step, rng)
+                if token in self._eos_ids:
+                    break
+                new_ids.append(token)
+                if step + 1 == gen.max_new_tokens:
+                    break
+                pos = torch.tensor([[position]], device=self.device)
+                h = self._run_blocks(self._embed(torch.tensor([[token]], device=self.device)), 0, depth, cache, pos)
+                logits = self.parts.lm_head(self.parts.final_norm(h))[0, -1]
+                position += 1
+        answer = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip() if not nonfinite else ""
+        score = 0.0 if nonfinite else float(self.task.score(answer, sample.reference))
+        counts = TokenCounts(**{**state.token_counts.__dict__, "new_tokens": len(new_ids)})
+        return Outcome(answer=answer, reference=sample.reference, score=score, token_counts=counts,
+                       measured_ms=state.measured_ms + timer.ms, stage1_ms=state.measured_ms, knobs=knobs,
+                       empty_output=(answer == ""), nonfinite_logits=nonfinite)
+
+    def run(self, sample: Sample, knobs: KnobConfig) -> Outcome:
+        return self.run_stage2(self.run_stage1(sample, knobs.tier, knobs.token_budget), knobs)
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def _text_config(self):
+        return getattr(self.model.config, "text_config", self.model.config)
+
+    def _eos_token_ids(self) -> set[int]:
+        ids = getattr(self.model.generation_config, "eos_token_id", None) or self.tokenizer.eos_token_id
+        ids = ids if isinstance(ids, (list, tuple)) else [ids]
+        return {int(i) for i in ids if i is not None}
+
+    def _choose_token(self, logits: torch.Tensor, step: int, rng: torch.Generator) -> int:
+        gen = self.generation
+        logits = logits.float().clone()
+        if step < gen.min_new_tokens:
+            for eos in self._eos_ids:
+                logits[eos] = -float("inf")
+        if not gen.do_sample:
+            return int(logits.argmax())
+        probs = torch.softmax(logits / gen.temperature, dim=-1).cpu()
+        if gen.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            keep = sorted_p.cumsum(0) - sorted_p < gen.top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs / probs.sum(), 1, generator=rng))
+
+    def _prompt_inputs(self, sample: Sample, tier: str | None, token_budget: float):
+        """Prompt ids with exactly K image placeholders, and the K image features for them."""
+        text = self.prompt_template.format(question=sample.question)
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
+        if not self.knob_space.has_vision:
+            return ids.unsqueeze(0).to(self.device), None, 0
+        if sample.image is None:
+            raise ValueError(f"sample {sample.sample_id} has no image but {type(self.model).__name__} needs one")
+        image_inputs = self.image_processor(images=[sample.image], return_tensors="pt")
+        features = self._image_features(image_inputs)
+        n_full = features.shape[1]
+        n_tier = self.knob_space.tiers[tier] if tier is not None else n_full
+        features = pool_vision_tokens(features, n_tier)
+        features = select_vision_tokens(features, kept_tokens(n_tier, token_budget))[0]
+        image_id = self.parts.image_token_id
+        positions = (ids == image_id).nonzero().flatten()
+        if len(positions) == 0:
+            raise ValueError(f"prompt template {self.prompt_template!r} produced no image token (id {image_id})")
+        # Collapse whatever run of placeholders the tokenizer produced into exactly K of them.
+        start, end = int(positions[0]), int(positions[-1]) + 1
+        k = features.shape[1]
+        ids = torch.cat([ids[:start], torch.full((k,), image_id, dtype=ids.dtype), ids[end:]])
+        return ids.unsqueeze(0).to(self.device), features, n_full
+
+    def _image_features(self, image_inputs) -> torch.Tensor:
+        mm = self.parts.multimodal
+        accepted = inspect.signature(mm.get_image_features).parameters
+        kwargs = {k: v.to(self.device) for k, v in image_inputs.items() if k in accepted and torch.is_tensor(v)}
+        if "pixel_values" in kwargs:
+            kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model.dtype)
+        out = mm.get_image_features(**kwargs, return_dict=True)
+        feats = out.pooler_output
+        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+    def _run_blocks(self, hidden: torch.Tensor, start: int, end: int, cache: DynamicCache,
+                    position_ids: torch.Tensor) -> torch.Tensor:
+        """Run decoder blocks ``start..end-1`` on ``hidden`` at ``position_ids``, updating ``cache``."""
+        if start >= end:
+            return hidden
+        # In stage 2 block 1's cache already holds the prompt while later blocks' do not: size the
+        # mask from the first block being run.
+        mask = create_causal_mask(config=self._text_config, inputs_embeds=hidden, attention_mask=None,
+                                  past_key_values=cache, position_ids=position_ids, layer_idx=start)
+        pos_emb = self._rotary(hidden, position_ids) if self._rotary is not None else None
+        cache_kw = "layer_past" if self._layer_takes_layer_past else "past_key_values"
+        for layer in list(self.parts.layers)[start:end]:
+            out = layer(hidden, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                        position_embeddings=pos_emb, **{cache_kw: cache})
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+

@@ -1,0 +1,336 @@
+"""Loading a Hugging Face model the way a serving engineer would.
+
+``ModelSpec`` (what to load, precision, attention, placement), ``QuantizationSpec``
+(bitsandbytes 4/8-bit) and ``GenerationSettings`` (decoding, honoured by every backend) are
+plain dataclasses with documented defaults; :func:`load_model` turns them into a loaded model
+with the revision actually loaded recorded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16",
+                  "torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "auto": "auto"}
+QUANT_TYPES = ("nf4", "fp4", "int8")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+class SpecError(ValueError):
+    """A bad model / quantization / generation setting (names the key or value and what is accepted)."""
+
+
+def _check_choice(name: str, value: Any, accepted) -> Any:
+    if value not in accepted:
+        raise SpecError(f"{name}={value!r} is invalid; accepted: {', '.join(map(str, accepted))}")
+    return value
+
+
+@dataclass(frozen=True)
+class QuantizationSpec:
+    """bitsandbytes quantization (needs CUDA).
+
+    Args:
+        enabled: quantize on load (default False).
+        quant_type: ``nf4`` or ``fp4`` (4-bit) or ``int8`` (8-bit) (default ``nf4``).
+        compute_dtype: dtype of the 4-bit matmuls, one of fp32/fp16/bf16 (default ``bf16``).
+        double_quant: quantize the 4-bit quantization constants too (default True).
+    """
+
+    enabled: bool = False
+    quant_type: str = "nf4"
+    compute_dtype: str = "bf16"
+    double_quant: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("quantization.quant_type", self.quant_type, QUANT_TYPES)
+        _check_choice("quantization.compute_dtype", self.compute_dtype, tuple(PRECISIONS))
+
+    def to_bitsandbytes_config(self):
+        """The ``transformers.BitsAndBytesConfig`` for this spec (``None`` when disabled)."""
+        if not self.enabled:
+            return None
+        from transformers import BitsAndBytesConfig
+
+        if self.quant_type == "int8":
+            return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
+                                  bnb_4bit_compute_dtype=PRECISIONS[self.compute_dtype],
+                                  bnb_4bit_use_double_quant=self.double_quant)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load and how.
+
+    Args:
+        model: hub id (``llava-hf/llava-1.5-7b-hf``) or local directory.
+        revision: branch, tag or commit of a hub id (default ``main``); the commit actually loaded is
+            recorded by :func:`load_model`.
+        local_files_only: never touch the network (default True: runs must be reproducible offline).
+        precision: ``fp32`` / ``fp16`` / ``bf16`` (default ``fp32``, the only one fast on every CPU).
+        attn_implementation: ``eager``, ``sdpa`` (default), ``flash_attention_2``, ...
+        device: one device (``cpu``, ``cuda``, ``cuda:1``); the model goes there whole, i.e.
+            ``device_map={"": device}``, so placement is deterministic.
+        device_map: ``None`` (use ``device``) or ``"auto"`` / an explicit map, only when asked.
+        trust_remote_code: run code shipped with a checkpoint (default False).
+        quantization: a :class:`QuantizationSpec`.
+    """
+
+    model: str
+    revision: str = "main"
+    local_files_only: bool = True
+    precision: str = "fp32"
+    attn_implementation: str = "sdpa"
+    device: str = "cpu"
+    device_map: Any = None
+    trust_remote_code: bool = False
+    quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, (str, os.PathLike)) or not str(self.model).strip():
+            raise SpecError(f"model={self.model!r} is invalid; accepted: a hub id or a local directory path")
+        _check_choice("precision", self.precision, tuple(PRECISIONS))
+        _check_choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        if not (self.device == "cpu" or self.device == "mps" or str(self.device).startswith("cuda")):
+            raise SpecError(f"device={self.device!r} is invalid; accepted: cpu, cuda, cuda:N, mps")
+        if self.device_map is not None and not (self.device_map == "auto" or isinstance(self.device_map, Mapping)):
+            raise SpecError(f"device_map={self.device_map!r} is invalid; accepted: None, 'auto' or a dict")
+        if self.quantization.enabled and not str(self.device).startswith("cuda") and self.device_map is None:
+            raise SpecError(f"quantization needs a CUDA device, got device={self.device!r}; accepted: cuda, cuda:N")
+
+    @property
+    def resolved_device_map(self) -> Any:
+        return self.device_map if self.device_map is not None else {"": self.device}
+
+    @property
+    def is_local(self) -> bool:
+        return Path(str(self.model)).expanduser().exists() or str(self.model).startswith((".", "/", "~"))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding settings every backend honours (nothing silently forces greedy).
+
+    Args:
+        max_new_tokens: upper bound on generated tokens (default 8: VQA answers are short).
+        min_new_tokens: lower bound (default 1: an empty answer is a failure, not a choice).
+        do_sample: sample instead of greedy (default False).
+        temperature: sampling temperature, used when ``do_sample`` (default 1.0).
+        top_p: nucleus sampling mass, used when ``do_sample`` (default 1.0).
+        seed: seed of the sampling generator, so sampled runs are reproducible (default 0).
+    """
+
+    max_new_tokens: int = 8
+    min_new_tokens: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise SpecError(f"max_new_tokens={self.max_new_tokens!r} is invalid; accepted: an integer >= 1")
+        if not (isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens <= self.max_new_tokens):
+            raise SpecError(f"min_new_tokens={self.min_new_tokens!r} is invalid; accepted: an integer in "
+                            f"[0, max_new_tokens={self.max_new_tokens}]")
+        if not (self.temperature > 0):
+            raise SpecError(f"temperature={self.temperature!r} is invalid; accepted: > 0")
+        if not (0 < self.top_p <= 1):
+            raise SpecError(f"top_p={self.top_p!r} is invalid; accepted: 0 < top_p <= 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building specs from user dicts (Hydra configs, CLI overrides), with legacy keys normalised.
+# ---------------------------------------------------------------------------------------------
+_LEGACY_KEYS = {
+    "load_in_4bit": "quantization.enabled=True, quantization.quant_type='nf4'",
+    "load_in_8bit": "quantization.enabled=True, quantization.quant_type='int8'",
+    "bnb_4bit_quant_type": "quantization.quant_type",
+    "bnb_4bit_compute_dtype": "quantization.compute_dtype",
+    "bnb_4bit_use_double_quant": "quantization.double_quant",
+    "torch_dtype": "precision",
+    "dtype": "precision",
+    "model_name_or_path": "model",
+    "pretrained_model_name_or_path": "model",
+}
+
+
+def _normalise_dtype(value: Any) -> str:
+    if isinstance(value, torch.dtype):
+        value = str(value)
+    key = str(value).lower()
+    key = _DTYPE_ALIASES.get(key, key)
+    if key == "auto":
+        return "fp32"
+    return key
+
+
+def model_spec_from_dict(options: Mapping[str, Any]) -> ModelSpec:
+    """Build a :class:`ModelSpec` from a flat or nested dict.
+
+    Legacy keys (``load_in_4bit``, ``load_in_8bit``, ``bnb_4bit_quant_type``, ``torch_dtype``, ...)
+    are accepted and normalised with a ``DeprecationWarning``; unknown keys are a
+    :class:`SpecError` naming the key and listing the accepted ones.
+    """
+    opts = dict(options)
+    quant = dict(opts.pop("quantization", None) or {})
+    unknown_quant = set(quant) - {f.name for f in dataclasses.fields(QuantizationSpec)}
+    if unknown_quant:
+        raise SpecError(f"unknown quantization key(s) {sorted(unknown_quant)}; accepted: "
+                        f"{', '.join(f.name for f in dataclasses.fields(QuantizationSpec))}")
+    for legacy in [k for k in opts if k in _LEGACY_KEYS]:
+        value = opts.pop(legacy)
+        warnings.warn(f"model spec key {legacy!r} is deprecated; use {_LEGACY_KEYS[legacy]}",
+                      DeprecationWarning, stacklevel=2)
+        if legacy == "load_in_4bit":
+            if value:
+                quant["enabled"] = True
+                quant.setdefault("quant_type", "nf4")
+        elif legacy == "load_in_8bit":
+            if value:
+                quant["enabled"] = True
+                quant["quant_type"] = "int8"
+        elif legacy == "bnb_4bit_quant_type":
+            quant["quant_type"] = value
+        elif legacy == "bnb_4bit_compute_dtype":
+            quant["compute_dtype"] = _normalise_dtype(value)
+        elif legacy == "bnb_4bit_use_double_quant":
+            quant["double_quant"] = bool(value)
+        elif legacy in ("torch_dtype", "dtype"):
+            opts["precision"] = _normalise_dtype(value)
+        else:
+            opts["model"] = value
+    accepted = [f.name for f in dataclasses.fields(ModelSpec) if f.name != "quantization"]
+    unknown = sorted(set(opts) - set(accepted))
+    if unknown:
+        raise SpecError(f"unknown model spec key(s) {unknown}; accepted: {', '.join(accepted + ['quantization'])} "
+                        f"(legacy, normalised with a warning: {', '.join(_LEGACY_KEYS)})")
+    if "model" not in opts:
+        raise SpecError("model spec needs 'model' (a hub id or a local directory path)")
+    if "precision" in opts:
+        opts["precision"] = _normalise_dtype(opts["precision"])
+    return ModelSpec(quantization=QuantizationSpec(**quant), **opts)
+
+
+def generation_settings_from_dict(options: Mapping[str, Any] | None) -> GenerationSettings:
+    opts = dict(options or {})
+    accepted = [f.name for f in dataclasses.fields(GenerationSettings)]
+    unknown = sorted(set(opts) - set(accepted))
+    if unknown:
+        raise SpecError(f"unknown generation key(s) {unknown}; accepted: {', '.join(accepted)}")
+    return GenerationSettings(**opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+class ModelNotAvailableError(FileNotFoundError):
+    """The model is not on disk (and we do not download at run time)."""
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model with what it takes to run and to log it."""
+
+    model: Any
+    tokenizer: Any
+    image_processor: Any
+    spec: ModelSpec
+    revision_loaded: str  # commit hash for hub snapshots, or a content hash of a local directory
+
+    @property
+    def identity(self) -> dict:
+        return {"model": str(self.spec.model), "revision": self.revision_loaded, "precision": self.spec.precision,
+                "model_class": type(self.model).__name__, "device": str(self.spec.device),
+                "quantization": dataclasses.asdict(self.spec.quantization)}
+
+
+def resolve_model_path(spec: ModelSpec) -> tuple[Path, str]:
+    """Local directory holding the checkpoint, and the revision it represents.
+
+    Hub ids are resolved from the local Hugging Face cache only; a miss is one clear error that
+    says how to make the model available (this package never downloads at run time).
+    """
+    path = Path(str(spec.model)).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotAvailableError(f"local model directory {str(path)!r} has no config.json; accepted: a "
+                                         f"directory written by save_pretrained()")
+        return path, _local_revision(path)
+    if spec.is_local:
+        raise ModelNotAvailableError(f"local model path {str(path)!r} does not exist; pass an existing directory "
+                                     f"written by save_pretrained(), or a hub id already in the Hugging Face cache")
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = snapshot_download(repo_id=str(spec.model), revision=spec.revision, local_files_only=True)
+    except Exception as exc:  # the hub client raises several types for "not cached"
+        raise ModelNotAvailableError(
+            f"model {spec.model!r} at revision {spec.revision!r} is not in the local Hugging Face cache "
+            f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}), and "
+            f"knobgym never downloads at run time. Make it available with "
+            f"`huggingface-cli download {spec.model} --revision {spec.revision}` on a machine with network, "
+            f"or pass a local directory as model=... ({type(exc).__name__})") from None
+    return Path(snapshot), Path(snapshot).name
+
+
+def _local_revision(path: Path) -> str:
+    """A short content hash of a local checkpoint's config and weight file sizes/mtimes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".model", ".txt"):
+            h.update(f.name.encode())
+            h.update(f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode())
+    return "local-" + h.hexdigest()[:12]
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load model, tokenizer and image processor (when there is one) for ``spec``."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    path, revision = resolve_model_path(spec)
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=spec.trust_remote_code)
+    model_cls = _model_class_for(config, transformers)
+    kwargs: dict[str, Any] = dict(local_files_only=True, trust_remote_code=spec.trust_remote_code,
+                                  attn_implementation=spec.attn_implementation,
+                                  device_map=spec.resolved_device_map)
+    qconfig = spec.quantization.to_bitsandbytes_config()
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["dtype"] = PRECISIONS[spec.quantization.compute_dtype]
+    else:
+        kwargs["dtype"] = PRECISIONS[spec.precision]
+    model = model_cls.from_pretrained(path, **kwargs)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=spec.trust_remote_code)
+    image_processor = None
+    if hasattr(config, "vision_config"):
+        from transformers import AutoImageProcessor
+
+        image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True,
+                                                             trust_remote_code=spec.trust_remote_code)
+    return LoadedModel(model, tokenizer, image_processor, spec, revision)
+
+
+def _model_class_for(config, transformers):
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    if arch and hasattr(transformers, arch):
+        return getattr(transformers, arch)
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if hasattr(config, "vision_config") else AutoModelForCausalLM
