@@ -108,6 +108,8 @@ class HFBackend:
         self._summary_proj = q[:, :SUMMARY_DIM].to(torch.float32)
         self._eos_ids = self._eos_token_ids()
         self._sample_cache: dict[str, Sequence[Sample]] = {}
+        self._prompt_len_cache: dict[tuple, int] = {}
+        self._expected_new_tokens: int | None = None
 
     # ----------------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -143,6 +145,25 @@ class HFBackend:
         if not (isinstance(sample_id, (int, np.integer)) and 0 <= sample_id < len(items)):
             raise ValueError(f"sample_id={sample_id!r} is out of range for split {split!r}; accepted: 0..{len(items) - 1}")
         return items[int(sample_id)]
+
+    def expected_token_counts(self, sample: Sample, knobs: KnobConfig) -> TokenCounts:
+        """Token counts of a run before running it: prompt and vision tokens are exact, the
+        generated length is the mean answer length of the training split (never this sample's
+        reference, which a controller must not see)."""
+        key = (sample.split, sample.sample_id)
+        if key not in self._prompt_len_cache:
+            text = self.prompt_template.format(question=sample.question)
+            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+            image_id = self.parts.image_token_id
+            self._prompt_len_cache[key] = sum(1 for i in ids if i != image_id)
+        if self._expected_new_tokens is None:
+            refs = [s.reference for s in self.samples("train")[:256] if s.reference]
+            lengths = [len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs]
+            self._expected_new_tokens = int(round(float(np.mean(lengths)))) if lengths else 1
+        n_vision = self.knob_space.vision_tokens(knobs)
+        return TokenCounts(prompt_tokens=self._prompt_len_cache[key],
+                           vision_tokens_full=self.knob_space.native_vision_tokens, vision_tokens=n_vision,
+                           new_tokens=min(self.generation.max_new_tokens, max(1, self._expected_new_tokens)))
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,8 +1,30 @@
-"""knobgym environments. ``import envs`` registers every env id with Gymnasium."""
+"""knobgym environments. ``import envs`` registers every env id with Gymnasium.
+
+>>> import gymnasium as gym, envs
+>>> env = gym.make("MultiKnob-v0", budget="120ms")          # tiny default backend
+>>> envs.list_envs()
+"""
 
 from envs.budget import Budget, parse_budget_ms
+from envs.multiknob import MultiKnobEnv
 from envs.registry import check_env_id, list_envs, register_env
 from envs.reward import RewardConfig, compute_reward, compute_rewards
+from envs.token_budget import TokenBudgetEnv
+
+register_env("MultiKnob-v0", MultiKnobEnv, description="two-stage: vision tier, then MoE top-k and depth")
+register_env("MultiKnob-measured-v0", MultiKnobEnv, nondeterministic=True, latency="measured",
+             description="MultiKnob-v0 with wall-clock latency")
+register_env("TokenBudget-v0", TokenBudgetEnv, description="one step: fraction of vision tokens kept")
+register_env("TokenBudget-measured-v0", TokenBudgetEnv, nondeterministic=True, latency="measured",
+             description="TokenBudget-v0 with wall-clock latency")
+
+try:  # KV-cache policy envs (StreamingKV-v0, KV-<Policy>-v0)
+    from envs.streaming_kv import register_kv_envs
+except ImportError as exc:  # pragma: no cover - only while that module is absent
+    if "envs.streaming_kv" not in str(exc):
+        raise
+else:
+    register_kv_envs()
 
 __all__ = ["Budget", "parse_budget_ms", "RewardConfig", "compute_reward", "compute_rewards",
-           "register_env", "list_envs", "check_env_id"]
+           "register_env", "list_envs", "check_env_id", "MultiKnobEnv", "TokenBudgetEnv"]

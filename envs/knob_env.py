@@ -1,0 +1,190 @@
+"""Shared machinery of the model-executing envs: backend, budget, latency, reward, observations.
+
+Subclasses define the action space and how an action becomes a :class:`KnobConfig`; this base
+turns knob configurations into model runs (sharing stage 1 across a group), latencies, rewards
+and infos, so every env scores the same way.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+
+from backends.base import SPLITS, Sample
+from backends.knobs import KnobConfig
+from backends.outcome import Outcome, Stage1State
+from backends.registry import load_backend
+from envs.budget import Budget
+from envs.latency import LatencySource
+from envs.reward import RewardConfig, compute_reward
+
+OBS_CLIP = 10.0
+_WARNED: set = set()
+
+
+class KnobEnv(gym.Env):
+    """Base of ``MultiKnob-v0`` and ``TokenBudget-v0``.
+
+    Args:
+        backend: backend name (default ``tiny``), dict with ``name`` and options, or a Backend object.
+        budget: latency budget in any form :meth:`Budget.parse` accepts (default ``120ms``); a
+            range is sampled uniformly per episode from ``np_random``.
+        split: data split episodes draw samples from (default ``train``).
+        latency: ``estimated`` (default, deterministic) or ``measured`` (wall clock).
+        overshoot_penalty, violation_penalty: reward coefficients (see :mod:`envs.reward`).
+        estimator: a latency estimator to use instead of the cached one.
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, backend: Any = "tiny", budget: Any = "120ms", split: str = "train",
+                 latency: str = "estimated", overshoot_penalty: float = 1.0, violation_penalty: float = 0.5,
+                 estimator=None, backend_options: dict | None = None):
+        super().__init__()
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is invalid; accepted: {', '.join(SPLITS)}")
+        self.backend = load_backend(backend, **(backend_options or {}))
+        self.space = self.backend.knob_space
+        self.budget = Budget.parse(budget)
+        self.split = split
+        self.reward_config = RewardConfig(overshoot_penalty, violation_penalty)
+        self.latency = LatencySource(self.backend, latency, estimator=estimator)
+        self.question_types = tuple(self.backend.question_types)
+        self._ref_ms, self._range_ms = self._latency_reference()
+        self._warn_if_budget_unreachable()
+        self._sample: Sample | None = None
+        self._budget_ms: float = self.budget.low_ms
+
+    # ---------------------------------------------------------------- latency references
+    def _typical_samples(self, n: int = 16) -> Sequence[Sample]:
+        items = self.backend.samples("validation")
+        return [items[i] for i in np.linspace(0, len(items) - 1, min(n, len(items))).astype(int)]
+
+    def _latency_reference(self) -> tuple[float, tuple[float, float]]:
+        """Estimated latency of the full config (normaliser) and the achievable [min, max] range."""
+        samples = self._typical_samples()
+        cheap, full = self.space.cheapest(), self.space.full()
+        lo = self.latency.predict_ms([cheap] * len(samples),
+                                     [self.backend.expected_token_counts(s, cheap) for s in samples])
+        hi = self.latency.predict_ms([full] * len(samples),
+                                     [self.backend.expected_token_counts(s, full) for s in samples])
+        return float(np.median(hi)), (float(np.min(lo)), float(np.max(hi)))
+
+    @property
+    def achievable_range_ms(self) -> tuple[float, float]:
+        """Estimated latency of the cheapest and the most expensive configuration on this device."""
+        return self._range_ms
+
+    def _warn_if_budget_unreachable(self) -> None:
+        lo, hi = self._range_ms
+        key = (str(self.backend.identity()), str(self.budget), type(self).__name__)
+        if key in _WARNED:
+            return
+        msg = None
+        if self.budget.high_ms < lo:
+            msg = f"budget {self.budget} is below the cheapest configuration's latency"
+        elif self.budget.low_ms > hi:
+            msg = f"budget {self.budget} is above the most expensive configuration's latency (it never binds)"
+        if msg:
+            _WARNED.add(key)
+            warnings.warn(f"{msg}: achievable range on this backend and device is "
+                          f"{lo:.1f}ms..{hi:.1f}ms; choose a budget inside it, e.g. "
+                          f"budget={0.5 * (lo + hi):.0f}ms", stacklevel=3)
+
+    # ---------------------------------------------------------------- episodes
+    def _begin_episode(self, seed: int | None, options: dict | None) -> None:
+        super().reset(seed=seed)
+        options = dict(options or {})
+        unknown = set(options) - {"sample_id", "budget", "split"}
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; accepted: sample_id, budget, split")
+        split = options.get("split", self.split)
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} is invalid; accepted: {', '.join(SPLITS)}")
+        items = self.backend.samples(split)
+        if "sample_id" in options:
+            self._sample = self.backend.sample(split, options["sample_id"])
+        else:
+            self._sample = items[int(self.np_random.integers(len(items)))]
+        budget = Budget.parse(options["budget"]) if "budget" in options else self.budget
+        self._budget_ms = budget.sample(self.np_random)
+
+    def _check_action(self, action) -> np.ndarray:
+        arr = np.asarray(action)
+        if not self.action_space.contains(arr.astype(self.action_space.dtype) if arr.dtype != object else arr) \
+                or (arr.dtype.kind == "f" and not np.all(arr == np.round(arr))):
+            raise ValueError(f"action {action!r} is outside the action space {self.action_space}; accepted: "
+                             f"{self._action_help()}")
+        return arr.astype(np.int64)
+
+    def _action_help(self) -> str:
+        return str(self.action_space)
+
+    # ---------------------------------------------------------------- scoring
+    def _score(self, outcome: Outcome, budget_ms: float, latency_ms: float | None = None) -> tuple[float, dict]:
+        latency_ms = self.latency.outcome_ms(outcome) if latency_ms is None else latency_ms
+        reward, violated = compute_reward(outcome.score, latency_ms, budget_ms, self.reward_config)
+        info = {
+            "score": float(outcome.score), "answer": outcome.answer, "reference": outcome.reference,
+            "latency_ms": float(latency_ms), "budget_ms": float(budget_ms), "violated": violated,
+            "knobs": outcome.knobs.as_dict(), "new_tokens": int(outcome.new_tokens),
+            "empty_output": bool(outcome.empty_output), "nonfinite_logits": bool(outcome.nonfinite_logits),
+            "vision_tokens": int(outcome.token_counts.vision_tokens),
+            "prompt_tokens": int(outcome.token_counts.prompt_tokens),
+        }
+        if self.latency.mode == "measured":
+            info["measured_ms"] = float(outcome.measured_ms)
+        return reward, info
+
+    def action_to_knobs(self, action) -> KnobConfig:
+        raise NotImplementedError  # defined by each env
+
+    def evaluate_group(self, sample_id: int, budget: Any, actions: Sequence, split: str | None = None):
+        """Rewards and infos of ``actions`` on one sample and budget, as if each were its own episode.
+
+        Each distinct stage-1 computation (vision tower + block 1, keyed by tier and token budget)
+        runs once and is shared by every action that needs it. Returns ``(rewards, infos)``.
+        """
+        split = split or self.split
+        sample = self.backend.sample(split, sample_id)
+        budget_ms = Budget.parse(budget)
+        if budget_ms.is_range:
+            raise ValueError(f"budget={budget!r} is invalid for a group; accepted: one fixed budget")
+        knobs = [self.action_to_knobs(self._check_action(a)) for a in actions]
+        states: dict[tuple, Stage1State] = {}
+        outcomes = []
+        for k in knobs:
+            key = (k.tier, k.token_budget)
+            if key not in states:
+                states[key] = self.backend.run_stage1(sample, k.tier, k.token_budget)
+            outcomes.append(self.backend.run_stage2(states[key], k))
+        latencies = self.latency.outcomes_ms(outcomes)
+        rewards, infos = [], []
+        for outcome, lat in zip(outcomes, latencies):
+            r, info = self._score(outcome, budget_ms.low_ms, float(lat))
+            info["sample_id"] = int(sample_id)
+            rewards.append(r)
+            infos.append(info)
+        return np.asarray(rewards, dtype=np.float64), infos
+
+    # ---------------------------------------------------------------- observations
+    def _input_features(self, sample: Sample, budget_ms: float) -> list[float]:
+        """Cheap stage-1 features: budget, prompt length, question type, image size."""
+        qtype = np.zeros(len(self.question_types), dtype=np.float32)
+        if 0 <= sample.question_type < len(qtype):
+            qtype[sample.question_type] = 1.0
+        h, w = sample.image_size
+        prompt_tokens = self.backend.expected_token_counts(sample, self.space.full()).prompt_tokens
+        return [budget_ms / self._ref_ms, prompt_tokens / 64.0, *qtype.tolist(), h / 256.0, w / 256.0]
+
+    @staticmethod
+    def _finish_obs(values: list[float], size: int) -> np.ndarray:
+        obs = np.zeros(size, dtype=np.float32)
+        obs[: len(values)] = np.clip(np.asarray(values, dtype=np.float32), -OBS_CLIP, OBS_CLIP)
+        return obs
+
+    def _box(self, size: int) -> gym.spaces.Box:
+        return gym.spaces.Box(-OBS_CLIP, OBS_CLIP, shape=(size,), dtype=np.float32)

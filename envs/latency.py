@@ -1,0 +1,58 @@
+"""Where an env's latency comes from: the learned estimator (default) or the wall clock."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from backends.knobs import KnobConfig
+from backends.outcome import Outcome, Stage1State, TokenCounts
+
+LATENCY_MODES = ("estimated", "measured")
+
+
+class LatencySource:
+    """Per-sample latency for rewards, and predictions for observations and budget warnings.
+
+    ``estimated`` (default): the learned estimator of (backend, device) from ``latency_model``,
+    profiled and fitted once if not cached; deterministic, so the env is too.
+    ``measured``: the backend's wall-clock time of this run (CUDA-synchronised on GPU); the
+    estimator is still used for the predictive observation features.
+
+    Args:
+        backend: the backend whose latency is estimated.
+        mode: ``estimated`` or ``measured``.
+        estimator: an already-loaded estimator (skips the cache lookup).
+        cache_dir: estimator cache directory (default: ``latency_model``'s).
+    """
+
+    def __init__(self, backend, mode: str = "estimated", estimator=None, cache_dir: str | None = None):
+        if mode not in LATENCY_MODES:
+            raise ValueError(f"latency={mode!r} is invalid; accepted: {', '.join(LATENCY_MODES)}")
+        self.mode = mode
+        if estimator is None:
+            from latency_model import get_estimator
+
+            estimator = get_estimator(backend, cache_dir=cache_dir)
+        self.estimator = estimator
+
+    def predict_ms(self, knobs: Sequence[KnobConfig], counts: Sequence[TokenCounts]) -> np.ndarray:
+        return np.asarray(self.estimator.predict(list(knobs), list(counts)), dtype=np.float64)
+
+    def stage1_ms(self, state: Stage1State) -> float:
+        """Latency spent by stage 1 (vision tower + block 1)."""
+        if self.mode == "measured":
+            return float(state.measured_ms)
+        return float(self.estimator.predict_stage1([state.tier], [state.token_counts])[0])
+
+    def outcome_ms(self, outcome: Outcome) -> float:
+        """Latency of a whole run, charged against the budget."""
+        if self.mode == "measured":
+            return float(outcome.measured_ms)
+        return float(self.predict_ms([outcome.knobs], [outcome.token_counts])[0])
+
+    def outcomes_ms(self, outcomes: Sequence[Outcome]) -> np.ndarray:
+        if self.mode == "measured":
+            return np.array([o.measured_ms for o in outcomes], dtype=np.float64)
+        return self.predict_ms([o.knobs for o in outcomes], [o.token_counts for o in outcomes])

@@ -1,0 +1,111 @@
+"""``MultiKnob-v0``: a two-stage episode per input sample.
+
+Stage 1 observes the budget and cheap input features and chooses the vision tier; the backend
+runs the vision tower at that tier and decoder block 1 at the model's full top-k. Stage 2
+observes what block 1 produced and chooses MoE top-k and depth; the rest of the model runs,
+the answer is decoded and scored, and the episode ends.
+
+Action: one ``MultiDiscrete([n_tiers, n_top_k, n_depth])`` vector in both stages. Stage 1 reads
+only element 0 (tier) and ignores the others; stage 2 reads elements 1 (top-k index) and 2
+(depth index) and ignores element 0 (the tier is already fixed). Choices come from the
+backend's knob space (top-k in ``space.top_ks``, depth in ``space.depths``).
+
+Observation (float32, same size in both stages, clipped to [-10, 10]):
+``[stage, budget/ref, prompt_tokens/64, question-type one-hot..., image_h/256, image_w/256,
+block-1 summary (16)..., vision_tokens/native, spent/budget, cheapest_total/budget,
+full_total/budget]``; the stage-2 part is zero in stage 1. ``ref`` is the estimated latency of
+the full configuration on a typical input; the last two entries are the estimated end-to-end
+latency of the cheapest and the most expensive stage-2 choice for this input and tier.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from backends.knobs import KnobConfig
+from envs.knob_env import KnobEnv
+
+
+class MultiKnobEnv(KnobEnv):
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        sp = self.space
+        if not (sp.has_vision and sp.top_ks and sp.depths):
+            raise ValueError(f"MultiKnob-v0 needs a vision-language MoE backend; {sp.model_class} supports "
+                             f"tiers={sp.tier_names}, top_ks={sp.top_ks}, depths={sp.depths}")
+        self.action_space = gym.spaces.MultiDiscrete([len(sp.tier_names), len(sp.top_ks), len(sp.depths)])
+        self._n_input = 2 + len(self.question_types) + 2
+        self.obs_size = 1 + self._n_input + self.backend.summary_dim + 4
+        self.observation_space = self._box(self.obs_size)
+        self._stage = 0
+        self._state = None
+        self._input_obs: list[float] = []
+
+    def _action_help(self) -> str:
+        sp = self.space
+        return (f"MultiDiscrete{list(self.action_space.nvec)}: [tier index into {list(sp.tier_names)}, "
+                f"top-k index into {list(sp.top_ks)}, depth index into {list(sp.depths)}]")
+
+    def action_to_knobs(self, action) -> KnobConfig:
+        sp = self.space
+        return KnobConfig(tier=sp.tier_names[int(action[0])], token_budget=1.0,
+                          top_k=int(sp.top_ks[int(action[1])]), depth=int(sp.depths[int(action[2])]))
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        self._begin_episode(seed, options)
+        self._stage, self._state = 0, None
+        self._input_obs = self._input_features(self._sample, self._budget_ms)
+        return self._finish_obs([0.0, *self._input_obs], self.obs_size), {
+            "sample_id": self._sample.sample_id, "budget_ms": self._budget_ms, "stage": 0}
+
+    def step(self, action):
+        if self._sample is None:
+            raise RuntimeError("call reset() before step()")
+        if self._stage == 2:
+            raise RuntimeError("episode is over; call reset()")
+        action = self._check_action(action)
+        if self._stage == 0:
+            tier = self.space.tier_names[int(action[0])]
+            self._state = self.backend.run_stage1(self._sample, tier)
+            self._stage = 1
+            return self._stage2_obs(), 0.0, False, False, {
+                "sample_id": self._sample.sample_id, "budget_ms": self._budget_ms, "stage": 1, "tier": tier,
+                "vision_tokens": self._state.token_counts.vision_tokens}
+        knobs = self.action_to_knobs([self.space.tier_names.index(self._state.tier), action[1], action[2]])
+        outcome = self.backend.run_stage2(self._state, knobs)
+        reward, info = self._score(outcome, self._budget_ms)
+        info.update(sample_id=self._sample.sample_id, stage=2)
+        self._stage = 2
+        obs = self._stage2_obs()
+        obs[0] = 1.0
+        return obs, reward, True, False, info
+
+    def _stage2_obs(self) -> np.ndarray:
+        state, sp, budget = self._state, self.space, self._budget_ms
+        counts = state.token_counts
+        cheap = KnobConfig(tier=state.tier, top_k=min(sp.top_ks), depth=min(sp.depths))
+        full = KnobConfig(tier=state.tier, top_k=max(sp.top_ks), depth=max(sp.depths))
+        expected = self.backend.expected_token_counts(self._sample, full)
+        totals = self.latency.predict_ms([cheap, full], [expected, expected])
+        values = [1.0, *self._input_obs, *state.summary.tolist(),
+                  counts.vision_tokens / max(1, sp.native_vision_tokens),
+                  self.latency.stage1_ms(state) / budget, totals[0] / budget, totals[1] / budget]
+        return self._finish_obs(values, self.obs_size)
+
+    def stage1_observation(self, sample_id: int, budget_ms: float, split: str | None = None) -> np.ndarray:
+        """The stage-1 observation of a sample under a budget (for group-based agents)."""
+        sample = self.backend.sample(split or self.split, sample_id)
+        return self._finish_obs([0.0, *self._input_features(sample, budget_ms)], self.obs_size)
+
+    def stage2_observation(self, sample_id: int, budget_ms: float, tier_index: int,
+                           split: str | None = None) -> np.ndarray:
+        """The stage-2 observation after choosing ``tier_index`` (runs stage 1; for group-based agents)."""
+        self._sample = self.backend.sample(split or self.split, sample_id)
+        self._budget_ms = float(budget_ms)
+        self._input_obs = self._input_features(self._sample, self._budget_ms)
+        self._state = self.backend.run_stage1(self._sample, self.space.tier_names[int(tier_index)])
+        self._stage = 1
+        return self._stage2_obs()

@@ -1,0 +1,55 @@
+"""``TokenBudget-v0``: one step per episode choosing the fraction of vision tokens kept.
+
+Action: ``Discrete(len(fractions))`` indexing ``fractions`` (default 0.25 / 0.5 / 0.75 / 1.0);
+the rest of the model runs at its defaults (highest tier, the model's own top-k, all blocks).
+Observation (float32): ``[budget/ref, prompt_tokens/64, question-type one-hot...,
+image_h/256, image_w/256]`` (see :mod:`envs.multiknob` for ``ref``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+
+from backends.knobs import KnobConfig
+from envs.knob_env import KnobEnv
+
+
+class TokenBudgetEnv(KnobEnv):
+    def __init__(self, fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0), **kwargs: Any):
+        fractions = tuple(float(f) for f in fractions)
+        if not fractions or any(not (math.isfinite(f) and 0 < f <= 1) for f in fractions):
+            raise ValueError(f"fractions={fractions!r} is invalid; accepted: a non-empty list of fractions 0 < f <= 1")
+        super().__init__(**kwargs)
+        if not self.space.has_vision:
+            raise ValueError(f"TokenBudget-v0 needs a vision-language backend; {self.space.model_class} has no "
+                             f"vision tower")
+        self.fractions = fractions
+        self.action_space = gym.spaces.Discrete(len(fractions))
+        self.obs_size = 2 + len(self.question_types) + 2
+        self.observation_space = self._box(self.obs_size)
+
+    def _action_help(self) -> str:
+        return f"an integer in [0, {len(self.fractions) - 1}] indexing fractions {list(self.fractions)}"
+
+    def action_to_knobs(self, action) -> KnobConfig:
+        return KnobConfig(tier=self.space.tier_names[-1], token_budget=self.fractions[int(action)])
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        self._begin_episode(seed, options)
+        obs = self._finish_obs(self._input_features(self._sample, self._budget_ms), self.obs_size)
+        return obs, {"sample_id": self._sample.sample_id, "budget_ms": self._budget_ms}
+
+    def step(self, action):
+        if self._sample is None:
+            raise RuntimeError("call reset() before step()")
+        knobs = self.action_to_knobs(self._check_action(action))
+        outcome = self.backend.run(self._sample, knobs)
+        reward, info = self._score(outcome, self._budget_ms)
+        info["sample_id"] = self._sample.sample_id
+        obs = self._finish_obs(self._input_features(self._sample, self._budget_ms), self.obs_size)
+        self._sample = None
+        return obs, reward, True, False, info
