@@ -330,7 +330,8 @@ def knob_space_from_model(model: nn.Module, *, tiers: dict | None = None, top_ks
         native = int(saved.get("native_vision_tokens") or _native_vision_tokens(model))
         if tiers is None:
             tiers = saved.get("tiers") or {"low": max(1, native // 16), "medium": max(1, native // 4), "high": native}
-        tiers = {str(k): int(v) for k, v in tiers.items()}
+        # Cheapest first: saved configs may come back with keys sorted by name.
+        tiers = {str(k): int(v) for k, v in sorted(tiers.items(), key=lambda kv: (int(kv[1]), str(kv[0])))}
     else:
         tiers = {}
     space = KnobSpace(model_class=type(model).__name__, tiers=tiers, native_vision_tokens=native,

@@ -1,0 +1,72 @@
+"""``backend=tiny``: the shipped tiny reference model over the procedural VQA task.
+
+Loads the committed checkpoint through the same ``load_model`` path as any local checkpoint
+(no network, no GPU) and serves the generator's fixed splits lazily (a sample is rendered when
+first asked for), scored by VQA-normalised exact match.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+from backends.base import Sample, check_split
+from backends.hf import HFBackend
+from backends.loading import GenerationSettings, ModelSpec, generation_settings_from_dict, load_model
+from backends.tiny import data
+
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
+
+
+class LazySplit(Sequence):
+    """The fixed samples of one split, rendered on first access."""
+
+    def __init__(self, split: str, seed: int = data.DEFAULT_SEED, size: int | None = None):
+        self.split, self.seed = check_split(split), seed
+        self.size = data.SPLIT_SIZES[split] if size is None else int(size)
+        self._get = lru_cache(maxsize=8192)(self._make)
+
+    def _make(self, index: int) -> Sample:
+        return data.make_sample(self.split, index, self.seed)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.size))]
+        index = int(index)
+        if index < 0:
+            index += self.size
+        if not 0 <= index < self.size:
+            raise IndexError(f"sample index {index} out of range for split {self.split!r} (size {self.size})")
+        return self._get(index)
+
+
+class TinyVQATask:
+    """The procedural VQA task: splits and exact-match scoring."""
+
+    question_types = data.QUESTION_TYPES
+
+    def __init__(self, seed: int = data.DEFAULT_SEED, split_sizes: dict | None = None):
+        sizes = {**data.SPLIT_SIZES, **(split_sizes or {})}
+        self._splits = {s: LazySplit(s, seed, sizes[s]) for s in data.SPLIT_SIZES}
+
+    def samples(self, split: str) -> Sequence[Sample]:
+        return self._splits[check_split(split)]
+
+    def score(self, answer: str, reference: str | None) -> float:
+        return data.score_answer(answer, reference or "")
+
+
+def load_tiny_backend(checkpoint: str | None = None, generation: dict | GenerationSettings | None = None,
+                      device: str = "cpu", precision: str = "fp32", attn_implementation: str = "sdpa",
+                      seed: int = data.DEFAULT_SEED, split_sizes: dict | None = None) -> HFBackend:
+    """The default backend: the committed tiny model (or ``checkpoint``) on ``device``."""
+    path = Path(checkpoint) if checkpoint else CHECKPOINT_DIR
+    spec = ModelSpec(model=str(path), precision=precision, device=device, attn_implementation=attn_implementation)
+    if not isinstance(generation, GenerationSettings):
+        generation = generation_settings_from_dict(generation)
+    loaded = load_model(spec)
+    return HFBackend(loaded, TinyVQATask(seed, split_sizes), generation=generation, name="tiny")
