@@ -170,7 +170,7 @@ class HFBackend:
     def run_stage1(self, sample: Sample, tier: str | None, token_budget: float = 1.0) -> Stage1State:
         """Vision tower at ``tier`` (and ``token_budget``), then decoder block 1 at full top-k."""
         space = self.knob_space
-        space.validate(KnobConfig(tier=tier, token_budget=token_budget))
+        tier = space.resolve(KnobConfig(tier=tier, token_budget=token_budget)).tier
         with _Timer(self.device) as timer:
             ids, image_features, n_full = self._prompt_inputs(sample, tier, token_budget)
             embeds = self._embed(ids)
@@ -195,10 +195,10 @@ class HFBackend:
     def run_stage2(self, state: Stage1State, knobs: KnobConfig) -> Outcome:
         """Blocks 2..D under ``knobs``, then decode and score. ``state`` is left untouched."""
         sample, token_budget, payload = state.payload
+        knobs = self.knob_space.resolve(knobs)
         if knobs.tier != state.tier or knobs.token_budget != token_budget:
             raise KnobError(f"stage-2 knobs {knobs} do not match the stage-1 state (tier={state.tier!r}, "
                             f"token_budget={token_budget}); accepted: the same tier and token budget")
-        self.knob_space.validate(knobs)
         gen = self.generation
         rng = torch.Generator(device="cpu").manual_seed(gen.seed * 1_000_003 + int(sample.sample_id))
         new_ids: list[int] = []
@@ -227,7 +227,8 @@ class HFBackend:
         score = 0.0 if nonfinite else float(self.task.score(answer, sample.reference))
         counts = TokenCounts(**{**state.token_counts.__dict__, "new_tokens": len(new_ids)})
         return Outcome(answer=answer, reference=sample.reference, score=score, token_counts=counts,
-                       measured_ms=state.measured_ms + timer.ms, stage1_ms=state.measured_ms, knobs=knobs,
+                       measured_ms=state.measured_ms + timer.ms, stage1_ms=state.measured_ms,
+                       knobs=knobs,
                        empty_output=(answer == ""), nonfinite_logits=nonfinite)
 
     def run(self, sample: Sample, knobs: KnobConfig) -> Outcome:

@@ -146,6 +146,19 @@ class KnobSpace:
             depth=min(self.depths) if self.depths else None,
         )
 
+    def resolve(self, knobs: KnobConfig) -> KnobConfig:
+        """The same configuration with every ``None`` made explicit (native tier, own top-k, all blocks).
+
+        Outcomes carry resolved knobs so that latency features and logs never see ``None``.
+        """
+        self.validate(knobs)
+        return KnobConfig(
+            tier=knobs.tier if knobs.tier is not None else (self.tier_names[-1] if self.has_vision else None),
+            token_budget=float(knobs.token_budget),
+            top_k=knobs.top_k if knobs.top_k is not None else self.full_top_k,
+            depth=knobs.depth if knobs.depth is not None else self.num_layers,
+        )
+
     def vision_tokens(self, knobs: KnobConfig) -> int:
         """Vision tokens the language model sees under ``knobs`` (tier, then budget)."""
         if not self.has_vision:

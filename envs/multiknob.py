@@ -69,13 +69,13 @@ class MultiKnobEnv(KnobEnv):
         action = self._check_action(action)
         if self._stage == 0:
             tier = self.space.tier_names[int(action[0])]
-            self._state = self.backend.run_stage1(self._sample, tier)
+            self._state = self._stage1(self._sample, tier, 1.0)
             self._stage = 1
             return self._stage2_obs(), 0.0, False, False, {
                 "sample_id": self._sample.sample_id, "budget_ms": self._budget_ms, "stage": 1, "tier": tier,
                 "vision_tokens": self._state.token_counts.vision_tokens}
         knobs = self.action_to_knobs([self.space.tier_names.index(self._state.tier), action[1], action[2]])
-        outcome = self.backend.run_stage2(self._state, knobs)
+        outcome = self._run(self._sample, knobs, self._state)
         reward, info = self._score(outcome, self._budget_ms)
         info.update(sample_id=self._sample.sample_id, stage=2)
         self._stage = 2
@@ -106,6 +106,6 @@ class MultiKnobEnv(KnobEnv):
         self._sample = self.backend.sample(split or self.split, sample_id)
         self._budget_ms = float(budget_ms)
         self._input_obs = self._input_features(self._sample, self._budget_ms)
-        self._state = self.backend.run_stage1(self._sample, self.space.tier_names[int(tier_index)])
+        self._state = self._stage1(self._sample, self.space.tier_names[int(tier_index)], 1.0)
         self._stage = 1
         return self._stage2_obs()

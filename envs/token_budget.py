@@ -47,7 +47,7 @@ class TokenBudgetEnv(KnobEnv):
         if self._sample is None:
             raise RuntimeError("call reset() before step()")
         knobs = self.action_to_knobs(self._check_action(action))
-        outcome = self.backend.run(self._sample, knobs)
+        outcome = self._run(self._sample, knobs)
         reward, info = self._score(outcome, self._budget_ms)
         info["sample_id"] = self._sample.sample_id
         obs = self._finish_obs(self._input_features(self._sample, self._budget_ms), self.obs_size)
