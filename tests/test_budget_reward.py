@@ -1,0 +1,68 @@
+"""Budget parsing and the shared reward: the one definition each that every env uses."""
+
+import math
+
+import numpy as np
+import pytest
+
+from envs.budget import Budget, parse_budget_ms
+from envs.reward import RewardConfig, compute_reward, compute_rewards
+
+
+@pytest.mark.parametrize("text, ms", [("120ms", 120.0), ("120 ms", 120.0), ("0.12s", 120.0), (120, 120.0),
+                                      ("120", 120.0), (" 80.5MS ", 80.5), ("120000us", 120.0), (0.5, 0.5)])
+def test_fixed_budget_forms(text, ms):
+    budget = Budget.parse(text)
+    assert not budget.is_range
+    assert budget.low_ms == pytest.approx(ms)
+    assert parse_budget_ms(text) == pytest.approx(ms)
+
+
+@pytest.mark.parametrize("value", ["[60ms,200ms]", "[60ms, 0.2s]", (60, 200), ["60ms", "200ms"]])
+def test_range_budget_is_sampled_uniformly_from_rng(value):
+    budget = Budget.parse(value)
+    assert budget.is_range and (budget.low_ms, budget.high_ms) == (60.0, 200.0)
+    draws = [budget.sample(np.random.default_rng(seed)) for seed in range(200)]
+    assert min(draws) >= 60 and max(draws) <= 200
+    assert np.std(draws) > 20  # really spread over the range, not a constant
+    assert budget.sample(np.random.default_rng(7)) == budget.sample(np.random.default_rng(7))
+
+
+@pytest.mark.parametrize("bad", [0, "0ms", -5, "-5ms", float("nan"), float("inf"), "inf", "fast", "", "12 parsecs",
+                                 "[200ms,60ms]", "[1ms]", True, None, {"ms": 3}])
+def test_bad_budgets_name_the_input_and_the_accepted_forms(bad):
+    with pytest.raises(ValueError) as err:
+        Budget.parse(bad)
+    message = str(err.value)
+    assert repr(bad) in message
+    assert "accepted" in message and "120ms" in message
+
+
+def test_range_where_single_budget_needed():
+    with pytest.raises(ValueError, match="single budget"):
+        parse_budget_ms("[60ms,200ms]")
+
+
+def test_reward_formula():
+    cfg = RewardConfig(overshoot_penalty=2.0, violation_penalty=0.5)
+    assert compute_reward(1.0, 100.0, 120.0, cfg) == (1.0, False)
+    reward, violated = compute_reward(1.0, 132.0, 120.0, cfg)  # 10% over
+    assert violated and reward == pytest.approx(1.0 - 2.0 * 0.1 - 0.5)
+    reward, violated = compute_reward(0.0, 120.0, 120.0, cfg)  # exactly on budget is not a violation
+    assert reward == 0.0 and not violated
+
+
+def test_vectorised_reward_matches_scalar():
+    rng = np.random.default_rng(0)
+    scores, lat, bud = rng.random(50), rng.uniform(20, 200, 50), rng.uniform(50, 150, 50)
+    cfg = RewardConfig(1.5, 0.25)
+    rewards, violated = compute_rewards(scores, lat, bud, cfg)
+    for i in range(50):
+        r, v = compute_reward(scores[i], lat[i], bud[i], cfg)
+        assert rewards[i] == pytest.approx(r) and violated[i] == v
+
+
+@pytest.mark.parametrize("kwargs", [{"overshoot_penalty": -1}, {"violation_penalty": math.nan}])
+def test_bad_reward_coefficients(kwargs):
+    with pytest.raises(ValueError, match="accepted"):
+        RewardConfig(**kwargs)
