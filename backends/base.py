@@ -36,7 +36,10 @@ class Sample:
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return (0, 0) if self.image is None else (int(self.image.shape[0]), int(self.image.shape[1]))
+        """(height, width); replayed samples carry it in ``meta`` without the pixels."""
+        if self.image is None:
+            return tuple(self.meta.get("image_size", (0, 0)))
+        return (int(self.image.shape[0]), int(self.image.shape[1]))
 
 
 def check_split(split: str) -> str:

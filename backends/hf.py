@@ -146,24 +146,33 @@ class HFBackend:
             raise ValueError(f"sample_id={sample_id!r} is out of range for split {split!r}; accepted: 0..{len(items) - 1}")
         return items[int(sample_id)]
 
-    def expected_token_counts(self, sample: Sample, knobs: KnobConfig) -> TokenCounts:
-        """Token counts of a run before running it: prompt and vision tokens are exact, the
-        generated length is the mean answer length of the training split (never this sample's
-        reference, which a controller must not see)."""
+    def prompt_tokens(self, sample: Sample) -> int:
+        """Text tokens of the sample's prompt (image placeholders excluded); cached."""
         key = (sample.split, sample.sample_id)
         if key not in self._prompt_len_cache:
             text = self.prompt_template.format(question=sample.question)
             ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-            image_id = self.parts.image_token_id
-            self._prompt_len_cache[key] = sum(1 for i in ids if i != image_id)
+            self._prompt_len_cache[key] = sum(1 for i in ids if i != self.parts.image_token_id)
+        return self._prompt_len_cache[key]
+
+    @property
+    def expected_new_tokens(self) -> int:
+        """Mean answer length of the training split (what a run is expected to generate)."""
         if self._expected_new_tokens is None:
             refs = [s.reference for s in self.samples("train")[:256] if s.reference]
             lengths = [len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs]
-            self._expected_new_tokens = int(round(float(np.mean(lengths)))) if lengths else 1
-        n_vision = self.knob_space.vision_tokens(knobs)
-        return TokenCounts(prompt_tokens=self._prompt_len_cache[key],
-                           vision_tokens_full=self.knob_space.native_vision_tokens, vision_tokens=n_vision,
-                           new_tokens=min(self.generation.max_new_tokens, max(1, self._expected_new_tokens)))
+            mean = int(round(float(np.mean(lengths)))) if lengths else 1
+            self._expected_new_tokens = min(self.generation.max_new_tokens, max(1, mean))
+        return self._expected_new_tokens
+
+    def expected_token_counts(self, sample: Sample, knobs: KnobConfig) -> TokenCounts:
+        """Token counts of a run before running it: prompt and vision tokens are exact, the
+        generated length is the mean answer length of the training split (never this sample's
+        reference, which a controller must not see)."""
+        return TokenCounts(prompt_tokens=self.prompt_tokens(sample),
+                           vision_tokens_full=self.knob_space.native_vision_tokens,
+                           vision_tokens=self.knob_space.vision_tokens(knobs),
+                           new_tokens=self.expected_new_tokens)
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()

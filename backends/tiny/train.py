@@ -1,0 +1,240 @@
+"""Adaptive training of the tiny reference model: ``python -m backends.tiny.train --seed 0``.
+
+Every batch runs under one randomly drawn knob configuration (vision tier, vision-token budget,
+MoE top-k, applied with :func:`backends.knobs.apply_knobs`) and puts the answer-token loss on the
+early exits at every depth choice (the final norm and LM head applied to the hidden states after
+blocks 12..16), so that the model degrades gracefully when any knob is reduced, as budget-adaptive
+models are trained. A share of batches uses the full configuration so the full model learns fastest.
+
+Reproducible from ``--seed``: the data stream, knob draws and initialisation all derive from it and
+the learning-rate schedule is step-based (``--minutes`` only stops early, saving what it has). The
+checkpoint directory is rewritten atomically every ``--save-every`` steps, so a stopped run still
+leaves a usable model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from backends.knobs import KnobConfig, apply_knobs, knob_space_from_model, model_parts
+from backends.tiny.data import QUESTION_TYPES, generate_split, make_sample, per_type_accuracy, score_answer
+from backends.tiny.model import (TinyShape, answer_ids, build_image_processor, build_model, build_tokenizer,
+                                 pixel_values, prompt_ids)
+
+FULL_CONFIG_SHARE = 0.25  # share of batches trained at the full configuration
+
+
+def make_batch(samples, tokenizer, n_vision_tokens: int, with_answers: bool = True):
+    """Right-padded ``input_ids``, ``attention_mask``, ``pixel_values`` and the answer-loss targets.
+
+    ``targets[b, t]`` is the token to predict from position ``t`` (``-100`` outside the answer).
+    """
+    rows, targets = [], []
+    for s in samples:
+        prompt = prompt_ids(tokenizer, s.question, n_vision_tokens)
+        answer = answer_ids(tokenizer, s.reference) if with_answers else []
+        rows.append(prompt + answer)
+        targets.append([-100] * (len(prompt) - 1) + answer + [-100])
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    target = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (r, t) in enumerate(zip(rows, targets)):
+        input_ids[i, :len(r)] = torch.tensor(r)
+        attention[i, :len(r)] = 1
+        target[i, :len(t)] = torch.tensor(t)
+    return input_ids, attention, pixel_values([s.image for s in samples]), target
+
+
+def exit_losses(model, parts, input_ids, attention, pixels, target, depths) -> list[torch.Tensor]:
+    """Answer-token cross-entropy at each exit depth from one forward pass (run under ``apply_knobs``)."""
+    out = model.model(input_ids=input_ids, attention_mask=attention, pixel_values=pixels,
+                      output_hidden_states=True, use_cache=False)
+    mask = target != -100
+    labels = target[mask]
+    n_layers = len(parts.layers)
+    losses = []
+    for d in depths:
+        # hidden_states[d] is block d's output; the last entry already has the final norm applied.
+        h = out.last_hidden_state if d == n_layers else parts.final_norm(out.hidden_states[d])
+        logits = parts.lm_head(h[mask])
+        losses.append(F.cross_entropy(logits.float(), labels))
+    return losses
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, samples, knobs: KnobConfig, space, max_new_tokens: int = 5,
+                   batch_size: int = 250) -> list[str]:
+    """Batched greedy decoding without a cache (right padding; exact for a causal model)."""
+    n_vis = space.vision_tokens(knobs)
+    eos = tokenizer.eos_token_id
+    answers = []
+    with apply_knobs(model, knobs, space):
+        for start in range(0, len(samples), batch_size):
+            chunk = samples[start:start + batch_size]
+            seqs = [prompt_ids(tokenizer, s.question, n_vis) for s in chunk]
+            pixels = pixel_values([s.image for s in chunk])
+            done = [False] * len(chunk)
+            generated = [[] for _ in chunk]
+            for _ in range(max_new_tokens):
+                width = max(len(s) for s in seqs)
+                ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+                for i, s in enumerate(seqs):
+                    ids[i, :len(s)] = torch.tensor(s)
+                logits = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), pixel_values=pixels, use_cache=False).logits
+                last = torch.tensor([len(s) - 1 for s in seqs])
+                nxt = logits[torch.arange(len(seqs)), last].argmax(-1).tolist()
+                for i, t in enumerate(nxt):
+                    if done[i]:
+                        continue
+                    if t == eos:
+                        done[i] = True
+                    else:
+                        generated[i].append(t)
+                    seqs[i] = seqs[i] + [t]
+                if all(done):
+                    break
+            answers += [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+    return answers
+
+
+def evaluate_config(model, tokenizer, samples, knobs, space) -> dict:
+    """Exact match of greedy answers under ``knobs``: overall and per question type."""
+    preds = greedy_answers(model, tokenizer, samples, knobs, space)
+    scores = [score_answer(p, s.reference) for p, s in zip(preds, samples)]
+    return {"overall": float(np.mean(scores)), "per_type": per_type_accuracy(samples, scores)}
+
+
+def save_checkpoint(model, tokenizer, image_processor, out_dir: Path, extra: dict) -> None:
+    """Write the whole checkpoint directory to a temporary sibling, then swap it in."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    image_processor.save_pretrained(tmp)
+    if (out_dir / "README.md").exists():  # keep the model card
+        shutil.copy2(out_dir / "README.md", tmp / "README.md")
+    (tmp / "training_state.json").write_text(json.dumps(extra, indent=2) + "\n")
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def draw_knobs(rng: np.random.Generator, space) -> KnobConfig:
+    """One training configuration: the full one with probability ``FULL_CONFIG_SHARE``, else uniform."""
+    if rng.random() < FULL_CONFIG_SHARE:
+        return space.full().replace(depth=None)
+    return KnobConfig(tier=space.tier_names[rng.integers(len(space.tiers))],
+                      token_budget=float(space.token_budgets[rng.integers(len(space.token_budgets))]),
+                      top_k=int(space.top_ks[rng.integers(len(space.top_ks))]))
+
+
+def train(args) -> Path:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(args.seed)
+    tokenizer = build_tokenizer()
+    image_processor = build_image_processor()
+    shape = TinyShape(hidden_size=args.hidden, expert_size=args.expert_size)
+    model = build_model(tokenizer, shape, seed=args.seed)
+    space = knob_space_from_model(model, tiers=dict(shape.tiers))
+    parts = model_parts(model)
+    depths = space.depths
+    exit_weights = torch.tensor([1.0] * (len(depths) - 1) + [2.0])
+    exit_weights = exit_weights / exit_weights.sum()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    val = generate_split("validation", args.val_samples, seed=args.seed)
+    out_dir = Path(args.out)
+    log = {"args": vars(args), "shape": shape.__dict__, "history": []}
+    started = time.time()
+    model.train()
+    step = 0
+    for step in range(args.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        samples = [make_sample("train", step * args.batch_size + i, seed=args.seed) for i in range(args.batch_size)]
+        knobs = draw_knobs(rng, space)
+        batch = make_batch(samples, tokenizer, space.vision_tokens(knobs))
+        with apply_knobs(model, knobs, space):
+            losses = exit_losses(model, parts, *batch, depths)
+        loss = (torch.stack(losses) * exit_weights).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        elapsed = time.time() - started
+        if step % args.log_every == 0:
+            print(f"step {step} loss {loss.item():.4f} final {losses[-1].item():.4f} knobs {knobs} "
+                  f"{elapsed / (step + 1):.3f}s/step", flush=True)
+        last = step == args.steps - 1 or elapsed > args.minutes * 60
+        if (step + 1) % args.save_every == 0 or last:
+            model.eval()
+            acc = evaluate_config(model, tokenizer, val, space.full(), space)
+            model.train()
+            log["history"].append({"step": step + 1, "elapsed_s": round(elapsed, 1), "loss": loss.item(),
+                                   "val_full": acc})
+            print(f"step {step + 1} val full {acc['overall']:.3f} {acc['per_type']}", flush=True)
+            save_checkpoint(model, tokenizer, image_processor, out_dir, log)
+        if last:
+            break
+    print(f"done: {step + 1} steps in {time.time() - started:.0f}s -> {out_dir}", flush=True)
+    return out_dir
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (the LR schedule spans them)")
+    p.add_argument("--minutes", type=float, default=float("inf"), help="stop early after this wall time")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--hidden", type=int, default=TinyShape.hidden_size)
+    p.add_argument("--expert-size", type=int, default=TinyShape.expert_size)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--val-samples", type=int, default=300)
+    p.add_argument("--out", default=str(Path(__file__).parent / "checkpoint"))
+    p.add_argument("--smoke", action="store_true", help="a few tiny steps (for tests)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.batch_size, args.save_every, args.log_every, args.val_samples = 3, 4, 3, 1, 8
+    for name in ("steps", "batch_size", "save_every", "log_every", "threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; accepted: >= 1")
+    return args
+
+
+def main(argv=None):
+    train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

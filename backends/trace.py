@@ -1,0 +1,279 @@
+"""Trace record / replay: run a backend once over a split and the whole knob grid, replay anywhere.
+
+``record_trace`` stores, per (sample, configuration), the score, answer, token counts, measured
+latency and the stage-1 summary in one SQLite file together with the backend identity, model
+revision and device. Recording is resumable: rows are committed sample by sample, and a
+restarted recording skips what is already there.
+
+``TraceBackend`` serves envs from such a file with the same observations, rewards and infos as
+the live backend for every recorded pair; an unrecorded pair is a clear error.
+``TraceTable`` is the vectorised replay: rewards for many (sample, configuration, budget) rows
+at once with numpy, for fast agent sweeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from backends.base import SPLITS, Sample, check_split
+from backends.knobs import KnobConfig, KnobSpace
+from backends.outcome import Outcome, Stage1State, TokenCounts
+
+TRACE_FORMAT_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS samples (
+    split TEXT, sample_id INTEGER, question TEXT, reference TEXT, question_type INTEGER,
+    image_h INTEGER, image_w INTEGER, prompt_tokens INTEGER, PRIMARY KEY (split, sample_id));
+CREATE TABLE IF NOT EXISTS stage1 (
+    split TEXT, sample_id INTEGER, tier TEXT, token_budget REAL, summary BLOB, vision_tokens INTEGER,
+    vision_tokens_full INTEGER, stage1_ms REAL, PRIMARY KEY (split, sample_id, tier, token_budget));
+CREATE TABLE IF NOT EXISTS outcomes (
+    split TEXT, sample_id INTEGER, config_id INTEGER, answer TEXT, score REAL, new_tokens INTEGER,
+    measured_ms REAL, empty_output INTEGER, nonfinite_logits INTEGER,
+    PRIMARY KEY (split, sample_id, config_id));
+"""
+
+
+class TraceError(ValueError):
+    """A trace file problem, or a (sample, configuration) pair the trace does not hold."""
+
+
+def trace_grid(space: KnobSpace) -> list[KnobConfig]:
+    """Configurations a trace records: every (tier, top-k, depth) at full token budget, plus
+    every token budget at the highest tier with the model's own top-k and depth."""
+    configs = [space.resolve(k) for k in space.grid()]
+    if space.has_vision:
+        for b in space.token_budgets:
+            k = space.resolve(KnobConfig(tier=space.tier_names[-1], token_budget=b))
+            if k not in configs:
+                configs.append(k)
+    return configs
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        conn = sqlite3.connect(str(path))
+        conn.executescript(_SCHEMA)
+    except sqlite3.DatabaseError as exc:
+        raise TraceError(f"trace file {str(path)!r} is not a readable trace ({exc}); accepted: a file written by "
+                         f"record_trace") from None
+    return conn
+
+
+def _meta(conn: sqlite3.Connection) -> dict:
+    return {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta")}
+
+
+def _put_sample(conn, backend, sample: Sample) -> None:
+    h, w = sample.image_size
+    conn.execute("INSERT OR IGNORE INTO samples VALUES (?,?,?,?,?,?,?,?)",
+                 (sample.split, sample.sample_id, sample.question, sample.reference, sample.question_type,
+                  h, w, backend.prompt_tokens(sample)))
+
+
+def record_trace(backend, path: str | os.PathLike, split: str = "test", sample_ids: Iterable[int] | None = None,
+                 configs: Sequence[KnobConfig] | None = None, progress: bool = True) -> Path:
+    """Record ``backend`` over ``split`` and the knob grid into ``path`` (resumable).
+
+    The validation split's first samples' metadata is stored too, since envs compute their
+    latency normaliser from typical validation inputs.
+    """
+    from tqdm import tqdm
+
+    check_split(split)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    space = backend.knob_space
+    configs = [space.resolve(k) for k in (configs or trace_grid(space))]
+    conn = _connect(path)
+    meta = {
+        "format_version": TRACE_FORMAT_VERSION, "identity": backend.identity(), "knob_space": space.as_dict(),
+        "question_types": list(backend.question_types), "summary_dim": int(backend.summary_dim),
+        "expected_new_tokens": int(backend.expected_new_tokens),
+        "configs": [k.as_dict() for k in configs],
+    }
+    existing = _meta(conn)
+    if existing:
+        for key in ("identity", "configs", "knob_space"):
+            if existing.get(key) != meta[key]:
+                raise TraceError(f"trace file {str(path)!r} was recorded with a different {key}; accepted: resume "
+                                 f"with the same backend and configurations, or a new file")
+    else:
+        meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        with conn:
+            conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+    items = backend.samples(split)
+    ids = list(range(len(items))) if sample_ids is None else [int(i) for i in sample_ids]
+    with conn:
+        for s in backend.samples("validation")[:16]:
+            _put_sample(conn, backend, s)
+    done = {(sid, cid) for sid, cid in conn.execute("SELECT sample_id, config_id FROM outcomes WHERE split=?",
+                                                     (split,))}
+    bar = tqdm(ids, desc=f"record {split}", disable=not progress, unit="sample")
+    for sid in bar:
+        todo = [(cid, k) for cid, k in enumerate(configs) if (sid, cid) not in done]
+        if not todo:
+            continue
+        sample = backend.sample(split, sid)
+        states: dict[tuple, Stage1State] = {}
+        rows = []
+        for cid, k in todo:
+            key = (k.tier, k.token_budget)
+            if key not in states:
+                states[key] = backend.run_stage1(sample, k.tier, k.token_budget)
+            o = backend.run_stage2(states[key], k)
+            rows.append((split, sid, cid, o.answer, o.score, o.new_tokens, o.measured_ms, int(o.empty_output),
+                         int(o.nonfinite_logits)))
+        with conn:  # one transaction per sample: a killed recording loses at most this sample
+            _put_sample(conn, backend, sample)
+            for (tier, budget), st in states.items():
+                c = st.token_counts
+                conn.execute("INSERT OR REPLACE INTO stage1 VALUES (?,?,?,?,?,?,?,?)",
+                             (split, sid, tier, budget, np.asarray(st.summary, np.float32).tobytes(),
+                              c.vision_tokens, c.vision_tokens_full, st.measured_ms))
+            conn.executemany("INSERT OR REPLACE INTO outcomes VALUES (?,?,?,?,?,?,?,?,?)", rows)
+    conn.close()
+    return path
+
+
+@dataclass
+class _Stage1Row:
+    summary: np.ndarray
+    vision_tokens: int
+    vision_tokens_full: int
+    stage1_ms: float
+
+
+class TraceBackend:
+    """A backend that replays a recorded trace (same observations, rewards and infos as live)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise TraceError(f"trace file {str(self.path)!r} does not exist; accepted: a file written by record_trace")
+        conn = _connect(self.path)
+        try:
+            self.meta = _meta(conn)
+            if self.meta.get("format_version") != TRACE_FORMAT_VERSION:
+                raise TraceError(f"trace file {str(self.path)!r} has format {self.meta.get('format_version')!r}; "
+                                 f"accepted: {TRACE_FORMAT_VERSION}")
+            ks = self.meta["knob_space"]
+            self.knob_space = KnobSpace(
+                model_class=ks["model_class"], tiers=dict(ks["tiers"]), native_vision_tokens=ks["native_vision_tokens"],
+                token_budgets=tuple(ks["token_budgets"]), top_ks=tuple(ks["top_ks"]), full_top_k=ks["full_top_k"],
+                num_experts=ks["num_experts"], depths=tuple(ks["depths"]), num_layers=ks["num_layers"])
+            self.question_types = tuple(self.meta["question_types"])
+            self.summary_dim = int(self.meta["summary_dim"])
+            self.expected_new_tokens = int(self.meta["expected_new_tokens"])
+            self.configs = [KnobConfig(**c) for c in self.meta["configs"]]
+            self.config_ids = {k: i for i, k in enumerate(self.configs)}
+            self._samples: dict[str, list[Sample]] = {s: [] for s in SPLITS}
+            self._prompt_tokens: dict[tuple, int] = {}
+            for split, sid, q, ref, qt, h, w, pt in conn.execute(
+                    "SELECT * FROM samples ORDER BY split, sample_id"):
+                self._samples[split].append(Sample(sid, split, q, ref, None, qt, {"image_size": (h, w)}))
+                self._prompt_tokens[(split, sid)] = pt
+            self._by_id = {(s.split, s.sample_id): s for items in self._samples.values() for s in items}
+            self._stage1 = {(split, sid, tier, tb): _Stage1Row(np.frombuffer(blob, np.float32).copy(), vt, vtf, ms)
+                            for split, sid, tier, tb, blob, vt, vtf, ms in conn.execute("SELECT * FROM stage1")}
+            self._outcomes = {(split, sid, cid): row[3:] for row in conn.execute("SELECT * FROM outcomes")
+                              for split, sid, cid in [row[:3]]}
+        except (sqlite3.DatabaseError, KeyError, json.JSONDecodeError) as exc:
+            raise TraceError(f"trace file {str(self.path)!r} is corrupted or incomplete ({exc!r})") from None
+        finally:
+            conn.close()
+
+    # ----------------------------------------------------------------- Backend surface
+    def identity(self) -> dict[str, Any]:
+        """The recorded backend's identity (so its cached latency estimator is found)."""
+        return dict(self.meta["identity"])
+
+    def samples(self, split: str) -> Sequence[Sample]:
+        """Recorded samples of ``split``, indexed by position (``sample(split, id)`` looks up by id)."""
+        return self._samples[check_split(split)]
+
+    def sample(self, split: str, sample_id: int) -> Sample:
+        key = (check_split(split), int(sample_id))
+        if key not in self._by_id:
+            raise TraceError(f"sample {sample_id!r} of split {split!r} is not in trace {str(self.path)!r}; accepted: "
+                             f"one of {len(self._samples[split])} recorded sample ids")
+        return self._by_id[key]
+
+    def prompt_tokens(self, sample: Sample) -> int:
+        return self._prompt_tokens[(sample.split, sample.sample_id)]
+
+    def expected_token_counts(self, sample: Sample, knobs: KnobConfig) -> TokenCounts:
+        return TokenCounts(prompt_tokens=self.prompt_tokens(sample),
+                           vision_tokens_full=self.knob_space.native_vision_tokens,
+                           vision_tokens=self.knob_space.vision_tokens(knobs), new_tokens=self.expected_new_tokens)
+
+    def run_stage1(self, sample: Sample, tier: str | None, token_budget: float = 1.0) -> Stage1State:
+        tier = self.knob_space.resolve(KnobConfig(tier=tier, token_budget=token_budget)).tier
+        row = self._stage1.get((sample.split, sample.sample_id, tier, float(token_budget)))
+        if row is None:
+            raise TraceError(f"stage 1 of sample {sample.sample_id} ({sample.split}) at tier={tier!r}, "
+                             f"token_budget={token_budget} was not recorded in {str(self.path)!r}")
+        counts = TokenCounts(self.prompt_tokens(sample), row.vision_tokens_full, row.vision_tokens)
+        return Stage1State(sample.sample_id, tier, counts, row.summary.copy(), row.stage1_ms,
+                           payload=(sample, float(token_budget)))
+
+    def run_stage2(self, state: Stage1State, knobs: KnobConfig) -> Outcome:
+        sample, token_budget = state.payload
+        knobs = self.knob_space.resolve(knobs)
+        cid = self.config_ids.get(knobs)
+        row = None if cid is None else self._outcomes.get((sample.split, sample.sample_id, cid))
+        if row is None:
+            raise TraceError(f"pair (sample {sample.sample_id} of {sample.split!r}, {knobs}) was not recorded in "
+                             f"{str(self.path)!r}; record it with record_trace or use the live backend")
+        answer, score, new_tokens, measured_ms, empty, nonfinite = row
+        counts = TokenCounts(**{**state.token_counts.__dict__, "new_tokens": int(new_tokens)})
+        return Outcome(answer=answer, reference=sample.reference, score=float(score), token_counts=counts,
+                       measured_ms=float(measured_ms), stage1_ms=state.measured_ms, knobs=knobs,
+                       empty_output=bool(empty), nonfinite_logits=bool(nonfinite))
+
+    def run(self, sample: Sample, knobs: KnobConfig) -> Outcome:
+        knobs = self.knob_space.resolve(knobs)
+        return self.run_stage2(self.run_stage1(sample, knobs.tier, knobs.token_budget), knobs)
+
+    # ----------------------------------------------------------------- vectorised replay
+    def table(self, split: str, estimator) -> "TraceTable":
+        """A :class:`TraceTable` of this split (latencies estimated once, vectorised)."""
+        return TraceTable(self, split, estimator)
+
+
+class TraceTable:
+    """Dense ``[sample, configuration]`` arrays of score and estimated latency for batched replay.
+
+    Rewards are computed from these arrays by ``envs.replay`` with the shared reward definition.
+    """
+
+    def __init__(self, trace: TraceBackend, split: str, estimator):
+        n_configs = len(trace.configs)
+        self.samples = [s for s in trace.samples(split)
+                        if all((s.split, s.sample_id, c) in trace._outcomes for c in range(n_configs))]
+        if not self.samples:
+            raise TraceError(f"trace {str(trace.path)!r} holds no fully recorded sample of split {split!r}")
+        self.configs = trace.configs
+        self.score = np.zeros((len(self.samples), n_configs), np.float64)
+        knobs, counts = [], []
+        for i, s in enumerate(self.samples):
+            for c, k in enumerate(trace.configs):
+                outcome = trace.run(s, k)
+                self.score[i, c] = outcome.score
+                knobs.append(outcome.knobs)
+                counts.append(outcome.token_counts)
+        self.latency_ms = np.asarray(estimator.predict(knobs, counts), np.float64).reshape(self.score.shape)
+
+
+def load_trace_backend(path: str) -> TraceBackend:
+    """``backend=trace`` factory: ``load_backend("trace", path=...)``."""
+    return TraceBackend(path)
