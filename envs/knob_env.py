@@ -150,6 +150,11 @@ class KnobEnv(gym.Env):
     _STAGE1_CACHE_SIZE = 256
     _OUTCOME_CACHE_SIZE = 200_000
 
+    def clear_run_cache(self) -> None:
+        """Forget memoised stage-1 states and outcomes (benchmarks use this to time real runs)."""
+        self.__dict__.pop("_stage1_cache", None)
+        self.__dict__.pop("_outcome_cache", None)
+
     def _stage1(self, sample: Sample, tier, token_budget: float) -> Stage1State:
         key = (sample.split, sample.sample_id, tier, float(token_budget))
         cache = self.__dict__.setdefault("_stage1_cache", {})
