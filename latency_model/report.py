@@ -1,0 +1,130 @@
+"""Held-out accuracy of the estimator methods on a profile.
+
+Fitting uses only the rows whose configuration *and* sample were not held out by the profile
+design; scoring uses the held-out rows (unseen configurations on unseen inputs). Metrics per
+method: MAPE, share of predictions within +-5% and +-10% of the measured median, and Spearman
+rank correlation; the FLOPs-only linear fit is always among the methods.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from latency_model.estimator import METHODS, fit_regressors
+from latency_model.profile import ProfileData
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Accuracy of predictions against measured latencies."""
+
+    mape: float  # mean absolute percentage error, in %
+    within_5: float  # share of predictions within +-5% of the measurement
+    within_10: float  # share within +-10%
+    spearman: float  # rank correlation
+    n: int
+
+    def as_dict(self) -> dict:
+        return {"mape_pct": self.mape, "within_5pct": self.within_5, "within_10pct": self.within_10,
+                "spearman": self.spearman, "n": self.n}
+
+
+def accuracy(predicted: np.ndarray, measured: np.ndarray) -> Accuracy:
+    """:class:`Accuracy` of ``predicted`` against ``measured`` (both ms, same length, measured > 0)."""
+    predicted, measured = np.asarray(predicted, np.float64), np.asarray(measured, np.float64)
+    if predicted.shape != measured.shape or measured.ndim != 1 or len(measured) == 0:
+        raise ValueError(f"predicted {predicted.shape} and measured {measured.shape} must be equal-length, "
+                         f"non-empty 1-D arrays")
+    if not (measured > 0).all():
+        raise ValueError("measured latencies must be > 0")
+    rel = np.abs(predicted - measured) / measured
+    defined = len(measured) > 1 and np.ptp(predicted) > 0 and np.ptp(measured) > 0
+    rho = spearmanr(predicted, measured).statistic if defined else float("nan")
+    return Accuracy(mape=float(100 * rel.mean()), within_5=float((rel <= 0.05).mean()),
+                    within_10=float((rel <= 0.10).mean()), spearman=float(rho), n=len(measured))
+
+
+def repeat_spread(profile: ProfileData, mask: np.ndarray) -> float:
+    """Median relative deviation of single runs from their point's median: the measurement noise floor."""
+    deviations = []
+    for row in (r for r, keep in zip(profile.rows, mask) if keep):
+        runs = np.array([float(x) for x in str(row["latency_runs_ms"]).split(";") if x], dtype=np.float64)
+        if len(runs) > 1:
+            deviations.extend(np.abs(runs - row["latency_ms"]) / row["latency_ms"])
+    return float(np.median(deviations)) if deviations else float("nan")
+
+
+@dataclass
+class HeldOutReport:
+    """Per-method held-out accuracy of a profile, whole runs and stage 1."""
+
+    total: dict  # method -> Accuracy
+    stage1: dict  # method -> Accuracy (empty without stage-1 times)
+    fit_rows: int
+    holdout_rows: int
+    holdout_configs: int
+    holdout_samples: int
+    noise: float  # repeat_spread of the held-out rows
+    device: dict
+    backend: dict
+
+    def as_dict(self) -> dict:
+        return {"total": {m: a.as_dict() for m, a in self.total.items()},
+                "stage1": {m: a.as_dict() for m, a in self.stage1.items()},
+                "fit_rows": self.fit_rows, "holdout_rows": self.holdout_rows,
+                "holdout_configs": self.holdout_configs, "holdout_samples": self.holdout_samples,
+                "repeat_spread": self.noise, "device": self.device, "backend": self.backend}
+
+    def format(self, chosen: str = "analytic_gbt") -> str:
+        """A plain-text table, the chosen method marked and the FLOPs-only baseline beside it."""
+        lines = [f"device: {self.device.get('gpu') or self.device.get('cpu')} ({self.device.get('torch_threads')} "
+                 f"torch threads, torch {self.device.get('torch')}, transformers {self.device.get('transformers')})",
+                 f"backend: {self.backend}",
+                 f"fit on {self.fit_rows} rows; held out {self.holdout_rows} rows = {self.holdout_configs} unseen "
+                 f"configurations x {self.holdout_samples} unseen samples",
+                 f"measurement noise (median |run - median| / median over repeats): {100 * self.noise:.1f}%"]
+        for title, table in (("whole run", self.total), ("stage 1", self.stage1)):
+            if not table:
+                continue
+            lines += ["", f"{title}: method          MAPE%  within5%  within10%  spearman",
+                      "-" * 62]
+            for method, acc in table.items():
+                mark = "*" if method == chosen else " "
+                lines.append(f"{mark} {method:<22}{acc.mape:7.2f}  {100 * acc.within_5:8.1f}  "
+                             f"{100 * acc.within_10:9.1f}  {acc.spearman:8.3f}")
+        if chosen in self.total and "flops_linear" in self.total:
+            ours, base = self.total[chosen], self.total["flops_linear"]
+            verdict = "beats" if ours.mape < base.mape else "does NOT beat"
+            lines += ["", f"* {chosen} {verdict} the FLOPs-only fit on MAPE ({ours.mape:.2f}% vs {base.mape:.2f}%); "
+                          f"within +-10%: {100 * ours.within_10:.1f}%"]
+        return "\n".join(lines)
+
+
+def held_out_report(profile: ProfileData, methods=METHODS, seed: int = 0) -> HeldOutReport:
+    """Fit every method on the non-held-out rows of ``profile`` and score it on the held-out rows."""
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"method={m!r} is invalid; accepted: {', '.join(METHODS)}")
+    holdout = profile.holdout
+    if holdout.all() or not holdout.any():
+        raise ValueError(f"profile has {int(holdout.sum())} held-out rows of {len(holdout)}; accepted: some rows "
+                         f"held out and some not (profile with holdout_fraction > 0)")
+    fit_mask = ~holdout
+    measured = profile.column("latency_ms", holdout).astype(np.float64)
+    measured_stage1 = profile.column("stage1_ms", holdout).astype(np.float64)
+    configs, counts = profile.configs(holdout), profile.token_counts(holdout)
+    total, stage1 = {}, {}
+    for method in methods:
+        features, model, model1 = fit_regressors(profile, fit_mask, method, seed)
+        total[method] = accuracy(model.predict(features.compute(configs, counts)), measured)
+        if model1 is not None and (measured_stage1 > 0).all():
+            predicted1 = model1.predict(features.compute_stage1([c.tier for c in configs], counts))
+            stage1[method] = accuracy(predicted1, measured_stage1)
+    held_configs = {(c.tier, c.token_budget, c.top_k, c.depth) for c in configs}
+    return HeldOutReport(total=total, stage1=stage1, fit_rows=int(fit_mask.sum()), holdout_rows=int(holdout.sum()),
+                         holdout_configs=len(held_configs),
+                         holdout_samples=len(set(profile.column("sample_id", holdout).tolist())),
+                         noise=repeat_spread(profile, holdout), device=profile.device, backend=profile.backend)

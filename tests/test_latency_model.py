@@ -1,0 +1,363 @@
+"""Latency estimator: features, profiling design, fitting, files, cache and report on a fake backend.
+
+The fake backend's latency is a known function of knobs and token counts (per-block overhead
+plus per-expert-call cost, as on a small model on CPU) with multiplicative jitter; it reports it
+as ``Outcome.measured_ms`` so the profiles here are deterministic (``clock="outcome"``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+
+import numpy as np
+import pytest
+
+from backends.base import Sample
+from backends.knobs import KnobConfig, KnobSpace
+from backends.outcome import Outcome, Stage1State, TokenCounts
+from latency_model import (FEATURE_NAMES, CostFeatures, EstimatorFileError, EstimatorMismatchWarning,
+                           LatencyEstimator, ProfileSettings, fit_estimator, get_estimator, held_out_report,
+                           profile_backend, read_profile)
+from latency_model.__main__ import main as cli_main
+from latency_model.__main__ import parse_overrides
+from latency_model.cache import cache_paths
+from latency_model.features import STAGE1_FEATURE_NAMES
+from latency_model.profile import design, device_fingerprint
+from latency_model.report import accuracy
+
+SPACE = KnobSpace(model_class="FakeVLM", tiers={"low": 4, "medium": 9, "high": 36}, native_vision_tokens=36,
+                  token_budgets=(0.25, 0.5, 1.0), top_ks=(2, 3, 4), full_top_k=4, num_experts=8, depths=(3, 4, 5),
+                  num_layers=5)
+COST_PARAMS = {"hidden_size": 16.0, "intermediate_size": 32.0, "expert_intermediate_size": 8.0, "num_layers": 5.0,
+               "num_experts": 8.0, "full_top_k": 4.0, "vocab_size": 50.0, "vision_layers": 2.0,
+               "vision_hidden": 16.0, "native_vision_tokens": 36.0}
+FAST = ProfileSettings(points=120, repeats=2, warmup=2, samples=20, clock="outcome")
+
+
+class FakeBackend:
+    """A backend without a model: latency is a known function of knobs and token counts, plus jitter."""
+
+    question_types = ("count", "color")
+    summary_dim = 4
+
+    def __init__(self, jitter: float = 0.01, seed: int = 0, sleep: bool = False, name: str = "fake"):
+        self.knob_space = SPACE
+        self.jitter, self.sleep, self.name = jitter, sleep, name
+        self.rng = np.random.default_rng(seed)
+        self.runs = 0
+        words = ("what", "colour", "is", "the", "small", "shape", "left", "of", "red", "square")
+        self._samples = [Sample(sample_id=i, split="validation", question=" ".join(words[: 2 + (7 * i) % 9]),
+                                reference="red") for i in range(60)]
+
+    def identity(self) -> dict:
+        return {"backend": self.name, "model": "fake-vlm", "revision": "1"}
+
+    def cost_params(self) -> dict:
+        return dict(COST_PARAMS)
+
+    def samples(self, split: str):
+        return self._samples
+
+    @staticmethod
+    def true_ms(knobs: KnobConfig, counts: TokenCounts) -> tuple[float, float]:
+        """(whole run, stage 1) milliseconds without jitter."""
+        tokens = counts.prompt_tokens + counts.vision_tokens
+        stage1 = 0.4 + 0.01 * counts.vision_tokens_full + 0.004 * tokens * 4
+        blocks = knobs.depth * (1 + counts.new_tokens)
+        experts = tokens * (4 + (knobs.depth - 1) * knobs.top_k) + counts.new_tokens * knobs.depth * knobs.top_k
+        return stage1 + 0.05 * blocks + 0.003 * experts, stage1
+
+    def _counts(self, sample: Sample, knobs: KnobConfig) -> TokenCounts:
+        return TokenCounts(prompt_tokens=len(sample.question.split()) + 2, vision_tokens_full=36,
+                           vision_tokens=self.knob_space.vision_tokens(knobs), new_tokens=1 + sample.sample_id % 4)
+
+    def run_stage1(self, sample: Sample, tier, token_budget: float = 1.0) -> Stage1State:
+        counts = self._counts(sample, KnobConfig(tier=tier, token_budget=token_budget))
+        counts.new_tokens = 0
+        stage1 = self.true_ms(KnobConfig(tier=tier, top_k=4, depth=5), counts)[1]
+        return Stage1State(sample.sample_id, tier, counts, np.zeros(4, np.float32), stage1,
+                           payload=(sample, token_budget))
+
+    def run_stage2(self, state: Stage1State, knobs: KnobConfig) -> Outcome:
+        return self.run(state.payload[0], knobs)
+
+    def run(self, sample: Sample, knobs: KnobConfig) -> Outcome:
+        self.runs += 1
+        knobs = self.knob_space.resolve(knobs)
+        counts = self._counts(sample, knobs)
+        total, stage1 = self.true_ms(knobs, counts)
+        noise = 1.0 + self.jitter * self.rng.standard_normal()
+        if self.sleep:
+            time.sleep(total * noise / 1000.0)
+        return Outcome(answer="red", reference=sample.reference, score=1.0, token_counts=counts,
+                       measured_ms=total * noise, stage1_ms=stage1 * noise, knobs=knobs)
+
+
+class ExplodingBackend(FakeBackend):
+    """Same identity as FakeBackend but refuses to run: proves a cache hit does not profile."""
+
+    def run(self, sample, knobs):
+        raise AssertionError("profiling happened on a cache hit")
+
+
+@pytest.fixture(scope="module")
+def fake_profile(tmp_path_factory):
+    path = tmp_path_factory.mktemp("profile") / "fake.csv"
+    return profile_backend(FakeBackend(), FAST, path, progress=False), path
+
+
+@pytest.fixture(scope="module")
+def fitted(fake_profile):
+    return fit_estimator(fake_profile[0], source=str(fake_profile[1]))
+
+
+def _counts(prompt=5, full=36, vision=36, new=2):
+    return TokenCounts(prompt, full, vision, new)
+
+
+# --- features ------------------------------------------------------------------------------
+def _row(knobs: KnobConfig, counts: TokenCounts) -> dict:
+    values = CostFeatures(SPACE, COST_PARAMS).compute([knobs], [counts])[0]
+    return dict(zip(FEATURE_NAMES, values))
+
+
+@pytest.mark.parametrize("knob,low,high,grows", [
+    ("tier", "low", "high", ("tier_index", "tier_tokens")),
+    ("token_budget", 0.25, 1.0, ("token_budget",)),
+    ("top_k", 2, 4, ("top_k", "prefill_linear_flops", "prefill_expert_calls", "prefill_active_experts",
+                     "decode_expert_calls", "decode_linear_flops", "weight_elements_read", "total_flops")),
+    ("depth", 3, 5, ("depth", "prefill_linear_flops", "prefill_attention_flops", "prefill_expert_calls",
+                     "decode_attention_flops", "decode_expert_calls", "block_calls", "total_flops")),
+])
+def test_every_knob_moves_its_features(knob, low, high, grows):
+    base = KnobConfig(tier="medium", token_budget=0.5, top_k=3, depth=4)
+    counts = _counts(vision=5)
+    small, large = _row(base.replace(**{knob: low}), counts), _row(base.replace(**{knob: high}), counts)
+    for name in grows:
+        assert large[name] > small[name], name
+    untouched = {"prompt_tokens", "vision_tokens_full", "vision_tokens", "new_tokens", "vision_flops", "lm_head_flops"}
+    for name in untouched:
+        assert large[name] == small[name], name
+
+
+def test_token_counts_move_stage_features():
+    knobs = KnobConfig(tier="high", top_k=3, depth=4)
+    short, long_ = _row(knobs, _counts(vision=9, new=1)), _row(knobs, _counts(vision=36, new=3))
+    for name in ("prefill_tokens", "prefill_linear_flops", "prefill_attention_flops", "decode_linear_flops",
+                 "decode_attention_flops", "block_calls", "lm_head_flops"):
+        assert long_[name] > short[name], name
+
+
+def test_expert_calls_are_tokens_times_top_k_times_blocks():
+    row = _row(KnobConfig(tier="high", top_k=3, depth=4), _counts(prompt=5, vision=36, new=2))
+    tokens = 5 + 36
+    # Block 1 runs the model's own top-k (4); blocks 2..4 run top-k 3.
+    assert row["prefill_expert_calls"] == tokens * (4 + 3 * 3)
+    assert row["decode_expert_calls"] == 2 * (4 + 3 * 3)
+    assert row["block_calls"] == 4 * (1 + 2)
+
+
+def test_none_knobs_resolve_to_the_models_own():
+    explicit = _row(KnobConfig(tier="high", token_budget=1.0, top_k=4, depth=5), _counts())
+    implicit = _row(KnobConfig(), _counts())
+    assert explicit == implicit
+
+
+def test_stage1_features_follow_vision_tokens():
+    features = CostFeatures(SPACE, COST_PARAMS)
+    rows = features.compute_stage1(["low", KnobConfig(tier="high")], [_counts(vision=4), _counts(vision=36)])
+    assert rows.shape == (2, len(STAGE1_FEATURE_NAMES))
+    assert (rows[1] >= rows[0]).all() and rows[1, STAGE1_FEATURE_NAMES.index("total_flops")] > rows[0, -1]
+
+
+@pytest.mark.parametrize("knobs,message", [
+    (KnobConfig(tier="ultra"), "unknown vision tier 'ultra'"),
+    (KnobConfig(top_k=9), "top_k=9 is invalid"),
+    (KnobConfig(depth=6), "depth=6 is invalid"),
+])
+def test_bad_knobs_are_named(knobs, message):
+    with pytest.raises(ValueError, match=message):
+        CostFeatures(SPACE, COST_PARAMS).compute([knobs], [_counts()])
+
+
+def test_bad_cost_params_and_counts_are_named():
+    with pytest.raises(ValueError, match="unknown cost_params keys \\['hidden'\\]"):
+        CostFeatures(SPACE, {"hidden": 3.0})
+    with pytest.raises(ValueError, match="got 2 configs but 1 token counts"):
+        CostFeatures(SPACE, COST_PARAMS).compute([KnobConfig(), KnobConfig()], [_counts()])
+    with pytest.raises(ValueError, match="token_counts array has shape"):
+        CostFeatures(SPACE, COST_PARAMS).compute([KnobConfig()], np.zeros((1, 3)))
+    with pytest.warns(UserWarning, match="cost_params lack"):
+        CostFeatures(SPACE, {})
+
+
+# --- profiling design and CSV -----------------------------------------------------------------
+def test_design_holds_out_whole_configs_and_samples():
+    points = design(SPACE, FakeBackend().samples("validation"), FAST)
+    assert len(points) == FAST.points
+    fit = [p for p in points if not p.holdout]
+    held = [p for p in points if p.holdout]
+    assert held and fit
+    assert not {p.knobs for p in fit} & {p.knobs for p in held}
+    assert not {p.sample_index for p in fit} & {p.sample_index for p in held}
+    # Every level of every knob is covered in the fitted part, about equally often.
+    for attr, levels in (("tier", SPACE.tier_names), ("token_budget", SPACE.token_budgets),
+                         ("top_k", SPACE.top_ks), ("depth", SPACE.depths)):
+        counts = [sum(getattr(p.knobs, attr) == level for p in fit) for level in levels]
+        assert min(counts) > 0 and max(counts) - min(counts) <= 2, (attr, counts)
+
+
+def test_profile_csv_round_trip(fake_profile):
+    profile, path = fake_profile
+    again = read_profile(path)
+    assert again.rows == profile.rows
+    assert again.knob_space == SPACE and again.cost_params == COST_PARAMS
+    assert again.device == json.loads(json.dumps(device_fingerprint()))
+    assert path.read_text().startswith("# format: ")
+    assert all(len(r["latency_runs_ms"].split(";")) == FAST.repeats for r in again.rows)
+
+
+def test_wall_clock_profile_times_each_run(tmp_path):
+    backend = FakeBackend(sleep=True)
+    settings = ProfileSettings(points=6, repeats=2, warmup=1, samples=6, clock="wall")
+    profile = profile_backend(backend, settings, tmp_path / "p.csv", progress=False)
+    assert backend.runs == settings.warmup + settings.points * settings.repeats
+    assert all(r["latency_ms"] > 0 and r["backend_ms"] > 0 for r in profile.rows)
+
+
+def test_bad_settings_are_named():
+    with pytest.raises(ValueError, match="points=1 is invalid"):
+        ProfileSettings(points=1)
+    with pytest.raises(ValueError, match="clock='cpu' is invalid"):
+        ProfileSettings(clock="cpu")
+    with pytest.raises(ValueError, match="holdout_fraction=0.7 is invalid"):
+        ProfileSettings(holdout_fraction=0.7)
+
+
+# --- estimator -----------------------------------------------------------------------------
+def test_predict_is_vectorised(fitted):
+    configs = list(SPACE.grid(token_budgets=True))
+    counts = [_counts(vision=SPACE.vision_tokens(c), new=1 + i % 3) for i, c in enumerate(configs)]
+    ms = fitted.predict(configs, counts)
+    assert ms.shape == (len(configs),) and ms.dtype == np.float64 and (ms > 0).all()
+    array_counts = np.array([[c.prompt_tokens, c.vision_tokens_full, c.vision_tokens, c.new_tokens] for c in counts])
+    np.testing.assert_array_equal(fitted.predict(configs, array_counts), ms)
+    assert fitted.predict([], []).shape == (0,)
+    assert fitted.predict(configs[0], counts[0]).shape == (1,)
+    assert fitted.predict_stage1([c.tier for c in configs[:4]], counts[:4]).shape == (4,)
+
+
+def test_estimator_recovers_a_known_latency_function(fitted):
+    backend = FakeBackend()
+    configs = list(SPACE.grid(token_budgets=True))
+    samples = backend.samples("validation")
+    counts = [backend._counts(samples[i % 60], c) for i, c in enumerate(configs)]
+    truth = np.array([backend.true_ms(SPACE.resolve(c), n)[0] for c, n in zip(configs, counts)])
+    assert accuracy(fitted.predict(configs, counts), truth).within_10 >= 0.95
+
+
+def test_save_load_round_trip_keeps_fingerprint(fitted, tmp_path):
+    path = fitted.save(tmp_path / "est.bin")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = LatencyEstimator.load(path, expect_fingerprint=fitted.fingerprint, expect_identity=fitted.identity)
+    assert loaded.fingerprint == fitted.fingerprint == device_fingerprint()
+    assert loaded.identity == FakeBackend().identity() and loaded.package_version == fitted.package_version
+    configs = [KnobConfig(tier="low", top_k=2, depth=3), KnobConfig()]
+    counts = [_counts(vision=1), _counts()]
+    np.testing.assert_array_equal(loaded.predict(configs, counts), fitted.predict(configs, counts))
+    assert not list(tmp_path.glob(".*tmp")), "atomic write left a temporary file"
+
+
+@pytest.mark.parametrize("change,expected", [
+    ({"fingerprint": {"gpu": "NVIDIA H100"}}, "device gpu None != 'NVIDIA H100'"),
+    ({"fingerprint": {"cpu": "Other CPU"}}, "device cpu"),
+    ({"identity": {"model": "other-model"}}, "backend model 'fake-vlm' != 'other-model'"),
+])
+def test_loading_for_another_device_or_backend_warns(fitted, tmp_path, change, expected):
+    path = fitted.save(tmp_path / "est.bin")
+    fingerprint = {**fitted.fingerprint, **change.get("fingerprint", {})}
+    identity = {**fitted.identity, **change.get("identity", {})}
+    with pytest.warns(EstimatorMismatchWarning, match=expected):
+        LatencyEstimator.load(path, expect_fingerprint=fingerprint, expect_identity=identity)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda data: data[: len(data) // 2], "is truncated"),
+    (lambda data: data[:-1] + bytes([data[-1] ^ 0xFF]), "is corrupted \\(checksum"),
+    (lambda data: data[:30], "truncated \\(header"),
+    (lambda data: b"", "is empty"),
+    (lambda data: b"not an estimator at all", "not a knobgym latency estimator"),
+])
+def test_damaged_files_give_an_error_naming_the_file(fitted, tmp_path, damage, message):
+    path = fitted.save(tmp_path / "damaged.estimator")
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(EstimatorFileError, match=message) as info:
+        LatencyEstimator.load(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_names_it(tmp_path):
+    with pytest.raises(EstimatorFileError, match="missing.estimator"):
+        LatencyEstimator.load(tmp_path / "missing.estimator")
+
+
+# --- cache ---------------------------------------------------------------------------------
+def test_cache_profiles_once_then_hits(tmp_path):
+    backend = FakeBackend()
+    first = get_estimator(backend, tmp_path, settings=FAST, progress=False)
+    runs = backend.runs
+    assert runs > 0
+    estimator_path, profile_path = cache_paths(backend, tmp_path)
+    assert estimator_path.exists() and profile_path.exists()
+    second = get_estimator(ExplodingBackend(), tmp_path, settings=FAST)
+    assert second.identity == first.identity and backend.runs == runs
+    configs, counts = [KnobConfig()], [_counts()]
+    np.testing.assert_array_equal(second.predict(configs, counts), first.predict(configs, counts))
+
+
+def test_cache_dir_from_environment_and_no_profiling_when_told(tmp_path, monkeypatch):
+    monkeypatch.setenv("KNOBGYM_CACHE", str(tmp_path / "env-cache"))
+    estimator_path, _ = cache_paths(FakeBackend())
+    assert estimator_path.parent == tmp_path / "env-cache" / "latency"
+    with pytest.raises(FileNotFoundError, match="no latency estimator cached"):
+        get_estimator(ExplodingBackend(), profile_if_missing=False)
+    other = cache_paths(FakeBackend(name="other"))[0]
+    assert other != estimator_path and other.name.startswith("other-")
+
+
+# --- report and CLI --------------------------------------------------------------------------
+def test_accuracy_metrics_by_hand():
+    acc = accuracy(np.array([100.0, 104.0, 109.0, 130.0]), np.array([100.0, 100.0, 100.0, 100.0]))
+    assert acc.within_5 == 0.5 and acc.within_10 == 0.75 and acc.mape == pytest.approx((0 + 4 + 9 + 30) / 4)
+
+
+def test_held_out_report_beats_flops_only(fake_profile):
+    report = held_out_report(fake_profile[0])
+    assert set(report.total) == {"analytic_gbt", "gbt", "analytic", "flops_linear"}
+    ours, baseline = report.total["analytic_gbt"], report.total["flops_linear"]
+    assert ours.within_10 >= 0.9 and ours.mape < baseline.mape
+    assert report.holdout_rows == int(fake_profile[0].holdout.sum()) and report.stage1
+    assert "flops_linear" in report.format()
+
+
+def test_cli_report_and_fit_from_csv(fake_profile, tmp_path, capsys):
+    _, path = fake_profile
+    assert cli_main(["report", f"csv={path}"]) == 0
+    out = capsys.readouterr().out
+    assert "flops_linear" in out and "beats the FLOPs-only fit" in out
+    assert cli_main(["fit", f"csv={path}", f"out={tmp_path / 'e.estimator'}", "method=gbt"]) == 0
+    assert LatencyEstimator.load(tmp_path / "e.estimator").method == "gbt"
+
+
+def test_cli_overrides_are_validated():
+    options, backend_options = parse_overrides(["backend=tiny", "points=10", "backend.device=cpu", "force=true"])
+    assert options["points"] == 10 and options["force"] is True and backend_options == {"device": "cpu"}
+    with pytest.raises(ValueError, match="unknown override 'pionts'"):
+        parse_overrides(["pionts=3"])
+    with pytest.raises(ValueError, match="method='xgb' is invalid"):
+        parse_overrides(["method=xgb"])
+    with pytest.raises(SystemExit, match="command 'train' is invalid"):
+        cli_main(["train"])
