@@ -1,0 +1,149 @@
+"""Shared fixtures: tiny models built in code, a word-level tokenizer, and compute probes.
+
+A :class:`ComputeProbe` puts forward hooks on a model and records what it actually computes
+(decoder blocks executed, experts per token in every MoE block, the sequence entering block 1,
+what the final norm receives), so knob tests check the computation rather than reading back the
+attribute a knob sets.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+from model_factories import IMAGE_TOKEN_ID, VOCAB, make
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import PreTrainedTokenizerFast
+
+from backends.knobs import model_parts
+
+PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
+WORDS = [f"w{i}" for i in range(4, IMAGE_TOKEN_ID)]  # ordinary vocabulary words, ids 4..VOCAB-2
+
+# The test models are tiny: intra-op parallelism buys nothing and, on busy shared cores, threads
+# spinning for each other make one forward ~100x slower (measured: 2.7 s vs 3 ms for tiny OLMoE).
+torch.set_num_threads(1)
+
+
+class ComputeProbe:
+    """Forward hooks recording what one model computes; call :meth:`reset` between runs.
+
+    Attributes:
+        block_calls: decoder block index -> number of times it ran.
+        experts_per_token: MoE block index -> set of expert counts per token seen by the experts module
+            (from the routing indices the block passed to it).
+        expert_pairs: MoE block index -> (token, expert) pairs computed.
+        first_block_lengths: sequence length entering decoder block 1, one entry per forward.
+        first_block_inputs: the hidden states entering decoder block 1, one per forward.
+        last_block_output: output of the last decoder block that ran (latest forward).
+        final_norm_inputs: what the final norm received, one per forward.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        parts = model_parts(model)
+        self._handles = []
+        for index, layer in enumerate(parts.layers):
+            self._handles.append(layer.register_forward_pre_hook(
+                functools.partial(self._on_block_input, index), with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(functools.partial(self._on_block_output, index)))
+            for module in layer.modules():
+                if type(module).__name__.endswith("Experts"):
+                    self._handles.append(module.register_forward_hook(
+                        functools.partial(self._on_experts, index, module.num_experts)))
+        self._handles.append(parts.final_norm.register_forward_hook(self._on_final_norm))
+        self.reset()
+
+    def reset(self) -> None:
+        self.block_calls: dict[int, int] = defaultdict(int)
+        self.experts_per_token: dict[int, set[int]] = defaultdict(set)
+        self.expert_pairs: dict[int, int] = defaultdict(int)
+        self.first_block_lengths: list[int] = []
+        self.first_block_inputs: list[torch.Tensor] = []
+        self.last_block_output: torch.Tensor | None = None
+        self.final_norm_inputs: list[torch.Tensor] = []
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def executed_blocks(self) -> list[int]:
+        return sorted(self.block_calls)
+
+    def _on_block_input(self, index, module, args, kwargs):
+        self.block_calls[index] += 1
+        if index == 0:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self.first_block_lengths.append(int(hidden.shape[1]))
+            self.first_block_inputs.append(hidden.detach().clone())
+
+    def _on_block_output(self, index, module, args, output):
+        self.last_block_output = (output[0] if isinstance(output, tuple) else output).detach().clone()
+
+    def _on_experts(self, index, num_experts, module, args, output):
+        top_k_index = args[1]  # [tokens, k]; index == num_experts marks a dropped slot
+        used = (top_k_index < num_experts).sum(dim=-1)
+        self.experts_per_token[index].update(int(k) for k in used.unique())
+        self.expert_pairs[index] += int(used.sum())
+
+    def _on_final_norm(self, module, args, output):
+        self.final_norm_inputs.append(args[0].detach().clone())
+
+
+@pytest.fixture
+def probe():
+    """``probe(model) -> ComputeProbe``; every probe's hooks are removed when the test ends."""
+    created: list[ComputeProbe] = []
+
+    def attach(model):
+        created.append(ComputeProbe(model))
+        return created[-1]
+
+    yield attach
+    for p in created:
+        p.remove()
+
+
+_MODELS: dict[str, torch.nn.Module] = {}
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """``tiny(name) -> model``: one tiny random-weight model per family, built once per session.
+
+    Tests share them, which is itself a check: every knob context must leave the model as it found it.
+    """
+
+    def get(name: str) -> torch.nn.Module:
+        if name not in _MODELS:
+            _MODELS[name] = make(name)
+        return _MODELS[name]
+
+    return get
+
+
+def build_word_tokenizer() -> PreTrainedTokenizerFast:
+    """A real fast tokenizer over the tiny models' vocabulary: ``<pad> </s> <s> <unk> w4 .. <image>``."""
+    vocab = {"<pad>": PAD_ID, "</s>": EOS_ID, "<s>": BOS_ID, "<unk>": UNK_ID}
+    vocab.update({word: 4 + i for i, word in enumerate(WORDS)})
+    vocab["<image>"] = IMAGE_TOKEN_ID
+    assert len(vocab) == VOCAB
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    return build_word_tokenizer()
+
+
+def random_image(seed: int, size: int = 32) -> np.ndarray:
+    """An HxWx3 uint8 image of random pixels."""
+    return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
