@@ -190,6 +190,9 @@ def model_spec_from_dict(options: Mapping[str, Any]) -> ModelSpec:
     if unknown_quant:
         raise SpecError(f"unknown quantization key(s) {sorted(unknown_quant)}; accepted: "
                         f"{', '.join(f.name for f in dataclasses.fields(QuantizationSpec))}")
+    if opts.get("load_in_4bit") and opts.get("load_in_8bit"):
+        raise SpecError("load_in_4bit=True and load_in_8bit=True conflict; accepted: at most one of them "
+                        "(or quantization.quant_type='nf4'/'fp4'/'int8')")
     for legacy in [k for k in opts if k in _LEGACY_KEYS]:
         value = opts.pop(legacy)
         warnings.warn(f"model spec key {legacy!r} is deprecated; use {_LEGACY_KEYS[legacy]}",
@@ -281,20 +284,40 @@ def resolve_model_path(spec: ModelSpec) -> tuple[Path, str]:
             f"model {spec.model!r} at revision {spec.revision!r} is not in the local Hugging Face cache "
             f"({os.environ.get('HF_HUB_CACHE') or os.environ.get('HF_HOME') or '~/.cache/huggingface'}), and "
             f"knobgym never downloads at run time. Make it available with "
-            f"`huggingface-cli download {spec.model} --revision {spec.revision}` on a machine with network, "
+            f"`hf download {spec.model} --revision {spec.revision}` on a machine with network, "
             f"or pass a local directory as model=... ({type(exc).__name__})") from None
     return Path(snapshot), Path(snapshot).name
 
 
+_HEADER_BYTES = 1 << 20  # a safetensors header (tensor names, shapes, offsets) fits in it
+_WEIGHT_WINDOWS, _WINDOW_BYTES = 64, 1 << 14
+
+
 def _local_revision(path: Path) -> str:
-    """A short content hash of a local checkpoint's config and weight file sizes/mtimes."""
+    """A short content hash of a local checkpoint.
+
+    JSON / text files are hashed whole; each weight file by its size, its first MiB and 64 windows
+    of 16 KiB spread evenly over it. So two checkpoints with the same shapes but different weights
+    get different revisions, a copy of a checkpoint gets the same one, and a 15 GB checkpoint costs
+    about 2 MiB of reading.
+    """
     import hashlib
 
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
-        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".model", ".txt"):
-            h.update(f.name.encode())
-            h.update(f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode())
+        if not (f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".model", ".txt")):
+            continue
+        h.update(f.name.encode())
+        if f.suffix in (".json", ".txt"):
+            h.update(f.read_bytes())
+            continue
+        size = f.stat().st_size
+        h.update(str(size).encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(_HEADER_BYTES))
+            for i in range(_WEIGHT_WINDOWS):
+                fh.seek(i * max(0, size - _WINDOW_BYTES) // max(1, _WEIGHT_WINDOWS - 1))
+                h.update(fh.read(_WINDOW_BYTES))
     return "local-" + h.hexdigest()[:12]
 
 
