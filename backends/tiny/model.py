@@ -43,8 +43,8 @@ class TinyShape:
     vision_hidden: int = 64
     vision_layers: int = 2
     vision_heads: int = 4
-    patch_size: int = 6
-    tiers: tuple = (("low", 4), ("medium", 16), ("high", 64))
+    patch_size: int = 8  # 48 px / 8 = a 6x6 patch grid: 36 vision tokens at the high tier
+    tiers: tuple = (("low", 4), ("medium", 9), ("high", 36))
     top_ks: tuple = (4, 5, 6, 7, 8)
     depths: tuple = (12, 13, 14, 15, 16)
 

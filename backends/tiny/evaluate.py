@@ -1,0 +1,112 @@
+"""Accuracy table of the tiny reference model: ``python -m backends.tiny.evaluate [--model DIR]``.
+
+Exact match on the held-out test split for the full configuration (overall and per question type,
+next to the question-only baseline), the cheapest configuration, and each knob reduced on its own
+(tier, token budget, top-k, depth). ``--write-card`` puts the table into the checkpoint's README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+from backends.knobs import KnobConfig, KnobSpace, knob_space_from_model
+from backends.tiny.data import QUESTION_TYPES, generate_split, question_only_baseline
+from backends.tiny.train import evaluate_config
+
+from backends.tiny import CHECKPOINT_DIR
+TABLE_BEGIN, TABLE_END = "<!-- accuracy-table:begin -->", "<!-- accuracy-table:end -->"
+
+
+def tiny_knob_space(model) -> KnobSpace:
+    """The knob space of a tiny checkpoint, tiers ordered from fewest to most vision tokens.
+
+    (``config.json`` stores dict keys sorted by name, so the saved tier order is alphabetical.)
+    """
+    tiers = dict(sorted(model.config.knobgym["tiers"].items(), key=lambda kv: kv[1]))
+    return knob_space_from_model(model, tiers=tiers)
+
+
+def load_checkpoint(path=CHECKPOINT_DIR, experts_implementation: str | None = None):
+    """``(model, tokenizer, knob_space)`` from a local checkpoint directory, offline, in eval mode."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{str(path)!r} is not a tiny checkpoint directory (no config.json); accepted: a directory "
+                         f"written by `python -m backends.tiny.train`")
+    kwargs = {"local_files_only": True}
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = {"text_config": experts_implementation}
+    model = LlavaForConditionalGeneration.from_pretrained(path, **kwargs).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer, tiny_knob_space(model)
+
+
+def knob_sweep(space: KnobSpace) -> list[tuple[str, KnobConfig]]:
+    """Full, cheapest, and each knob reduced on its own (to each of its values) from full."""
+    full = space.full()
+    rows = [("full", full), ("cheapest", space.cheapest())]
+    rows += [(f"tier={t}", full.replace(tier=t)) for t in reversed(space.tier_names[:-1])]
+    rows += [(f"budget={b:g}", full.replace(token_budget=b)) for b in sorted(space.token_budgets, reverse=True)[1:]]
+    rows += [(f"top_k={k}", full.replace(top_k=k)) for k in sorted(space.top_ks, reverse=True)[1:]]
+    rows += [(f"depth={d}", full.replace(depth=d)) for d in sorted(space.depths, reverse=True)[1:]]
+    return rows
+
+
+def accuracy_table(model, tokenizer, space, n_test: int | None = None, n_train_baseline: int = 20000,
+                   seed: int = 0) -> str:
+    """Markdown accuracy table (full vs question-only per type, then the knob sweep)."""
+    test = generate_split("test", n_test, seed=seed)
+    baseline = question_only_baseline(generate_split("train", n_train_baseline, seed=seed), test)
+    results = {name: (knobs, evaluate_config(model, tokenizer, test, knobs, space)) for name, knobs in knob_sweep(space)}
+    full = results["full"][1]
+    lines = [f"Held-out test split: {len(test)} samples (seed {seed}); exact match after VQA normalisation. "
+             f"Question-only baseline: most frequent train answer per question text ({n_train_baseline} train samples).",
+             "", "| question type | n | full config | question-only | gap |", "|---|---|---|---|---|"]
+    counts = {t: sum(QUESTION_TYPES[s.question_type] == t for s in test) for t in QUESTION_TYPES}
+    for t in QUESTION_TYPES:
+        f, b = full["per_type"].get(t, float("nan")), baseline["per_type"].get(t, float("nan"))
+        lines.append(f"| {t} | {counts[t]} | {100 * f:.1f} | {100 * b:.1f} | {100 * (f - b):+.1f} |")
+    lines.append(f"| **overall** | {len(test)} | **{100 * full['overall']:.1f}** | **{100 * baseline['overall']:.1f}** "
+                 f"| **{100 * (full['overall'] - baseline['overall']):+.1f}** |")
+    lines += ["", "| configuration | knobs | vision tokens | exact match | vs full |", "|---|---|---|---|---|"]
+    for name, (knobs, acc) in results.items():
+        lines.append(f"| {name} | {knobs} | {space.vision_tokens(knobs)} | {100 * acc['overall']:.1f} | "
+                     f"{100 * (acc['overall'] - full['overall']):+.1f} |")
+    return "\n".join(lines)
+
+
+def write_table_into_card(card: Path, table: str) -> None:
+    """Replace the text between the table markers of the model card (atomically)."""
+    text = card.read_text()
+    if TABLE_BEGIN not in text or TABLE_END not in text:
+        raise ValueError(f"{card} has no {TABLE_BEGIN} ... {TABLE_END} markers to put the table between")
+    head, rest = text.split(TABLE_BEGIN, 1)
+    tail = rest.split(TABLE_END, 1)[1]
+    fd, tmp = tempfile.mkstemp(dir=card.parent, prefix=".README.")
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{head}{TABLE_BEGIN}\n{table}\n{TABLE_END}{tail}")
+    os.replace(tmp, card)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=str(CHECKPOINT_DIR))
+    p.add_argument("--n-test", type=int, default=None, help="test samples (default: the whole split)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--write-card", action="store_true", help="write the table into <model>/README.md")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tokenizer, space = load_checkpoint(args.model)
+    table = accuracy_table(model, tokenizer, space, n_test=args.n_test)
+    print(table)
+    if args.write_card:
+        write_table_into_card(Path(args.model) / "README.md", table)
+
+
+if __name__ == "__main__":
+    main()
