@@ -24,6 +24,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,7 +35,7 @@ from backends.knobs import KnobConfig, KnobSpace
 from backends.outcome import TokenCounts
 
 PROFILE_FORMAT = "knobgym-latency-profile/1"
-CLOCKS = ("wall", "outcome")
+CLOCKS = ("wall", "cpu", "outcome")
 
 CSV_COLUMNS = ("point", "holdout", "tier", "token_budget", "top_k", "depth", "split", "sample_id",
                "prompt_tokens", "vision_tokens_full", "vision_tokens", "new_tokens", "latency_ms",
@@ -99,7 +100,10 @@ class ProfileSettings:
         samples: distinct samples used, spread over prompt length (default 30).
         split: data split the samples come from (default ``validation``).
         holdout_fraction: share of configurations and of samples held out for the report (default 0.2).
-        clock: ``wall`` (time ``backend.run`` here) or ``outcome`` (use ``Outcome.measured_ms``).
+        clock: ``wall`` (default: wall-clock time of ``backend.run``, CUDA events on GPU), ``cpu``
+            (CPU time of this process during ``backend.run``: on a machine shared with other jobs it
+            excludes time spent waiting for a core; equals latency only with one torch thread and a
+            CPU device) or ``outcome`` (the backend's own ``Outcome.measured_ms``).
         seed: seed of the design and the run order (default 0).
     """
 
@@ -200,12 +204,22 @@ def design(space: KnobSpace, samples: Sequence, settings: ProfileSettings) -> li
 # Timing
 # --------------------------------------------------------------------------------------------
 class RunTimer:
-    """Times one call in milliseconds: CUDA events on a GPU device, ``perf_counter_ns`` otherwise."""
+    """Times one call in milliseconds: CUDA events on a GPU device, ``perf_counter_ns`` otherwise.
 
-    def __init__(self, device: Any = "cpu"):
+    With ``cpu_time=True`` (CPU devices only) it measures this process's CPU time instead
+    (``process_time_ns``), which a busy shared machine inflates far less than the wall clock.
+    """
+
+    def __init__(self, device: Any = "cpu", cpu_time: bool = False):
         import torch
 
         self.cuda = str(device).startswith("cuda") and torch.cuda.is_available()
+        if cpu_time and self.cuda:
+            raise ValueError(f"clock='cpu' is invalid for device {device!r}; accepted on a GPU: clock='wall'")
+        if cpu_time and torch.get_num_threads() > 1:
+            warnings.warn(f"clock='cpu' with {torch.get_num_threads()} torch threads sums the CPU time of all "
+                          f"threads, which exceeds latency; set threads=1 for CPU-time profiles", stacklevel=2)
+        self.clock = time.process_time_ns if cpu_time else time.perf_counter_ns
         self._torch = torch
 
     def time(self, fn, *args) -> tuple[float, Any]:
@@ -222,9 +236,9 @@ class RunTimer:
                 end.record()
                 end.synchronize()
                 return float(start.elapsed_time(end)), result
-            t0 = time.perf_counter_ns()
+            t0 = self.clock()
             result = fn(*args)
-            return (time.perf_counter_ns() - t0) / 1e6, result
+            return (self.clock() - t0) / 1e6, result
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -382,7 +396,7 @@ def profile_backend(backend, settings: ProfileSettings = ProfileSettings(), path
     samples = backend.samples(settings.split)
     points = design(space, samples, settings)
     device = backend_device(backend)
-    timer = RunTimer(device)
+    timer = RunTimer(device, cpu_time=settings.clock == "cpu")
     rng = np.random.default_rng(settings.seed + 1)
     total_runs = settings.warmup + settings.repeats * len(points)
     wall = [[] for _ in points]

@@ -48,13 +48,13 @@ def accuracy(predicted: np.ndarray, measured: np.ndarray) -> Accuracy:
 
 
 def repeat_spread(profile: ProfileData, mask: np.ndarray) -> float:
-    """Median relative deviation of single runs from their point's median: the measurement noise floor."""
-    deviations = []
+    """Median over points of (slowest - fastest run) / median run: how noisy the measurements are."""
+    spreads = []
     for row in (r for r, keep in zip(profile.rows, mask) if keep):
         runs = np.array([float(x) for x in str(row["latency_runs_ms"]).split(";") if x], dtype=np.float64)
         if len(runs) > 1:
-            deviations.extend(np.abs(runs - row["latency_ms"]) / row["latency_ms"])
-    return float(np.median(deviations)) if deviations else float("nan")
+            spreads.append((runs.max() - runs.min()) / np.median(runs))
+    return float(np.median(spreads)) if spreads else float("nan")
 
 
 @dataclass
@@ -70,13 +70,14 @@ class HeldOutReport:
     noise: float  # repeat_spread of the held-out rows
     device: dict
     backend: dict
+    clock: str = "wall"
 
     def as_dict(self) -> dict:
         return {"total": {m: a.as_dict() for m, a in self.total.items()},
                 "stage1": {m: a.as_dict() for m, a in self.stage1.items()},
                 "fit_rows": self.fit_rows, "holdout_rows": self.holdout_rows,
                 "holdout_configs": self.holdout_configs, "holdout_samples": self.holdout_samples,
-                "repeat_spread": self.noise, "device": self.device, "backend": self.backend}
+                "repeat_spread": self.noise, "clock": self.clock, "device": self.device, "backend": self.backend}
 
     def format(self, chosen: str = "analytic_gbt") -> str:
         """A plain-text table, the chosen method marked and the FLOPs-only baseline beside it."""
@@ -85,7 +86,8 @@ class HeldOutReport:
                  f"backend: {self.backend}",
                  f"fit on {self.fit_rows} rows; held out {self.holdout_rows} rows = {self.holdout_configs} unseen "
                  f"configurations x {self.holdout_samples} unseen samples",
-                 f"measurement noise (median |run - median| / median over repeats): {100 * self.noise:.1f}%"]
+                 f"clock: {self.clock}; measurement noise, median over held-out points of (slowest - fastest "
+                 f"repeat) / median: {100 * self.noise:.1f}%"]
         for title, table in (("whole run", self.total), ("stage 1", self.stage1)):
             if not table:
                 continue
@@ -127,4 +129,5 @@ def held_out_report(profile: ProfileData, methods=METHODS, seed: int = 0) -> Hel
     return HeldOutReport(total=total, stage1=stage1, fit_rows=int(fit_mask.sum()), holdout_rows=int(holdout.sum()),
                          holdout_configs=len(held_configs),
                          holdout_samples=len(set(profile.column("sample_id", holdout).tolist())),
-                         noise=repeat_spread(profile, holdout), device=profile.device, backend=profile.backend)
+                         noise=repeat_spread(profile, holdout), device=profile.device, backend=profile.backend,
+                         clock=str(profile.settings.get("clock", "wall")))

@@ -1,0 +1,96 @@
+"""Benchmark: latency-estimator prediction throughput (10,000 configurations) and held-out accuracy.
+
+    python bench/latency_estimator.py --csv PROFILE.csv           # fit on a profile CSV (no model load)
+    python bench/latency_estimator.py --backend tiny [--threads 1] # cached estimator of a backend
+
+Prints the median of repeated timings of ``estimator.predict`` on 10,000 random (configuration,
+token counts) rows (target: under 50 ms on CPU), the split between feature building and the
+regressor, and the held-out accuracy table of the profile the estimator came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backends.knobs import KnobConfig  # noqa: E402
+from backends.outcome import TokenCounts  # noqa: E402
+from latency_model import fit_estimator, get_estimator, held_out_report, read_profile  # noqa: E402
+
+TARGET_MS = 50.0
+
+
+def random_rows(estimator, profile, n: int, seed: int) -> tuple[list[KnobConfig], list[TokenCounts]]:
+    """``n`` configurations from the knob grid with token counts in the profile's ranges."""
+    rng = np.random.default_rng(seed)
+    space = estimator.features.knob_space
+    grid = list(space.grid(token_budgets=True))
+    configs = [grid[i] for i in rng.integers(len(grid), size=n)]
+    prompt = profile.column("prompt_tokens")
+    new = profile.column("new_tokens")
+    full = int(profile.column("vision_tokens_full").max())
+    prompts = rng.integers(prompt.min(), prompt.max() + 1, size=n)
+    news = rng.integers(new.min(), new.max() + 1, size=n)
+    counts = [TokenCounts(int(p), full, space.vision_tokens(c), int(k)) for c, p, k in zip(configs, prompts, news)]
+    return configs, counts
+
+
+def median_ms(fn, repeats: int) -> tuple[float, float]:
+    """(median, min) milliseconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter_ns()
+        fn()
+        times.append((time.perf_counter_ns() - t0) / 1e6)
+    return float(np.median(times)), float(np.min(times))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--csv", help="profile CSV to fit on (skips loading a backend)")
+    parser.add_argument("--backend", default="tiny", help="backend name when no --csv is given")
+    parser.add_argument("--cache-dir", default=None, help="estimator cache directory")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads while profiling a backend")
+    parser.add_argument("--rows", type=int, default=10_000, help="configurations per predict call")
+    parser.add_argument("--repeats", type=int, default=21, help="timed predict calls")
+    args = parser.parse_args()
+
+    if args.csv:
+        profile = read_profile(args.csv)
+        estimator = fit_estimator(profile, source=args.csv)
+    else:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        from backends.registry import load_backend
+
+        estimator = get_estimator(load_backend(args.backend), args.cache_dir)
+        profile = read_profile(estimator.info["profile"])
+
+    configs, counts = random_rows(estimator, profile, args.rows, seed=0)
+    count_array = np.array([[c.prompt_tokens, c.vision_tokens_full, c.vision_tokens, c.new_tokens] for c in counts])
+    features = estimator.features.compute(configs, counts)
+    whole, whole_min = median_ms(lambda: estimator.predict(configs, counts), args.repeats)
+    arrays, _ = median_ms(lambda: estimator.predict(configs, count_array), args.repeats)
+    build, _ = median_ms(lambda: estimator.features.compute(configs, counts), args.repeats)
+    regress, _ = median_ms(lambda: estimator.total.predict(features), args.repeats)
+    print(f"estimator: {estimator.method}, fitted on {estimator.info.get('rows')} rows "
+          f"({estimator.fingerprint.get('cpu')}, {estimator.fingerprint.get('torch_threads')} torch threads)")
+    print(f"predict {args.rows} configurations (TokenCounts objects): median {whole:.2f} ms, min {whole_min:.2f} ms, "
+          f"{1000 * whole / args.rows:.2f} us/row; {whole / TARGET_MS:.2f}x of the {TARGET_MS:.0f} ms target")
+    print(f"predict {args.rows} configurations ([N, 4] count array): median {arrays:.2f} ms")
+    print(f"  of which feature building {build:.2f} ms, regressor {regress:.2f} ms (medians of {args.repeats})")
+    print()
+    print(held_out_report(profile).format(estimator.method))
+
+
+if __name__ == "__main__":
+    main()
