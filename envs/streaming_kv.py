@@ -47,6 +47,8 @@ LATENCY_MODES = ("estimated", "measured")
 OBSERVATION_NAMES = ("chunk_mean_nll", "chunk_max_nll", "chunk_std_nll", "episode_mean_nll", "cache_length",
                      "tokens_since_prune", "budget_ms", "tpot_over_budget", "progress")
 STREAMING_KV_ID = "StreamingKV-v0"
+MAX_OBSERVED_NLL = 50.0  # NLL features are clipped here (nats); a uniform guess over 2^21 tokens is ~14.6
+MAX_TPOT_OVER_BUDGET = 100.0
 
 
 @lru_cache(maxsize=2)
@@ -123,7 +125,10 @@ class StreamingKVEnv(gym.Env):
         self.knob_names = [f.name for f in dataclasses.fields(self.policy_class)]
         self.knob_choices = [tuple(self.policy_class.knob_choices[name]) for name in self.knob_names]
         self.action_space = spaces.MultiDiscrete([len(c) for c in self.knob_choices])
-        self.observation_space = spaces.Box(low=0.0, high=np.inf, shape=(len(OBSERVATION_NAMES),), dtype=np.float32)
+        # True upper bounds: the cache never holds more than the tokens fed in an episode.
+        high = np.array([MAX_OBSERVED_NLL] * 4 + [episode_tokens + 1] * 2
+                        + [self.budget.high_ms, MAX_TPOT_OVER_BUDGET, 1.0], dtype=np.float32)
+        self.observation_space = spaces.Box(low=np.zeros_like(high), high=high, dtype=np.float32)
         self._streamer: DocumentStreamer | None = None
 
     # --- knobs ------------------------------------------------------------------------------
@@ -180,13 +185,15 @@ class StreamingKVEnv(gym.Env):
         self._episode_nll.extend(trace.nll.tolist())
         self._last_nll, self._last_tpot = trace.nll, tpot_ms
         terminated = self._streamer.remaining == 0
+        # Wall-clock figures appear in info only in measured mode, so estimated mode stays deterministic.
         info = {
             "policy": str(policy), "knobs": policy.knobs(), "nll": trace.nll.copy(), "mean_nll": mean_nll,
-            "score": score, "tpot_ms": tpot_ms, "tpot_measured_ms": float(np.median(trace.step_ms)),
-            "latency_mode": self.latency, "budget_ms": self._budget_ms, "violated": violated,
+            "score": score, "tpot_ms": tpot_ms, "latency_mode": self.latency, "budget_ms": self._budget_ms, "violated": violated,
             "cache_length": trace.cache_length.copy(),
             "prune_events": [dataclasses.asdict(e) for e in trace.prune_events],
         }
+        if self.latency == "measured":
+            info["step_ms"] = trace.step_ms.copy()
         return self._observation(), reward, terminated, False, info
 
     def _observation(self) -> np.ndarray:
@@ -194,8 +201,9 @@ class StreamingKVEnv(gym.Env):
         nll = self._last_nll
         episode = float(np.mean(self._episode_nll)) if self._episode_nll else 0.0
         progress = self._streamer.cursor / self.episode_tokens
-        return np.array([nll.mean(), nll.max(), nll.std(), episode, cache.cache_length, cache.tokens_since_prune,
-                         self._budget_ms, self._last_tpot / self._budget_ms, progress], dtype=np.float32)
+        nll_stats = np.clip([nll.mean(), nll.max(), nll.std(), episode], 0.0, MAX_OBSERVED_NLL)
+        return np.array([*nll_stats, cache.cache_length, cache.tokens_since_prune, self._budget_ms,
+                         min(self._last_tpot / self._budget_ms, MAX_TPOT_OVER_BUDGET), progress], dtype=np.float32)
 
 
 def kv_env_id(policy_class: type[KVPolicy]) -> str:
