@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from functools import lru_cache
 
 import gymnasium as gym
@@ -39,6 +40,7 @@ from gymnasium import spaces
 from backends.kv.latency import TpotModel, fit_tpot_model
 from backends.kv.policies import KVPolicy, kv_policy_class, on_kv_policy_registered, registered_kv_policies
 from backends.kv.stream import DocumentStreamer
+from backends.tiny_text import CHECKPOINT_DIR, held_out_token_documents, load_causal_lm
 from envs.budget import Budget
 from envs.registry import register_env
 from envs.reward import RewardConfig, compute_reward
@@ -54,17 +56,11 @@ MAX_TPOT_OVER_BUDGET = 100.0
 @lru_cache(maxsize=2)
 def _load_model(model_path: str | None):
     # Loaded once per process and path: every env instance shares the weights (read-only use).
-    from backends.tiny_text import CHECKPOINT_DIR, load_causal_lm
-    from pathlib import Path
-    return load_causal_lm(Path(model_path) if model_path is not None else CHECKPOINT_DIR)
+    return load_causal_lm(model_path if model_path is not None else CHECKPOINT_DIR)
 
 
-_FITTED_TPOT: dict[int, TpotModel] = {}
-
-
-def _default_documents(tokenizer) -> list[list[int]]:
-    from backends.tiny_text import held_out_token_documents
-    return list(held_out_token_documents(tokenizer).values())
+# Estimated-mode coefficients fitted once per loaded model in this process.
+_FITTED_TPOT: "weakref.WeakKeyDictionary[object, TpotModel]" = weakref.WeakKeyDictionary()
 
 
 class StreamingKVEnv(gym.Env):
@@ -79,8 +75,8 @@ class StreamingKVEnv(gym.Env):
         tpot_model: coefficients for the estimated mode (a :class:`TpotModel` or its dict);
             ``None`` fits one on first use.
         model_path: checkpoint folder of a causal LM; ``None`` = the tiny reference model.
-        model, documents: an already loaded model and token-id documents (tests, custom data);
-            ``documents`` needs ``model`` or a ``vocab_size``-compatible model.
+        model, documents: an already loaded causal LM and its token-id documents (tests, custom
+            data); with a custom ``model`` the ``documents`` are required.
         reward_config: coefficients of the shared reward.
     """
 
@@ -107,7 +103,7 @@ class StreamingKVEnv(gym.Env):
         if model is None:
             model, tokenizer = _load_model(model_path)
             if documents is None:
-                documents = _default_documents(tokenizer)
+                documents = list(held_out_token_documents(tokenizer).values())
         elif documents is None:
             raise ValueError("documents=None with a custom model; accepted: a list of token-id sequences")
         self.model = model
@@ -145,10 +141,9 @@ class StreamingKVEnv(gym.Env):
     def tpot_model(self) -> TpotModel:
         """The estimated-mode latency model (fitted once per process and model when not given)."""
         if self._tpot_model is None:
-            key = id(self.model)
-            if key not in _FITTED_TPOT:
-                _FITTED_TPOT[key] = fit_tpot_model(self.model)
-            self._tpot_model = _FITTED_TPOT[key]
+            if self.model not in _FITTED_TPOT:
+                _FITTED_TPOT[self.model] = fit_tpot_model(self.model)
+            self._tpot_model = _FITTED_TPOT[self.model]
         return self._tpot_model
 
     # --- Gymnasium API ----------------------------------------------------------------------

@@ -223,3 +223,14 @@ def test_spike_metrics_on_a_known_curve():
     assert aligned.shape == (1, 15) and aligned[0, 5] == 3.0
     (against_baseline,) = spike_metrics(nll, [event], baseline_nll=np.full(40, 1.5), before=5, after=10)
     assert against_baseline.peak == pytest.approx(1.5) and against_baseline.width == 2
+
+
+def test_fitted_tpot_model_is_a_valid_linear_model(model):
+    from backends.kv.latency import fit_tpot_model
+
+    fitted = fit_tpot_model(model, lengths=(8, 24), steps=3)
+    assert min(fitted.base_ms, fitted.per_slot_ms, fitted.per_prune_ms) >= 0
+    predicted = fitted.predict([10, 20, 20], [0, 0, 1])
+    assert predicted.shape == (3,) and predicted[0] <= predicted[1] <= predicted[2]
+    with pytest.raises(ValueError, match="lengths=\\(8,\\)"):
+        fit_tpot_model(model, lengths=(8,))

@@ -185,3 +185,12 @@ def test_default_env_uses_the_committed_tiny_model():
     assert isinstance(env.policy_for(env.action_space.sample()), SinkWindow)
     # A trained model predicts held-out text far better than a uniform guess.
     assert info["mean_nll"] < 0.8 * np.log(env.vocab_size) and np.isfinite(reward)
+
+
+def test_estimated_mode_fits_latency_once_per_model(model, documents):
+    first = small_env(model, documents, tpot_model=None)
+    second = small_env(model, documents, tpot_model=None)
+    assert first.tpot_model is second.tpot_model
+    first.reset(seed=0)
+    info = first.step(np.array([0, 0, 0]))[4]
+    assert info["tpot_ms"] == pytest.approx(float(np.mean(first.tpot_model.predict(info["cache_length"], np.zeros(8)))))
