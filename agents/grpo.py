@@ -1,0 +1,411 @@
+"""GRPO for knob envs: a budget-conditioned categorical policy trained from group-relative rewards.
+
+One update (``GRPOAgent.train_step``):
+
+1. draw ``batch_size`` training samples and one budget each (the env's range, or the fixed budget
+   jittered by ``budget_jitter``);
+2. for each (sample, budget) sample a group of ``num_generations`` actions from the current policy
+   at ``temperature``. In ``MultiKnob-v0`` a trajectory is two stages: the tier head reads the
+   stage-1 observation, then top-k and depth heads read the stage-2 observation *of the tier this
+   trajectory chose*; the whole group shares the sample and budget;
+3. score the group with the env's ``evaluate_group`` (one shared stage 1 per tier, same reward as
+   separate episodes);
+4. advantages are group-relative: ``(r - mean_group) / (std_group + 1e-4)``, ``scale_rewards``
+   choosing the std (``group``, ``batch`` or ``none``);
+5. ``num_iterations`` gradient steps on the clipped objective
+   ``-min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon) * A) + beta * KL(pi || pi_ref) - entropy_coef * H``
+   where ``ratio`` is the probability ratio of the whole trajectory (sum of the log-probabilities
+   of the heads its stages used; heads a stage does not use are masked out).
+
+Names and defaults follow TRL's ``GRPOConfig`` (trl 1.16) where the meaning is the same; see
+:class:`GRPOConfig` for the deviations and why.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agents.base import Agent, EnvLayout, EpisodeContext
+from envs.budget import Budget
+
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO hyperparameters.
+
+    Same name, meaning and default as TRL's ``GRPOConfig``: ``num_generations`` (8), ``epsilon``
+    (0.2), ``epsilon_high`` (None = ``epsilon``), ``beta`` (0.0: no KL term; KL to the reference
+    is still measured and logged), ``scale_rewards`` ("group"; True/False accepted as in TRL),
+    ``temperature`` (1.0), ``entropy_coef`` (0.0), ``max_grad_norm`` (1.0), ``sync_ref_model``
+    (False: the reference is the initial policy), ``ref_model_sync_steps`` (512) and
+    ``ref_model_mixup_alpha`` (0.6) (TR-DPO refresh ``ref = alpha * policy + (1 - alpha) * ref``
+    every ``ref_model_sync_steps`` updates; alpha = 1 is a plain copy).
+
+    Same name, different default (why):
+
+    - ``learning_rate`` 3e-3 (TRL 1e-6 fine-tunes a pretrained LLM; this is a freshly initialised
+      MLP of a few thousand weights);
+    - ``num_iterations`` 4 (TRL 1 reuses nothing; here every group costs model runs while a
+      gradient step costs microseconds, so each batch is reused for several clipped steps, which
+      is what ``epsilon`` is for).
+
+    Ours: ``batch_size`` (samples per update, each with its own group), ``total_updates``,
+    ``hidden_sizes`` (policy MLP), ``budget_jitter`` (relative half-width of the budget range
+    drawn around a fixed budget, so the budget feature varies during training), ``seed``.
+
+    Not applicable: ``loss_type`` (a trajectory here is 1-3 categorical choices with one ratio,
+    so there is no length normalisation to choose) and TRL's sampled k3 KL estimate (the exact
+    categorical KL is cheap for these heads, and has no variance).
+    """
+
+    num_generations: int = 8
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    beta: float = 0.0
+    scale_rewards: Any = "group"
+    learning_rate: float = 3e-3
+    num_iterations: int = 4
+    temperature: float = 1.0
+    entropy_coef: float = 0.0
+    max_grad_norm: float = 1.0
+    sync_ref_model: bool = False
+    ref_model_sync_steps: int = 512
+    ref_model_mixup_alpha: float = 0.6
+    batch_size: int = 8
+    total_updates: int = 100
+    hidden_sizes: Sequence[int] = field(default_factory=lambda: (64, 64))
+    budget_jitter: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
+        self.scale_rewards = normalize_scale_rewards(self.scale_rewards)
+        positive_ints = ("num_generations", "num_iterations", "batch_size", "ref_model_sync_steps")
+        for name in positive_ints:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} is invalid; accepted: an integer >= 1")
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations={self.num_generations} is invalid; accepted: >= 2 (a group "
+                             f"needs two actions to compare)")
+        if isinstance(self.total_updates, bool) or not isinstance(self.total_updates, int) or self.total_updates < 0:
+            raise ValueError(f"total_updates={self.total_updates!r} is invalid; accepted: an integer >= 0")
+        for name in ("epsilon", "learning_rate", "temperature"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}={v!r} is invalid; accepted: a finite number > 0")
+        for name in ("beta", "entropy_coef", "max_grad_norm", "budget_jitter"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name}={v!r} is invalid; accepted: a finite number >= 0")
+        if self.budget_jitter >= 1:
+            raise ValueError(f"budget_jitter={self.budget_jitter} is invalid; accepted: 0 <= jitter < 1")
+        if self.epsilon_high is not None and not self.epsilon_high > 0:
+            raise ValueError(f"epsilon_high={self.epsilon_high!r} is invalid; accepted: None or a number > 0")
+        if not 0 < self.ref_model_mixup_alpha <= 1:
+            raise ValueError(f"ref_model_mixup_alpha={self.ref_model_mixup_alpha!r} is invalid; accepted: 0 < a <= 1")
+        if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
+            raise ValueError(f"hidden_sizes={self.hidden_sizes!r} is invalid; accepted: positive layer widths")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GRPOConfig":
+        """Build from a config mapping; unknown keys are an error naming the accepted ones."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown GRPO option(s) {unknown}; accepted: {', '.join(sorted(names))}")
+        return cls(**values)
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["hidden_sizes"] = list(self.hidden_sizes)
+        return out
+
+
+def normalize_scale_rewards(value: Any) -> str:
+    """TRL's accepted forms: True / "group", "batch", False / "none"."""
+    if value is True or value == "group":
+        return "group"
+    if value is False or value == "none":
+        return "none"
+    if value == "batch":
+        return "batch"
+    raise ValueError(f"scale_rewards={value!r} is invalid; accepted: group (or true), batch, none (or false)")
+
+
+def group_advantages(rewards: np.ndarray, scale_rewards: Any = "group", eps: float = 1e-4) -> np.ndarray:
+    """Group-relative advantages of a ``[groups, num_generations]`` reward array.
+
+    ``(r - mean_group) / (std + eps)`` with the std of the group (``group``), of the whole batch
+    (``batch``) or 1 (``none``); std is Bessel-corrected as in TRL. A group whose rewards are all
+    equal carries no signal and gets exactly zero advantage (never NaN).
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    if rewards.ndim != 2 or rewards.shape[1] < 2:
+        raise ValueError(f"rewards of shape {rewards.shape} are invalid; accepted: [groups, generations>=2]")
+    if not np.all(np.isfinite(rewards)):
+        raise ValueError("rewards contain NaN or inf; accepted: finite rewards")
+    mode = normalize_scale_rewards(scale_rewards)
+    centered = rewards - rewards.mean(axis=1, keepdims=True)
+    # Float rounding of the mean can leave ~1e-17 residues in an all-equal group; zero them so
+    # the std division cannot blow them up into a spurious signal.
+    centered[np.ptp(rewards, axis=1) == 0] = 0.0
+    if mode == "group":
+        std = rewards.std(axis=1, ddof=1, keepdims=True)
+    elif mode == "batch":
+        std = np.full_like(rewards[:, :1], rewards.std(ddof=1) if rewards.size > 1 else 0.0)
+    else:
+        return centered
+    return centered / (std + eps)
+
+
+class PolicyNet(nn.Module):
+    """MLP trunk over the observation, one categorical head per action element."""
+
+    def __init__(self, obs_dim: int, nvec: Sequence[int], hidden_sizes: Sequence[int] = (64, 64)):
+        super().__init__()
+        layers, width = [], obs_dim
+        for h in hidden_sizes:
+            layers += [nn.Linear(width, h), nn.Tanh()]
+            width = h
+        self.trunk = nn.Sequential(*layers)
+        self.heads = nn.ModuleList(nn.Linear(width, n) for n in nvec)
+        for head in self.heads:  # near-uniform initial policy: every knob value gets explored
+            nn.init.normal_(head.weight, std=0.01)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, obs: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every head, each ``[..., n_head]``."""
+        z = self.trunk(obs)
+        return [head(z) for head in self.heads]
+
+
+@dataclass
+class Rollout:
+    """One update's groups. ``obs`` is ``[N, stages, obs_dim]`` (zeros for stages a trajectory
+    never saw), ``actions`` ``[N, heads]``; rows ``g * G .. (g + 1) * G`` are group ``g``."""
+
+    obs: torch.Tensor
+    actions: torch.Tensor
+    old_logp: torch.Tensor
+    advantages: torch.Tensor
+    rewards: np.ndarray
+    infos: list
+    num_generations: int
+
+
+class GRPOAgent(Agent):
+    """The GRPO controller: sampling groups, the clipped update, acting greedily at evaluation."""
+
+    name = "grpo"
+
+    def __init__(self, obs_dim: int, nvec: Sequence[int], stage_heads: Sequence[Sequence[int]],
+                 config: GRPOConfig | None = None):
+        self.config = config or GRPOConfig()
+        self.obs_dim, self.nvec = int(obs_dim), [int(n) for n in nvec]
+        self.stage_heads = [list(h) for h in stage_heads]
+        # head -> the stage whose observation it reads (the mask of which heads each stage uses)
+        self.head_stage = torch.empty(len(self.nvec), dtype=torch.long)
+        for stage, heads in enumerate(self.stage_heads):
+            self.head_stage[heads] = stage
+        torch.manual_seed(self.config.seed)
+        self.policy = PolicyNet(self.obs_dim, self.nvec, self.config.hidden_sizes)
+        self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.config.learning_rate)
+        self.rng = np.random.default_rng(self.config.seed)
+        self.torch_rng = torch.Generator().manual_seed(self.config.seed)
+        self.step = 0
+
+    @classmethod
+    def from_env(cls, env: gym.Env, config: GRPOConfig | dict | None = None, **options: Any) -> "GRPOAgent":
+        if isinstance(config, dict):
+            config = GRPOConfig.from_dict(config)
+        elif config is None:
+            config = GRPOConfig.from_dict(options)
+        layout = EnvLayout(env)
+        return cls(layout.obs_dim, layout.nvec, layout.stage_heads, config)
+
+    # ------------------------------------------------------------------------------- acting
+    def _log_probs(self, net: nn.Module, obs: torch.Tensor) -> list[torch.Tensor]:
+        """Temperature-scaled log-probabilities of every head at every stage: ``[N, stages, n_head]``."""
+        return [F.log_softmax(logits / self.config.temperature, dim=-1) for logits in net(obs)]
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, context: EpisodeContext | None = None) -> np.ndarray:
+        """Greedy (argmax) action of every head on this observation; the env reads the heads of its stage."""
+        logits = self.policy(torch.as_tensor(np.asarray(obs, dtype=np.float32)))
+        return np.array([int(torch.argmax(x)) for x in logits], dtype=np.int64)
+
+    def _sample_heads(self, obs: np.ndarray, heads: Sequence[int], n: int) -> np.ndarray:
+        """``n`` samples of each head in ``heads`` from the policy at one observation: ``[n, len(heads)]``."""
+        with torch.no_grad():
+            logp = self._log_probs(self.policy, torch.as_tensor(obs, dtype=torch.float32))
+        out = [torch.multinomial(logp[h].exp(), n, replacement=True, generator=self.torch_rng) for h in heads]
+        return torch.stack(out, dim=1).numpy()
+
+    # ------------------------------------------------------------------------------- rollouts
+    def sample_budget(self, budget: Budget) -> float:
+        """A training budget: uniform in the env's range, or within ``budget_jitter`` of a fixed budget."""
+        low, high = budget.low_ms, budget.high_ms
+        if not budget.is_range:
+            low, high = low * (1 - self.config.budget_jitter), high * (1 + self.config.budget_jitter)
+        return float(self.rng.uniform(low, high)) if high > low else float(low)
+
+    def collect(self, layout: EnvLayout, sample_ids: Sequence[int], budgets_ms: Sequence[float],
+                split: str = "train") -> Rollout:
+        """Sample and score one group per (sample, budget); advantages are group-relative."""
+        G, S = self.config.num_generations, len(self.stage_heads)
+        all_obs, all_actions, all_rewards, all_infos = [], [], [], []
+        for sample_id, budget_ms in zip(sample_ids, budgets_ms):
+            obs = np.zeros((G, S, self.obs_dim), dtype=np.float32)
+            actions = np.zeros((G, len(self.nvec)), dtype=np.int64)
+            obs[:, 0] = layout.observation(sample_id, budget_ms, split, 0)
+            actions[:, self.stage_heads[0]] = self._sample_heads(obs[0, 0], self.stage_heads[0], G)
+            for stage in range(1, S):
+                # Each distinct earlier choice (the tier) leads to its own stage observation.
+                earlier = actions[:, [h for s in range(stage) for h in self.stage_heads[s]]]
+                for prefix in np.unique(earlier, axis=0):
+                    rows = np.flatnonzero((earlier == prefix).all(axis=1))
+                    stage_obs = layout.observation(sample_id, budget_ms, split, stage, actions[rows[0]])
+                    obs[rows, stage] = stage_obs
+                    actions[np.ix_(rows, self.stage_heads[stage])] = self._sample_heads(
+                        stage_obs, self.stage_heads[stage], len(rows))
+            rewards, infos = layout.evaluate(sample_id, budget_ms, actions, split)
+            for info, r in zip(infos, rewards):
+                info["reward"] = float(r)
+            all_obs.append(obs)
+            all_actions.append(actions)
+            all_rewards.append(rewards)
+            all_infos += infos
+        rewards = np.stack(all_rewards)
+        obs_t = torch.as_tensor(np.concatenate(all_obs))
+        actions_t = torch.as_tensor(np.concatenate(all_actions))
+        with torch.no_grad():
+            old_logp = self.trajectory_log_prob(self.policy, obs_t, actions_t)
+        advantages = torch.as_tensor(group_advantages(rewards, self.config.scale_rewards).reshape(-1),
+                                     dtype=torch.float32)
+        return Rollout(obs_t, actions_t, old_logp, advantages, rewards, all_infos, G)
+
+    # ------------------------------------------------------------------------------- loss
+    def _stage_log_probs(self, net: nn.Module, obs: torch.Tensor) -> list[torch.Tensor]:
+        """Log-probabilities of each head at the observation of the stage that uses it: ``[N, n_head]``."""
+        logp = self._log_probs(net, obs)  # each [N, stages, n_head]
+        return [lp[:, int(self.head_stage[h])] for h, lp in enumerate(logp)]
+
+    def trajectory_log_prob(self, net: nn.Module, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """Sum over heads of log pi(action_head | observation of the head's stage): ``[N]``."""
+        per_head = self._stage_log_probs(net, obs)
+        return sum(lp.gather(1, actions[:, h: h + 1]).squeeze(1) for h, lp in enumerate(per_head))
+
+    def loss(self, rollout: Rollout) -> tuple[torch.Tensor, dict]:
+        """The clipped GRPO objective (to minimise) and its statistics."""
+        cfg = self.config
+        per_head = self._stage_log_probs(self.policy, rollout.obs)
+        logp = sum(lp.gather(1, rollout.actions[:, h: h + 1]).squeeze(1) for h, lp in enumerate(per_head))
+        ratio = torch.exp(logp - rollout.old_logp)
+        eps_low, eps_high = cfg.epsilon, cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
+        adv = rollout.advantages
+        clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+        policy_loss = -torch.min(ratio * adv, clipped_ratio * adv).mean()
+        with torch.no_grad():
+            ref_per_head = self._stage_log_probs(self.ref_policy, rollout.obs)
+        # Exact KL(pi || pi_ref) and entropy of every head at its stage's observation, summed over heads.
+        kl = sum((lp.exp() * (lp - ref)).sum(-1) for lp, ref in zip(per_head, ref_per_head)).mean()
+        entropy = sum(-(lp.exp() * lp).sum(-1) for lp in per_head).mean()
+        loss = policy_loss + cfg.beta * kl - cfg.entropy_coef * entropy
+        is_clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
+        stats = {"loss": float(loss.detach()), "policy_loss": float(policy_loss.detach()), "kl": float(kl.detach()),
+                 "entropy": float(entropy.detach()), "clip_fraction": float(is_clipped.float().mean())}
+        return loss, stats
+
+    def update(self, rollout: Rollout) -> dict:
+        """``num_iterations`` clipped gradient steps on one rollout; returns the last step's statistics."""
+        stats = {}
+        for _ in range(self.config.num_iterations):
+            loss, stats = self.loss(rollout)
+            self.optimizer.zero_grad()
+            loss.backward()
+            if self.config.max_grad_norm > 0:
+                stats["grad_norm"] = float(nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm))
+            self.optimizer.step()
+        self.step += 1
+        if self.config.sync_ref_model and self.step % self.config.ref_model_sync_steps == 0:
+            alpha = self.config.ref_model_mixup_alpha
+            with torch.no_grad():
+                for ref, cur in zip(self.ref_policy.parameters(), self.policy.parameters()):
+                    ref.mul_(1 - alpha).add_(cur, alpha=alpha)
+        return stats
+
+    def train_step(self, layout: EnvLayout, budget: Budget, split: str = "train",
+                   sample_pool: int | None = None) -> tuple[Rollout, dict]:
+        """One GRPO update: draw samples and budgets, collect groups, update; returns rollout and stats."""
+        start = time.perf_counter()
+        n_samples = len(layout.base.backend.samples(split))
+        pool = n_samples if sample_pool is None else min(int(sample_pool), n_samples)
+        sample_ids = self.rng.integers(pool, size=self.config.batch_size)
+        budgets = [self.sample_budget(budget) for _ in sample_ids]
+        rollout = self.collect(layout, sample_ids.tolist(), budgets, split)
+        stats = self.update(rollout)
+        stats["samples_per_second"] = len(rollout.infos) / max(1e-9, time.perf_counter() - start)
+        return rollout, stats
+
+    # ------------------------------------------------------------------------------- state
+    def freeze(self) -> "GRPOAgent":
+        """Evaluation mode with gradients off (a frozen policy)."""
+        self.policy.eval().requires_grad_(False)
+        return self
+
+    def state_dict(self) -> dict:
+        return {
+            "config": self.config.as_dict(), "obs_dim": self.obs_dim, "nvec": self.nvec,
+            "stage_heads": self.stage_heads, "step": self.step,
+            "policy": self.policy.state_dict(), "ref_policy": self.ref_policy.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"numpy": self.rng.bit_generator.state, "torch_sampling": self.torch_rng.get_state(),
+                    "torch_global": torch.get_rng_state(), "python": random.getstate()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["obs_dim"] != self.obs_dim or list(state["nvec"]) != self.nvec:
+            raise ValueError(f"checkpoint policy has observation size {state['obs_dim']} and action heads "
+                             f"{list(state['nvec'])}; this env has {self.obs_dim} and {self.nvec}")
+        self.policy.load_state_dict(state["policy"])
+        self.ref_policy.load_state_dict(state["ref_policy"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.rng.bit_generator.state = state["rng"]["numpy"]
+        self.torch_rng.set_state(state["rng"]["torch_sampling"])
+        torch.set_rng_state(state["rng"]["torch_global"])
+        random.setstate(state["rng"]["python"])
+
+    @classmethod
+    def from_state(cls, state: dict) -> "GRPOAgent":
+        """Rebuild an agent (config, shapes, weights, optimizer, RNGs) from :meth:`state_dict`."""
+        agent = cls(state["obs_dim"], state["nvec"], state["stage_heads"], GRPOConfig.from_dict(state["config"]))
+        agent.load_state_dict(state)
+        return agent
+
+    @classmethod
+    def load(cls, path, env: gym.Env) -> "GRPOAgent":
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        state = payload.get("state", payload.get("agent_state"))
+        if payload.get("agent") != cls.name or state is None:
+            raise ValueError(f"{str(path)!r} holds no grpo agent (agent={payload.get('agent')!r})")
+        layout = EnvLayout(env)
+        if state["obs_dim"] != layout.obs_dim or list(state["nvec"]) != layout.nvec:
+            raise ValueError(f"checkpoint {str(path)!r} has observation size {state['obs_dim']} and action heads "
+                             f"{list(state['nvec'])}; this env has {layout.obs_dim} and {layout.nvec}")
+        return cls.from_state(state)
