@@ -8,7 +8,7 @@ token-weighted over all documents):
 2. ``compress_every`` sweep of ``SinkWindow(4, W)``: at a fixed window (the cache grows to
    ``W + R`` between prunes) and at a fixed peak cache (``window = M - R``, same KV memory).
 
-Usage: ``python -m bench.kv_policies [--tokens 512] [--windows 64 128] [--repeats 3]``.
+Usage: ``python -m bench.kv_policies [--tokens 512] [--windows 64 128] [--repeats 1]``.
 Runs on one CPU thread (token-by-token decoding of a tiny model is overhead-bound).
 """
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", type=int, nargs=2, default=[64, 128])
     parser.add_argument("--compress-every", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--peak-cache", type=int, default=128, help="fixed peak cache M of the second sweep")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per document (median per token)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed passes per document (median per token)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.tokens < 2:
         raise ValueError(f"--repeats={args.repeats} / --tokens={args.tokens} invalid; accepted: >= 1 / >= 2")

@@ -234,3 +234,14 @@ def test_fitted_tpot_model_is_a_valid_linear_model(model):
     assert predicted.shape == (3,) and predicted[0] <= predicted[1] <= predicted[2]
     with pytest.raises(ValueError, match="lengths=\\(8,\\)"):
         fit_tpot_model(model, lengths=(8,))
+
+
+def test_apply_kv_policy_restores_the_model_and_empties_the_cache(model, document):
+    model.train()
+    with apply_kv_policy(model, SinkWindow(2, 8)) as cache:
+        assert not model.training
+        with torch.no_grad():
+            model(document[None, :20], past_key_values=cache, use_cache=True)
+        assert cache.cache_length == 8 and cache.prune_events
+    assert model.training and cache.cache_length == 0 and cache.prune_events == [] and cache.seen_tokens == 0
+    model.eval()
