@@ -249,7 +249,9 @@ class HFBackend:
         return getattr(self.model.config, "text_config", self.model.config)
 
     def _eos_token_ids(self) -> set[int]:
-        ids = getattr(self.model.generation_config, "eos_token_id", None) or self.tokenizer.eos_token_id
+        ids = getattr(self.model.generation_config, "eos_token_id", None)
+        if ids is None:  # not `or`: 0 is a real EOS id (GPT-NeoX / Pythia)
+            ids = self.tokenizer.eos_token_id
         ids = ids if isinstance(ids, (list, tuple)) else [ids]
         return {int(i) for i in ids if i is not None}
 
