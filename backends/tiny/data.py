@@ -249,7 +249,7 @@ def per_type_accuracy(samples: Sequence[Sample], scores: Sequence[float]) -> dic
 def vocabulary() -> list[str]:
     """Every word the generator can put in a question or an answer (for the word-level tokenizer)."""
     words = {"what", "color", "is", "the", "shape", "object", "how", "many", "are", "there", "left", "of",
-             "largest", "shapes", "answer", "?", ":", "a"}
+             "largest", "shapes", "objects", "answer", "?", ":", "a"}
     words.update(_ANSWER_WORDS)
     words.update(f"{s}s" for s in SHAPES)
     return sorted(words)

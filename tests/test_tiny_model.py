@@ -1,0 +1,101 @@
+"""The tiny reference model: builders, input format, the committed checkpoint, knobs, smoke training."""
+
+import json
+
+import pytest
+import torch
+
+from backends.knobs import KnobConfig, apply_knobs
+from backends.tiny import CHECKPOINT_DIR, generate_split, score_answer
+from backends.tiny.evaluate import accuracy_table, knob_sweep, load_checkpoint
+from backends.tiny.model import (IMAGE, TinyShape, answer_ids, build_image_processor, build_model, build_tokenizer,
+                                 pixel_values, prompt_ids)
+from backends.tiny.train import main as train_main
+
+FIXED_TEST_IDS = tuple(range(12))
+"""Test-split samples the shipped checkpoint is checked on at the full configuration."""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(monkeypatch_module):
+    monkeypatch_module.setenv("HF_HUB_OFFLINE", "1")
+    return load_checkpoint(CHECKPOINT_DIR)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def _generate(model, tokenizer, space, sample, knobs):
+    ids = torch.tensor([prompt_ids(tokenizer, sample.question, space.vision_tokens(knobs))])
+    with torch.no_grad(), apply_knobs(model, knobs, space):
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             pixel_values=pixel_values([sample.image]), do_sample=False, max_new_tokens=5)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_tokenizer_covers_the_task_and_expands_the_image_token():
+    tok = build_tokenizer()
+    for s in generate_split("train", 300):
+        ids = prompt_ids(tok, s.question, 3) + answer_ids(tok, s.reference)
+        assert tok.unk_token_id not in ids
+    ids = prompt_ids(tok, "how many circles are there?", 9)
+    assert ids[0] == tok.bos_token_id
+    assert ids.count(tok.convert_tokens_to_ids(IMAGE)) == 9
+    assert tok.decode(answer_ids(tok, "circle square"), skip_special_tokens=True) == "circle square"
+    with pytest.raises(ValueError):
+        prompt_ids(tok, "what shape is the red object?", 0)
+
+
+def test_image_processor_matches_the_training_fast_path():
+    images = [s.image for s in generate_split("test", 3)]
+    processed = build_image_processor()(images=images, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(processed, pixel_values(images))
+
+
+def test_knob_metadata_round_trips_through_save_pretrained(tmp_path):
+    tok = build_tokenizer()
+    shape = TinyShape(hidden_size=16, expert_size=16, num_layers=4, num_experts=4, top_k=2, top_ks=(1, 2),
+                      depths=(3, 4), vision_hidden=16, vision_layers=1)
+    model = build_model(tok, shape)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["knobgym"]
+    assert saved["tiers"] == {"low": 4, "medium": 9, "high": 36}
+    assert saved["top_ks"] == [1, 2] and saved["depths"] == [3, 4] and "{question}" in saved["prompt_template"]
+    with pytest.raises(ValueError):
+        TinyShape(tiers=(("low", 5),))
+
+
+def test_checkpoint_loads_offline_and_answers_fixed_questions(checkpoint):
+    model, tokenizer, space = checkpoint
+    assert space.tier_names == ("low", "medium", "high")
+    assert space.full() == KnobConfig(tier="high", token_budget=1.0, top_k=8, depth=16)
+    assert space.num_layers == 16 and space.num_experts == 16 and space.full_top_k == 8
+    test = generate_split("test", max(FIXED_TEST_IDS) + 1)
+    answers = {i: _generate(model, tokenizer, space, test[i], space.full()) for i in FIXED_TEST_IDS}
+    wrong = {i: (test[i].question, test[i].reference, a) for i, a in answers.items()
+             if not score_answer(a, test[i].reference)}
+    assert len(wrong) <= 2, f"wrong answers at the full configuration: {wrong}"
+
+
+def test_every_knob_value_runs_and_answers(checkpoint):
+    model, tokenizer, space = checkpoint
+    sample = generate_split("test", 1)[0]
+    for _, knobs in knob_sweep(space):
+        assert _generate(model, tokenizer, space, sample, knobs).strip(), f"empty answer under {knobs}"
+
+
+def test_accuracy_table_runs_on_a_few_samples(checkpoint):
+    model, tokenizer, space = checkpoint
+    table = accuracy_table(model, tokenizer, space, n_test=6, n_train_baseline=200)
+    assert "| full |" in table and "| cheapest |" in table and "| depth=12 |" in table
+
+
+def test_smoke_training_writes_a_loadable_checkpoint(tmp_path):
+    out = tmp_path / "ckpt"
+    train_main(["--smoke", "--out", str(out)])
+    model, tokenizer, space = load_checkpoint(out)
+    assert json.loads((out / "training_state.json").read_text())["history"]
+    assert space.tiers == {"low": 4, "medium": 9, "high": 36}
