@@ -191,7 +191,7 @@ class HFBackend:
             cache = DynamicCache(config=self._text_config)
             position_ids = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
             hidden = self._run_blocks(embeds, 0, 1, cache, position_ids)
-        pooled = hidden[0].float().mean(dim=0)
+        pooled = hidden[0].float().mean(dim=0).cpu()  # the projection lives on the CPU, like the summary
         summary = (pooled / (pooled.norm() + 1e-6)) @ self._summary_proj
         counts = TokenCounts(prompt_tokens=int(ids.shape[1] - n_vision), vision_tokens_full=n_full,
                              vision_tokens=n_vision)

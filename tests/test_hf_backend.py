@@ -73,8 +73,9 @@ def hf_generate(backend: HFBackend, sample: Sample, knobs: KnobConfig) -> list[i
         k = backend.knob_space.vision_tokens(knobs)
         image_id = backend.parts.image_token_id
         ids = [t for i in ids for t in ([image_id] * k if i == image_id else [i])]
-        inputs = dict(backend.image_processor(images=[sample.image], return_tensors="pt"))
-    ids = torch.tensor([ids])
+        inputs = {key: value.to(backend.device)
+                  for key, value in backend.image_processor(images=[sample.image], return_tensors="pt").items()}
+    ids = torch.tensor([ids], device=backend.device)
     with apply_knobs(backend.model, knobs, backend.knob_space):
         out = backend.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs,
                                      max_new_tokens=gen.max_new_tokens, min_new_tokens=gen.min_new_tokens,
