@@ -12,6 +12,7 @@ import contextlib
 import functools
 import itertools
 import math
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Iterator
 
@@ -43,6 +44,16 @@ class KnobConfig:
     token_budget: float = 1.0
     top_k: int | None = None
     depth: int | None = None
+
+    def __post_init__(self) -> None:
+        # numpy scalars from action arrays become plain Python numbers (hashable, JSON-friendly);
+        # anything else is left for KnobSpace.validate to reject with a clear message.
+        for name in ("top_k", "depth"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                object.__setattr__(self, name, int(value))
+        if isinstance(self.token_budget, numbers.Real) and not isinstance(self.token_budget, bool):
+            object.__setattr__(self, "token_budget", float(self.token_budget))
 
     def replace(self, **changes) -> "KnobConfig":
         return replace(self, **changes)
