@@ -1,0 +1,111 @@
+"""Evaluate a frozen checkpoint of a run against the baselines at several budgets.
+
+    python evaluate.py run=runs/MultiKnob-v0/grpo/<timestamp> budgets=[80ms,120ms,200ms]
+    python evaluate.py run=runs/... checkpoint=latest num_samples=200
+
+The model weights and the policy are both frozen (no update, no refit of the trained agent). The
+env, backend and estimator come from the run's config; a checkpoint of another env, or with
+another observation shape, is an error. Writes ``<run>/eval-<budgets>/`` (or ``out=``):
+``report.md`` (the table), ``report.json`` and ``pareto.png`` (score versus p50 latency, one
+marker per agent per budget).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from agents.runs import (CHECKPOINT_NAMES, UsageError, check_checkpoint_matches, check_overrides, eval_budgets, fail,
+                         fit_agent, load_checkpoint, make_env, to_jsonable)
+
+
+def load_trained_agent(ckpt: dict, run_dir: Path, env):
+    """The run's agent, frozen: GRPO from the checkpoint's policy, others from ``checkpoints/agent.pt``."""
+    from agents import load_agent
+    from agents.grpo import GRPOAgent
+
+    if ckpt["agent"] == "grpo":
+        return GRPOAgent.from_state(ckpt["state"]).freeze()
+    return load_agent(ckpt["agent"], run_dir / "checkpoints" / ckpt["state"]["path"], env)
+
+
+def run_evaluation(cfg: DictConfig) -> Path:
+    import torch
+
+    from agents import check_agent_name, eval_sample_ids, load_agent
+    from agents.report import compare_agents, markdown_table, write_report
+
+    run_dir = Path(str(cfg.run))
+    if cfg.checkpoint not in CHECKPOINT_NAMES:
+        raise UsageError(f"checkpoint={cfg.checkpoint!r} is invalid; accepted: {', '.join(CHECKPOINT_NAMES)}")
+    ckpt_path = run_dir / "checkpoints" / f"{cfg.checkpoint}.pt"
+    if not ckpt_path.exists():
+        raise UsageError(f"run={str(run_dir)!r} has no checkpoints/{cfg.checkpoint}.pt; accepted: a run folder "
+                         f"written by train.py (runs/<env>/<agent>/<timestamp>)")
+    torch.set_num_threads(int(cfg.torch_threads))
+    ckpt = load_checkpoint(ckpt_path)
+    run_cfg = OmegaConf.create(ckpt["config"])
+    env_cfg = OmegaConf.to_container(run_cfg.env, resolve=True)
+    if cfg.env_id is not None:
+        env_cfg = {**env_cfg, "id": str(cfg.env_id)}
+    estimator = cfg.estimator if cfg.estimator is not None else run_cfg.get("estimator")
+    start = time.perf_counter()
+    env, notes = make_env(env_cfg, OmegaConf.to_container(run_cfg.backend, resolve=True), run_cfg.budget, estimator)
+    check_checkpoint_matches(ckpt, env, ckpt_path)
+    budgets_ms = eval_budgets(run_cfg.budget, list(cfg.budgets) if cfg.budgets is not None else None)
+
+    name = ckpt["agent"]
+    compared = {name: load_trained_agent(ckpt, run_dir, env)}
+    baselines = list(cfg.baselines) if cfg.baselines is not None else list(run_cfg.eval.baselines)
+    for baseline in baselines:
+        check_agent_name(baseline)
+        if baseline == name:
+            continue
+        saved = run_dir / "baselines" / f"{baseline}.pt"
+        if saved.exists() and baseline != "static":  # static is re-calibrated for these budgets
+            compared[baseline] = load_agent(baseline, saved, env)
+            continue
+        node = run_cfg.baselines.get(baseline) if "baselines" in run_cfg else None
+        options = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+        if baseline in ("random", "bandit", "ppo"):
+            options.setdefault("seed", int(run_cfg.seed))
+        compared[baseline], _ = fit_agent(baseline, options, env, run_cfg, budgets_ms)
+    num_samples = cfg.num_samples if cfg.num_samples is not None else run_cfg.eval.num_samples
+    test_ids = eval_sample_ids(env, cfg.split, num_samples)
+    rows = compare_agents(env, compared, budgets_ms, test_ids, cfg.split, progress=True)
+
+    out_dir = Path(str(cfg.out)) if cfg.out is not None else run_dir / ("eval-" + "-".join(f"{b:g}" for b in budgets_ms) + "ms")
+    meta = {"title": f"{env_cfg['id']} / {name} (frozen {cfg.checkpoint}) / {cfg.split} split", "env": env_cfg["id"],
+            "agent": name, "split": cfg.split, "samples": len(test_ids), "checkpoint": str(ckpt_path),
+            "checkpoint_step": ckpt.get("step"), "backend": env.unwrapped.backend.identity(),
+            "budgets_ms": budgets_ms, "seconds": round(time.perf_counter() - start, 1), "notes": notes}
+    write_report(out_dir, to_jsonable(rows), meta, main_agent=name)
+    print(markdown_table(rows))
+    print(f"wrote {out_dir / 'report.md'}, {out_dir / 'report.json'}, {out_dir / 'pareto.png'}", file=sys.stderr)
+    return out_dir
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        run_evaluation(cfg)
+    except ValueError as exc:
+        fail(str(exc))
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors for bad overrides before Hydra composes the config."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        check_overrides(argv, "evaluate")
+    except ValueError as exc:
+        fail(str(exc))
+    main()
+
+
+if __name__ == "__main__":
+    cli()
