@@ -93,7 +93,8 @@ class AnalyticModel:
 def _trees(seed: int) -> GradientBoostingRegressor:
     # Small profiles (a few hundred rows): shallow trees, shrinkage and Huber loss so that one
     # point hit by a burst of load from other processes does not bend the fit.
-    return GradientBoostingRegressor(loss="huber", n_estimators=200, max_depth=3, learning_rate=0.05,
+    # 100 trees keep a 10,000-row predict well under 50 ms on one CPU core.
+    return GradientBoostingRegressor(loss="huber", n_estimators=100, max_depth=3, learning_rate=0.1,
                                      subsample=0.8, min_samples_leaf=3, random_state=seed)
 
 
