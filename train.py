@@ -23,11 +23,10 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from envs.budget import Budget
-
 from agents.runs import (GROUPS, UsageError, check_overrides, discard_failed_run_dir, eval_budgets, fail, fit_agent,
                          is_resume, load_checkpoint, make_env, register_resolvers, save_checkpoint, to_jsonable,
                          versions)
+from envs.budget import Budget
 
 log = logging.getLogger("train")
 register_resolvers()
@@ -100,7 +99,6 @@ def train_grpo(cfg: DictConfig, env, run_dir: Path, writer, resume_ckpt: dict | 
 
     from agents import EnvLayout, eval_sample_ids, evaluate_agent
     from agents.grpo import GRPOAgent, GRPOConfig
-    from envs.budget import Budget
 
     layout = EnvLayout(env)
     config_dict = OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,242 @@
+"""Agents: GRPO advantages, loss and two-stage log-probabilities; every baseline on real envs.
+
+The envs run a randomly initialised tiny model (built in code) with short answers and an
+analytic stand-in for the latency estimator, so every test exercises the real env and backend
+code paths in seconds.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import agents
+import envs  # noqa: F401  (registers the env ids)
+from agents.base import EnvLayout, EpisodeContext, evaluate_agent, run_episode
+from agents.grpo import GRPOAgent, GRPOConfig, Rollout, group_advantages
+from envs.budget import Budget
+
+BUDGET = "80ms"
+
+
+class AnalyticEstimator:
+    """Latency grows with vision tokens, top-k x depth and generated tokens (a stand-in estimator)."""
+
+    def predict(self, knobs, counts):
+        return np.array([20 + 0.5 * c.vision_tokens + (k.top_k or 8) * (k.depth or 16) * 0.4 + 8 * c.new_tokens
+                         for k, c in zip(knobs, counts)], dtype=np.float64)
+
+    def predict_stage1(self, tiers, counts):
+        return np.array([5 + 0.2 * c.vision_tokens for c in counts], dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def backend(tmp_path_factory):
+    from backends.tiny.backend import load_tiny_backend
+    from backends.tiny.model import build_image_processor, build_model, build_tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_random")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    build_image_processor().save_pretrained(path)
+    return load_tiny_backend(str(path), generation={"max_new_tokens": 2})
+
+
+def _make(backend, env_id: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a budget that does not bind the random model is fine here
+        return gym.make(env_id, backend=backend, budget=BUDGET, estimator=AnalyticEstimator())
+
+
+@pytest.fixture(scope="module")
+def multiknob(backend):
+    return _make(backend, "MultiKnob-v0")
+
+
+@pytest.fixture(scope="module")
+def token_budget(backend):
+    return _make(backend, "TokenBudget-v0")
+
+
+# --------------------------------------------------------------------------------------------- advantages
+def test_advantages_are_zero_mean_per_group():
+    rewards = np.random.default_rng(0).normal(size=(5, 8))
+    for mode in ("group", "batch", "none"):
+        adv = group_advantages(rewards, mode)
+        np.testing.assert_allclose(adv.mean(axis=1), 0.0, atol=1e-12)
+    adv = group_advantages(rewards, "group")
+    np.testing.assert_allclose(adv.std(axis=1, ddof=1), rewards.std(axis=1, ddof=1)
+                               / (rewards.std(axis=1, ddof=1) + 1e-4), rtol=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["group", "batch", "none", True, False])
+def test_equal_rewards_give_zero_advantage_and_no_nan(mode):
+    rewards = np.array([[0.1] * 8, [0.3, 0.7, 0.1, 0.1, 0.9, 0.2, 0.4, 0.5]])
+    adv = group_advantages(rewards, mode)
+    assert np.all(np.isfinite(adv))
+    assert np.all(adv[0] == 0.0)
+    assert np.any(adv[1] != 0.0)
+
+
+def test_advantages_reject_bad_input():
+    with pytest.raises(ValueError, match="scale_rewards='std'"):
+        group_advantages(np.zeros((2, 4)), "std")
+    with pytest.raises(ValueError, match="generations>=2"):
+        group_advantages(np.zeros((2, 1)))
+    with pytest.raises(ValueError, match="NaN"):
+        group_advantages(np.array([[0.0, np.nan]]))
+
+
+# --------------------------------------------------------------------------------------------- GRPO
+def test_grpo_config_uses_trl_names_and_validates():
+    cfg = GRPOConfig()
+    assert (cfg.num_generations, cfg.epsilon, cfg.beta, cfg.scale_rewards, cfg.temperature) == (8, 0.2, 0.0, "group", 1.0)
+    assert GRPOConfig(scale_rewards=False).scale_rewards == "none"
+    with pytest.raises(ValueError, match="num_generations=1"):
+        GRPOConfig(num_generations=1)
+    with pytest.raises(ValueError, match="epsilon=-0.1"):
+        GRPOConfig(epsilon=-0.1)
+    with pytest.raises(ValueError, match=r"unknown GRPO option\(s\) \['lr'\]"):
+        GRPOConfig.from_dict({"lr": 0.1})
+
+
+def _synthetic_rollout(agent: GRPOAgent, groups: int = 4, seed: int = 0) -> Rollout:
+    gen = torch.Generator().manual_seed(seed)
+    G = agent.config.num_generations
+    obs = torch.randn(groups * G, len(agent.stage_heads), agent.obs_dim, generator=gen)
+    actions = torch.stack([torch.randint(n, (groups * G,), generator=gen) for n in agent.nvec], dim=1)
+    rewards = torch.rand(groups, G, generator=gen).numpy()
+    with torch.no_grad():
+        old_logp = agent.trajectory_log_prob(agent.policy, obs, actions)
+    adv = torch.as_tensor(group_advantages(rewards).reshape(-1), dtype=torch.float32)
+    return Rollout(obs, actions, old_logp, adv, rewards, [], G)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_grpo_update_decreases_the_loss_on_a_fixed_batch(beta):
+    agent = GRPOAgent(obs_dim=6, nvec=[3, 5, 5], stage_heads=[[0], [1, 2]],
+                      config=GRPOConfig(num_generations=4, num_iterations=5, beta=beta, learning_rate=1e-2))
+    rollout = _synthetic_rollout(agent)
+    before, stats = agent.loss(rollout)
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-7) and stats["clip_fraction"] == 0.0
+    agent.update(rollout)
+    after, stats = agent.loss(rollout)
+    assert float(after.detach()) < float(before.detach())
+    assert stats["kl"] > 0 and np.isfinite(stats["entropy"]) and agent.step == 1
+
+
+def test_trajectory_log_prob_reads_each_head_at_its_stage():
+    """Stage-2 heads never see the stage-1 observation and vice versa (the masking of unused heads)."""
+    agent = GRPOAgent(obs_dim=6, nvec=[3, 5, 5], stage_heads=[[0], [1, 2]], config=GRPOConfig(num_generations=2))
+    rollout = _synthetic_rollout(agent, groups=2)
+    heads = agent._stage_log_probs(agent.policy, rollout.obs)
+    changed_stage2 = rollout.obs.clone()
+    changed_stage2[:, 1] += 5.0
+    heads2 = agent._stage_log_probs(agent.policy, changed_stage2)
+    assert torch.equal(heads[0], heads2[0]) and not torch.equal(heads[1], heads2[1])
+    total = agent.trajectory_log_prob(agent.policy, rollout.obs, rollout.actions)
+    by_hand = sum(heads[h].gather(1, rollout.actions[:, h:h + 1]).squeeze(1) for h in range(3))
+    torch.testing.assert_close(total, by_hand)
+
+
+def test_grpo_collects_two_stage_groups_on_multiknob(multiknob):
+    agent = agents.make_agent("grpo", multiknob, config={"num_generations": 4, "batch_size": 2})
+    layout = EnvLayout(multiknob)
+    assert layout.stage_heads == [[0], [1, 2]]
+    rollout = agent.collect(layout, [3, 5], [70.0, 90.0], "train")
+    assert rollout.obs.shape == (8, 2, multiknob.observation_space.shape[0]) and rollout.rewards.shape == (2, 4)
+    for g, (sample_id, budget_ms) in enumerate([(3, 70.0), (5, 90.0)]):
+        rows = range(4 * g, 4 * g + 4)
+        assert {rollout.infos[i]["sample_id"] for i in rows} == {sample_id}
+        assert {rollout.infos[i]["budget_ms"] for i in rows} == {budget_ms}
+        for i in rows:  # each trajectory's stage-2 observation is the one of the tier it chose
+            tier = int(rollout.actions[i, 0])
+            expected = multiknob.unwrapped.stage2_observation(sample_id, budget_ms, tier, "train")
+            np.testing.assert_array_equal(rollout.obs[i, 1].numpy(), expected)
+            assert rollout.infos[i]["knobs"]["tier"] == multiknob.unwrapped.space.tier_names[tier]
+    rollout2, stats = agent.train_step(layout, Budget.parse(BUDGET))
+    assert agent.step == 1 and {"loss", "kl", "entropy", "clip_fraction", "samples_per_second"} <= set(stats)
+
+
+def test_grpo_checkpoint_round_trip_restores_policy_and_rngs(multiknob, tmp_path):
+    agent = agents.make_agent("grpo", multiknob, config={"num_generations": 2, "batch_size": 1, "seed": 3})
+    agent.update(_synthetic_rollout(agent, groups=1))
+    agent.save(tmp_path / "grpo.pt")
+    loaded = agents.load_agent("grpo", tmp_path / "grpo.pt", multiknob)
+    obs = multiknob.unwrapped.stage1_observation(0, 80.0, "test")
+    np.testing.assert_array_equal(agent.act(obs), loaded.act(obs))
+    assert loaded.step == agent.step == 1
+    assert loaded.rng.integers(1 << 30) == agent.rng.integers(1 << 30)
+
+
+# --------------------------------------------------------------------------------------------- baselines
+BASELINE_FITS = {
+    "static": lambda env: {"budgets": [BUDGET], "sample_ids": [0], "split": "validation"},
+    "bandit": lambda env: {"rounds": 4},
+}
+
+
+@pytest.mark.parametrize("env_name", ["multiknob", "token_budget"])
+@pytest.mark.parametrize("name", ["random", "static", "greedy", "bandit", "oracle", "ppo", "grpo"])
+def test_each_agent_runs_saves_and_loads(request, env_name, name, tmp_path):
+    env = request.getfixturevalue(env_name)
+    options = {"total_timesteps": 8, "n_steps": 4, "batch_size": 4} if name == "ppo" else {}
+    agent = agents.make_agent(name, env, **options)
+    if name in BASELINE_FITS or name == "ppo":
+        agent.fit(env, **BASELINE_FITS.get(name, lambda e: {})(env))
+    result = evaluate_agent(env, agent, [0, 1], BUDGET, "test")
+    assert result["episodes"] == 2 and 0.0 <= result["violation_rate"] <= 1.0
+    assert all(i["knobs"]["tier"] in env.unwrapped.space.tier_names and i["sample_id"] in (0, 1)
+               for i in result["infos"])
+    if name not in agents.EVALUATION_ONLY:
+        agent.save(tmp_path / f"{name}.pt")
+        loaded = agents.load_agent(name, tmp_path / f"{name}.pt", env)
+        again = evaluate_agent(env, loaded, [0, 1], BUDGET, "test")
+        if name != "random":  # a random agent's draws continue from its saved generator, not repeat
+            assert [i["knobs"] for i in again["infos"]] == [i["knobs"] for i in result["infos"]]
+
+
+def test_greedy_takes_the_most_expensive_configuration_that_fits(multiknob):
+    greedy = agents.make_agent("greedy", multiknob)
+    base = multiknob.unwrapped
+    actions, est = greedy.estimates(base, 2, "test")
+    for budget_ms in (est.min() - 1, np.median(est), est.max() + 1):
+        chosen = greedy.act(None, EpisodeContext(base, 2, float(budget_ms), "test"))
+        index = int(np.flatnonzero((actions == chosen).all(axis=1))[0])
+        fitting = est[est <= budget_ms]
+        assert est[index] == (fitting.max() if len(fitting) else est.min())
+
+
+def test_static_picks_the_best_mean_reward_per_budget(multiknob):
+    static = agents.make_agent("static", multiknob)
+    layout = EnvLayout(multiknob)
+    static.fit(multiknob, budgets=["60ms", "100ms"], sample_ids=[0, 1], split="validation")
+    for budget_ms in (60.0, 100.0):
+        mean = np.mean([layout.evaluate(s, budget_ms, layout.all_actions(), "validation")[0] for s in (0, 1)], axis=0)
+        chosen = static.action_for(budget_ms)
+        assert mean[int(np.flatnonzero((layout.all_actions() == chosen).all(axis=1))[0])] == mean.max()
+    np.testing.assert_array_equal(static.action_for(95.0), static.action_for(100.0))  # nearest fitted budget
+
+
+def test_oracle_is_an_upper_bound_per_sample(multiknob):
+    oracle = agents.make_agent("oracle", multiknob)
+    others = [agents.make_agent("random", multiknob, seed=1), agents.make_agent("greedy", multiknob)]
+    for sample_id in (0, 1):
+        best = run_episode(multiknob, oracle, sample_id, 80.0, "test")["reward"]
+        for agent in others:
+            assert run_episode(multiknob, agent, sample_id, 80.0, "test")["reward"] <= best + 1e-12
+
+
+def test_context_agents_explain_what_they_need(multiknob):
+    with pytest.raises(ValueError, match="needs an EpisodeContext"):
+        agents.make_agent("greedy", multiknob).act(np.zeros(multiknob.observation_space.shape, np.float32))
+    with pytest.raises(ValueError, match="unknown agent 'nope'; accepted: grpo"):
+        agents.make_agent("nope", multiknob)
+    with pytest.raises(ValueError, match=r"unknown bandit option\(s\) \['gamma'\]"):
+        agents.make_agent("bandit", multiknob, gamma=1.0)
