@@ -91,9 +91,13 @@ def _profile(options: dict, backend_options: dict, *, reuse: bool):
         return Path(options["csv"]), read_profile(options["csv"]), None
     backend = _load_backend(options, backend_options)
     path = Path(options["csv"]) if options.get("csv") else cache_paths(backend, options.get("cache_dir"))[1]
-    if reuse and path.exists() and not options.get("force"):
-        return path, read_profile(path), backend
     settings = _settings(options)
+    if reuse and path.exists() and not options.get("force"):
+        cached = read_profile(path)
+        asked = {k: options[k] for k in SETTING_KEYS if k in options}
+        if all(cached.settings.get(k) == v for k, v in asked.items()):
+            return path, cached, backend
+        print(f"cached profile {path} was measured with other settings than {asked}; profiling again", flush=True)
     print(f"profiling {backend.identity().get('backend')} on this device: {settings.points} points x "
           f"{settings.repeats} repeats (+{settings.warmup} warm-up runs)", flush=True)
     return path, profile_backend(backend, settings, path), backend
