@@ -72,6 +72,7 @@ def save_atomically(model, tokenizer, metadata: dict, target: Path) -> None:
     """Write to a sibling temporary folder, then swap it in, so a reader never sees half a checkpoint."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp creates it private; the checkpoint is meant to be shared
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
     (staging / "training.json").write_text(json.dumps(metadata, indent=2) + "\n")
