@@ -131,6 +131,7 @@ class HFBackend:
             "vocab_size": float(text.vocab_size),
             "vision_layers": float(getattr(vision, "num_hidden_layers", 0) if vision else 0),
             "vision_hidden": float(getattr(vision, "hidden_size", 0) if vision else 0),
+            "vision_intermediate_size": float(getattr(vision, "intermediate_size", 0) if vision else 0),
             "native_vision_tokens": float(self.knob_space.native_vision_tokens),
         }
 

@@ -62,8 +62,21 @@ class TinyVQATask:
 
 def load_tiny_backend(checkpoint: str | None = None, generation: dict | GenerationSettings | None = None,
                       device: str = "cpu", precision: str = "fp32", attn_implementation: str = "sdpa",
-                      seed: int = data.DEFAULT_SEED, split_sizes: dict | None = None) -> HFBackend:
-    """The default backend: the committed tiny model (or ``checkpoint``) on ``device``."""
+                      seed: int = data.DEFAULT_SEED, split_sizes: dict | None = None,
+                      num_threads: int | None = 1) -> HFBackend:
+    """The default backend: the committed tiny model (or ``checkpoint``) on ``device``.
+
+    ``num_threads`` sets torch's intra-op threads for the process (default 1): the model's
+    matrices are tiny, so extra threads only add synchronisation, and on a shared CPU spinning
+    threads make latency erratic (measured: 20x spread between repeats with 2 threads). ``None``
+    leaves torch's setting alone. The latency estimator's cache is keyed by the thread count.
+    """
+    if num_threads is not None:
+        if not (isinstance(num_threads, int) and num_threads >= 1):
+            raise ValueError(f"num_threads={num_threads!r} is invalid; accepted: an integer >= 1 or None")
+        import torch
+
+        torch.set_num_threads(num_threads)
     path = Path(checkpoint) if checkpoint else CHECKPOINT_DIR
     spec = ModelSpec(model=str(path), precision=precision, device=device, attn_implementation=attn_implementation)
     if not isinstance(generation, GenerationSettings):
