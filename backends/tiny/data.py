@@ -87,8 +87,13 @@ def render(objects: Sequence[dict], rng: np.random.Generator) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
+def object_mask(obj: dict) -> np.ndarray:
+    """Boolean HxW mask of one scene object (a ``Sample.meta["objects"]`` entry)."""
+    return _mask(obj["shape"], obj["cx"], obj["cy"], obj["size"])
+
+
 def _area(obj: dict) -> int:
-    return int(_mask(obj["shape"], obj["cx"], obj["cy"], obj["size"]).sum())
+    return int(object_mask(obj).sum())
 
 
 # --------------------------------------------------------------------------------------------
