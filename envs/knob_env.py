@@ -113,12 +113,18 @@ class KnobEnv(gym.Env):
         self._budget_ms = budget.sample(self.np_random)
 
     def _check_action(self, action) -> np.ndarray:
+        """The action as int64, or a ValueError naming it and the accepted space."""
         arr = np.asarray(action)
-        if not self.action_space.contains(arr.astype(self.action_space.dtype) if arr.dtype != object else arr) \
-                or (arr.dtype.kind == "f" and not np.all(arr == np.round(arr))):
+        ok = arr.dtype.kind in "iu" or (arr.dtype.kind == "f" and np.all(np.isfinite(arr))
+                                          and np.all(arr == np.round(arr)))
+        if ok:
+            ints = arr.astype(np.int64)
+            ok = ints.shape == self.action_space.shape and self.action_space.contains(
+                ints.astype(self.action_space.dtype))
+        if not ok:
             raise ValueError(f"action {action!r} is outside the action space {self.action_space}; accepted: "
                              f"{self._action_help()}")
-        return arr.astype(np.int64)
+        return ints
 
     def _action_help(self) -> str:
         return str(self.action_space)

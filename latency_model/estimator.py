@@ -87,7 +87,10 @@ class AnalyticModel:
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return np.maximum(self._design(X) @ self.coef, MIN_MS)
+        # Row-wise sum rather than a BLAS matrix-vector product: the result for a row must not
+        # depend on how many rows are predicted with it (a GRPO group and separate episodes
+        # must get bit-identical rewards).
+        return np.maximum((self._design(X) * self.coef).sum(axis=1), MIN_MS)
 
 
 def _trees(seed: int) -> GradientBoostingRegressor:

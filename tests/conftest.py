@@ -147,3 +147,29 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
 def random_image(seed: int, size: int = 32) -> np.ndarray:
     """An HxWx3 uint8 image of random pixels."""
     return np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped tiny backend and a small latency estimator profiled on this machine (session-wide).
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_backend():
+    from backends.registry import load_backend
+
+    import os
+
+    # KNOBGYM_TEST_TINY_CHECKPOINT runs the suite against another tiny checkpoint (e.g. one being
+    # trained); by default the shipped one, the same cached object envs get from backend="tiny".
+    checkpoint = os.environ.get("KNOBGYM_TEST_TINY_CHECKPOINT")
+    return load_backend("tiny", checkpoint=checkpoint) if checkpoint else load_backend("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_estimator(tiny_backend, tmp_path_factory):
+    """A real estimator of the tiny backend on this device, from a short profile (tests need a
+    deterministic estimator, not an accurate one; accuracy is the latency report's job)."""
+    from latency_model import ProfileSettings, get_estimator
+
+    settings = ProfileSettings(points=60, repeats=1, warmup=2, samples=12)
+    return get_estimator(tiny_backend, cache_dir=tmp_path_factory.mktemp("latency-cache"), settings=settings,
+                         progress=False)
