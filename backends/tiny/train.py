@@ -105,37 +105,41 @@ def exit_losses(model, parts, input_ids, attention, pixels, target, depths) -> l
 
 @torch.no_grad()
 def greedy_answers(model, tokenizer, samples, knobs: KnobConfig, space, max_new_tokens: int = 5,
-                   batch_size: int = 250) -> list[str]:
-    """Batched greedy decoding without a cache (right padding; exact for a causal model)."""
+                   batch_size: int = 200) -> list[str]:
+    """Batched greedy decoding with a KV cache: prompts left-padded, positions counted from each
+    prompt's first real token (so every row sees exactly what it would see alone)."""
     n_vis = space.vision_tokens(knobs)
-    eos = tokenizer.eos_token_id
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     answers = []
     with apply_knobs(model, knobs, space):
         for start in range(0, len(samples), batch_size):
             chunk = samples[start:start + batch_size]
-            seqs = [prompt_ids(tokenizer, s.question, n_vis) for s in chunk]
-            pixels = pixel_values([s.image for s in chunk])
-            done = [False] * len(chunk)
-            generated = [[] for _ in chunk]
-            for _ in range(max_new_tokens):
-                width = max(len(s) for s in seqs)
-                ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-                for i, s in enumerate(seqs):
-                    ids[i, :len(s)] = torch.tensor(s)
-                logits = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(), pixel_values=pixels, use_cache=False).logits
-                last = torch.tensor([len(s) - 1 for s in seqs])
-                nxt = logits[torch.arange(len(seqs)), last].argmax(-1).tolist()
-                for i, t in enumerate(nxt):
-                    if done[i]:
-                        continue
-                    if t == eos:
-                        done[i] = True
-                    else:
-                        generated[i].append(t)
-                    seqs[i] = seqs[i] + [t]
-                if all(done):
+            prompts = [prompt_ids(tokenizer, s.question, n_vis) for s in chunk]
+            width = max(len(p) for p in prompts)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for i, p in enumerate(prompts):
+                ids[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                        pixel_values=pixel_values([s.image for s in chunk]), use_cache=True)
+            generated = torch.empty((len(chunk), 0), dtype=torch.long)
+            done = torch.zeros(len(chunk), dtype=torch.bool)
+            for step in range(max_new_tokens):
+                nxt = out.logits[:, -1].argmax(-1)
+                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                generated = torch.cat([generated, nxt[:, None]], dim=1)
+                done |= nxt == eos
+                if bool(done.all()) or step == max_new_tokens - 1:
                     break
-            answers += [tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+                mask = torch.cat([mask, torch.ones((len(chunk), 1), dtype=torch.long)], dim=1)
+                positions = positions[:, -1:] + 1
+                out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions,
+                            past_key_values=out.past_key_values, use_cache=True)
+            for row in generated.tolist():
+                row = row[:row.index(eos)] if eos in row else row
+                answers.append(tokenizer.decode(row, skip_special_tokens=True))
     return answers
 
 
