@@ -30,6 +30,7 @@ from backends.outcome import Outcome, Stage1State, TokenCounts
 TRACE_FORMAT_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS blobs (name TEXT PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS samples (
     split TEXT, sample_id INTEGER, question TEXT, reference TEXT, question_type INTEGER,
     image_h INTEGER, image_w INTEGER, prompt_tokens INTEGER, PRIMARY KEY (split, sample_id));
@@ -81,11 +82,14 @@ def _put_sample(conn, backend, sample: Sample) -> None:
 
 
 def record_trace(backend, path: str | os.PathLike, split: str = "test", sample_ids: Iterable[int] | None = None,
-                 configs: Sequence[KnobConfig] | None = None, progress: bool = True) -> Path:
+                 configs: Sequence[KnobConfig] | None = None, progress: bool = True,
+                 estimator_file: str | os.PathLike | None = None) -> Path:
     """Record ``backend`` over ``split`` and the knob grid into ``path`` (resumable).
 
     The validation split's first samples' metadata is stored too, since envs compute their
-    latency normaliser from typical validation inputs.
+    latency normaliser from typical validation inputs. ``estimator_file`` (a saved latency
+    estimator of this backend on the recording device) travels inside the trace, so a replay on
+    another machine charges the recording device's latencies.
     """
     from tqdm import tqdm
 
@@ -111,6 +115,9 @@ def record_trace(backend, path: str | os.PathLike, split: str = "test", sample_i
         meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         with conn:
             conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+    if estimator_file is not None:
+        with conn:
+            conn.execute("INSERT OR REPLACE INTO blobs VALUES ('estimator', ?)", (Path(estimator_file).read_bytes(),))
     items = backend.samples(split)
     ids = list(range(len(items))) if sample_ids is None else [int(i) for i in sample_ids]
     with conn:
@@ -187,10 +194,25 @@ class TraceBackend:
                             for split, sid, tier, tb, blob, vt, vtf, ms in conn.execute("SELECT * FROM stage1")}
             self._outcomes = {(split, sid, cid): row[3:] for row in conn.execute("SELECT * FROM outcomes")
                               for split, sid, cid in [row[:3]]}
+            blob = conn.execute("SELECT data FROM blobs WHERE name='estimator'").fetchone()
+            self._estimator_bytes = None if blob is None else bytes(blob[0])
         except (sqlite3.DatabaseError, KeyError, json.JSONDecodeError) as exc:
             raise TraceError(f"trace file {str(self.path)!r} is corrupted or incomplete ({exc!r})") from None
         finally:
             conn.close()
+
+    device = "cpu"  # replay runs no model; the recording device is in identity()
+
+    def recorded_estimator_file(self) -> Path | None:
+        """The latency estimator recorded with the trace, written next to it (``None`` if none)."""
+        if self._estimator_bytes is None:
+            return None
+        target = self.path.with_suffix(self.path.suffix + ".estimator")
+        if not target.exists() or target.read_bytes() != self._estimator_bytes:
+            tmp = target.with_suffix(target.suffix + f".tmp{os.getpid()}")
+            tmp.write_bytes(self._estimator_bytes)
+            os.replace(tmp, target)
+        return target
 
     # ----------------------------------------------------------------- Backend surface
     def identity(self) -> dict[str, Any]:

@@ -60,8 +60,9 @@ class KnobEnv(gym.Env):
 
     # ---------------------------------------------------------------- latency references
     def _typical_samples(self, n: int = 16) -> Sequence[Sample]:
-        items = self.backend.samples("validation")
-        return [items[i] for i in np.linspace(0, len(items) - 1, min(n, len(items))).astype(int)]
+        # The first n validation samples (the generator's splits are i.i.d.): a trace stores
+        # exactly these, so live and replayed envs share the latency normaliser.
+        return list(self.backend.samples("validation")[:n])
 
     def _latency_reference(self) -> tuple[float, tuple[float, float]]:
         """Estimated latency of the full config (normaliser) and the achievable [min, max] range."""

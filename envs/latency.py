@@ -31,10 +31,18 @@ class LatencySource:
         if mode not in LATENCY_MODES:
             raise ValueError(f"latency={mode!r} is invalid; accepted: {', '.join(LATENCY_MODES)}")
         self.mode = mode
+        recorded = getattr(backend, "recorded_estimator_file", lambda: None)()
+        if estimator is None and recorded is not None:
+            # A replayed trace charges the latencies of the device it was recorded on.
+            from latency_model import LatencyEstimator
+
+            estimator = LatencyEstimator.load(recorded)
         if estimator is None:
             from latency_model import get_estimator
 
-            estimator = get_estimator(backend, cache_dir=cache_dir)
+            # Profiling a replay would time the replay, not the model: only live backends profile.
+            estimator = get_estimator(backend, cache_dir=cache_dir,
+                                      profile_if_missing=not hasattr(backend, "recorded_estimator_file"))
         self.estimator = estimator
 
     def predict_ms(self, knobs: Sequence[KnobConfig], counts: Sequence[TokenCounts]) -> np.ndarray:

@@ -30,9 +30,9 @@ class BatchedReplay:
     def __init__(self, trace: TraceBackend, split: str = "test", estimator=None,
                  reward: RewardConfig = RewardConfig(), env: str = "MultiKnob-v0"):
         if estimator is None:
-            from latency_model import get_estimator
+            from envs.latency import LatencySource
 
-            estimator = get_estimator(trace, profile_if_missing=False)
+            estimator = LatencySource(trace, "estimated").estimator
         self.table = trace.table(split, estimator)
         self.reward = reward
         space = trace.knob_space
