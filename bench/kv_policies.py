@@ -1,14 +1,15 @@
 """Benchmark KV policies on the held-out documents of the tiny reference model.
 
-Prints two tables (medians over the held-out documents' per-token step times; PPL is
-token-weighted over all documents):
+Prints two tables (TPOT: median over tokens of each token's median step time across the
+interleaved passes; PPL: token-weighted over all documents; "ratio": TPOT / full-cache TPOT
+measured in the same interleaved passes):
 
 1. full cache vs ``SinkWindow(4, W)`` vs window only (``SinkWindow(0, W)``) vs ``KeyNormWindow(W, W/4)``
    for two windows, with NLL-spike metrics after prunes (against the full cache, same tokens);
 2. ``compress_every`` sweep of ``SinkWindow(4, W)``: at a fixed window (the cache grows to
    ``W + R`` between prunes) and at a fixed peak cache (``window = M - R``, same KV memory).
 
-Usage: ``python -m bench.kv_policies [--tokens 512] [--windows 64 128] [--repeats 1]``.
+Usage: ``python -m bench.kv_policies [--tokens 512] [--windows 64 128] [--repeats 3]``.
 Runs on one CPU thread (token-by-token decoding of a tiny model is overhead-bound).
 """
 
@@ -23,30 +24,41 @@ from backends.kv import DocumentStreamer, FullCache, KeyNormWindow, KVPolicy, Si
 from backends.tiny_text import held_out_token_documents, load_tiny_text_model
 
 
-def run_policy(model, documents: dict[str, list[int]], policy: KVPolicy, repeats: int, baseline=None):
-    """Stream every document under ``policy``; return PPL, median TPOT, mean cache, prunes, spikes, NLLs."""
-    nll_by_doc, step_ms, cache_lengths, spikes, prunes = {}, [], [], [], 0
-    for name, ids in documents.items():
-        per_repeat = []
-        for _ in range(repeats):
-            streamer = DocumentStreamer(model, ids, policy)
-            trace = streamer.advance(streamer.remaining)
-            per_repeat.append(trace.step_ms)
-        step_ms.append(np.median(np.stack(per_repeat), axis=0))
-        nll_by_doc[name] = trace.nll
-        cache_lengths.append(trace.cache_length)
-        prunes += len(trace.prune_events)
+def run_policies(model, documents: dict[str, list[int]], policies: list[KVPolicy], repeats: int,
+                 baseline=None) -> list[dict]:
+    """Stream every document under each policy; per policy: PPL, median TPOT, mean cache, prunes, spikes.
+
+    Passes are interleaved (repeat -> document -> policy) so that background load on a shared
+    machine hits every policy alike; each token's time is the median over ``repeats`` passes.
+    """
+    times = {(i, name): [] for i in range(len(policies)) for name in documents}
+    traces = {}
+    for _ in range(repeats):
+        for name, ids in documents.items():
+            for i, policy in enumerate(policies):
+                streamer = DocumentStreamer(model, ids, policy)
+                trace = streamer.advance(streamer.remaining)
+                times[i, name].append(trace.step_ms)
+                traces[i, name] = trace  # NLL and prunes are identical across repeats
+    results = []
+    for i in range(len(policies)):
+        doc_traces = [traces[i, name] for name in documents]
+        spikes = []
         if baseline is not None:
-            spikes += spike_metrics(trace.nll, trace.prune_events, baseline[name], before=8, after=32)
-    all_nll = np.concatenate(list(nll_by_doc.values()))
-    return {
-        "ppl": float(np.exp(all_nll.mean())), "tpot_ms": float(np.median(np.concatenate(step_ms))),
-        "mean_cache": float(np.concatenate(cache_lengths).mean()), "prunes": prunes,
-        "peak": float(np.mean([s.peak for s in spikes])) if spikes else float("nan"),
-        "area": float(np.mean([s.area for s in spikes])) if spikes else float("nan"),
-        "width": float(np.mean([s.width for s in spikes])) if spikes else float("nan"),
-        "nll": nll_by_doc,
-    }
+            for name, trace in zip(documents, doc_traces):
+                spikes += spike_metrics(trace.nll, trace.prune_events, baseline[name], before=8, after=32)
+        all_nll = np.concatenate([t.nll for t in doc_traces])
+        step_ms = np.concatenate([np.median(np.stack(times[i, name]), axis=0) for name in documents])
+        results.append({
+            "ppl": float(np.exp(all_nll.mean())), "tpot_ms": float(np.median(step_ms)),
+            "mean_cache": float(np.concatenate([t.cache_length for t in doc_traces]).mean()),
+            "prunes": sum(len(t.prune_events) for t in doc_traces),
+            "peak": float(np.mean([s.peak for s in spikes])) if spikes else float("nan"),
+            "area": float(np.mean([s.area for s in spikes])) if spikes else float("nan"),
+            "width": float(np.mean([s.width for s in spikes])) if spikes else float("nan"),
+            "nll": {name: t.nll for name, t in zip(documents, doc_traces)},
+        })
+    return results
 
 
 def print_row(label: str, result: dict, reference_tpot: float) -> None:
@@ -65,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", type=int, nargs=2, default=[64, 128])
     parser.add_argument("--compress-every", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--peak-cache", type=int, default=128, help="fixed peak cache M of the second sweep")
-    parser.add_argument("--repeats", type=int, default=1, help="timed passes per document (median per token)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per document (median per token)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.tokens < 2:
         raise ValueError(f"--repeats={args.repeats} / --tokens={args.tokens} invalid; accepted: >= 1 / >= 2")
@@ -79,27 +91,31 @@ def main(argv: list[str] | None = None) -> None:
     print(f"held-out documents: {', '.join(f'{k} ({len(v)} tok)' for k, v in documents.items())}; "
           f"TPOT = median per-token forward over {args.repeats} passes; spikes vs full cache, 32 tokens after each prune")
 
-    full = run_policy(model, documents, FullCache(), args.repeats)
+    full_policy = FullCache()
+    policies = [p for w in args.windows for p in (SinkWindow(4, w), SinkWindow(0, w), KeyNormWindow(w, w // 4))]
+    # The full cache runs alone first: its per-token NLL is the spike baseline of the others.
+    (full,) = run_policies(model, documents, [full_policy], 1)
+    results = run_policies(model, documents, [full_policy] + policies, args.repeats, full["nll"])
+    reference_tpot = results[0]["tpot_ms"]
     print("\n## Policies at two windows\n")
     print(HEADER)
-    print_row("FullCache", full, full["tpot_ms"])
-    for window in args.windows:
-        for policy in (SinkWindow(4, window), SinkWindow(0, window), KeyNormWindow(window, window // 4)):
-            print_row(str(policy).replace("compress_every=1, ", ""), run_policy(
-                model, documents, policy, args.repeats, full["nll"]), full["tpot_ms"])
+    for policy, result in zip([full_policy] + policies, results):
+        print_row(str(policy).replace("compress_every=1, ", ""), result, reference_tpot)
 
     window = args.windows[0]
+    fixed_window = [SinkWindow(4, window, compress_every=every) for every in args.compress_every]
+    fixed_peak = [SinkWindow(4, args.peak_cache - every, compress_every=every) for every in args.compress_every]
+    results = run_policies(model, documents, [full_policy] + fixed_window + fixed_peak, args.repeats, full["nll"])
+    reference_tpot = results[0]["tpot_ms"]
     print(f"\n## compress_every at a fixed window (SinkWindow(4, {window}); cache grows to {window} + R)\n")
     print(HEADER)
-    for every in args.compress_every:
-        print_row(f"R={every}", run_policy(model, documents, SinkWindow(4, window, compress_every=every),
-                                           args.repeats, full["nll"]), full["tpot_ms"])
+    print_row("FullCache", results[0], reference_tpot)
+    for policy, result in zip(fixed_window, results[1:]):
+        print_row(f"R={policy.compress_every}", result, reference_tpot)
     print(f"\n## compress_every at a fixed peak cache (SinkWindow(4, {args.peak_cache} - R); same KV memory)\n")
     print(HEADER)
-    for every in args.compress_every:
-        policy = SinkWindow(4, args.peak_cache - every, compress_every=every)
-        print_row(f"R={every} window={args.peak_cache - every}",
-                  run_policy(model, documents, policy, args.repeats, full["nll"]), full["tpot_ms"])
+    for policy, result in zip(fixed_peak, results[1 + len(fixed_window):]):
+        print_row(f"R={policy.compress_every} window={policy.window}", result, reference_tpot)
 
 
 if __name__ == "__main__":
