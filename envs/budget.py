@@ -68,26 +68,24 @@ class Budget:
         if isinstance(value, str):
             text = value.strip()
             if text.startswith(("[", "(")) and text.endswith(("]", ")")):
-                parts = [p for p in text[1:-1].split(",")]
-                if len(parts) != 2:
-                    raise _bad(value, "a range needs exactly two bounds")
-                low, high = (_parse_scalar_ms(p, value) for p in parts)
-                if low > high:
-                    raise _bad(value, "range low must be <= high")
-                return cls(low, high)
+                return cls._parse_range(text[1:-1].split(","), value)
             ms = _parse_scalar_ms(text, value)
             return cls(ms, ms)
+        # Hydra hands lists over as ListConfig: accept any non-string sequence of two bounds.
         if isinstance(value, (list, tuple)) or (hasattr(value, "__len__") and hasattr(value, "__getitem__")
                                                 and not isinstance(value, (bytes, dict))):
-            items = list(value)
-            if len(items) != 2:
-                raise _bad(value, "a range needs exactly two bounds")
-            low, high = (_parse_scalar_ms(p, value) for p in items)
-            if low > high:
-                raise _bad(value, "range low must be <= high")
-            return cls(low, high)
+            return cls._parse_range(list(value), value)
         ms = _parse_scalar_ms(value, value)
         return cls(ms, ms)
+
+    @classmethod
+    def _parse_range(cls, parts: list, original: Any) -> "Budget":
+        if len(parts) != 2:
+            raise _bad(original, "a range needs exactly two bounds")
+        low, high = (_parse_scalar_ms(p, original) for p in parts)
+        if low > high:
+            raise _bad(original, "range low must be <= high")
+        return cls(low, high)
 
     @property
     def is_range(self) -> bool:
