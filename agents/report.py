@@ -10,7 +10,8 @@ import gymnasium as gym
 from agents.base import Agent, evaluate_agent
 from agents.io import atomic_savefig, atomic_write_json, atomic_write_text
 
-COLUMNS = (("reward", "reward", "{:.3f}"), ("score", "score", "{:.3f}"), ("latency_p50_ms", "p50 ms", "{:.1f}"),
+COLUMNS = (("reward", "reward", "{:.3f}"), ("score", "score", "{:.3f}"), ("score_in_budget", "score in budget", "{:.3f}"),
+           ("latency_p50_ms", "p50 ms", "{:.1f}"),
            ("latency_p95_ms", "p95 ms", "{:.1f}"), ("violation_rate", "violations", "{:.1%}"))
 
 
@@ -44,7 +45,7 @@ def oracle_gaps(rows: Sequence[dict], agent: str) -> dict[float, dict]:
         if name != "oracle" or (agent, budget) not in by_key:
             continue
         mine = by_key[(agent, budget)]
-        gaps[budget] = {"reward_gap": oracle["reward"] - mine["reward"], "score_gap": oracle["score"] - mine["score"]}
+        gaps[budget] = {key: oracle[key] - mine[key] for key in ("reward", "score", "score_in_budget")}
     return gaps
 
 
@@ -95,15 +96,15 @@ def write_report(out_dir: str | Path, rows: Sequence[dict], meta: dict[str, Any]
     payload = {**meta, "rows": list(rows), "oracle_gap": {f"{b:g}ms": g for b, g in gaps.items()}}
     atomic_write_json(payload, out_dir / f"{stem}.json")
     lines = [f"# {meta.get('title', 'Evaluation')}", ""]
-    for key in ("env", "agent", "split", "samples", "checkpoint", "backend"):
+    for key in ("env", "agent", "budget", "split", "samples", "checkpoint", "train_seconds", "total_seconds", "backend"):
         if key in meta:
             lines.append(f"- {key}: {meta[key]}")
     for note in meta.get("notes", []):
         lines.append(f"- note: {note}")
     lines += ["", markdown_table(rows), ""]
     for budget, gap in gaps.items():
-        lines.append(f"Gap of {main_agent} to oracle at {budget:g}ms: reward {gap['reward_gap']:.3f}, "
-                     f"score {gap['score_gap']:.3f}.")
+        lines.append(f"Gap of {main_agent} to oracle at {budget:g}ms: reward {gap['reward']:.3f}, "
+                     f"score {gap['score']:.3f}, score in budget {gap['score_in_budget']:.3f}.")
     lines.append("")
     lines.append(f"![score vs latency]({plot_name})")
     atomic_write_text("\n".join(lines) + "\n", out_dir / f"{stem}.md")
