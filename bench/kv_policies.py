@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n## Policies at two windows\n")
     print(HEADER)
     for policy, result in zip([full_policy] + policies, results):
-        print_row(str(policy).replace("compress_every=1, ", ""), result, reference_tpot)
+        print_row(str(policy).replace("compress_every=1, ", "").replace("(compress_every=1)", ""), result, reference_tpot)
 
     window = args.windows[0]
     fixed_window = [SinkWindow(4, window, compress_every=every) for every in args.compress_every]
