@@ -18,13 +18,10 @@ register_env("TokenBudget-v0", TokenBudgetEnv, description="one step: fraction o
 register_env("TokenBudget-measured-v0", TokenBudgetEnv, nondeterministic=True, latency="measured",
              description="TokenBudget-v0 with wall-clock latency")
 
-try:  # KV-cache policy envs (StreamingKV-v0, KV-<Policy>-v0)
-    from envs.streaming_kv import register_kv_envs
-except ImportError as exc:  # pragma: no cover - only while that module is absent
-    if "envs.streaming_kv" not in str(exc):
-        raise
-else:
-    register_kv_envs()
+# KV-cache policy envs: StreamingKV-v0 and one KV-<Policy>-v0 per registered policy.
+from envs.streaming_kv import register_kv_envs  # noqa: E402
+
+register_kv_envs()
 
 __all__ = ["Budget", "parse_budget_ms", "RewardConfig", "compute_reward", "compute_rewards",
            "register_env", "list_envs", "check_env_id", "MultiKnobEnv", "TokenBudgetEnv"]
