@@ -194,7 +194,11 @@ def train(args) -> Path:
     rng = np.random.default_rng(args.seed)
     tokenizer = build_tokenizer()
     image_processor = build_image_processor()
-    shape = TinyShape(hidden_size=args.hidden, expert_size=args.expert_size)
+    grid = IMAGE_SIZE // args.patch_size
+    # Tiers pool the patch grid to about a third, half and all of its side (6x6: 2x2, 3x3, 6x6).
+    tiers = (("low", max(1, grid // 3) ** 2), ("medium", max(1, grid // 2) ** 2), ("high", grid * grid))
+    shape = TinyShape(hidden_size=args.hidden, expert_size=args.expert_size, patch_size=args.patch_size,
+                      tiers=tiers)
     model = build_model(tokenizer, shape, seed=args.seed)
     space = knob_space_from_model(model, tiers=dict(shape.tiers))
     parts = model_parts(model)
@@ -255,6 +259,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--hidden", type=int, default=TinyShape.hidden_size)
     p.add_argument("--expert-size", type=int, default=TinyShape.expert_size)
+    p.add_argument("--patch-size", type=int, default=TinyShape.patch_size,
+                   help="vision patch size in pixels (12 = one patch per layout cell of the generator)")
     p.add_argument("--patch-loss-weight", type=float, default=0.5, help="weight of the auxiliary patch loss")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--save-every", type=int, default=250)
