@@ -45,14 +45,35 @@ class LatencySource:
                                       profile_if_missing=not hasattr(backend, "recorded_estimator_file"))
         self.estimator = estimator
 
+    # Predictions are pure functions of (knobs, token counts), and inputs share token counts
+    # (prompt lengths take few values), so a row is predicted once per env: the estimator call
+    # costs more than a small model's step on a CPU.
+    _MEMO_SIZE = 100_000
+
+    def _memoised(self, name: str, keys: list, predict_rows) -> np.ndarray:
+        memo = self.__dict__.setdefault(f"_{name}_memo", {})
+        missing = [i for i, key in enumerate(keys) if key not in memo]
+        if missing:
+            if len(memo) + len(missing) > self._MEMO_SIZE:
+                memo.clear()
+            values = np.asarray(predict_rows(missing), dtype=np.float64)
+            for i, value in zip(missing, values):
+                memo[keys[i]] = float(value)
+        return np.array([memo[key] for key in keys], dtype=np.float64)
+
     def predict_ms(self, knobs: Sequence[KnobConfig], counts: Sequence[TokenCounts]) -> np.ndarray:
-        return np.asarray(self.estimator.predict(list(knobs), list(counts)), dtype=np.float64)
+        knobs, counts = list(knobs), list(counts)
+        keys = [(k, tuple(vars(c).values())) for k, c in zip(knobs, counts)]
+        return self._memoised("total", keys, lambda rows: self.estimator.predict(
+            [knobs[i] for i in rows], [counts[i] for i in rows]))
 
     def stage1_ms(self, state: Stage1State) -> float:
         """Latency spent by stage 1 (vision tower + block 1)."""
         if self.mode == "measured":
             return float(state.measured_ms)
-        return float(self.estimator.predict_stage1([state.tier], [state.token_counts])[0])
+        key = (state.tier, tuple(vars(state.token_counts).values()))
+        return float(self._memoised("stage1", [key], lambda rows: self.estimator.predict_stage1(
+            [state.tier], [state.token_counts]))[0])
 
     def outcome_ms(self, outcome: Outcome) -> float:
         """Latency of a whole run, charged against the budget."""
