@@ -123,5 +123,7 @@ def test_batched_replay_gives_the_env_rewards(tiny_backend, trace_path):
     for i in range(40):
         sid = replay.table.samples[rows[i]].sample_id
         rewards, infos = env.evaluate_group(sid, float(budgets[i]), [actions[i]], split="test")
-        assert out["reward"][i] == pytest.approx(rewards[0], abs=1e-12)
-        assert out["latency_ms"][i] == infos[0]["latency_ms"]
+        # Batched replay predicts the whole table in one estimator call; the trees' sums may then
+        # differ from a one-row call in the last bits (the env path itself is exact: see above).
+        assert out["reward"][i] == pytest.approx(rewards[0], rel=1e-12, abs=1e-12)
+        assert out["latency_ms"][i] == pytest.approx(infos[0]["latency_ms"], rel=1e-12)
