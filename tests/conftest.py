@@ -173,3 +173,17 @@ def tiny_estimator(tiny_backend, tmp_path_factory):
     settings = ProfileSettings(points=60, repeats=1, warmup=2, samples=12)
     return get_estimator(tiny_backend, cache_dir=tmp_path_factory.mktemp("latency-cache"), settings=settings,
                          progress=False)
+
+
+@pytest.fixture(scope="session")
+def random_tiny_checkpoint(tmp_path_factory):
+    """A randomly initialised tiny VLM saved like the shipped one (fast agent / CLI tests)."""
+    from backends.tiny.model import build_image_processor, build_model, build_tokenizer
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny_random")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    build_image_processor().save_pretrained(path)
+    return path

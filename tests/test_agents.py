@@ -19,33 +19,16 @@ import envs  # noqa: F401  (registers the env ids)
 from agents.base import EnvLayout, EpisodeContext, evaluate_agent, run_episode
 from agents.grpo import GRPOAgent, GRPOConfig, Rollout, group_advantages
 from envs.budget import Budget
+from fake_latency import AnalyticEstimator
 
 BUDGET = "80ms"
 
 
-class AnalyticEstimator:
-    """Latency grows with vision tokens, top-k x depth and generated tokens (a stand-in estimator)."""
-
-    def predict(self, knobs, counts):
-        return np.array([20 + 0.5 * c.vision_tokens + (k.top_k or 8) * (k.depth or 16) * 0.4 + 8 * c.new_tokens
-                         for k, c in zip(knobs, counts)], dtype=np.float64)
-
-    def predict_stage1(self, tiers, counts):
-        return np.array([5 + 0.2 * c.vision_tokens for c in counts], dtype=np.float64)
-
-
 @pytest.fixture(scope="module")
-def backend(tmp_path_factory):
+def backend(random_tiny_checkpoint):
     from backends.tiny.backend import load_tiny_backend
-    from backends.tiny.model import build_image_processor, build_model, build_tokenizer
 
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny_random")
-    tokenizer = build_tokenizer()
-    build_model(tokenizer).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    build_image_processor().save_pretrained(path)
-    return load_tiny_backend(str(path), generation={"max_new_tokens": 2})
+    return load_tiny_backend(str(random_tiny_checkpoint), generation={"max_new_tokens": 2})
 
 
 def _make(backend, env_id: str):

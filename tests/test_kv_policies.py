@@ -19,16 +19,6 @@ from backends.kv.policies import KVPolicy, kv_policy_class
 VOCAB = 61
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Token-by-token decoding of a tiny model is dominated by per-op overhead, which extra threads
-    only add to (badly so on a shared 2-core machine); restore the setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

@@ -21,15 +21,6 @@ VOCAB = 53
 TPOT = TpotModel(base_ms=2.0, per_slot_ms=0.01, per_prune_ms=0.5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Per-token decoding of tiny models is overhead-bound; extra threads only slow it on shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)

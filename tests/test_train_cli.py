@@ -17,40 +17,18 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 
-ESTIMATOR_MODULE = '''
-import numpy as np
-
-
-class AnalyticEstimator:
-    def predict(self, knobs, counts):
-        return np.array([20 + 0.5 * c.vision_tokens + (k.top_k or 8) * (k.depth or 16) * 0.4 + 8 * c.new_tokens
-                         for k, c in zip(knobs, counts)], dtype=np.float64)
-
-    def predict_stage1(self, tiers, counts):
-        return np.array([5 + 0.2 * c.vision_tokens for c in counts], dtype=np.float64)
-
-
-def make(backend):
-    return AnalyticEstimator()
-'''
-
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    from backends.tiny.model import build_image_processor, build_model, build_tokenizer
-
+def workdir(tmp_path_factory, random_tiny_checkpoint) -> Path:
+    """A working directory for the CLI runs, with the session's random tiny model as ``model/``."""
     root = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    tokenizer = build_tokenizer()
-    build_model(tokenizer).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    build_image_processor().save_pretrained(root / "model")
-    (root / "fake_latency.py").write_text(ESTIMATOR_MODULE)
+    (root / "model").symlink_to(random_tiny_checkpoint, target_is_directory=True)
     return root
 
 
 def run_cli(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(REPO)]), "HYDRA_FULL_ERROR": "0"}
+    # tests/ on the path: train.py's estimator=fake_latency:make hook imports tests/fake_latency.py.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)]), "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
