@@ -19,8 +19,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from agents.runs import (CHECKPOINT_NAMES, UsageError, check_checkpoint_matches, check_overrides, eval_budgets, fail,
-                         fit_agent, load_checkpoint, make_env, to_jsonable)
+from agents.runs import (CHECKPOINT_NAMES, UsageError, check_checkpoint_matches, eval_budgets, fail,
+                         fit_agent, load_checkpoint, make_env, run_cli, to_jsonable)
 
 
 def load_trained_agent(ckpt: dict, run_dir: Path, env):
@@ -99,12 +99,7 @@ def main(cfg: DictConfig) -> None:
 
 def cli(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors for bad overrides before Hydra composes the config."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        check_overrides(argv, "evaluate")
-    except ValueError as exc:
-        fail(str(exc))
-    main()
+    run_cli("evaluate", main, argv)
 
 
 if __name__ == "__main__":

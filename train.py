@@ -23,9 +23,9 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from agents.runs import (GROUPS, UsageError, check_overrides, discard_failed_run_dir, eval_budgets, fail, fit_agent,
+from agents.runs import (GROUPS, UsageError, discard_failed_run_dir, eval_budgets, fail, fit_agent,
                          is_resume, load_checkpoint, make_env, register_resolvers, save_checkpoint, to_jsonable,
-                         versions)
+                         run_cli, versions)
 from envs.budget import Budget
 
 log = logging.getLogger("train")
@@ -242,12 +242,7 @@ def main(cfg: DictConfig) -> None:
 
 def cli(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors for bad overrides before Hydra composes the config."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        check_overrides(argv, "config")
-    except ValueError as exc:
-        fail(str(exc))
-    main()
+    run_cli("config", main, argv)
 
 
 if __name__ == "__main__":

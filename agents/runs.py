@@ -41,6 +41,17 @@ def fail(message: str, status: int = 2) -> None:
     sys.exit(status)
 
 
+def run_cli(config_name: str, hydra_main, argv: Sequence[str] | None = None) -> None:
+    """Entry point of train.py / evaluate.py: one-line errors for bad overrides before Hydra
+    composes ``config_name``, then ``hydra_main()``."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        check_overrides(argv, config_name)
+    except ValueError as exc:
+        fail(str(exc))
+    hydra_main()
+
+
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
