@@ -12,11 +12,10 @@ computation serves every member of a GRPO group with the same tier.
 from __future__ import annotations
 
 import copy
-import hashlib
 import inspect
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch

@@ -12,7 +12,6 @@ import math
 from typing import Any, Sequence
 
 import gymnasium as gym
-import numpy as np
 
 from backends.knobs import KnobConfig
 from envs.knob_env import KnobEnv
