@@ -87,10 +87,15 @@ class AnalyticModel:
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        # Row-wise sum rather than a BLAS matrix-vector product: the result for a row must not
-        # depend on how many rows are predicted with it (a GRPO group and separate episodes
-        # must get bit-identical rewards).
-        return np.maximum((self._design(X) * self.coef).sum(axis=1), MIN_MS)
+        # Accumulated column by column in a fixed order: the result for a row must not depend
+        # on how many rows are predicted with it (a GRPO group and separate episodes must get
+        # bit-identical rewards). Neither a BLAS product nor ``sum(axis=1)`` guarantees that:
+        # numpy sums a single row pairwise but a block of rows column-wise.
+        design = self._design(X)
+        total = np.zeros(len(design))
+        for column, coef in zip(design.T, self.coef):
+            total += column * coef
+        return np.maximum(total, MIN_MS)
 
 
 def _trees(seed: int) -> GradientBoostingRegressor:

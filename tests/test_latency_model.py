@@ -258,6 +258,9 @@ def test_predict_is_vectorised(fitted):
     np.testing.assert_array_equal(fitted.predict(configs, array_counts), ms)
     assert fitted.predict([], []).shape == (0,)
     assert fitted.predict(configs[0], counts[0]).shape == (1,)
+    # A row's prediction is bit-identical alone and in any batch (group rewards == episode rewards).
+    alone = np.array([fitted.predict([c], [n])[0] for c, n in zip(configs, counts)])
+    np.testing.assert_array_equal(alone, ms)
     assert fitted.predict_stage1([c.tier for c in configs[:4]], counts[:4]).shape == (4,)
 
 
