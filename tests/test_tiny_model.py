@@ -10,7 +10,7 @@ from backends.tiny import CHECKPOINT_DIR, generate_split, score_answer
 from backends.tiny.evaluate import accuracy_table, knob_sweep, load_checkpoint
 from backends.tiny.model import (IMAGE, TinyShape, answer_ids, build_image_processor, build_model, build_tokenizer,
                                  pixel_values, prompt_ids)
-from backends.tiny.train import main as train_main
+from backends.tiny.train import main as train_main, parse_args
 
 FIXED_TEST_IDS = (0, 1, 2, 3, 4, 5, 6, 7, 10, 13)
 """Test-split samples the shipped checkpoint answered correctly at the full configuration when it was
@@ -100,3 +100,28 @@ def test_smoke_training_writes_a_loadable_checkpoint(tmp_path):
     model, tokenizer, space = load_checkpoint(out)
     assert json.loads((out / "training_state.json").read_text())["history"]
     assert space.tiers == {"low": 4, "medium": 9, "high": 36}
+
+
+def test_training_continues_from_a_checkpoint(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    train_main(["--smoke", "--out", str(first)])
+    # lr 0 (and so no weight decay): the continued model is exactly the one it started from.
+    train_main(["--smoke", "--out", str(second), "--init-from", str(first), "--lr", "0", "--first-sample", "12"])
+    a, b = load_checkpoint(first)[0].state_dict(), load_checkpoint(second)[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="does not match the shape"):
+        train_main(["--smoke", "--out", str(tmp_path / "third"), "--init-from", str(first), "--hidden", "32"])
+
+
+@pytest.mark.parametrize("flag, value", [("--full-share", "1.5"), ("--first-sample", "-1"), ("--steps", "0")])
+def test_bad_training_arguments_are_named(flag, value):
+    with pytest.raises(ValueError, match=f"{flag}={value} is invalid"):
+        parse_args([flag, value])
+
+
+def test_training_never_writes_over_an_existing_checkpoint_unless_told(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"someone's model")
+    with pytest.raises(ValueError, match="already holds files.*--overwrite"):
+        parse_args(["--smoke", "--out", str(tmp_path)])
+    assert parse_args(["--smoke", "--out", str(tmp_path), "--overwrite"]).overwrite
+    assert "backends/tiny/checkpoint" not in parse_args(["--smoke"]).out  # the shipped model is opt-in
