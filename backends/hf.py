@@ -108,7 +108,7 @@ class HFBackend:
         self._eos_ids = self._eos_token_ids()
         self._sample_cache: dict[str, Sequence[Sample]] = {}
         self._prompt_len_cache: dict[tuple, int] = {}
-        self._expected_new_tokens: int | None = None
+        self._expected_new_tokens: dict | None = None
 
     # ----------------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
@@ -158,21 +158,40 @@ class HFBackend:
     @property
     def expected_new_tokens(self) -> int:
         """Mean answer length of the training split (what a run is expected to generate)."""
+        return self.expected_new_tokens_by_type[None]
+
+    @property
+    def expected_new_tokens_by_type(self) -> dict:
+        """Mean answer length of the training split per question type (``None``: all types).
+
+        Why per type: answer length is the largest input-dependent part of a run's latency (each
+        answer token is one more pass through the decoder), it is known from the question alone
+        ("what is the largest object?" takes two words, "how many ...?" one), and a single mean
+        underestimates every long-answer input.
+        """
         if self._expected_new_tokens is None:
-            refs = [s.reference for s in self.samples("train")[:256] if s.reference]
-            lengths = [len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in refs]
-            mean = int(round(float(np.mean(lengths)))) if lengths else 1
-            self._expected_new_tokens = min(self.generation.max_new_tokens, max(1, mean))
+            refs = [s for s in self.samples("train")[:512] if s.reference]
+            lengths = np.array([len(self.tokenizer(s.reference, add_special_tokens=False)["input_ids"]) for s in refs])
+            types = np.array([-1 if s.question_type is None else s.question_type for s in refs])
+
+            def typical(values) -> int:
+                mean = int(round(float(np.mean(values)))) if len(values) else 1
+                return min(self.generation.max_new_tokens, max(1, mean))
+
+            by_type = {None: typical(lengths)}
+            by_type.update({int(t): typical(lengths[types == t]) for t in np.unique(types) if t >= 0})
+            self._expected_new_tokens = by_type
         return self._expected_new_tokens
 
     def expected_token_counts(self, sample: Sample, knobs: KnobConfig) -> TokenCounts:
         """Token counts of a run before running it: prompt and vision tokens are exact, the
-        generated length is the mean answer length of the training split (never this sample's
-        reference, which a controller must not see)."""
+        generated length is the mean answer length of the training split for the sample's question
+        type (never this sample's reference, which a controller must not see)."""
+        by_type = self.expected_new_tokens_by_type
         return TokenCounts(prompt_tokens=self.prompt_tokens(sample),
                            vision_tokens_full=self.knob_space.native_vision_tokens,
                            vision_tokens=self.knob_space.vision_tokens(knobs),
-                           new_tokens=self.expected_new_tokens)
+                           new_tokens=by_type.get(sample.question_type, by_type[None]))
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -103,6 +103,8 @@ def record_trace(backend, path: str | os.PathLike, split: str = "test", sample_i
         "format_version": TRACE_FORMAT_VERSION, "identity": backend.identity(), "knob_space": space.as_dict(),
         "question_types": list(backend.question_types), "summary_dim": int(backend.summary_dim),
         "expected_new_tokens": int(backend.expected_new_tokens),
+        "expected_new_tokens_by_type": {str(t): int(n) for t, n in
+                                        getattr(backend, "expected_new_tokens_by_type", {}).items() if t is not None},
         "configs": [k.as_dict() for k in configs],
     }
     existing = _meta(conn)
@@ -181,6 +183,9 @@ class TraceBackend:
             self.question_types = tuple(self.meta["question_types"])
             self.summary_dim = int(self.meta["summary_dim"])
             self.expected_new_tokens = int(self.meta["expected_new_tokens"])
+            # Traces written before per-type lengths existed hold only the overall mean.
+            self.expected_new_tokens_by_type = {None: self.expected_new_tokens, **{
+                int(t): int(n) for t, n in self.meta.get("expected_new_tokens_by_type", {}).items()}}
             self.configs = [KnobConfig(**c) for c in self.meta["configs"]]
             self.config_ids = {k: i for i, k in enumerate(self.configs)}
             self._samples: dict[str, list[Sample]] = {s: [] for s in SPLITS}
@@ -236,7 +241,8 @@ class TraceBackend:
     def expected_token_counts(self, sample: Sample, knobs: KnobConfig) -> TokenCounts:
         return TokenCounts(prompt_tokens=self.prompt_tokens(sample),
                            vision_tokens_full=self.knob_space.native_vision_tokens,
-                           vision_tokens=self.knob_space.vision_tokens(knobs), new_tokens=self.expected_new_tokens)
+                           vision_tokens=self.knob_space.vision_tokens(knobs),
+                           new_tokens=self.expected_new_tokens_by_type.get(sample.question_type, self.expected_new_tokens))
 
     def run_stage1(self, sample: Sample, tier: str | None, token_budget: float = 1.0) -> Stage1State:
         tier = self.knob_space.resolve(KnobConfig(tier=tier, token_budget=token_budget)).tier

@@ -90,3 +90,16 @@ def test_bad_inputs_raise(bad):
         generate_split(**bad)
     with pytest.raises(ValueError):
         make_sample("test", -3)
+
+
+def test_expected_answer_length_follows_the_question_type(tiny_backend):
+    from backends.tiny.data import QUESTION_TYPES
+
+    by_type = tiny_backend.expected_new_tokens_by_type
+    largest, count = QUESTION_TYPES.index("largest"), QUESTION_TYPES.index("count")
+    assert by_type[largest] == 2 and by_type[count] == 1  # "red circle" versus "3"
+    samples = tiny_backend.samples("validation")[:40]
+    full = tiny_backend.knob_space.full()
+    for s in samples:
+        expected = tiny_backend.expected_token_counts(s, full).new_tokens
+        assert expected == by_type[s.question_type]  # from the question type, never the reference
