@@ -12,7 +12,7 @@ from backends.tiny.model import (IMAGE, TinyShape, answer_ids, build_image_proce
                                  pixel_values, prompt_ids)
 from backends.tiny.train import main as train_main, parse_args
 
-FIXED_TEST_IDS = (0, 1, 2, 3, 4, 5, 6, 7, 10, 13)
+FIXED_TEST_IDS = (0, 1, 3, 6, 8, 11, 14, 16, 18, 21)  # six question types
 """Test-split samples the shipped checkpoint answered correctly at the full configuration when it was
 committed (it is far from perfect, see its model card): a regression check on the shipped weights."""
 

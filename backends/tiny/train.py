@@ -56,7 +56,7 @@ def patch_labels(sample, grid: int) -> np.ndarray:
     return labels.reshape(-1).astype(np.int64)
 
 
-def patch_loss(model, head, pixels, labels) -> torch.Tensor:
+def patch_loss(model, head, pixels, labels, position_weight: float = 0.5) -> torch.Tensor:
     """Cross-entropy of the auxiliary patch classifier on the projected (unpooled) vision features:
     the patch's (colour, shape) class plus its grid row and column.
 
@@ -75,7 +75,7 @@ def patch_loss(model, head, pixels, labels) -> torch.Tensor:
     content = F.cross_entropy(logits[..., :PATCH_CLASSES].flatten(0, 1), labels.flatten())
     row = F.cross_entropy(logits[..., PATCH_CLASSES:PATCH_CLASSES + grid].flatten(0, 1), rows.repeat(batch))
     col = F.cross_entropy(logits[..., PATCH_CLASSES + grid:].flatten(0, 1), cols.repeat(batch))
-    return content + 0.5 * (row + col)
+    return content + position_weight * (row + col)
 
 
 def make_batch(samples, tokenizer, n_vision_tokens: int, with_answers: bool = True):
@@ -251,7 +251,7 @@ def train(args) -> Path:
         with apply_knobs(model, knobs, space):
             losses = exit_losses(model, parts, *batch, depths)
         labels = torch.from_numpy(np.stack([patch_labels(x, grid) for x in samples]))
-        aux = patch_loss(model, patch_head, batch[2], labels)
+        aux = patch_loss(model, patch_head, batch[2], labels, args.position_loss_weight)
         loss = (torch.stack(losses) * exit_weights).sum() + args.patch_loss_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -289,6 +289,8 @@ def parse_args(argv=None):
     p.add_argument("--patch-size", type=int, default=TinyShape.patch_size,
                    help="vision patch size in pixels (12 = one patch per layout cell of the generator)")
     p.add_argument("--patch-loss-weight", type=float, default=0.5, help="weight of the auxiliary patch loss")
+    p.add_argument("--position-loss-weight", type=float, default=0.5,
+                   help="weight of the patch row/column targets inside the auxiliary loss (0: colour/shape only)")
     p.add_argument("--full-share", type=float, default=FULL_CONFIG_SHARE,
                    help="share of batches trained at the full configuration (the rest: uniform knobs)")
     p.add_argument("--init-from", default=None, help="checkpoint directory of the same shape to continue from")
@@ -308,6 +310,8 @@ def parse_args(argv=None):
         args.steps, args.batch_size, args.save_every, args.log_every, args.val_samples = 3, 4, 3, 1, 8
     if not 0.0 <= args.full_share <= 1.0:
         raise ValueError(f"--full-share={args.full_share} is invalid; accepted: a fraction in [0, 1]")
+    if not (math.isfinite(args.position_loss_weight) and args.position_loss_weight >= 0):
+        raise ValueError(f"--position-loss-weight={args.position_loss_weight} is invalid; accepted: a number >= 0")
     if args.first_sample < 0:
         raise ValueError(f"--first-sample={args.first_sample} is invalid; accepted: >= 0")
     if args.out is None:
