@@ -235,3 +235,10 @@ def test_apply_kv_policy_restores_the_model_and_empties_the_cache(model, documen
         assert cache.cache_length == 8 and cache.prune_events
     assert model.training and cache.cache_length == 0 and cache.prune_events == [] and cache.seen_tokens == 0
     model.eval()
+
+
+def test_text_model_training_never_replaces_the_shipped_checkpoint_by_accident():
+    from backends.tiny_text.train import main as train_text
+
+    with pytest.raises(ValueError, match="already holds files.*--overwrite"):
+        train_text([])  # the default --out is the shipped checkpoint

@@ -100,7 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps the run deterministic)")
     parser.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
+    parser.add_argument("--overwrite", action="store_true", help="allow --out to name an existing checkpoint")
     args = parser.parse_args(argv)
+    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+        # The default --out is the shipped model: never replace it (or any other) by accident.
+        raise ValueError(f"--out={str(args.out)!r} already holds files; accepted: a new or empty directory, "
+                         f"or --overwrite to replace it")
     for name in ("vocab_size", "hidden", "layers", "heads", "context", "batch_size", "steps", "threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; accepted: an integer >= 1")
