@@ -243,6 +243,19 @@ class ModelNotAvailableError(FileNotFoundError):
     """The model is not on disk (and we do not download at run time)."""
 
 
+def check_checkpoint_out_dir(out: str | Path, overwrite: bool) -> None:
+    """Refuse a training script's ``--out`` that already holds files unless ``--overwrite`` was given.
+
+    Why: training scripts rewrite their output directory (every few hundred steps, atomically),
+    and the shipped tiny models live in the package: a mistyped or default ``--out`` must never
+    replace someone's model.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out={str(out)!r} already holds files; accepted: a new or empty directory, "
+                         f"or --overwrite to replace it")
+
+
 @dataclass
 class LoadedModel:
     """A loaded model with what it takes to run and to log it."""

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.knobs import KnobConfig, apply_knobs, knob_space_from_model, model_parts
+from backends.loading import check_checkpoint_out_dir
 from backends.tiny.data import (COLORS, IMAGE_SIZE, SHAPES, generate_split, make_sample, object_mask,
                                 per_type_accuracy, score_answer)
 from backends.tiny.model import (TinyShape, answer_ids, build_image_processor, build_model, build_tokenizer,
@@ -222,8 +223,9 @@ def train(args) -> Path:
         try:
             model.load_state_dict(init.state_dict())
         except RuntimeError as exc:  # missing / unexpected keys or tensor sizes
-            first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-            raise ValueError(f"--init-from={args.init_from!r} does not match the shape {shape} ({first}); "
+            lines = str(exc).splitlines()  # line 0 is a generic header, line 1 the first mismatch
+            detail = lines[1].strip() if len(lines) > 1 else str(exc)
+            raise ValueError(f"--init-from={args.init_from!r} does not match the shape {shape} ({detail}); "
                              f"accepted: a checkpoint trained with the same --hidden/--expert-size/--patch-size") from None
         del init
     space = knob_space_from_model(model, tiers=dict(shape.tiers))
@@ -316,11 +318,7 @@ def parse_args(argv=None):
         raise ValueError(f"--first-sample={args.first_sample} is invalid; accepted: >= 0")
     if args.out is None:
         args.out = str(Path("runs") / "tiny-train" / time.strftime("%Y-%m-%d_%H-%M-%S"))
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        # A run rewrites its directory every --save-every steps: never silently over someone's model.
-        raise ValueError(f"--out={args.out!r} already holds files; accepted: a new or empty directory, "
-                         f"or --overwrite to replace it")
+    check_checkpoint_out_dir(args.out, args.overwrite)
     for name in ("steps", "batch_size", "save_every", "log_every", "threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; accepted: >= 1")

@@ -22,6 +22,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
+from backends.loading import check_checkpoint_out_dir
 from backends.tiny_text.corpus import held_out_documents, training_documents
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
@@ -102,10 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
     parser.add_argument("--overwrite", action="store_true", help="allow --out to name an existing checkpoint")
     args = parser.parse_args(argv)
-    if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-        # The default --out is the shipped model: never replace it (or any other) by accident.
-        raise ValueError(f"--out={str(args.out)!r} already holds files; accepted: a new or empty directory, "
-                         f"or --overwrite to replace it")
+    check_checkpoint_out_dir(args.out, args.overwrite)  # the default --out is the shipped model
     for name in ("vocab_size", "hidden", "layers", "heads", "context", "batch_size", "steps", "threads"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; accepted: an integer >= 1")
