@@ -49,15 +49,21 @@ class GRPOConfig:
     Same name, meaning and default as TRL's ``GRPOConfig``: ``num_generations`` (8), ``epsilon``
     (0.2), ``epsilon_high`` (None = ``epsilon``), ``beta`` (0.0: no KL term; KL to the reference
     is still measured and logged), ``scale_rewards`` ("group"; True/False accepted as in TRL),
-    ``temperature`` (1.0), ``entropy_coef`` (0.0), ``max_grad_norm`` (1.0), ``sync_ref_model``
+    ``temperature`` (1.0), ``max_grad_norm`` (1.0), ``sync_ref_model``
     (False: the reference is the initial policy), ``ref_model_sync_steps`` (512) and
     ``ref_model_mixup_alpha`` (0.6) (TR-DPO refresh ``ref = alpha * policy + (1 - alpha) * ref``
     every ``ref_model_sync_steps`` updates; alpha = 1 is a plain copy).
 
     Same name, different default (why):
 
-    - ``learning_rate`` 3e-3 (TRL 1e-6 fine-tunes a pretrained LLM; this is a freshly initialised
+    - ``learning_rate`` 1e-3 (TRL 1e-6 fine-tunes a pretrained LLM; this is a freshly initialised
       MLP of a few thousand weights);
+    - ``entropy_coef`` 0.01 (TRL 0.0): a knob head of 3-5 choices is near-deterministic after a
+      few dozen updates, and without a bonus it settles on whatever looked safest first. On
+      ``MultiKnob-v0`` at a binding budget (tiny model, 45 ms on a 2-core CPU; 160 test samples)
+      ``learning_rate`` 3e-3 without the bonus became deterministic within 30 updates at a score
+      of 0.694 (the high tier with the deepest depth that fits scores 0.762) and stayed there for
+      200 updates; 1e-3 with 0.01 reached 0.756-0.762 by update 60 on three seeds;
     - ``num_iterations`` 4 (TRL 1 reuses nothing; here every group costs model runs while a
       gradient step costs microseconds, so each batch is reused for several clipped steps, which
       is what ``epsilon`` is for).
@@ -76,10 +82,10 @@ class GRPOConfig:
     epsilon_high: float | None = None
     beta: float = 0.0
     scale_rewards: Any = "group"
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     num_iterations: int = 4
     temperature: float = 1.0
-    entropy_coef: float = 0.0
+    entropy_coef: float = 0.01
     max_grad_norm: float = 1.0
     sync_ref_model: bool = False
     ref_model_sync_steps: int = 512

@@ -170,9 +170,28 @@ def test_unreachable_budget_warns_once_with_the_achievable_range(make, budgets):
     assert "never binds" in str(record[0].message)
     lo, hi = env.achievable_range_ms
     assert f"{lo:.1f}ms..{hi:.1f}ms" in str(record[0].message)
+    assert f"budget={env.suggested_budget_ms:.0f}ms" in str(record[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make(budget=budgets["never_binds"])  # once per backend and budget
+
+
+def test_suggested_budget_binds_the_full_configuration_and_fits_the_cheapest(make):
+    """The warning's budget is a real trade-off: the full configuration misses it on a typical
+    input while the cheapest one fits most inputs."""
+    env = make()
+    budget = env.suggested_budget_ms
+    lo, hi = env.achievable_range_ms
+    assert lo < budget < hi
+    samples = env.backend.samples("validation")[:16]
+    def predicted(knobs):
+        return env.latency.predict_ms([knobs] * len(samples),
+                                      [env.backend.expected_token_counts(s, knobs) for s in samples])
+    full, cheapest = predicted(env.space.full()), predicted(env.space.cheapest())
+    assert np.median(full) > budget
+    assert np.mean(cheapest <= budget) >= 0.5
+    if np.percentile(cheapest, 95) < np.median(full):  # the usual case: a gap between the two
+        assert np.mean(cheapest <= budget) >= 0.9
 
 
 def test_nonfinite_logits_score_zero_and_are_flagged(make, tiny_backend, budgets):
