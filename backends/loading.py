@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -254,6 +256,32 @@ def check_checkpoint_out_dir(out: str | Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out={str(out)!r} already holds files; accepted: a new or empty directory, "
                          f"or --overwrite to replace it")
+
+
+def write_directory_atomically(target: str | Path, write: Callable[[Path], None]) -> Path:
+    """Build a directory with ``write(staging_dir)`` in a sibling temporary folder, then swap it in
+    for ``target``.
+
+    Why: training scripts rewrite their checkpoint every few hundred steps; a run killed mid-save
+    (or a reader loading meanwhile) must find either the old checkpoint or the new one, never half
+    of one. The old directory is moved aside before the new one takes its name and removed last.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp creates it private; a checkpoint is meant to be shared
+    try:
+        write(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 @dataclass

@@ -288,3 +288,21 @@ def test_round_trip_of_a_vision_language_model_loads_its_image_processor(tmp_pat
     assert type(loaded.model).__name__ == "LlavaForConditionalGeneration"
     pixels = loaded.image_processor(images=[torch.zeros(3, 40, 40, dtype=torch.uint8)], return_tensors="pt")
     assert pixels["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_write_directory_atomically_replaces_whole_and_keeps_the_old_one_on_failure(tmp_path):
+    from backends.loading import write_directory_atomically
+
+    target = tmp_path / "checkpoint"
+    write_directory_atomically(target, lambda d: (d / "weights").write_text("v1"))
+    write_directory_atomically(target, lambda d: (d / "weights").write_text("v2"))
+    assert (target / "weights").read_text() == "v2"
+
+    def broken(d):
+        (d / "weights").write_text("half")
+        raise RuntimeError("killed mid-save")
+
+    with pytest.raises(RuntimeError, match="killed mid-save"):
+        write_directory_atomically(target, broken)
+    assert (target / "weights").read_text() == "v2"  # the previous checkpoint is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no staging or .old left

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.knobs import KnobConfig, apply_knobs, knob_space_from_model, model_parts
-from backends.loading import check_checkpoint_out_dir
+from backends.loading import check_checkpoint_out_dir, write_directory_atomically
 from backends.tiny.data import (COLORS, IMAGE_SIZE, SHAPES, generate_split, make_sample, object_mask,
                                 per_type_accuracy, score_answer)
 from backends.tiny.model import (TinyShape, answer_ids, build_image_processor, build_model, build_tokenizer,
@@ -166,24 +164,18 @@ def evaluate_config(model, tokenizer, samples, knobs, space) -> dict:
 
 
 def save_checkpoint(model, tokenizer, image_processor, out_dir: Path, extra: dict) -> None:
-    """Write the whole checkpoint directory to a temporary sibling, then swap it in."""
+    """Rewrite the whole checkpoint directory atomically, keeping its model card (README.md)."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    image_processor.save_pretrained(tmp)
-    if (out_dir / "README.md").exists():  # keep the model card
-        shutil.copy2(out_dir / "README.md", tmp / "README.md")
-    (tmp / "training_state.json").write_text(json.dumps(extra, indent=2) + "\n")
-    old = out_dir.with_name(f".{out_dir.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old.exists():
-        shutil.rmtree(old)
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        image_processor.save_pretrained(staging)
+        if (out_dir / "README.md").exists():
+            shutil.copy2(out_dir / "README.md", staging / "README.md")
+        (staging / "training_state.json").write_text(json.dumps(extra, indent=2) + "\n")
+
+    write_directory_atomically(out_dir, write)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:

@@ -12,9 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +19,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-from backends.loading import check_checkpoint_out_dir
+from backends.loading import check_checkpoint_out_dir, write_directory_atomically
 from backends.tiny_text.corpus import held_out_documents, training_documents
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
@@ -70,21 +67,13 @@ def held_out_perplexity(model: GPTNeoXForCausalLM, tokenizer, context: int) -> f
 
 
 def save_atomically(model, tokenizer, metadata: dict, target: Path) -> None:
-    """Write to a sibling temporary folder, then swap it in, so a reader never sees half a checkpoint."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=target.parent))
-    staging.chmod(0o755)  # mkdtemp creates it private; the checkpoint is meant to be shared
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "training.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    if target.exists():
-        old = target.with_name(target.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, target)
+    """Rewrite the checkpoint directory atomically, so a reader never sees half a checkpoint."""
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "training.json").write_text(json.dumps(metadata, indent=2) + "\n")
+
+    write_directory_atomically(target, write)
 
 
 def main(argv: list[str] | None = None) -> None:
