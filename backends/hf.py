@@ -26,7 +26,7 @@ from backends.base import Sample, check_split
 from backends.knobs import (KnobConfig, KnobError, KnobSpace, apply_knobs, knob_space_from_model, kept_tokens,
                             model_parts, pool_vision_tokens, select_vision_tokens)
 from backends.loading import GenerationSettings, LoadedModel
-from backends.outcome import Outcome, Stage1State, TokenCounts
+from backends.outcome import Outcome, Stage1State, TokenCounts, expected_token_counts
 
 SUMMARY_DIM = 16
 
@@ -184,14 +184,8 @@ class HFBackend:
         return self._expected_new_tokens
 
     def expected_token_counts(self, sample: Sample, knobs: KnobConfig) -> TokenCounts:
-        """Token counts of a run before running it: prompt and vision tokens are exact, the
-        generated length is the mean answer length of the training split for the sample's question
-        type (never this sample's reference, which a controller must not see)."""
-        by_type = self.expected_new_tokens_by_type
-        return TokenCounts(prompt_tokens=self.prompt_tokens(sample),
-                           vision_tokens_full=self.knob_space.native_vision_tokens,
-                           vision_tokens=self.knob_space.vision_tokens(knobs),
-                           new_tokens=by_type.get(sample.question_type, by_type[None]))
+        """Token counts of a run before running it (:func:`backends.outcome.expected_token_counts`)."""
+        return expected_token_counts(self, sample, knobs)
 
     # ----------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -29,6 +29,20 @@ class TokenCounts:
         return self.prompt_tokens + self.vision_tokens
 
 
+
+def expected_token_counts(backend: Any, sample: Any, knobs: Any) -> TokenCounts:
+    """Token counts of a run before running it, for any backend (live or replayed).
+
+    Prompt and vision tokens are exact; the generated length is the training split's mean answer
+    length for the sample's question type (``backend.expected_new_tokens_by_type``, key ``None``
+    for all types), never this sample's reference, which a controller must not see.
+    """
+    by_type = backend.expected_new_tokens_by_type
+    return TokenCounts(prompt_tokens=backend.prompt_tokens(sample),
+                       vision_tokens_full=backend.knob_space.native_vision_tokens,
+                       vision_tokens=backend.knob_space.vision_tokens(knobs),
+                       new_tokens=by_type.get(sample.question_type, by_type[None]))
+
 @dataclass
 class Outcome:
     """Result of running one sample under one knob configuration."""

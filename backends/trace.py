@@ -25,7 +25,7 @@ import numpy as np
 
 from backends.base import SPLITS, Sample, check_split
 from backends.knobs import KnobConfig, KnobSpace
-from backends.outcome import Outcome, Stage1State, TokenCounts
+from backends.outcome import Outcome, Stage1State, TokenCounts, expected_token_counts
 
 TRACE_FORMAT_VERSION = 1
 _SCHEMA = """
@@ -239,10 +239,7 @@ class TraceBackend:
         return self._prompt_tokens[(sample.split, sample.sample_id)]
 
     def expected_token_counts(self, sample: Sample, knobs: KnobConfig) -> TokenCounts:
-        return TokenCounts(prompt_tokens=self.prompt_tokens(sample),
-                           vision_tokens_full=self.knob_space.native_vision_tokens,
-                           vision_tokens=self.knob_space.vision_tokens(knobs),
-                           new_tokens=self.expected_new_tokens_by_type.get(sample.question_type, self.expected_new_tokens))
+        return expected_token_counts(self, sample, knobs)
 
     def run_stage1(self, sample: Sample, tier: str | None, token_budget: float = 1.0) -> Stage1State:
         tier = self.knob_space.resolve(KnobConfig(tier=tier, token_budget=token_budget)).tier

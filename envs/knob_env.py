@@ -53,7 +53,8 @@ class KnobEnv(gym.Env):
         self.reward_config = RewardConfig(overshoot_penalty, violation_penalty)
         self.latency = LatencySource(self.backend, latency, estimator=estimator)
         self.question_types = tuple(self.backend.question_types)
-        self._ref_ms, self._range_ms = self._latency_reference()
+        self._typical_cheapest_ms, self._typical_full_ms = self._typical_latencies()
+        self._ref_ms = float(np.median(self._typical_full_ms))  # observation normaliser
         self._warn_if_budget_unreachable()
         self._sample: Sample | None = None
         self._budget_ms: float = self.budget.low_ms
@@ -64,21 +65,20 @@ class KnobEnv(gym.Env):
         # exactly these, so live and replayed envs share the latency normaliser.
         return list(self.backend.samples("validation")[:n])
 
-    def _latency_reference(self) -> tuple[float, tuple[float, float]]:
-        """Estimated latency of the full config (normaliser) and the achievable [min, max] range."""
+    def _typical_latencies(self) -> tuple[np.ndarray, np.ndarray]:
+        """Estimated latency of the cheapest and of the full configuration on each typical input."""
         samples = self._typical_samples()
         cheap, full = self.space.cheapest(), self.space.full()
         lo = self.latency.predict_ms([cheap] * len(samples),
                                      [self.backend.expected_token_counts(s, cheap) for s in samples])
         hi = self.latency.predict_ms([full] * len(samples),
                                      [self.backend.expected_token_counts(s, full) for s in samples])
-        self._typical_cheapest_ms, self._typical_full_ms = np.asarray(lo), np.asarray(hi)
-        return float(np.median(hi)), (float(np.min(lo)), float(np.max(hi)))
+        return np.asarray(lo), np.asarray(hi)
 
     @property
     def achievable_range_ms(self) -> tuple[float, float]:
         """Estimated latency of the cheapest and the most expensive configuration on this device."""
-        return self._range_ms
+        return float(np.min(self._typical_cheapest_ms)), float(np.max(self._typical_full_ms))
 
     @property
     def suggested_budget_ms(self) -> float:
@@ -102,7 +102,7 @@ class KnobEnv(gym.Env):
         return 0.5 * (low + high)
 
     def _warn_if_budget_unreachable(self) -> None:
-        lo, hi = self._range_ms
+        lo, hi = self.achievable_range_ms
         key = (str(self.backend.identity()), str(self.budget), type(self).__name__)
         if key in _WARNED:
             return
@@ -115,8 +115,8 @@ class KnobEnv(gym.Env):
             _WARNED.add(key)
             warnings.warn(f"{msg}: achievable range on this backend and device is "
                           f"{lo:.1f}ms..{hi:.1f}ms; choose a budget inside it, e.g. "
-                          f"budget={self.suggested_budget_ms:.0f}ms (the full configuration does not fit a "
-                          f"typical input, the cheapest fits 95%)", stacklevel=3)
+                          f"budget={self.suggested_budget_ms:.0f}ms (one the full configuration does not fit "
+                          f"on a typical input)", stacklevel=3)
 
     # ---------------------------------------------------------------- episodes
     def _begin_episode(self, seed: int | None, options: dict | None) -> None:
