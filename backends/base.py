@@ -13,7 +13,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from backends.knobs import KnobConfig, KnobSpace
-from backends.outcome import Outcome, Stage1State
+from backends.outcome import Outcome, Stage1State, TokenCounts
 
 SPLITS = ("train", "validation", "test")
 
@@ -50,20 +50,48 @@ def check_split(split: str) -> str:
 
 @runtime_checkable
 class Backend(Protocol):
-    """What envs need from a model. ``run`` equals ``run_stage2(run_stage1(sample, tier), knobs)``."""
+    """The whole backend contract: every member envs, latency_model, the trace recorder and the CLI use.
+
+    Nothing outside a backend probes it with ``hasattr`` / ``getattr``: a member a caller needs is
+    declared here, and every backend (the HF backend, the tiny reference model, the trace replay,
+    test stand-ins) implements all of them. ``run(sample, knobs)`` equals
+    ``run_stage2(run_stage1(sample, knobs.tier, knobs.token_budget), knobs)``.
+    """
 
     knob_space: KnobSpace
     question_types: tuple[str, ...]
     summary_dim: int
+    #: mean generated length per question type index, key ``None`` for all types (training split)
+    expected_new_tokens_by_type: dict
 
     def identity(self) -> dict[str, Any]:
-        """Backend name, model id / path, revision loaded, dtype, device: for caches and run logs."""
+        """Backend name, model id / content revision, dtype, device: for caches and run logs."""
+
+    @property
+    def device(self) -> Any:
+        """The torch device stage runs use (``torch.device('cpu')`` for replayed backends)."""
+
+    def cost_params(self) -> dict[str, float]:
+        """Architecture sizes the analytic latency features scale with (hidden size, experts, ...)."""
+
+    def recorded_estimator_file(self) -> str | None:
+        """A latency estimator stored with replayed data (a trace), or ``None`` for live backends."""
 
     def samples(self, split: str) -> Sequence[Sample]:
         """The fixed samples of a split (``train``, ``validation`` or ``test``)."""
 
-    def run_stage1(self, sample: Sample, tier: str | None) -> Stage1State:
-        """Vision tower at ``tier`` plus decoder block 1 at the model's full top-k."""
+    def sample(self, split: str, sample_id: int) -> Sample:
+        """One sample by id; a ``ValueError`` naming the id and the split's size otherwise."""
+
+    def prompt_tokens(self, sample: Sample) -> int:
+        """Text tokens of the sample's prompt (image placeholders excluded)."""
+
+    def expected_token_counts(self, sample: Sample, knobs: KnobConfig) -> TokenCounts:
+        """Token counts of a run before running it (see :func:`backends.outcome.expected_token_counts`)."""
+
+    def run_stage1(self, sample: Sample, tier: str | None, token_budget: float = 1.0) -> Stage1State:
+        """Vision tower at ``tier`` with ``token_budget`` of its tokens kept, plus decoder block 1 at
+        the model's full top-k."""
 
     def run_stage2(self, state: Stage1State, knobs: KnobConfig) -> Outcome:
         """The rest of the model under ``knobs`` (tier must match the state), then decode and score."""
