@@ -92,6 +92,7 @@ def write_directory_atomically(target: str | Path, write: Callable[[Path], None]
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp creates it private; a written folder (a checkpoint) is meant to be shared
     try:
         write(staging)
     except BaseException:
