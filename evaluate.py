@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from knobgym_cli.build import agent_class_of, build_agent, eval_budgets, make_env
 from knobgym_cli.checkpoints import CHECKPOINT_NAMES, check_checkpoint_matches, checkpoint_file, load_run_checkpoint
-from knobgym_cli.errors import UsageError, fail, run_cli
+from knobgym_cli.errors import CONF_DIR, UsageError, fail, run_cli
 from knobgym_cli.versions import to_jsonable
 
 
@@ -49,7 +49,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
     start = time.perf_counter()
     env, notes = make_env(env_cfg, OmegaConf.to_container(run_cfg.backend, resolve=True), run_cfg.budget, estimator)
     check_checkpoint_matches(ckpt, env, ckpt_path)
-    budgets_ms = eval_budgets(run_cfg.budget, list(cfg.budgets) if cfg.budgets is not None else None)
+    budgets_ms = eval_budgets(group_env(env).budget, list(cfg.budgets) if cfg.budgets is not None else None)
 
     name = ckpt["agent"]
     main_class = agent_class_of(OmegaConf.to_container(run_cfg.agent, resolve=True))
@@ -85,7 +85,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
     return out_dir
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="evaluate")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     try:
         run_evaluation(cfg)

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from knobgym_cli.build import agent_class_of, agent_options, build_agent, eval_budgets, make_env
 from knobgym_cli.checkpoints import checkpoint_file, load_run_checkpoint
-from knobgym_cli.errors import GROUPS, UsageError, fail, run_cli
+from knobgym_cli.errors import CONF_DIR, GROUPS, UsageError, fail, run_cli
 from knobgym_cli.runs import discard_failed_run_dir, is_resume, register_resolvers
 from knobgym_cli.versions import to_jsonable, versions
 
@@ -68,7 +68,6 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
 
     from agents import FitContext, eval_sample_ids, evaluation_only, list_agents
     from backends.io import atomic_write_json
-    from envs.budget import Budget
     from envs.protocols import group_env
     from knobgym_cli.report import compare_agents, write_report
     from knobgym_cli.training import TrainingHooks
@@ -89,7 +88,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
                           split=cfg.train_split)
     if resume_ckpt is not None and resume_ckpt["env_id"] != cfg.env.id:
         raise UsageError(f"run {str(run_dir)!r} was trained on {resume_ckpt['env_id']}, not {cfg.env.id}")
-    budgets_ms = eval_budgets(cfg.budget, cfg.eval.budgets)
+    budget = group_env(env).budget
+    budgets_ms = eval_budgets(budget, cfg.eval.budgets)
     atomic_write_json(run_dir / "versions.json", versions(env))
     writer = SummaryWriter(log_dir=str(run_dir))
     config_dict = OmegaConf.to_container(cfg, resolve=True)
@@ -99,7 +99,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
     hooks = TrainingHooks(env, run_dir, writer, config_dict, OmegaConf.to_container(cfg.eval, resolve=True),
                           budgets_ms, cfg.checkpoint_every, resumed=resumed,
                           best=resume_ckpt["metadata"].get("best_validation_reward", -np.inf) if resumed else -np.inf,
-                          title=f"{name} {cfg.env.id} {Budget.parse(cfg.budget)}")
+                          title=f"{name} {cfg.env.id} {budget}")
     context = FitContext(split=cfg.train_split, sample_pool=cfg.sample_pool, budgets_ms=budgets_ms, hooks=hooks)
     if resumed:
         agent = cls.restore(env, resume_ckpt["state"])
@@ -131,7 +131,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
         writer.add_scalar(f"test/{row['agent']}/violation_rate", row["violation_rate"], 0)
     writer.close()
     meta = {"title": f"{cfg.env.id} / {name} / {cfg.eval.split} split", "env": cfg.env.id, "agent": name,
-            "split": cfg.eval.split, "samples": len(test_ids), "budget": str(Budget.parse(cfg.budget)),
+            "split": cfg.eval.split, "samples": len(test_ids), "budget": str(budget),
             "backend": group_env(env).provenance()["model"], "checkpoint": f"checkpoints/{checkpoint_file('best')}",
             "train": to_jsonable(train_stats), "train_seconds": round(train_seconds, 1),
             "total_seconds": round(time.perf_counter() - start, 1), "notes": notes}
@@ -139,7 +139,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
     print((run_dir / "report.md").read_text(), file=sys.stdout)
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="config")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 

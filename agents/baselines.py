@@ -152,7 +152,8 @@ class GreedyAgent(Agent):
         if key not in self._estimates:
             layout = EnvLayout(env)
             actions = layout.all_actions()
-            self._estimates[key] = (actions, np.asarray(layout.env.estimated_latency_ms(int(sample_id), actions, split)))
+            estimated = layout.env.estimated_latency_ms(int(sample_id), actions, split)
+            self._estimates[key] = (actions, np.asarray(estimated))
         return self._estimates[key]
 
     def act(self, obs, context=None) -> np.ndarray:
@@ -168,8 +169,9 @@ class BanditAgent(Agent):
     """LinUCB contextual bandit: one arm per configuration, context = the first observation + 1.
 
     ``fit`` plays ``rounds`` single-action episodes on the training split (budgets drawn from the
-    env budget's :meth:`~envs.budget.Budget.training_range` with ``budget_jitter``) with the upper-confidence rule ``theta_a . x + alpha * sqrt(x' A_a^-1 x)``; ``act``
-    is greedy on ``theta_a . x``. In a two-stage env the arm is chosen from the stage-1
+    env budget's :meth:`~envs.budget.Budget.training_range` with ``budget_jitter``) with the
+    upper-confidence rule ``theta_a . x + alpha * sqrt(x' A_a^-1 x)``; ``act`` is greedy on
+    ``theta_a . x``. In a two-stage env the arm is chosen from the stage-1
     observation and kept for stage 2.
     """
 

@@ -63,7 +63,7 @@ class GRPOConfig:
       MLP of a few thousand weights);
     - ``entropy_coef`` 0.01 (TRL 0.0): a knob head of 3-5 choices is near-deterministic after a
       few dozen updates, and without a bonus it settles on whatever looked safest first
-      (BENCHMARKS.md, "GRPO entropy bonus", has the measured runs);
+      (BENCHMARKS.md, "Agents", has the measured runs);
     - ``num_iterations`` 4 (TRL 1 reuses nothing; here every group costs model runs while a
       gradient step costs microseconds, so each batch is reused for several clipped steps, which
       is what ``epsilon`` is for).

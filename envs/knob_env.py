@@ -92,7 +92,7 @@ class KnobEnv(gym.Env):
         about 95% of inputs, so a budget-aware controller can keep violations rare. Not the
         middle of :attr:`achievable_range_ms`: its top is the full configuration on the longest
         answers, so its middle can sit above what the full configuration needs on most inputs,
-        where no knob needs to be turned down (BENCHMARKS.md has the tiny model's figures). When
+        where no knob needs to be turned down (BENCHMARKS.md, "Agents", has the tiny model's figures). When
         the two do not leave a gap (long answers cost more than the whole knob range saves), the
         middle of the cheapest and the full configuration's medians.
         """

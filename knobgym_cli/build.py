@@ -48,11 +48,12 @@ def make_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator_spec: str 
     return env, notes
 
 
-def eval_budgets(budget: Any, budgets: Sequence[Any] | None = None) -> list[float]:
-    """Evaluation budgets in ms: the given list, else the train budget's evaluation budgets."""
+def eval_budgets(env_budget: Budget, budgets: Sequence[Any] | None = None) -> list[float]:
+    """Evaluation budgets in ms: the given list (parsed here, at the boundary), else the env
+    budget's :meth:`~envs.budget.Budget.evaluation_budgets`."""
     if budgets:
         return [Budget.parse(b).fixed_ms for b in budgets]
-    return Budget.parse(budget).evaluation_budgets()
+    return env_budget.evaluation_budgets()
 
 
 def agent_class_of(agent_cfg: dict) -> type[Agent]:

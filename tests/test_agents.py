@@ -215,7 +215,7 @@ def test_oracle_is_an_upper_bound_per_sample(multiknob):
 def test_context_agents_explain_what_they_need(multiknob):
     with pytest.raises(ValueError, match="needs an EpisodeContext"):
         agents.make_agent("greedy", multiknob).act(np.zeros(multiknob.observation_space.shape, np.float32))
-    with pytest.raises(ValueError, match="unknown agent 'nope'; accepted: bandit, greedy, grpo"):
+    with pytest.raises(ValueError, match="unknown agent 'nope'; accepted: bandit, .*greedy, grpo"):
         agents.make_agent("nope", multiknob)
     with pytest.raises(ValueError, match=r"unknown bandit option\(s\) \['gamma'\]"):
         agents.make_agent("bandit", multiknob, gamma=1.0)
