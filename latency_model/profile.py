@@ -329,16 +329,6 @@ def write_profile(data: ProfileData, path: str | os.PathLike) -> Path:
     return path
 
 
-def knob_space_from_dict(d: dict) -> KnobSpace:
-    """Inverse of ``KnobSpace.as_dict``."""
-    return KnobSpace(model_class=d["model_class"], tiers={str(k): int(v) for k, v in d["tiers"].items()},
-                     native_vision_tokens=int(d["native_vision_tokens"]),
-                     token_budgets=tuple(float(b) for b in d["token_budgets"]),
-                     top_ks=tuple(int(k) for k in d["top_ks"]), full_top_k=d["full_top_k"],
-                     num_experts=d["num_experts"], depths=tuple(int(x) for x in d["depths"]),
-                     num_layers=int(d["num_layers"]))
-
-
 def _decode_row(raw: dict, path: Path, line: int) -> dict:
     def opt_int(s):
         return None if s == "" else int(s)
@@ -381,7 +371,7 @@ def read_profile(path: str | os.PathLike) -> ProfileData:
     if not rows:
         raise ValueError(f"latency profile {str(path)!r} has no rows")
     return ProfileData(rows=rows, device=meta["device"], backend=meta["backend"],
-                       knob_space=knob_space_from_dict(meta["knob_space"]), cost_params=meta["cost_params"],
+                       knob_space=KnobSpace.from_dict(meta["knob_space"]), cost_params=meta["cost_params"],
                        settings=meta.get("settings", {}))
 
 
