@@ -101,7 +101,7 @@ class GRPOConfig:
         self.scale_rewards = normalize_scale_rewards(self.scale_rewards)
         positive_ints = ("num_generations", "num_iterations", "batch_size", "ref_model_sync_steps")
         for name in positive_ints:
-            v = getattr(self, name)
+            v = vars(self)[name]
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} is invalid; accepted: an integer >= 1")
         if self.num_generations < 2:
@@ -110,11 +110,11 @@ class GRPOConfig:
         if isinstance(self.total_updates, bool) or not isinstance(self.total_updates, int) or self.total_updates < 0:
             raise ValueError(f"total_updates={self.total_updates!r} is invalid; accepted: an integer >= 0")
         for name in ("epsilon", "learning_rate", "temperature"):
-            v = getattr(self, name)
+            v = vars(self)[name]
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}={v!r} is invalid; accepted: a finite number > 0")
         for name in ("beta", "entropy_coef", "max_grad_norm", "budget_jitter"):
-            v = getattr(self, name)
+            v = vars(self)[name]
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name}={v!r} is invalid; accepted: a finite number >= 0")
         if self.budget_jitter >= 1:

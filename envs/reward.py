@@ -43,7 +43,7 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         for name in ("overshoot_penalty", "violation_penalty"):
-            v = getattr(self, name)
+            v = vars(self)[name]
             if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= MAX_PENALTY):
                 raise ValueError(f"{name}={v!r} is invalid; accepted: a number in [0, {MAX_PENALTY:g}]")
 
