@@ -130,12 +130,17 @@ class Budget:
         return float(self.low_ms)
 
     def training_range(self, jitter: float) -> "Budget":
-        """The budgets a training episode draws from: the range itself, or a fixed budget widened
-        by ``jitter`` on each side (``[b * (1 - jitter), b * (1 + jitter)]``), so the budget feature
-        varies during training. ``0 <= jitter < 1``."""
+        """The budgets a training episode draws from: ``[low * (1 - jitter), high * (1 + jitter)]``.
+
+        A fixed budget becomes a range around it, so the budget feature varies during training;
+        a range is widened the same way, so its ends, where the evaluation reports, lie inside
+        the training distribution rather than at its edge (a policy trained on exactly
+        ``[low, high]`` sees few episodes near ``low`` and was measured to violate there:
+        BENCHMARKS.md, "Budget conditioning"). ``0 <= jitter < 1``; 0 trains on the budget as given.
+        """
         if not (_is_number(jitter) and 0 <= float(jitter) < 1):
             raise ValueError(f"budget_jitter={jitter!r} is invalid; accepted: 0 <= jitter < 1")
-        if self.is_range or jitter == 0:
+        if jitter == 0:
             return self
         return Budget(max(MIN_BUDGET_MS, self.low_ms * (1 - float(jitter))),
                       min(MAX_BUDGET_MS, self.high_ms * (1 + float(jitter))))
