@@ -1,0 +1,59 @@
+"""README "Extending knobgym / A new KV policy": a policy defined in one file gets a working env via gym.make."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import envs
+from backends.kv import KVPolicy, register_kv_policy
+from envs.kv_conf import CONF_DIR, kv_env_conf_text, kv_env_ids
+
+
+# --- the README example, verbatim: one small class that overrides score() ---------------------
+@register_kv_policy
+@dataclass(frozen=True)
+class ValueNormWindow(KVPolicy):
+    """Keep the ``n_recent`` newest tokens plus the older tokens with the largest value norms."""
+
+    n_recent: int = 8
+
+    def score(self, positions, keys, values):
+        scores = values.float().norm(dim=-1).mean(dim=(0, 1))
+        scores[-self.n_recent:] = float("inf")  # the newest tokens always stay
+        return scores
+
+
+def test_a_policy_defined_here_runs_an_episode_through_gym_make():
+    ids = envs.register_kv_envs()  # explicit: the registry loop now includes ValueNormWindow
+    assert "KV-ValueNormWindow-v0" in ids
+    env = gym.make("KV-ValueNormWindow-v0", budget="11ms+100tok", episode_tokens=64, chunk_tokens=16,
+                   tpot_model={"base_ms": 10.0, "per_slot_ms": 0.01, "per_prune_ms": 1.0})
+    # The grid comes from the env: window and compress_every by default, n_recent fixed at its default.
+    assert env.unwrapped.knob_grid == {"window": (32, 64, 128, 256), "compress_every": (1, 8, 32, 64),
+                                       "n_recent": (8,)}
+    obs, first = env.reset(seed=0, options={"sample_id": 0})
+    steps, done = 0, False
+    while not done:
+        obs, reward, done, truncated, info = env.step(np.array([0, 0, 0]))  # window=32, compress_every=1
+        steps += 1
+        assert np.isfinite(reward) and env.observation_space.contains(obs) and not truncated
+        assert info["knobs"] == {"window": 32, "compress_every": 1, "n_recent": 8}
+    assert steps == first["episode_steps"] == 4 and max(info["cache_length"]) == 33
+
+
+def test_value_norm_window_keeps_recent_and_largest_values():
+    values = torch.ones(1, 1, 10, 2)
+    values[0, 0, [2, 4]] = 5.0
+    assert ValueNormWindow(2, window=4).keep_indices(torch.arange(10), values, values).tolist() == [2, 4, 8, 9]
+
+
+def test_conf_env_entries_are_the_generated_ones():
+    shipped = ["StreamingKV-v0", "KV-SinkWindow-v0", "KV-KeyNormWindow-v0"]  # ids of the policies in backends/kv
+    assert set(shipped) <= set(kv_env_ids())
+    for env_id in shipped:
+        path = CONF_DIR / f"{env_id}.yaml"
+        assert path.read_text() == kv_env_conf_text(env_id), f"regenerate with `python -m envs.kv_conf`: {path}"
