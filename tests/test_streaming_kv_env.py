@@ -278,3 +278,16 @@ def test_estimated_mode_uses_the_cached_estimator_of_this_device(model, document
     first.reset(seed=0)
     info = first.step(np.array([0, 0, 0]))[4]
     assert info["tpot_ms"] == pytest.approx(float(np.mean(cached.predict(np.zeros(8), info["cache_length"]))))
+
+
+def test_env_pickles_mid_episode_and_continues_identically(model, documents):
+    import pickle
+
+    env = small_env(model, documents)
+    env.reset(seed=0, options={"sample_id": 1})
+    env.step(np.array([1, 0, 0]))
+    copy = pickle.loads(pickle.dumps(env))
+    for action in ([0, 1, 2], [2, 0, 1]):
+        mine, theirs = env.step(np.array(action)), copy.step(np.array(action))
+        np.testing.assert_array_equal(mine[0], theirs[0])
+        assert mine[1] == theirs[1]
