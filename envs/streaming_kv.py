@@ -40,6 +40,11 @@ Budget: ``budget=None`` (default) uses :attr:`StreamingKVEnv.suggested_budget_ms
 that binds on this device. A fixed budget outside the achievable TPOT range is warned about once,
 with the range and the suggestion.
 
+Groups (what a GRPO-style agent needs, deterministic in estimated mode):
+:meth:`StreamingKVEnv.evaluate_episode_group` scores whole-episode action sequences on one
+episode (shared prefixes stream once), :meth:`StreamingKVEnv.evaluate_chunk_group` scores
+candidate actions for the next chunk from the current cache without advancing.
+
 Episode end: ``terminated`` after ``episode_tokens // chunk_tokens`` steps (a last, shorter chunk
 when it does not divide); never truncated.
 
@@ -377,7 +382,7 @@ class StreamingKVEnv(gym.Env):
         if self._streamer.remaining == 0:
             raise ValueError("step() called after the episode ended; accepted: call reset() first")
         policy = self.policy_for(action)
-        reward, info, trace = self._play_chunk(self._streamer, policy)
+        reward, info, trace = self._play_chunk(self._streamer, policy, self._budget_ms, self._cap_tokens)
         self._episode_nll.extend(trace.nll.tolist())
         self._last_nll, self._last_tpot = trace.nll, info["tpot_ms"]
         terminated = self._streamer.remaining == 0
@@ -393,10 +398,57 @@ class StreamingKVEnv(gym.Env):
         if self._streamer is None or self._streamer.remaining == 0:
             raise ValueError("evaluate_chunk_group() needs a running episode; accepted: call reset() first")
         policies = [self.policy_for(a) for a in actions]
-        results = [self._play_chunk(self._streamer.fork(), policy) for policy in policies]
+        results = [self._play_chunk(self._streamer.fork(), policy, self._budget_ms, self._cap_tokens)
+                   for policy in policies]
         return np.array([r for r, _, _ in results], dtype=np.float64), [info for _, info, _ in results]
 
-    def _play_chunk(self, streamer: DocumentStreamer, policy: KVPolicy):
+    def evaluate_episode_group(self, sample_id: int, budget: Any, action_sequences: Sequence,
+                               split: str | None = None) -> tuple[np.ndarray, list[list[dict]]]:
+        """Returns (sum of chunk rewards) and per-chunk infos of whole-episode action sequences on one episode.
+
+        Each sequence (``episode_steps`` actions) is scored as if it were its own episode started with
+        ``reset(options={"sample_id": sample_id, "split": split, "budget": budget})``; sequences that
+        share their first chunks share the streaming of those chunks (the cache is forked where they
+        part). ``budget`` must have one fixed TPOT value. The env's own episode is not touched.
+        """
+        split = self.split if split is None else split
+        size = self.num_samples(split)
+        if isinstance(sample_id, (bool, np.bool_)) or not isinstance(sample_id, (int, np.integer)) \
+                or not 0 <= sample_id < size:
+            raise ValueError(f"sample_id={sample_id!r} is invalid; accepted: an integer in [0, {size}) "
+                             f"(episodes in split {split!r})")
+        parsed = KVBudget.parse(budget)
+        if parsed.tpot.is_range:
+            raise ValueError(f"budget={budget!r} is invalid for a group; accepted: one fixed TPOT budget")
+        sequences = [list(sequence) for sequence in action_sequences]
+        bad = [i for i, sequence in enumerate(sequences) if len(sequence) != self.episode_steps]
+        if bad:
+            raise ValueError(f"action sequence {bad[0]} has {len(sequences[bad[0]])} actions; accepted: "
+                             f"episode_steps={self.episode_steps} actions per sequence")
+        policies = [[self.policy_for(action) for action in sequence] for sequence in sequences]
+        budget_ms, cap = float(parsed.tpot.low_ms), parsed.cap_tokens(self.bytes_per_token)
+        doc_index, start = self.windows[split][int(sample_id)]
+        returns, infos = np.zeros(len(sequences)), [[] for _ in sequences]
+
+        def play(streamer: DocumentStreamer, depth: int, members: list[int]) -> None:
+            if depth == self.episode_steps:
+                return
+            branches: dict[KVPolicy, list[int]] = {}
+            for i in members:
+                branches.setdefault(policies[i][depth], []).append(i)
+            for n, (policy, group) in enumerate(branches.items()):
+                branch = streamer if n == len(branches) - 1 else streamer.fork()
+                reward, info, _ = self._play_chunk(branch, policy, budget_ms, cap)
+                for i in group:
+                    returns[i] += reward
+                    infos[i].append(info)
+                play(branch, depth + 1, group)
+
+        play(DocumentStreamer(self.model, self.documents[doc_index][start:start + self.episode_tokens + 1],
+                              threads=self.threads), 0, list(range(len(sequences))))
+        return returns, infos
+
+    def _play_chunk(self, streamer: DocumentStreamer, policy: KVPolicy, budget_ms: float, cap_tokens: int | None):
         first_seen = streamer.cursor
         trace = streamer.advance(self.chunk_tokens, policy)
         prune_steps = np.zeros(trace.num_tokens)
@@ -408,18 +460,18 @@ class StreamingKVEnv(gym.Env):
             tpot_ms = float(np.median(trace.step_ms))
         mean_nll = float(trace.nll.mean())
         score = float(np.clip(1.0 - mean_nll / math.log(self.vocab_size), 0.0, 1.0))
-        reward, tpot_violated = compute_reward(score, tpot_ms, self._budget_ms, self.reward_config)
+        reward, tpot_violated = compute_reward(score, tpot_ms, budget_ms, self.reward_config)
         peak = int(trace.cache_length.max())
         kv_violated = False
-        if self._cap_tokens is not None:
-            penalty, kv_violated = compute_reward(0.0, peak / self._cap_tokens, 1.0, self.reward_config)
+        if cap_tokens is not None:
+            penalty, kv_violated = compute_reward(0.0, peak / cap_tokens, 1.0, self.reward_config)
             reward += penalty
         # Wall-clock figures appear in info only in measured mode, so estimated mode stays deterministic.
         info = {
             "policy": str(policy), "knobs": policy.knobs(), "nll": trace.nll.copy(), "mean_nll": mean_nll,
-            "score": score, "tpot_ms": tpot_ms, "latency_mode": self.latency, "budget_ms": self._budget_ms,
+            "score": score, "tpot_ms": tpot_ms, "latency_mode": self.latency, "budget_ms": budget_ms,
             "violated": bool(tpot_violated or kv_violated), "tpot_violated": tpot_violated,
-            "kv_violated": kv_violated, "kv_cap_tokens": self._cap_tokens, "peak_kv_tokens": peak,
+            "kv_violated": kv_violated, "kv_cap_tokens": cap_tokens, "peak_kv_tokens": peak,
             "peak_kv_bytes": peak * self.bytes_per_token, "cache_length": trace.cache_length.copy(),
             "prune_events": [dataclasses.asdict(e) for e in trace.prune_events],
         }

@@ -291,3 +291,25 @@ def test_env_pickles_mid_episode_and_continues_identically(model, documents):
         mine, theirs = env.step(np.array(action)), copy.step(np.array(action))
         np.testing.assert_array_equal(mine[0], theirs[0])
         assert mine[1] == theirs[1]
+
+
+def test_episode_group_equals_separate_episodes_and_shares_prefixes(model, documents, monkeypatch):
+    env = small_env(model, documents)
+    first = [[0, 0, 0]] * 8
+    sequences = [first, first[:4] + [[2, 3, 3]] * 4, [[1, 1, 1]] * 8]
+    forwards = []
+    real = StreamingKVEnv._play_chunk
+    monkeypatch.setattr(StreamingKVEnv, "_play_chunk", lambda self, *a: forwards.append(1) or real(self, *a))
+    returns, infos = env.evaluate_episode_group(1, "2.4ms+40tok", sequences, split="validation")
+    assert len(forwards) == 8 + 4 + 8  # the second sequence shares its first 4 chunks with the first
+    monkeypatch.setattr(StreamingKVEnv, "_play_chunk", real)
+    for sequence, total, chunk_infos in zip(sequences, returns, infos):
+        env.reset(seed=3, options={"sample_id": 1, "split": "validation", "budget": "2.4ms+40tok"})
+        rewards = [env.step(np.array(action))[1] for action in sequence]
+        assert total == pytest.approx(sum(rewards), abs=1e-12) and len(chunk_infos) == 8
+    with pytest.raises(ValueError, match="accepted: one fixed TPOT budget"):
+        env.evaluate_episode_group(0, "[2ms,3ms]", sequences)
+    with pytest.raises(ValueError, match="has 1 actions; accepted: episode_steps=8"):
+        env.evaluate_episode_group(0, "2ms", [[[0, 0, 0]]])
+    with pytest.raises(ValueError, match="outside the action space"):
+        env.evaluate_episode_group(0, "2ms", [[[0.5, 0, 0]] * 8])
