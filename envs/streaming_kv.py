@@ -34,7 +34,8 @@ Latency modes (:data:`latency_model.modes.LATENCY_MODES`):
 
 * ``estimated`` (default): TPOT from the model's :class:`latency_model.tpot.TpotEstimator`,
   profiled once per device and cached, so an episode gets the same rewards in every process;
-* ``measured``: the wall-clock median forward time of the chunk (nondeterministic).
+* ``measured``: the wall-clock median forward time of the chunk (nondeterministic); the
+  estimator still gives the achievable range and the suggested budget.
 
 Budget: ``budget=None`` (default) uses :attr:`StreamingKVEnv.suggested_budget_ms`, a TPOT budget
 that binds on this device. A fixed budget outside the achievable TPOT range is warned about once,
