@@ -2,7 +2,8 @@
 
 ``python -m envs.kv_conf [conf/env]`` (re)writes ``<id>.yaml`` for ``StreamingKV-v0`` and every
 ``KV-<Policy>-v0`` registered by ``import envs``, in the format the CLI reads (``id:`` and
-``kwargs:``); ``tests/test_extending_kv.py`` checks the committed files match. The kwargs are the
+``kwargs:``); ``tests/test_extending_kv.py`` checks them. Not written into conf/env yet: the
+CLI's ``EnvLayout`` cannot train a KV env before the agents refactor (issue #16). The kwargs are the
 env's episode shape and reward coefficients; the budget comes from the CLI's ``budget=`` (a
 :class:`~envs.budget.KVBudget` form for these envs).
 """
