@@ -17,8 +17,3 @@ __all__ = ["COST_PARAM_KEYS", "LATENCY_MODES", "FEATURE_NAMES", "METHODS", "Cost
            "EstimatorMismatchWarning", "LatencyEstimator", "ProfileData", "ProfileSettings", "default_cache_dir",
            "device_fingerprint", "fit_estimator", "get_estimator", "held_out_report", "profile_backend",
            "read_profile"]
-
-# The KV side's per-token (TPOT) estimator, on the same cache rails (latency_model/tpot.py).
-from latency_model.tpot import TpotEstimator, TpotSettings, get_tpot_estimator  # noqa: E402
-
-__all__ += ["TpotEstimator", "TpotSettings", "get_tpot_estimator"]
