@@ -33,7 +33,8 @@ says which limit was violated (``violated``, ``tpot_violated``, ``kv_violated``)
 Latency modes (:data:`latency_model.modes.LATENCY_MODES`):
 
 * ``estimated`` (default): TPOT from the model's :class:`latency_model.tpot.TpotEstimator`,
-  profiled once per device and cached, so an episode gets the same rewards in every process;
+  profiled once per device and cached, so an episode gets the same rewards in every process
+  (its profile's noise is in the budget warning and in ``reset``'s info, ``tpot_noise_pct``);
 * ``measured``: the wall-clock median forward time of the chunk (nondeterministic); the
   estimator still gives the achievable range and the suggested budget.
 
@@ -374,7 +375,8 @@ class StreamingKVEnv(gym.Env):
         self._last_nll = np.zeros(1)
         self._last_tpot = 0.0
         info = {"split": split, "sample_id": sample_id, "document": doc_index, "start": start,
-                "budget_ms": self._budget_ms, "kv_cap_tokens": self._cap_tokens, "episode_steps": self.episode_steps}
+                "budget_ms": self._budget_ms, "kv_cap_tokens": self._cap_tokens, "episode_steps": self.episode_steps,
+                "tpot_noise_pct": self.tpot_model.noise_pct}
         return self._observation(), info
 
     def step(self, action):
