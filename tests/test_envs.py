@@ -191,7 +191,7 @@ def test_suggested_budget_binds_the_full_configuration_and_fits_the_cheapest(mak
     if np.percentile(cheapest, 95) < np.median(full):  # the usual case: a gap between the two
         assert np.mean(cheapest <= budget) >= 0.9
     low, high = env.suggested_budget_range_ms  # the range for a budget-conditioned controller
-    assert lo <= low < budget < high <= hi and budget == pytest.approx(0.5 * (low + high))
+    assert lo <= low <= budget <= high <= hi and low < high
 
 
 def test_nonfinite_logits_score_zero_and_are_flagged(make, tiny_backend, budgets):
