@@ -19,7 +19,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from agents.runs import (CHECKPOINT_NAMES, UsageError, check_checkpoint_matches, eval_budgets, fail,
+from agents.runs import (CHECKPOINT_NAMES, UsageError, check_checkpoint_matches, eval_budgets,
                          fit_agent, load_checkpoint, make_env, run_cli, to_jsonable)
 
 
@@ -91,10 +91,10 @@ def run_evaluation(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base=None, config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
+    from knobgym_cli.guard import one_line_errors
+
+    with one_line_errors():  # bad values exit 2, anything unexpected 1: one line each
         run_evaluation(cfg)
-    except ValueError as exc:
-        fail(str(exc))
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -23,7 +23,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from agents.runs import (GROUPS, UsageError, discard_failed_run_dir, eval_budgets, fail, fit_agent,
+from agents.runs import (GROUPS, UsageError, discard_failed_run_dir, eval_budgets, fit_agent,
                          is_resume, load_checkpoint, make_env, register_resolvers, save_checkpoint, to_jsonable,
                          run_cli, versions)
 from envs.budget import Budget
@@ -232,12 +232,14 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from knobgym_cli.guard import hold_run_folder, one_line_errors
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
+    # The folder is locked while this process trains in it; any failure is one line, and a folder
+    # this process created is removed when it fails before the first checkpoint.
+    with hold_run_folder(run_dir, HydraConfig.get().output_subdir), \
+            one_line_errors(on_failure=lambda: discard_failed_run_dir(run_dir)):
         run_training(cfg, run_dir)
-    except ValueError as exc:  # our bad-value errors (UsageError, KnobError, budget, options): one line
-        discard_failed_run_dir(run_dir)
-        fail(str(exc))
 
 
 def cli(argv: list[str] | None = None) -> None:
