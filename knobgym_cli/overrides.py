@@ -172,9 +172,10 @@ def _default_agent(config_name: str) -> str | None:
 
 
 def _agent_names() -> list[str]:
+    """Registered agents and those with a ``conf/agent`` yaml."""
     from agents import list_agents
 
-    return list(list_agents())
+    return sorted(set(list_agents()) | {p.stem for p in (CONF_DIR / "agent").glob("*.yaml")})
 
 
 def check_typed_overrides(argv: Sequence[str], config_name: str) -> None:
@@ -235,7 +236,9 @@ def check_agent_options(agent: str, options: dict[str, tuple[Any, str]], prefix:
     from omegaconf import OmegaConf
 
     path = CONF_DIR / "agent" / f"{agent}.yaml"
-    defaults = OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.exists() else {}
+    if not path.exists():  # an agent configured outside conf/ (hydra.searchpath) checks its own options
+        return
+    defaults = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     defaults.pop("name", None)
     declared = AGENT_OPTIONS.get(agent, {})
     known = set(defaults) | set(declared) | {"seed"}
