@@ -38,11 +38,6 @@ def test_the_stand_in_backend_satisfies_the_contract_and_steps(random_tiny_check
     assert backend.run(sample, knobs).answer == backend.run(sample, knobs).answer  # deterministic
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "RSS grows steadily after warm-up: the tiny data's per-split sample cache (backends/tiny/backend.py "
-    "LazySplit, an lru_cache of 8,192 rendered samples) and the outcome memo (200,000 entries) are bounded "
-    "by count at sizes that together exceed 50 MB; bound both by memory, then drop this marker "
-    "(BENCHMARKS.md / the h13c report have the measured growth)"))
 def test_rss_is_flat_within_50_mb_over_20000_estimated_steps(tmp_path):
     out = tmp_path / "memory.json"
     result = subprocess.run([sys.executable, str(REPO / "bench" / "memory.py"), "--steps", "20000", "--warmup",
