@@ -227,3 +227,14 @@ def test_resume_with_a_damaged_latest_and_best_recovers_and_says_so(trained_run,
     assert read_checkpoint(latest)["metadata"]["step"] == 3  # continued from latest.prev (step 2)
     report = read_report(run / "report.json")  # written afresh, checksum valid
     assert report["checkpoint"].startswith("checkpoints/") and {r["agent"] for r in report["rows"]} >= {"grpo"}
+
+
+def test_evaluate_refuses_a_checkpoint_of_another_agent(trained_run, tmp_path):
+    run = copy_of(trained_run, tmp_path)
+    path = run / "checkpoints" / "best.safetensors"
+    ckpt = read_checkpoint(path)
+    write_checkpoint(path, "bandit", ckpt["env_id"], {"weights": torch.zeros(2)}, ckpt["metadata"])
+    result = run_cli("evaluate.py", [f"run={run}"], tmp_path)
+    assert result.returncode == 2
+    lines = error_lines(result)
+    assert len(lines) == 1 and "holds a 'bandit' agent but the run's config names 'grpo'" in lines[0], result.stderr

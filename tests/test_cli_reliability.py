@@ -126,8 +126,8 @@ def test_resume_of_a_missing_or_empty_folder_names_the_path(tmp_path):
     (["sample_pool=-3"], "sample_pool=-3 is invalid"),
     (["agent.total_updates=-1"], "agent.total_updates=-1 is invalid"),
     (["resume=does/not/exist"], "resume=does/not/exist: no such run folder 'does/not/exist'"),
-    (["budget=1e-310ms"], "budget"),
-    (["budget=1e-300ms"], "budget"),
+    (["budget=1e-310ms"], "invalid budget '1e-310ms': must be between 0.01 ms and 3600000 ms"),
+    (["budget=1e-300ms"], "invalid budget '1e-300ms': must be between 0.01 ms and 3600000 ms"),
 ])
 def test_cli_bad_input_is_one_line_exit_2_and_no_folder(tmp_path, args, expected):
     result = run_cli("train.py", args, tmp_path)
@@ -154,6 +154,14 @@ def test_cli_bad_value_found_late_removes_the_folder(tmp_path, random_tiny_check
             "+env.kwargs.latency=wallclock"]
     result = run_cli("train.py", args, tmp_path)
     assert result.returncode == 2 and "wallclock" in one_error_line(result)
+    assert not [p for p in (tmp_path / "runs").glob("*/*/*")]
+
+
+def test_cli_missing_model_is_one_line_exit_2(tmp_path):
+    """ModelNotAvailableError is a ValueError: a model path that does not exist is a bad value."""
+    result = run_cli("train.py", [f"backend.checkpoint={tmp_path / 'no-model'}"], tmp_path)
+    assert result.returncode == 2
+    assert f"local model path '{tmp_path / 'no-model'}' does not exist" in one_error_line(result)
     assert not [p for p in (tmp_path / "runs").glob("*/*/*")]
 
 
