@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from knobgym_cli.build import agent_class_of, build_agent, eval_budgets, make_env
 from knobgym_cli.checkpoints import CHECKPOINT_NAMES, check_checkpoint_matches, checkpoint_file, load_run_checkpoint
-from knobgym_cli.errors import CONF_DIR, UsageError, fail, run_cli
+from knobgym_cli.errors import CONF_DIR, UsageError, run_cli
 from knobgym_cli.versions import to_jsonable
 
 
@@ -87,10 +87,10 @@ def run_evaluation(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    try:
+    from knobgym_cli.guard import one_line_errors
+
+    with one_line_errors():  # bad values exit 2, anything unexpected 1: one line each
         run_evaluation(cfg)
-    except ValueError as exc:
-        fail(str(exc))
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -24,8 +24,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from knobgym_cli.build import agent_class_of, agent_options, build_agent, eval_budgets, make_env
-from knobgym_cli.checkpoints import checkpoint_file, load_run_checkpoint
-from knobgym_cli.errors import CONF_DIR, GROUPS, UsageError, fail, run_cli
+from knobgym_cli.checkpoints import checkpoint_file, read_with_fallback
+from knobgym_cli.errors import CONF_DIR, GROUPS, UsageError, run_cli
 from knobgym_cli.runs import discard_failed_run_dir, is_resume, register_resolvers
 from knobgym_cli.versions import to_jsonable, versions
 
@@ -40,12 +40,11 @@ def resumed_config(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, dict]:
     """
     from hydra.core.hydra_config import HydraConfig
 
-    ckpt_path = run_dir / "checkpoints" / checkpoint_file("latest")
-    if not ckpt_path.exists():
-        raise UsageError(f"resume={cfg.resume!r}: no checkpoints/{ckpt_path.name} found (looked in {str(run_dir)!r}); "
-                         f"accepted: resume=true with an earlier run of env {cfg.env.id} and agent {cfg.agent.name} "
-                         f"under {cfg.runs_dir!r}, or resume=<run dir>")
-    ckpt = load_run_checkpoint(ckpt_path)
+    if not any((run_dir / "checkpoints").glob(checkpoint_file("*"))):
+        raise UsageError(f"resume={cfg.resume!r}: no checkpoints/{checkpoint_file('latest')} found (looked in "
+                         f"{str(run_dir)!r}); accepted: resume=true with an earlier run of env {cfg.env.id} and "
+                         f"agent {cfg.agent.name} under {cfg.runs_dir!r}, or resume=<run dir>")
+    ckpt, _ = read_with_fallback(run_dir, "latest")  # a damaged latest: the last valid one, said so
     saved = OmegaConf.create(ckpt["metadata"]["config"])
     for override in HydraConfig.get().overrides.task:
         key = override.split("=", 1)[0].lstrip("+~")
@@ -132,7 +131,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
     writer.close()
     meta = {"title": f"{cfg.env.id} / {name} / {cfg.eval.split} split", "env": cfg.env.id, "agent": name,
             "split": cfg.eval.split, "samples": len(test_ids), "budget": str(budget),
-            "backend": group_env(env).provenance()["model"], "checkpoint": f"checkpoints/{checkpoint_file('best')}",
+            "backend": group_env(env).provenance()["model"],
+            "checkpoint": f"checkpoints/{hooks.reported_checkpoint.name}",
             "train": to_jsonable(train_stats), "train_seconds": round(train_seconds, 1),
             "total_seconds": round(time.perf_counter() - start, 1), "notes": notes}
     write_report(run_dir, rows, meta, main_agent=name)
@@ -143,12 +143,14 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from knobgym_cli.guard import hold_run_folder, one_line_errors
+
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
+    # The folder is locked while this process trains in it; any failure is one line, and a folder
+    # this process created is removed when it fails before the first checkpoint.
+    with hold_run_folder(run_dir, HydraConfig.get().output_subdir), \
+            one_line_errors(on_failure=lambda: discard_failed_run_dir(run_dir)):
         run_training(cfg, run_dir)
-    except ValueError as exc:  # our bad-value errors (UsageError, KnobError, budget, options): one line
-        discard_failed_run_dir(run_dir)
-        fail(str(exc))
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -241,7 +241,7 @@ def generation_settings_from_dict(options: Mapping[str, Any] | None) -> Generati
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-class ModelNotAvailableError(FileNotFoundError):
+class ModelNotAvailableError(FileNotFoundError, ValueError):  # ValueError: the CLI reports one line, exit 2
     """The model is not on disk (and we do not download at run time)."""
 
 

@@ -9,6 +9,8 @@ latencies, rewards and infos, so every env scores the same way. Knob envs implem
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import warnings
 from typing import Any, Sequence
 
@@ -48,6 +50,9 @@ class KnobEnv(gym.Env):
                  estimator=None, backend_options: dict | None = None):
         super().__init__()
         self.split = check_split(split)
+        # How to load the backend again in another process (see __getstate__); None: an object was given.
+        self._backend_spec = (backend, dict(backend_options or {})) if backend is None or isinstance(
+            backend, (str, dict)) else None
         self.backend = load_backend(backend, **(backend_options or {}))
         self.space = self.backend.knob_space
         self.budget = Budget.parse(budget)
@@ -138,6 +143,41 @@ class KnobEnv(gym.Env):
                           f"on a typical input), or a range to train one controller for all of them, "
                           f"budget=[{self.suggested_budget_range_ms[0]:.0f}ms,{self.suggested_budget_range_ms[1]:.0f}ms]",
                           stacklevel=3)
+
+    # ---------------------------------------------------------------- pickling
+    # Envs pickle (multiprocessing, SubprocVecEnv, Ray): the loaded backend (a model with hooks) is
+    # dropped and loaded again from its spec through ``load_backend`` (cached per process); the
+    # stage runner holds only memos of that backend, so the copy gets a new, empty one; everything
+    # else, the episode included, is kept.
+    _NOT_PICKLED = ("runner",)
+
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in self._NOT_PICKLED}
+        state["_memoise_outcomes"] = self.runner.memoise_outcomes
+        if self._backend_spec is not None:
+            state["backend"] = None
+            spec = state.get("spec")
+            if spec is not None and not isinstance(spec.kwargs.get("backend", ""), (str, dict, type(None))):
+                state["spec"] = dataclasses.replace(spec, kwargs={**spec.kwargs, "backend": self._backend_spec[0]})
+        else:
+            try:
+                pickle.dumps(self.backend)
+            except Exception as exc:
+                raise pickle.PicklingError(
+                    f"{type(self).__name__} holds a {type(self.backend).__name__} object passed in as backend=, "
+                    f"which does not pickle ({exc}); accepted: make the env with backend=<name> or a dict "
+                    f"with 'name' and options, so it loads the backend again through load_backend") from None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        memoise_outcomes = state.pop("_memoise_outcomes")
+        self.__dict__.update(state)
+        if self._backend_spec is not None:
+            backend, options = self._backend_spec
+            self.backend = load_backend(backend, **options)
+            self.space = self.backend.knob_space
+        self.runner = StageRunner(self.backend, memoise_outcomes=memoise_outcomes)
 
     # ---------------------------------------------------------------- episodes
     def _begin_episode(self, seed: int | None, options: dict | None) -> None:

@@ -36,11 +36,12 @@ def make_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator_spec: str 
     from envs.registry import check_env_id
 
     check_env_id(env_cfg["id"])
-    backend = load_backend(dict(backend_cfg))
+    backend_spec = dict(backend_cfg)
+    backend = load_backend(backend_spec)  # cached: the env gets the same object from the same spec
     estimator = import_callable(estimator_spec)(backend) if estimator_spec else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        env = gym.make(env_cfg["id"], backend=backend, budget=budget, split=split, estimator=estimator,
+        env = gym.make(env_cfg["id"], backend=backend_spec, budget=budget, split=split, estimator=estimator,
                        **dict(env_cfg.get("kwargs") or {}))
     notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     for note in notes:

@@ -81,6 +81,9 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
         if key == "budgets":
             for item in parse_budget_list(value):
                 Budget.parse(item)
+    from knobgym_cli.overrides import check_typed_overrides  # typed keys, agent options, resume=<dir>
+
+    check_typed_overrides(argv, config_name)
 
 
 def parse_budget_list(value: Any) -> list[Any]:

@@ -1,14 +1,19 @@
-"""Comparing agents on a fixed evaluation set and writing ``report.md``, ``report.json``, ``pareto.png``."""
+"""Comparing agents on a fixed evaluation set and writing ``report.md``, ``report.json``, ``pareto.png``.
+
+Every report file is written atomically (:mod:`backends.io`); ``report.json`` is plain JSON that
+also carries the SHA-256 of the rest of its content under ``sha256`` (:func:`read_report` checks it).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import gymnasium as gym
 
 from agents import Agent, evaluate_agent
-from backends.io import atomic_savefig, atomic_write_json, atomic_write_text
+from backends.io import CHECKSUM_KEY, CorruptFileError, atomic_savefig, atomic_write_text, sha256_bytes
 
 COLUMNS = (("reward", "reward", "{:.3f}"), ("score", "score", "{:.3f}"), ("score_in_budget", "score in budget", "{:.3f}"),
            ("latency_p50_ms", "p50 ms", "{:.1f}"),
@@ -88,13 +93,42 @@ def pareto_plot(rows: Sequence[dict], path: str | Path, title: str) -> Path:
         plt.close(fig)
 
 
+def _report_digest(payload: dict) -> str:
+    body = {k: v for k, v in payload.items() if k != CHECKSUM_KEY}
+    return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8"))
+
+
+def write_report_json(path: str | Path, payload: dict) -> Path:
+    """``payload`` as pretty JSON plus its own ``sha256``, atomically (values JSON cannot hold as ``str``)."""
+    payload = json.loads(json.dumps({k: v for k, v in payload.items() if k != CHECKSUM_KEY}, default=str))
+    return atomic_write_text(path, json.dumps({**payload, CHECKSUM_KEY: _report_digest(payload)}, indent=2,
+                                              sort_keys=True) + "\n")
+
+
+def read_report(path: str | Path) -> dict:
+    """A ``report.json`` written by :func:`write_report`; :class:`~backends.io.CorruptFileError` naming
+    it when it is cut short, edited, or has no checksum."""
+    path = Path(path)
+    if not path.is_file():
+        raise CorruptFileError(path, "file does not exist")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(path, f"not JSON ({exc.__class__.__name__}: cut short or edited)") from None
+    if not isinstance(payload, dict) or CHECKSUM_KEY not in payload:
+        raise CorruptFileError(path, "no checksum")
+    if payload[CHECKSUM_KEY] != _report_digest(payload):
+        raise CorruptFileError(path, "checksum mismatch (the file was edited or damaged)")
+    return {k: v for k, v in payload.items() if k != CHECKSUM_KEY}
+
+
 def write_report(out_dir: str | Path, rows: Sequence[dict], meta: dict[str, Any], main_agent: str | None = None,
                  stem: str = "report", plot_name: str = "pareto.png") -> dict:
     """Write ``<stem>.json``, ``<stem>.md`` and the Pareto plot into ``out_dir``; returns the JSON payload."""
     out_dir = Path(out_dir)
     gaps = oracle_gaps(rows, main_agent) if main_agent else {}
     payload = {**meta, "rows": list(rows), "oracle_gap": {f"{b:g}ms": g for b, g in gaps.items()}}
-    atomic_write_json(out_dir / f"{stem}.json", payload)
+    write_report_json(out_dir / f"{stem}.json", payload)
     lines = [f"# {meta.get('title', 'Evaluation')}", ""]
     for key in ("env", "agent", "budget", "split", "samples", "checkpoint", "train_seconds", "total_seconds", "backend"):
         if key in meta:

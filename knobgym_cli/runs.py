@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,18 @@ def is_resume(value: Any) -> bool:
 
 
 def new_run_dir(runs_dir: str | Path, env_id: str, agent: str) -> Path:
-    """``<runs_dir>/<env>/<agent>/<timestamp>``, with ``-1``, ``-2``... when that already exists."""
+    """``<runs_dir>/<env>/<agent>/<timestamp>``, with ``-1``, ``-2``... when that already exists (created here)."""
     base = Path(runs_dir) / env_id / agent
     stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     candidate, n = base / stamp, 0
-    while candidate.exists():
-        n += 1
-        candidate = base / f"{stamp}-{n}"
+    while True:  # mkdir is the atomic claim: two runs started in the same second get two folders
+        try:
+            candidate.mkdir(parents=True)
+            break
+        except FileExistsError:
+            n += 1
+            candidate = base / f"{stamp}-{n}"
+    _CREATED_BY_US.add(str(candidate.resolve()))
     return candidate
 
 
@@ -45,8 +51,9 @@ def resolve_run_dir(runs_dir: str, env_id: str, agent: str, resume: Any) -> str:
     """Hydra resolver behind ``hydra.run.dir``: the run folder of this invocation (memoised).
 
     A fresh run gets a new timestamped folder; ``resume=true`` the latest run of (env, agent);
-    ``resume=<dir>`` that folder. When nothing can be resumed a fresh folder is returned and
-    ``train.py`` reports the error (and removes the empty folder).
+    ``resume=<dir>`` that folder (``check_overrides`` has checked it holds a checkpoint). When
+    ``resume=true`` finds nothing to resume a fresh folder is returned and ``train.py`` reports
+    the error (and removes the empty folder).
     """
     key = (str(runs_dir), str(env_id), str(agent), str(resume))
     if key not in _RUN_DIRS:
@@ -56,8 +63,6 @@ def resolve_run_dir(runs_dir: str, env_id: str, agent: str, resume: Any) -> str:
             path = latest_run_dir(runs_dir, env_id, agent) or new_run_dir(runs_dir, env_id, agent)
         else:
             path = Path(str(resume))
-            if not (path / "checkpoints" / LATEST).exists():
-                path = new_run_dir(runs_dir, env_id, agent)
         if not path.exists():
             _CREATED_BY_US.add(str(path.resolve()))
         _RUN_DIRS[key] = str(path)
@@ -68,7 +73,7 @@ def output_subdir(resume: Any) -> str:
     """Hydra resolver behind ``hydra.output_subdir``: a resumed run keeps its original ``.hydra/``."""
     if not is_resume(resume):
         return ".hydra"
-    return ".hydra/resume-" + _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return ".hydra/resume-" + _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + f"-{os.getpid()}"
 
 
 def register_resolvers() -> None:

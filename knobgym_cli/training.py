@@ -18,7 +18,7 @@ import numpy as np
 
 from agents import Agent, FitHooks, evaluate_agent, eval_sample_ids, load_agent, summarize
 from envs.protocols import group_env
-from knobgym_cli.checkpoints import checkpoint_file, save_run_checkpoint
+from knobgym_cli.checkpoints import checkpoint_file, read_with_fallback, save_run_checkpoint
 
 log = logging.getLogger("train")
 
@@ -64,6 +64,8 @@ class TrainingHooks(FitHooks):
         self.budgets_ms, self.best, self.resumed, self.title = list(budgets_ms), float(best), resumed, title
         self.tier_names = list(group_env(env).provenance()["knob_space"].get("tiers", {}))
         self.validated = False
+        #: the checkpoint :meth:`finish` returned the agent of (``best``, or a fallback when it is damaged)
+        self.reported_checkpoint = self.path("best")
         self.step, self.total = 0, 0
         self._bar = None
         self._val_reward = float("nan")
@@ -126,8 +128,8 @@ class TrainingHooks(FitHooks):
 
     # ---------------------------------------------------------------- after fit
     def finish(self, agent: Agent, stats: dict[str, Any]) -> Agent:
-        """The agent the run reports: the best validated checkpoint, or (no validation) ``agent``
-        itself, written as both ``latest`` and ``best``."""
+        """The agent the run reports: the best validated checkpoint (a damaged one: the last valid
+        checkpoint, said so), or (no validation) ``agent`` itself, written as both ``latest`` and ``best``."""
         for key, value in stats.items():
             if isinstance(value, (int, float)):
                 self.writer.add_scalar(f"fit/{key}", value, self.step)
@@ -135,4 +137,6 @@ class TrainingHooks(FitHooks):
             self.checkpoint("latest", agent)
             self.checkpoint("best", agent)
             return agent.freeze()
-        return load_agent(agent.name, self.path("best"), self.env).freeze()
+        best, path = read_with_fallback(self.run_dir, "best", lambda path: load_agent(agent.name, path, self.env))
+        self.reported_checkpoint = path
+        return best.freeze()

@@ -20,12 +20,17 @@ CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
 
 
 class LazySplit(Sequence):
-    """The fixed samples of one split, rendered on first access."""
+    """The fixed samples of one split, rendered on access; the :attr:`CACHE_SIZE` most recently
+    used are kept (a sample is a pure function of (split, index, seed), so one rendered again is
+    the same sample, and memory stays flat however many samples a run visits)."""
+
+    #: rendered samples kept per split
+    CACHE_SIZE = 512
 
     def __init__(self, split: str, seed: int = data.DEFAULT_SEED, size: int | None = None):
         self.split, self.seed = check_split(split), seed
         self.size = data.SPLIT_SIZES[split] if size is None else int(size)
-        self._get = lru_cache(maxsize=8192)(self._make)
+        self._get = lru_cache(maxsize=self.CACHE_SIZE)(self._make)
 
     def _make(self, index: int) -> Sample:
         return data.make_sample(self.split, index, self.seed)
