@@ -7,16 +7,20 @@ as ``Outcome.measured_ms`` so the profiles here are deterministic (``clock="outc
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 import time
 import warnings
 
 import numpy as np
 import pytest
+import torch
 
 from backends.base import Sample
 from backends.knobs import KnobConfig, KnobSpace
-from backends.outcome import Outcome, Stage1State, TokenCounts
+from backends.base import Backend
+from backends.outcome import Outcome, Stage1State, TokenCounts, expected_token_counts
 from latency_model import (FEATURE_NAMES, CostFeatures, EstimatorFileError, EstimatorMismatchWarning,
                            LatencyEstimator, ProfileSettings, fit_estimator, get_estimator, held_out_report,
                            profile_backend, read_profile)
@@ -51,14 +55,29 @@ class FakeBackend:
         self._samples = [Sample(sample_id=i, split="validation", question=" ".join(words[: 2 + (7 * i) % 9]),
                                 reference="red") for i in range(60)]
 
+    expected_new_tokens_by_type = {None: 2}
+    device = torch.device("cpu")
+
     def identity(self) -> dict:
         return {"backend": self.name, "model": "fake-vlm", "revision": "1"}
 
     def cost_params(self) -> dict:
         return dict(COST_PARAMS)
 
+    def recorded_estimator_file(self):
+        return None
+
     def samples(self, split: str):
         return self._samples
+
+    def sample(self, split: str, sample_id: int) -> Sample:
+        return self._samples[sample_id]
+
+    def prompt_tokens(self, sample: Sample) -> int:
+        return len(sample.question.split()) + 2
+
+    def expected_token_counts(self, sample: Sample, knobs: KnobConfig) -> TokenCounts:
+        return expected_token_counts(self, sample, knobs)
 
     @staticmethod
     def true_ms(knobs: KnobConfig, counts: TokenCounts) -> tuple[float, float]:
@@ -70,7 +89,7 @@ class FakeBackend:
         return stage1 + 0.05 * blocks + 0.003 * experts, stage1
 
     def _counts(self, sample: Sample, knobs: KnobConfig) -> TokenCounts:
-        return TokenCounts(prompt_tokens=len(sample.question.split()) + 2, vision_tokens_full=36,
+        return TokenCounts(prompt_tokens=self.prompt_tokens(sample), vision_tokens_full=36,
                            vision_tokens=self.knob_space.vision_tokens(knobs), new_tokens=1 + sample.sample_id % 4)
 
     def run_stage1(self, sample: Sample, tier, token_budget: float = 1.0) -> Stage1State:
@@ -221,7 +240,7 @@ def test_profile_csv_round_trip(fake_profile):
 
 def test_wall_clock_profile_times_each_run(tmp_path):
     backend = FakeBackend(sleep=True)
-    settings = ProfileSettings(points=6, repeats=2, warmup=1, samples=6, clock="wall")
+    settings = ProfileSettings(points=6, repeats=2, warmup=1, samples=6, clock="wall", remeasure_rounds=0)
     profile = profile_backend(backend, settings, tmp_path / "p.csv", progress=False)
     assert backend.runs == settings.warmup + settings.points * settings.repeats
     assert all(r["latency_ms"] > 0 and r["backend_ms"] > 0 for r in profile.rows)
@@ -300,11 +319,13 @@ def test_loading_for_another_device_or_backend_warns(fitted, tmp_path, change, e
 
 
 @pytest.mark.parametrize("damage,message", [
-    (lambda data: data[: len(data) // 2], "is truncated"),
-    (lambda data: data[:-1] + bytes([data[-1] ^ 0xFF]), "is corrupted \\(checksum"),
-    (lambda data: data[:30], "truncated \\(header"),
-    (lambda data: b"", "is empty"),
-    (lambda data: b"not an estimator at all", "not a knobgym latency estimator"),
+    (lambda data: data[: len(data) // 2], "not JSON"),
+    (lambda data: data.replace(b'"method": "', b'"method": "x', 1), "checksum mismatch"),
+    (lambda data: data[:30], "not JSON"),
+    (lambda data: b"", "not JSON"),
+    (lambda data: b"not an estimator at all", "not JSON"),
+    (lambda data: b'{"payload": 1, "sha256": "' + hashlib.sha256(b"1").hexdigest().encode() + b'"}',
+     "latency estimator format"),
 ])
 def test_damaged_files_give_an_error_naming_the_file(fitted, tmp_path, damage, message):
     path = fitted.save(tmp_path / "damaged.estimator")
@@ -312,6 +333,29 @@ def test_damaged_files_give_an_error_naming_the_file(fitted, tmp_path, damage, m
     with pytest.raises(EstimatorFileError, match=message) as info:
         LatencyEstimator.load(path)
     assert str(path) in str(info.value)
+
+
+def test_estimator_file_is_data_only_json(fitted, tmp_path):
+    path = fitted.save(tmp_path / "e.estimator")
+    payload = json.loads(path.read_text())["payload"]
+    assert payload["format"] == "knobgym-latency-estimator/2"
+    assert payload["profile_sha256"] == fitted.profile_sha256 and payload["profile_rows"] == fitted.profile_rows
+    assert payload["total"]["kind"] == fitted.method
+
+
+def test_boosted_trees_reproduce_scikit_learn(fake_profile):
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    from latency_model.estimator import BoostedTrees
+
+    profile = fake_profile[0]
+    X = CostFeatures(SPACE, COST_PARAMS).compute(profile.configs(), profile.token_counts())
+    y = np.log(profile.column("latency_ms").astype(float))
+    model = GradientBoostingRegressor(loss="huber", n_estimators=30, max_depth=3, random_state=0).fit(X, y)
+    trees = BoostedTrees.from_sklearn(model)
+    np.testing.assert_allclose(trees.predict(X), model.predict(X), rtol=1e-12, atol=1e-12)
+    again = BoostedTrees.from_dict(json.loads(json.dumps(trees.to_dict())))
+    np.testing.assert_array_equal(again.predict(X), trees.predict(X))
 
 
 def test_missing_file_names_it(tmp_path):
@@ -337,7 +381,7 @@ def test_cache_dir_from_environment_and_no_profiling_when_told(tmp_path, monkeyp
     monkeypatch.setenv("KNOBGYM_CACHE", str(tmp_path / "env-cache"))
     estimator_path, _ = cache_paths(FakeBackend())
     assert estimator_path.parent == tmp_path / "env-cache" / "latency"
-    with pytest.raises(FileNotFoundError, match="no latency estimator cached"):
+    with pytest.raises(FileNotFoundError, match="no valid latency estimator cached"):
         get_estimator(ExplodingBackend(), profile_if_missing=False)
     other = cache_paths(FakeBackend(name="other"))[0]
     assert other != estimator_path and other.name.startswith("other-")
@@ -374,5 +418,7 @@ def test_cli_overrides_are_validated():
         parse_overrides(["pionts=3"])
     with pytest.raises(ValueError, match="method='xgb' is invalid"):
         parse_overrides(["method=xgb"])
-    with pytest.raises(SystemExit, match="command 'train' is invalid"):
+    with pytest.raises(ValueError, match="command 'train' is invalid; accepted: profile, fit, report"):
         cli_main(["train"])
+    with pytest.raises(ValueError, match="force='yes' is invalid"):
+        parse_overrides(["force=yes"])
