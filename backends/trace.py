@@ -178,10 +178,11 @@ def _finite_number(value: Any) -> bool:
             and math.isfinite(float(value)))
 
 
-def _bad_row(path: Path, table: str, key: tuple, column: str, value: Any, accepted: str) -> TraceError:
+def _bad_row(path: Path, table: str, key: tuple, column: str, value: Any, accepted: str,
+             shown: str | None = None) -> TraceError:
     split, sid = key[0], key[1]
     rest = f", config_id={key[2]}" if table == "outcomes" else f", tier={key[2]!r}, token_budget={key[3]!r}"
-    what = "NULL" if value is None else repr(value)
+    what = shown or ("NULL" if value is None else repr(value))
     return TraceError(f"trace file {str(path)!r}: {table} row (split={split!r}, sample_id={sid}{rest}) has "
                       f"{column}={what}; accepted: {accepted}. Record this sample again (delete its rows) or use "
                       f"the live backend")
@@ -213,11 +214,12 @@ def check_stage1_row(path: Path, row: tuple) -> tuple:
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
             raise _bad_row(path, "stage1", key, column, value, "an integer >= 0")
     if not isinstance(summary, (bytes, bytearray, memoryview)) or len(summary) % 4:
-        raise _bad_row(path, "stage1", key, "summary", summary, "float32 bytes")
+        raise _bad_row(path, "stage1", key, "summary", summary, "float32 bytes",
+                       shown=None if summary is None else f"<{type(summary).__name__}>")
     values = np.frombuffer(bytes(summary), np.float32)
     if not np.isfinite(values).all():
-        raise _bad_row(path, "stage1", key, "summary", f"<{int((~np.isfinite(values)).sum())} non-finite values>",
-                       "finite float32 values")
+        raise _bad_row(path, "stage1", key, "summary", values, "finite float32 values",
+                       shown=f"<{int((~np.isfinite(values)).sum())} non-finite values>")
     return row
 
 
