@@ -10,7 +10,8 @@ commands:
             estimator on the new profile; with csv=PATH only write the profile CSV there.
             A profile whose repeat noise stays above max_noise_pct is not cached (exit code 1).
   fit       fit the estimator on the cached profile (profiling first if there is none, or when
-            force=true) and save it to the cache, or to out=PATH; with csv=PATH fit on that CSV.
+            force=true) and save it to the cache, or to out=PATH; csv=PATH out=PATH fits on that
+            CSV instead (no backend is loaded).
   report    validate the estimator (the cached one, or estimator=PATH) and the profile it was
             fitted on, then print every method's held-out accuracy, the starred method chosen by
             the stated selection rule, and the FLOPs-only baseline; json=PATH also writes it.

@@ -123,75 +123,88 @@ class AnalyticModel:
         return model
 
 
-class BoostedTrees:
-    """A fitted gradient-boosted tree ensemble as flat arrays (evaluated with numpy, stored as JSON).
+def _float32_at_most(value: float) -> np.float32:
+    """The largest float32 <= ``value``: for a float32 ``x``, ``x <= value`` iff ``x <= _float32_at_most(value)``."""
+    rounded = np.float32(value)
+    return np.nextafter(rounded, np.float32(-np.inf)) if rounded > value else rounded
 
-    ``predict(X) = init + learning_rate * sum_t value_t(leaf_t(X))``, the trees' leaves reached by
-    ``x[feature] <= threshold`` (left) with ``x`` rounded to float32 as scikit-learn does; the sum
-    runs tree by tree in a fixed order, so a row's result does not depend on the batch around it.
-    Leaves point to themselves, so every tree is walked for ``depth`` steps.
+
+class BoostedTrees:
+    """A fitted gradient-boosted tree ensemble as arrays (evaluated with numpy, stored as JSON).
+
+    ``predict(X) = init + learning_rate * sum_t leaf_t(X)``. Every tree is stored as a complete
+    binary tree of ``depth`` levels in heap order (node ``h`` has children ``2h+1`` and ``2h+2``;
+    a leaf above the last level is copied down, its splits never taken): ``feature`` and
+    ``threshold`` are ``[trees, 2**depth - 1]``, ``leaf`` is ``[trees, 2**depth]``. A row goes
+    right when ``x[feature] > threshold`` with ``x`` rounded to float32, exactly as scikit-learn
+    decides (thresholds are stored as the largest float32 not above scikit-learn's). The sum runs
+    tree by tree in a fixed order, so a row's result does not depend on the batch around it.
     """
 
-    def __init__(self, init: float, learning_rate: float, roots: np.ndarray, feature: np.ndarray,
-                 threshold: np.ndarray, left: np.ndarray, right: np.ndarray, value: np.ndarray, depth: int):
-        self.init, self.learning_rate, self.depth = float(init), float(learning_rate), int(depth)
-        self.roots = np.asarray(roots, np.int64)
-        self.feature, self.left, self.right = (np.asarray(a, np.int64) for a in (feature, left, right))
-        self.threshold, self.value = np.asarray(threshold, np.float64), np.asarray(value, np.float64)
-        n = len(self.feature)
-        if not (len(self.threshold) == len(self.left) == len(self.right) == len(self.value) == n) or not n:
-            raise ValueError("tree arrays have different lengths")
-        for name, a in (("roots", self.roots), ("left", self.left), ("right", self.right)):
-            if a.size and (a.min() < 0 or a.max() >= n):
-                raise ValueError(f"tree {name} index out of range")
+    def __init__(self, init: float, learning_rate: float, feature: np.ndarray, threshold: np.ndarray,
+                 leaf: np.ndarray):
+        self.init, self.learning_rate = float(init), float(learning_rate)
+        self.feature = np.asarray(feature, np.int64)
+        self.threshold = np.asarray(threshold, np.float32)
+        self.leaf = np.asarray(leaf, np.float64)
+        trees, inner = self.feature.shape if self.feature.ndim == 2 else (0, 0)
+        self.depth = int(np.log2(inner + 1)) if inner else 0
+        if (not trees or 2 ** self.depth - 1 != inner or self.threshold.shape != self.feature.shape
+                or self.leaf.shape != (trees, 2 ** self.depth) or self.feature.min() < 0):
+            raise ValueError(f"tree arrays of shapes {self.feature.shape}, {self.threshold.shape}, "
+                             f"{self.leaf.shape} are not complete trees")
+        self._inner_offset = (np.arange(trees) * inner)[None, :]
+        self._leaf_offset = (np.arange(trees) * 2 ** self.depth)[None, :]
 
     @classmethod
     def from_sklearn(cls, model: GradientBoostingRegressor) -> "BoostedTrees":
-        roots, feature, threshold, left, right, value = [], [], [], [], [], []
-        offset = 0
-        for est in model.estimators_[:, 0]:
-            t = est.tree_
-            leaf = t.children_left < 0
-            ids = np.arange(t.node_count)
-            roots.append(offset)
-            feature.append(np.where(leaf, 0, t.feature))
-            threshold.append(np.where(leaf, np.inf, t.threshold))
-            left.append(np.where(leaf, ids, t.children_left) + offset)
-            right.append(np.where(leaf, ids, t.children_right) + offset)
-            value.append(t.value.reshape(t.node_count))
-            offset += t.node_count
-        depth = max(est.tree_.max_depth for est in model.estimators_[:, 0])
-        return cls(float(np.asarray(model.init_.constant_).ravel()[0]), model.learning_rate, np.array(roots),
-                   np.concatenate(feature), np.concatenate(threshold), np.concatenate(left), np.concatenate(right),
-                   np.concatenate(value), depth)
+        estimators = [est.tree_ for est in model.estimators_[:, 0]]
+        depth = max(1, max(t.max_depth for t in estimators))
+        inner = 2 ** depth - 1
+        feature = np.zeros((len(estimators), inner), np.int64)
+        threshold = np.full((len(estimators), inner), np.inf, np.float32)
+        leaf = np.zeros((len(estimators), 2 ** depth))
+        for i, t in enumerate(estimators):
+            stack = [(0, 0)]  # (sklearn node, heap position)
+            while stack:
+                node, h = stack.pop()
+                if h >= inner:  # a leaf on the last level
+                    leaf[i, h - inner] = t.value[node].ravel()[0]
+                elif t.children_left[node] < 0:  # a leaf above it: both children are the same leaf
+                    stack += [(node, 2 * h + 1), (node, 2 * h + 2)]
+                else:
+                    feature[i, h], threshold[i, h] = t.feature[node], _float32_at_most(t.threshold[node])
+                    stack += [(t.children_left[node], 2 * h + 1), (t.children_right[node], 2 * h + 2)]
+        return cls(float(np.asarray(model.init_.constant_).ravel()[0]), model.learning_rate, feature, threshold,
+                   leaf)
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        X = np.asarray(X, np.float64).astype(np.float32).astype(np.float64)
-        node = np.broadcast_to(self.roots, (len(X), len(self.roots))).copy()
-        for _ in range(self.depth):
-            x = np.take_along_axis(X, self.feature[node], axis=1)
-            node = np.where(x <= self.threshold[node], self.left[node], self.right[node])
-        values = self.value[node]
-        raw = np.full(len(X), self.init)
-        for t in range(values.shape[1]):
-            raw += self.learning_rate * values[:, t]
+        X32 = np.ascontiguousarray(X, dtype=np.float32)
+        n, width = X32.shape
+        flat, row_offset = X32.ravel(), (np.arange(n) * width)[:, None]
+        features, thresholds = self.feature.ravel(), self.threshold.ravel()
+        k = (X32[:, self.feature[:, 0]] > self.threshold[:, 0]).astype(np.int64)  # position within a level
+        for level in range(1, self.depth):
+            h = self._inner_offset + (2 ** level - 1) + k
+            k = 2 * k + (flat[row_offset + features[h]] > thresholds[h])
+        values = np.ascontiguousarray(self.leaf.ravel()[self._leaf_offset + k].T)
+        raw = np.full(n, self.init)
+        for row in values:
+            raw += self.learning_rate * row
         return raw
 
     def to_dict(self) -> dict:
-        # Infinity (leaf thresholds) is not JSON: leaves are stored with threshold 0 and restored.
-        leaf = self.left == np.arange(len(self.left))
-        return {"init": self.init, "learning_rate": self.learning_rate, "depth": self.depth,
-                "roots": self.roots.tolist(), "feature": self.feature.tolist(),
-                "threshold": np.where(leaf, 0.0, self.threshold).tolist(), "left": self.left.tolist(),
-                "right": self.right.tolist(), "value": self.value.tolist()}
+        # Thresholds of the splits a copied-down leaf never takes are +inf, which JSON cannot hold:
+        # they are stored as null.
+        threshold = [[None if np.isinf(v) else float(v) for v in row] for row in self.threshold]
+        return {"init": self.init, "learning_rate": self.learning_rate, "feature": self.feature.tolist(),
+                "threshold": threshold, "leaf": self.leaf.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "BoostedTrees":
-        left = np.asarray(d["left"], np.int64)
-        leaf = left == np.arange(len(left))
-        threshold = np.where(leaf, np.inf, np.asarray(d["threshold"], np.float64))
-        return cls(d["init"], d["learning_rate"], d["roots"], d["feature"], threshold, left, d["right"], d["value"],
-                   d["depth"])
+        threshold = np.array([[np.inf if v is None else v for v in row] for row in d["threshold"]], np.float64)
+        return cls(d["init"], d["learning_rate"], np.asarray(d["feature"]), threshold.astype(np.float32),
+                   np.asarray(d["leaf"]))
 
 
 def _fit_trees(X: np.ndarray, target: np.ndarray, seed: int) -> BoostedTrees:
