@@ -139,6 +139,9 @@ def _profile(options: dict, backend_options: dict) -> int:
         profile = profile_backend(backend, _settings(options), options["csv"])
         print(f"wrote {len(profile)} measurements ({int(profile.holdout.sum())} held out) to {options['csv']}")
         print(_noise_line(profile.noise))
+        if profile.noise.exceeds:
+            print("warning: this profile is noisy; the estimator cache would not accept it (max_noise_pct=)",
+                  file=sys.stderr)
         return 0
     _, estimator, profile, estimator_path, profile_path = _entry(options, backend_options, force=True)
     print(_noise_line(profile.noise))

@@ -14,7 +14,8 @@ CPU, or CUDA events after a synchronize on GPU, with Python's garbage collector 
 is timed the same way around ``backend.run_stage1`` right after (``stage1_ms``).
 
 Noise: a point's *spread* is (slowest - fastest repeat) / median repeat. Points whose spread
-exceeds ``max_noise_pct`` are measured again (all repeats, at most ``remeasure_rounds`` times);
+exceeds ``max_noise_pct`` are measured again (all repeats, at most ``remeasure_rounds`` times, and
+only while a round leaves fewer noisy points than the one before);
 the profile's noise is the median spread over its points (:class:`ProfileNoise`). A profile
 whose noise still exceeds the bound is *noisy*: :func:`latency_model.get_estimator` uses it for
 the current process only and never caches it (see its docstring).
@@ -134,7 +135,8 @@ class ProfileSettings:
         seed: seed of the design and the run order (default 0).
         max_noise_pct: bound on the repeat spread, in % (default 50): points above it are measured
             again, and a profile whose median spread stays above it is noisy (never cached).
-        remeasure_rounds: how many times the points above the bound are measured again (default 2).
+        remeasure_rounds: at most how many times the points above the bound are measured again (default 2;
+            a round that leaves as many noisy points as before ends the re-measuring).
     """
 
     points: int = 240
@@ -580,11 +582,12 @@ def profile_backend(backend, settings: ProfileSettings = ProfileSettings(), path
             backend.run(samples[point.sample_index], point.knobs)
             bar.update()
     measure(range(len(points)), "profiling latency")
-    bound, remeasured, rounds = settings.max_noise_pct, set(), 0
+    bound, remeasured, rounds, before = settings.max_noise_pct, set(), 0, len(points) + 1
     for round_ in range(1, settings.remeasure_rounds + 1):
         noisy = [i for i in range(len(points)) if 100 * (run_spread(m.runs(i, settings.clock)) or 0.0) > bound]
-        if not noisy:
+        if not noisy or len(noisy) >= before:  # quiet, or the last round did not help: the load persists
             break
+        before = len(noisy)
         if progress:
             notice(f"re-measuring {len(noisy)} of {len(points)} points whose repeats spread more than {bound:g}% "
                  f"(round {round_} of {settings.remeasure_rounds})")
