@@ -102,13 +102,13 @@ class HeldOutReport:
         for title, table in (("whole run", self.total), ("stage 1", self.stage1)):
             if not table:
                 continue
-            val_head = "  val MAPE%" if title == "whole run" and validation else ""
-            lines += ["", f"{title}: method        {val_head}  MAPE%  within5%  within10%  spearman",
-                      "-" * (62 + len(val_head))]
+            with_val = title == "whole run" and bool(validation)
+            head = f"  {'method':<20}" + ("  val MAPE%" if with_val else "") + "   MAPE%  within5%  within10%  spearman"
+            lines += ["", f"{title}:", head, "-" * len(head)]
             for method, acc in table.items():
                 mark = "*" if method == chosen else " "
-                val = f"  {validation[method]:9.2f}" if val_head and method in validation else " " * len(val_head)
-                lines.append(f"{mark} {method:<20}{val}{acc.mape:7.2f}  {100 * acc.within_5:8.1f}  "
+                val = (f"  {validation[method]:9.2f}" if method in validation else " " * 11) if with_val else ""
+                lines.append(f"{mark} {method:<20}{val}  {acc.mape:6.2f}  {100 * acc.within_5:8.1f}  "
                              f"{100 * acc.within_10:9.1f}  {acc.spearman:8.3f}")
         if self.selection and chosen == self.selection.get("chosen"):
             lines += ["", f"* chosen by the rule: {self.selection['rule']} ({self.selection.get('validation_rows')} "
