@@ -41,11 +41,13 @@ from latency_model.profile import (FINGERPRINT_KEYS_THAT_MATTER, ProfileData, Pr
 
 ESTIMATOR_FORMAT = "knobgym-latency-estimator/2"
 METHODS = ("analytic_gbt", "gbt", "analytic", "flops_linear")
+CANDIDATES = ("analytic_gbt", "gbt", "analytic")  # what "auto" chooses among; flops_linear is the baseline
 AUTO = "auto"
 DEFAULT_METHOD = "analytic_gbt"  # used when a profile is too small to hold a validation fold
 VALIDATION_FRACTION = 0.2
-SELECTION_RULE = ("lowest MAPE on a validation fold: a seeded 20% of the fitting rows' configurations is held "
-                  "out, every method is fitted on the rest and scored on it")
+SELECTION_RULE = ("lowest MAPE on a validation fold among analytic_gbt, gbt and analytic (flops_linear is the "
+                  "baseline): a seeded 20% of the fitting rows' configurations is held out, each method is "
+                  "fitted on the rest and scored on it")
 MIN_MS = 1e-3  # predictions are clamped here: a latency is never <= 0
 
 # Analytic cost terms a linear latency model is built on (plus a constant).
@@ -480,11 +482,13 @@ def fit_regressors(profile: ProfileData, mask: np.ndarray | None = None, method:
 
 
 def select_method(profile: ProfileData, mask: np.ndarray | None = None, methods: Sequence[str] = METHODS,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, candidates: Sequence[str] = CANDIDATES) -> dict:
     """Apply :data:`SELECTION_RULE` to the rows of ``profile`` in ``mask`` (default: the rows the
     profile design did not hold out, so the held-out rows stay unseen by the choice).
 
-    Returns ``{"rule", "chosen", "validation_mape_pct": {method: %}, "validation_rows", "fit_rows"}``;
+    Every method of ``methods`` is scored (the report shows them all); the choice is among those
+    also in ``candidates``. Returns ``{"rule", "chosen", "validation_mape_pct": {method: %},
+    "validation_rows", "fit_rows"}``;
     with fewer than two configurations or rows on either side it chooses :data:`DEFAULT_METHOD`
     and says so in ``rule``.
     """
@@ -510,7 +514,8 @@ def select_method(profile: ProfileData, mask: np.ndarray | None = None, methods:
         features, model, _ = fit_regressors(profile, fit_mask, method, seed)
         predicted = model.predict(features.compute(X_val_configs, X_val_counts))
         scores[method] = float(100 * np.mean(np.abs(predicted - measured) / measured))
-    chosen = min(methods, key=lambda m: (scores[m], methods.index(m)))
+    eligible = [m for m in methods if m in candidates] or list(methods)
+    chosen = min(eligible, key=lambda m: (scores[m], eligible.index(m)))
     return {"rule": SELECTION_RULE, "chosen": chosen, "validation_mape_pct": scores,
             "validation_rows": int(val_mask.sum()), "fit_rows": int(fit_mask.sum())}
 
