@@ -19,36 +19,29 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from agents.runs import (CHECKPOINT_NAMES, UsageError, check_checkpoint_matches, eval_budgets, fail,
-                         fit_agent, load_checkpoint, make_env, run_cli, to_jsonable)
-
-
-def load_trained_agent(ckpt: dict, run_dir: Path, env):
-    """The run's agent, frozen: GRPO from the checkpoint's policy, others from ``checkpoints/agent.pt``."""
-    from agents import load_agent
-    from agents.grpo import GRPOAgent
-
-    if ckpt["agent"] == "grpo":
-        return GRPOAgent.from_state(ckpt["state"]).freeze()
-    return load_agent(ckpt["agent"], run_dir / "checkpoints" / ckpt["state"]["path"], env)
+from knobgym_cli.build import agent_class_of, build_agent, eval_budgets, make_env
+from knobgym_cli.checkpoints import CHECKPOINT_NAMES, check_checkpoint_matches, checkpoint_file, load_run_checkpoint
+from knobgym_cli.errors import CONF_DIR, UsageError, fail, run_cli
+from knobgym_cli.versions import to_jsonable
 
 
 def run_evaluation(cfg: DictConfig) -> Path:
     import torch
 
-    from agents import check_agent_name, eval_sample_ids, load_agent
-    from agents.report import compare_agents, markdown_table, write_report
+    from agents import FitContext, agent_class, check_agent_name, eval_sample_ids, load_agent
+    from envs.protocols import group_env
+    from knobgym_cli.report import compare_agents, markdown_table, write_report
 
     run_dir = Path(str(cfg.run))
     if cfg.checkpoint not in CHECKPOINT_NAMES:
         raise UsageError(f"checkpoint={cfg.checkpoint!r} is invalid; accepted: {', '.join(CHECKPOINT_NAMES)}")
-    ckpt_path = run_dir / "checkpoints" / f"{cfg.checkpoint}.pt"
+    ckpt_path = run_dir / "checkpoints" / checkpoint_file(cfg.checkpoint)
     if not ckpt_path.exists():
-        raise UsageError(f"run={str(run_dir)!r} has no checkpoints/{cfg.checkpoint}.pt; accepted: a run folder "
+        raise UsageError(f"run={str(run_dir)!r} has no checkpoints/{ckpt_path.name}; accepted: a run folder "
                          f"written by train.py (runs/<env>/<agent>/<timestamp>)")
     torch.set_num_threads(int(cfg.torch_threads))
-    ckpt = load_checkpoint(ckpt_path)
-    run_cfg = OmegaConf.create(ckpt["config"])
+    ckpt = load_run_checkpoint(ckpt_path)
+    run_cfg = OmegaConf.create(ckpt["metadata"]["config"])
     env_cfg = OmegaConf.to_container(run_cfg.env, resolve=True)
     if cfg.env_id is not None:
         env_cfg = {**env_cfg, "id": str(cfg.env_id)}
@@ -56,24 +49,27 @@ def run_evaluation(cfg: DictConfig) -> Path:
     start = time.perf_counter()
     env, notes = make_env(env_cfg, OmegaConf.to_container(run_cfg.backend, resolve=True), run_cfg.budget, estimator)
     check_checkpoint_matches(ckpt, env, ckpt_path)
-    budgets_ms = eval_budgets(run_cfg.budget, list(cfg.budgets) if cfg.budgets is not None else None)
+    budgets_ms = eval_budgets(group_env(env).budget, list(cfg.budgets) if cfg.budgets is not None else None)
 
     name = ckpt["agent"]
-    compared = {name: load_trained_agent(ckpt, run_dir, env)}
+    main_class = agent_class_of(OmegaConf.to_container(run_cfg.agent, resolve=True))
+    if main_class.name != name:
+        raise UsageError(f"checkpoint {str(ckpt_path)!r} holds a {name!r} agent but the run's config names "
+                         f"{main_class.name!r}; accepted: a checkpoint written by this run")
+    compared = {name: main_class.restore(env, ckpt["state"]).freeze()}
     baselines = list(cfg.baselines) if cfg.baselines is not None else list(run_cfg.eval.baselines)
     for baseline in baselines:
         check_agent_name(baseline)
         if baseline == name:
             continue
-        saved = run_dir / "baselines" / f"{baseline}.pt"
-        if saved.exists() and baseline != "static":  # static is re-calibrated for these budgets
+        saved = run_dir / "baselines" / checkpoint_file(baseline)
+        if saved.exists() and not agent_class(baseline).fits_budgets:  # budget-fitted ones are refitted here
             compared[baseline] = load_agent(baseline, saved, env)
             continue
         node = run_cfg.baselines.get(baseline) if "baselines" in run_cfg else None
         options = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-        if baseline in ("random", "bandit", "ppo"):
-            options.setdefault("seed", int(run_cfg.seed))
-        compared[baseline], _ = fit_agent(baseline, options, env, run_cfg, budgets_ms)
+        compared[baseline], _ = build_agent(baseline, options, env, int(run_cfg.seed),
+                                            FitContext(split=run_cfg.train_split, budgets_ms=budgets_ms))
     num_samples = cfg.num_samples if cfg.num_samples is not None else run_cfg.eval.num_samples
     test_ids = eval_sample_ids(env, cfg.split, num_samples)
     rows = compare_agents(env, compared, budgets_ms, test_ids, cfg.split, progress=True)
@@ -81,7 +77,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
     out_dir = Path(str(cfg.out)) if cfg.out is not None else run_dir / ("eval-" + "-".join(f"{b:g}" for b in budgets_ms) + "ms")
     meta = {"title": f"{env_cfg['id']} / {name} (frozen {cfg.checkpoint}) / {cfg.split} split", "env": env_cfg["id"],
             "agent": name, "split": cfg.split, "samples": len(test_ids), "checkpoint": str(ckpt_path),
-            "checkpoint_step": ckpt.get("step"), "backend": env.unwrapped.backend.identity(),
+            "checkpoint_step": ckpt["metadata"].get("step"), "backend": group_env(env).provenance()["model"],
             "budgets_ms": budgets_ms, "seconds": round(time.perf_counter() - start, 1), "notes": notes}
     write_report(out_dir, to_jsonable(rows), meta, main_agent=name)
     print(markdown_table(rows))
@@ -89,7 +85,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
     return out_dir
 
 
-@hydra.main(version_base=None, config_path="conf", config_name="evaluate")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     try:
         run_evaluation(cfg)

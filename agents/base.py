@@ -2,25 +2,29 @@
 
 An agent picks one env action from an observation. Agents that need more than the observation
 (``greedy`` asks the latency estimator about this input, ``oracle`` tries every configuration)
-read an :class:`EpisodeContext` naming the sample, budget and split of the current episode.
+read an :class:`EpisodeContext` naming the sample, budget and split of the current episode and
+the env's :class:`~envs.protocols.GroupEnv` side.
 
 Envs are driven through the Gymnasium API (``reset(options={sample_id, budget, split})`` then
 ``step`` until done), so an evaluation is exactly a sequence of ordinary episodes; group-based
-training and the oracle use the envs' ``evaluate_group`` (same scoring, stage 1 shared).
+training, the baselines and the oracle use the env's :class:`~envs.protocols.GroupEnv` members
+(same scoring, shared work). Nothing here reaches into an env's backend or latency source.
 """
 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import gymnasium as gym
 import numpy as np
 
-from backends.base import SPLITS
-from envs.budget import Budget
+from agents.checkpoint import env_id_of, read_checkpoint, write_checkpoint
+from backends.base import check_split
+from envs.budget import check_budget_ms
+from envs.protocols import GroupEnv, group_env
 
 
 @dataclass(frozen=True)
@@ -28,93 +32,135 @@ class EpisodeContext:
     """What an agent may know about the current episode besides its observation.
 
     ``stage`` counts steps taken in this episode (``MultiKnob-v0``: 0 chooses the tier, 1 the
-    top-k and depth). ``env`` is the unwrapped env (estimator, backend, group evaluation).
+    top-k and depth). ``env`` is the env's :class:`~envs.protocols.GroupEnv` side.
     """
 
-    env: Any
+    env: GroupEnv
     sample_id: int
     budget_ms: float
     split: str
     stage: int = 0
 
 
+class FitHooks:
+    """What the caller of :meth:`Agent.fit` plugs into a training loop: validation, checkpoints,
+    logging. Every method is a no-op here; the CLI supplies its own (``knobgym_cli.training``), so
+    agents never import the CLI. Agents that train in updates call them in this order:
+    ``on_fit_start`` once, ``on_update`` after every update, ``on_fit_end`` once. ``step`` counts
+    updates done so far (including those of a resumed run), ``total`` is where ``fit`` stops."""
+
+    def on_fit_start(self, agent: "Agent", step: int, total: int) -> None:
+        """Before the first update of this ``fit`` (also when a resumed agent continues)."""
+
+    def on_update(self, agent: "Agent", step: int, infos: list[dict], stats: dict) -> None:
+        """After update number ``step``: the episode infos it trained on and its statistics."""
+
+    def on_fit_end(self, agent: "Agent", step: int) -> None:
+        """After the last update."""
+
+
+@dataclass
+class FitContext:
+    """What the caller of :meth:`Agent.fit` decides (agents' own options come from ``from_env``).
+
+    Args:
+        split: the split training episodes draw samples from.
+        sample_pool: draw training samples from the split's first N only (``None``: all).
+        budgets_ms: the budgets the agent will be evaluated at (``static`` calibrates at these;
+            empty: the env budget's :meth:`~envs.budget.Budget.evaluation_budgets`).
+        hooks: validation / checkpoint / logging callbacks.
+    """
+
+    split: str = "train"
+    sample_pool: int | None = None
+    budgets_ms: Sequence[float] = ()
+    hooks: FitHooks = field(default_factory=FitHooks)
+
+
 class Agent:
     """Base of every agent: ``act`` (required), ``fit`` (agents that learn), ``save`` / ``load``.
 
-    Actions are vectors of head indices (one per element of a ``MultiDiscrete`` action, a single
-    element for ``Discrete``; :func:`as_env_action` converts); in a two-stage env the same vector is returned at both stages and the env reads the elements the
-    stage uses.
+    Actions are trajectory vectors of head indices (see :class:`~envs.protocols.GroupEnv`); in a
+    two-stage env the same vector is returned at both stages and the env reads the elements the
+    stage uses. An agent's whole training loop is its ``fit``.
+
+    Class attributes the CLI reads (so it needs no per-agent code):
+        name: the registry name (``agent=<name>``).
+        needs_context: :meth:`act` needs an :class:`EpisodeContext`.
+        seeded: accepts a ``seed`` option (the CLI passes the run's seed).
+        evaluation_only: cannot be trained and deployed (the oracle looks at the outcome it is scored on).
+        resumable: ``fit`` continues from a loaded state; :meth:`configure` takes the new options.
+        fits_budgets: ``fit`` depends on the evaluation budgets (re-fitted for other budgets).
     """
 
     name: str = "agent"
-    #: whether :meth:`act` needs an :class:`EpisodeContext` (not only the observation)
     needs_context: bool = False
+    seeded: bool = False
+    evaluation_only: bool = False
+    resumable: bool = False
+    fits_budgets: bool = False
 
     def act(self, obs: np.ndarray, context: EpisodeContext | None = None):
         raise NotImplementedError
 
-    def fit(self, env: gym.Env, **kwargs: Any) -> dict:
+    def fit(self, env: gym.Env, context: FitContext | None = None) -> dict:
         """Learn from ``env``; returns a dict of fit statistics. Agents that do not learn return {}."""
         return {}
 
-    def save(self, path: str | Path) -> Path:
-        """Write the agent's state to ``path`` (atomically); agents without state write their name."""
-        from agents.io import atomic_torch_save
+    def configure(self, **options: Any) -> None:
+        """Take new options before ``fit`` continues a resumed run (resumable agents only)."""
+        raise ValueError(f"the {self.name} agent cannot continue a run; accepted: a new run")
 
-        return atomic_torch_save({"agent": self.name, "state": self.state_dict()}, path)
+    def freeze(self) -> "Agent":
+        """The agent in evaluation mode (no further learning)."""
+        return self
 
+    # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
+        """Everything needed to act (and continue fitting) as tensors, arrays and JSON-able values."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         del state
 
     @classmethod
-    def load(cls, path: str | Path, env: gym.Env) -> "Agent":
-        """An agent of this class for ``env`` with the state saved at ``path``."""
-        import torch
-
-        payload = torch.load(Path(path), map_location="cpu", weights_only=False)
-        if payload.get("agent") != cls.name:
-            raise ValueError(f"{str(path)!r} holds a {payload.get('agent')!r} agent, not {cls.name!r}")
-        agent = cls.from_env(env)
-        agent.load_state_dict(payload["state"])
-        return agent
-
-    @classmethod
     def from_env(cls, env: gym.Env, **options: Any) -> "Agent":
         """An agent for ``env`` (action and observation shapes read from it)."""
         return cls(**options)
+
+    @classmethod
+    def restore(cls, env: gym.Env, state: dict) -> "Agent":
+        """An agent for ``env`` with ``state`` (from :meth:`state_dict`) loaded."""
+        agent = cls.from_env(env)
+        agent.load_state_dict(state)
+        return agent
+
+    def save(self, path: str | Path, env: gym.Env, metadata: dict | None = None) -> Path:
+        """Write the agent's state (data only, atomically) as a checkpoint of this agent on ``env``."""
+        return write_checkpoint(path, self.name, env_id_of(env), self.state_dict(), metadata)
+
+    @classmethod
+    def load(cls, path: str | Path, env: gym.Env) -> "Agent":
+        """An agent of this class for ``env`` from the checkpoint at ``path`` (checked: agent and env)."""
+        ckpt = read_checkpoint(path, agent=cls.name, env_id=env_id_of(env))
+        return cls.restore(env, ckpt["state"])
 
 
 # ------------------------------------------------------------------------------------------------
 # Env layout: heads, stages and the observations of a group
 # ------------------------------------------------------------------------------------------------
 class EnvLayout:
-    """How an env's action decomposes into categorical heads and which stage reads which head.
+    """An agent's view of a :class:`~envs.protocols.GroupEnv`: heads, stages, group queries.
 
-    ``MultiKnob-v0`` is two-stage: stage 0 reads head 0 (tier), stage 1 heads 1 and 2 (top-k,
-    depth). One-step envs read every head in stage 0. Also gives the observations of an arbitrary
-    (sample, budget, partial action) without stepping an episode, for group-based agents.
+    ``nvec`` and ``stage_heads`` are the env's declared trajectory layout; ``observation`` and
+    ``evaluate`` are its pure stage-observation query and group evaluation.
     """
 
     def __init__(self, env: gym.Env):
-        self.env = env
-        self.base = env.unwrapped
-        space = self.base.action_space
-        if isinstance(space, gym.spaces.Discrete):
-            self.nvec, self.discrete = [int(space.n)], True
-        elif isinstance(space, gym.spaces.MultiDiscrete) and len(space.nvec.shape) == 1:
-            self.nvec, self.discrete = [int(n) for n in space.nvec], False
-        else:
-            raise ValueError(f"action space {space} is not supported; accepted: Discrete or 1-D MultiDiscrete")
-        if not hasattr(self.base, "evaluate_group"):
-            raise ValueError(f"env {type(self.base).__name__} has no evaluate_group(); accepted: knob envs "
-                             f"(MultiKnob-v0, TokenBudget-v0 and their variants)")
-        self.two_stage = hasattr(self.base, "stage2_observation")
-        self.stage_heads: list[list[int]] = ([[0], list(range(1, len(self.nvec)))] if self.two_stage
-                                             else [list(range(len(self.nvec)))])
-        self.obs_dim = int(np.prod(self.base.observation_space.shape))
+        self.env = group_env(env)
+        self.nvec = [int(n) for n in self.env.trajectory_nvec]
+        self.stage_heads: list[list[int]] = [list(h) for h in self.env.stage_heads]
+        self.obs_dim = int(np.prod(env.observation_space.shape))
 
     @property
     def n_heads(self) -> int:
@@ -125,48 +171,35 @@ class EnvLayout:
         return len(self.stage_heads)
 
     def all_actions(self) -> np.ndarray:
-        """Every action of the env as rows of head indices (the oracle / static search space)."""
+        """Every trajectory of the env as rows of head indices (the oracle / static search space)."""
         return np.array(list(itertools.product(*[range(n) for n in self.nvec])), dtype=np.int64)
 
-    def to_env_action(self, heads: Sequence[int]):
-        """Head indices -> the env's action (an int for ``Discrete``)."""
-        heads = np.asarray(heads, dtype=np.int64)
-        return int(heads[0]) if self.discrete else heads
+    def to_env_action(self, heads: Sequence[int], stage: int = 0):
+        """Head indices -> the env's action at ``stage``."""
+        return self.env.to_env_action(np.asarray(heads, dtype=np.int64), stage)
 
     def observation(self, sample_id: int, budget_ms: float, split: str, stage: int,
                     heads: Sequence[int] | None = None) -> np.ndarray:
         """The observation at ``stage`` of an episode on (sample, budget) whose earlier stages chose ``heads``."""
-        if stage == 0:
-            if hasattr(self.base, "stage1_observation"):
-                return self.base.stage1_observation(sample_id, budget_ms, split)
-            obs, _ = self.base.reset(options={"sample_id": int(sample_id), "budget": float(budget_ms),
-                                              "split": split})
-            return obs
-        if not self.two_stage or stage != 1 or heads is None:
-            raise ValueError(f"stage={stage} is invalid for {type(self.base).__name__}; accepted: "
-                             f"0..{self.n_stages - 1} (with the earlier heads for stage 1)")
-        return self.base.stage2_observation(sample_id, budget_ms, int(heads[0]), split)
+        return self.env.stage_observation(int(sample_id), float(budget_ms), split, stage, heads)
 
     def evaluate(self, sample_id: int, budget_ms: float, actions: np.ndarray, split: str):
-        """Rewards and infos of head-index rows on one sample and budget (one shared stage 1)."""
-        env_actions = [self.to_env_action(a) for a in actions]
-        return self.base.evaluate_group(int(sample_id), float(budget_ms), env_actions, split=split)
+        """Rewards and infos of head-index rows on one sample and budget (shared work done once)."""
+        return self.env.evaluate_group(int(sample_id), float(budget_ms), list(actions), split)
+
+    def num_samples(self, split: str) -> int:
+        return self.env.num_samples(split)
 
 
 # ------------------------------------------------------------------------------------------------
 # Episodes and evaluation
 # ------------------------------------------------------------------------------------------------
-def check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r} is invalid; accepted: {', '.join(SPLITS)}")
-    return split
-
-
 def eval_sample_ids(env: gym.Env, split: str, num_samples: int | None) -> list[int]:
     """The first ``num_samples`` sample ids of ``split`` (all when ``None``): a fixed evaluation set."""
     check_split(split)
-    total = len(env.unwrapped.backend.samples(split))
-    if num_samples is not None and (not isinstance(num_samples, (int, np.integer)) or num_samples < 1):
+    total = group_env(env).num_samples(split)
+    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer))
+                                    or num_samples < 1):
         raise ValueError(f"num_samples={num_samples!r} is invalid; accepted: a positive integer or None (all)")
     return list(range(total if num_samples is None else min(int(num_samples), total)))
 
@@ -180,11 +213,11 @@ def as_env_action(env: gym.Env, action):
 
 def run_episode(env: gym.Env, agent: Agent, sample_id: int, budget_ms: float, split: str) -> dict:
     """One Gymnasium episode of ``agent`` on a fixed sample and budget; returns the final step's info."""
+    genv = group_env(env) if agent.needs_context else None
     obs, info = env.reset(options={"sample_id": int(sample_id), "budget": float(budget_ms), "split": split})
     stage, done, reward = 0, False, 0.0
     while not done:
-        context = EpisodeContext(env.unwrapped, int(sample_id), float(info.get("budget_ms", budget_ms)), split,
-                                 stage)
+        context = EpisodeContext(genv, int(sample_id), float(info.get("budget_ms", budget_ms)), split, stage)
         obs, reward, terminated, truncated, info = env.step(as_env_action(env, agent.act(obs, context)))
         done, stage = terminated or truncated, stage + 1
     return {**info, "reward": float(reward)}
@@ -217,10 +250,8 @@ def summarize(infos: Sequence[dict]) -> dict:
     return summary
 
 
-def evaluate_agent(env: gym.Env, agent: Agent, sample_ids: Sequence[int], budget: Any, split: str) -> dict:
-    """Run ``agent`` on every sample at one fixed ``budget``; returns :func:`summarize` plus ``infos``."""
-    budget_ms = Budget.parse(budget)
-    if budget_ms.is_range:
-        raise ValueError(f"budget={budget!r} is invalid for an evaluation; accepted: one fixed budget")
-    infos = [run_episode(env, agent, sid, budget_ms.low_ms, check_split(split)) for sid in sample_ids]
-    return {**summarize(infos), "budget_ms": budget_ms.low_ms, "infos": infos}
+def evaluate_agent(env: gym.Env, agent: Agent, sample_ids: Sequence[int], budget_ms: float, split: str) -> dict:
+    """Run ``agent`` on every sample at one fixed budget (ms); returns :func:`summarize` plus ``infos``."""
+    budget_ms = check_budget_ms(budget_ms)
+    infos = [run_episode(env, agent, sid, budget_ms, check_split(split)) for sid in sample_ids]
+    return {**summarize(infos), "budget_ms": budget_ms, "infos": infos}

@@ -15,8 +15,9 @@ from typing import Any, Sequence
 import gymnasium as gym
 import numpy as np
 
-from agents.base import Agent, EnvLayout, EpisodeContext
-from envs.budget import Budget
+from agents.base import Agent, EnvLayout, EpisodeContext, FitContext, eval_sample_ids
+from agents.registry import register_agent
+from envs.budget import check_budget_ms
 
 
 def _need_context(agent: Agent, context: EpisodeContext | None) -> EpisodeContext:
@@ -26,10 +27,12 @@ def _need_context(agent: Agent, context: EpisodeContext | None) -> EpisodeContex
     return context
 
 
+@register_agent
 class RandomAgent(Agent):
     """Uniformly random head indices (seeded)."""
 
     name = "random"
+    seeded = True
 
     def __init__(self, nvec: Sequence[int], seed: int = 0):
         self.nvec, self.seed = [int(n) for n in nvec], int(seed)
@@ -48,46 +51,57 @@ class RandomAgent(Agent):
         return {"nvec": self.nvec, "seed": self.seed, "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
-        self.nvec, self.seed = list(state["nvec"]), int(state["seed"])
+        self.nvec, self.seed = [int(n) for n in state["nvec"]], int(state["seed"])
         self.rng.bit_generator.state = state["rng"]
 
 
+@register_agent
 class StaticAgent(Agent):
     """One fixed configuration per budget: the best mean reward over a calibration split.
 
-    ``fit`` tries every configuration on every calibration sample at each budget (runs are
-    memoised by the env, so extra budgets cost no model runs). At a budget it was not fitted for,
-    it uses the configuration of the nearest fitted budget (in ratio).
+    ``fit`` tries every configuration on the first ``calibration_samples`` samples of
+    ``calibration_split`` at each evaluation budget (runs are memoised by the env, so extra budgets
+    cost no model runs). At a budget it was not fitted for, it uses the configuration of the
+    nearest fitted budget (in ratio).
     """
 
     name = "static"
     needs_context = True
+    fits_budgets = True
 
-    def __init__(self):
+    def __init__(self, calibration_split: str = "validation", calibration_samples: int = 24):
+        self.calibration_split, self.calibration_samples = calibration_split, calibration_samples
         self.table: dict[float, list[int]] = {}
         self.calibration: dict[str, Any] = {}
 
     @classmethod
     def from_env(cls, env: gym.Env, **options: Any) -> "StaticAgent":
-        if options:
-            raise ValueError(f"unknown static-agent option(s) {sorted(options)}; accepted: none")
-        return cls()
+        unknown = set(options) - {"calibration_split", "calibration_samples"}
+        if unknown:
+            raise ValueError(f"unknown static-agent option(s) {sorted(unknown)}; accepted: calibration_split, "
+                             f"calibration_samples")
+        return cls(**options)
 
-    def fit(self, env: gym.Env, budgets: Sequence[Any] = (), sample_ids: Sequence[int] = (),
-            split: str = "validation", **kwargs: Any) -> dict:
-        if kwargs:
-            raise ValueError(f"unknown static fit option(s) {sorted(kwargs)}; accepted: budgets, sample_ids, split")
-        if not budgets or not sample_ids:
-            raise ValueError("static.fit needs at least one budget and one calibration sample id")
+    def fit(self, env: gym.Env, context: FitContext | None = None) -> dict:
+        """Calibrate at ``context.budgets_ms`` (default: the env budget's evaluation budgets)."""
+        context = context or FitContext()
+        layout = EnvLayout(env)
+        budgets = list(context.budgets_ms) or layout.env.budget.evaluation_budgets()
+        ids = eval_sample_ids(env, self.calibration_split, self.calibration_samples)
+        return self.calibrate(env, budgets, ids, self.calibration_split)
+
+    def calibrate(self, env: gym.Env, budgets_ms: Sequence[float], sample_ids: Sequence[int],
+                  split: str = "validation") -> dict:
+        """The best mean-reward configuration of ``sample_ids`` at each budget (ms)."""
+        if not budgets_ms or not sample_ids:
+            raise ValueError("static calibration needs at least one budget and one calibration sample id")
         layout = EnvLayout(env)
         actions = layout.all_actions()
-        for budget in budgets:
-            budget_ms = Budget.parse(budget)
-            if budget_ms.is_range:
-                raise ValueError(f"budget={budget!r} is invalid for static.fit; accepted: fixed budgets")
-            rewards = np.stack([layout.evaluate(sid, budget_ms.low_ms, actions, split)[0] for sid in sample_ids])
+        for budget in budgets_ms:
+            budget_ms = check_budget_ms(budget)
+            rewards = np.stack([layout.evaluate(sid, budget_ms, actions, split)[0] for sid in sample_ids])
             best = int(np.argmax(rewards.mean(axis=0)))  # ties: the first, i.e. the cheapest tier / top-k / depth
-            self.table[budget_ms.low_ms] = actions[best].tolist()
+            self.table[budget_ms] = actions[best].tolist()
         self.calibration = {"split": split, "samples": len(sample_ids)}
         return {f"static/{b:g}ms": a for b, a in self.table.items()}
 
@@ -101,13 +115,17 @@ class StaticAgent(Agent):
         return self.action_for(_need_context(self, context).budget_ms)
 
     def state_dict(self) -> dict:
-        return {"table": {float(b): list(a) for b, a in self.table.items()}, "calibration": self.calibration}
+        return {"table": {float(b): list(a) for b, a in self.table.items()}, "calibration": self.calibration,
+                "calibration_split": self.calibration_split, "calibration_samples": self.calibration_samples}
 
     def load_state_dict(self, state: dict) -> None:
-        self.table = {float(b): list(a) for b, a in state["table"].items()}
+        self.table = {float(b): [int(i) for i in a] for b, a in state["table"].items()}
         self.calibration = dict(state.get("calibration", {}))
+        self.calibration_split = state.get("calibration_split", self.calibration_split)
+        self.calibration_samples = state.get("calibration_samples", self.calibration_samples)
 
 
+@register_agent
 class GreedyAgent(Agent):
     """The most expensive configuration whose estimated latency fits the budget for this input.
 
@@ -132,13 +150,10 @@ class GreedyAgent(Agent):
         """All actions of the env and their estimated latency on this input (cached per sample)."""
         key = (id(env), split, int(sample_id))
         if key not in self._estimates:
-            base = env.unwrapped
             layout = EnvLayout(env)
             actions = layout.all_actions()
-            sample = base.backend.sample(split, sample_id)
-            knobs = [base.space.resolve(base.action_to_knobs(layout.to_env_action(a))) for a in actions]
-            counts = [base.backend.expected_token_counts(sample, k) for k in knobs]
-            self._estimates[key] = (actions, base.latency.predict_ms(knobs, counts))
+            estimated = layout.env.estimated_latency_ms(int(sample_id), actions, split)
+            self._estimates[key] = (actions, np.asarray(estimated))
         return self._estimates[key]
 
     def act(self, obs, context=None) -> np.ndarray:
@@ -149,22 +164,29 @@ class GreedyAgent(Agent):
         return actions[best]
 
 
+@register_agent
 class BanditAgent(Agent):
     """LinUCB contextual bandit: one arm per configuration, context = the first observation + 1.
 
-    ``fit`` plays ``rounds`` single-action episodes on the training split (budgets drawn like
-    GRPO's) with the upper-confidence rule ``theta_a . x + alpha * sqrt(x' A_a^-1 x)``; ``act``
-    is greedy on ``theta_a . x``. In a two-stage env the arm is chosen from the stage-1
+    ``fit`` plays ``rounds`` single-action episodes on the training split (budgets drawn from the
+    env budget's :meth:`~envs.budget.Budget.training_range` with ``budget_jitter``) with the
+    upper-confidence rule ``theta_a . x + alpha * sqrt(x' A_a^-1 x)``; ``act`` is greedy on
+    ``theta_a . x``. In a two-stage env the arm is chosen from the stage-1
     observation and kept for stage 2.
     """
 
     name = "bandit"
+    seeded = True
 
-    def __init__(self, n_features: int, actions: np.ndarray, alpha: float = 0.5, ridge: float = 1.0, seed: int = 0):
+    def __init__(self, n_features: int, actions: np.ndarray, alpha: float = 0.5, ridge: float = 1.0, seed: int = 0,
+                 rounds: int = 256, budget_jitter: float = 0.2):
         if not (alpha >= 0 and ridge > 0):
             raise ValueError(f"alpha={alpha!r}, ridge={ridge!r} are invalid; accepted: alpha >= 0, ridge > 0")
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+            raise ValueError(f"rounds={rounds!r} is invalid; accepted: an integer >= 0")
         self.actions = np.asarray(actions, dtype=np.int64)
         self.alpha, self.ridge, self.seed = float(alpha), float(ridge), int(seed)
+        self.rounds, self.budget_jitter = rounds, float(budget_jitter)
         d, n_arms = n_features + 1, len(self.actions)
         self.A = np.repeat(np.eye(d)[None] * self.ridge, n_arms, axis=0)
         self.b = np.zeros((n_arms, d))
@@ -172,12 +194,13 @@ class BanditAgent(Agent):
         self._last_choice: np.ndarray | None = None
 
     @classmethod
-    def from_env(cls, env: gym.Env, alpha: float = 0.5, ridge: float = 1.0, seed: int = 0,
-                 **options: Any) -> "BanditAgent":
+    def from_env(cls, env: gym.Env, alpha: float = 0.5, ridge: float = 1.0, seed: int = 0, rounds: int = 256,
+                 budget_jitter: float = 0.2, **options: Any) -> "BanditAgent":
         if options:
-            raise ValueError(f"unknown bandit option(s) {sorted(options)}; accepted: alpha, ridge, seed")
+            raise ValueError(f"unknown bandit option(s) {sorted(options)}; accepted: alpha, budget_jitter, ridge, "
+                             f"rounds, seed")
         layout = EnvLayout(env)
-        return cls(layout.obs_dim, layout.all_actions(), alpha, ridge, seed)
+        return cls(layout.obs_dim, layout.all_actions(), alpha, ridge, seed, rounds, budget_jitter)
 
     @staticmethod
     def _features(obs: np.ndarray) -> np.ndarray:
@@ -191,21 +214,17 @@ class BanditAgent(Agent):
             return mean
         return mean + self.alpha * np.sqrt(np.einsum("i,aij,j->a", x, A_inv, x))
 
-    def fit(self, env: gym.Env, rounds: int = 256, budget: Any = None, split: str = "train",
-            budget_jitter: float = 0.2, **kwargs: Any) -> dict:
-        if kwargs:
-            raise ValueError(f"unknown bandit fit option(s) {sorted(kwargs)}; accepted: rounds, budget, split, "
-                             f"budget_jitter")
+    def fit(self, env: gym.Env, context: FitContext | None = None) -> dict:
+        """``rounds`` LinUCB rounds on ``context.split``."""
+        context = context or FitContext()
         layout = EnvLayout(env)
-        budget = Budget.parse(budget if budget is not None else layout.base.budget)
-        low, high = budget.low_ms, budget.high_ms
-        if not budget.is_range:
-            low, high = low * (1 - budget_jitter), high * (1 + budget_jitter)
-        n_samples = len(layout.base.backend.samples(split))
+        budgets = layout.env.budget.training_range(self.budget_jitter)
+        split = context.split
+        n_samples = layout.num_samples(split)
         rewards = []
-        for _ in range(int(rounds)):
+        for _ in range(self.rounds):
             sample_id = int(self.rng.integers(n_samples))
-            budget_ms = float(self.rng.uniform(low, high)) if high > low else low
+            budget_ms = budgets.sample(self.rng)
             x = self._features(layout.observation(sample_id, budget_ms, split, 0))
             scores = self._scores(x, explore=True)
             arm = int(self.rng.choice(np.flatnonzero(scores == scores.max())))
@@ -213,7 +232,7 @@ class BanditAgent(Agent):
             self.A[arm] += np.outer(x, x)
             self.b[arm] += reward * x
             rewards.append(reward)
-        return {"bandit/rounds": int(rounds), "bandit/mean_reward": float(np.mean(rewards)) if rewards else 0.0}
+        return {"bandit/rounds": self.rounds, "bandit/mean_reward": float(np.mean(rewards)) if rewards else 0.0}
 
     def act(self, obs, context=None) -> np.ndarray:
         if context is not None and context.stage > 0 and self._last_choice is not None:
@@ -223,6 +242,7 @@ class BanditAgent(Agent):
 
     def state_dict(self) -> dict:
         return {"actions": self.actions, "alpha": self.alpha, "ridge": self.ridge, "seed": self.seed,
+                "rounds": self.rounds, "budget_jitter": self.budget_jitter,
                 "A": self.A, "b": self.b, "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
@@ -231,10 +251,13 @@ class BanditAgent(Agent):
                              f"this env needs {self.A.shape[0]} arms of {self.A.shape[1]}")
         self.actions = np.asarray(state["actions"], dtype=np.int64)
         self.alpha, self.ridge, self.seed = float(state["alpha"]), float(state["ridge"]), int(state["seed"])
+        self.rounds = int(state.get("rounds", self.rounds))
+        self.budget_jitter = float(state.get("budget_jitter", self.budget_jitter))
         self.A, self.b = np.asarray(state["A"]), np.asarray(state["b"])
         self.rng.bit_generator.state = state["rng"]
 
 
+@register_agent
 class OracleAgent(Agent):
     """Per sample and budget, the action with the highest reward among all of them (an upper bound).
 
@@ -243,6 +266,7 @@ class OracleAgent(Agent):
 
     name = "oracle"
     needs_context = True
+    evaluation_only = True
 
     def __init__(self):
         self._best: dict[tuple, np.ndarray] = {}

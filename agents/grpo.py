@@ -2,8 +2,9 @@
 
 One update (``GRPOAgent.train_step``):
 
-1. draw ``batch_size`` training samples and one budget each (the env's range, or the fixed budget
-   jittered by ``budget_jitter``);
+1. draw ``batch_size`` training samples and one budget each from the env budget's
+   :meth:`~envs.budget.Budget.training_range` (its range, or the fixed budget jittered by
+   ``budget_jitter``);
 2. for each (sample, budget) sample a group of ``num_generations`` actions from the current policy
    at ``temperature``. In ``MultiKnob-v0`` a trajectory is two stages: the tier head reads the
    stage-1 observation, then top-k and depth heads read the stage-2 observation *of the tier this
@@ -18,7 +19,8 @@ One update (``GRPOAgent.train_step``):
    of the heads its stages used; heads a stage does not use are masked out).
 
 Names and defaults follow TRL's ``GRPOConfig`` (trl 1.16) where the meaning is the same; see
-:class:`GRPOConfig` for the deviations and why.
+:class:`GRPOConfig` for the deviations and why. :meth:`GRPOAgent.fit` is the whole training loop;
+validation, checkpoints and logging are the caller's :class:`~agents.base.FitHooks`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents.base import Agent, EnvLayout, EpisodeContext
+from agents.base import Agent, EnvLayout, EpisodeContext, FitContext
+from agents.registry import register_agent
 from envs.budget import Budget
 
 SCALE_REWARDS = ("group", "batch", "none")
@@ -59,11 +62,8 @@ class GRPOConfig:
     - ``learning_rate`` 1e-3 (TRL 1e-6 fine-tunes a pretrained LLM; this is a freshly initialised
       MLP of a few thousand weights);
     - ``entropy_coef`` 0.01 (TRL 0.0): a knob head of 3-5 choices is near-deterministic after a
-      few dozen updates, and without a bonus it settles on whatever looked safest first. On
-      ``MultiKnob-v0`` at a binding budget (tiny model, 45 ms on a 2-core CPU; 160 test samples)
-      ``learning_rate`` 3e-3 without the bonus became deterministic within 30 updates at a score
-      of 0.694 (the high tier with the deepest depth that fits scores 0.762) and stayed there for
-      200 updates; 1e-3 with 0.01 reached 0.756-0.762 by update 60 on three seeds;
+      few dozen updates, and without a bonus it settles on whatever looked safest first
+      (BENCHMARKS.md, "Agents", has the measured runs);
     - ``num_iterations`` 4 (TRL 1 reuses nothing; here every group costs model runs while a
       gradient step costs microseconds, so each batch is reused for several clipped steps, which
       is what ``epsilon`` is for).
@@ -101,7 +101,7 @@ class GRPOConfig:
         self.scale_rewards = normalize_scale_rewards(self.scale_rewards)
         positive_ints = ("num_generations", "num_iterations", "batch_size", "ref_model_sync_steps")
         for name in positive_ints:
-            v = getattr(self, name)
+            v = vars(self)[name]
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} is invalid; accepted: an integer >= 1")
         if self.num_generations < 2:
@@ -110,11 +110,11 @@ class GRPOConfig:
         if isinstance(self.total_updates, bool) or not isinstance(self.total_updates, int) or self.total_updates < 0:
             raise ValueError(f"total_updates={self.total_updates!r} is invalid; accepted: an integer >= 0")
         for name in ("epsilon", "learning_rate", "temperature"):
-            v = getattr(self, name)
+            v = vars(self)[name]
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}={v!r} is invalid; accepted: a finite number > 0")
         for name in ("beta", "entropy_coef", "max_grad_norm", "budget_jitter"):
-            v = getattr(self, name)
+            v = vars(self)[name]
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name}={v!r} is invalid; accepted: a finite number >= 0")
         if self.budget_jitter >= 1:
@@ -213,10 +213,13 @@ class Rollout:
     num_generations: int
 
 
+@register_agent
 class GRPOAgent(Agent):
     """The GRPO controller: sampling groups, the clipped update, acting greedily at evaluation."""
 
     name = "grpo"
+    seeded = True
+    resumable = True
 
     def __init__(self, obs_dim: int, nvec: Sequence[int], stage_heads: Sequence[Sequence[int]],
                  config: GRPOConfig | None = None):
@@ -262,14 +265,25 @@ class GRPOAgent(Agent):
         out = [torch.multinomial(logp[h].exp(), n, replacement=True, generator=self.torch_rng) for h in heads]
         return torch.stack(out, dim=1).numpy()
 
-    # ------------------------------------------------------------------------------- rollouts
-    def sample_budget(self, budget: Budget) -> float:
-        """A training budget: uniform in the env's range, or within ``budget_jitter`` of a fixed budget."""
-        low, high = budget.low_ms, budget.high_ms
-        if not budget.is_range:
-            low, high = low * (1 - self.config.budget_jitter), high * (1 + self.config.budget_jitter)
-        return float(self.rng.uniform(low, high)) if high > low else float(low)
+    def configure(self, **options: Any) -> None:
+        """New options for a resumed run (e.g. a larger ``total_updates``); shapes stay the checkpoint's."""
+        self.config = GRPOConfig.from_dict(options)
 
+    # ------------------------------------------------------------------------------- the loop
+    def fit(self, env: gym.Env, context: FitContext | None = None) -> dict:
+        """Train until ``config.total_updates`` updates (continuing from ``self.step``)."""
+        context = context or FitContext()
+        layout = EnvLayout(env)
+        budgets = layout.env.budget.training_range(self.config.budget_jitter)
+        total = self.config.total_updates
+        context.hooks.on_fit_start(self, self.step, total)
+        while self.step < total:
+            rollout, stats = self.train_step(layout, budgets, context.split, context.sample_pool)
+            context.hooks.on_update(self, self.step, rollout.infos, stats)
+        context.hooks.on_fit_end(self, self.step)
+        return {"updates": self.step}
+
+    # ------------------------------------------------------------------------------- rollouts
     def collect(self, layout: EnvLayout, sample_ids: Sequence[int], budgets_ms: Sequence[float],
                 split: str = "train") -> Rollout:
         """Sample and score one group per (sample, budget); advantages are group-relative."""
@@ -355,14 +369,15 @@ class GRPOAgent(Agent):
                     ref.mul_(1 - alpha).add_(cur, alpha=alpha)
         return stats
 
-    def train_step(self, layout: EnvLayout, budget: Budget, split: str = "train",
+    def train_step(self, layout: EnvLayout, budgets: Budget, split: str = "train",
                    sample_pool: int | None = None) -> tuple[Rollout, dict]:
-        """One GRPO update: draw samples and budgets, collect groups, update; returns rollout and stats."""
+        """One GRPO update: draw samples and budgets (from ``budgets``, the training range), collect
+        groups, update; returns rollout and stats."""
         start = time.perf_counter()
-        n_samples = len(layout.base.backend.samples(split))
+        n_samples = layout.num_samples(split)
         pool = n_samples if sample_pool is None else min(int(sample_pool), n_samples)
         sample_ids = self.rng.integers(pool, size=self.config.batch_size)
-        budgets = [self.sample_budget(budget) for _ in sample_ids]
+        budgets = [budgets.sample(self.rng) for _ in sample_ids]
         rollout = self.collect(layout, sample_ids.tolist(), budgets, split)
         stats = self.update(rollout)
         stats["samples_per_second"] = len(rollout.infos) / max(1e-9, time.perf_counter() - start)
@@ -385,7 +400,7 @@ class GRPOAgent(Agent):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if state["obs_dim"] != self.obs_dim or list(state["nvec"]) != self.nvec:
+        if state["obs_dim"] != self.obs_dim or [int(n) for n in state["nvec"]] != self.nvec:
             raise ValueError(f"checkpoint policy has observation size {state['obs_dim']} and action heads "
                              f"{list(state['nvec'])}; this env has {self.obs_dim} and {self.nvec}")
         self.policy.load_state_dict(state["policy"])
@@ -405,13 +420,10 @@ class GRPOAgent(Agent):
         return agent
 
     @classmethod
-    def load(cls, path, env: gym.Env) -> "GRPOAgent":
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-        state = payload.get("state", payload.get("agent_state"))
-        if payload.get("agent") != cls.name or state is None:
-            raise ValueError(f"{str(path)!r} holds no grpo agent (agent={payload.get('agent')!r})")
+    def restore(cls, env: gym.Env, state: dict) -> "GRPOAgent":
         layout = EnvLayout(env)
-        if state["obs_dim"] != layout.obs_dim or list(state["nvec"]) != layout.nvec:
-            raise ValueError(f"checkpoint {str(path)!r} has observation size {state['obs_dim']} and action heads "
-                             f"{list(state['nvec'])}; this env has {layout.obs_dim} and {layout.nvec}")
+        if state["obs_dim"] != layout.obs_dim or [int(n) for n in state["nvec"]] != layout.nvec:
+            raise ValueError(f"checkpoint policy has observation size {state['obs_dim']} and action heads "
+                             f"{list(state['nvec'])}; this env has {layout.obs_dim} and {layout.nvec}; accepted: "
+                             f"the env and backend the checkpoint was trained on")
         return cls.from_state(state)

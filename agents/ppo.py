@@ -1,49 +1,55 @@
 """Stable-Baselines3 PPO as an external reference, trained on the env through the plain Gym API.
 
-PPO sees ordinary episodes (two steps in ``MultiKnob-v0``) on the training split, with the
-budget drawn like GRPO's (the env's range, or the fixed budget jittered), and acts
-deterministically at evaluation.
+PPO sees ordinary episodes (two steps in ``MultiKnob-v0``) on the env's own split, with budgets
+drawn from the env budget's :meth:`~envs.budget.Budget.training_range` (its range, or the fixed
+budget jittered by ``budget_jitter``), and acts deterministically at evaluation.
+
+Saved as data only: the policy's ``state_dict`` tensors and the options; loading rebuilds the
+SB3 model for the env and loads the weights (SB3's own zip format unpickles, so it is not used).
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
-from agents.base import Agent
-from agents.io import atomic_torch_save
+from agents.base import Agent, FitContext
+from agents.registry import register_agent
 from envs.budget import Budget
+from envs.protocols import group_env
 
 
 class BudgetJitter(gym.Wrapper):
-    """Resets with a budget drawn uniformly from ``[low, high]`` (unless the caller passes one)."""
+    """Resets with a budget drawn from ``budgets`` with the env's ``np_random`` (unless the caller passes one)."""
 
-    def __init__(self, env: gym.Env, low_ms: float, high_ms: float):
+    def __init__(self, env: gym.Env, budgets: Budget):
         super().__init__(env)
-        self.low_ms, self.high_ms = float(low_ms), float(high_ms)
+        self.budgets = budgets
 
     def reset(self, *, seed=None, options=None):
         obs, info = self.env.reset(seed=seed, options=options)  # seeds np_random first
         if options and "budget" in options:
             return obs, info
-        budget = float(self.unwrapped.np_random.uniform(self.low_ms, self.high_ms))
+        budget = self.budgets.sample(self.np_random)
         return self.env.reset(options={**(options or {}), "budget": budget, "sample_id": info["sample_id"]})
 
 
+@register_agent
 class PPOAgent(Agent):
     """SB3 PPO (``MlpPolicy``) over the env's observation and ``MultiDiscrete`` / ``Discrete`` action."""
 
     name = "ppo"
+    seeded = True
+    OPTIONS = ("batch_size", "budget_jitter", "learning_rate", "n_steps", "seed", "total_timesteps")
 
-    def __init__(self, total_timesteps: int = 2048, n_steps: int = 256, batch_size: int = 64,
+    def __init__(self, env: gym.Env, total_timesteps: int = 2048, n_steps: int = 256, batch_size: int = 64,
                  learning_rate: float = 3e-4, budget_jitter: float = 0.2, seed: int = 0):
         if int(total_timesteps) < 1 or int(n_steps) < 2 or int(batch_size) < 1:
             raise ValueError(f"total_timesteps={total_timesteps}, n_steps={n_steps}, batch_size={batch_size} are "
                              f"invalid; accepted: total_timesteps >= 1, n_steps >= 2, batch_size >= 1")
+        self.env = env
         self.options = {"total_timesteps": int(total_timesteps), "n_steps": int(n_steps),
                         "batch_size": int(batch_size), "learning_rate": float(learning_rate),
                         "budget_jitter": float(budget_jitter), "seed": int(seed)}
@@ -51,27 +57,26 @@ class PPOAgent(Agent):
 
     @classmethod
     def from_env(cls, env: gym.Env, **options: Any) -> "PPOAgent":
-        accepted = {"total_timesteps", "n_steps", "batch_size", "learning_rate", "budget_jitter", "seed"}
-        unknown = set(options) - accepted
+        unknown = set(options) - set(cls.OPTIONS)
         if unknown:
-            raise ValueError(f"unknown ppo option(s) {sorted(unknown)}; accepted: {', '.join(sorted(accepted))}")
-        return cls(**options)
+            raise ValueError(f"unknown ppo option(s) {sorted(unknown)}; accepted: {', '.join(cls.OPTIONS)}")
+        return cls(env, **options)
 
-    def fit(self, env: gym.Env, **kwargs: Any) -> dict:
-        """Train PPO on ``env`` (its own split and budget; fixed budgets are jittered)."""
+    def _build(self):
+        """The SB3 model on the env with budgets drawn from its training range."""
         from stable_baselines3 import PPO
 
-        if kwargs:
-            raise ValueError(f"unknown ppo fit option(s) {sorted(kwargs)}; accepted: none (options go to from_env)")
         opts = self.options
-        budget = Budget.parse(env.unwrapped.budget)
-        low, high = budget.low_ms, budget.high_ms
-        if not budget.is_range:
-            low, high = low * (1 - opts["budget_jitter"]), high * (1 + opts["budget_jitter"])
-        train_env = BudgetJitter(env, low, high)
-        self.model = PPO("MlpPolicy", train_env, n_steps=opts["n_steps"], batch_size=opts["batch_size"],
-                         learning_rate=opts["learning_rate"], seed=opts["seed"], verbose=0, device="cpu")
-        self.model.learn(total_timesteps=opts["total_timesteps"])
+        budgets = group_env(self.env).budget.training_range(opts["budget_jitter"])
+        return PPO("MlpPolicy", BudgetJitter(self.env, budgets), n_steps=opts["n_steps"],
+                   batch_size=opts["batch_size"], learning_rate=opts["learning_rate"], seed=opts["seed"], verbose=0,
+                   device="cpu")
+
+    def fit(self, env: gym.Env, context: FitContext | None = None) -> dict:
+        """Train PPO on ``env`` (its own split; ``context`` is not used: SB3 runs its own loop)."""
+        self.env = env
+        self.model = self._build()
+        self.model.learn(total_timesteps=self.options["total_timesteps"])
         return {"ppo/timesteps": int(self.model.num_timesteps)}
 
     def act(self, obs, context=None) -> np.ndarray:
@@ -80,21 +85,17 @@ class PPOAgent(Agent):
         action, _ = self.model.predict(np.asarray(obs, dtype=np.float32), deterministic=True)
         return np.atleast_1d(np.asarray(action, dtype=np.int64))
 
-    def save(self, path) -> Path:
+    def state_dict(self) -> dict:
         if self.model is None:
             raise ValueError("the ppo agent is not fitted; nothing to save")
-        with tempfile.TemporaryDirectory() as tmp:
-            self.model.save(Path(tmp) / "ppo.zip")
-            blob = (Path(tmp) / "ppo.zip").read_bytes()
-        return atomic_torch_save({"agent": self.name, "state": {"options": self.options, "sb3_zip": blob}}, path)
+        return {"options": dict(self.options), "policy": self.model.policy.state_dict(),
+                "num_timesteps": int(self.model.num_timesteps)}
 
     def load_state_dict(self, state: dict) -> None:
-        from stable_baselines3 import PPO
-
+        unknown = set(state["options"]) - set(self.OPTIONS)
+        if unknown:
+            raise ValueError(f"saved ppo options {sorted(unknown)} are unknown; accepted: {', '.join(self.OPTIONS)}")
         self.options = dict(state["options"])
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "ppo.zip").write_bytes(state["sb3_zip"])
-            self.model = PPO.load(Path(tmp) / "ppo.zip", device="cpu")
-
-    def state_dict(self) -> dict:
-        raise ValueError("the ppo agent is saved through save(path) (SB3's own format inside); use save()")
+        self.model = self._build()
+        self.model.policy.load_state_dict(state["policy"])
+        self.model.num_timesteps = int(state.get("num_timesteps", 0))

@@ -114,6 +114,10 @@ class HFBackend:
     def identity(self) -> dict[str, Any]:
         return {"backend": self.name, **self.loaded.identity}
 
+    def recorded_estimator_file(self) -> None:
+        """Live backends have no recorded estimator: their latency is profiled on this device."""
+        return None
+
     def cost_params(self) -> dict[str, float]:
         """Architecture numbers for analytic latency features."""
         cfg = self.model.config

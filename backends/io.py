@@ -92,6 +92,7 @@ def write_directory_atomically(target: str | Path, write: Callable[[Path], None]
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp creates it private; a written folder (a checkpoint) is meant to be shared
     try:
         write(staging)
     except BaseException:
@@ -169,7 +170,7 @@ def save_tensors(path: str | Path, tensors: dict[str, Any], metadata: Any = None
     digest = hashlib.sha256(meta_json.encode("utf-8"))
     for name in sorted(tensors):
         digest.update(name.encode("utf-8"))
-        digest.update(tensors[name].view(torch.uint8).numpy().tobytes() if tensors[name].numel() else b"")
+        digest.update(tensors[name].reshape(-1).view(torch.uint8).numpy().tobytes() if tensors[name].numel() else b"")
     data = save(tensors, metadata={_META_KEY: meta_json, CHECKSUM_KEY: digest.hexdigest()})
     return atomic_write_bytes(path, data)
 
@@ -198,7 +199,7 @@ def load_tensors(path: str | Path) -> tuple[dict[str, Any], Any]:
     digest = hashlib.sha256(header[_META_KEY].encode("utf-8"))
     for name in sorted(tensors):
         digest.update(name.encode("utf-8"))
-        digest.update(tensors[name].view(torch.uint8).numpy().tobytes() if tensors[name].numel() else b"")
+        digest.update(tensors[name].reshape(-1).view(torch.uint8).numpy().tobytes() if tensors[name].numel() else b"")
     if digest.hexdigest() != header[CHECKSUM_KEY]:
         raise CorruptFileError(path, "checksum mismatch (the file was edited or damaged)")
     return tensors, json.loads(header[_META_KEY])

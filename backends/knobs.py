@@ -186,6 +186,16 @@ class KnobSpace:
         for tier, b, k, d in itertools.product(tiers, budgets, top_ks, depths):
             yield KnobConfig(tier=tier, token_budget=b, top_k=k, depth=d)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "KnobSpace":
+        """Inverse of :meth:`as_dict` (tier order kept: cheapest first)."""
+        return cls(model_class=d["model_class"], tiers={str(k): int(v) for k, v in d["tiers"].items()},
+                   native_vision_tokens=int(d["native_vision_tokens"]),
+                   token_budgets=tuple(float(b) for b in d["token_budgets"]),
+                   top_ks=tuple(int(k) for k in d["top_ks"]), full_top_k=d["full_top_k"],
+                   num_experts=d["num_experts"], depths=tuple(int(x) for x in d["depths"]),
+                   num_layers=int(d["num_layers"]))
+
     def as_dict(self) -> dict:
         return {"model_class": self.model_class, "tiers": dict(self.tiers),
                 "native_vision_tokens": self.native_vision_tokens, "token_budgets": list(self.token_budgets),

@@ -40,10 +40,17 @@ def _factory(name: str) -> Callable[..., Backend]:
 
 
 def load_backend(backend: Any = "tiny", **options: Any) -> Backend:
-    """Resolve ``backend`` (a Backend object, a name, or a dict with ``name``) to a loaded backend."""
+    """Resolve ``backend`` (a Backend object, a name, or a dict with ``name``) to a loaded backend.
+
+    A dict passes every key except ``name`` to the backend's factory as a keyword option (so a
+    Hydra ``backend`` config group maps one to one onto the factory's arguments).
+    """
     if backend is None:
         backend = "tiny"
-    if not isinstance(backend, (str, dict)) and hasattr(backend, "run_stage1"):
+    if isinstance(backend, Backend):
+        if options:
+            raise ValueError(f"options {sorted(options)} were given with an already loaded backend; accepted: "
+                             f"options only with a backend name or dict")
         return backend
     if isinstance(backend, dict):
         options = {**{k: v for k, v in backend.items() if k != "name"}, **options}

@@ -244,11 +244,7 @@ class TraceBackend:
             if self.meta.get("format_version") != TRACE_FORMAT_VERSION:
                 raise TraceError(f"trace file {str(self.path)!r} has format {self.meta.get('format_version')!r}; "
                                  f"accepted: {TRACE_FORMAT_VERSION}")
-            ks = self.meta["knob_space"]
-            self.knob_space = KnobSpace(
-                model_class=ks["model_class"], tiers=dict(ks["tiers"]), native_vision_tokens=ks["native_vision_tokens"],
-                token_budgets=tuple(ks["token_budgets"]), top_ks=tuple(ks["top_ks"]), full_top_k=ks["full_top_k"],
-                num_experts=ks["num_experts"], depths=tuple(ks["depths"]), num_layers=ks["num_layers"])
+            self.knob_space = KnobSpace.from_dict(self.meta["knob_space"])
             self.question_types = tuple(self.meta["question_types"])
             self.summary_dim = int(self.meta["summary_dim"])
             self.expected_new_tokens = int(self.meta["expected_new_tokens"])

@@ -30,7 +30,8 @@ def main() -> None:
     env = gym.make("MultiKnob-v0", budget=args.budget, split="test").unwrapped
     rng = np.random.default_rng(args.seed)
     n = len(env.backend.samples("test"))
-    env.evaluate_group(0, args.budget, [[2, 4, 4]] * 2)  # warm-up
+    budget_ms = env.budget.fixed_ms
+    env.evaluate_group(0, budget_ms, [[2, 4, 4]] * 2)  # warm-up
     group_ms, separate_ms = [], []
     for r in range(args.rounds):
         sid = int(rng.integers(n))
@@ -39,7 +40,7 @@ def main() -> None:
         def grouped():
             env.clear_run_cache()
             t0 = time.perf_counter_ns()
-            rewards, _ = env.evaluate_group(sid, args.budget, actions)
+            rewards, _ = env.evaluate_group(sid, budget_ms, actions)
             return (time.perf_counter_ns() - t0) / 1e6, rewards
 
         def separate():

@@ -5,8 +5,9 @@
 >>> envs.list_envs()
 """
 
-from envs.budget import Budget, parse_budget_ms
+from envs.budget import Budget
 from envs.multiknob import MultiKnobEnv
+from envs.protocols import GroupEnv, group_env
 from envs.registry import check_env_id, list_envs, register_env
 from envs.reward import RewardConfig, compute_reward, compute_rewards
 from envs.token_budget import TokenBudgetEnv
@@ -23,5 +24,5 @@ from envs.streaming_kv import register_kv_envs  # noqa: E402
 
 register_kv_envs()
 
-__all__ = ["Budget", "parse_budget_ms", "RewardConfig", "compute_reward", "compute_rewards",
+__all__ = ["Budget", "GroupEnv", "group_env", "RewardConfig", "compute_reward", "compute_rewards",
            "register_env", "list_envs", "check_env_id", "MultiKnobEnv", "TokenBudgetEnv"]

@@ -1,23 +1,31 @@
-"""The one definition of a latency budget: parsing, ranges and per-episode sampling.
+"""The one definition of a latency budget: parsing, bounds, ranges, jitter and per-episode sampling.
 
-Every env, agent and CLI override goes through :meth:`Budget.parse`; nothing else in the
-package knows what ``"120ms"`` means.
+Parsing (:meth:`Budget.parse`) happens only at the boundary: the CLI and env constructors
+(``gym.make(..., budget=...)``, ``reset(options={"budget": ...})``). Everything past the boundary
+holds a :class:`Budget` (an env owns one, agents read ``env.budget``) or a float of milliseconds
+that :func:`check_budget_ms` accepts.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-ACCEPTED_FORMS = (
-    "a positive number of milliseconds (120), a string with a unit ('120ms', '120 ms', '0.12s', "
-    "'120000us'), or a range '[60ms,200ms]' / (low, high) sampled uniformly per episode"
-)
+#: the smallest and largest budget accepted, in milliseconds (10 microseconds .. one hour)
+MIN_BUDGET_MS = 0.01
+MAX_BUDGET_MS = 3_600_000.0
 
+BOUNDS_TEXT = f"between {MIN_BUDGET_MS:g} ms and {MAX_BUDGET_MS:.0f} ms (1 hour)"
+ACCEPTED_FORMS = (
+    f"a positive number of milliseconds {BOUNDS_TEXT} (120), a string "
+    "with a unit ('120ms', '120 ms', '0.12s', '120000us'), or a range '[60ms,200ms]' / (low, high) sampled "
+    "uniformly per episode"
+)
 _UNIT_TO_MS = {"ms": 1.0, "s": 1000.0, "us": 1e-3, "µs": 1e-3}
 _SCALAR_RE = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?|[+-]?inf|nan)\s*(ms|s|us|µs)?\s*$", re.I)
 
@@ -26,56 +34,78 @@ def _bad(value: Any, why: str) -> ValueError:
     return ValueError(f"invalid budget {value!r}: {why}; accepted: {ACCEPTED_FORMS}")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def check_budget_ms(ms: Any, original: Any = None) -> float:
+    """``ms`` as a float if it is a number of milliseconds inside the accepted bounds; else a ValueError."""
+    original = ms if original is None else original
+    if isinstance(ms, np.ndarray) and ms.ndim == 0:
+        ms = ms.item()
+    if not _is_number(ms):
+        raise _bad(original, f"unsupported type {type(ms).__name__}")
+    ms = float(ms)
+    if not math.isfinite(ms):
+        raise _bad(original, "must be finite")
+    if not MIN_BUDGET_MS <= ms <= MAX_BUDGET_MS:
+        raise _bad(original, f"must be {BOUNDS_TEXT}")
+    return ms
+
+
 def _parse_scalar_ms(value: Any, original: Any) -> float:
-    if isinstance(value, bool):
+    if isinstance(value, (bool, np.bool_)):
         raise _bad(original, "a boolean is not a latency")
-    if isinstance(value, (int, float, np.integer, np.floating)):
-        ms = float(value)
-    elif isinstance(value, str):
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, str):
         match = _SCALAR_RE.match(value)
         if not match:
             raise _bad(original, "cannot parse")
         number, unit = match.group(1), (match.group(2) or "ms").lower()
-        ms = float(number) * _UNIT_TO_MS[unit]
-    else:
-        raise _bad(original, f"unsupported type {type(value).__name__}")
-    if not math.isfinite(ms):
-        raise _bad(original, "must be finite")
-    if ms <= 0:
-        raise _bad(original, "must be > 0")
-    return ms
+        value = float(number) * _UNIT_TO_MS[unit]
+    return check_budget_ms(value, original)
 
 
 @dataclass(frozen=True)
 class Budget:
-    """A latency budget in milliseconds: fixed (``low_ms == high_ms``) or a uniform range."""
+    """A latency budget in milliseconds: fixed (``low_ms == high_ms``) or a uniform range.
+
+    Both bounds lie in ``[MIN_BUDGET_MS, MAX_BUDGET_MS]``.
+    """
 
     low_ms: float
     high_ms: float
 
     def __post_init__(self) -> None:
-        for v in (self.low_ms, self.high_ms):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise _bad((self.low_ms, self.high_ms), "bounds must be finite and > 0")
+        bounds = (self.low_ms, self.high_ms)
+        for name, v in zip(("low_ms", "high_ms"), bounds):
+            object.__setattr__(self, name, check_budget_ms(v, bounds))
         if self.low_ms > self.high_ms:
-            raise _bad((self.low_ms, self.high_ms), "range low must be <= high")
+            raise _bad(bounds, "range low must be <= high")
 
+    # ---------------------------------------------------------------- construction
     @classmethod
     def parse(cls, value: Any) -> "Budget":
-        """Parse any accepted budget form; raise ``ValueError`` naming the input otherwise."""
+        """Parse any accepted budget form; raise ``ValueError`` naming the input otherwise (boundary only)."""
         if isinstance(value, Budget):
             return value
         if isinstance(value, str):
             text = value.strip()
             if text.startswith(("[", "(")) and text.endswith(("]", ")")):
                 return cls._parse_range(text[1:-1].split(","), value)
-            ms = _parse_scalar_ms(text, value)
-            return cls(ms, ms)
-        # Hydra hands lists over as ListConfig: accept any non-string sequence of two bounds.
-        if isinstance(value, (list, tuple)) or (hasattr(value, "__len__") and hasattr(value, "__getitem__")
-                                                and not isinstance(value, (bytes, dict))):
+            return cls.fixed(_parse_scalar_ms(text, value))
+        if isinstance(value, np.ndarray) and value.ndim == 1:
+            return cls._parse_range(value.tolist(), value)
+        # Hydra hands lists over as ListConfig, a Sequence: any non-string sequence of two bounds.
+        if isinstance(value, Sequence) and not isinstance(value, (bytes, str)):
             return cls._parse_range(list(value), value)
-        ms = _parse_scalar_ms(value, value)
+        return cls.fixed(_parse_scalar_ms(value, value))
+
+    @classmethod
+    def fixed(cls, ms: float) -> "Budget":
+        """A fixed budget of ``ms`` milliseconds (a number; see :func:`check_budget_ms`)."""
+        ms = check_budget_ms(ms)
         return cls(ms, ms)
 
     @classmethod
@@ -87,15 +117,40 @@ class Budget:
             raise _bad(original, "range low must be <= high")
         return cls(low, high)
 
+    # ---------------------------------------------------------------- what users ask
     @property
     def is_range(self) -> bool:
         return self.high_ms > self.low_ms
 
+    @property
+    def fixed_ms(self) -> float:
+        """The budget of a fixed budget; a ``ValueError`` for a range (evaluations need one budget)."""
+        if self.is_range:
+            raise _bad(str(self), "a single budget is needed here, not a range")
+        return float(self.low_ms)
+
+    def training_range(self, jitter: float) -> "Budget":
+        """The budgets a training episode draws from: the range itself, or a fixed budget widened
+        by ``jitter`` on each side (``[b * (1 - jitter), b * (1 + jitter)]``), so the budget feature
+        varies during training. ``0 <= jitter < 1``."""
+        if not (_is_number(jitter) and 0 <= float(jitter) < 1):
+            raise ValueError(f"budget_jitter={jitter!r} is invalid; accepted: 0 <= jitter < 1")
+        if self.is_range or jitter == 0:
+            return self
+        return Budget(max(MIN_BUDGET_MS, self.low_ms * (1 - float(jitter))),
+                      min(MAX_BUDGET_MS, self.high_ms * (1 + float(jitter))))
+
     def sample(self, rng: np.random.Generator) -> float:
-        """Budget for one episode: the fixed value, or uniform in the range from ``rng``."""
+        """Budget for one episode: the fixed value (no draw), or uniform in the range from ``rng``."""
         if not self.is_range:
             return float(self.low_ms)
         return float(rng.uniform(self.low_ms, self.high_ms))
+
+    def evaluation_budgets(self) -> list[float]:
+        """The budgets an evaluation reports: the fixed budget, or a range's low, middle and high."""
+        if not self.is_range:
+            return [self.low_ms]
+        return [self.low_ms, 0.5 * (self.low_ms + self.high_ms), self.high_ms]
 
     def __str__(self) -> str:
         if self.is_range:
@@ -106,11 +161,3 @@ class Budget:
     def slug(self) -> str:
         """File-name safe form, e.g. ``120ms`` or ``60-200ms``."""
         return f"{self.low_ms:g}-{self.high_ms:g}ms" if self.is_range else f"{self.low_ms:g}ms"
-
-
-def parse_budget_ms(value: Any) -> float:
-    """Parse a fixed budget to milliseconds (ranges are an error here)."""
-    budget = Budget.parse(value)
-    if budget.is_range:
-        raise _bad(value, "a single budget is needed here, not a range")
-    return budget.low_ms

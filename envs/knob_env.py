@@ -1,8 +1,10 @@
 """Shared machinery of the model-executing envs: backend, budget, latency, reward, observations.
 
-Subclasses define the action space and how an action becomes a :class:`KnobConfig`; this base
-turns knob configurations into model runs (sharing stage 1 across a group), latencies, rewards
-and infos, so every env scores the same way.
+Subclasses define the action space, their stages and how an action becomes a
+:class:`KnobConfig`; this base turns knob configurations into model runs (through a
+:class:`~backends.runner.StageRunner`, which shares stage 1 across a group and memoises outcomes),
+latencies, rewards and infos, so every env scores the same way. Knob envs implement the
+:class:`~envs.protocols.GroupEnv` protocol agents use.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from typing import Any, Sequence
 import gymnasium as gym
 import numpy as np
 
-from backends.base import SPLITS, Sample
+from backends.base import Sample, check_split
 from backends.knobs import KnobConfig
 from backends.outcome import Outcome, Stage1State
 from backends.registry import load_backend
-from envs.budget import Budget
+from backends.runner import StageRunner
+from envs.budget import Budget, check_budget_ms
 from envs.latency import LatencySource
 from envs.reward import RewardConfig, compute_reward
 
@@ -44,14 +47,13 @@ class KnobEnv(gym.Env):
                  latency: str = "estimated", overshoot_penalty: float = 1.0, violation_penalty: float = 0.5,
                  estimator=None, backend_options: dict | None = None):
         super().__init__()
-        if split not in SPLITS:
-            raise ValueError(f"split={split!r} is invalid; accepted: {', '.join(SPLITS)}")
+        self.split = check_split(split)
         self.backend = load_backend(backend, **(backend_options or {}))
         self.space = self.backend.knob_space
         self.budget = Budget.parse(budget)
-        self.split = split
         self.reward_config = RewardConfig(overshoot_penalty, violation_penalty)
         self.latency = LatencySource(self.backend, latency, estimator=estimator)
+        self.runner = StageRunner(self.backend, memoise_outcomes=self.latency.mode == "estimated")
         self.question_types = tuple(self.backend.question_types)
         self._typical_cheapest_ms, self._typical_full_ms = self._typical_latencies()
         self._ref_ms = float(np.median(self._typical_full_ms))  # observation normaliser
@@ -87,13 +89,12 @@ class KnobEnv(gym.Env):
         Halfway between the cheapest configuration's 95th-percentile latency and the full
         configuration's median latency over typical inputs: the full configuration does not fit a
         typical input, so a controller must give something up, while the cheapest still fits
-        about 95% of inputs, so a budget-aware controller can keep violations rare. Why not the
+        about 95% of inputs, so a budget-aware controller can keep violations rare. Not the
         middle of :attr:`achievable_range_ms`: its top is the full configuration on the longest
-        answers, so its middle can sit above what the full configuration needs on most inputs
-        (the tiny model on a 2-core CPU: range 33-63 ms, full configuration 45 ms on 80% of
-        inputs), where no knob needs to be turned down. When the two do not leave a gap (long
-        answers cost more than the whole knob range saves), the middle of the cheapest and the
-        full configuration's medians.
+        answers, so its middle can sit above what the full configuration needs on most inputs,
+        where no knob needs to be turned down (BENCHMARKS.md, "Agents", has the tiny model's figures). When
+        the two do not leave a gap (long answers cost more than the whole knob range saves), the
+        middle of the cheapest and the full configuration's medians.
         """
         cheap, full = self._typical_cheapest_ms, self._typical_full_ms
         low, high = float(np.percentile(cheap, 95)), float(np.median(full))
@@ -125,15 +126,13 @@ class KnobEnv(gym.Env):
         unknown = set(options) - {"sample_id", "budget", "split"}
         if unknown:
             raise ValueError(f"unknown reset option(s) {sorted(unknown)}; accepted: sample_id, budget, split")
-        split = options.get("split", self.split)
-        if split not in SPLITS:
-            raise ValueError(f"split={split!r} is invalid; accepted: {', '.join(SPLITS)}")
+        split = check_split(options.get("split", self.split))
         items = self.backend.samples(split)
         if "sample_id" in options:
             self._sample = self.backend.sample(split, options["sample_id"])
         else:
             self._sample = items[int(self.np_random.integers(len(items)))]
-        budget = Budget.parse(options["budget"]) if "budget" in options else self.budget
+        budget = Budget.parse(options["budget"]) if "budget" in options else self.budget  # reset's boundary
         self._budget_ms = budget.sample(self.np_random)
 
     def _check_action(self, action) -> np.ndarray:
@@ -172,65 +171,72 @@ class KnobEnv(gym.Env):
     def action_to_knobs(self, action) -> KnobConfig:
         raise NotImplementedError  # defined by each env
 
-    # ---------------------------------------------------------------- model runs (memoised)
-    # Greedy runs are deterministic, so in estimated-latency mode a (sample, knobs) pair is run
-    # once per env: GRPO groups, baselines and the oracle revisit the same pairs many times.
-    # Stage-1 states are shared the same way in both modes (the measured stage-1 time is part of
-    # the state and is charged to every run that uses it, as in separate episodes).
-    _STAGE1_CACHE_SIZE = 256
-    _OUTCOME_CACHE_SIZE = 200_000
-
+    # ---------------------------------------------------------------- model runs
     def clear_run_cache(self) -> None:
         """Forget memoised stage-1 states and outcomes (benchmarks use this to time real runs)."""
-        self.__dict__.pop("_stage1_cache", None)
-        self.__dict__.pop("_outcome_cache", None)
+        self.runner.clear()
 
     def _stage1(self, sample: Sample, tier, token_budget: float) -> Stage1State:
-        key = (sample.split, sample.sample_id, tier, float(token_budget))
-        cache = self.__dict__.setdefault("_stage1_cache", {})
-        state = cache.pop(key, None)
-        if state is None:
-            state = self.backend.run_stage1(sample, tier, token_budget)
-            if len(cache) >= self._STAGE1_CACHE_SIZE:
-                cache.pop(next(iter(cache)))
-        cache[key] = state  # most recently used last
-        return state
+        return self.runner.stage1(sample, tier, token_budget)
 
     def _run(self, sample: Sample, knobs: KnobConfig, state: Stage1State | None = None) -> Outcome:
-        knobs = self.space.resolve(knobs)
-        memo = self.latency.mode == "estimated"
-        key = (sample.split, sample.sample_id, knobs)
-        outcomes = self.__dict__.setdefault("_outcome_cache", {})
-        if memo and key in outcomes:
-            return outcomes[key]
-        state = state or self._stage1(sample, knobs.tier, knobs.token_budget)
-        outcome = self.backend.run_stage2(state, knobs)
-        if memo:
-            if len(outcomes) >= self._OUTCOME_CACHE_SIZE:
-                outcomes.pop(next(iter(outcomes)))
-            outcomes[key] = outcome
-        return outcome
+        return self.runner.run(sample, knobs, state)
 
-    def evaluate_group(self, sample_id: int, budget: Any, actions: Sequence, split: str | None = None):
-        """Rewards and infos of ``actions`` on one sample and budget, as if each were its own episode.
+    # ---------------------------------------------------------------- GroupEnv protocol
+    #: choices per trajectory element and, per stage, the elements it reads (set by each env)
+    trajectory_nvec: tuple[int, ...] = ()
+    stage_heads: tuple[tuple[int, ...], ...] = ()
+
+    def num_samples(self, split: str) -> int:
+        """Samples in ``split`` (ids ``0 .. n-1``)."""
+        return len(self.backend.samples(check_split(split)))
+
+    def to_env_action(self, trajectory: Sequence[int], stage: int = 0):
+        """The Gymnasium action of ``trajectory`` (the same at every stage; a stage reads its elements)."""
+        heads = np.asarray(trajectory, dtype=np.int64).reshape(-1)
+        return int(heads[0]) if isinstance(self.action_space, gym.spaces.Discrete) else heads
+
+    def stage_observation(self, sample_id: int, budget_ms: float, split: str, stage: int,
+                          trajectory: Sequence[int] | None = None) -> np.ndarray:
+        raise NotImplementedError  # defined by each env
+
+    def evaluate_group(self, sample_id: int, budget_ms: float, trajectories: Sequence, split: str | None = None):
+        """Rewards and infos of ``trajectories`` on one sample and budget, as if each were its own episode.
 
         Each distinct stage-1 computation (vision tower + block 1, keyed by tier and token budget)
-        runs once and is shared by every action that needs it. Returns ``(rewards, infos)``.
+        runs once and is shared by every trajectory that needs it. Returns ``(rewards, infos)``.
         """
-        split = split or self.split
+        split = check_split(split or self.split)
         sample = self.backend.sample(split, sample_id)
-        budget_ms = Budget.parse(budget)
-        if budget_ms.is_range:
-            raise ValueError(f"budget={budget!r} is invalid for a group; accepted: one fixed budget")
-        outcomes = [self._run(sample, self.action_to_knobs(self._check_action(a))) for a in actions]
+        budget_ms = check_budget_ms(budget_ms)
+        outcomes = [self._run(sample, self.action_to_knobs(self._check_action(self.to_env_action(t))))
+                    for t in trajectories]
         latencies = self.latency.outcomes_ms(outcomes)
         rewards, infos = [], []
         for outcome, lat in zip(outcomes, latencies):
-            r, info = self._score(outcome, budget_ms.low_ms, float(lat))
+            r, info = self._score(outcome, budget_ms, float(lat))
             info["sample_id"] = int(sample_id)
             rewards.append(r)
             infos.append(info)
         return np.asarray(rewards, dtype=np.float64), infos
+
+    def estimated_latency_ms(self, sample_id: int, trajectories: Sequence, split: str | None = None) -> np.ndarray:
+        """The estimator's latency of each trajectory on this input, from expected token counts."""
+        sample = self.backend.sample(check_split(split or self.split), sample_id)
+        knobs = [self.space.resolve(self.action_to_knobs(self._check_action(self.to_env_action(t))))
+                 for t in trajectories]
+        return self.latency.predict_ms(knobs, [self.backend.expected_token_counts(sample, k) for k in knobs])
+
+    def provenance(self) -> dict:
+        """Backend identity, latency source and knob space, for run records."""
+        try:
+            from latency_model.cache import describe
+
+            estimator = describe(self.latency.estimator)
+        except AttributeError:  # a stand-in estimator without the fields a fitted one records
+            estimator = {"class": type(self.latency.estimator).__name__}
+        return {"model": self.backend.identity(), "latency": self.latency.mode, "estimator": estimator,
+                "knob_space": self.space.as_dict()}
 
     # ---------------------------------------------------------------- observations
     def _input_features(self, sample: Sample, budget_ms: float) -> list[float]:

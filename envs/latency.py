@@ -6,10 +6,12 @@ from typing import Sequence
 
 import numpy as np
 
+from backends.base import Backend
 from backends.knobs import KnobConfig
 from backends.outcome import Outcome, Stage1State, TokenCounts
-
-LATENCY_MODES = ("estimated", "measured")
+from backends.runner import LRUCache
+from backends.trace import TraceBackend
+from latency_model.modes import LATENCY_MODES
 
 
 class LatencySource:
@@ -27,11 +29,11 @@ class LatencySource:
         cache_dir: estimator cache directory (default: ``latency_model``'s).
     """
 
-    def __init__(self, backend, mode: str = "estimated", estimator=None, cache_dir: str | None = None):
+    def __init__(self, backend: Backend, mode: str = "estimated", estimator=None, cache_dir: str | None = None):
         if mode not in LATENCY_MODES:
             raise ValueError(f"latency={mode!r} is invalid; accepted: {', '.join(LATENCY_MODES)}")
         self.mode = mode
-        recorded = getattr(backend, "recorded_estimator_file", lambda: None)()
+        recorded = backend.recorded_estimator_file()
         if estimator is None and recorded is not None:
             # A replayed trace charges the latencies of the device it was recorded on.
             from latency_model import LatencyEstimator
@@ -42,29 +44,36 @@ class LatencySource:
 
             # Profiling a replay would time the replay, not the model: only live backends profile.
             estimator = get_estimator(backend, cache_dir=cache_dir,
-                                      profile_if_missing=not hasattr(backend, "recorded_estimator_file"))
+                                      profile_if_missing=not isinstance(backend, TraceBackend))
         self.estimator = estimator
+        # Predictions are pure functions of (knobs, token counts), and inputs share token counts
+        # (prompt lengths take few values), so a row is predicted once per env: the estimator call
+        # costs more than a small model's step on a CPU. Bounded, so memory stays flat.
+        self._total_memo: LRUCache[float] = LRUCache(self.MEMO_SIZE)
+        self._stage1_memo: LRUCache[float] = LRUCache(self.MEMO_SIZE)
 
-    # Predictions are pure functions of (knobs, token counts), and inputs share token counts
-    # (prompt lengths take few values), so a row is predicted once per env: the estimator call
-    # costs more than a small model's step on a CPU.
-    _MEMO_SIZE = 100_000
+    #: predictions kept per memo (total and stage-1 latency)
+    MEMO_SIZE = 100_000
 
-    def _memoised(self, name: str, keys: list, predict_rows) -> np.ndarray:
-        memo = self.__dict__.setdefault(f"_{name}_memo", {})
+    @staticmethod
+    def _memoised(memo: LRUCache, keys: list, predict_rows) -> np.ndarray:
         missing = [i for i, key in enumerate(keys) if key not in memo]
         if missing:
-            if len(memo) + len(missing) > self._MEMO_SIZE:
-                memo.clear()
             values = np.asarray(predict_rows(missing), dtype=np.float64)
             for i, value in zip(missing, values):
-                memo[keys[i]] = float(value)
-        return np.array([memo[key] for key in keys], dtype=np.float64)
+                memo.put(keys[i], float(value))
+        out = np.empty(len(keys), dtype=np.float64)
+        for i, key in enumerate(keys):
+            value = memo.get(key)
+            if value is None:  # evicted while this call filled the memo (more rows than its size)
+                value = float(predict_rows([i])[0])
+            out[i] = value
+        return out
 
     def predict_ms(self, knobs: Sequence[KnobConfig], counts: Sequence[TokenCounts]) -> np.ndarray:
         knobs, counts = list(knobs), list(counts)
         keys = [(k, tuple(vars(c).values())) for k, c in zip(knobs, counts)]
-        return self._memoised("total", keys, lambda rows: self.estimator.predict(
+        return self._memoised(self._total_memo, keys, lambda rows: self.estimator.predict(
             [knobs[i] for i in rows], [counts[i] for i in rows]))
 
     def stage1_ms(self, state: Stage1State) -> float:
@@ -72,7 +81,7 @@ class LatencySource:
         if self.mode == "measured":
             return float(state.measured_ms)
         key = (state.tier, tuple(vars(state.token_counts).values()))
-        return float(self._memoised("stage1", [key], lambda rows: self.estimator.predict_stage1(
+        return float(self._memoised(self._stage1_memo, [key], lambda rows: self.estimator.predict_stage1(
             [state.tier], [state.token_counts]))[0])
 
     def outcome_ms(self, outcome: Outcome) -> float:

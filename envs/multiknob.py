@@ -26,6 +26,7 @@ import gymnasium as gym
 import numpy as np
 
 from backends.knobs import KnobConfig
+from envs.budget import check_budget_ms
 from envs.knob_env import KnobEnv
 
 
@@ -37,6 +38,8 @@ class MultiKnobEnv(KnobEnv):
             raise ValueError(f"MultiKnob-v0 needs a vision-language MoE backend; {sp.model_class} supports "
                              f"tiers={sp.tier_names}, top_ks={sp.top_ks}, depths={sp.depths}")
         self.action_space = gym.spaces.MultiDiscrete([len(sp.tier_names), len(sp.top_ks), len(sp.depths)])
+        self.trajectory_nvec = tuple(int(n) for n in self.action_space.nvec)
+        self.stage_heads = ((0,), tuple(range(1, len(self.trajectory_nvec))))
         self._n_input = 2 + len(self.question_types) + 2
         self.obs_size = 1 + self._n_input + self.backend.summary_dim + 4
         self.observation_space = self._box(self.obs_size)
@@ -71,7 +74,7 @@ class MultiKnobEnv(KnobEnv):
             tier = self.space.tier_names[int(action[0])]
             self._state = self._stage1(self._sample, tier, 1.0)
             self._stage = 1
-            return self._stage2_obs(), 0.0, False, False, {
+            return self._stage2_obs(self._sample, self._budget_ms, self._input_obs, self._state), 0.0, False, False, {
                 "sample_id": self._sample.sample_id, "budget_ms": self._budget_ms, "stage": 1, "tier": tier,
                 "vision_tokens": self._state.token_counts.vision_tokens}
         knobs = self.action_to_knobs([self.space.tier_names.index(self._state.tier), action[1], action[2]])
@@ -79,33 +82,35 @@ class MultiKnobEnv(KnobEnv):
         reward, info = self._score(outcome, self._budget_ms)
         info.update(sample_id=self._sample.sample_id, stage=2)
         self._stage = 2
-        obs = self._stage2_obs()
-        obs[0] = 1.0
+        obs = self._stage2_obs(self._sample, self._budget_ms, self._input_obs, self._state)
         return obs, reward, True, False, info
 
-    def _stage2_obs(self) -> np.ndarray:
-        state, sp, budget = self._state, self.space, self._budget_ms
+    def _stage2_obs(self, sample, budget_ms: float, input_obs: list[float], state) -> np.ndarray:
+        """The stage-2 observation of ``sample`` under ``budget_ms`` after stage 1 left ``state``."""
+        sp = self.space
         counts = state.token_counts
         cheap = KnobConfig(tier=state.tier, top_k=min(sp.top_ks), depth=min(sp.depths))
         full = KnobConfig(tier=state.tier, top_k=max(sp.top_ks), depth=max(sp.depths))
-        expected = self.backend.expected_token_counts(self._sample, full)
+        expected = self.backend.expected_token_counts(sample, full)
         totals = self.latency.predict_ms([cheap, full], [expected, expected])
-        values = [1.0, *self._input_obs, *state.summary.tolist(),
+        values = [1.0, *input_obs, *state.summary.tolist(),
                   counts.vision_tokens / max(1, sp.native_vision_tokens),
-                  self.latency.stage1_ms(state) / budget, totals[0] / budget, totals[1] / budget]
+                  self.latency.stage1_ms(state) / budget_ms, totals[0] / budget_ms, totals[1] / budget_ms]
         return self._finish_obs(values, self.obs_size)
 
-    def stage1_observation(self, sample_id: int, budget_ms: float, split: str | None = None) -> np.ndarray:
-        """The stage-1 observation of a sample under a budget (for group-based agents)."""
-        sample = self.backend.sample(split or self.split, sample_id)
-        return self._finish_obs([0.0, *self._input_features(sample, budget_ms)], self.obs_size)
+    def stage_observation(self, sample_id: int, budget_ms: float, split: str, stage: int,
+                          trajectory=None) -> np.ndarray:
+        """The observation before ``stage`` (0: tier, 1: top-k and depth after ``trajectory[0]``'s tier).
 
-    def stage2_observation(self, sample_id: int, budget_ms: float, tier_index: int,
-                           split: str | None = None) -> np.ndarray:
-        """The stage-2 observation after choosing ``tier_index`` (runs stage 1; for group-based agents)."""
-        self._sample = self.backend.sample(split or self.split, sample_id)
-        self._budget_ms = float(budget_ms)
-        self._input_obs = self._input_features(self._sample, self._budget_ms)
-        self._state = self._stage1(self._sample, self.space.tier_names[int(tier_index)], 1.0)
-        self._stage = 1
-        return self._stage2_obs()
+        Pure: the episode in progress is untouched (stage 1 runs through the memoising runner).
+        """
+        sample = self.backend.sample(split or self.split, sample_id)
+        budget_ms = check_budget_ms(budget_ms)
+        input_obs = self._input_features(sample, budget_ms)
+        if stage == 0:
+            return self._finish_obs([0.0, *input_obs], self.obs_size)
+        if stage != 1 or trajectory is None:
+            raise ValueError(f"stage={stage} is invalid for MultiKnob-v0; accepted: 0, or 1 with the trajectory "
+                             f"whose element 0 chose the tier")
+        tier = self.space.tier_names[int(np.asarray(trajectory).reshape(-1)[0])]
+        return self._stage2_obs(sample, budget_ms, input_obs, self._stage1(sample, tier, 1.0))

@@ -12,8 +12,10 @@ import math
 from typing import Any, Sequence
 
 import gymnasium as gym
+import numpy as np
 
 from backends.knobs import KnobConfig
+from envs.budget import check_budget_ms
 from envs.knob_env import KnobEnv
 
 
@@ -28,6 +30,7 @@ class TokenBudgetEnv(KnobEnv):
                              f"vision tower")
         self.fractions = fractions
         self.action_space = gym.spaces.Discrete(len(fractions))
+        self.trajectory_nvec, self.stage_heads = (len(fractions),), ((0,),)
         self.obs_size = 2 + len(self.question_types) + 2
         self.observation_space = self._box(self.obs_size)
 
@@ -41,6 +44,14 @@ class TokenBudgetEnv(KnobEnv):
         self._begin_episode(seed, options)
         obs = self._finish_obs(self._input_features(self._sample, self._budget_ms), self.obs_size)
         return obs, {"sample_id": self._sample.sample_id, "budget_ms": self._budget_ms}
+
+    def stage_observation(self, sample_id: int, budget_ms: float, split: str, stage: int = 0,
+                          trajectory=None) -> np.ndarray:
+        """The observation of an episode on (sample, budget): its only stage is 0. Pure."""
+        if stage != 0:
+            raise ValueError(f"stage={stage} is invalid for TokenBudget-v0; accepted: 0 (one decision per episode)")
+        sample = self.backend.sample(split or self.split, sample_id)
+        return self._finish_obs(self._input_features(sample, check_budget_ms(budget_ms)), self.obs_size)
 
     def step(self, action):
         if self._sample is None:

@@ -429,15 +429,10 @@ def write_profile(data: ProfileData, path: str | os.PathLike) -> Path:
 
 
 def knob_space_from_dict(d: dict) -> KnobSpace:
-    """Inverse of ``KnobSpace.as_dict`` (tiers in order of their token counts, as backends build them:
-    the files store JSON objects with sorted keys, which would otherwise reorder the tiers)."""
+    """:meth:`KnobSpace.from_dict` of a knob space read back from a file written with sorted JSON keys:
+    the tiers are put back in order of their token counts (cheapest first), as backends build them."""
     tiers = sorted(((str(k), int(v)) for k, v in d["tiers"].items()), key=lambda kv: (kv[1], kv[0]))
-    return KnobSpace(model_class=d["model_class"], tiers=dict(tiers),
-                     native_vision_tokens=int(d["native_vision_tokens"]),
-                     token_budgets=tuple(float(b) for b in d["token_budgets"]),
-                     top_ks=tuple(int(k) for k in d["top_ks"]), full_top_k=d["full_top_k"],
-                     num_experts=d["num_experts"], depths=tuple(int(x) for x in d["depths"]),
-                     num_layers=int(d["num_layers"]))
+    return KnobSpace.from_dict({**d, "tiers": dict(tiers)})
 
 
 def _decode_row(raw: dict, path: Path, line: int) -> dict:

@@ -18,10 +18,10 @@ import agents
 import envs  # noqa: F401  (registers the env ids)
 from agents.base import EnvLayout, EpisodeContext, evaluate_agent, run_episode
 from agents.grpo import GRPOAgent, GRPOConfig, Rollout, group_advantages
-from envs.budget import Budget
 from fake_latency import AnalyticEstimator
 
-BUDGET = "80ms"
+BUDGET = "80ms"  # what gym.make parses (the boundary)
+BUDGET_MS = 80.0  # what agents and evaluations pass past it
 
 
 @pytest.fixture(scope="module")
@@ -140,47 +140,43 @@ def test_grpo_collects_two_stage_groups_on_multiknob(multiknob):
         assert {rollout.infos[i]["budget_ms"] for i in rows} == {budget_ms}
         for i in rows:  # each trajectory's stage-2 observation is the one of the tier it chose
             tier = int(rollout.actions[i, 0])
-            expected = multiknob.unwrapped.stage2_observation(sample_id, budget_ms, tier, "train")
+            expected = multiknob.unwrapped.stage_observation(sample_id, budget_ms, "train", 1, [tier])
             np.testing.assert_array_equal(rollout.obs[i, 1].numpy(), expected)
             assert rollout.infos[i]["knobs"]["tier"] == multiknob.unwrapped.space.tier_names[tier]
-    rollout2, stats = agent.train_step(layout, Budget.parse(BUDGET))
+    rollout2, stats = agent.train_step(layout, layout.env.budget)
     assert agent.step == 1 and {"loss", "kl", "entropy", "clip_fraction", "samples_per_second"} <= set(stats)
 
 
 def test_grpo_checkpoint_round_trip_restores_policy_and_rngs(multiknob, tmp_path):
     agent = agents.make_agent("grpo", multiknob, config={"num_generations": 2, "batch_size": 1, "seed": 3})
     agent.update(_synthetic_rollout(agent, groups=1))
-    agent.save(tmp_path / "grpo.pt")
-    loaded = agents.load_agent("grpo", tmp_path / "grpo.pt", multiknob)
-    obs = multiknob.unwrapped.stage1_observation(0, 80.0, "test")
+    agent.save(tmp_path / "grpo.safetensors", multiknob)
+    loaded = agents.load_agent("grpo", tmp_path / "grpo.safetensors", multiknob)
+    obs = multiknob.unwrapped.stage_observation(0, 80.0, "test", 0)
     np.testing.assert_array_equal(agent.act(obs), loaded.act(obs))
     assert loaded.step == agent.step == 1
     assert loaded.rng.integers(1 << 30) == agent.rng.integers(1 << 30)
 
 
 # --------------------------------------------------------------------------------------------- baselines
-BASELINE_FITS = {
-    "static": lambda env: {"budgets": [BUDGET], "sample_ids": [0], "split": "validation"},
-    "bandit": lambda env: {"rounds": 4},
-}
+OPTIONS = {"ppo": {"total_timesteps": 8, "n_steps": 4, "batch_size": 4}, "bandit": {"rounds": 4},
+           "static": {"calibration_samples": 1}, "grpo": {"total_updates": 0}}
 
 
 @pytest.mark.parametrize("env_name", ["multiknob", "token_budget"])
 @pytest.mark.parametrize("name", ["random", "static", "greedy", "bandit", "oracle", "ppo", "grpo"])
 def test_each_agent_runs_saves_and_loads(request, env_name, name, tmp_path):
     env = request.getfixturevalue(env_name)
-    options = {"total_timesteps": 8, "n_steps": 4, "batch_size": 4} if name == "ppo" else {}
-    agent = agents.make_agent(name, env, **options)
-    if name in BASELINE_FITS or name == "ppo":
-        agent.fit(env, **BASELINE_FITS.get(name, lambda e: {})(env))
-    result = evaluate_agent(env, agent, [0, 1], BUDGET, "test")
+    agent = agents.make_agent(name, env, **OPTIONS.get(name, {}))
+    agent.fit(env, agents.FitContext(budgets_ms=[BUDGET_MS]))
+    result = evaluate_agent(env, agent, [0, 1], BUDGET_MS, "test")
     assert result["episodes"] == 2 and 0.0 <= result["violation_rate"] <= 1.0
     assert all(i["knobs"]["tier"] in env.unwrapped.space.tier_names and i["sample_id"] in (0, 1)
                for i in result["infos"])
-    if name not in agents.EVALUATION_ONLY:
-        agent.save(tmp_path / f"{name}.pt")
-        loaded = agents.load_agent(name, tmp_path / f"{name}.pt", env)
-        again = evaluate_agent(env, loaded, [0, 1], BUDGET, "test")
+    if name not in agents.evaluation_only():
+        agent.save(tmp_path / f"{name}.safetensors", env)
+        loaded = agents.load_agent(name, tmp_path / f"{name}.safetensors", env)
+        again = evaluate_agent(env, loaded, [0, 1], BUDGET_MS, "test")
         if name != "random":  # a random agent's draws continue from its saved generator, not repeat
             assert [i["knobs"] for i in again["infos"]] == [i["knobs"] for i in result["infos"]]
 
@@ -199,7 +195,7 @@ def test_greedy_takes_the_most_expensive_configuration_that_fits(multiknob):
 def test_static_picks_the_best_mean_reward_per_budget(multiknob):
     static = agents.make_agent("static", multiknob)
     layout = EnvLayout(multiknob)
-    static.fit(multiknob, budgets=["60ms", "100ms"], sample_ids=[0, 1], split="validation")
+    static.calibrate(multiknob, [60.0, 100.0], [0, 1], "validation")
     for budget_ms in (60.0, 100.0):
         mean = np.mean([layout.evaluate(s, budget_ms, layout.all_actions(), "validation")[0] for s in (0, 1)], axis=0)
         chosen = static.action_for(budget_ms)
@@ -219,7 +215,78 @@ def test_oracle_is_an_upper_bound_per_sample(multiknob):
 def test_context_agents_explain_what_they_need(multiknob):
     with pytest.raises(ValueError, match="needs an EpisodeContext"):
         agents.make_agent("greedy", multiknob).act(np.zeros(multiknob.observation_space.shape, np.float32))
-    with pytest.raises(ValueError, match="unknown agent 'nope'; accepted: grpo"):
+    with pytest.raises(ValueError, match="unknown agent 'nope'; accepted: bandit, .*greedy, grpo"):
         agents.make_agent("nope", multiknob)
     with pytest.raises(ValueError, match=r"unknown bandit option\(s\) \['gamma'\]"):
         agents.make_agent("bandit", multiknob, gamma=1.0)
+
+
+# --------------------------------------------------------------------------------------------- contracts
+def test_agents_use_the_env_budget_and_the_group_protocol(multiknob):
+    from envs.protocols import GroupEnv
+
+    base = multiknob.unwrapped
+    assert isinstance(base, GroupEnv) and base.stage_heads == ((0,), (1, 2))
+    layout = EnvLayout(multiknob)
+    assert layout.nvec == list(multiknob.action_space.nvec) and layout.env.budget is base.budget
+    # the stage query is pure: an episode in progress is untouched by it
+    obs0, _ = multiknob.reset(options={"sample_id": 4, "budget": 70.0, "split": "test"})
+    base.stage_observation(9, 120.0, "train", 1, [1, 0, 0])
+    obs1, reward, terminated, _, info = multiknob.step([2, 1, 1])
+    fresh = base.stage_observation(4, 70.0, "test", 1, [2, 0, 0])
+    np.testing.assert_array_equal(obs1, fresh)
+    _, _, done, _, info = multiknob.step([2, 1, 1])
+    assert done and info["sample_id"] == 4 and info["budget_ms"] == 70.0
+
+
+def test_grpo_fit_owns_its_loop_and_calls_the_hooks_in_order(multiknob):
+    calls = []
+
+    class Recorder(agents.FitHooks):
+        def on_fit_start(self, agent, step, total):
+            calls.append(("start", step, total))
+
+        def on_update(self, agent, step, infos, stats):
+            calls.append(("update", step, len(infos)))
+
+        def on_fit_end(self, agent, step):
+            calls.append(("end", step))
+
+    agent = agents.make_agent("grpo", multiknob, total_updates=2, batch_size=1, num_generations=2)
+    stats = agent.fit(multiknob, agents.FitContext(hooks=Recorder()))
+    assert calls == [("start", 0, 2), ("update", 1, 2), ("update", 2, 2), ("end", 2)]
+    assert stats == {"updates": 2} and agent.step == 2
+
+
+def test_checkpoints_are_data_only_and_checked(multiknob, token_budget, tmp_path):
+    from backends.io import CorruptFileError, load_tensors
+
+    agent = agents.make_agent("grpo", multiknob, num_generations=2)
+    path = agent.save(tmp_path / "grpo.safetensors", multiknob)
+    tensors, meta = load_tensors(path)  # a plain safetensors file with JSON metadata: nothing to unpickle
+    assert meta["agent"] == "grpo" and meta["env_id"] == "MultiKnob-v0" and tensors
+    with pytest.raises(ValueError, match="holds a 'grpo' agent, not 'bandit'"):
+        agents.load_agent("bandit", path, multiknob)
+    with pytest.raises(ValueError, match="trained on env 'MultiKnob-v0', not 'TokenBudget-v0'"):
+        agents.load_agent("grpo", path, token_budget)
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(CorruptFileError, match="damaged.safetensors"):
+        agents.load_agent(None, damaged, multiknob)
+    pickled = tmp_path / "old.pt"
+    torch.save({"agent": "grpo"}, pickled)
+    with pytest.raises(CorruptFileError, match="old.pt"):
+        agents.load_agent(None, pickled, multiknob)
+
+
+def test_ppo_checkpoint_holds_the_policy_weights_not_a_zip(token_budget, tmp_path):
+    from backends.io import load_tensors
+
+    agent = agents.make_agent("ppo", token_budget, total_timesteps=8, n_steps=4, batch_size=4)
+    agent.fit(token_budget)
+    path = agent.save(tmp_path / "ppo.safetensors", token_budget)
+    tensors, meta = load_tensors(path)
+    assert "sb3_zip" not in str(meta) and len(tensors) == len(agent.model.policy.state_dict())
+    loaded = agents.load_agent("ppo", path, token_budget)
+    for key, value in agent.model.policy.state_dict().items():
+        torch.testing.assert_close(loaded.model.policy.state_dict()[key], value)

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from envs.budget import Budget, parse_budget_ms
-from envs.reward import RewardConfig, compute_reward, compute_rewards
+from envs.budget import BOUNDS_TEXT, MIN_BUDGET_MS, Budget, check_budget_ms
+from envs.reward import MAX_OVERSHOOT, RewardConfig, compute_reward, compute_rewards
 
 
 @pytest.mark.parametrize("text, ms", [("120ms", 120.0), ("120 ms", 120.0), ("0.12s", 120.0), (120, 120.0),
@@ -15,7 +15,7 @@ def test_fixed_budget_forms(text, ms):
     budget = Budget.parse(text)
     assert not budget.is_range
     assert budget.low_ms == pytest.approx(ms)
-    assert parse_budget_ms(text) == pytest.approx(ms)
+    assert budget.fixed_ms == pytest.approx(ms)
 
 
 @pytest.mark.parametrize("value", ["[60ms,200ms]", "[60ms, 0.2s]", (60, 200), ["60ms", "200ms"]])
@@ -40,7 +40,7 @@ def test_bad_budgets_name_the_input_and_the_accepted_forms(bad):
 
 def test_range_where_single_budget_needed():
     with pytest.raises(ValueError, match="single budget"):
-        parse_budget_ms("[60ms,200ms]")
+        Budget.parse("[60ms,200ms]").fixed_ms
 
 
 def test_reward_formula():
@@ -66,3 +66,55 @@ def test_vectorised_reward_matches_scalar():
 def test_bad_reward_coefficients(kwargs):
     with pytest.raises(ValueError, match="accepted"):
         RewardConfig(**kwargs)
+
+
+@pytest.mark.parametrize("bad", ["1e-310ms", "1e-300ms", 1e-310, "0.001ms", "2h", "3600001ms", "1e400ms", "[1e-300ms,5ms]"])
+def test_budgets_outside_the_sane_range_are_one_clear_error(bad):
+    with pytest.raises(ValueError) as err:
+        Budget.parse(bad)
+    message = str(err.value)
+    assert repr(bad) in message and "accepted" in message
+    if bad != "2h":
+        assert BOUNDS_TEXT in message or "finite" in message
+
+
+@pytest.mark.parametrize("value", [np.float64(65.0), np.float32(65.0), np.int64(65), np.array(65.0), np.array(65)])
+def test_numpy_scalars_and_0d_arrays_are_numbers(value):
+    assert Budget.parse(value) == Budget(65.0, 65.0)
+    assert check_budget_ms(value) == 65.0
+
+
+def test_numpy_pair_is_a_range():
+    assert Budget.parse(np.array([60.0, 200.0])) == Budget(60.0, 200.0)
+
+
+def test_training_range_jitters_a_fixed_budget_and_keeps_a_range():
+    assert Budget.parse("100ms").training_range(0.2) == Budget(80.0, 120.0)
+    assert Budget.parse("100ms").training_range(0.0) == Budget(100.0, 100.0)
+    assert Budget.parse("[60ms,200ms]").training_range(0.2) == Budget(60.0, 200.0)
+    with pytest.raises(ValueError, match="budget_jitter=1.5"):
+        Budget.parse("100ms").training_range(1.5)
+    rng = np.random.default_rng(0)
+    draws = [Budget.parse("100ms").training_range(0.2).sample(rng) for _ in range(100)]
+    assert 80 <= min(draws) and max(draws) <= 120
+    assert Budget.parse("[60ms,200ms]").evaluation_budgets() == [60.0, 130.0, 200.0]
+
+
+@pytest.mark.parametrize("score, latency, budget, match", [
+    (math.nan, 10.0, 10.0, "score=nan"), (1.5, 10.0, 10.0, "score=1.5"), (0.5, math.inf, 10.0, "latency_ms=inf"),
+    (0.5, -1.0, 10.0, "latency_ms=-1.0"), (0.5, 10.0, 0.0, "budget_ms=0.0"), (0.5, 10.0, 1e-310, "budget_ms=1e-310")])
+def test_reward_inputs_are_checked(score, latency, budget, match):
+    with pytest.raises(ValueError, match=match):
+        compute_reward(score, latency, budget)
+    with pytest.raises(ValueError, match=match):
+        compute_rewards([0.5, score], [1.0, latency], [10.0, budget])
+
+
+def test_reward_is_finite_and_bounded_by_the_overshoot_clip():
+    cfg = RewardConfig(overshoot_penalty=2.0, violation_penalty=0.5)
+    reward, violated = compute_reward(1.0, 1e12, MIN_BUDGET_MS, cfg)
+    assert violated and reward == pytest.approx(1.0 - 2.0 * MAX_OVERSHOOT - 0.5)
+    low, high = cfg.reward_range()
+    assert low <= reward <= high and math.isfinite(reward)
+    with pytest.raises(ValueError, match=r"overshoot_penalty=1e\+300"):
+        RewardConfig(overshoot_penalty=1e300)

@@ -123,7 +123,7 @@ def test_group_evaluation_equals_separate_episodes_and_shares_the_vision_tower(m
     handle = tiny_backend.model.model.vision_tower.register_forward_hook(lambda *a: tower_calls.append(1))
     try:
         env.clear_run_cache()
-        rewards, infos = env.evaluate_group(5, budgets["mid"], actions)
+        rewards, infos = env.evaluate_group(5, float(budgets["mid"][:-2]), actions)
         assert len(tower_calls) == 3  # three distinct tiers, one vision-tower call each
         separate = []
         for a in actions:

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from agents.checkpoint import read_checkpoint
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -35,7 +37,7 @@ def run_cli(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProc
 
 def quick(workdir: Path) -> list[str]:
     """Overrides for a run of seconds: random tiny model, 2-token answers, one sample per evaluation."""
-    return [f"backend.options.checkpoint={workdir / 'model'}", "backend.options.generation={max_new_tokens:2}",
+    return [f"backend.checkpoint={workdir / 'model'}", "backend.generation={max_new_tokens:2}",
             "estimator=fake_latency:make", "budget=80ms", "agent.total_updates=2", "agent.batch_size=2",
             "agent.num_generations=4", "eval.every=1", "eval.num_samples=1", "eval.validation_samples=1",
             "baselines.static.calibration_samples=1", "baselines.bandit.rounds=4"]
@@ -51,8 +53,9 @@ def trained_run(workdir) -> Path:
 
 
 def test_train_writes_the_run_folder(trained_run):
-    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "versions.json", "checkpoints/latest.pt",
-                 "checkpoints/best.pt", "report.md", "report.json", "pareto.png", "baselines/static.pt"):
+    for name in (".hydra/config.yaml", ".hydra/overrides.yaml", "versions.json", "checkpoints/latest.safetensors",
+                 "checkpoints/best.safetensors", "report.md", "report.json", "pareto.png",
+                 "baselines/static.safetensors"):
         assert (trained_run / name).is_file(), name
     assert list(trained_run.glob("events.out.tfevents.*"))
     import json
@@ -63,9 +66,9 @@ def test_train_writes_the_run_folder(trained_run):
     report = json.loads((trained_run / "report.json").read_text())
     assert {r["agent"] for r in report["rows"]} == {"grpo", "oracle", "static", "greedy", "bandit", "random"}
     assert "80ms" in report["oracle_gap"]
-    ckpt = torch.load(trained_run / "checkpoints" / "latest.pt", weights_only=False)
-    assert ckpt["step"] == 2 and ckpt["env_id"] == "MultiKnob-v0" and ckpt["obs_shape"] == [32]
-    assert {"policy", "optimizer", "rng"} <= set(ckpt["state"])
+    ckpt = read_checkpoint(trained_run / "checkpoints" / "latest.safetensors")
+    assert ckpt["metadata"]["step"] == 2 and ckpt["env_id"] == "MultiKnob-v0" and ckpt["metadata"]["obs_shape"] == [32]
+    assert ckpt["agent"] == "grpo" and {"policy", "optimizer", "rng"} <= set(ckpt["state"])
     assert "| grpo | 80ms |" in (trained_run / "report.md").read_text()
 
 
@@ -85,9 +88,9 @@ def test_resume_continues_the_step_count(workdir, trained_run):
     result = run_cli("train.py", [f"resume={trained_run}", "agent.total_updates=3", "eval.baselines=[greedy]"],
                      workdir)
     assert result.returncode == 0, result.stderr[-3000:]
-    ckpt = torch.load(trained_run / "checkpoints" / "latest.pt", weights_only=False)
-    assert ckpt["step"] == 3
-    assert ckpt["config"]["agent"]["batch_size"] == 2  # the run's own settings, not the defaults
+    ckpt = read_checkpoint(trained_run / "checkpoints" / "latest.safetensors")
+    assert ckpt["metadata"]["step"] == 3 and ckpt["state"]["step"] == 3
+    assert ckpt["metadata"]["config"]["agent"]["batch_size"] == 2  # the run's own settings, not the defaults
     assert list((trained_run / ".hydra").glob("resume-*/overrides.yaml"))
     assert (trained_run / ".hydra" / "config.yaml").read_text().count("total_updates: 2") == 1
 

@@ -8,13 +8,12 @@ next to the question-only baseline), the cheapest configuration, and each knob r
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
+from backends.io import atomic_write_text
 from backends.knobs import KnobConfig, KnobSpace, knob_space_from_model
 from backends.tiny.data import QUESTION_TYPES, generate_split, question_only_baseline
 from backends.tiny.train import evaluate_config
@@ -87,10 +86,7 @@ def write_table_into_card(card: Path, table: str) -> None:
         raise ValueError(f"{card} has no {TABLE_BEGIN} ... {TABLE_END} markers to put the table between")
     head, rest = text.split(TABLE_BEGIN, 1)
     tail = rest.split(TABLE_END, 1)[1]
-    fd, tmp = tempfile.mkstemp(dir=card.parent, prefix=".README.")
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{head}{TABLE_BEGIN}\n{table}\n{TABLE_END}{tail}")
-    os.replace(tmp, card)
+    atomic_write_text(card, f"{head}{TABLE_BEGIN}\n{table}\n{TABLE_END}{tail}")
 
 
 def main(argv=None):

@@ -15,7 +15,6 @@ leaves a usable model.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import time
@@ -26,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from backends.knobs import KnobConfig, apply_knobs, knob_space_from_model, model_parts
-from backends.loading import check_checkpoint_out_dir, write_directory_atomically
+from backends.io import atomic_write_json, write_directory_atomically
+from backends.loading import check_checkpoint_out_dir
 from backends.tiny.data import (COLORS, IMAGE_SIZE, SHAPES, generate_split, make_sample, object_mask,
                                 per_type_accuracy, score_answer)
 from backends.tiny.model import (TinyShape, answer_ids, build_image_processor, build_model, build_tokenizer,
@@ -173,7 +173,7 @@ def save_checkpoint(model, tokenizer, image_processor, out_dir: Path, extra: dic
         image_processor.save_pretrained(staging)
         if (out_dir / "README.md").exists():
             shutil.copy2(out_dir / "README.md", staging / "README.md")
-        (staging / "training_state.json").write_text(json.dumps(extra, indent=2) + "\n")
+        atomic_write_json(staging / "training_state.json", extra)
 
     write_directory_atomically(out_dir, write)
 

@@ -10,7 +10,6 @@ a temporary folder, then swapped in). Everything is deterministic from ``--seed`
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -19,7 +18,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-from backends.loading import check_checkpoint_out_dir, write_directory_atomically
+from backends.io import atomic_write_json, write_directory_atomically
+from backends.loading import check_checkpoint_out_dir
 from backends.tiny_text.corpus import held_out_documents, training_documents
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
@@ -71,7 +71,7 @@ def save_atomically(model, tokenizer, metadata: dict, target: Path) -> None:
     def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / "training.json").write_text(json.dumps(metadata, indent=2) + "\n")
+        atomic_write_json(staging / "training.json", metadata)
 
     write_directory_atomically(target, write)
 

@@ -7,8 +7,8 @@ from typing import Any, Mapping, Sequence
 
 import gymnasium as gym
 
-from agents.base import Agent, evaluate_agent
-from agents.io import atomic_savefig, atomic_write_json, atomic_write_text
+from agents import Agent, evaluate_agent
+from backends.io import atomic_savefig, atomic_write_json, atomic_write_text
 
 COLUMNS = (("reward", "reward", "{:.3f}"), ("score", "score", "{:.3f}"), ("score_in_budget", "score in budget", "{:.3f}"),
            ("latency_p50_ms", "p50 ms", "{:.1f}"),
@@ -94,7 +94,7 @@ def write_report(out_dir: str | Path, rows: Sequence[dict], meta: dict[str, Any]
     out_dir = Path(out_dir)
     gaps = oracle_gaps(rows, main_agent) if main_agent else {}
     payload = {**meta, "rows": list(rows), "oracle_gap": {f"{b:g}ms": g for b, g in gaps.items()}}
-    atomic_write_json(payload, out_dir / f"{stem}.json")
+    atomic_write_json(out_dir / f"{stem}.json", payload)
     lines = [f"# {meta.get('title', 'Evaluation')}", ""]
     for key in ("env", "agent", "budget", "split", "samples", "checkpoint", "train_seconds", "total_seconds", "backend"):
         if key in meta:
@@ -107,6 +107,6 @@ def write_report(out_dir: str | Path, rows: Sequence[dict], meta: dict[str, Any]
                      f"score {gap['score']:.3f}, score in budget {gap['score_in_budget']:.3f}.")
     lines.append("")
     lines.append(f"![score vs latency]({plot_name})")
-    atomic_write_text("\n".join(lines) + "\n", out_dir / f"{stem}.md")
+    atomic_write_text(out_dir / f"{stem}.md", "\n".join(lines) + "\n")
     pareto_plot(rows, out_dir / plot_name, meta.get("title", "score vs latency"))
     return payload

@@ -1,0 +1,12 @@
+"""What ``train.py`` and ``evaluate.py`` share (the CLI plumbing; agents never import it).
+
+- :mod:`knobgym_cli.errors`: one-line command-line errors and override checks.
+- :mod:`knobgym_cli.runs`: run folders and the Hydra resolvers behind them.
+- :mod:`knobgym_cli.build`: env, agent and evaluation budgets from a run config.
+- :mod:`knobgym_cli.checkpoints`: run checkpoints (the one writer and reader are
+  :func:`agents.checkpoint.write_checkpoint` / :func:`agents.checkpoint.read_checkpoint`).
+- :mod:`knobgym_cli.training`: the :class:`~agents.base.FitHooks` a training run plugs into an
+  agent's ``fit`` (validation, checkpoints, TensorBoard, progress bar).
+- :mod:`knobgym_cli.report`: comparing agents and writing ``report.md`` / ``report.json`` / plots.
+- :mod:`knobgym_cli.versions`: the version record of a run.
+"""

@@ -1,0 +1,77 @@
+"""Env, agent and evaluation budgets from a run config: the CLI's boundary (parsing happens here)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import warnings
+from typing import Any, Callable, Sequence
+
+import gymnasium as gym
+
+from agents import Agent, FitContext, agent_class
+from envs.budget import Budget
+
+#: keys of a conf/agent yaml that are not options of the agent
+AGENT_META_KEYS = ("name", "module")
+
+
+def import_callable(spec: str) -> Callable:
+    """``"package.module:attr"`` -> the attribute."""
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"estimator={spec!r} is invalid; accepted: null (the cached estimator) or "
+                         f"'module:callable' returning an estimator for a backend")
+    module, attr = spec.split(":", 1)
+    return vars(importlib.import_module(module))[attr]
+
+
+def make_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator_spec: str | None,
+             split: str = "train") -> tuple[gym.Env, list[str]]:
+    """The env of a run config, and the warnings its construction raised (e.g. a budget that never binds).
+
+    Every key of ``backend_cfg`` except ``name`` is a keyword option of the backend's factory.
+    """
+    import envs  # noqa: F401  (registers the env ids)
+    from backends.registry import load_backend
+    from envs.registry import check_env_id
+
+    check_env_id(env_cfg["id"])
+    backend = load_backend(dict(backend_cfg))
+    estimator = import_callable(estimator_spec)(backend) if estimator_spec else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        env = gym.make(env_cfg["id"], backend=backend, budget=budget, split=split, estimator=estimator,
+                       **dict(env_cfg.get("kwargs") or {}))
+    notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    return env, notes
+
+
+def eval_budgets(env_budget: Budget, budgets: Sequence[Any] | None = None) -> list[float]:
+    """Evaluation budgets in ms: the given list (parsed here, at the boundary), else the env
+    budget's :meth:`~envs.budget.Budget.evaluation_budgets`."""
+    if budgets:
+        return [Budget.parse(b).fixed_ms for b in budgets]
+    return env_budget.evaluation_budgets()
+
+
+def agent_class_of(agent_cfg: dict) -> type[Agent]:
+    """The agent class a conf/agent node names (importing its ``module`` first, when given)."""
+    if agent_cfg.get("module"):
+        importlib.import_module(str(agent_cfg["module"]))
+    return agent_class(str(agent_cfg["name"]))
+
+
+def agent_options(agent_cfg: dict) -> dict:
+    return {k: v for k, v in agent_cfg.items() if k not in AGENT_META_KEYS}
+
+
+def build_agent(name: str, options: dict, env: gym.Env, seed: int, context: FitContext) -> tuple[Agent, dict]:
+    """A new agent of ``name`` (seeded with the run's seed unless its options set one), fitted."""
+    cls = agent_class(name)
+    options = dict(options)
+    if cls.seeded:
+        options.setdefault("seed", int(seed))
+    agent = cls.from_env(env, **options)
+    return agent, agent.fit(env, context)

@@ -1,0 +1,95 @@
+"""One-line command-line errors: bad values become ``error: ...`` on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from envs.budget import Budget
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("env", "agent", "backend")
+
+
+class UsageError(ValueError):
+    """A bad command-line value; reported as one line on stderr, exit status 2."""
+
+
+def fail(message: str, status: int = 2) -> None:
+    """Print ``message`` as one line on stderr and exit with ``status``."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    sys.exit(status)
+
+
+def run_cli(config_name: str, hydra_main, argv: Sequence[str] | None = None) -> None:
+    """Entry point of train.py / evaluate.py: one-line errors for bad overrides before Hydra
+    composes ``config_name``, then ``hydra_main()``."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        check_overrides(argv, config_name)
+    except ValueError as exc:
+        fail(str(exc))
+    hydra_main()
+
+
+def search_dirs(argv: Sequence[str]) -> list[Path]:
+    """``conf/`` plus the folders of a ``hydra.searchpath=[file://...]`` override (extra config groups)."""
+    dirs = [CONF_DIR]
+    for arg in argv:
+        if arg.lstrip("+").startswith("hydra.searchpath="):
+            value = arg.split("=", 1)[1].strip().strip("[]")
+            for item in value.split(","):
+                item = item.strip().strip("'\"")
+                if item.startswith("file://"):
+                    dirs.append(Path(item[len("file://"):]))
+    return dirs
+
+
+def group_options(group: str, dirs: Sequence[Path] = (CONF_DIR,)) -> list[str]:
+    return sorted({p.stem for d in dirs for p in (Path(d) / group).glob("*.yaml")})
+
+
+def check_overrides(argv: Sequence[str], config_name: str) -> None:
+    """Validate the overrides Hydra would otherwise report over several lines (or accept silently).
+
+    Unknown config-group options (``env=``, ``agent=``, ``backend=``), unknown top-level keys and
+    unparsable budgets raise :class:`UsageError` listing what is accepted.
+    """
+    from omegaconf import OmegaConf
+
+    top_keys = (set(OmegaConf.load(CONF_DIR / f"{config_name}.yaml")) - {"defaults"}) | {"hydra"}
+    if config_name == "config":
+        top_keys |= set(GROUPS)
+    dirs = search_dirs(argv)
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        root = key.split(".")[0].split("/")[0]
+        if root not in top_keys:
+            raise UsageError(f"unknown option {key!r}; accepted: {', '.join(sorted(top_keys - {'hydra'}))}")
+        if key in GROUPS and config_name == "config":
+            options = group_options(key, dirs)
+            if value not in options:
+                extra = " (oracle is evaluation only: it looks at the outcome it is scored on)" \
+                    if key == "agent" and value == "oracle" else ""
+                raise UsageError(f"unknown {key} {value!r}{extra}; accepted: {', '.join(options)}")
+        if key == "budget":
+            Budget.parse(value)
+        if key == "budgets":
+            for item in parse_budget_list(value):
+                Budget.parse(item)
+
+
+def parse_budget_list(value: Any) -> list[Any]:
+    """``[80ms,120ms,200ms]`` (a string or a list) -> its items; a single budget -> a one-item list."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("[") and text.endswith("]"):
+            return [p.strip() for p in text[1:-1].split(",") if p.strip()]
+        return [text]
+    if isinstance(value, (int, float)):
+        return [value]
+    return list(value)

@@ -1,0 +1,123 @@
+"""Extending knobgym: a new env (one class) and a new agent (one class + one conf/agent yaml),
+defined here and run through ``gym.make`` and the CLI entry (``train.py`` in-process).
+
+The same code is the README's "Extending knobgym" example; the CLI run uses a randomly
+initialised tiny model and the analytic stand-in latency (``tests/fake_latency.py``), so nothing
+is profiled.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import envs
+from agents import Agent, EnvLayout, evaluate_agent, make_agent, register_agent
+from backends.knobs import KnobConfig
+from envs.knob_env import KnobEnv
+from fake_latency import AnalyticEstimator
+
+
+# ------------------------------------------------------------------ a new env: one file
+class DepthOnlyEnv(KnobEnv):
+    """``DepthOnly-v0``: one step choosing how many decoder blocks run (highest tier, own top-k).
+
+    Action: ``Discrete(len(depths))`` indexing the backend's depth choices. Observation: the
+    knob envs' input features (budget, prompt length, question type, image size). Reward: the
+    shared reward. Episode end: after the one step.
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.action_space = gym.spaces.Discrete(len(self.space.depths))
+        self.trajectory_nvec, self.stage_heads = (len(self.space.depths),), ((0,),)
+        self.obs_size = 2 + len(self.question_types) + 2
+        self.observation_space = self._box(self.obs_size)
+
+    def action_to_knobs(self, action) -> KnobConfig:
+        return KnobConfig(tier=self.space.tier_names[-1], depth=self.space.depths[int(action)])
+
+    def stage_observation(self, sample_id, budget_ms, split, stage=0, trajectory=None) -> np.ndarray:
+        sample = self.backend.sample(split, sample_id)
+        return self._finish_obs(self._input_features(sample, budget_ms), self.obs_size)
+
+    def reset(self, *, seed=None, options=None):
+        self._begin_episode(seed, options)
+        obs = self.stage_observation(self._sample.sample_id, self._budget_ms, self._sample.split)
+        return obs, {"sample_id": self._sample.sample_id, "budget_ms": self._budget_ms}
+
+    def step(self, action):
+        outcome = self._run(self._sample, self.action_to_knobs(self._check_action(action)))
+        reward, info = self._score(outcome, self._budget_ms)
+        info["sample_id"] = self._sample.sample_id
+        obs = self.stage_observation(self._sample.sample_id, self._budget_ms, self._sample.split)
+        return obs, reward, True, False, info
+
+
+envs.register_env("DepthOnly-v0", DepthOnlyEnv, description="one step: decoder depth")
+
+
+# ------------------------------------------------------------------ a new agent: one file + one yaml
+@register_agent
+class CheapestAgent(Agent):
+    """The trajectory with the lowest estimated latency on this input (never violates if anything fits)."""
+
+    name = "cheapest"
+    needs_context = True
+
+    def act(self, obs, context=None):
+        actions = EnvLayout(context.env).all_actions()
+        latency = context.env.estimated_latency_ms(context.sample_id, actions, context.split)
+        return actions[int(np.argmin(latency))]
+
+
+AGENT_YAML = "name: cheapest\nmodule: test_extending   # imported by the CLI so the agent registers\n"
+ENV_YAML = "id: DepthOnly-v0\nkwargs:\n  overshoot_penalty: 1.0\n  violation_penalty: 0.5\n"
+
+
+# ------------------------------------------------------------------ the tests
+@pytest.fixture(scope="module")
+def backend(random_tiny_checkpoint):
+    from backends.tiny.backend import load_tiny_backend
+
+    return load_tiny_backend(str(random_tiny_checkpoint), generation={"max_new_tokens": 2})
+
+
+def test_new_env_and_agent_through_gym_make(backend):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the random model's latency range need not contain 80ms
+        env = gym.make("DepthOnly-v0", backend=backend, budget="80ms", estimator=AnalyticEstimator())
+    check_env(env.unwrapped, skip_render_check=True)
+    agent = make_agent("cheapest", env)
+    result = evaluate_agent(env, agent, [0, 1], 80.0, "test")
+    cheapest_depth = min(env.unwrapped.space.depths)
+    assert result["episodes"] == 2 and all(i["knobs"]["depth"] == cheapest_depth for i in result["infos"])
+    oracle = evaluate_agent(env, make_agent("oracle", env), [0, 1], 80.0, "test")
+    assert oracle["reward"] >= result["reward"] - 1e-12
+
+
+def test_new_env_and_agent_through_the_cli(tmp_path, random_tiny_checkpoint, monkeypatch):
+    import train
+
+    conf = tmp_path / "conf"
+    (conf / "agent").mkdir(parents=True)
+    (conf / "env").mkdir()
+    (conf / "agent" / "cheapest.yaml").write_text(AGENT_YAML)
+    (conf / "env" / "DepthOnly-v0.yaml").write_text(ENV_YAML)
+    runs = tmp_path / "runs"
+    argv = ["train.py", "env=DepthOnly-v0", "agent=cheapest", f"hydra.searchpath=[file://{conf}]",
+            f"runs_dir={runs}", f"backend.checkpoint={random_tiny_checkpoint}", "backend.generation={max_new_tokens:2}",
+            "estimator=fake_latency:make", "budget=80ms", "eval.num_samples=2", "eval.validation_samples=1",
+            "eval.baselines=[oracle,greedy]"]
+    monkeypatch.setattr(sys, "argv", argv)
+    train.cli()
+    (run,) = (runs / "DepthOnly-v0" / "cheapest").iterdir()
+    report = json.loads((run / "report.json").read_text())
+    assert {r["agent"] for r in report["rows"]} == {"cheapest", "oracle", "greedy"}
+    assert (run / "checkpoints" / "best.safetensors").is_file()
