@@ -28,7 +28,7 @@ options (key=value, as in train.py):
   threads=N              torch CPU threads while profiling (recorded in the device fingerprint)
   points=240 repeats=9 warmup=6 samples=30 split=validation holdout_fraction=0.2 clock=wall seed=0
                          how much to profile (clock: wall, cpu or outcome)
-  max_noise_pct=50       bound on a profile's repeat noise, (slowest - fastest repeat) / median, in %
+  max_noise_pct=40       bound on a profile's repeat noise, (slowest - fastest repeat) / median, in %
   remeasure_rounds=2     times the points above the bound are measured again
 
 examples:

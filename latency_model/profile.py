@@ -133,8 +133,9 @@ class ProfileSettings:
             excludes time spent waiting for a core; equals latency only with one torch thread and a
             CPU device) or ``outcome`` (the backend's own ``Outcome.measured_ms``).
         seed: seed of the design and the run order (default 0).
-        max_noise_pct: bound on the repeat spread, in % (default 50): points above it are measured
-            again, and a profile whose median spread stays above it is noisy (never cached).
+        max_noise_pct: bound on the repeat spread, in % (default 40; BENCHMARKS.md has the profiles
+            that set it): points above it are measured again, and a profile whose median spread
+            stays above it is noisy (never cached).
         remeasure_rounds: at most how many times the points above the bound are measured again (default 2;
             a round that leaves as many noisy points as before ends the re-measuring).
     """
@@ -147,7 +148,7 @@ class ProfileSettings:
     holdout_fraction: float = 0.2
     clock: str = "wall"
     seed: int = 0
-    max_noise_pct: float = 50.0
+    max_noise_pct: float = 40.0
     remeasure_rounds: int = 2
 
     def __post_init__(self) -> None:
@@ -324,7 +325,7 @@ class ProfileNoise:
         return self.spread_pct is not None and self.spread_pct > self.bound_pct
 
     def describe(self) -> str:
-        """One line for warnings and reports, e.g. ``repeat noise 7.9% (bound 50%)``."""
+        """One line for warnings and reports, e.g. ``repeat noise 7.9% (bound 40%)``."""
         if self.spread_pct is None:
             return f"repeat noise unknown (one run per point; bound {self.bound_pct:g}%)"
         text = f"repeat noise {self.spread_pct:.1f}% (bound {self.bound_pct:g}%)"
@@ -410,7 +411,8 @@ def write_profile(data: ProfileData, path: str | os.PathLike) -> Path:
     Sets ``data.sha256`` to the file's checksum.
     """
     buf = io.StringIO()
-    noise = data.noise or ProfileNoise.of_rows(data.rows, float(data.settings.get("max_noise_pct", 50.0)))
+    bound = float(data.settings.get("max_noise_pct", ProfileSettings.max_noise_pct))
+    noise = data.noise or ProfileNoise.of_rows(data.rows, bound)
     meta = {"format": PROFILE_FORMAT, "device": data.device, "backend": data.backend,
             "knob_space": data.knob_space.as_dict(), "cost_params": data.cost_params, "settings": data.settings,
             "noise": noise.as_dict(), "rows": len(data.rows)}
