@@ -33,6 +33,7 @@ class EpisodeContext:
 
     ``stage`` counts steps taken in this episode (``MultiKnob-v0``: 0 chooses the tier, 1 the
     top-k and depth). ``env`` is the env's :class:`~envs.protocols.GroupEnv` side.
+    ``trajectory`` holds the elements earlier stages of this episode chose (``None`` at stage 0).
     """
 
     env: GroupEnv
@@ -40,6 +41,7 @@ class EpisodeContext:
     budget_ms: float
     split: str
     stage: int = 0
+    trajectory: tuple | None = None
 
 
 class FitHooks:
@@ -187,6 +189,10 @@ class EnvLayout:
         """Rewards and infos of head-index rows on one sample and budget (shared work done once)."""
         return self.env.evaluate_group(int(sample_id), float(budget_ms), list(actions), split)
 
+    def estimated_latency_ms(self, sample_id: int, actions: np.ndarray, split: str) -> np.ndarray:
+        """The latency estimator's prediction for each head-index row on this input (no model run)."""
+        return np.asarray(self.env.estimated_latency_ms(int(sample_id), list(actions), split), dtype=np.float64)
+
     def num_samples(self, split: str) -> int:
         return self.env.num_samples(split)
 
@@ -215,10 +221,17 @@ def run_episode(env: gym.Env, agent: Agent, sample_id: int, budget_ms: float, sp
     """One Gymnasium episode of ``agent`` on a fixed sample and budget; returns the final step's info."""
     genv = group_env(env) if agent.needs_context else None
     obs, info = env.reset(options={"sample_id": int(sample_id), "budget": float(budget_ms), "split": split})
-    stage, done, reward = 0, False, 0.0
+    stage, done, reward, trajectory = 0, False, 0.0, None
     while not done:
-        context = EpisodeContext(genv, int(sample_id), float(info.get("budget_ms", budget_ms)), split, stage)
-        obs, reward, terminated, truncated, info = env.step(as_env_action(env, agent.act(obs, context)))
+        context = EpisodeContext(genv, int(sample_id), float(info.get("budget_ms", budget_ms)), split, stage,
+                                 trajectory)
+        action = agent.act(obs, context)
+        if genv is not None and stage < len(genv.stage_heads):  # what this stage chose, for the next ones
+            chosen = np.zeros(len(genv.trajectory_nvec), dtype=np.int64) if trajectory is None else np.array(trajectory)
+            heads = list(genv.stage_heads[stage])
+            chosen[heads] = np.asarray(action, dtype=np.int64).reshape(-1)[heads]
+            trajectory = tuple(int(v) for v in chosen)
+        obs, reward, terminated, truncated, info = env.step(as_env_action(env, action))
         done, stage = terminated or truncated, stage + 1
     return {**info, "reward": float(reward)}
 

@@ -3,20 +3,21 @@
 One update (``GRPOAgent.train_step``):
 
 1. draw ``batch_size`` training samples and one budget each from the env budget's
-   :meth:`~envs.budget.Budget.training_range` (its range, or the fixed budget jittered by
-   ``budget_jitter``);
-2. for each (sample, budget) sample a group of ``num_generations`` actions from the current policy
-   at ``temperature``. In ``MultiKnob-v0`` a trajectory is two stages: the tier head reads the
-   stage-1 observation, then top-k and depth heads read the stage-2 observation *of the tier this
-   trajectory chose*; the whole group shares the sample and budget;
+   :meth:`~envs.budget.Budget.training_range` (the fixed budget or the range, widened by
+   ``budget_jitter`` on each side);
+2. for each (sample, budget) sample a group of ``num_generations`` trajectories from the current
+   policy at ``temperature``, stage by stage: each stage is one categorical over the joint options
+   of the knobs it sets (``MultiKnob-v0``: the tier, then top-k x depth), read at the observation
+   *of the earlier choices this trajectory made* and at each option's estimated latency on this
+   input relative to the budget (see :class:`PolicyNet`); the whole group shares sample and budget;
 3. score the group with the env's ``evaluate_group`` (one shared stage 1 per tier, same reward as
    separate episodes);
 4. advantages are group-relative: ``(r - mean_group) / (std_group + 1e-4)``, ``scale_rewards``
    choosing the std (``group``, ``batch`` or ``none``);
 5. ``num_iterations`` gradient steps on the clipped objective
    ``-min(ratio * A, clip(ratio, 1 - epsilon, 1 + epsilon) * A) + beta * KL(pi || pi_ref) - entropy_coef * H``
-   where ``ratio`` is the probability ratio of the whole trajectory (sum of the log-probabilities
-   of the heads its stages used; heads a stage does not use are masked out).
+   where ``ratio`` is the probability ratio of the whole trajectory (the sum of the
+   log-probabilities of the option each stage chose).
 
 Names and defaults follow TRL's ``GRPOConfig`` (trl 1.16) where the meaning is the same; see
 :class:`GRPOConfig` for the deviations and why. :meth:`GRPOAgent.fit` is the whole training loop;
@@ -26,6 +27,7 @@ validation, checkpoints and logging are the caller's :class:`~agents.base.FitHoo
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import random
 import time
@@ -59,22 +61,26 @@ class GRPOConfig:
 
     Same name, different default (why):
 
-    - ``learning_rate`` 1e-3 (TRL 1e-6 fine-tunes a pretrained LLM; this is a freshly initialised
+    - ``learning_rate`` 3e-3 (TRL 1e-6 fine-tunes a pretrained LLM; this is a freshly initialised
       MLP of a few thousand weights);
-    - ``entropy_coef`` 0.01 (TRL 0.0): a knob head of 3-5 choices is near-deterministic after a
-      few dozen updates, and without a bonus it settles on whatever looked safest first
-      (BENCHMARKS.md, "Agents", has the measured runs);
+    - ``entropy_coef`` 0.03 (TRL 0.0): a stage's categorical is near-deterministic after a few
+      dozen updates, and without a bonus it settles on whatever looked safest first; a policy
+      trained over a budget range must keep exploring the options that only pay at the loose end
+      of the range (BENCHMARKS.md, "Agents", has the measured runs);
     - ``num_iterations`` 4 (TRL 1 reuses nothing; here every group costs model runs while a
       gradient step costs microseconds, so each batch is reused for several clipped steps, which
       is what ``epsilon`` is for).
 
     Ours: ``batch_size`` (samples per update, each with its own group), ``total_updates``,
     ``hidden_sizes`` (policy MLP), ``budget_jitter`` (relative half-width of the budget range
-    drawn around a fixed budget, so the budget feature varies during training), ``seed``.
+    drawn around a fixed budget, so the budget feature varies during training),
+    ``latency_features`` (each option's logit also reads the estimator's latency of that option on
+    this input relative to the budget, see :class:`PolicyNet`; False: the observation only),
+    ``seed``.
 
-    Not applicable: ``loss_type`` (a trajectory here is 1-3 categorical choices with one ratio,
+    Not applicable: ``loss_type`` (a trajectory here is a few categorical choices with one ratio,
     so there is no length normalisation to choose) and TRL's sampled k3 KL estimate (the exact
-    categorical KL is cheap for these heads, and has no variance).
+    categorical KL is cheap for these stages, and has no variance).
     """
 
     num_generations: int = 8
@@ -82,10 +88,10 @@ class GRPOConfig:
     epsilon_high: float | None = None
     beta: float = 0.0
     scale_rewards: Any = "group"
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     num_iterations: int = 4
     temperature: float = 1.0
-    entropy_coef: float = 0.01
+    entropy_coef: float = 0.03
     max_grad_norm: float = 1.0
     sync_ref_model: bool = False
     ref_model_sync_steps: int = 512
@@ -94,6 +100,7 @@ class GRPOConfig:
     total_updates: int = 100
     hidden_sizes: Sequence[int] = field(default_factory=lambda: (64, 64))
     budget_jitter: float = 0.2
+    latency_features: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -117,6 +124,8 @@ class GRPOConfig:
             v = vars(self)[name]
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name}={v!r} is invalid; accepted: a finite number >= 0")
+        if not isinstance(self.latency_features, bool):
+            raise ValueError(f"latency_features={self.latency_features!r} is invalid; accepted: true or false")
         if self.budget_jitter >= 1:
             raise ValueError(f"budget_jitter={self.budget_jitter} is invalid; accepted: 0 <= jitter < 1")
         if self.epsilon_high is not None and not self.epsilon_high > 0:
@@ -179,32 +188,58 @@ def group_advantages(rewards: np.ndarray, scale_rewards: Any = "group", eps: flo
 
 
 class PolicyNet(nn.Module):
-    """MLP trunk over the observation, one categorical head per action element."""
+    """The policy: one categorical per stage over the joint options of the heads that stage sets.
 
-    def __init__(self, obs_dim: int, nvec: Sequence[int], hidden_sizes: Sequence[int] = (64, 64)):
+    ``logits[stage][o] = head_stage(trunk(obs))[o] + latency_scorer_stage(features[o])`` where
+    ``features[o]`` is ``[log(lo_o / budget), log(hi_o / budget)]``: the estimator's latency of
+    option ``o`` on this input with the later stages at their cheapest (``lo``) and at their most
+    expensive completion (``hi``). The scorer is one small MLP shared by every option of a stage,
+    so what it learns about "this option fits the budget" carries over to every option and budget.
+
+    Why joint options and latency features: whether a knob setting fits a budget depends on the
+    other knobs the same stage sets (top-k and depth together), and on the input; with one
+    categorical per knob and only a budget scalar in the observation, a policy trained over a
+    budget range settled on one configuration for every budget (BENCHMARKS.md, "Budget
+    conditioning").
+    """
+
+    def __init__(self, obs_dim: int, stage_sizes: Sequence[int], hidden_sizes: Sequence[int] = (64, 64)):
         super().__init__()
         layers, width = [], obs_dim
         for h in hidden_sizes:
             layers += [nn.Linear(width, h), nn.Tanh()]
             width = h
         self.trunk = nn.Sequential(*layers)
-        self.heads = nn.ModuleList(nn.Linear(width, n) for n in nvec)
-        for head in self.heads:  # near-uniform initial policy: every knob value gets explored
+        self.heads = nn.ModuleList(nn.Linear(width, n) for n in stage_sizes)
+        for head in self.heads:  # near-uniform initial policy: every option gets explored
             nn.init.normal_(head.weight, std=0.01)
             nn.init.zeros_(head.bias)
+        self.latency_scorers = nn.ModuleList(
+            nn.Sequential(nn.Linear(LATENCY_FEATURES, 16), nn.Tanh(), nn.Linear(16, 1)) for _ in stage_sizes)
 
-    def forward(self, obs: torch.Tensor) -> list[torch.Tensor]:
-        """Logits of every head, each ``[..., n_head]``."""
-        z = self.trunk(obs)
-        return [head(z) for head in self.heads]
+    def forward(self, obs: torch.Tensor, features: torch.Tensor, stage: int) -> torch.Tensor:
+        """Logits ``[..., n_options]`` of ``stage`` from ``obs [..., obs_dim]`` and ``features [..., n_options, 2]``."""
+        return self.heads[stage](self.trunk(obs)) + self.latency_scorers[stage](features).squeeze(-1)
+
+
+#: per option: log(latency with the cheapest completion / budget), log(latency with the dearest / budget)
+LATENCY_FEATURES = 2
+#: options x completions above which a stage's completions are only the all-cheapest / all-dearest ones
+MAX_COMPLETION_QUERIES = 4096
 
 
 @dataclass
 class Rollout:
-    """One update's groups. ``obs`` is ``[N, stages, obs_dim]`` (zeros for stages a trajectory
-    never saw), ``actions`` ``[N, heads]``; rows ``g * G .. (g + 1) * G`` are group ``g``."""
+    """One update's groups; rows ``g * G .. (g + 1) * G`` are group ``g``.
+
+    ``obs`` is ``[N, stages, obs_dim]``, ``features`` ``[N, stages, max_options, 2]`` (zeros for
+    stages a trajectory never saw and options a stage does not have), ``options`` ``[N, stages]``
+    the option each stage chose, ``actions`` ``[N, heads]`` the trajectories.
+    """
 
     obs: torch.Tensor
+    features: torch.Tensor
+    options: torch.Tensor
     actions: torch.Tensor
     old_logp: torch.Tensor
     advantages: torch.Tensor
@@ -215,23 +250,28 @@ class Rollout:
 
 @register_agent
 class GRPOAgent(Agent):
-    """The GRPO controller: sampling groups, the clipped update, acting greedily at evaluation."""
+    """The GRPO controller: sampling groups, the clipped update, acting greedily at evaluation.
+
+    Acting reads the env's latency predictions for each option (``needs_context``): run it through
+    :func:`agents.base.run_episode` / :func:`agents.base.evaluate_agent` or the CLI.
+    """
 
     name = "grpo"
     seeded = True
     resumable = True
+    needs_context = True
 
     def __init__(self, obs_dim: int, nvec: Sequence[int], stage_heads: Sequence[Sequence[int]],
                  config: GRPOConfig | None = None):
         self.config = config or GRPOConfig()
         self.obs_dim, self.nvec = int(obs_dim), [int(n) for n in nvec]
         self.stage_heads = [list(h) for h in stage_heads]
-        # head -> the stage whose observation it reads (the mask of which heads each stage uses)
-        self.head_stage = torch.empty(len(self.nvec), dtype=torch.long)
-        for stage, heads in enumerate(self.stage_heads):
-            self.head_stage[heads] = stage
+        # stage -> its joint options, rows of head values in the order of ``stage_heads[stage]``
+        self.stage_options = [np.array(list(itertools.product(*[range(self.nvec[h]) for h in heads])),
+                                       dtype=np.int64).reshape(-1, len(heads)) for heads in self.stage_heads]
+        self.max_options = max(len(o) for o in self.stage_options)
         torch.manual_seed(self.config.seed)
-        self.policy = PolicyNet(self.obs_dim, self.nvec, self.config.hidden_sizes)
+        self.policy = PolicyNet(self.obs_dim, [len(o) for o in self.stage_options], self.config.hidden_sizes)
         self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.config.learning_rate)
         self.rng = np.random.default_rng(self.config.seed)
@@ -247,23 +287,61 @@ class GRPOAgent(Agent):
         layout = EnvLayout(env)
         return cls(layout.obs_dim, layout.nvec, layout.stage_heads, config)
 
+    # ------------------------------------------------------------------------------- options
+    def option_index(self, stage: int, trajectories: np.ndarray) -> np.ndarray:
+        """The option index each trajectory row chose at ``stage``."""
+        heads = self.stage_heads[stage]
+        return np.ravel_multi_index(np.asarray(trajectories)[:, heads].T, [self.nvec[h] for h in heads])
+
+    def latency_features(self, layout: EnvLayout, sample_id: int, budget_ms: float, split: str, stage: int,
+                         trajectory: Sequence[int] | None) -> np.ndarray:
+        """``[max_options, 2]``: each option's latency on this input with the cheapest and the dearest
+        completion of the later stages, as ``log(ms / budget)`` (clipped to +-5; padding rows zero)."""
+        out = np.zeros((self.max_options, LATENCY_FEATURES), dtype=np.float32)
+        if not self.config.latency_features:
+            return out
+        options = self.stage_options[stage]
+        later = [h for s in range(stage + 1, len(self.stage_heads)) for h in self.stage_heads[s]]
+        completions = np.array(list(itertools.product(*[range(self.nvec[h]) for h in later])), dtype=np.int64)
+        if len(options) * len(completions) > MAX_COMPLETION_QUERIES:
+            completions = np.array([[0] * len(later), [self.nvec[h] - 1 for h in later]], dtype=np.int64)
+        completions = completions.reshape(len(completions), len(later))
+        rows = np.zeros((len(options), len(completions), len(self.nvec)), dtype=np.int64)
+        if trajectory is not None and stage > 0:
+            earlier = [h for s in range(stage) for h in self.stage_heads[s]]
+            rows[:, :, earlier] = np.asarray(trajectory, dtype=np.int64)[earlier]
+        rows[:, :, self.stage_heads[stage]] = options[:, None, :]
+        rows[:, :, later] = completions[None, :, :]
+        ms = layout.estimated_latency_ms(sample_id, rows.reshape(-1, len(self.nvec)), split)
+        ms = np.asarray(ms, dtype=np.float64).reshape(len(options), len(completions))
+        ratios = np.stack([ms.min(axis=1), ms.max(axis=1)], axis=1) / float(budget_ms)
+        out[: len(options)] = np.clip(np.log(np.maximum(ratios, 1e-6)), -5.0, 5.0)
+        return out
+
     # ------------------------------------------------------------------------------- acting
-    def _log_probs(self, net: nn.Module, obs: torch.Tensor) -> list[torch.Tensor]:
-        """Temperature-scaled log-probabilities of every head at every stage: ``[N, stages, n_head]``."""
-        return [F.log_softmax(logits / self.config.temperature, dim=-1) for logits in net(obs)]
+    def _stage_log_probs(self, net: nn.Module, obs: torch.Tensor, features: torch.Tensor, stage: int) -> torch.Tensor:
+        """Temperature-scaled log-probabilities of ``stage``'s options: ``[..., n_options]``."""
+        n = len(self.stage_options[stage])
+        return F.log_softmax(net(obs, features[..., :n, :], stage) / self.config.temperature, dim=-1)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, context: EpisodeContext | None = None) -> np.ndarray:
-        """Greedy (argmax) action of every head on this observation; the env reads the heads of its stage."""
-        logits = self.policy(torch.as_tensor(np.asarray(obs, dtype=np.float32)))
-        return np.array([int(torch.argmax(x)) for x in logits], dtype=np.int64)
-
-    def _sample_heads(self, obs: np.ndarray, heads: Sequence[int], n: int) -> np.ndarray:
-        """``n`` samples of each head in ``heads`` from the policy at one observation: ``[n, len(heads)]``."""
-        with torch.no_grad():
-            logp = self._log_probs(self.policy, torch.as_tensor(obs, dtype=torch.float32))
-        out = [torch.multinomial(logp[h].exp(), n, replacement=True, generator=self.torch_rng) for h in heads]
-        return torch.stack(out, dim=1).numpy()
+        """The most probable option of this stage, as a whole trajectory vector (earlier stages'
+        elements from ``context.trajectory``); the env reads the elements of its stage."""
+        if context is None:
+            raise ValueError("GRPOAgent.act needs an EpisodeContext (its options read the env's latency "
+                             "predictions); accepted: run it through agents.run_episode / evaluate_agent")
+        stage = int(context.stage)
+        trajectory = np.zeros(len(self.nvec), dtype=np.int64)
+        if context.trajectory is not None:
+            trajectory[:] = np.asarray(context.trajectory, dtype=np.int64)
+        layout = EnvLayout(context.env)
+        features = self.latency_features(layout, context.sample_id, context.budget_ms, context.split, stage,
+                                         trajectory)
+        logp = self._stage_log_probs(self.policy, torch.as_tensor(np.asarray(obs, dtype=np.float32)),
+                                     torch.as_tensor(features), stage)
+        trajectory[self.stage_heads[stage]] = self.stage_options[stage][int(torch.argmax(logp))]
+        return trajectory
 
     def configure(self, **options: Any) -> None:
         """New options for a resumed run (e.g. a larger ``total_updates``); shapes stay the checkpoint's."""
@@ -286,65 +364,77 @@ class GRPOAgent(Agent):
     # ------------------------------------------------------------------------------- rollouts
     def collect(self, layout: EnvLayout, sample_ids: Sequence[int], budgets_ms: Sequence[float],
                 split: str = "train") -> Rollout:
-        """Sample and score one group per (sample, budget); advantages are group-relative."""
+        """Sample and score one group per (sample, budget); advantages are group-relative.
+
+        A trajectory is sampled stage by stage: each stage's options are drawn at the observation
+        (and latency features) of the earlier choices this trajectory made; trajectories of a group
+        that share those choices share the query.
+        """
         G, S = self.config.num_generations, len(self.stage_heads)
-        all_obs, all_actions, all_rewards, all_infos = [], [], [], []
+        parts: dict[str, list] = {"obs": [], "features": [], "options": [], "actions": [], "rewards": []}
+        all_infos: list[dict] = []
         for sample_id, budget_ms in zip(sample_ids, budgets_ms):
             obs = np.zeros((G, S, self.obs_dim), dtype=np.float32)
+            features = np.zeros((G, S, self.max_options, LATENCY_FEATURES), dtype=np.float32)
+            options = np.zeros((G, S), dtype=np.int64)
             actions = np.zeros((G, len(self.nvec)), dtype=np.int64)
-            obs[:, 0] = layout.observation(sample_id, budget_ms, split, 0)
-            actions[:, self.stage_heads[0]] = self._sample_heads(obs[0, 0], self.stage_heads[0], G)
-            for stage in range(1, S):
-                # Each distinct earlier choice (the tier) leads to its own stage observation.
+            for stage in range(S):
                 earlier = actions[:, [h for s in range(stage) for h in self.stage_heads[s]]]
                 for prefix in np.unique(earlier, axis=0):
                     rows = np.flatnonzero((earlier == prefix).all(axis=1))
-                    stage_obs = layout.observation(sample_id, budget_ms, split, stage, actions[rows[0]])
-                    obs[rows, stage] = stage_obs
-                    actions[np.ix_(rows, self.stage_heads[stage])] = self._sample_heads(
-                        stage_obs, self.stage_heads[stage], len(rows))
+                    trajectory = actions[rows[0]] if stage else None
+                    stage_obs = layout.observation(sample_id, budget_ms, split, stage, trajectory)
+                    stage_features = self.latency_features(layout, sample_id, budget_ms, split, stage, trajectory)
+                    obs[rows, stage], features[rows, stage] = stage_obs, stage_features
+                    with torch.no_grad():
+                        logp = self._stage_log_probs(self.policy, torch.as_tensor(stage_obs),
+                                                     torch.as_tensor(stage_features), stage)
+                    chosen = torch.multinomial(logp.exp(), len(rows), replacement=True,
+                                               generator=self.torch_rng).numpy()
+                    options[rows, stage] = chosen
+                    actions[np.ix_(rows, self.stage_heads[stage])] = self.stage_options[stage][chosen]
             rewards, infos = layout.evaluate(sample_id, budget_ms, actions, split)
             for info, r in zip(infos, rewards):
                 info["reward"] = float(r)
-            all_obs.append(obs)
-            all_actions.append(actions)
-            all_rewards.append(rewards)
+            for key, value in (("obs", obs), ("features", features), ("options", options), ("actions", actions),
+                               ("rewards", rewards)):
+                parts[key].append(value)
             all_infos += infos
-        rewards = np.stack(all_rewards)
-        obs_t = torch.as_tensor(np.concatenate(all_obs))
-        actions_t = torch.as_tensor(np.concatenate(all_actions))
+        rewards = np.stack(parts["rewards"])
+        obs_t, features_t, options_t = (torch.as_tensor(np.concatenate(parts[k])) for k in ("obs", "features", "options"))
         with torch.no_grad():
-            old_logp = self.trajectory_log_prob(self.policy, obs_t, actions_t)
+            old_logp = self.trajectory_log_prob(self.policy, obs_t, features_t, options_t)
         advantages = torch.as_tensor(group_advantages(rewards, self.config.scale_rewards).reshape(-1),
                                      dtype=torch.float32)
-        return Rollout(obs_t, actions_t, old_logp, advantages, rewards, all_infos, G)
+        return Rollout(obs_t, features_t, options_t, torch.as_tensor(np.concatenate(parts["actions"])), old_logp,
+                       advantages, rewards, all_infos, G)
 
     # ------------------------------------------------------------------------------- loss
-    def _stage_log_probs(self, net: nn.Module, obs: torch.Tensor) -> list[torch.Tensor]:
-        """Log-probabilities of each head at the observation of the stage that uses it: ``[N, n_head]``."""
-        logp = self._log_probs(net, obs)  # each [N, stages, n_head]
-        return [lp[:, int(self.head_stage[h])] for h, lp in enumerate(logp)]
+    def stage_log_probs(self, net: nn.Module, obs: torch.Tensor, features: torch.Tensor) -> list[torch.Tensor]:
+        """Per stage, the log-probabilities of its options at that stage's observation: ``[N, n_options]``."""
+        return [self._stage_log_probs(net, obs[:, s], features[:, s], s) for s in range(len(self.stage_heads))]
 
-    def trajectory_log_prob(self, net: nn.Module, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Sum over heads of log pi(action_head | observation of the head's stage): ``[N]``."""
-        per_head = self._stage_log_probs(net, obs)
-        return sum(lp.gather(1, actions[:, h: h + 1]).squeeze(1) for h, lp in enumerate(per_head))
+    def trajectory_log_prob(self, net: nn.Module, obs: torch.Tensor, features: torch.Tensor,
+                            options: torch.Tensor) -> torch.Tensor:
+        """Sum over stages of log pi(option chosen | that stage's observation and features): ``[N]``."""
+        per_stage = self.stage_log_probs(net, obs, features)
+        return sum(lp.gather(1, options[:, s: s + 1]).squeeze(1) for s, lp in enumerate(per_stage))
 
     def loss(self, rollout: Rollout) -> tuple[torch.Tensor, dict]:
         """The clipped GRPO objective (to minimise) and its statistics."""
         cfg = self.config
-        per_head = self._stage_log_probs(self.policy, rollout.obs)
-        logp = sum(lp.gather(1, rollout.actions[:, h: h + 1]).squeeze(1) for h, lp in enumerate(per_head))
+        per_stage = self.stage_log_probs(self.policy, rollout.obs, rollout.features)
+        logp = sum(lp.gather(1, rollout.options[:, s: s + 1]).squeeze(1) for s, lp in enumerate(per_stage))
         ratio = torch.exp(logp - rollout.old_logp)
         eps_low, eps_high = cfg.epsilon, cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon
         adv = rollout.advantages
         clipped_ratio = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
         policy_loss = -torch.min(ratio * adv, clipped_ratio * adv).mean()
         with torch.no_grad():
-            ref_per_head = self._stage_log_probs(self.ref_policy, rollout.obs)
-        # Exact KL(pi || pi_ref) and entropy of every head at its stage's observation, summed over heads.
-        kl = sum((lp.exp() * (lp - ref)).sum(-1) for lp, ref in zip(per_head, ref_per_head)).mean()
-        entropy = sum(-(lp.exp() * lp).sum(-1) for lp in per_head).mean()
+            ref_per_stage = self.stage_log_probs(self.ref_policy, rollout.obs, rollout.features)
+        # Exact KL(pi || pi_ref) and entropy of every stage's categorical, summed over stages.
+        kl = sum((lp.exp() * (lp - ref)).sum(-1) for lp, ref in zip(per_stage, ref_per_stage)).mean()
+        entropy = sum(-(lp.exp() * lp).sum(-1) for lp in per_stage).mean()
         loss = policy_loss + cfg.beta * kl - cfg.entropy_coef * entropy
         is_clipped = ((ratio < 1 - eps_low) & (adv < 0)) | ((ratio > 1 + eps_high) & (adv > 0))
         stats = {"loss": float(loss.detach()), "policy_loss": float(policy_loss.detach()), "kl": float(kl.detach()),

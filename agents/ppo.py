@@ -1,8 +1,8 @@
 """Stable-Baselines3 PPO as an external reference, trained on the env through the plain Gym API.
 
 PPO sees ordinary episodes (two steps in ``MultiKnob-v0``) on the env's own split, with budgets
-drawn from the env budget's :meth:`~envs.budget.Budget.training_range` (its range, or the fixed
-budget jittered by ``budget_jitter``), and acts deterministically at evaluation.
+drawn from the env budget's :meth:`~envs.budget.Budget.training_range` (the fixed budget or
+the range, widened by ``budget_jitter``), and acts deterministically at evaluation.
 
 Saved as data only: the policy's ``state_dict`` tensors and the options; loading rebuilds the
 SB3 model for the env and loads the weights (SB3's own zip format unpickles, so it is not used).

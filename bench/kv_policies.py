@@ -11,11 +11,16 @@ measured in the same interleaved passes):
 
 Usage: ``python -m bench.kv_policies [--tokens 512] [--windows 64 128] [--repeats 3]``.
 Runs on one CPU thread (token-by-token decoding of a tiny model is overhead-bound).
+
+``python -m bench.kv_policies --episodes 2`` instead times whole 16-step episodes of every KV env id
+(512 tokens, random actions, fixed TPOT coefficients so no profiling is timed) with the streamer on
+one torch thread (the env default) and on the process's default thread count (``threads=None``).
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
 import numpy as np
 import torch
@@ -71,6 +76,31 @@ HEADER = ("| policy                                   |      PPL | TPOT ms | rat
           "|------------------------------------------|----------|---------|-------|---------|--------|-------|--------|-------|")
 
 
+def time_episodes(episodes: int) -> None:
+    """Seconds per 16-step episode of every KV env id, one thread vs the process default."""
+    import gymnasium as gym
+
+    import envs
+
+    coefficients = {"base_ms": 1.0, "per_slot_ms": 0.001, "per_prune_ms": 0.1}  # timing only: no profile
+    print(f"torch threads by default: {torch.get_num_threads()}; {episodes} episode(s) each, seconds per episode")
+    print("| env | threads=1 | threads=default |\n|---|---|---|")
+    for env_id in [i for i in envs.list_envs() if i.startswith(("StreamingKV", "KV-"))]:
+        cells = []
+        for threads in (1, None):
+            env = gym.make(env_id, tpot_model=coefficients, threads=threads, budget="2ms").unwrapped
+            env.action_space.seed(0)
+            seconds = []
+            for seed in range(episodes):
+                env.reset(seed=seed)
+                start, done = time.perf_counter(), False
+                while not done:
+                    done = env.step(env.action_space.sample())[2]
+                seconds.append(time.perf_counter() - start)
+            cells.append(f"{np.median(seconds):.1f}")
+        print(f"| {env_id} | {' | '.join(cells)} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=512, help="tokens per held-out document (its first ones)")
@@ -78,7 +108,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compress-every", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--peak-cache", type=int, default=128, help="fixed peak cache M of the second sweep")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per document (median per token)")
+    parser.add_argument("--episodes", type=int, default=0, help="time this many episodes per KV env id instead")
     args = parser.parse_args(argv)
+    if args.episodes < 0:
+        raise ValueError(f"--episodes={args.episodes} invalid; accepted: >= 0")
+    if args.episodes:
+        time_episodes(args.episodes)
+        return
     if args.repeats < 1 or args.tokens < 2:
         raise ValueError(f"--repeats={args.repeats} / --tokens={args.tokens} invalid; accepted: >= 1 / >= 2")
     bad = [r for r in args.compress_every if r < 1 or r >= args.peak_cache - 4]
@@ -92,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
           f"TPOT = median per-token forward over {args.repeats} passes; spikes vs full cache, 32 tokens after each prune")
 
     full_policy = FullCache()
-    policies = [p for w in args.windows for p in (SinkWindow(4, w), SinkWindow(0, w), KeyNormWindow(w, w // 4))]
+    policies = [p for w in args.windows
+                for p in (SinkWindow(4, window=w), SinkWindow(0, window=w), KeyNormWindow(w // 4, window=w))]
     # The full cache runs alone first: its per-token NLL is the spike baseline of the others.
     (full,) = run_policies(model, documents, [full_policy], 1)
     results = run_policies(model, documents, [full_policy] + policies, args.repeats, full["nll"])
@@ -103,8 +140,8 @@ def main(argv: list[str] | None = None) -> None:
         print_row(str(policy).replace("compress_every=1, ", "").replace("(compress_every=1)", ""), result, reference_tpot)
 
     window = args.windows[0]
-    fixed_window = [SinkWindow(4, window, compress_every=every) for every in args.compress_every]
-    fixed_peak = [SinkWindow(4, args.peak_cache - every, compress_every=every) for every in args.compress_every]
+    fixed_window = [SinkWindow(4, window=window, compress_every=every) for every in args.compress_every]
+    fixed_peak = [SinkWindow(4, window=args.peak_cache - every, compress_every=every) for every in args.compress_every]
     results = run_policies(model, documents, [full_policy] + fixed_window + fixed_peak, args.repeats, full["nll"])
     reference_tpot = results[0]["tpot_ms"]
     print(f"\n## compress_every at a fixed window (SinkWindow(4, {window}); cache grows to {window} + R)\n")

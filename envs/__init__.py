@@ -19,8 +19,10 @@ register_env("TokenBudget-v0", TokenBudgetEnv, description="one step: fraction o
 register_env("TokenBudget-measured-v0", TokenBudgetEnv, nondeterministic=True, latency="measured",
              description="TokenBudget-v0 with wall-clock latency")
 
-# KV-cache policy envs: StreamingKV-v0 and one KV-<Policy>-v0 per registered policy.
-from envs.streaming_kv import register_kv_envs  # noqa: E402
+# KV-cache policy envs: StreamingKV-v0 and one KV-<Policy>-v0 per registered policy (a loop over
+# the policy registry; call register_kv_envs() again after registering a policy later).
+from envs.budget import KVBudget  # noqa: E402
+from envs.streaming_kv import StreamingKVEnv, register_kv_env, register_kv_envs  # noqa: E402
 
 register_kv_envs()
 

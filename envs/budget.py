@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,12 +130,17 @@ class Budget:
         return float(self.low_ms)
 
     def training_range(self, jitter: float) -> "Budget":
-        """The budgets a training episode draws from: the range itself, or a fixed budget widened
-        by ``jitter`` on each side (``[b * (1 - jitter), b * (1 + jitter)]``), so the budget feature
-        varies during training. ``0 <= jitter < 1``."""
+        """The budgets a training episode draws from: ``[low * (1 - jitter), high * (1 + jitter)]``.
+
+        A fixed budget becomes a range around it, so the budget feature varies during training;
+        a range is widened the same way, so its ends, where the evaluation reports, lie inside
+        the training distribution rather than at its edge (a policy trained on exactly
+        ``[low, high]`` sees few episodes near ``low`` and was measured to violate there:
+        BENCHMARKS.md, "Budget conditioning"). ``0 <= jitter < 1``; 0 trains on the budget as given.
+        """
         if not (_is_number(jitter) and 0 <= float(jitter) < 1):
             raise ValueError(f"budget_jitter={jitter!r} is invalid; accepted: 0 <= jitter < 1")
-        if self.is_range or jitter == 0:
+        if jitter == 0:
             return self
         return Budget(max(MIN_BUDGET_MS, self.low_ms * (1 - float(jitter))),
                       min(MAX_BUDGET_MS, self.high_ms * (1 + float(jitter))))
@@ -161,3 +166,112 @@ class Budget:
     def slug(self) -> str:
         """File-name safe form, e.g. ``120ms`` or ``60-200ms``."""
         return f"{self.low_ms:g}-{self.high_ms:g}ms" if self.is_range else f"{self.low_ms:g}ms"
+
+
+# ================================================================================================
+# KV budgets: a per-token latency (TPOT) budget, optionally with a cap on the KV cache
+# ================================================================================================
+KV_ACCEPTED_FORMS = (
+    "a TPOT budget in any Budget form ('20ms', '[15ms,25ms]'), optionally followed by '+' and a KV-cache cap "
+    "in tokens ('20ms+256tok') or bytes ('20ms+4MB'; units B, KB, MB, GB (powers of 1000), KiB, MiB, GiB "
+    "(powers of 1024)), or a mapping {tpot: ..., kv: ...} (e.g. budget={tpot:[15ms,25ms],kv:256tok})"
+)
+_KV_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_KV_CAP_RE = re.compile(r"^\s*(\d+\.?\d*|\.\d+)(?:[eE]([+]?\d+))?\s*(tok|tokens|b|kb|mb|gb|kib|mib|gib)\s*$", re.I)
+
+
+def _bad_kv(value: Any, why: str) -> ValueError:
+    return ValueError(f"invalid KV budget {value!r}: {why}; accepted: {KV_ACCEPTED_FORMS}")
+
+
+@dataclass(frozen=True)
+class KVBudget:
+    """A StreamingKV budget: per-token latency (``tpot``, a :class:`Budget`) and an optional KV-cache cap.
+
+    The cap is in tokens (``kv_tokens``) or bytes (``kv_bytes``), at most one of them; the env turns
+    bytes into tokens with its model's bytes per cached token. A chunk whose peak cache exceeds the
+    cap is a violation (see :mod:`envs.streaming_kv`).
+    """
+
+    tpot: Budget
+    kv_tokens: int | None = None
+    kv_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tpot, Budget):
+            raise _bad_kv(self.tpot, "tpot must be a Budget")
+        if self.kv_tokens is not None and self.kv_bytes is not None:
+            raise _bad_kv(self, "give the KV cap in tokens or in bytes, not both")
+        for name in ("kv_tokens", "kv_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise _bad_kv(value, f"{name} must be an integer >= 1")
+
+    @classmethod
+    def parse(cls, value: Any) -> "KVBudget":
+        """Parse any accepted KV budget form (boundary only); a ``ValueError`` naming the input otherwise."""
+        if isinstance(value, KVBudget):
+            return value
+        if isinstance(value, Budget):
+            return cls(value)
+        if isinstance(value, Mapping):
+            unknown = sorted(set(value) - {"tpot", "kv"})
+            if unknown or "tpot" not in value:
+                raise _bad_kv(dict(value), f"mapping keys must be 'tpot' and optionally 'kv' (got {sorted(value)})")
+            tpot, cap = value["tpot"], value.get("kv")
+        elif isinstance(value, str) and "+" in value.strip().lstrip("+"):
+            tpot, cap = value.rsplit("+", 1)
+        else:
+            tpot, cap = value, None
+        try:
+            budget = Budget.parse(tpot.strip() if isinstance(tpot, str) else tpot)
+        except ValueError as error:
+            why = str(error).split("; accepted:")[0]  # the TPOT forms are part of KV_ACCEPTED_FORMS
+            raise _bad_kv(value, f"its TPOT part is not a budget ({why})") from None
+        if cap is None:
+            return cls(budget)
+        return cls(budget, *_parse_kv_cap(cap, value))
+
+    @property
+    def has_cap(self) -> bool:
+        return self.kv_tokens is not None or self.kv_bytes is not None
+
+    def cap_tokens(self, bytes_per_token: int) -> int | None:
+        """The cap in cached tokens (bytes rounded down to whole tokens); ``None`` without a cap."""
+        if self.kv_tokens is not None:
+            return self.kv_tokens
+        if self.kv_bytes is not None:
+            if isinstance(bytes_per_token, bool) or not isinstance(bytes_per_token, int) or bytes_per_token < 1:
+                raise ValueError(f"bytes_per_token={bytes_per_token!r} is invalid; accepted: an integer >= 1")
+            return self.kv_bytes // bytes_per_token
+        return None
+
+    def with_tpot(self, tpot: Any) -> "KVBudget":
+        """The same cap with another TPOT budget (any :class:`Budget` form)."""
+        return KVBudget(Budget.parse(tpot), self.kv_tokens, self.kv_bytes)
+
+    def __str__(self) -> str:
+        if self.kv_tokens is not None:
+            return f"{self.tpot}+{self.kv_tokens}tok"
+        if self.kv_bytes is not None:
+            return f"{self.tpot}+{self.kv_bytes}B"
+        return str(self.tpot)
+
+
+def _parse_kv_cap(cap: Any, original: Any) -> tuple[int | None, int | None]:
+    """``(tokens, bytes)`` of a KV cap such as ``256tok`` or ``4MB`` (one of them ``None``)."""
+    if isinstance(cap, (bool, np.bool_)) or not isinstance(cap, str):
+        raise _bad_kv(original, f"the KV cap {cap!r} needs a unit (tok, B, KB, MB, GB, KiB, MiB, GiB)")
+    match = _KV_CAP_RE.match(cap)
+    if not match:
+        raise _bad_kv(original, f"cannot parse the KV cap {cap!r}")
+    number = float(match.group(1)) * (10 ** int(match.group(2)) if match.group(2) else 1)
+    unit = match.group(3).lower()
+    if unit in ("tok", "tokens"):
+        if number != int(number) or number < 1:
+            raise _bad_kv(original, f"the KV cap {cap!r} must be a whole number of tokens >= 1")
+        return int(number), None
+    size = int(number * _KV_BYTE_UNITS[unit])
+    if size < 1:
+        raise _bad_kv(original, f"the KV cap {cap!r} must be at least one byte")
+    return None, size

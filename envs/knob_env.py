@@ -96,11 +96,24 @@ class KnobEnv(gym.Env):
         the two do not leave a gap (long answers cost more than the whole knob range saves), the
         middle of the cheapest and the full configuration's medians.
         """
+        low, high = self.suggested_budget_range_ms
+        return 0.5 * (low + high)
+
+    @property
+    def suggested_budget_range_ms(self) -> tuple[float, float]:
+        """A budget range for training one budget-conditioned controller on this backend and device.
+
+        From the cheapest configuration's 95th-percentile latency (below it, most inputs have no
+        configuration that fits) to the full configuration's median (above it, most inputs need
+        no knob turned down): every budget inside binds on typical inputs. Its middle is
+        :attr:`suggested_budget_ms`. When long answers leave no gap, it starts at the cheapest
+        configuration's median instead.
+        """
         cheap, full = self._typical_cheapest_ms, self._typical_full_ms
         low, high = float(np.percentile(cheap, 95)), float(np.median(full))
         if low >= high:
             low = float(np.median(cheap))
-        return 0.5 * (low + high)
+        return low, high
 
     def _warn_if_budget_unreachable(self) -> None:
         lo, hi = self.achievable_range_ms
@@ -117,7 +130,9 @@ class KnobEnv(gym.Env):
             warnings.warn(f"{msg}: achievable range on this backend and device is "
                           f"{lo:.1f}ms..{hi:.1f}ms; choose a budget inside it, e.g. "
                           f"budget={self.suggested_budget_ms:.0f}ms (one the full configuration does not fit "
-                          f"on a typical input)", stacklevel=3)
+                          f"on a typical input), or a range to train one controller for all of them, "
+                          f"budget=[{self.suggested_budget_range_ms[0]:.0f}ms,{self.suggested_budget_range_ms[1]:.0f}ms]",
+                          stacklevel=3)
 
     # ---------------------------------------------------------------- episodes
     def _begin_episode(self, seed: int | None, options: dict | None) -> None:

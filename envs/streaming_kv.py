@@ -1,56 +1,137 @@
-"""StreamingKV-v0: pick KV-cache policy knobs chunk by chunk while streaming a long document.
+"""StreamingKV-v0 and KV-<Policy>-v0: pick KV-cache policy knobs chunk by chunk while streaming a document.
 
-An episode streams one held-out document window (``episode_tokens`` tokens from a seeded random
-document and offset) through a causal LM token by token (teacher forcing). Each step decodes the
-next ``chunk_tokens`` tokens under the policy knobs chosen by the action; the reward is the shared
-:func:`envs.reward.compute_reward` of
+An episode streams one document window of ``episode_tokens`` tokens through a causal LM token by
+token (teacher forcing). Each step decodes the next ``chunk_tokens`` tokens under the policy knobs
+the action picks.
+
+Episodes (a fixed document stream): the documents are cut into consecutive, non-overlapping
+windows of ``episode_tokens + 1`` tokens, numbered in document order; window ``i`` belongs to
+``validation`` if ``i % 5 == 3``, to ``test`` if ``i % 5 == 4``, else to ``train``. ``sample_id``
+is the window's index within its split (:meth:`StreamingKVEnv.num_samples` per split).
+
+Action: ``MultiDiscrete``, one entry per knob of the env's action grid (:func:`kv_action_grid`:
+field name -> the values offered; the grid lives here, with the env, not on the policy class),
+in grid order. Only integer actions are accepted (an integral float such as ``2.0`` counts as
+the integer); anything else is one ``ValueError`` naming the action and the space.
+
+Observation (float32, :data:`OBSERVATION_NAMES`): last chunk's mean / max / std NLL, the
+episode's mean NLL so far, cache length, tokens since the last prune, the TPOT budget (ms),
+last TPOT / budget, progress, the KV cap in tokens (0 = no cap).
+
+Reward: the shared :func:`envs.reward.compute_reward` of
 
 * ``score = clip(1 - mean_chunk_nll / log(vocab_size), 0, 1)``: the fraction of a uniform guess's
   NLL the model removes (a monotone transform of the negative mean chunk NLL into [0, 1]);
-* the chunk's time per output token (TPOT, ms) against the episode's per-token budget
-  (:class:`envs.budget.Budget`, e.g. ``"4ms"`` or ``"[2ms,6ms]"``).
+* the chunk's mean time per output token (TPOT, ms) against the episode's TPOT budget;
 
-Latency modes (``latency=``):
+plus, when the budget has a KV cap (:class:`envs.budget.KVBudget`, e.g. ``20ms+256tok``), the same
+penalty applied to the cache: ``compute_reward(0, peak_kv / cap, 1)``, where ``peak_kv`` is the
+most tokens the cache held during the chunk (the new token included, before a prune): 0 within
+the cap, ``-(overshoot_penalty * (peak_kv / cap - 1) + violation_penalty)`` over it. ``info``
+says which limit was violated (``violated``, ``tpot_violated``, ``kv_violated``).
 
-* ``"estimated"`` (default): TPOT from :class:`backends.kv.latency.TpotModel`, a linear model in
-  the attended cache length plus a prune overhead. Deterministic for a given ``tpot_model``; when
-  none is given it is fitted once per process and model on this machine.
-* ``"measured"``: the wall-clock median forward time of the chunk (nondeterministic).
+Latency modes (:data:`latency_model.modes.LATENCY_MODES`):
 
-Action: one ``MultiDiscrete`` entry per policy field, in field order, indexing the field's
-``knob_choices``. Observation (float32): last chunk's mean / max / std NLL, episode mean NLL so
-far, cache length, tokens since the last prune, the budget (ms), last TPOT / budget, progress.
+* ``estimated`` (default): TPOT from the model's :class:`latency_model.tpot.TpotEstimator`,
+  profiled once per device and cached, so an episode gets the same rewards in every process
+  (its profile's noise is in the budget warning and in ``reset``'s info, ``tpot_noise_pct``);
+* ``measured``: the wall-clock median forward time of the chunk (nondeterministic); the
+  estimator still gives the achievable range and the suggested budget.
 
-Every registered KV policy gets an env ``KV-<PolicyName>-v0``; ``StreamingKV-v0`` is the
-StreamingLLM policy (:class:`~backends.kv.policies.SinkWindow`). :func:`register_kv_envs` registers
-them all (idempotent) and keeps registering policies added later.
+Budget: ``budget=None`` (default) uses :attr:`StreamingKVEnv.suggested_budget_ms`, a TPOT budget
+that binds on this device. A fixed budget outside the achievable TPOT range is warned about once,
+with the range and the suggestion.
+
+Groups (what a GRPO-style agent needs, deterministic in estimated mode):
+:meth:`StreamingKVEnv.evaluate_episode_group` scores whole-episode action sequences on one
+episode (shared prefixes stream once), :meth:`StreamingKVEnv.evaluate_chunk_group` scores
+candidate actions for the next chunk from the current cache without advancing.
+
+Episode end: ``terminated`` after ``episode_tokens // chunk_tokens`` steps (a last, shorter chunk
+when it does not divide); never truncated.
+
+Env ids: :func:`register_kv_envs` registers ``StreamingKV-v0`` (the StreamingLLM policy,
+:class:`~backends.kv.policies.SinkWindow`) and ``KV-<Policy>-v0`` for every registered policy
+(``import envs`` calls it; call it again after registering a policy later).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-import weakref
+import warnings
 from functools import lru_cache
+from typing import Any, Sequence
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from backends.kv.latency import TpotModel, fit_tpot_model
-from backends.kv.policies import KVPolicy, kv_policy_class, on_kv_policy_registered, registered_kv_policies
-from backends.kv.stream import DocumentStreamer
+from backends.kv.cache import kv_bytes_per_token
+from backends.kv.policies import FullCache, KVPolicy, kv_policy_class, registered_kv_policies
+from backends.kv.stream import DocumentStreamer, check_threads
 from backends.tiny_text import CHECKPOINT_DIR, held_out_token_documents, load_causal_lm
-from envs.budget import Budget
+from envs.budget import KVBudget
 from envs.registry import register_env
 from envs.reward import RewardConfig, compute_reward
+from latency_model.modes import LATENCY_MODES
+from latency_model.tpot import TpotEstimator, TpotSettings, get_tpot_estimator
 
-LATENCY_MODES = ("estimated", "measured")
 OBSERVATION_NAMES = ("chunk_mean_nll", "chunk_max_nll", "chunk_std_nll", "episode_mean_nll", "cache_length",
-                     "tokens_since_prune", "budget_ms", "tpot_over_budget", "progress")
+                     "tokens_since_prune", "budget_ms", "tpot_over_budget", "progress", "kv_cap_tokens")
 STREAMING_KV_ID = "StreamingKV-v0"
 MAX_OBSERVED_NLL = 50.0  # NLL features are clipped here (nats); a uniform guess over 2^21 tokens is ~14.6
 MAX_TPOT_OVER_BUDGET = 100.0
+SPLIT_OF_WINDOW = ("train", "train", "train", "validation", "test")  # window i -> SPLIT_OF_WINDOW[i % 5]
+RESET_OPTIONS = ("sample_id", "budget", "split")
+
+# --- action grids: which values each knob takes in an env --------------------------------------
+DEFAULT_KNOB_GRID: dict[str, tuple] = {"window": (32, 64, 128, 256), "compress_every": (1, 8, 32, 64)}
+ACTION_GRIDS: dict[str, dict[str, tuple]] = {
+    "SinkWindow": {"n_sink": (0, 4, 8), "window": (32, 64, 128, 256), "compress_every": (1, 8, 32, 64)},
+    "KeyNormWindow": {"window": (32, 64, 128, 256), "n_recent": (8, 32), "compress_every": (1, 8, 32, 64)},
+}
+_WARNED: set = set()
+
+
+def kv_action_grid(policy_class: type[KVPolicy], knob_grid: dict | None = None) -> dict[str, tuple]:
+    """The action grid of ``policy_class``: knob name -> values, every combination a valid policy.
+
+    Per knob, first match wins: ``knob_grid``, :data:`ACTION_GRIDS` of the policy,
+    :data:`DEFAULT_KNOB_GRID` (``window`` and ``compress_every``), else the field's default alone
+    (the knob is then fixed). Order: ``knob_grid``'s, else the policy's grid's, then field order.
+    """
+    fields = [f for f in dataclasses.fields(policy_class) if f.init]
+    names = [f.name for f in fields]
+    given = dict(knob_grid or {})
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ValueError(f"knob_grid names unknown knob(s) {unknown} of {policy_class.__name__}; accepted: {names}")
+    base = dict(ACTION_GRIDS.get(policy_class.policy_name(), {}))
+    base.update({name: values for name, values in DEFAULT_KNOB_GRID.items() if name not in base})
+    order = list(given) + [n for n in base if n in names and n not in given]
+    order += [n for n in names if n not in order]
+    grid = {}
+    for field in fields:
+        values = given.get(field.name, base.get(field.name))
+        if values is None:
+            if field.default is dataclasses.MISSING:
+                raise ValueError(f"{policy_class.__name__}.{field.name} has no default and no grid; accepted: "
+                                 f"knob_grid={{'{field.name}': (values, ...)}}")
+            values = (field.default,)
+        values = tuple(values)
+        if not values:
+            raise ValueError(f"knob_grid[{field.name!r}] is empty; accepted: at least one value")
+        grid[field.name] = values
+    grid = {name: grid[name] for name in order}
+    for combination in itertools.product(*grid.values()):
+        try:
+            policy_class(**dict(zip(grid, combination)))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"the action grid of {policy_class.__name__} contains an invalid combination "
+                             f"{dict(zip(grid, combination))}: {error}") from None
+    return grid
 
 
 @lru_cache(maxsize=2)
@@ -59,21 +140,51 @@ def _load_model(model_path: str | None):
     return load_causal_lm(model_path if model_path is not None else CHECKPOINT_DIR)
 
 
-# Estimated-mode coefficients fitted once per loaded model in this process.
-_FITTED_TPOT: "weakref.WeakKeyDictionary[object, TpotModel]" = weakref.WeakKeyDictionary()
+def episode_windows(documents: Sequence[Sequence[int]], episode_tokens: int) -> dict[str, list[tuple[int, int]]]:
+    """``split -> [(document index, start)]``: the fixed episode stream (see module docstring)."""
+    windows: dict[str, list[tuple[int, int]]] = {"train": [], "validation": [], "test": []}
+    index = 0
+    for doc_index, document in enumerate(documents):
+        for start in range(0, len(document) - episode_tokens, episode_tokens + 1):
+            windows[SPLIT_OF_WINDOW[index % len(SPLIT_OF_WINDOW)]].append((doc_index, start))
+            index += 1
+    return windows
+
+
+def simulate_cache(policy: KVPolicy, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(attended, pruned)`` per step of ``policy`` over ``tokens`` fed tokens, without running a model.
+
+    Exact for the base schedule (:meth:`KVPolicy.should_prune`: grow to ``window + compress_every``,
+    cut back to ``window``).
+    """
+    attended, pruned = np.zeros(tokens, dtype=np.int64), np.zeros(tokens)
+    held = 0
+    for t in range(tokens):
+        attended[t] = held + 1
+        if policy.should_prune(held + 1):
+            pruned[t], held = 1.0, policy.window
+        else:
+            held += 1
+    return attended, pruned
 
 
 class StreamingKVEnv(gym.Env):
-    """Stream a document under per-chunk KV policy knobs (see module docstring).
+    """Stream a document under per-chunk KV policy knobs (see the module docstring).
 
     Args:
         policy: registered policy name or class (default ``"SinkWindow"``).
-        budget: per-token latency budget, any form :meth:`Budget.parse` accepts.
+        budget: a :class:`~envs.budget.KVBudget` form: TPOT budget, optionally ``+`` a KV cap
+            (``"20ms"``, ``"[15ms,25ms]"``, ``"20ms+256tok"``, ``"20ms+4MB"``); ``None`` = the
+            suggested binding TPOT budget of this device.
         chunk_tokens: tokens decoded per step.
-        episode_tokens: tokens predicted per episode (a multiple of ``chunk_tokens`` is natural).
+        episode_tokens: tokens predicted per episode.
+        split: the split episodes are drawn from when ``reset`` names none (default ``train``).
+        knob_grid: per-knob values offered by the action space (see :func:`kv_action_grid`).
         latency: ``"estimated"`` (default, deterministic) or ``"measured"``.
-        tpot_model: coefficients for the estimated mode (a :class:`TpotModel` or its dict);
-            ``None`` fits one on first use.
+        tpot_model: the estimated-mode TPOT estimator (a :class:`TpotEstimator` or a dict of its
+            coefficients ``base_ms``, ``per_slot_ms``, ``per_prune_ms``); ``None`` = the model's
+            cached estimator on this device (profiled once when missing).
+        threads: torch intra-op threads while streaming (default 1; see :mod:`backends.kv.stream`).
         model_path: checkpoint folder of a causal LM; ``None`` = the tiny reference model.
         model, documents: an already loaded causal LM and its token-id documents (tests, custom
             data); with a custom ``model`` the ``documents`` are required.
@@ -82,23 +193,32 @@ class StreamingKVEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, policy="SinkWindow", budget="4ms", chunk_tokens: int = 32, episode_tokens: int = 512,
-                 latency: str = "estimated", tpot_model: TpotModel | dict | None = None,
+    def __init__(self, policy: Any = "SinkWindow", budget: Any = None, chunk_tokens: int = 32,
+                 episode_tokens: int = 512, split: str = "train", knob_grid: dict | None = None,
+                 latency: str = "estimated", tpot_model: TpotEstimator | dict | None = None, threads: int | None = 1,
                  model_path: str | None = None, model=None, documents=None,
                  reward_config: RewardConfig | dict | None = None):
         super().__init__()
         self.policy_class = kv_policy_class(policy) if isinstance(policy, str) else policy
         if not (isinstance(self.policy_class, type) and issubclass(self.policy_class, KVPolicy)):
             raise ValueError(f"policy={policy!r} is invalid; accepted: a registered KV policy name or class")
-        self.budget = Budget.parse(budget)
+        if self.policy_class is FullCache:
+            raise ValueError("policy='FullCache' is invalid for an env (it has no knobs); accepted: "
+                             f"{', '.join(n for n in registered_kv_policies() if n != 'FullCache')}")
         for name, value in (("chunk_tokens", chunk_tokens), ("episode_tokens", episode_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is invalid; accepted: an integer >= 1")
         if latency not in LATENCY_MODES:
             raise ValueError(f"latency={latency!r} is invalid; accepted: {', '.join(LATENCY_MODES)}")
-        self.chunk_tokens, self.episode_tokens, self.latency = chunk_tokens, episode_tokens, latency
+        if split not in SPLIT_OF_WINDOW:
+            raise ValueError(f"split={split!r} is invalid; accepted: train, validation, test")
+        self.chunk_tokens, self.episode_tokens, self.latency, self.split = chunk_tokens, episode_tokens, latency, split
+        self.threads = check_threads(threads)
         self.reward_config = (RewardConfig(**reward_config) if isinstance(reward_config, dict)
                               else reward_config or RewardConfig())
+        self.knob_grid = kv_action_grid(self.policy_class, knob_grid)
+        self.knob_names = list(self.knob_grid)
+        self.action_space = spaces.MultiDiscrete([len(v) for v in self.knob_grid.values()])
 
         if model is None:
             model, tokenizer = _load_model(model_path)
@@ -107,57 +227,156 @@ class StreamingKVEnv(gym.Env):
         elif documents is None:
             raise ValueError("documents=None with a custom model; accepted: a list of token-id sequences")
         self.model = model
-        self.documents = [list(map(int, doc)) for doc in documents if len(doc) >= episode_tokens + 1]
-        if not self.documents:
-            raise ValueError(f"no document has episode_tokens+1={episode_tokens + 1} tokens; accepted: documents "
-                             "at least that long (or a smaller episode_tokens)")
+        self.documents = [list(map(int, doc)) for doc in documents]
+        self.windows = episode_windows(self.documents, episode_tokens)
+        if not self.windows[split]:
+            raise ValueError(f"no {split} episode of episode_tokens+1={episode_tokens + 1} tokens in the documents "
+                             f"(split sizes {self.split_sizes()}); accepted: longer documents or a smaller "
+                             "episode_tokens")
         self.vocab_size = model.config.get_text_config(decoder=True).vocab_size
-        if isinstance(tpot_model, dict):
-            tpot_model = TpotModel(**tpot_model)
-        if tpot_model is not None and not isinstance(tpot_model, TpotModel):
-            raise ValueError(f"tpot_model={tpot_model!r} is invalid; accepted: None, a TpotModel or its dict")
-        self._tpot_model = tpot_model
+        self.bytes_per_token = kv_bytes_per_token(model)
+        self.tpot_model = self._tpot_estimator(tpot_model)
+        self._chunk_tpot, self._smallest_peak = self._simulate_grid()
+        self.budget = (KVBudget.parse(budget) if budget is not None
+                       else KVBudget.parse(f"{self.suggested_budget_ms:.6g}ms"))
+        self._warn_if_budget_unreachable(self.budget)
 
-        self.knob_names = [f.name for f in dataclasses.fields(self.policy_class)]
-        self.knob_choices = [tuple(self.policy_class.knob_choices[name]) for name in self.knob_names]
-        self.action_space = spaces.MultiDiscrete([len(c) for c in self.knob_choices])
-        # True upper bounds: the cache never holds more than the tokens fed in an episode.
         high = np.array([MAX_OBSERVED_NLL] * 4 + [episode_tokens + 1] * 2
-                        + [self.budget.high_ms, MAX_TPOT_OVER_BUDGET, 1.0], dtype=np.float32)
+                        + [10.0 * self.budget.tpot.high_ms, MAX_TPOT_OVER_BUDGET, 1.0, episode_tokens + 1],
+                        dtype=np.float32)
         self.observation_space = spaces.Box(low=np.zeros_like(high), high=high, dtype=np.float32)
         self._streamer: DocumentStreamer | None = None
 
-    # --- knobs ------------------------------------------------------------------------------
-    def policy_for(self, action) -> KVPolicy:
-        """The policy an action selects (raises ``ValueError`` for an action outside the space)."""
-        action = np.asarray(action)
-        if action.shape != self.action_space.shape or not self.action_space.contains(action.astype(np.int64)):
-            raise ValueError(f"action={action.tolist()!r} is invalid; accepted: integers in [0, n) for n in "
-                             f"{self.action_space.nvec.tolist()} ({', '.join(self.knob_names)})")
-        knobs = {name: choices[int(i)] for name, choices, i in zip(self.knob_names, self.knob_choices, action)}
-        return self.policy_class(**knobs)
+    # --- latency ----------------------------------------------------------------------------
+    def _tpot_estimator(self, given) -> TpotEstimator:
+        if isinstance(given, dict):
+            return TpotEstimator(**given)
+        if isinstance(given, TpotEstimator):
+            return given
+        if given is not None:
+            raise ValueError(f"tpot_model={given!r} is invalid; accepted: None, a TpotEstimator or a dict of its "
+                             "coefficients (base_ms, per_slot_ms, per_prune_ms)")
+        return get_tpot_estimator(self.model, settings=TpotSettings(threads=self.threads))
+
+    def _simulate_grid(self) -> tuple[np.ndarray, int]:
+        """Estimated TPOT ``[configurations, chunks]`` of every grid configuration held for a whole
+        episode, and the smallest peak cache (tokens) of any configuration."""
+        rows, peaks = [], []
+        for combination in itertools.product(*self.knob_grid.values()):
+            attended, pruned = simulate_cache(self.policy_class(**dict(zip(self.knob_names, combination))),
+                                              self.episode_tokens)
+            per_step = self.tpot_model.predict(pruned, attended)
+            rows.append([chunk.mean() for chunk in np.array_split(per_step, self.episode_steps)])
+            peaks.append(int(attended.max()))
+        return np.asarray(rows), min(peaks)
 
     @property
-    def tpot_model(self) -> TpotModel:
-        """The estimated-mode latency model (fitted once per process and model when not given)."""
-        if self._tpot_model is None:
-            if self.model not in _FITTED_TPOT:
-                _FITTED_TPOT[self.model] = fit_tpot_model(self.model)
-            self._tpot_model = _FITTED_TPOT[self.model]
-        return self._tpot_model
+    def episode_steps(self) -> int:
+        """Decisions (chunks) per episode."""
+        return math.ceil(self.episode_tokens / self.chunk_tokens)
 
-    # --- Gymnasium API ----------------------------------------------------------------------
+    @property
+    def achievable_range_ms(self) -> tuple[float, float]:
+        """Estimated chunk TPOT of the cheapest and of the most expensive grid configuration (held all episode)."""
+        means = self._chunk_tpot.mean(axis=1)
+        return float(self._chunk_tpot[np.argmin(means)].min()), float(self._chunk_tpot[np.argmax(means)].max())
+
+    @property
+    def suggested_budget_ms(self) -> float:
+        """A TPOT budget that binds on this device: the one the out-of-range warning names.
+
+        Halfway between the cheapest configuration's 95th-percentile chunk TPOT and the most
+        expensive configuration's median chunk TPOT (each held for a whole episode): the most
+        expensive configuration misses it on a typical chunk, while the cheapest fits about 95%
+        of chunks. When those leave no gap, halfway between the two medians.
+        """
+        means = self._chunk_tpot.mean(axis=1)
+        cheap, costly = self._chunk_tpot[np.argmin(means)], self._chunk_tpot[np.argmax(means)]
+        low, high = float(np.percentile(cheap, 95)), float(np.median(costly))
+        if low >= high:
+            low = float(np.median(cheap))
+        return 0.5 * (low + high)
+
+    def _warn_if_budget_unreachable(self, budget: KVBudget) -> None:
+        lo, hi = self.achievable_range_ms
+        key = (self.policy_class.policy_name(), str(self.tpot_model.coefficients), str(budget), self.episode_tokens)
+        if key in _WARNED:
+            return
+        problems = []
+        if budget.tpot.high_ms < lo:
+            problems.append(f"TPOT budget {budget.tpot} is below the cheapest configuration's TPOT")
+        elif budget.tpot.low_ms > hi:
+            problems.append(f"TPOT budget {budget.tpot} is above the most expensive configuration's TPOT "
+                            "(it never binds)")
+        cap = budget.cap_tokens(self.bytes_per_token)
+        if cap is not None and cap < self._smallest_peak:
+            problems.append(f"KV cap {cap} tokens is below the smallest peak cache of any configuration "
+                            f"({self._smallest_peak} tokens): every chunk after the cache fills violates it")
+        if problems:
+            _WARNED.add(key)
+            warnings.warn(f"{'; '.join(problems)}: achievable TPOT on this device is {lo:.2f}ms..{hi:.2f}ms "
+                          f"({self.tpot_model.describe()}); choose a budget inside it, e.g. "
+                          f"budget={self.suggested_budget_ms:.3g}ms (one the most expensive configuration "
+                          f"misses on a typical chunk)", stacklevel=3)
+
+    # --- knobs ------------------------------------------------------------------------------
+    def policy_for(self, action) -> KVPolicy:
+        """The policy an action selects; a ``ValueError`` naming the action and the space otherwise."""
+        arr = np.asarray(action)
+        ok = arr.dtype.kind in "iu" or (arr.dtype.kind == "f" and bool(np.all(np.isfinite(arr)))
+                                          and bool(np.all(arr == np.round(arr))))
+        if ok:
+            ints = arr.astype(np.int64)
+            ok = ints.shape == self.action_space.shape and self.action_space.contains(ints)
+        if not ok:
+            raise ValueError(f"action {action!r} is outside the action space {self.action_space}; accepted: integers "
+                             f"in [0, n) for n in {self.action_space.nvec.tolist()} ({', '.join(self.knob_names)})")
+        return self.policy_class(**{name: values[int(i)] for (name, values), i in zip(self.knob_grid.items(), ints)})
+
+    # --- episodes ---------------------------------------------------------------------------
+    def split_sizes(self) -> dict[str, int]:
+        return {split: len(windows) for split, windows in self.windows.items()}
+
+    def num_samples(self, split: str | None = None) -> int:
+        """Episodes (document windows) in ``split`` (default: the env's split); ``sample_id`` ranges over them."""
+        split = self.split if split is None else split
+        if split not in self.windows:
+            raise ValueError(f"split={split!r} is invalid; accepted: train, validation, test")
+        return len(self.windows[split])
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """Start an episode: ``options`` may fix ``sample_id`` (a window of ``split``), ``split`` and ``budget``."""
         super().reset(seed=seed)
-        doc_index = int(self.np_random.integers(len(self.documents)))
-        document = self.documents[doc_index]
-        start = int(self.np_random.integers(len(document) - self.episode_tokens))
-        self._budget_ms = self.budget.sample(self.np_random)
-        self._streamer = DocumentStreamer(self.model, document[start:start + self.episode_tokens + 1])
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(RESET_OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {unknown}; accepted: {', '.join(RESET_OPTIONS)}")
+        split = options.get("split", self.split)
+        size = self.num_samples(split)
+        if "sample_id" in options:
+            sample_id = options["sample_id"]
+            if isinstance(sample_id, (bool, np.bool_)) or not isinstance(sample_id, (int, np.integer)) \
+                    or not 0 <= sample_id < size:
+                raise ValueError(f"sample_id={sample_id!r} is invalid; accepted: an integer in [0, {size}) "
+                                 f"(episodes in split {split!r})")
+            sample_id = int(sample_id)
+        else:
+            sample_id = int(self.np_random.integers(size))
+        budget = self.budget
+        if "budget" in options:
+            budget = KVBudget.parse(options["budget"])
+            self._warn_if_budget_unreachable(budget)
+        doc_index, start = self.windows[split][sample_id]
+        self._budget_ms = budget.tpot.sample(self.np_random)
+        self._cap_tokens = budget.cap_tokens(self.bytes_per_token)
+        self._streamer = DocumentStreamer(self.model, self.documents[doc_index][start:start + self.episode_tokens + 1],
+                                          threads=self.threads)
         self._episode_nll: list[float] = []
         self._last_nll = np.zeros(1)
         self._last_tpot = 0.0
-        info = {"document": doc_index, "start": start, "budget_ms": self._budget_ms}
+        info = {"split": split, "sample_id": sample_id, "document": doc_index, "start": start,
+                "budget_ms": self._budget_ms, "kv_cap_tokens": self._cap_tokens, "episode_steps": self.episode_steps,
+                "tpot_noise_pct": self.tpot_model.noise_pct}
         return self._observation(), info
 
     def step(self, action):
@@ -166,30 +385,102 @@ class StreamingKVEnv(gym.Env):
         if self._streamer.remaining == 0:
             raise ValueError("step() called after the episode ended; accepted: call reset() first")
         policy = self.policy_for(action)
-        trace = self._streamer.advance(self.chunk_tokens, policy)
+        reward, info, trace = self._play_chunk(self._streamer, policy, self._budget_ms, self._cap_tokens)
+        self._episode_nll.extend(trace.nll.tolist())
+        self._last_nll, self._last_tpot = trace.nll, info["tpot_ms"]
+        terminated = self._streamer.remaining == 0
+        return self._observation(), reward, terminated, False, info
+
+    def evaluate_chunk_group(self, actions: Sequence) -> tuple[np.ndarray, list[dict]]:
+        """Rewards and infos of each action for the NEXT chunk, from the current state, without advancing.
+
+        Every action starts from the same stream prefix (a fork of the current cache), as if each
+        were the step taken now: what a per-chunk group (GRPO-style) needs. Deterministic in
+        estimated mode.
+        """
+        if self._streamer is None or self._streamer.remaining == 0:
+            raise ValueError("evaluate_chunk_group() needs a running episode; accepted: call reset() first")
+        policies = [self.policy_for(a) for a in actions]
+        results = [self._play_chunk(self._streamer.fork(), policy, self._budget_ms, self._cap_tokens)
+                   for policy in policies]
+        return np.array([r for r, _, _ in results], dtype=np.float64), [info for _, info, _ in results]
+
+    def evaluate_episode_group(self, sample_id: int, budget: Any, action_sequences: Sequence,
+                               split: str | None = None) -> tuple[np.ndarray, list[list[dict]]]:
+        """Returns (sum of chunk rewards) and per-chunk infos of whole-episode action sequences on one episode.
+
+        Each sequence (``episode_steps`` actions) is scored as if it were its own episode started with
+        ``reset(options={"sample_id": sample_id, "split": split, "budget": budget})``; sequences that
+        share their first chunks share the streaming of those chunks (the cache is forked where they
+        part). ``budget`` must have one fixed TPOT value. The env's own episode is not touched.
+        """
+        split = self.split if split is None else split
+        size = self.num_samples(split)
+        if isinstance(sample_id, (bool, np.bool_)) or not isinstance(sample_id, (int, np.integer)) \
+                or not 0 <= sample_id < size:
+            raise ValueError(f"sample_id={sample_id!r} is invalid; accepted: an integer in [0, {size}) "
+                             f"(episodes in split {split!r})")
+        parsed = KVBudget.parse(budget)
+        if parsed.tpot.is_range:
+            raise ValueError(f"budget={budget!r} is invalid for a group; accepted: one fixed TPOT budget")
+        sequences = [list(sequence) for sequence in action_sequences]
+        bad = [i for i, sequence in enumerate(sequences) if len(sequence) != self.episode_steps]
+        if bad:
+            raise ValueError(f"action sequence {bad[0]} has {len(sequences[bad[0]])} actions; accepted: "
+                             f"episode_steps={self.episode_steps} actions per sequence")
+        policies = [[self.policy_for(action) for action in sequence] for sequence in sequences]
+        budget_ms, cap = float(parsed.tpot.low_ms), parsed.cap_tokens(self.bytes_per_token)
+        doc_index, start = self.windows[split][int(sample_id)]
+        returns, infos = np.zeros(len(sequences)), [[] for _ in sequences]
+
+        def play(streamer: DocumentStreamer, depth: int, members: list[int]) -> None:
+            if depth == self.episode_steps:
+                return
+            branches: dict[KVPolicy, list[int]] = {}
+            for i in members:
+                branches.setdefault(policies[i][depth], []).append(i)
+            for n, (policy, group) in enumerate(branches.items()):
+                branch = streamer if n == len(branches) - 1 else streamer.fork()
+                reward, info, _ = self._play_chunk(branch, policy, budget_ms, cap)
+                for i in group:
+                    returns[i] += reward
+                    infos[i].append(info)
+                play(branch, depth + 1, group)
+
+        play(DocumentStreamer(self.model, self.documents[doc_index][start:start + self.episode_tokens + 1],
+                              threads=self.threads), 0, list(range(len(sequences))))
+        return returns, infos
+
+    def _play_chunk(self, streamer: DocumentStreamer, policy: KVPolicy, budget_ms: float, cap_tokens: int | None):
+        first_seen = streamer.cursor
+        trace = streamer.advance(self.chunk_tokens, policy)
         prune_steps = np.zeros(trace.num_tokens)
-        first_seen = self._streamer.cursor - trace.num_tokens
         for event in trace.prune_events:
             prune_steps[event.seen_tokens - 1 - first_seen] = 1.0
-        estimated = self.tpot_model.predict(trace.cache_length, prune_steps) if self.latency == "estimated" else None
-        tpot_ms = float(np.mean(estimated)) if estimated is not None else float(np.median(trace.step_ms))
-
+        if self.latency == "estimated":
+            tpot_ms = float(np.mean(self.tpot_model.predict(prune_steps, trace.cache_length)))
+        else:
+            tpot_ms = float(np.median(trace.step_ms))
         mean_nll = float(trace.nll.mean())
         score = float(np.clip(1.0 - mean_nll / math.log(self.vocab_size), 0.0, 1.0))
-        reward, violated = compute_reward(score, tpot_ms, self._budget_ms, self.reward_config)
-        self._episode_nll.extend(trace.nll.tolist())
-        self._last_nll, self._last_tpot = trace.nll, tpot_ms
-        terminated = self._streamer.remaining == 0
+        reward, tpot_violated = compute_reward(score, tpot_ms, budget_ms, self.reward_config)
+        peak = int(trace.cache_length.max())
+        kv_violated = False
+        if cap_tokens is not None:
+            penalty, kv_violated = compute_reward(0.0, peak / cap_tokens, 1.0, self.reward_config)
+            reward += penalty
         # Wall-clock figures appear in info only in measured mode, so estimated mode stays deterministic.
         info = {
             "policy": str(policy), "knobs": policy.knobs(), "nll": trace.nll.copy(), "mean_nll": mean_nll,
-            "score": score, "tpot_ms": tpot_ms, "latency_mode": self.latency, "budget_ms": self._budget_ms, "violated": violated,
-            "cache_length": trace.cache_length.copy(),
+            "score": score, "tpot_ms": tpot_ms, "latency_mode": self.latency, "budget_ms": budget_ms,
+            "violated": bool(tpot_violated or kv_violated), "tpot_violated": tpot_violated,
+            "kv_violated": kv_violated, "kv_cap_tokens": cap_tokens, "peak_kv_tokens": peak,
+            "peak_kv_bytes": peak * self.bytes_per_token, "cache_length": trace.cache_length.copy(),
             "prune_events": [dataclasses.asdict(e) for e in trace.prune_events],
         }
         if self.latency == "measured":
             info["step_ms"] = trace.step_ms.copy()
-        return self._observation(), reward, terminated, False, info
+        return float(reward), info, trace
 
     def _observation(self) -> np.ndarray:
         cache = self._streamer.cache
@@ -197,28 +488,35 @@ class StreamingKVEnv(gym.Env):
         episode = float(np.mean(self._episode_nll)) if self._episode_nll else 0.0
         progress = self._streamer.cursor / self.episode_tokens
         nll_stats = np.clip([nll.mean(), nll.max(), nll.std(), episode], 0.0, MAX_OBSERVED_NLL)
-        return np.array([*nll_stats, cache.cache_length, cache.tokens_since_prune, self._budget_ms,
-                         min(self._last_tpot / self._budget_ms, MAX_TPOT_OVER_BUDGET), progress], dtype=np.float32)
+        cap = min(self._cap_tokens or 0, self.episode_tokens + 1)
+        values = np.array([*nll_stats, cache.cache_length, cache.tokens_since_prune, self._budget_ms,
+                           self._last_tpot / self._budget_ms, progress, cap], dtype=np.float32)
+        return np.clip(values, self.observation_space.low, self.observation_space.high)
 
 
+# --- env ids ------------------------------------------------------------------------------------
 def kv_env_id(policy_class: type[KVPolicy]) -> str:
     """The env id generated for a policy class: ``KV-<PolicyName>-v0``."""
     return f"KV-{policy_class.policy_name()}-v0"
 
 
-def _register_policy_env(policy_class: type[KVPolicy]) -> str:
-    fields = ", ".join(f.name for f in dataclasses.fields(policy_class))
-    return register_env(kv_env_id(policy_class), StreamingKVEnv, policy=policy_class.policy_name(),
-                        description=f"stream a document choosing {policy_class.policy_name()} knobs ({fields}) per chunk")
+def register_kv_env(policy_class: type[KVPolicy], knob_grid: dict | None = None) -> str:
+    """Register ``KV-<PolicyName>-v0`` for one policy class (idempotent), with an optional action grid."""
+    grid = kv_action_grid(policy_class, knob_grid)  # checked now, not at the first gym.make
+    kwargs = {"policy": policy_class.policy_name()}
+    if knob_grid is not None:
+        kwargs["knob_grid"] = grid
+    return register_env(kv_env_id(policy_class), StreamingKVEnv,
+                        description=f"stream a document choosing {policy_class.policy_name()} knobs "
+                                    f"({', '.join(grid)}) per chunk", **kwargs)
 
 
 def register_kv_envs() -> list[str]:
-    """Register ``StreamingKV-v0`` and ``KV-<Policy>-v0`` for every registered policy (idempotent).
+    """Register ``StreamingKV-v0`` and ``KV-<Policy>-v0`` for every registered policy but FullCache (idempotent).
 
-    Policies registered later get their env id at registration time.
+    Explicit: a policy registered after ``import envs`` gets its env id when this is called again.
     """
     ids = [register_env(STREAMING_KV_ID, StreamingKVEnv, policy="SinkWindow",
                         description="StreamingLLM sinks + window with lazy pruning, knobs chosen per chunk")]
-    ids += [_register_policy_env(cls) for cls in registered_kv_policies().values()]
-    on_kv_policy_registered(_register_policy_env)
+    ids += [register_kv_env(cls) for cls in registered_kv_policies().values() if cls is not FullCache]
     return ids

@@ -91,14 +91,18 @@ def test_grpo_config_uses_trl_names_and_validates():
 
 def _synthetic_rollout(agent: GRPOAgent, groups: int = 4, seed: int = 0) -> Rollout:
     gen = torch.Generator().manual_seed(seed)
-    G = agent.config.num_generations
-    obs = torch.randn(groups * G, len(agent.stage_heads), agent.obs_dim, generator=gen)
-    actions = torch.stack([torch.randint(n, (groups * G,), generator=gen) for n in agent.nvec], dim=1)
+    G, S = agent.config.num_generations, len(agent.stage_heads)
+    obs = torch.randn(groups * G, S, agent.obs_dim, generator=gen)
+    features = torch.randn(groups * G, S, agent.max_options, 2, generator=gen)
+    options = torch.stack([torch.randint(len(o), (groups * G,), generator=gen) for o in agent.stage_options], dim=1)
+    actions = torch.zeros(groups * G, len(agent.nvec), dtype=torch.long)
+    for s, heads in enumerate(agent.stage_heads):
+        actions[:, heads] = torch.as_tensor(agent.stage_options[s])[options[:, s]]
     rewards = torch.rand(groups, G, generator=gen).numpy()
     with torch.no_grad():
-        old_logp = agent.trajectory_log_prob(agent.policy, obs, actions)
+        old_logp = agent.trajectory_log_prob(agent.policy, obs, features, options)
     adv = torch.as_tensor(group_advantages(rewards).reshape(-1), dtype=torch.float32)
-    return Rollout(obs, actions, old_logp, adv, rewards, [], G)
+    return Rollout(obs, features, options, actions, old_logp, adv, rewards, [], G)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.04])
@@ -114,17 +118,30 @@ def test_grpo_update_decreases_the_loss_on_a_fixed_batch(beta):
     assert stats["kl"] > 0 and np.isfinite(stats["entropy"]) and agent.step == 1
 
 
-def test_trajectory_log_prob_reads_each_head_at_its_stage():
-    """Stage-2 heads never see the stage-1 observation and vice versa (the masking of unused heads)."""
+def test_each_stage_is_one_categorical_over_the_joint_options_of_its_heads():
+    agent = GRPOAgent(obs_dim=6, nvec=[3, 5, 5], stage_heads=[[0], [1, 2]], config=GRPOConfig(num_generations=2))
+    assert [len(o) for o in agent.stage_options] == [3, 25] and agent.max_options == 25
+    # option index <-> head values round trip (row-major over the stage's heads)
+    rows = np.array([[2, 0, 0], [1, 4, 3], [0, 2, 1]])
+    np.testing.assert_array_equal(agent.option_index(1, rows), [0, 23, 11])
+    np.testing.assert_array_equal(agent.stage_options[1][agent.option_index(1, rows)], rows[:, 1:])
+
+
+def test_trajectory_log_prob_reads_each_stage_at_its_own_observation_and_features():
+    """Stage-2 options never see the stage-1 observation and vice versa; latency features move logits."""
     agent = GRPOAgent(obs_dim=6, nvec=[3, 5, 5], stage_heads=[[0], [1, 2]], config=GRPOConfig(num_generations=2))
     rollout = _synthetic_rollout(agent, groups=2)
-    heads = agent._stage_log_probs(agent.policy, rollout.obs)
+    stages = agent.stage_log_probs(agent.policy, rollout.obs, rollout.features)
     changed_stage2 = rollout.obs.clone()
     changed_stage2[:, 1] += 5.0
-    heads2 = agent._stage_log_probs(agent.policy, changed_stage2)
-    assert torch.equal(heads[0], heads2[0]) and not torch.equal(heads[1], heads2[1])
-    total = agent.trajectory_log_prob(agent.policy, rollout.obs, rollout.actions)
-    by_hand = sum(heads[h].gather(1, rollout.actions[:, h:h + 1]).squeeze(1) for h in range(3))
+    stages2 = agent.stage_log_probs(agent.policy, changed_stage2, rollout.features)
+    assert torch.equal(stages[0], stages2[0]) and not torch.equal(stages[1], stages2[1])
+    changed_features = rollout.features.clone()
+    changed_features[:, 0] += 1.0
+    stages3 = agent.stage_log_probs(agent.policy, rollout.obs, changed_features)
+    assert not torch.equal(stages[0], stages3[0]) and torch.equal(stages[1], stages3[1])
+    total = agent.trajectory_log_prob(agent.policy, rollout.obs, rollout.features, rollout.options)
+    by_hand = sum(stages[s].gather(1, rollout.options[:, s:s + 1]).squeeze(1) for s in range(2))
     torch.testing.assert_close(total, by_hand)
 
 
@@ -143,6 +160,10 @@ def test_grpo_collects_two_stage_groups_on_multiknob(multiknob):
             expected = multiknob.unwrapped.stage_observation(sample_id, budget_ms, "train", 1, [tier])
             np.testing.assert_array_equal(rollout.obs[i, 1].numpy(), expected)
             assert rollout.infos[i]["knobs"]["tier"] == multiknob.unwrapped.space.tier_names[tier]
+            # the stage-2 options' latency features are this input's estimates for that tier
+            expected_features = agent.latency_features(layout, sample_id, budget_ms, "train", 1,
+                                                       rollout.actions[i].numpy())
+            np.testing.assert_array_equal(rollout.features[i, 1].numpy(), expected_features)
     rollout2, stats = agent.train_step(layout, layout.env.budget)
     assert agent.step == 1 and {"loss", "kl", "entropy", "clip_fraction", "samples_per_second"} <= set(stats)
 
@@ -153,7 +174,8 @@ def test_grpo_checkpoint_round_trip_restores_policy_and_rngs(multiknob, tmp_path
     agent.save(tmp_path / "grpo.safetensors", multiknob)
     loaded = agents.load_agent("grpo", tmp_path / "grpo.safetensors", multiknob)
     obs = multiknob.unwrapped.stage_observation(0, 80.0, "test", 0)
-    np.testing.assert_array_equal(agent.act(obs), loaded.act(obs))
+    context = EpisodeContext(multiknob.unwrapped, 0, 80.0, "test", 0)
+    np.testing.assert_array_equal(agent.act(obs, context), loaded.act(obs, context))
     assert loaded.step == agent.step == 1
     assert loaded.rng.integers(1 << 30) == agent.rng.integers(1 << 30)
 

@@ -88,10 +88,11 @@ def test_numpy_pair_is_a_range():
     assert Budget.parse(np.array([60.0, 200.0])) == Budget(60.0, 200.0)
 
 
-def test_training_range_jitters_a_fixed_budget_and_keeps_a_range():
+def test_training_range_jitters_a_fixed_budget_and_widens_a_range():
     assert Budget.parse("100ms").training_range(0.2) == Budget(80.0, 120.0)
     assert Budget.parse("100ms").training_range(0.0) == Budget(100.0, 100.0)
-    assert Budget.parse("[60ms,200ms]").training_range(0.2) == Budget(60.0, 200.0)
+    assert Budget.parse("[60ms,200ms]").training_range(0.2) == Budget(48.0, 240.0)
+    assert Budget.parse("[60ms,200ms]").training_range(0.0) == Budget(60.0, 200.0)
     with pytest.raises(ValueError, match="budget_jitter=1.5"):
         Budget.parse("100ms").training_range(1.5)
     rng = np.random.default_rng(0)

@@ -171,6 +171,8 @@ def test_unreachable_budget_warns_once_with_the_achievable_range(make, budgets):
     lo, hi = env.achievable_range_ms
     assert f"{lo:.1f}ms..{hi:.1f}ms" in str(record[0].message)
     assert f"budget={env.suggested_budget_ms:.0f}ms" in str(record[0].message)
+    low, high = env.suggested_budget_range_ms
+    assert f"budget=[{low:.0f}ms,{high:.0f}ms]" in str(record[0].message)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make(budget=budgets["never_binds"])  # once per backend and budget
@@ -188,6 +190,8 @@ def test_suggested_budget_binds_the_full_configuration_and_fits_the_cheapest(mak
     assert np.mean(cheapest <= budget) >= 0.5
     if np.percentile(cheapest, 95) < np.median(full):  # the usual case: a gap between the two
         assert np.mean(cheapest <= budget) >= 0.9
+    low, high = env.suggested_budget_range_ms  # the range for a budget-conditioned controller
+    assert lo <= low < budget < high <= hi and budget == pytest.approx(0.5 * (low + high))
 
 
 def test_nonfinite_logits_score_zero_and_are_flagged(make, tiny_backend, budgets):

@@ -76,7 +76,7 @@ class PolicyCacheLayer(DynamicLayer):
         self.seen_tokens += n_new
         policy = self._owner.policy
         if policy.should_prune(keys.shape[-2]):
-            keep = policy.select(positions, keys)
+            keep = policy.keep_indices(positions, keys, values)
             if self.layer_idx == 0:
                 self._owner.record_prune(PruneEvent(self.seen_tokens, keys.shape[-2], len(keep)))
             self.keys, self.values = keys[:, :, keep], values[:, :, keep]
@@ -162,6 +162,18 @@ class KVPolicyCache(Cache):
         super().reset()
         self.prune_events = []
 
+    def fork(self) -> "KVPolicyCache":
+        """An independent copy of this cache's state (same policy, same kept tokens and prune history).
+
+        Cheap: stored tensors are shared, which is safe because a layer never changes a stored tensor
+        in place (:meth:`PolicyCacheLayer.update` builds new ones), so the copies evolve apart.
+        """
+        copy = KVPolicyCache(self.policy, len(self.layers))
+        for mine, theirs in zip(copy.layers, self.layers):
+            mine.__dict__.update({k: v for k, v in theirs.__dict__.items() if k not in ("_owner", "layer_idx")})
+        copy.prune_events = list(self.prune_events)
+        return copy
+
 
 def num_decoder_layers(model) -> int:
     """Decoder layers of a loaded causal LM (from its text config)."""
@@ -192,3 +204,19 @@ def apply_kv_policy(model, policy: KVPolicy) -> Iterator[KVPolicyCache]:
     finally:
         cache.reset()
         model.train(was_training)
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes one cached token takes in every layer together: keys and values of all KV heads.
+
+    ``2 * layers * kv_heads * head_dim * bytes per element`` (of the model's parameter dtype).
+    """
+    config = model.config.get_text_config(decoder=True)
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    if not (isinstance(kv_heads, int) and isinstance(head_dim, int) and kv_heads > 0 and head_dim > 0):
+        raise ValueError(f"{type(model).__name__} config has no usable attention heads / head_dim; accepted: a "
+                         "decoder-only causal LM")
+    element = next(model.parameters()).element_size()
+    return 2 * num_decoder_layers(model) * kv_heads * head_dim * element

@@ -3,18 +3,47 @@
 Each step feeds one token, scores the next one, and times the forward: the per-token NLL and the
 per-token time (TPOT) are what the diagnostics and the StreamingKV env report. Greedy generation
 under a policy is here too (used to check policies against the full cache).
+
+Threads: one-token forwards of a small model are dozens of tiny ops, each too small to gain from
+intra-op parallelism; with more than one torch thread every op waits for all its threads to be
+scheduled, which on a CPU shared with other jobs costs milliseconds per op (see BENCHMARKS.md).
+:class:`DocumentStreamer` therefore runs its forwards under :func:`intra_op_threads` (one thread
+by default) and restores the process setting afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from backends.kv.cache import KVPolicyCache, PruneEvent, num_decoder_layers
 from backends.kv.policies import FullCache, KVPolicy
+
+
+def check_threads(threads: int | None) -> int | None:
+    """``threads`` if it is ``None`` or an integer >= 1; a ``ValueError`` naming it otherwise."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads={threads!r} is invalid; accepted: None or an integer >= 1")
+    return threads
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)``, then restore (``None``: leave as is)."""
+    if check_threads(threads) is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -45,16 +74,27 @@ class DocumentStreamer:
         model: a loaded causal LM (``model(input_ids, past_key_values=..., use_cache=True)``).
         token_ids: the document, 1-D sequence of token ids (at least 2).
         policy: initial policy (default :class:`FullCache`).
+        threads: torch intra-op threads during forwards (default 1, see the module docstring;
+            ``None`` keeps the process setting, e.g. for a large model on many cores).
     """
 
-    def __init__(self, model, token_ids, policy: KVPolicy | None = None):
+    def __init__(self, model, token_ids, policy: KVPolicy | None = None, threads: int | None = 1):
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         if len(ids) < 2:
             raise ValueError(f"a document needs at least 2 tokens to score one; got {len(ids)}")
         self.model = model
+        self.threads = check_threads(threads)
         self.token_ids = ids.to(model.device)
         self.cache = KVPolicyCache(policy or FullCache(), num_decoder_layers(model))
         self.cursor = 0  # index of the next token to feed
+
+    def fork(self) -> "DocumentStreamer":
+        """An independent streamer at the same point of the same document (see :meth:`KVPolicyCache.fork`):
+        evaluate several knob choices for the next chunk from one shared prefix."""
+        copy = DocumentStreamer.__new__(DocumentStreamer)
+        copy.model, copy.threads, copy.token_ids, copy.cursor = self.model, self.threads, self.token_ids, self.cursor
+        copy.cache = self.cache.fork()
+        return copy
 
     @property
     def remaining(self) -> int:
@@ -71,6 +111,11 @@ class DocumentStreamer:
         steps = min(num_tokens, self.remaining)
         nll, step_ms, lengths = np.zeros(steps), np.zeros(steps), np.zeros(steps, dtype=np.int64)
         first_event = len(self.cache.prune_events)
+        with intra_op_threads(self.threads):
+            self._feed(steps, nll, step_ms, lengths)
+        return ChunkTrace(nll, step_ms, lengths, list(self.cache.prune_events[first_event:]))
+
+    def _feed(self, steps: int, nll: np.ndarray, step_ms: np.ndarray, lengths: np.ndarray) -> None:
         for i in range(steps):
             token = self.token_ids[self.cursor:self.cursor + 1][None]
             lengths[i] = self.cache.cache_length + 1
@@ -80,7 +125,6 @@ class DocumentStreamer:
             target = self.token_ids[self.cursor + 1]
             nll[i] = float(torch.logsumexp(logits.float(), -1) - logits[target].float())
             self.cursor += 1
-        return ChunkTrace(nll, step_ms, lengths, list(self.cache.prune_events[first_event:]))
 
 
 @torch.inference_mode()

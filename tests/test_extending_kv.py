@@ -1,0 +1,71 @@
+"""README "Extending knobgym / A new KV policy": a policy defined in one file gets a working env via gym.make."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import envs
+from backends.kv import KVPolicy, register_kv_policy
+from envs.kv_conf import kv_env_ids, write_kv_env_confs
+
+
+# --- the README example, verbatim: one small class that overrides score() ---------------------
+@register_kv_policy
+@dataclass(frozen=True)
+class ValueNormWindow(KVPolicy):
+    """Keep the ``n_recent`` newest tokens plus the older tokens with the largest value norms."""
+
+    n_recent: int = 8
+
+    def score(self, positions, keys, values):
+        scores = values.float().norm(dim=-1).mean(dim=(0, 1))
+        scores[-self.n_recent:] = float("inf")  # the newest tokens always stay
+        return scores
+
+
+def test_a_policy_defined_here_runs_an_episode_through_gym_make():
+    ids = envs.register_kv_envs()  # explicit: the registry loop now includes ValueNormWindow
+    assert "KV-ValueNormWindow-v0" in ids
+    env = gym.make("KV-ValueNormWindow-v0", budget="11ms+100tok", episode_tokens=64, chunk_tokens=16,
+                   tpot_model={"base_ms": 10.0, "per_slot_ms": 0.01, "per_prune_ms": 1.0})
+    # The grid comes from the env: window and compress_every by default, n_recent fixed at its default.
+    assert env.unwrapped.knob_grid == {"window": (32, 64, 128, 256), "compress_every": (1, 8, 32, 64),
+                                       "n_recent": (8,)}
+    obs, first = env.reset(seed=0, options={"sample_id": 0})
+    steps, done = 0, False
+    while not done:
+        obs, reward, done, truncated, info = env.step(np.array([0, 0, 0]))  # window=32, compress_every=1
+        steps += 1
+        assert np.isfinite(reward) and env.observation_space.contains(obs) and not truncated
+        assert info["knobs"] == {"window": 32, "compress_every": 1, "n_recent": 8}
+    assert steps == first["episode_steps"] == 4 and max(info["cache_length"]) == 33
+
+
+def test_value_norm_window_keeps_recent_and_largest_values():
+    values = torch.ones(1, 1, 10, 2)
+    values[0, 0, [2, 4]] = 5.0
+    assert ValueNormWindow(2, window=4).keep_indices(torch.arange(10), values, values).tolist() == [2, 4, 8, 9]
+
+
+def test_generated_conf_env_entries_make_working_envs(tmp_path):
+    """``python -m envs.kv_conf`` writes one entry per KV env id, in the format the CLI reads.
+
+    Not committed to conf/env yet: train.py's EnvLayout cannot train a KV env until the agents
+    refactor lands (with the entries, ``train.py env=StreamingKV-v0`` would pass the override check
+    and then fail inside the CLI).
+    """
+    import yaml
+
+    shipped = ["StreamingKV-v0", "KV-SinkWindow-v0", "KV-KeyNormWindow-v0"]  # ids of the policies in backends/kv
+    paths = {path.stem: path for path in write_kv_env_confs(tmp_path)}
+    assert set(shipped) <= set(paths) == set(kv_env_ids())
+    for env_id in shipped:
+        conf = yaml.safe_load(paths[env_id].read_text())
+        assert conf["id"] == env_id and set(conf) == {"id", "kwargs"}
+        env = gym.make(env_id, budget="11ms", tpot_model={"base_ms": 10.0, "per_slot_ms": 0.01, "per_prune_ms": 1.0},
+                       **conf["kwargs"]).unwrapped
+        assert env.chunk_tokens == conf["kwargs"]["chunk_tokens"] and env.episode_steps == 16
