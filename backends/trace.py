@@ -6,7 +6,10 @@ revision and device. Recording is resumable: rows are committed sample by sample
 restarted recording skips what is already there.
 
 ``TraceBackend`` serves envs from such a file with the same observations, rewards and infos as
-the live backend for every recorded pair; an unrecorded pair is a clear error.
+the live backend for every recorded pair; an unrecorded pair is a clear error. It implements the
+whole :class:`~backends.base.Backend` protocol. Every row is validated when the trace is opened:
+a NULL, NaN or infinite number (score, latency, token count, stage-1 summary) is a
+:class:`TraceError` naming the file, the table and the row, never a NaN reward later.
 ``TraceTable`` is the vectorised replay: rewards for many (sample, configuration, budget) rows
 at once with numpy, for fast agent sweeps.
 """
@@ -14,6 +17,7 @@ at once with numpy, for fast agent sweeps.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import time
@@ -24,8 +28,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from backends.base import SPLITS, Sample, check_split
+from backends.io import atomic_write_bytes
 from backends.knobs import KnobConfig, KnobSpace
 from backends.outcome import Outcome, Stage1State, TokenCounts, expected_token_counts
+from backends.progress import progress as progress_bar
 
 TRACE_FORMAT_VERSION = 1
 _SCHEMA = """
@@ -91,20 +97,19 @@ def record_trace(backend, path: str | os.PathLike, split: str = "test", sample_i
     estimator of this backend on the recording device) travels inside the trace, so a replay on
     another machine charges the recording device's latencies.
     """
-    from tqdm import tqdm
-
     check_split(split)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     space = backend.knob_space
     configs = [space.resolve(k) for k in (configs or trace_grid(space))]
     conn = _connect(path)
+    by_type = backend.expected_new_tokens_by_type
     meta = {
         "format_version": TRACE_FORMAT_VERSION, "identity": backend.identity(), "knob_space": space.as_dict(),
         "question_types": list(backend.question_types), "summary_dim": int(backend.summary_dim),
-        "expected_new_tokens": int(backend.expected_new_tokens),
-        "expected_new_tokens_by_type": {str(t): int(n) for t, n in
-                                        getattr(backend, "expected_new_tokens_by_type", {}).items() if t is not None},
+        "expected_new_tokens": int(by_type[None]),
+        "expected_new_tokens_by_type": {str(t): int(n) for t, n in by_type.items() if t is not None},
+        "cost_params": {k: float(v) for k, v in backend.cost_params().items()},
         "configs": [k.as_dict() for k in configs],
     }
     existing = _meta(conn)
@@ -127,31 +132,95 @@ def record_trace(backend, path: str | os.PathLike, split: str = "test", sample_i
             _put_sample(conn, backend, s)
     done = {(sid, cid) for sid, cid in conn.execute("SELECT sample_id, config_id FROM outcomes WHERE split=?",
                                                      (split,))}
-    bar = tqdm(ids, desc=f"record {split}", disable=not progress, unit="sample")
-    for sid in bar:
-        todo = [(cid, k) for cid, k in enumerate(configs) if (sid, cid) not in done]
-        if not todo:
-            continue
-        sample = backend.sample(split, sid)
-        states: dict[tuple, Stage1State] = {}
-        rows = []
-        for cid, k in todo:
-            key = (k.tier, k.token_budget)
-            if key not in states:
-                states[key] = backend.run_stage1(sample, k.tier, k.token_budget)
-            o = backend.run_stage2(states[key], k)
-            rows.append((split, sid, cid, o.answer, o.score, o.new_tokens, o.measured_ms, int(o.empty_output),
-                         int(o.nonfinite_logits)))
-        with conn:  # one transaction per sample: a killed recording loses at most this sample
-            _put_sample(conn, backend, sample)
-            for (tier, budget), st in states.items():
-                c = st.token_counts
-                conn.execute("INSERT OR REPLACE INTO stage1 VALUES (?,?,?,?,?,?,?,?)",
-                             (split, sid, tier, budget, np.asarray(st.summary, np.float32).tobytes(),
-                              c.vision_tokens, c.vision_tokens_full, st.measured_ms))
-            conn.executemany("INSERT OR REPLACE INTO outcomes VALUES (?,?,?,?,?,?,?,?,?)", rows)
+    with progress_bar(len(ids), f"record {split}", unit="sample", enabled=progress) as bar:
+        for sid in ids:
+            _record_sample(conn, backend, path, split, sid, configs, done)
+            bar.update()
     conn.close()
     return path
+
+
+def _record_sample(conn, backend, path: Path, split: str, sid: int, configs: Sequence[KnobConfig], done: set) -> None:
+    """Run and store the configurations of sample ``sid`` not yet in the trace (one transaction).
+
+    Rows are validated before they are written (:func:`check_outcome_row`, :func:`check_stage1_row`):
+    a backend returning a non-finite score or latency stops the recording with a :class:`TraceError`.
+    """
+    todo = [(cid, k) for cid, k in enumerate(configs) if (sid, cid) not in done]
+    if not todo:
+        return
+    sample = backend.sample(split, sid)
+    states: dict[tuple, Stage1State] = {}
+    rows = []
+    for cid, k in todo:
+        key = (k.tier, k.token_budget)
+        if key not in states:
+            states[key] = backend.run_stage1(sample, k.tier, k.token_budget)
+        o = backend.run_stage2(states[key], k)
+        rows.append(check_outcome_row(path, (split, sid, cid, o.answer, o.score, o.new_tokens, o.measured_ms,
+                                             int(o.empty_output), int(o.nonfinite_logits))))
+    stage1_rows = []
+    for (tier, budget), st in states.items():
+        c = st.token_counts
+        stage1_rows.append(check_stage1_row(path, (split, sid, tier, budget, np.asarray(st.summary, np.float32).tobytes(),
+                                                   c.vision_tokens, c.vision_tokens_full, st.measured_ms)))
+    with conn:  # one transaction per sample: a killed recording loses at most this sample
+        _put_sample(conn, backend, sample)
+        conn.executemany("INSERT OR REPLACE INTO stage1 VALUES (?,?,?,?,?,?,?,?)", stage1_rows)
+        conn.executemany("INSERT OR REPLACE INTO outcomes VALUES (?,?,?,?,?,?,?,?,?)", rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# row validation (on write and on read)
+# ------------------------------------------------------------------------------------------------
+def _finite_number(value: Any) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+            and math.isfinite(float(value)))
+
+
+def _bad_row(path: Path, table: str, key: tuple, column: str, value: Any, accepted: str,
+             shown: str | None = None) -> TraceError:
+    split, sid = key[0], key[1]
+    rest = f", config_id={key[2]}" if table == "outcomes" else f", tier={key[2]!r}, token_budget={key[3]!r}"
+    what = shown or ("NULL" if value is None else repr(value))
+    return TraceError(f"trace file {str(path)!r}: {table} row (split={split!r}, sample_id={sid}{rest}) has "
+                      f"{column}={what}; accepted: {accepted}. Record this sample again (delete its rows) or use "
+                      f"the live backend")
+
+
+def check_outcome_row(path: Path, row: tuple) -> tuple:
+    """An ``outcomes`` row if its numbers are finite (score, measured_ms) and its counts are
+    integers >= 0; :class:`TraceError` naming the row otherwise."""
+    key = row[:3]
+    _, _, _, answer, score, new_tokens, measured_ms, empty, nonfinite = row
+    for column, value in (("score", score), ("measured_ms", measured_ms)):
+        if not _finite_number(value):
+            raise _bad_row(path, "outcomes", key, column, value, "a finite number")
+    if not isinstance(new_tokens, (int, np.integer)) or isinstance(new_tokens, bool) or new_tokens < 0:
+        raise _bad_row(path, "outcomes", key, "new_tokens", new_tokens, "an integer >= 0")
+    if answer is None:
+        raise _bad_row(path, "outcomes", key, "answer", answer, "a string")
+    return row
+
+
+def check_stage1_row(path: Path, row: tuple) -> tuple:
+    """A ``stage1`` row if its summary and stage-1 time are finite and its token counts integers
+    >= 0; :class:`TraceError` naming the row otherwise."""
+    key = row[:4]
+    _, _, _, _, summary, vision_tokens, vision_tokens_full, stage1_ms = row
+    if not _finite_number(stage1_ms):
+        raise _bad_row(path, "stage1", key, "stage1_ms", stage1_ms, "a finite number")
+    for column, value in (("vision_tokens", vision_tokens), ("vision_tokens_full", vision_tokens_full)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise _bad_row(path, "stage1", key, column, value, "an integer >= 0")
+    if not isinstance(summary, (bytes, bytearray, memoryview)) or len(summary) % 4:
+        raise _bad_row(path, "stage1", key, "summary", summary, "float32 bytes",
+                       shown=None if summary is None else f"<{type(summary).__name__}>")
+    values = np.frombuffer(bytes(summary), np.float32)
+    if not np.isfinite(values).all():
+        raise _bad_row(path, "stage1", key, "summary", values, "finite float32 values",
+                       shown=f"<{int((~np.isfinite(values)).sum())} non-finite values>")
+    return row
 
 
 @dataclass
@@ -192,9 +261,11 @@ class TraceBackend:
                 self._prompt_tokens[(split, sid)] = pt
             self._by_id = {(s.split, s.sample_id): s for items in self._samples.values() for s in items}
             self._stage1 = {(split, sid, tier, tb): _Stage1Row(np.frombuffer(blob, np.float32).copy(), vt, vtf, ms)
-                            for split, sid, tier, tb, blob, vt, vtf, ms in conn.execute("SELECT * FROM stage1")}
-            self._outcomes = {(split, sid, cid): row[3:] for row in conn.execute("SELECT * FROM outcomes")
-                              for split, sid, cid in [row[:3]]}
+                            for split, sid, tier, tb, blob, vt, vtf, ms in (
+                                check_stage1_row(self.path, row) for row in conn.execute("SELECT * FROM stage1"))}
+            self._outcomes = {row[:3]: row[3:] for row in (
+                check_outcome_row(self.path, row) for row in conn.execute("SELECT * FROM outcomes"))}
+            self._cost_params = {k: float(v) for k, v in self.meta.get("cost_params", {}).items()}
             blob = conn.execute("SELECT data FROM blobs WHERE name='estimator'").fetchone()
             self._estimator_bytes = None if blob is None else bytes(blob[0])
         except (sqlite3.DatabaseError, KeyError, json.JSONDecodeError) as exc:
@@ -202,24 +273,27 @@ class TraceBackend:
         finally:
             conn.close()
 
-    device = "cpu"  # replay runs no model; the recording device is in identity()
+    @property
+    def device(self):
+        """``torch.device('cpu')``: replay runs no model (the recording device is in ``identity()``)."""
+        import torch
 
-    def recorded_estimator_file(self) -> Path | None:
+        return torch.device("cpu")
+
+    def cost_params(self) -> dict[str, float]:
+        """The recorded backend's cost parameters (``{}`` for traces recorded before they were stored)."""
+        return dict(self._cost_params)
+
+    def recorded_estimator_file(self) -> str | None:
         """The latency estimator recorded with the trace, written next to it (``None`` if none)."""
         if self._estimator_bytes is None:
             return None
         target = self.path.with_suffix(self.path.suffix + ".estimator")
         if not target.exists() or target.read_bytes() != self._estimator_bytes:
-            tmp = target.with_suffix(target.suffix + f".tmp{os.getpid()}")
-            tmp.write_bytes(self._estimator_bytes)
-            os.replace(tmp, target)
-        return target
+            atomic_write_bytes(target, self._estimator_bytes)
+        return str(target)
 
     # ----------------------------------------------------------------- Backend surface
-    def cost_params(self) -> dict[str, float]:
-        """The recorded backend's architecture sizes when the trace stored them, else none."""
-        return dict(self.meta.get("cost_params", {}))
-
     def identity(self) -> dict[str, Any]:
         """The recorded backend's identity (so its cached latency estimator is found)."""
         return dict(self.meta["identity"])

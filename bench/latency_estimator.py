@@ -5,7 +5,8 @@
 
 Prints the median of repeated timings of ``estimator.predict`` on 10,000 random (configuration,
 token counts) rows (target: under 50 ms on CPU), the split between feature building and the
-regressor, and the held-out accuracy table of the profile the estimator came from.
+regressor, the profile's repeat noise, and the held-out accuracy table of the profile the
+estimator came from (the starred method is the one the stated selection rule chose).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.knobs import KnobConfig  # noqa: E402
 from backends.outcome import TokenCounts  # noqa: E402
-from latency_model import fit_estimator, get_estimator, held_out_report, read_profile  # noqa: E402
+from latency_model import cache_entry, fit_estimator, held_out_report, read_profile  # noqa: E402
 
 TARGET_MS = 50.0
 
@@ -77,8 +78,10 @@ def main() -> None:
             torch.set_num_threads(args.threads)
         from backends.registry import load_backend
 
-        estimator = get_estimator(load_backend(args.backend), args.cache_dir)
-        profile = read_profile(estimator.info["profile"])
+        estimator, profile = cache_entry(load_backend(args.backend), args.cache_dir)
+        if profile is None:
+            raise SystemExit("error: the cached estimator has no profile beside it; run `python -m latency_model "
+                             "profile backend=... force=true`")
 
     configs, counts = random_rows(estimator, profile, args.rows, seed=0)
     count_array = np.array([[c.prompt_tokens, c.vision_tokens_full, c.vision_tokens, c.new_tokens] for c in counts])
@@ -87,8 +90,9 @@ def main() -> None:
     arrays, arrays_cpu = median_ms(lambda: estimator.predict(configs, count_array), args.repeats)
     build, build_cpu = median_ms(lambda: estimator.features.compute(configs, counts), args.repeats)
     regress, regress_cpu = median_ms(lambda: estimator.total.predict(features), args.repeats)
-    print(f"estimator: {estimator.method}, fitted on {estimator.info.get('rows')} rows "
-          f"({estimator.fingerprint.get('cpu')}, {estimator.fingerprint.get('torch_threads')} torch threads)")
+    print(f"estimator: {estimator.method}, fitted on {estimator.profile_rows} rows "
+          f"({estimator.fingerprint.get('cpu')}, {estimator.fingerprint.get('torch_threads')} torch threads); "
+          f"{estimator.noise.describe() if estimator.noise else 'noise not recorded'}")
     print(f"medians of {args.repeats} calls, wall / process CPU time, {args.rows} configurations per call:")
     print(f"  predict (TokenCounts objects): {whole:.2f} / {whole_cpu:.2f} ms = {1000 * whole / args.rows:.2f} us/row;"
           f" {whole / TARGET_MS:.2f}x of the {TARGET_MS:.0f} ms target (wall)")
@@ -96,7 +100,7 @@ def main() -> None:
     print(f"  feature building:              {build:.2f} / {build_cpu:.2f} ms")
     print(f"  regressor:                     {regress:.2f} / {regress_cpu:.2f} ms")
     print()
-    print(held_out_report(profile).format(estimator.method))
+    print(held_out_report(profile).format())
 
 
 if __name__ == "__main__":

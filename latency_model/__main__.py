@@ -1,21 +1,39 @@
-"""``python -m latency_model profile|fit|report backend=tiny [key=value ...]``.
+"""usage: python -m latency_model {profile,fit,report} [key=value ...]
+       python -m latency_model --help
 
-Commands:
-    profile   time the backend on this device and write the profile CSV (``csv=`` or the cache).
-    fit       fit the estimator on the profile (profiling first if there is none) and save it
-              (``out=`` or the cache entry ``get_estimator`` reads).
-    report    held-out accuracy of every method on the profile, FLOPs-only baseline beside the
-              estimator (``json=`` also writes it as JSON).
+Profile a backend's latency on this device, fit the latency estimator envs use, and report its
+held-out accuracy. Estimators are cached per (checkpoint content, device) under
+$KNOBGYM_CACHE/latency (default ~/.cache/knobgym/latency) and reused by train.py / evaluate.py.
 
-Overrides (``key=value``, as in ``train.py``):
-    backend=NAME              backend name (default ``tiny``); ``backend.KEY=VALUE`` passes options to it.
-    cache_dir=PATH            estimator cache (default ``$KNOBGYM_CACHE/latency`` or ``~/.cache/knobgym/latency``).
-    csv=PATH                  profile CSV to write (profile) or read (fit, report; then no backend is loaded).
-    out=PATH                  estimator file written by ``fit``.
-    method=NAME               estimator method for ``fit`` (default ``analytic_gbt``).
-    threads=N                 torch CPU threads while profiling (recorded in the device fingerprint).
-    force=true                re-profile / re-fit even if the cache has an entry.
-    points, repeats, warmup, samples, split, holdout_fraction, clock, seed: see ``ProfileSettings``.
+commands:
+  profile   time the backend on this device (always measures anew), then refit and cache the
+            estimator on the new profile; with csv=PATH only write the profile CSV there.
+            A profile whose repeat noise stays above max_noise_pct is not cached (exit code 1).
+  fit       fit the estimator on the cached profile (profiling first if there is none, or when
+            force=true) and save it to the cache, or to out=PATH; csv=PATH out=PATH fits on that
+            CSV instead (no backend is loaded).
+  report    validate the estimator (the cached one, or estimator=PATH) and the profile it was
+            fitted on, then print every method's held-out accuracy, the starred method chosen by
+            the stated selection rule, and the FLOPs-only baseline; json=PATH also writes it.
+
+options (key=value, as in train.py):
+  backend=NAME           backend name (default tiny); backend.KEY=VALUE passes options to it
+  force=true             profile again (and refit) even if the cache holds a valid entry
+  cache_dir=PATH         estimator cache directory
+  csv=PATH               profile CSV to write (profile) or read (fit, report: then no backend is loaded)
+  out=PATH               estimator file written by fit
+  estimator=PATH         estimator file report validates (default: the backend's cached one)
+  method=NAME            auto (default: the selection rule), analytic_gbt, gbt, analytic or flops_linear
+  json=PATH              report: also write the report as JSON
+  threads=N              torch CPU threads while profiling (recorded in the device fingerprint)
+  points=240 repeats=9 warmup=6 samples=30 split=validation holdout_fraction=0.2 clock=wall seed=0
+                         how much to profile (clock: wall, cpu or outcome)
+  max_noise_pct=40       bound on a profile's repeat noise, (slowest - fastest repeat) / median, in %
+  remeasure_rounds=2     times the points above the bound are measured again
+
+examples:
+  python -m latency_model report backend=tiny
+  python -m latency_model profile backend=tiny force=true
 """
 
 from __future__ import annotations
@@ -26,14 +44,17 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from latency_model.cache import cache_paths
-from latency_model.estimator import METHODS, fit_estimator
-from latency_model.profile import ProfileSettings, atomic_write_bytes, profile_backend, read_profile
+from backends.io import atomic_write_text
+from latency_model.cache import cache_entry, cache_paths
+from latency_model.estimator import AUTO, METHODS, EstimatorFileError, LatencyEstimator, fit_estimator
+from latency_model.profile import ProfileSettings, profile_backend, read_profile
 from latency_model.report import held_out_report
 
 COMMANDS = ("profile", "fit", "report")
+HELP = ("-h", "--help", "help")
 SETTING_KEYS = tuple(f.name for f in fields(ProfileSettings))
-KEYS = ("backend", "cache_dir", "csv", "out", "method", "threads", "force", "json") + SETTING_KEYS
+PATH_KEYS = ("cache_dir", "csv", "out", "json", "estimator", "backend")
+KEYS = ("backend", "cache_dir", "csv", "out", "estimator", "method", "threads", "force", "json") + SETTING_KEYS
 
 
 def _value(text: str) -> Any:
@@ -56,15 +77,18 @@ def parse_overrides(args: list[str]) -> tuple[dict, dict]:
         key, sep, value = arg.partition("=")
         if not sep or not key:
             raise ValueError(f"override {arg!r} is invalid; accepted: key=value with key in {', '.join(KEYS)} "
-                             f"or backend.KEY")
+                             f"or backend.KEY (python -m latency_model --help)")
         if key.startswith("backend."):
             backend_options[key[len("backend."):]] = _value(value)
         elif key in KEYS:
-            options[key] = _value(value) if key not in ("csv", "out", "cache_dir", "json", "backend") else value
+            options[key] = value if key in PATH_KEYS else _value(value)
         else:
-            raise ValueError(f"unknown override {key!r}; accepted: {', '.join(KEYS)} or backend.KEY")
-    if "method" in options and options["method"] not in METHODS:
-        raise ValueError(f"method={options['method']!r} is invalid; accepted: {', '.join(METHODS)}")
+            raise ValueError(f"unknown override {key!r}; accepted: {', '.join(KEYS)} or backend.KEY "
+                             f"(python -m latency_model --help)")
+    if "method" in options and options["method"] not in (AUTO, *METHODS):
+        raise ValueError(f"method={options['method']!r} is invalid; accepted: {AUTO}, {', '.join(METHODS)}")
+    if not isinstance(options.get("force", False), bool):
+        raise ValueError(f"force={options['force']!r} is invalid; accepted: true or false")
     return options, backend_options
 
 
@@ -85,57 +109,134 @@ def _settings(options: dict) -> ProfileSettings:
     return ProfileSettings(**{k: options[k] for k in SETTING_KEYS if k in options})
 
 
-def _profile(options: dict, backend_options: dict, *, reuse: bool):
-    """The profile CSV path and data: read if it exists (and ``reuse``), else measured now."""
-    if options.get("csv") and reuse and Path(options["csv"]).exists():
-        return Path(options["csv"]), read_profile(options["csv"]), None
+def _entry(options: dict, backend_options: dict, *, force: bool):
+    """The backend, its cached (estimator, profile) and cache paths; measured again when ``force`` or
+    when the cached profile was taken with other settings than the ones given."""
     backend = _load_backend(options, backend_options)
-    path = Path(options["csv"]) if options.get("csv") else cache_paths(backend, options.get("cache_dir"))[1]
-    settings = _settings(options)
-    if reuse and path.exists() and not options.get("force"):
-        cached = read_profile(path)
-        asked = {k: options[k] for k in SETTING_KEYS if k in options}
-        if all(cached.settings.get(k) == v for k, v in asked.items()):
-            return path, cached, backend
-        print(f"cached profile {path} was measured with other settings than {asked}; profiling again", flush=True)
-    print(f"profiling {backend.identity().get('backend')} on this device: {settings.points} points x "
-          f"{settings.repeats} repeats (+{settings.warmup} warm-up runs)", flush=True)
-    return path, profile_backend(backend, settings, path), backend
+    estimator_path, profile_path = cache_paths(backend, options.get("cache_dir"))
+    asked = {k: options[k] for k in SETTING_KEYS if k in options}
+    if not force and asked and profile_path.exists():
+        try:
+            cached = read_profile(profile_path).settings
+        except ValueError:
+            cached = None  # cache_entry says why and profiles again
+        if cached is not None and any(cached.get(k) != v for k, v in asked.items()):
+            print(f"cached profile {profile_path} was measured with other settings than {asked}; profiling again",
+                  flush=True)
+            force = True
+    estimator, profile = cache_entry(backend, options.get("cache_dir"), settings=_settings(options),
+                                     method=options.get("method", AUTO), force=force)
+    return backend, estimator, profile, estimator_path, profile_path
+
+
+def _noise_line(noise) -> str:
+    return f"noise: {noise.describe()}" if noise is not None else "noise: not recorded"
+
+
+def _profile(options: dict, backend_options: dict) -> int:
+    if options.get("csv"):
+        backend = _load_backend(options, backend_options)
+        profile = profile_backend(backend, _settings(options), options["csv"])
+        print(f"wrote {len(profile)} measurements ({int(profile.holdout.sum())} held out) to {options['csv']}")
+        print(_noise_line(profile.noise))
+        if profile.noise.exceeds:
+            print("warning: this profile is noisy; the estimator cache would not accept it (max_noise_pct=)",
+                  file=sys.stderr)
+        return 0
+    _, estimator, profile, estimator_path, profile_path = _entry(options, backend_options, force=True)
+    print(_noise_line(profile.noise))
+    if profile.noise.exceeds:
+        print(f"profile NOT cached: its noise exceeds the bound; the cache keeps its previous entry, if any. "
+              f"Re-profile on a quiet machine, or raise max_noise_pct=", file=sys.stderr)
+        return 1
+    print(f"wrote {len(profile)} measurements ({int(profile.holdout.sum())} held out) to {profile_path}")
+    print(f"refitted the estimator ({estimator.method}) on it: {estimator_path}")
+    return 0
+
+
+def _fit(options: dict, backend_options: dict) -> int:
+    method = options.get("method", AUTO)
+    if options.get("csv"):
+        path = Path(options["csv"])
+        profile = read_profile(path)
+        if not options.get("out"):
+            raise ValueError("fit with csv= needs out=PATH (the cache entry belongs to a backend); accepted: "
+                             "csv=PROFILE out=ESTIMATOR, or backend=NAME without csv=")
+        estimator = fit_estimator(profile, method, source=str(path))
+        out = estimator.save(options["out"])
+    else:
+        backend, estimator, profile, estimator_path, profile_path = _entry(options, backend_options,
+                                                                           force=bool(options.get("force")))
+        if profile is None:
+            raise ValueError(f"the cached estimator {str(estimator_path)!r} has no profile beside it; accepted: "
+                             f"`python -m latency_model profile backend=... force=true`")
+        path = profile_path
+        if method != AUTO and estimator.method != method:
+            estimator = fit_estimator(profile, method, source=str(profile_path))
+        out = estimator.save(options.get("out") or estimator_path)
+    print(f"fitted {estimator.method} ({estimator.selection.get('rule')}) on {len(profile)} measurements from "
+          f"{path}; saved to {out}")
+    print(_noise_line(estimator.noise))
+    return 0
+
+
+def _report(options: dict, backend_options: dict) -> int:
+    estimator_file = options.get("estimator")
+    status = 0
+    if options.get("csv"):
+        path = Path(options["csv"])
+        profile = read_profile(path)
+        estimator = LatencyEstimator.load(estimator_file) if estimator_file else None
+    else:
+        backend = _load_backend(options, backend_options)
+        cached_path, path = cache_paths(backend, options.get("cache_dir"))
+        if estimator_file or (cached_path.exists() and not options.get("force")):
+            # Validate before anything can refit it: a corrupt estimator is an error, not "all is well".
+            try:
+                LatencyEstimator.load(estimator_file or cached_path)
+            except EstimatorFileError as exc:
+                raise EstimatorFileError(exc.path, f"{str(exc).split(': ', 1)[-1]}; refit it with `python -m "
+                                                   f"latency_model fit backend={options['backend']} force=true`") from None
+        _, estimator, profile, cached_path, path = _entry(options, backend_options, force=bool(options.get("force")))
+        if estimator_file:
+            estimator = LatencyEstimator.load(estimator_file)
+        if profile is None:
+            raise ValueError(f"the cached estimator {str(cached_path)!r} has no profile beside it; accepted: "
+                             f"`python -m latency_model profile backend=... force=true`")
+    print(f"profile: {path} ({len(profile)} rows, sha256 {str(profile.sha256)[:12]}); {_noise_line(profile.noise)}")
+    if estimator is None:
+        print("estimator: none checked (estimator=PATH validates one against this profile)")
+    elif estimator.profile_sha256 != profile.sha256:
+        print(f"estimator: {estimator_file} is STALE: fitted on profile sha256 {str(estimator.profile_sha256)[:12]}, "
+              f"not on this one; refit with `python -m latency_model fit ...`")
+        status = 1
+    else:
+        print(f"estimator: valid, {estimator.method} fitted on this profile ({estimator.profile_rows} rows; "
+              f"method chosen by: {estimator.selection.get('rule')})")
+    report = held_out_report(profile)
+    chosen = options.get("method") if options.get("method", AUTO) != AUTO else None
+    print(report.format(chosen))
+    if options.get("json"):
+        atomic_write_text(Path(options["json"]), json.dumps(report.as_dict(), indent=2, default=str) + "\n")
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in HELP:
+        print(__doc__)
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(__doc__, file=sys.stderr)
         got = argv[0] if argv else "nothing"
-        raise SystemExit(f"command {got!r} is invalid; accepted: {', '.join(COMMANDS)}")
+        raise ValueError(f"command {got!r} is invalid; accepted: {', '.join(COMMANDS)} "
+                         f"(python -m latency_model --help)")
     command, (options, backend_options) = argv[0], parse_overrides(argv[1:])
-    if command == "profile":
-        path, profile, _ = _profile(options, backend_options, reuse=False)
-        print(f"wrote {len(profile)} measurements ({int(profile.holdout.sum())} held out) to {path}")
-    elif command == "fit":
-        path, profile, backend = _profile(options, backend_options, reuse=True)
-        method = options.get("method", "analytic_gbt")
-        estimator = fit_estimator(profile, method, source=str(path))
-        if options.get("out"):
-            out = Path(options["out"])
-        else:
-            backend = backend or _load_backend(options, backend_options)
-            out = cache_paths(backend, options.get("cache_dir"))[0]
-        estimator.save(out)
-        print(f"fitted {method} on {len(profile)} measurements from {path}; saved to {out}")
-    else:
-        path, profile, _ = _profile(options, backend_options, reuse=True)
-        report = held_out_report(profile)
-        print(f"profile: {path}")
-        print(report.format(options.get("method", "analytic_gbt")))
-        if options.get("json"):
-            atomic_write_bytes(Path(options["json"]), json.dumps(report.as_dict(), indent=2, default=str).encode())
-    return 0
+    return {"profile": _profile, "fit": _fit, "report": _report}[command](options, backend_options)
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
     except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

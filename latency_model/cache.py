@@ -1,9 +1,16 @@
-"""One estimator per (backend identity, device): cached on disk, profiled and fitted once when missing.
+"""One estimator per (backend checkpoint, device): cached on disk, profiled and fitted once when missing.
 
 Cache directory, first match wins: the ``cache_dir`` argument, the ``KNOBGYM_CACHE`` environment
 variable (estimators go to ``$KNOBGYM_CACHE/latency``), ``~/.cache/knobgym/latency``. Each entry
 is ``<backend>-<key>.estimator`` plus the profile it was fitted on, ``<backend>-<key>.csv``, where
-``key`` hashes the backend identity and the device fingerprint keys latency depends on.
+``key`` hashes :func:`~latency_model.profile.identity_key` of the backend identity (its
+``content_revision`` when it has one, never a checkout path: fresh clones share the entry) and
+the device fingerprint keys latency depends on.
+
+An entry is used only when it is valid: a corrupt estimator is refitted, a corrupt profile is
+measured again, and an estimator whose recorded profile checksum differs from the cached profile
+(the profile was re-measured) is refitted; each of these says so on stderr. A noisy profile
+(:class:`~latency_model.profile.ProfileNoise`) is never cached: see :func:`get_estimator`.
 """
 
 from __future__ import annotations
@@ -12,14 +19,20 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
-from latency_model.estimator import LatencyEstimator, fit_estimator
-from latency_model.profile import (FINGERPRINT_KEYS_THAT_MATTER, ProfileSettings, backend_device, device_fingerprint,
-                                   profile_backend, read_profile)
+from backends.io import CorruptFileError
+from latency_model.estimator import AUTO, EstimatorFileError, LatencyEstimator, fit_estimator
+from latency_model.profile import (FINGERPRINT_KEYS_THAT_MATTER, ProfileData, ProfileSettings, notice,
+                                   device_fingerprint, identity_key, profile_backend, read_profile, write_profile)
 
 CACHE_ENV_VAR = "KNOBGYM_CACHE"
+
+
+class NoisyProfileWarning(UserWarning):
+    """A latency profile whose repeat noise exceeds its bound: used for this process only, not cached."""
 
 
 def default_cache_dir() -> Path:
@@ -31,9 +44,9 @@ def default_cache_dir() -> Path:
 
 
 def cache_key(identity: dict, fingerprint: dict) -> str:
-    """Short hash of the backend identity and the latency-relevant device fingerprint."""
+    """Short hash of the backend's :func:`identity_key` and the latency-relevant device fingerprint."""
     relevant = {k: fingerprint.get(k) for k in FINGERPRINT_KEYS_THAT_MATTER}
-    text = json.dumps({"backend": identity, "device": relevant}, sort_keys=True, default=str)
+    text = json.dumps({"backend": identity_key(identity), "device": relevant}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -42,42 +55,95 @@ def cache_paths(backend, cache_dir: str | os.PathLike | None = None) -> tuple[Pa
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     identity = backend.identity()
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(identity.get("backend", type(backend).__name__)))[:40]
-    stem = f"{name}-{cache_key(identity, device_fingerprint(backend_device(backend)))}"
+    stem = f"{name}-{cache_key(identity, device_fingerprint(backend.device))}"
     return directory / f"{stem}.estimator", directory / f"{stem}.csv"
 
 
+def _cached_profile(path: Path) -> ProfileData | None:
+    """The cached profile at ``path`` if it exists and is valid; a corrupt one is reported and ignored."""
+    if not path.exists():
+        return None
+    try:
+        return read_profile(path)
+    except CorruptFileError as exc:
+        notice(f"ignoring the cached latency profile: {exc}; profiling again")
+        return None
+
+
 def get_estimator(backend, cache_dir: str | os.PathLike | None = None, *, profile_if_missing: bool = True,
-                  settings: ProfileSettings | None = None, method: str = "analytic_gbt",
-                  progress: bool = True) -> LatencyEstimator:
+                  settings: ProfileSettings | None = None, method: str = AUTO, progress: bool = True,
+                  force: bool = False) -> LatencyEstimator:
     """The estimator of ``backend`` on this device: from the cache, or profiled and fitted once.
+
+    A cached estimator is returned when it is valid and was fitted on the cached profile (same
+    checksum); otherwise it is refitted on the cached profile, or the backend is profiled again
+    when the profile is missing or corrupt (each said on stderr).
+
+    A noisy profile (repeat noise above ``settings.max_noise_pct`` after re-measuring its noisy
+    points) is **not cached**: the estimator fitted on it is returned for this process only, with
+    ``estimator.noise.exceeds`` true, and a :class:`NoisyProfileWarning` says how to re-profile.
+    The next process profiles again, so a quiet machine replaces it.
 
     Args:
         backend: any :class:`~backends.base.Backend`.
         cache_dir: cache directory (default: :func:`default_cache_dir`).
-        profile_if_missing: profile and fit when nothing is cached (else raise ``FileNotFoundError``).
-        settings: profiling settings used on a miss (default :class:`ProfileSettings`).
-        method: estimator method used on a miss.
-        progress: show a progress bar while profiling.
+        profile_if_missing: profile and fit when nothing valid is cached (else raise ``FileNotFoundError``).
+        settings: profiling settings used when profiling (default :class:`ProfileSettings`).
+        method: estimator method (default ``auto``: the selection rule of :func:`~latency_model.estimator.select_method`).
+        progress: show profiling progress (a bar on a terminal, periodic lines in a log).
+        force: profile and fit again even when the cache holds a valid entry.
     """
+    return cache_entry(backend, cache_dir, profile_if_missing=profile_if_missing, settings=settings, method=method,
+                       progress=progress, force=force)[0]
+
+
+def cache_entry(backend, cache_dir: str | os.PathLike | None = None, *, profile_if_missing: bool = True,
+                settings: ProfileSettings | None = None, method: str = AUTO, progress: bool = True,
+                force: bool = False) -> tuple[LatencyEstimator, ProfileData | None]:
+    """:func:`get_estimator` and the profile the estimator was fitted on (``None`` when the cache
+    holds a valid estimator whose profile file was removed)."""
     estimator_path, profile_path = cache_paths(backend, cache_dir)
-    expected = {"expect_fingerprint": device_fingerprint(backend_device(backend)),
-                "expect_identity": backend.identity()}
-    if estimator_path.exists():
-        return LatencyEstimator.load(estimator_path, **expected)
-    if not profile_if_missing:
-        raise FileNotFoundError(f"no latency estimator cached for backend {backend.identity().get('backend')!r} on "
-                                f"this device at {str(estimator_path)!r}; run `python -m latency_model fit "
-                                f"backend=...` or pass profile_if_missing=True")
-    if profile_path.exists():
-        profile = read_profile(profile_path)
-    else:
-        profile = profile_backend(backend, settings or ProfileSettings(), profile_path, progress=progress)
+    if not force and estimator_path.exists():
+        try:
+            estimator = LatencyEstimator.load(estimator_path, expect_fingerprint=device_fingerprint(backend.device),
+                                              expect_identity=backend.identity())
+        except EstimatorFileError as exc:
+            notice(f"ignoring the cached latency estimator: {exc}; refitting")
+            estimator = None
+        if estimator is not None:
+            if not profile_path.exists():
+                return estimator, None
+            profile = _cached_profile(profile_path)
+            if profile is not None and profile.sha256 == estimator.profile_sha256:
+                return estimator, profile
+            if profile is not None:
+                notice(f"cached latency estimator {str(estimator_path)!r} was fitted on another profile than "
+                     f"{str(profile_path)!r} (re-profiled since); refitting")
+    profile = None if force else _cached_profile(profile_path)
+    if profile is None:
+        if not profile_if_missing:
+            raise FileNotFoundError(f"no valid latency estimator cached for backend "
+                                    f"{backend.identity().get('backend')!r} on this device at "
+                                    f"{str(estimator_path)!r}; run `python -m latency_model profile backend=...` "
+                                    f"or pass profile_if_missing=True")
+        profile = profile_backend(backend, settings or ProfileSettings(), progress=progress)
+        if profile.noise.exceeds:
+            warnings.warn(f"latency profile of backend {backend.identity().get('backend')!r} is too noisy to cache: "
+                          f"{profile.noise.describe()} (other jobs running?). Its estimator is used for this "
+                          f"process only; re-profile on a quiet machine with `python -m latency_model profile "
+                          f"backend=... force=true`, or accept the noise with max_noise_pct=...",
+                          NoisyProfileWarning, stacklevel=2)
+            return fit_estimator(profile, method, source=None), profile
+        write_profile(profile, profile_path)
     estimator = fit_estimator(profile, method, source=str(profile_path))
     estimator.save(estimator_path)
-    return estimator
+    return estimator, profile
 
 
 def describe(estimator: LatencyEstimator) -> dict[str, Any]:
     """A short JSON-able description of an estimator (for logs and ``versions.json``)."""
     return {"method": estimator.method, "package_version": estimator.package_version,
-            "fingerprint": estimator.fingerprint, "identity": estimator.identity, "info": estimator.info}
+            "fingerprint": estimator.fingerprint, "identity": estimator.identity, "info": estimator.info,
+            "profile_sha256": estimator.profile_sha256, "profile_rows": estimator.profile_rows,
+            "noise": None if estimator.noise is None else estimator.noise.as_dict(),
+            "selection": {k: v for k, v in estimator.selection.items() if k in ("rule", "chosen")}}

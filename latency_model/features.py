@@ -142,9 +142,8 @@ class CostFeatures:
 
     @classmethod
     def from_backend(cls, backend) -> "CostFeatures":
-        """Features for ``backend`` (its knob space and ``cost_params()`` if it has one)."""
-        cost_params = getattr(backend, "cost_params", lambda: {})()
-        return cls(backend.knob_space, dict(cost_params))
+        """Features for ``backend`` (its knob space and ``cost_params()``)."""
+        return cls(backend.knob_space, dict(backend.cost_params()))
 
     @property
     def params(self) -> dict[str, float]:

@@ -4,6 +4,10 @@ Fitting uses only the rows whose configuration *and* sample were not held out by
 design; scoring uses the held-out rows (unseen configurations on unseen inputs). Metrics per
 method: MAPE, share of predictions within +-5% and +-10% of the measured median, and Spearman
 rank correlation; the FLOPs-only linear fit is always among the methods.
+
+The starred method is the one :func:`~latency_model.estimator.select_method` chooses (its rule
+is printed with the table): lowest error on a validation fold carved from the fitting rows, so
+the choice never sees the held-out rows it is scored on; the cached estimator uses the same rule.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import spearmanr
 
-from latency_model.estimator import METHODS, fit_regressors
-from latency_model.profile import ProfileData
+from latency_model.estimator import METHODS, fit_regressors, select_method
+from latency_model.profile import ProfileData, parse_runs, run_spread
 
 
 @dataclass(frozen=True)
@@ -49,11 +53,8 @@ def accuracy(predicted: np.ndarray, measured: np.ndarray) -> Accuracy:
 
 def repeat_spread(profile: ProfileData, mask: np.ndarray) -> float:
     """Median over points of (slowest - fastest run) / median run: how noisy the measurements are."""
-    spreads = []
-    for row in (r for r, keep in zip(profile.rows, mask) if keep):
-        runs = np.array([float(x) for x in str(row["latency_runs_ms"]).split(";") if x], dtype=np.float64)
-        if len(runs) > 1:
-            spreads.append((runs.max() - runs.min()) / np.median(runs))
+    spreads = [run_spread(parse_runs(r["latency_runs_ms"])) for r, keep in zip(profile.rows, mask) if keep]
+    spreads = [s for s in spreads if s is not None]
     return float(np.median(spreads)) if spreads else float("nan")
 
 
@@ -71,16 +72,26 @@ class HeldOutReport:
     device: dict
     backend: dict
     clock: str = "wall"
+    selection: dict | None = None  # select_method's result: rule, chosen, validation MAPE per method
 
     def as_dict(self) -> dict:
         return {"total": {m: a.as_dict() for m, a in self.total.items()},
                 "stage1": {m: a.as_dict() for m, a in self.stage1.items()},
                 "fit_rows": self.fit_rows, "holdout_rows": self.holdout_rows,
                 "holdout_configs": self.holdout_configs, "holdout_samples": self.holdout_samples,
-                "repeat_spread": self.noise, "clock": self.clock, "device": self.device, "backend": self.backend}
+                "repeat_spread": self.noise, "clock": self.clock, "device": self.device, "backend": self.backend,
+                "selection": self.selection}
 
-    def format(self, chosen: str = "analytic_gbt") -> str:
-        """A plain-text table, the chosen method marked and the FLOPs-only baseline beside it."""
+    @property
+    def chosen(self) -> str:
+        """The method the selection rule chose (``analytic_gbt`` when no selection was made)."""
+        return (self.selection or {}).get("chosen", "analytic_gbt")
+
+    def format(self, chosen: str | None = None) -> str:
+        """A plain-text table, the chosen method starred (default: the selection rule's), the rule
+        stated and the FLOPs-only baseline beside it."""
+        chosen = chosen or self.chosen
+        validation = (self.selection or {}).get("validation_mape_pct", {})
         lines = [f"device: {self.device.get('gpu') or self.device.get('cpu')} ({self.device.get('torch_threads')} "
                  f"torch threads, torch {self.device.get('torch')}, transformers {self.device.get('transformers')})",
                  f"backend: {self.backend}",
@@ -91,17 +102,24 @@ class HeldOutReport:
         for title, table in (("whole run", self.total), ("stage 1", self.stage1)):
             if not table:
                 continue
-            lines += ["", f"{title}: method          MAPE%  within5%  within10%  spearman",
-                      "-" * 62]
+            with_val = title == "whole run" and bool(validation)
+            head = f"  {'method':<20}" + ("  val MAPE%" if with_val else "") + "   MAPE%  within5%  within10%  spearman"
+            lines += ["", f"{title}:", head, "-" * len(head)]
             for method, acc in table.items():
                 mark = "*" if method == chosen else " "
-                lines.append(f"{mark} {method:<22}{acc.mape:7.2f}  {100 * acc.within_5:8.1f}  "
+                val = (f"  {validation[method]:9.2f}" if method in validation else " " * 11) if with_val else ""
+                lines.append(f"{mark} {method:<20}{val}  {acc.mape:6.2f}  {100 * acc.within_5:8.1f}  "
                              f"{100 * acc.within_10:9.1f}  {acc.spearman:8.3f}")
+        if self.selection and chosen == self.selection.get("chosen"):
+            lines += ["", f"* chosen by the rule: {self.selection['rule']} ({self.selection.get('validation_rows')} "
+                          f"validation rows); MAPE% is on the held-out rows, which the choice never saw"]
+        else:
+            lines += ["", f"* {chosen}: given with method="]
         if chosen in self.total and "flops_linear" in self.total:
             ours, base = self.total[chosen], self.total["flops_linear"]
             verdict = "beats" if ours.mape < base.mape else "does NOT beat"
-            lines += ["", f"* {chosen} {verdict} the FLOPs-only fit on MAPE ({ours.mape:.2f}% vs {base.mape:.2f}%); "
-                          f"within +-10%: {100 * ours.within_10:.1f}%"]
+            lines += [f"* {chosen} {verdict} the FLOPs-only fit on held-out MAPE ({ours.mape:.2f}% vs "
+                      f"{base.mape:.2f}%); within +-10%: {100 * ours.within_10:.1f}%"]
         return "\n".join(lines)
 
 
@@ -115,6 +133,7 @@ def held_out_report(profile: ProfileData, methods=METHODS, seed: int = 0) -> Hel
         raise ValueError(f"profile has {int(holdout.sum())} held-out rows of {len(holdout)}; accepted: some rows "
                          f"held out and some not (profile with holdout_fraction > 0)")
     fit_mask = ~holdout
+    selection = select_method(profile, fit_mask, tuple(methods), seed)
     measured = profile.column("latency_ms", holdout).astype(np.float64)
     measured_stage1 = profile.column("stage1_ms", holdout).astype(np.float64)
     configs, counts = profile.configs(holdout), profile.token_counts(holdout)
@@ -130,4 +149,4 @@ def held_out_report(profile: ProfileData, methods=METHODS, seed: int = 0) -> Hel
                          holdout_configs=len(held_configs),
                          holdout_samples=len(set(profile.column("sample_id", holdout).tolist())),
                          noise=repeat_spread(profile, holdout), device=profile.device, backend=profile.backend,
-                         clock=str(profile.settings.get("clock", "wall")))
+                         clock=str(profile.settings.get("clock", "wall")), selection=selection)

@@ -7,24 +7,32 @@ as ``Outcome.measured_ms`` so the profiles here are deterministic (``clock="outc
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from backends.base import Sample
 from backends.knobs import KnobConfig, KnobSpace
-from backends.outcome import Outcome, Stage1State, TokenCounts
-from latency_model import (FEATURE_NAMES, CostFeatures, EstimatorFileError, EstimatorMismatchWarning,
-                           LatencyEstimator, ProfileSettings, fit_estimator, get_estimator, held_out_report,
-                           profile_backend, read_profile)
+from backends.base import Backend
+from backends.outcome import Outcome, Stage1State, TokenCounts, expected_token_counts
+from backends.io import CorruptFileError
+from latency_model import (FEATURE_NAMES, METHODS, SELECTION_RULE, CostFeatures, EstimatorFileError,
+                           EstimatorMismatchWarning, LatencyEstimator, NoisyProfileWarning, ProfileSettings,
+                           fit_estimator, get_estimator, held_out_report, identity_key, profile_backend,
+                           read_profile)
 from latency_model.__main__ import main as cli_main
 from latency_model.__main__ import parse_overrides
 from latency_model.cache import cache_paths
 from latency_model.features import STAGE1_FEATURE_NAMES
-from latency_model.profile import RunTimer, design, device_fingerprint
+from latency_model.profile import CSV_COLUMNS, RunTimer, design, device_fingerprint
 from latency_model.report import accuracy
 
 SPACE = KnobSpace(model_class="FakeVLM", tiers={"low": 4, "medium": 9, "high": 36}, native_vision_tokens=36,
@@ -51,14 +59,29 @@ class FakeBackend:
         self._samples = [Sample(sample_id=i, split="validation", question=" ".join(words[: 2 + (7 * i) % 9]),
                                 reference="red") for i in range(60)]
 
+    expected_new_tokens_by_type = {None: 2}
+    device = torch.device("cpu")
+
     def identity(self) -> dict:
         return {"backend": self.name, "model": "fake-vlm", "revision": "1"}
 
     def cost_params(self) -> dict:
         return dict(COST_PARAMS)
 
+    def recorded_estimator_file(self):
+        return None
+
     def samples(self, split: str):
         return self._samples
+
+    def sample(self, split: str, sample_id: int) -> Sample:
+        return self._samples[sample_id]
+
+    def prompt_tokens(self, sample: Sample) -> int:
+        return len(sample.question.split()) + 2
+
+    def expected_token_counts(self, sample: Sample, knobs: KnobConfig) -> TokenCounts:
+        return expected_token_counts(self, sample, knobs)
 
     @staticmethod
     def true_ms(knobs: KnobConfig, counts: TokenCounts) -> tuple[float, float]:
@@ -70,7 +93,7 @@ class FakeBackend:
         return stage1 + 0.05 * blocks + 0.003 * experts, stage1
 
     def _counts(self, sample: Sample, knobs: KnobConfig) -> TokenCounts:
-        return TokenCounts(prompt_tokens=len(sample.question.split()) + 2, vision_tokens_full=36,
+        return TokenCounts(prompt_tokens=self.prompt_tokens(sample), vision_tokens_full=36,
                            vision_tokens=self.knob_space.vision_tokens(knobs), new_tokens=1 + sample.sample_id % 4)
 
     def run_stage1(self, sample: Sample, tier, token_budget: float = 1.0) -> Stage1State:
@@ -221,7 +244,7 @@ def test_profile_csv_round_trip(fake_profile):
 
 def test_wall_clock_profile_times_each_run(tmp_path):
     backend = FakeBackend(sleep=True)
-    settings = ProfileSettings(points=6, repeats=2, warmup=1, samples=6, clock="wall")
+    settings = ProfileSettings(points=6, repeats=2, warmup=1, samples=6, clock="wall", remeasure_rounds=0)
     profile = profile_backend(backend, settings, tmp_path / "p.csv", progress=False)
     assert backend.runs == settings.warmup + settings.points * settings.repeats
     assert all(r["latency_ms"] > 0 and r["backend_ms"] > 0 for r in profile.rows)
@@ -300,11 +323,13 @@ def test_loading_for_another_device_or_backend_warns(fitted, tmp_path, change, e
 
 
 @pytest.mark.parametrize("damage,message", [
-    (lambda data: data[: len(data) // 2], "is truncated"),
-    (lambda data: data[:-1] + bytes([data[-1] ^ 0xFF]), "is corrupted \\(checksum"),
-    (lambda data: data[:30], "truncated \\(header"),
-    (lambda data: b"", "is empty"),
-    (lambda data: b"not an estimator at all", "not a knobgym latency estimator"),
+    (lambda data: data[: len(data) // 2], "not JSON"),
+    (lambda data: data.replace(b'"method": "', b'"method": "x', 1), "checksum mismatch"),
+    (lambda data: data[:30], "not JSON"),
+    (lambda data: b"", "not JSON"),
+    (lambda data: b"not an estimator at all", "not JSON"),
+    (lambda data: b'{"payload": 1, "sha256": "' + hashlib.sha256(b"1").hexdigest().encode() + b'"}',
+     "latency estimator format"),
 ])
 def test_damaged_files_give_an_error_naming_the_file(fitted, tmp_path, damage, message):
     path = fitted.save(tmp_path / "damaged.estimator")
@@ -312,6 +337,29 @@ def test_damaged_files_give_an_error_naming_the_file(fitted, tmp_path, damage, m
     with pytest.raises(EstimatorFileError, match=message) as info:
         LatencyEstimator.load(path)
     assert str(path) in str(info.value)
+
+
+def test_estimator_file_is_data_only_json(fitted, tmp_path):
+    path = fitted.save(tmp_path / "e.estimator")
+    payload = json.loads(path.read_text())["payload"]
+    assert payload["format"] == "knobgym-latency-estimator/2"
+    assert payload["profile_sha256"] == fitted.profile_sha256 and payload["profile_rows"] == fitted.profile_rows
+    assert payload["total"]["kind"] == fitted.method
+
+
+def test_boosted_trees_reproduce_scikit_learn(fake_profile):
+    from sklearn.ensemble import GradientBoostingRegressor
+
+    from latency_model.estimator import BoostedTrees
+
+    profile = fake_profile[0]
+    X = CostFeatures(SPACE, COST_PARAMS).compute(profile.configs(), profile.token_counts())
+    y = np.log(profile.column("latency_ms").astype(float))
+    model = GradientBoostingRegressor(loss="huber", n_estimators=30, max_depth=3, random_state=0).fit(X, y)
+    trees = BoostedTrees.from_sklearn(model)
+    np.testing.assert_allclose(trees.predict(X), model.predict(X), rtol=1e-12, atol=1e-12)
+    again = BoostedTrees.from_dict(json.loads(json.dumps(trees.to_dict())))
+    np.testing.assert_array_equal(again.predict(X), trees.predict(X))
 
 
 def test_missing_file_names_it(tmp_path):
@@ -337,7 +385,7 @@ def test_cache_dir_from_environment_and_no_profiling_when_told(tmp_path, monkeyp
     monkeypatch.setenv("KNOBGYM_CACHE", str(tmp_path / "env-cache"))
     estimator_path, _ = cache_paths(FakeBackend())
     assert estimator_path.parent == tmp_path / "env-cache" / "latency"
-    with pytest.raises(FileNotFoundError, match="no latency estimator cached"):
+    with pytest.raises(FileNotFoundError, match="no valid latency estimator cached"):
         get_estimator(ExplodingBackend(), profile_if_missing=False)
     other = cache_paths(FakeBackend(name="other"))[0]
     assert other != estimator_path and other.name.startswith("other-")
@@ -374,5 +422,277 @@ def test_cli_overrides_are_validated():
         parse_overrides(["pionts=3"])
     with pytest.raises(ValueError, match="method='xgb' is invalid"):
         parse_overrides(["method=xgb"])
-    with pytest.raises(SystemExit, match="command 'train' is invalid"):
+    with pytest.raises(ValueError, match="command 'train' is invalid; accepted: profile, fit, report"):
         cli_main(["train"])
+    with pytest.raises(ValueError, match="force='yes' is invalid"):
+        parse_overrides(["force=yes"])
+
+
+# --- files: checksums and row counts (issue 13) ----------------------------------------------------
+def _write_copy(path, tmp_path, transform, name="copy.csv"):
+    target = tmp_path / name
+    target.write_bytes(transform(path.read_bytes()))
+    return target
+
+
+def test_profile_cut_at_a_row_boundary_is_an_error_naming_the_file(fake_profile, tmp_path):
+    _, path = fake_profile
+    lines = path.read_bytes().splitlines(keepends=True)
+    for cut in (lines[:-1], lines[:-6], lines[:-7] + lines[-1:]):  # checksum line gone; rows gone; rows gone, trailer kept
+        target = _write_copy(path, tmp_path, lambda data: b"".join(cut))
+        with pytest.raises(CorruptFileError, match="cut short|checksum mismatch") as info:
+            read_profile(target)
+        assert str(target) in str(info.value)
+
+
+def test_hand_edited_profile_is_an_error(fake_profile, tmp_path):
+    _, path = fake_profile
+    text = path.read_text()
+    row = text.splitlines()[10]
+    edited = _write_copy(path, tmp_path, lambda data: text.replace(row, row.replace(",0,", ",1,", 1)).encode())
+    with pytest.raises(CorruptFileError, match="checksum mismatch"):
+        read_profile(edited)
+
+
+def test_profile_row_count_and_finite_rows_are_checked(fake_profile, tmp_path):
+    from backends.io import sha256_bytes
+
+    _, path = fake_profile
+    body = path.read_bytes().rsplit(b"# sha256: ", 1)[0]
+    rows = len(read_profile(path))
+
+    def resigned(new_body: bytes):
+        return _write_copy(path, tmp_path, lambda data: new_body + f"# sha256: {sha256_bytes(new_body)}\n".encode())
+
+    with pytest.raises(CorruptFileError, match=f"holds {rows} rows but its header says {rows + 1}"):
+        read_profile(resigned(body.replace(f"# rows: {rows}".encode(), f"# rows: {rows + 1}".encode())))
+    lines = body.decode().splitlines(keepends=True)
+    header = next(i for i, line in enumerate(lines) if line.startswith("point,"))
+    cells = lines[header + 1].split(",")
+    cells[CSV_COLUMNS.index("latency_ms")] = "nan"
+    lines[header + 1] = ",".join(cells)
+    with pytest.raises(CorruptFileError, match=f"line {header + 2}: latencies must be finite"):
+        read_profile(resigned("".join(lines).encode()))
+
+
+# --- noise (issue 13) --------------------------------------------------------------------------
+class NoisyFirstBackend(FakeBackend):
+    """Very noisy for its first ``noisy_runs`` runs (another job running), then quiet."""
+
+    def __init__(self, noisy_runs: int, scale: float = 3.0, **kwargs):
+        super().__init__(**kwargs)
+        self.noisy_runs, self.scale = noisy_runs, scale
+
+    def run(self, sample, knobs):
+        outcome = super().run(sample, knobs)
+        if self.runs <= self.noisy_runs:
+            outcome.measured_ms *= 1.0 + self.scale * self.rng.random()
+        return outcome
+
+
+SMALL = ProfileSettings(points=40, repeats=3, warmup=0, samples=12, clock="outcome")
+
+
+def test_profile_records_noise_and_estimator_carries_it(fake_profile, fitted):
+    profile, _ = fake_profile
+    noise = profile.noise
+    assert noise.bound_pct == FAST.max_noise_pct and noise.points == len(profile) and not noise.exceeds
+    assert 0 < noise.spread_pct < 10  # the fake's jitter is 1%
+    assert fitted.noise == noise and fitted.noise_pct == noise.spread_pct
+    assert fitted.profile_sha256 == profile.sha256 and fitted.profile_rows == len(profile)
+    assert "repeat noise" in noise.describe()
+
+
+def test_noisy_points_are_measured_again_and_then_cached(tmp_path, capsys):
+    backend = NoisyFirstBackend(noisy_runs=SMALL.points * SMALL.repeats)  # the whole first pass is noisy
+    estimator = get_estimator(backend, tmp_path, settings=SMALL, progress=True)
+    assert "re-measuring" in capsys.readouterr().err
+    assert estimator.noise.remeasured_points > 0 and estimator.noise.rounds >= 1 and not estimator.noise.exceeds
+    assert all(p.exists() for p in cache_paths(backend, tmp_path))
+
+
+def test_noisy_profile_is_not_cached(tmp_path):
+    backend = NoisyFirstBackend(noisy_runs=10**9, scale=20.0)  # noisy all along
+    settings = ProfileSettings(points=40, repeats=3, warmup=0, samples=12, clock="outcome", remeasure_rounds=1)
+    with pytest.warns(NoisyProfileWarning, match="too noisy to cache.*force=true"):
+        estimator = get_estimator(backend, tmp_path, settings=settings, progress=False)
+    assert estimator.noise.exceeds and estimator.noise.spread_pct > settings.max_noise_pct
+    assert estimator.noise.rounds == 1  # re-measured a bounded number of times
+    assert not any(p.exists() for p in cache_paths(backend, tmp_path))
+    # Accepting more noise explicitly caches it.
+    relaxed = ProfileSettings(**{**settings.__dict__, "max_noise_pct": 10_000.0})
+    assert not get_estimator(backend, tmp_path, settings=relaxed, progress=False).noise.exceeds
+    assert all(p.exists() for p in cache_paths(backend, tmp_path))
+
+
+# --- cache validity and refits (issues 13 and 20) --------------------------------------------------
+def test_refit_after_re_profile(tmp_path, capsys):
+    backend = FakeBackend()
+    first = get_estimator(backend, tmp_path, settings=SMALL, progress=False)
+    estimator_path, profile_path = cache_paths(backend, tmp_path)
+    # Re-profile behind the estimator's back (as `profile csv=<cache csv>` would): other latencies.
+    profile_backend(FakeBackend(seed=5, jitter=0.05), SMALL, profile_path, progress=False)
+    second = get_estimator(ExplodingBackend(), tmp_path)
+    assert "fitted on another profile" in capsys.readouterr().err
+    assert second.profile_sha256 == read_profile(profile_path).sha256 != first.profile_sha256
+    assert LatencyEstimator.load(estimator_path).profile_sha256 == second.profile_sha256  # the refit was cached
+
+
+def test_force_profiles_again_and_refits(tmp_path):
+    backend = FakeBackend()
+    first = get_estimator(backend, tmp_path, settings=SMALL, progress=False)
+    runs = backend.runs
+    again = get_estimator(backend, tmp_path, settings=SMALL, progress=False, force=True)
+    assert backend.runs > runs and again.profile_sha256 != first.profile_sha256
+    assert get_estimator(ExplodingBackend(), tmp_path).profile_sha256 == again.profile_sha256
+
+
+def test_corrupt_cache_entries_are_refitted_or_profiled_again(tmp_path, capsys):
+    backend = FakeBackend()
+    get_estimator(backend, tmp_path, settings=SMALL, progress=False)
+    estimator_path, profile_path = cache_paths(backend, tmp_path)
+    estimator_path.write_bytes(estimator_path.read_bytes()[:100])
+    refit = get_estimator(ExplodingBackend(), tmp_path)  # refits on the valid profile: no profiling
+    assert "ignoring the cached latency estimator" in capsys.readouterr().err
+    assert refit.profile_sha256 == read_profile(profile_path).sha256
+    profile_path.write_bytes(profile_path.read_bytes()[:-200])
+    runs = backend.runs
+    get_estimator(backend, tmp_path, settings=SMALL, progress=False)
+    assert "ignoring the cached latency profile" in capsys.readouterr().err and backend.runs > runs
+
+
+class ClonedBackend(FakeBackend):
+    """The same checkpoint as seen from another checkout: another path, the same content revision."""
+
+    def __init__(self, checkout: str, revision: str = "sha-abc", **kwargs):
+        super().__init__(**kwargs)
+        self.checkout, self.revision = checkout, revision
+
+    def identity(self) -> dict:
+        return {"backend": "fake", "model": f"{self.checkout}/backends/tiny/checkpoint", "precision": "fp32",
+                "content_revision": self.revision}
+
+
+def test_cache_key_is_the_content_revision_not_the_checkout_path(tmp_path):
+    a, b = ClonedBackend("/home/me/clone-a"), ClonedBackend("/srv/clone-b")
+    assert cache_paths(a, tmp_path) == cache_paths(b, tmp_path)
+    assert cache_paths(ClonedBackend("/home/me/clone-a", revision="sha-def"), tmp_path) != cache_paths(a, tmp_path)
+    assert identity_key(a.identity()) == {"backend": "fake", "precision": "fp32", "content_revision": "sha-abc"}
+    get_estimator(a, tmp_path, settings=SMALL, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "fitted elsewhere" warning for the other clone
+        loaded = LatencyEstimator.load(cache_paths(b, tmp_path)[0], expect_identity=b.identity())
+    assert loaded.identity["model"].startswith("/home/me/clone-a")
+    # Without a content revision, absolute paths still stay out of the key.
+    assert "model" not in identity_key({"backend": "tiny", "model": "/abs/checkpoint", "revision": "local-1"})
+    assert identity_key({"backend": "hf", "model": "org/name", "revision": "main"})["model"] == "org/name"
+
+
+# --- selection rule (issue 20) -------------------------------------------------------------------
+def test_starred_method_is_the_one_the_stated_rule_chooses(fake_profile):
+    profile, _ = fake_profile
+    report = held_out_report(profile)
+    validation = report.selection["validation_mape_pct"]
+    assert set(validation) == set(METHODS)
+    candidates = {m: validation[m] for m in ("analytic_gbt", "gbt", "analytic")}  # flops_linear: the baseline
+    assert report.chosen == min(candidates, key=candidates.get)
+    text = report.format()
+    starred = [line for line in text.splitlines() if line.startswith("* ") and "MAPE" not in line]
+    assert starred[0].split()[1] == report.chosen
+    assert SELECTION_RULE in text
+    # The cached estimator follows the same rule on the same rows.
+    estimator = fit_estimator(profile)
+    assert estimator.method == report.chosen and estimator.selection["rule"] == SELECTION_RULE
+    assert fit_estimator(profile, "flops_linear").selection["rule"] == "given"
+
+
+# --- command line (issues 13 and 20) -------------------------------------------------------------
+def test_help_lists_commands_and_options(capsys):
+    assert cli_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for word in ("profile", "fit", "report", "force=true", "max_noise_pct", "estimator=PATH", "method="):
+        assert word in out, word
+    done = subprocess.run([sys.executable, "-m", "latency_model", "--help"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and "force=true" in done.stdout and "invalid" not in done.stderr
+
+
+@pytest.fixture
+def fake_cli_backend(monkeypatch, tmp_path):
+    """``backend=hlat-fake`` for the CLI, with a cache of its own."""
+    from backends import registry
+
+    monkeypatch.setitem(registry._FACTORIES, "hlat-fake", lambda **_: FakeBackend())
+    monkeypatch.setattr(registry, "_LOADED", {})
+    monkeypatch.setenv("KNOBGYM_CACHE", str(tmp_path / "cache"))
+    return ["backend=hlat-fake", "clock=outcome", "points=40", "repeats=3", "warmup=0", "samples=12"]
+
+
+def test_cli_profile_force_refits_and_report_validates(fake_cli_backend, capsys):
+    args = fake_cli_backend
+    assert cli_main(["fit", *args]) == 0
+    estimator_path, profile_path = cache_paths(FakeBackend())
+    first = LatencyEstimator.load(estimator_path).profile_sha256
+    assert cli_main(["profile", *args, "force=true"]) == 0
+    out = capsys.readouterr().out
+    assert "refitted the estimator" in out and "repeat noise" in out
+    assert LatencyEstimator.load(estimator_path).profile_sha256 == read_profile(profile_path).sha256 != first
+    assert cli_main(["report", *args]) == 0
+    assert "estimator: valid" in capsys.readouterr().out
+    # A corrupt estimator is an error naming it, not "all is well".
+    estimator_path.write_bytes(estimator_path.read_bytes()[:-50])
+    with pytest.raises(EstimatorFileError, match="fit backend=hlat-fake force=true") as info:
+        cli_main(["report", *args])
+    assert str(estimator_path) in str(info.value)
+
+
+def test_cli_report_on_a_stale_or_corrupt_estimator_file(fake_profile, tmp_path, capsys):
+    _, path = fake_profile
+    other = tmp_path / "other.csv"
+    profile_backend(FakeBackend(seed=3), SMALL, other, progress=False)
+    stale = fit_estimator(read_profile(other)).save(tmp_path / "stale.estimator")
+    assert cli_main(["report", f"csv={path}", f"estimator={stale}"]) == 1
+    assert "STALE" in capsys.readouterr().out
+    good = fit_estimator(read_profile(path)).save(tmp_path / "good.estimator")
+    assert cli_main(["report", f"csv={path}", f"estimator={good}"]) == 0
+    good.write_text(good.read_text().replace('"method"', '"methodd"', 1))
+    with pytest.raises(EstimatorFileError, match="checksum mismatch"):
+        cli_main(["report", f"csv={path}", f"estimator={good}"])
+
+
+def test_cli_errors_are_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("# format: nothing\n")
+    done = subprocess.run([sys.executable, "-m", "latency_model", "report", f"csv={bad}"], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and str(bad) in done.stderr
+
+
+# --- progress (issue 20) -------------------------------------------------------------------------
+def test_progress_is_plain_lines_when_not_a_terminal():
+    import io
+
+    from backends.progress import LineProgress, progress
+
+    stream = io.StringIO()
+    clock = iter(range(0, 1000, 10)).__next__  # 10 s per call
+    bar = LineProgress(total=12, desc="profiling latency", unit="run", stream=stream, interval_s=25, clock=clock)
+    for _ in range(12):
+        bar.update()
+    bar.close()
+    text = stream.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert lines[0] == "profiling latency: 0/12 runs" and lines[-1].endswith("- done")
+    assert 3 <= len(lines) <= 6  # periodic, not one per update
+    assert "12/12 runs (100%)" in lines[-1]
+    assert isinstance(progress(5, "x", stream=io.StringIO()), LineProgress)
+    silent = io.StringIO()
+    with progress(5, "x", stream=silent, enabled=False) as off:
+        off.update()
+    assert silent.getvalue() == ""
+
+
+def test_fake_backends_implement_the_whole_protocol():
+    assert isinstance(FakeBackend(), Backend) and isinstance(ClonedBackend("/x"), Backend)

@@ -127,3 +127,62 @@ def test_batched_replay_gives_the_env_rewards(tiny_backend, trace_path):
         # differ from a one-row call in the last bits (the env path itself is exact: see above).
         assert out["reward"][i] == pytest.approx(rewards[0], rel=1e-12, abs=1e-12)
         assert out["latency_ms"][i] == pytest.approx(infos[0]["latency_ms"], rel=1e-12)
+
+
+# --- validation of recorded rows (issue 13) --------------------------------------------------------
+@pytest.mark.parametrize("table,column,value,message", [
+    ("outcomes", "score", None, "score=NULL"),
+    ("outcomes", "score", float("nan"), "score=NULL"),  # SQLite stores NaN as NULL
+    ("outcomes", "measured_ms", float("inf"), "measured_ms=inf"),
+    ("outcomes", "score", "abc", "score='abc'"),
+    ("outcomes", "new_tokens", None, "new_tokens=NULL"),
+    ("stage1", "stage1_ms", float("-inf"), "stage1_ms=-inf"),
+    ("stage1", "summary", np.full(4, np.nan, np.float32).tobytes(), "summary=<4 non-finite values>"),
+])
+def test_non_finite_trace_row_is_an_error_naming_the_row(trace_path, tmp_path, table, column, value, message):
+    broken = tmp_path / "broken.trace"
+    broken.write_bytes(trace_path.read_bytes())
+    with sqlite3.connect(broken) as conn:
+        key = conn.execute(f"SELECT split, sample_id FROM {table} ORDER BY sample_id LIMIT 1").fetchone()
+        conn.execute(f"UPDATE {table} SET {column}=? WHERE rowid=(SELECT MIN(rowid) FROM {table})", (value,))
+    with pytest.raises(TraceError, match=f"{table} row \\(split='{key[0]}', sample_id={key[1]},.*{message}") as info:
+        TraceBackend(broken)
+    assert str(broken) in str(info.value)
+
+
+def test_recording_refuses_a_non_finite_outcome(tiny_backend, tmp_path, monkeypatch):
+    original = tiny_backend.run_stage2
+
+    def nan_score(state, knobs):
+        outcome = original(state, knobs)
+        outcome.score = float("nan")
+        return outcome
+
+    monkeypatch.setattr(tiny_backend, "run_stage2", nan_score)
+    configs = trace_grid(tiny_backend.knob_space)[:2]
+    with pytest.raises(TraceError, match="outcomes row \\(split='validation', sample_id=0, config_id=0\\) has score=nan"):
+        record_trace(tiny_backend, tmp_path / "nan.trace", split="validation", sample_ids=[0], configs=configs,
+                     progress=False)
+
+
+def test_trace_backend_implements_the_whole_protocol(tiny_backend, trace_path):
+    import torch
+
+    from backends.base import Backend
+
+    trace = TraceBackend(trace_path)
+    assert isinstance(trace, Backend)
+    assert trace.device == torch.device("cpu")
+    assert trace.cost_params() == {k: float(v) for k, v in tiny_backend.cost_params().items()}
+    assert trace.expected_new_tokens_by_type[None] == tiny_backend.expected_new_tokens_by_type[None]
+    assert trace.recorded_estimator_file().endswith(".estimator")
+    sample = trace.sample("test", 0)
+    assert trace.expected_token_counts(sample, KnobConfig()) == tiny_backend.expected_token_counts(
+        tiny_backend.sample("test", 0), KnobConfig())
+
+
+def test_recording_progress_is_plain_lines_in_a_log(tiny_backend, tmp_path, capsys):
+    configs = trace_grid(tiny_backend.knob_space)[:2]
+    record_trace(tiny_backend, tmp_path / "p.trace", split="validation", sample_ids=[0, 1], configs=configs)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "record validation: 2/2 samples (100%)" in err
