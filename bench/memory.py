@@ -118,6 +118,8 @@ class FastBackend:
 class AnalyticEstimator:
     """A latency stand-in: grows with vision tokens, top-k x depth and generated tokens."""
 
+    noise = None  # a stand-in has no measured profile noise
+
     def predict(self, knobs, counts) -> np.ndarray:
         return np.array([20 + 0.5 * c.vision_tokens + (k.top_k or 8) * (k.depth or 16) * 0.4 + 8 * c.new_tokens
                          for k, c in zip(knobs, counts)], dtype=np.float64)

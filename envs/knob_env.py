@@ -141,7 +141,8 @@ class KnobEnv(gym.Env):
                           f"{lo:.1f}ms..{hi:.1f}ms; choose a budget inside it, e.g. "
                           f"budget={self.suggested_budget_ms:.0f}ms (one the full configuration does not fit "
                           f"on a typical input), or a range to train one controller for all of them, "
-                          f"budget=[{self.suggested_budget_range_ms[0]:.0f}ms,{self.suggested_budget_range_ms[1]:.0f}ms]",
+                          f"budget=[{self.suggested_budget_range_ms[0]:.0f}ms,{self.suggested_budget_range_ms[1]:.0f}ms]"
+                          + (f"; latency estimator {noise}" if (noise := self.latency.noise_description()) else ""),
                           stacklevel=3)
 
     # ---------------------------------------------------------------- pickling

@@ -70,6 +70,13 @@ class LatencySource:
             out[i] = value
         return out
 
+    def noise_description(self) -> str | None:
+        """The estimator's profile noise in one line (e.g. ``repeat noise 7.9% (bound 40%)``), for
+        warnings and run reports; ``None`` when the estimator carries no noise record. Every
+        estimator declares ``noise`` (a :class:`latency_model.profile.ProfileNoise` or ``None``)."""
+        noise = self.estimator.noise
+        return None if noise is None else noise.describe()
+
     def predict_ms(self, knobs: Sequence[KnobConfig], counts: Sequence[TokenCounts]) -> np.ndarray:
         knobs, counts = list(knobs), list(counts)
         keys = [(k, tuple(vars(c).values())) for k, c in zip(knobs, counts)]

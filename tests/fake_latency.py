@@ -8,6 +8,8 @@ import numpy as np
 
 
 class AnalyticEstimator:
+    noise = None  # a stand-in has no measured profile noise
+
     def predict(self, knobs, counts):
         return np.array([20 + 0.5 * c.vision_tokens + (k.top_k or 8) * (k.depth or 16) * 0.4 + 8 * c.new_tokens
                          for k, c in zip(knobs, counts)], dtype=np.float64)

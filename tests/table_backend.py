@@ -40,6 +40,8 @@ def difficulty(question_type: int) -> int:
 
 class TableLatency:
     """The exact latency of the table backend, as a latency-estimator stand-in."""
+    noise = None  # a stand-in has no measured profile noise
+
 
     def predict(self, knobs: Sequence[KnobConfig], counts: Sequence[TokenCounts]) -> np.ndarray:
         return np.array([self.stage1(c) + k.depth * (0.6 + 0.15 * k.top_k) * (1 + c.new_tokens)
