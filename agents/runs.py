@@ -194,7 +194,9 @@ def make_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator_spec: str 
     from envs.registry import check_env_id
 
     check_env_id(env_cfg["id"])
-    backend = load_backend(backend_cfg["name"], **dict(backend_cfg.get("options") or {}))
+    # Every key of conf/backend/<name>.yaml but ``name`` is an option (an ``options:`` block too).
+    options = {k: v for k, v in backend_cfg.items() if k not in ("name", "options")}
+    backend = load_backend(backend_cfg["name"], **{**options, **dict(backend_cfg.get("options") or {})})
     estimator = import_callable(estimator_spec)(backend) if estimator_spec else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -280,8 +280,9 @@ def generation_settings_from_dict(options: Mapping[str, Any] | None) -> Generati
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-class ModelNotAvailableError(FileNotFoundError):
-    """The model is not on disk (and we do not download at run time)."""
+class ModelNotAvailableError(SpecError, FileNotFoundError):
+    """The model is not on disk (and we do not download at run time); a ValueError too, so the CLI
+    reports it as one line."""
 
 
 def check_checkpoint_out_dir(out: str | Path, overwrite: bool) -> None:

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import gymnasium as gym
 
 from backends.knobs import KnobConfig
+from backends.registry import load_backend
 from envs.knob_env import KnobEnv
 
 
@@ -22,10 +23,13 @@ class TokenBudgetEnv(KnobEnv):
         fractions = tuple(float(f) for f in fractions)
         if not fractions or any(not (math.isfinite(f) and 0 < f <= 1) for f in fractions):
             raise ValueError(f"fractions={fractions!r} is invalid; accepted: a non-empty list of fractions 0 < f <= 1")
-        super().__init__(**kwargs)
-        if not self.space.has_vision:
-            raise ValueError(f"TokenBudget-v0 needs a vision-language backend; {self.space.model_class} has no "
-                             f"vision tower")
+        # Checked before the base class profiles latency: an env that cannot apply fails at once.
+        backend = load_backend(kwargs.get("backend", "tiny"), **(kwargs.get("backend_options") or {}))
+        if not backend.knob_space.has_vision:
+            raise ValueError(f"TokenBudget-v0 needs a backend with a vision tower; "
+                             f"{backend.knob_space.model_class} has none; accepted: a vision-language model "
+                             f"(LLaVA, IDEFICS2, the tiny default), or MultiKnob-v0 for this model")
+        super().__init__(**{**kwargs, "backend": backend, "backend_options": None})
         self.fractions = fractions
         self.action_space = gym.spaces.Discrete(len(fractions))
         self.obs_size = 2 + len(self.question_types) + 2
