@@ -215,7 +215,8 @@ class VQADataset:
         for split in SPLITS:
             data, idx = self._rows[split]
             if col in data.column_names:
-                values = data[col] if idx is None else [data[col][int(i)] for i in idx]
+                column = list(data[col])
+                values = column if idx is None else [column[int(i)] for i in idx]
                 found.update(str(v) for v in values if v is not None and str(v) != "")
         return tuple(sorted(found))
 

@@ -31,7 +31,7 @@ class LatencySource:
         if mode not in LATENCY_MODES:
             raise ValueError(f"latency={mode!r} is invalid; accepted: {', '.join(LATENCY_MODES)}")
         self.mode = mode
-        recorded = getattr(backend, "recorded_estimator_file", lambda: None)()
+        recorded = backend.recorded_estimator_file()
         if estimator is None and recorded is not None:
             # A replayed trace charges the latencies of the device it was recorded on.
             from latency_model import LatencyEstimator
@@ -40,9 +40,9 @@ class LatencySource:
         if estimator is None:
             from latency_model import get_estimator
 
-            # Profiling a replay would time the replay, not the model: only live backends profile.
-            estimator = get_estimator(backend, cache_dir=cache_dir,
-                                      profile_if_missing=not hasattr(backend, "recorded_estimator_file"))
+            # A backend without a recorded estimator (every live backend: Backend.recorded_estimator_file
+            # returns None) is profiled on this device when nothing is cached.
+            estimator = get_estimator(backend, cache_dir=cache_dir, profile_if_missing=True)
         self.estimator = estimator
 
     # Predictions are pure functions of (knobs, token counts), and inputs share token counts

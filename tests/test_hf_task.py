@@ -299,6 +299,8 @@ def test_missing_model_says_how_to_make_it_available(jsonl_data, tmp_path):
 def test_cuda_without_cuda_is_one_clear_error(checkpoints, jsonl_data):
     with pytest.raises(SpecError, match=r"device='cuda' needs CUDA.*is_available\(\) is False.*device=cpu"):
         hf(checkpoints["olmoe"], jsonl_data["text"], device="cuda")
+    with pytest.raises(SpecError, match=r"device='cuda:1' needs CUDA"):
+        load_backend("tiny", device="cuda:1")
 
 
 @pytest.mark.parametrize("options, fragment", [
