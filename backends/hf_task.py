@@ -44,7 +44,7 @@ def load_hf_backend(model: str | None = None, dataset: Any = None, *, revision: 
                     prompt_template: str | None = None, tier_mode: str | None = None,
                     knobs: Mapping | None = None, columns: Mapping | None = None, splits: Mapping | None = None,
                     split_fractions: Any = None, split_seed: int = 0, max_samples: int | None = None,
-                    num_threads: int | None = None, hub_id: str | None = None) -> HFBackend:
+                    num_threads: int | None = None, hub_id: str | None = None, **unknown: Any) -> HFBackend:
     """Load ``model`` and ``dataset`` into an :class:`~backends.hf.HFBackend`.
 
     Args:
@@ -72,6 +72,11 @@ def load_hf_backend(model: str | None = None, dataset: Any = None, *, revision: 
         num_threads: torch intra-op threads for the process; null leaves torch's setting alone.
         hub_id: informational: the hub id a preset expects (``model`` may point at a local copy of it).
     """
+    if unknown:
+        import inspect
+
+        accepted = [p for p in inspect.signature(load_hf_backend).parameters if p != "unknown"]
+        raise SpecError(f"unknown backend=hf option(s) {sorted(unknown)}; accepted: {', '.join(accepted)}")
     if model is None or (isinstance(model, str) and not model.strip()):
         raise SpecError("backend=hf needs model=<a local directory or a hub id in the local Hugging Face cache>; "
                         "e.g. backend.model=backends/tiny/checkpoint")

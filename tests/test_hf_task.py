@@ -293,6 +293,8 @@ def test_missing_model_says_how_to_make_it_available(jsonl_data, tmp_path):
         load_backend("hf", dataset=str(jsonl_data["text"]))
     with pytest.raises(DataError, match="needs dataset="):
         load_backend("hf", model=str(tmp_path))
+    with pytest.raises(SpecError, match=r"unknown backend=hf option\(s\) \['foo'\]; accepted: model, dataset"):
+        load_backend("hf", model=str(tmp_path), dataset=str(jsonl_data["text"]), foo=1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
@@ -362,3 +364,26 @@ def test_tiny_checkpoint_through_backend_hf_on_its_exported_dataset(tmp_path):
         tiny.run(tiny.samples("test")[index], KnobConfig(tier="medium")).answer
     info = one_episode("MultiKnob-v0", backend)
     assert info["knobs"]["top_k"] in backend.knob_space.top_ks
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: every key is a load_hf_backend option; they stop at the machine or the missing model
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("preset, hub_id", [("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf"),
+                                            ("idefics2-8b", "HuggingFaceM4/idefics2-8b"),
+                                            ("olmoe-1b-7b", "allenai/OLMoE-1B-7B-0924-Instruct"),
+                                            ("pythia-2.8b", "EleutherAI/pythia-2.8b")])
+def test_presets_compose_and_name_their_model(jsonl_data, preset, hub_id):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = OmegaConf.to_container(compose("config", overrides=[f"backend={preset}"]).backend, resolve=True)
+    assert cfg.pop("name") == "hf" and cfg["model"] == cfg["hub_id"] == hub_id and cfg["revision"]
+    cfg["dataset"] = str(jsonl_data["vision"])
+    expected = "needs CUDA" if not torch.cuda.is_available() else "not in the local Hugging Face cache"
+    with pytest.raises(SpecError, match=expected):
+        load_backend("hf", **cfg)
