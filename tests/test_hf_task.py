@@ -387,3 +387,19 @@ def test_presets_compose_and_name_their_model(jsonl_data, preset, hub_id):
     expected = "needs CUDA" if not torch.cuda.is_available() else "not in the local Hugging Face cache"
     with pytest.raises(SpecError, match=expected):
         load_backend("hf", **cfg)
+
+
+def test_hub_id_in_the_local_cache_loads_offline_with_its_commit_as_revision(checkpoints, jsonl_data, tmp_path,
+                                                                             monkeypatch):
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--olmoe"
+    shutil.copytree(checkpoints["olmoe"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    backend = load_backend("hf", model="tiny-org/olmoe", dataset=str(jsonl_data["text"]))
+    assert backend.identity()["content_revision"] == commit
+    with pytest.raises(ModelNotAvailableError, match="revision 'v2'.*hf download tiny-org/olmoe --revision v2"):
+        load_backend("hf", model="tiny-org/olmoe", revision="v2", dataset=str(jsonl_data["text"]))
