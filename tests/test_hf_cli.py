@@ -1,5 +1,6 @@
 """``train.py backend=hf`` and ``evaluate.py`` on a plain checkpoint and an exported JSON-lines
-dataset (the random tiny model and an analytic latency stand-in, so it takes seconds)."""
+dataset (the random tiny model and an analytic latency stand-in, so it takes seconds). Bad data
+through the API is tested in ``test_hf_task.py``."""
 
 from __future__ import annotations
 
@@ -34,8 +35,3 @@ def test_train_and_evaluate_with_backend_hf(tmp_path, random_tiny_checkpoint):
     assert report["backend"]["backend"] == "hf" and report["backend"]["content_revision"].startswith("local-")
     evaluated = run_cli("evaluate.py", [f"run={run}"], tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-
-    missing = run_cli("train.py", ["env=MultiKnob-v0", "backend=hf", f"backend.model={random_tiny_checkpoint}",
-                                   f"backend.dataset={tmp_path / 'none.jsonl'}", "estimator=fake_latency:make"],
-                      tmp_path)
-    assert missing.returncode != 0 and "none.jsonl" in missing.stderr and "does not exist" in missing.stderr
