@@ -26,6 +26,7 @@ import numpy as np
 from backends.base import SPLITS, Sample, check_split
 from backends.knobs import KnobConfig, KnobSpace
 from backends.outcome import Outcome, Stage1State, TokenCounts, expected_token_counts
+from backends.text_features import QUESTION_FEATURE_DIM, hashed_bag_of_words
 
 TRACE_FORMAT_VERSION = 1
 _SCHEMA = """
@@ -203,6 +204,12 @@ class TraceBackend:
             conn.close()
 
     device = "cpu"  # replay runs no model; the recording device is in identity()
+    #: the question text is recorded, so its feature is recomputed exactly as live backends do
+    question_feature_dim = QUESTION_FEATURE_DIM
+
+    def question_features(self, sample: Sample) -> np.ndarray:
+        """``[question_feature_dim]`` float32 hashed bag of words of the recorded question."""
+        return hashed_bag_of_words(sample.question, self.question_feature_dim)
 
     def recorded_estimator_file(self) -> Path | None:
         """The latency estimator recorded with the trace, written next to it (``None`` if none)."""
