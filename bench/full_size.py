@@ -124,12 +124,11 @@ def _scaled_block(cfg: dict, scale: float) -> dict:
         new_head_dim = max(16, 8 * round(head_dim * math.sqrt(scale) / 8))
         out["num_attention_heads"] = new_heads
         out["hidden_size"] = new_heads * new_head_dim
-        if "num_key_value_heads" in cfg:
-            groups = heads // cfg["num_key_value_heads"]
-            out["num_key_value_heads"] = max(1, new_heads // groups) if new_heads % max(1, new_heads // groups) == 0 \
-                else new_heads
-            while new_heads % out["num_key_value_heads"]:
-                out["num_key_value_heads"] -= 1
+        if "num_key_value_heads" in cfg:  # keep the query heads per key/value head where it divides
+            kv_heads = max(1, new_heads // (heads // cfg["num_key_value_heads"]))
+            while new_heads % kv_heads:
+                kv_heads -= 1
+            out["num_key_value_heads"] = kv_heads
     for key in ("intermediate_size",):
         if key in cfg:
             out[key] = max(16, 16 * round(cfg[key] * scale / 16))  # grouped_mm needs 16-byte strides
@@ -582,6 +581,8 @@ def make_knob_env(env_id: str, backend, estimator):
     """The env on ``backend`` (budget: the full configuration's estimate), or the one-line reason
     it refuses this backend (an env that cannot apply raises ``ValueError``)."""
     import gymnasium as gym
+
+    import envs  # noqa: F401  (registers the ids)
 
     full = backend.knob_space.full()
     full_ms = float(estimator.predict([full], [backend.expected_token_counts(backend.samples("validation")[0],

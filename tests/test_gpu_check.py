@@ -46,3 +46,30 @@ def test_bad_options_are_one_line_and_exit_2(argv, message, capsys, tmp_path):
 def test_an_existing_output_folder_is_refused(tmp_path, capsys):
     assert gpu_check.main(["--out", str(tmp_path)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_the_gpu_path_runs_end_to_end_with_cuda_calls_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """Everything after the first CUDA call, at reduced scale on the CPU: the CUDA timing and memory
+    calls are replaced by no-ops and the per-tier episodes and profiles run in bf16, so the
+    orchestration (loading, checks, env episodes, profiles, estimator, report, output folder) is
+    covered without a GPU."""
+    from bench import full_size as fs
+
+    write = fs.write_checkpoint
+    monkeypatch.setattr(fs, "write_checkpoint", lambda arch, out, scale=1.0, seed=0: write(arch, out, 0.05, seed))
+    monkeypatch.setattr(gpu_check, "require_cuda", lambda: torch.device("cpu"))
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "cpu stand-in")
+    monkeypatch.setattr(gpu_check, "TIER_EPISODES", ("llava-1.5-7b", "bf16"))
+    monkeypatch.setattr(gpu_check, "PROFILED", (("llava-1.5-7b", "bf16"),))
+    out = tmp_path / "gpu-run"
+    rc = gpu_check.main(["--models", "llava-1.5-7b", "--quantizations", "bf16", "--out", str(out),
+                         "--profile-points", "8", "--profile-repeats", "1", "--max-new-tokens", "2"])
+    table = capsys.readouterr().out
+    assert rc == 0, table
+    assert {p.name for p in out.iterdir()} == {"results.json", "table.md", "profile-llava-1.5-7b-bf16.csv",
+                                               "profile-llava-1.5-7b-bf16-report.json",
+                                               "estimator-llava-1.5-7b-bf16.bin"}
+    assert "stage 1, tier low" in table and "TokenBudget-v0 highest" in table and "latency profile 8 points" in table
