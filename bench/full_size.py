@@ -48,6 +48,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from backends.base import Sample
+from backends.knobs import KnobConfig
+
 CONFIG_DIR = Path(__file__).resolve().parent / "full_size_configs"
 MODELS = ("llava-1.5-7b", "idefics2-8b", "olmoe-1b-7b", "pythia-2.8b")
 SHARD_BYTES = 2 << 30
@@ -368,8 +371,6 @@ class JsonlTask:
     def __init__(self, path: str | Path):
         from PIL import Image
 
-        from backends.base import Sample
-
         path = Path(path)
         self.rows = []
         for line_no, line in enumerate(path.read_text().splitlines(), 1):
@@ -382,10 +383,9 @@ class JsonlTask:
                                     f"an optional image")
             image = np.asarray(Image.open(path.parent / row["image"]).convert("RGB")) if "image" in row else None
             self.rows.append((row["question"], row["answer"], image))
-        self._sample = Sample
 
     def samples(self, split: str):
-        return [self._sample(sample_id=i, split=split, question=q, reference=a, image=img)
+        return [Sample(sample_id=i, split=split, question=q, reference=a, image=img)
                 for i, (q, a, img) in enumerate(self.rows)]
 
     def score(self, answer: str, reference: str | None) -> float:
@@ -495,8 +495,6 @@ def check_compute(backend, probe, knobs, what: str) -> None:
 def calibration_configs(space) -> list:
     """The cheapest configuration and the most expensive one at the lowest tier (cheap to run at
     full size: few vision tokens), i.e. both extremes of top-k and depth."""
-    from backends.knobs import KnobConfig
-
     cheap = space.cheapest().replace(token_budget=1.0)
     top = KnobConfig(tier=space.tier_names[0] if space.has_vision else None,
                      top_k=max(space.top_ks) if space.top_ks else None,
@@ -609,8 +607,6 @@ def extreme_actions(action_space) -> list[tuple[str, Any]]:
 
 def knob_env_episode(env, env_id: str, backend, probe, action, label: str) -> dict:
     """One episode repeating ``action`` at every step; checks what the model computed."""
-    from backends.knobs import KnobConfig
-
     space = backend.knob_space
     probe.reset()
     start = time.perf_counter()
@@ -715,8 +711,6 @@ def wait_for_memory(needed_gb: float, timeout_s: float = 600.0, log=print) -> No
 def run_model(name: str, work_dir: Path, *, scale: float = 1.0, keep: bool = False, max_new_tokens: int = 2,
               log=print) -> dict:
     """Build, save, load, check and run envs for one model; returns its table entry."""
-    from backends.knobs import KnobConfig  # noqa: F401  (import before timing)
-
     arch = load_architecture(name)
     ckpt, data_dir = work_dir / name, work_dir / f"{name}-data"
     result: dict[str, Any] = {"model": name, "scale": scale, "source": arch.source, "rows": []}
