@@ -12,7 +12,7 @@ For each model, in its own process (so memory is returned to the system between 
 2. saves it as a local checkpoint with a small word-level tokenizer (the model's vocabulary size)
    and, for vision models, its image processor, plus a JSON-lines dataset (``image`` relative to
    the file, ``question``, ``answer``) with one generated image;
-3. loads it through the real loading path (:func:`load_through_backend_hf`);
+3. loads it through ``backend=hf`` (:func:`load_through_backend_hf`: ``backends.registry.load_backend``);
 4. checks the knobs at the real shapes with forward hooks (:mod:`bench._hooks`): vision tokens per
    tier and the patches entering the vision encoder, blocks run per depth, experts per token in
    every MoE block but the first, KV cache sizes per policy, non-empty generated tokens;
@@ -48,7 +48,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from backends.base import Sample
 from backends.knobs import KnobConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "full_size_configs"
@@ -362,53 +361,26 @@ def write_dataset(arch: Architecture, out_dir: Path, n_questions: int = 1) -> Pa
 # ---------------------------------------------------------------------------------------------
 # Loading: the one place that goes through the backend loading path
 # ---------------------------------------------------------------------------------------------
-class JsonlTask:
-    """A JSON-lines dataset (``image`` relative to the file, ``question``, ``answer``): every split
-    serves all of its rows; exact match after lower-casing and stripping."""
-
-    question_types: tuple[str, ...] = ()
-
-    def __init__(self, path: str | Path):
-        from PIL import Image
-
-        path = Path(path)
-        self.rows = []
-        for line_no, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            missing = [k for k in ("question", "answer") if k not in row]
-            if missing:
-                raise FullSizeError(f"{path}:{line_no} lacks {missing}; accepted: rows with question, answer and "
-                                    f"an optional image")
-            image = np.asarray(Image.open(path.parent / row["image"]).convert("RGB")) if "image" in row else None
-            self.rows.append((row["question"], row["answer"], image))
-
-    def samples(self, split: str):
-        return [Sample(sample_id=i, split=split, question=q, reference=a, image=img)
-                for i, (q, a, img) in enumerate(self.rows)]
-
-    def score(self, answer: str, reference: str | None) -> float:
-        return float(reference is not None and answer.strip().lower() == reference.strip().lower())
-
-
 def load_through_backend_hf(checkpoint_dir: str | Path, dataset_file: str | Path, *, precision: str = "bf16",
                             quantization: str | None = None, device: str = "cpu", max_new_tokens: int = 2):
-    """Load a checkpoint directory and a JSON-lines dataset through the HF backend.
+    """Load a checkpoint directory and a JSON-lines dataset through ``backend=hf``.
 
-    The one place the benches load a model: it goes through ``backends.loading.load_model`` and
-    ``backends.hf.HFBackend`` with :class:`JsonlTask`; once ``backend=hf`` reads datasets itself
-    (``backends.registry.load_backend("hf", model=..., dataset=..., precision=..., ...)``), this
-    body becomes that one call.
+    The one place the benches load a model: ``backends.registry.load_backend("hf", ...)``, the
+    path ``train.py backend=hf`` takes. The one file serves every split (the bench checks knobs on
+    its first sample, whatever the split). The knob ranges are the model config's defaults
+    (:func:`backends.knobs.knob_space_from_model`: tier before the tower, top-k ``full/2 .. full``,
+    depth ``ceil(0.75 L) .. L``), which are the presets' ranges at the published sizes. The
+    backend is released from the registry's cache (:func:`backends.registry.release_backend`) so
+    that dropping it frees the model when the caller is done.
     """
-    from backends.hf import HFBackend
-    from backends.loading import GenerationSettings, ModelSpec, QuantizationSpec, load_model
+    from backends.registry import load_backend, release_backend
 
-    quant = QuantizationSpec(enabled=True, quant_type=quantization) if quantization else QuantizationSpec()
-    loaded = load_model(ModelSpec(model=str(checkpoint_dir), precision=precision, device=device,
-                                  quantization=quant))
-    return HFBackend(loaded, JsonlTask(dataset_file), GenerationSettings(max_new_tokens=max_new_tokens),
-                     name="hf")
+    data = str(dataset_file)
+    backend = load_backend("hf", model=str(checkpoint_dir), dataset={"train": data, "validation": data, "test": data},
+                           precision=precision, quantization=quantization, device=device,
+                           generation={"max_new_tokens": int(max_new_tokens)})
+    release_backend(backend)
+    return backend
 
 
 def check_loaded_weights(model: nn.Module, checkpoint_dir: Path) -> None:
@@ -447,7 +419,8 @@ def expected_encoder_patches(backend, sample) -> int:
 
 def check_tiers(backend, sample, probe) -> list[dict]:
     """Stage 1 (vision encoder + decoder block 1) at every tier: vision tokens the language model
-    sees, patches entering the encoder, the sequence entering block 1, only block 1 run."""
+    sees, patches entering the encoder (falling with the tier in ``resize`` mode, the whole
+    processed image at every tier in ``pool`` mode), the sequence entering block 1, only block 1 run."""
     space, rows = backend.knob_space, []
     native_patches = expected_encoder_patches(backend, sample)
     patches_by_tier = []
@@ -470,8 +443,17 @@ def check_tiers(backend, sample, probe) -> list[dict]:
                      "checks": f"{counts.vision_tokens} vision tokens, {patches} encoder patches"})
     expect(patches_by_tier[-1] == native_patches,
            f"top tier: {patches_by_tier[-1]} encoder patches; expected {native_patches} (the processed image)")
-    expect(patches_by_tier == sorted(patches_by_tier),
-           f"encoder patches per tier {patches_by_tier} grow from a higher tier to a lower one")
+    tokens_by_tier = [space.tiers[t] for t in space.tier_names]
+    expect(tokens_by_tier == sorted(tokens_by_tier),
+           f"vision tokens per tier {tokens_by_tier} grow from a higher tier to a lower one")
+    if space.tier_mode == "resize":
+        # The tier is decided before the tower: each lower tier feeds the encoder fewer patches.
+        expect(all(a < b for a, b in zip(patches_by_tier, patches_by_tier[1:])),
+               f"tier_mode resize: encoder patches per tier {patches_by_tier} do not fall with the tier")
+    else:
+        expect(patches_by_tier == [native_patches] * len(patches_by_tier),
+               f"tier_mode pool: encoder patches per tier {patches_by_tier}; expected the processed image's "
+               f"{native_patches} at every tier")
     return rows
 
 

@@ -35,13 +35,28 @@ def test_smoke_run_end_to_end(tmp_path, capsys):
     assert result["ok"] and result["model"] == "llava-1.5-7b"
     settings = [row["setting"] for row in result["rows"]]
     assert settings[:3] == ["stage 1, tier low", "stage 1, tier medium", "stage 1, tier high"]
-    # 336 px / 14 px patches: the real tier token counts and encoder patches even at reduced width
+    # tier before the tower (resize): 168 / 224 / 336 px over 14 px patches, so the encoder's input
+    # patches fall with the tier as the vision tokens do, at the real counts even at reduced width
     assert [row["checks"] for row in result["rows"][:3]] == [
-        f"{n} vision tokens, 576 encoder patches" for n in (36, 144, 576)]
+        f"{n} vision tokens, {n} encoder patches" for n in (144, 256, 576)]
+    assert any(s.startswith("MultiKnob-v0 lowest (tier=low depth=") for s in settings)
+    assert any(s.startswith("MultiKnob-v0 highest (tier=high depth=") for s in settings)
     assert any(s.startswith("TokenBudget-v0 lowest") for s in settings)
     assert any(s.startswith("TokenBudget-v0 highest") for s in settings)
     assert all(s in table for s in settings) and "peak RSS" in table
     assert not (tmp_path / "work" / "llava-1.5-7b").exists()
+
+
+def test_smoke_run_text_moe_gets_top_k_and_depth(tmp_path, capsys):
+    """A text-only MoE model: MultiKnob-v0 has no tier, only top-k and depth, and runs at both ends."""
+    out = tmp_path / "results.json"
+    rc = fs.main(["--models", "olmoe-1b-7b", "--scale", "0.05", "--in-process", "--work-dir", str(tmp_path / "work"),
+                  "--json", str(out)])
+    assert rc == 0, capsys.readouterr().out
+    (result,) = json.loads(out.read_text())
+    settings = [row["setting"] for row in result["rows"]]
+    assert result["ok"] and result["knob_space"]["tiers"] == {}
+    assert "MultiKnob-v0 lowest (top_k=4 depth=3)" in settings and "MultiKnob-v0 highest (top_k=8 depth=4)" in settings
 
 
 def test_keep_leaves_a_loadable_checkpoint_and_dataset(tmp_path):
