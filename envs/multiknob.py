@@ -13,8 +13,10 @@ ignores the others; stage 2 reads the rest (top-k index into ``space.top_ks``, d
 
 Observation (float32, same size in both stages, clipped to [-10, 10]):
 ``[stage, budget/ref, prompt_tokens/64, question-type one-hot..., image_h/256, image_w/256,
-block-1 summary (16)..., vision_tokens/native, spent/budget, cheapest_total/budget,
-full_total/budget]``; the stage-2 part is zero in stage 1. ``ref`` is the estimated latency of
+question features (Backend.question_feature_dim)..., block-1 summary (16)..., vision_tokens/native,
+spent/budget, cheapest_total/budget, full_total/budget]``; the stage-2 part is zero in stage 1.
+The question features (a hashed bag of words of the question) let a policy condition on the
+input when the data has no question types. ``ref`` is the estimated latency of
 the full configuration on a typical input; the last two entries are the estimated end-to-end
 latency of the cheapest and the most expensive stage-2 choice for this input and tier.
 """
@@ -48,7 +50,7 @@ class MultiKnobEnv(KnobEnv):
         # value, None, for a text-only model), stage 2 the rest (top-k and/or depth).
         self.trajectory_nvec = tuple(int(n) for n in self.action_space.nvec)
         self.stage_heads = ((0,), tuple(range(1, len(self.trajectory_nvec))))
-        self._n_input = 2 + len(self.question_types) + 2
+        self._n_input = self.input_feature_dim
         self.obs_size = 1 + self._n_input + self.backend.summary_dim + 4
         self.observation_space = self._box(self.obs_size)
         self._stage = 0

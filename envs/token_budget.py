@@ -4,7 +4,8 @@ Action: ``Discrete(len(fractions))`` indexing ``fractions`` (default: the backen
 ``token_budgets``, 0.25 / 0.5 / 0.75 / 1.0 unless configured);
 the rest of the model runs at its defaults (highest tier, the model's own top-k, all blocks).
 Observation (float32): ``[budget/ref, prompt_tokens/64, question-type one-hot...,
-image_h/256, image_w/256]`` (see :mod:`envs.multiknob` for ``ref``).
+image_h/256, image_w/256, question features...]`` (see :mod:`envs.multiknob` for ``ref`` and the
+question features).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class TokenBudgetEnv(KnobEnv):
         self.fractions = fractions
         self.action_space = gym.spaces.Discrete(len(fractions))
         self.trajectory_nvec, self.stage_heads = (len(fractions),), ((0,),)
-        self.obs_size = 2 + len(self.question_types) + 2
+        self.obs_size = self.input_feature_dim
         self.observation_space = self._box(self.obs_size)
 
     def _action_help(self) -> str:

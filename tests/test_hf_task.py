@@ -403,3 +403,53 @@ def test_hub_id_in_the_local_cache_loads_offline_with_its_commit_as_revision(che
     assert backend.identity()["content_revision"] == commit
     with pytest.raises(ModelNotAvailableError, match="revision 'v2'.*hf download tiny-org/olmoe --revision v2"):
         load_backend("hf", model="tiny-org/olmoe", revision="v2", dataset=str(jsonl_data["text"]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Observations condition on the question; the group layout follows each model's action space
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, env_id", [("olmoe", "MultiKnob-v0"), ("llava_llama", "MultiKnob-v0"),
+                                          ("llava_llama", "TokenBudget-v0")])
+def test_observations_carry_the_question_features(checkpoints, jsonl_data, name, env_id):
+    """Without question types, two inputs with different questions get different stage-0
+    observations: the backend's question features sit after the image size."""
+    backend = hf(checkpoints[name], jsonl_data["text" if name == "olmoe" else "vision"])
+    env = gym.make(env_id, backend=backend, budget="40ms", estimator=AnalyticEstimator())
+    base = env.unwrapped
+    assert base.input_feature_dim == 4 + backend.question_feature_dim  # no question types
+    offset = 5 if env_id == "MultiKnob-v0" else 4  # MultiKnob's stage flag comes first
+    observations = []
+    for sample in backend.samples("train")[:2]:
+        obs, _ = env.reset(options={"sample_id": sample.sample_id})
+        assert obs.shape == env.observation_space.shape and obs.dtype == np.float32
+        assert env.observation_space.contains(obs)
+        np.testing.assert_allclose(obs[offset:offset + backend.question_feature_dim],
+                                   backend.question_features(sample), rtol=1e-6)
+        np.testing.assert_array_equal(obs, base.stage_observation(sample.sample_id, 40.0, "train", 0))
+        observations.append(obs)
+    assert backend.samples("train")[0].question != backend.samples("train")[1].question
+    assert not np.array_equal(observations[0], observations[1])
+
+
+@pytest.mark.parametrize("name, nvec", [("olmoe", lambda s: (1, len(s.top_ks), len(s.depths))),
+                                        ("llava_llama", lambda s: (len(s.tier_names), len(s.depths))),
+                                        ("llava_olmoe", lambda s: (len(s.tier_names), len(s.top_ks), len(s.depths)))])
+def test_group_layout_follows_the_action_space(checkpoints, jsonl_data, name, nvec):
+    """A text-only MoE has one (None) tier choice, a dense VLM tier + depth: the GroupEnv layout,
+    stage observations and group evaluation follow, and a group scores as stepping does."""
+    from agents.base import EnvLayout
+
+    backend = hf(checkpoints[name], jsonl_data["text" if name == "olmoe" else "vision"])
+    env = gym.make("MultiKnob-v0", backend=backend, budget="40ms", estimator=AnalyticEstimator())
+    layout = EnvLayout(env)
+    assert tuple(layout.nvec) == nvec(backend.knob_space) == tuple(env.action_space.nvec)
+    assert layout.stage_heads == [[0], list(range(1, len(layout.nvec)))]
+    actions = layout.all_actions()
+    stage1 = layout.observation(0, 40.0, "train", 1, actions[-1])
+    assert stage1.shape == env.observation_space.shape and stage1[0] == 1.0
+    rewards, infos = layout.evaluate(0, 40.0, actions, "train")
+    assert rewards.shape == (len(actions),) and np.isfinite(rewards).all()
+    obs, _ = env.reset(options={"sample_id": 0, "budget": 40.0, "split": "train"})
+    for stage in range(layout.n_stages):
+        obs, reward, terminated, _, info = env.step(layout.to_env_action(actions[-1], stage))
+    assert terminated and reward == pytest.approx(rewards[-1]) and info["knobs"] == infos[-1]["knobs"]
