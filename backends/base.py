@@ -61,6 +61,8 @@ class Backend(Protocol):
     knob_space: KnobSpace
     question_types: tuple[str, ...]
     summary_dim: int
+    #: length of :meth:`question_features`
+    question_feature_dim: int
     #: mean generated length per question type index, key ``None`` for all types (training split)
     expected_new_tokens_by_type: dict
 
@@ -85,6 +87,10 @@ class Backend(Protocol):
 
     def prompt_tokens(self, sample: Sample) -> int:
         """Text tokens of the sample's prompt (image placeholders excluded)."""
+
+    def question_features(self, sample: Sample) -> np.ndarray:
+        """``[question_feature_dim]`` float32 text feature of the question that every input has, with or
+        without question types (:func:`backends.text_features.hashed_bag_of_words`)."""
 
     def expected_token_counts(self, sample: Sample, knobs: KnobConfig) -> TokenCounts:
         """Token counts of a run before running it (see :func:`backends.outcome.expected_token_counts`)."""

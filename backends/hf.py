@@ -23,10 +23,10 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from backends.base import Sample, check_split
-from backends.knobs import (KnobConfig, KnobError, KnobSpace, apply_knobs, knob_space_from_model, kept_tokens,
-                            model_parts, pool_vision_tokens, select_vision_tokens)
+from backends.knobs import KnobConfig, KnobError, KnobSpace, apply_knobs, knob_space_from_model, model_parts
 from backends.loading import GenerationSettings, LoadedModel
 from backends.outcome import Outcome, Stage1State, TokenCounts, expected_token_counts
+from backends.text_features import QUESTION_FEATURE_DIM, hashed_bag_of_words
 
 SUMMARY_DIM = 16
 
@@ -38,7 +38,42 @@ class Task(Protocol):
 
     def samples(self, split: str) -> Sequence[Sample]: ...
 
-    def score(self, answer: str, reference: str | None) -> float: ...
+    def score(self, answer: str, sample: Sample) -> float:
+        """The answer's score against the sample's reference(s), in [0, 1]."""
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a question becomes prompt text: a template string, or a chat template.
+
+    Args:
+        template: text with ``{question}`` (and, for a vision model, the image token once); the
+            prompt is tokenized with the tokenizer's special tokens (BOS) added.
+        chat_template: a Jinja chat template (the model's own, from its tokenizer or processor)
+            rendering one user turn (for a vision model: an image, then the question) and the
+            generation prompt; its text already holds the special tokens it wants.
+    """
+
+    template: str | None = None
+    chat_template: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.template is None) == (self.chat_template is None):
+            raise ValueError("PromptFormat needs exactly one of template and chat_template")
+        if self.template is not None and "{question}" not in self.template:
+            raise ValueError(f"prompt_template={self.template!r} is invalid; accepted: a string containing "
+                             f"{{question}}")
+
+    @property
+    def add_special_tokens(self) -> bool:
+        return self.template is not None
+
+    def render(self, tokenizer, question: str, with_image: bool) -> str:
+        if self.template is not None:
+            return self.template.replace("{question}", question)
+        content = ([{"type": "image"}, {"type": "text", "text": question}] if with_image else question)
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], chat_template=self.chat_template,
+                                             tokenize=False, add_generation_prompt=True)
 
 
 @dataclass
@@ -74,15 +109,26 @@ class HFBackend:
         loaded: the :class:`~backends.loading.LoadedModel`.
         task: samples per split and the scoring function.
         generation: decoding settings (honoured as given: greedy only if ``do_sample=False``).
-        prompt_template: prompt with ``{question}`` and, for vision models, the image token once.
+        prompt_template: prompt with ``{question}`` and, for vision models, the image token once;
+            given, it is used instead of any chat template.
+        chat_template: ``True``: the model's chat template when it has one
+            (``tokenizer.chat_template`` or the processor's, see :class:`LoadedModel`); a string: that
+            Jinja template; ``False``: none. Without a chat template or ``prompt_template``: the
+            checkpoint's saved ``knobgym.prompt_template``, else ``USER: <image>\n{question}
+            ASSISTANT:`` (vision) / ``{question}`` (text).
         knob_space: override of the space derived from the model config.
         name: backend name recorded in identities (``tiny``, ``hf``, ...).
+
+    Vision inputs are processed one image at a time with image splitting off (IDEFICS2), so the
+    language model sees one image's tokens at every tier.
     """
 
     summary_dim = SUMMARY_DIM
+    question_feature_dim = QUESTION_FEATURE_DIM
 
     def __init__(self, loaded: LoadedModel, task: Task, generation: GenerationSettings = GenerationSettings(),
-                 prompt_template: str | None = None, knob_space: KnobSpace | None = None, name: str = "hf"):
+                 prompt_template: str | None = None, knob_space: KnobSpace | None = None, name: str = "hf",
+                 chat_template: bool | str = False):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -93,9 +139,7 @@ class HFBackend:
         self.parts = model_parts(self.model)
         self.knob_space = knob_space or knob_space_from_model(self.model)
         self.question_types = tuple(task.question_types)
-        saved = getattr(self.model.config, "knobgym", None) or {}
-        self.prompt_template = prompt_template or saved.get("prompt_template") or (
-            "USER: <image>\n{question} ASSISTANT:" if self.knob_space.has_vision else "{question}")
+        self.prompt_format = self._prompt_format(prompt_template, chat_template)
         self.device = next(self.model.parameters()).device
         self._embed = self.model.get_input_embeddings()
         self._layer_takes_layer_past = "layer_past" in inspect.signature(self.parts.layers[0].forward).parameters
@@ -110,13 +154,44 @@ class HFBackend:
         self._prompt_len_cache: dict[tuple, int] = {}
         self._expected_new_tokens: dict | None = None
 
+    def _prompt_format(self, prompt_template: str | None, chat_template: bool | str) -> PromptFormat:
+        if prompt_template is not None:
+            return PromptFormat(template=prompt_template)
+        if isinstance(chat_template, str):
+            return PromptFormat(chat_template=chat_template)
+        if chat_template is True and self.loaded.chat_template is not None:
+            return PromptFormat(chat_template=self.loaded.chat_template)
+        saved = getattr(self.model.config, "knobgym", None) or {}
+        return PromptFormat(template=saved.get("prompt_template") or (
+            "USER: <image>\n{question} ASSISTANT:" if self.knob_space.has_vision else "{question}"))
+
+    @property
+    def prompt_template(self) -> str | None:
+        """The template string in use (``None`` when prompts come from a chat template)."""
+        return self.prompt_format.template
+
+    def prompt_text(self, sample: Sample) -> str:
+        """The prompt of a sample before tokenization (the image token once for vision models)."""
+        return self.prompt_format.render(self.tokenizer, sample.question, self.knob_space.has_vision)
+
+    def _prompt_ids(self, sample: Sample) -> list[int]:
+        return self.tokenizer(self.prompt_text(sample),
+                              add_special_tokens=self.prompt_format.add_special_tokens)["input_ids"]
+
     # ----------------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
+        """Backend name, model, ``content_revision`` (see :meth:`LoadedModel.identity`), dtype, device."""
         return {"backend": self.name, **self.loaded.identity}
 
     def recorded_estimator_file(self) -> None:
-        """Live backends have no recorded estimator: their latency is profiled on this device."""
+        """Live backends carry no recorded estimator: latency comes from this device's profile."""
         return None
+
+    def question_features(self, sample: Sample) -> np.ndarray:
+        """``[question_feature_dim]`` float32 hashed bag of words of the question
+        (:func:`backends.text_features.hashed_bag_of_words`): an input feature every sample has,
+        with or without question types."""
+        return hashed_bag_of_words(sample.question, self.question_feature_dim)
 
     def cost_params(self) -> dict[str, float]:
         """Architecture numbers for analytic latency features."""
@@ -154,8 +229,7 @@ class HFBackend:
         """Text tokens of the sample's prompt (image placeholders excluded); cached."""
         key = (sample.split, sample.sample_id)
         if key not in self._prompt_len_cache:
-            text = self.prompt_template.format(question=sample.question)
-            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+            ids = self._prompt_ids(sample)
             self._prompt_len_cache[key] = sum(1 for i in ids if i != self.parts.image_token_id)
         return self._prompt_len_cache[key]
 
@@ -250,7 +324,7 @@ class HFBackend:
                 logits = self.parts.lm_head(self.parts.final_norm(h))[0, -1]
                 position += 1
         answer = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip() if not nonfinite else ""
-        score = 0.0 if nonfinite else float(self.task.score(answer, sample.reference))
+        score = 0.0 if nonfinite else float(self.task.score(answer, sample))
         counts = TokenCounts(**{**state.token_counts.__dict__, "new_tokens": len(new_ids)})
         return Outcome(answer=answer, reference=sample.reference, score=score, token_counts=counts,
                        measured_ms=state.measured_ms + timer.ms, stage1_ms=state.measured_ms,
@@ -288,28 +362,33 @@ class HFBackend:
         return int(torch.multinomial(probs / probs.sum(), 1, generator=rng))
 
     def _prompt_inputs(self, sample: Sample, tier: str | None, token_budget: float):
-        """Prompt ids with exactly K image placeholders, and the K image features for them."""
-        text = self.prompt_template.format(question=sample.question)
-        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"][0]
+        """Prompt ids with exactly K image placeholders, the K image features for them, and the
+        tokens the tower emitted (before the budget)."""
+        ids = torch.tensor(self._prompt_ids(sample), dtype=torch.long)
         if not self.knob_space.has_vision:
             return ids.unsqueeze(0).to(self.device), None, 0
         if sample.image is None:
             raise ValueError(f"sample {sample.sample_id} has no image but {type(self.model).__name__} needs one")
-        image_inputs = self.image_processor(images=[sample.image], return_tensors="pt")
-        features = self._image_features(image_inputs)
-        n_full = features.shape[1]
-        n_tier = self.knob_space.tiers[tier] if tier is not None else n_full
-        features = pool_vision_tokens(features, n_tier)
-        features = select_vision_tokens(features, kept_tokens(n_tier, token_budget))[0]
+        image_inputs = self.image_processor(images=[sample.image], return_tensors="pt", **self._processor_kwargs)
+        # The tier and budget act through apply_knobs: resize before the tower, or pool after it,
+        # then budgeted selection (one implementation, backends.knobs.transform_vision_features).
+        with apply_knobs(self.model, KnobConfig(tier=tier, token_budget=token_budget), self.knob_space):
+            features = self._image_features(image_inputs)
         image_id = self.parts.image_token_id
         positions = (ids == image_id).nonzero().flatten()
         if len(positions) == 0:
-            raise ValueError(f"prompt template {self.prompt_template!r} produced no image token (id {image_id})")
+            raise ValueError(f"the prompt {self.prompt_text(sample)!r} has no image token (id {image_id}); "
+                             f"accepted: a prompt_template or chat template that places the image token once")
         # Collapse whatever run of placeholders the tokenizer produced into exactly K of them.
         start, end = int(positions[0]), int(positions[-1]) + 1
         k = features.shape[1]
         ids = torch.cat([ids[:start], torch.full((k,), image_id, dtype=ids.dtype), ids[end:]])
-        return ids.unsqueeze(0).to(self.device), features, n_full
+        return ids.unsqueeze(0).to(self.device), features, self.knob_space.tower_tokens(tier)
+
+    @property
+    def _processor_kwargs(self) -> dict:
+        # IDEFICS2 may split an image into 4 crops + the whole: one image per prompt here.
+        return {"do_image_splitting": False} if getattr(self.image_processor, "do_image_splitting", False) else {}
 
     def _image_features(self, image_inputs) -> torch.Tensor:
         mm = self.parts.multimodal

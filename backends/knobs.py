@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import itertools
 import math
 import numbers
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 TIER_NAMES = ("low", "medium", "high")
+TIER_MODES = ("resize", "pool")
 
 
 class KnobError(ValueError):
@@ -86,6 +88,13 @@ class KnobSpace:
         num_experts: experts per MoE block.
         depths: depth choices offered as actions.
         num_layers: decoder blocks in the model.
+        tier_mode: how a tier reaches its token count. ``"resize"``: the image is resized *before*
+            the vision tower to ``tier_sizes[tier]`` pixels (longest edge), so the encoder computes
+            fewer patches at lower tiers (LLaVA's CLIP through position-embedding interpolation,
+            IDEFICS2's vision transformer natively). ``"pool"``: the tower always sees the full
+            image and its output is pooled to the tier's count afterwards (no encoder saving; the
+            mode the tiny reference model was trained with).
+        tier_sizes: tier name -> the image side (px, longest edge) the encoder sees in resize mode.
     """
 
     model_class: str
@@ -97,6 +106,15 @@ class KnobSpace:
     num_experts: int | None = None
     depths: tuple = ()
     num_layers: int = 0
+    tier_mode: str = "pool"
+    tier_sizes: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.tier_mode not in TIER_MODES:
+            raise KnobError(f"tier_mode={self.tier_mode!r} is invalid; accepted: {', '.join(TIER_MODES)}")
+        if self.tier_mode == "resize" and self.tiers and set(self.tier_sizes) != set(self.tiers):
+            raise KnobError(f"tier_mode='resize' needs an image size for every tier; got tier_sizes="
+                            f"{dict(self.tier_sizes)} for tiers {list(self.tiers)}")
 
     # --- the knob families this model supports -------------------------------------------
     @property
@@ -177,6 +195,18 @@ class KnobSpace:
         n = self.tiers[knobs.tier] if knobs.tier is not None else self.native_vision_tokens
         return kept_tokens(n, knobs.token_budget)
 
+    def tower_tokens(self, tier: str | None) -> int:
+        """Vision tokens the tower (with its connector) emits at ``tier``, before the token budget.
+
+        Pool mode: always the native count (pooling comes after the tower). Resize mode: the
+        tier's count, since the encoder already ran on the smaller image.
+        """
+        if not self.has_vision:
+            return 0
+        if self.tier_mode == "resize" and tier is not None:
+            return int(self.tiers[tier])
+        return self.native_vision_tokens
+
     def grid(self, *, token_budgets: bool = False) -> Iterator[KnobConfig]:
         """Every (tier, top_k, depth) combination of the action space; token budgets too if asked."""
         tiers = self.tier_names or (None,)
@@ -194,13 +224,15 @@ class KnobSpace:
                    token_budgets=tuple(float(b) for b in d["token_budgets"]),
                    top_ks=tuple(int(k) for k in d["top_ks"]), full_top_k=d["full_top_k"],
                    num_experts=d["num_experts"], depths=tuple(int(x) for x in d["depths"]),
-                   num_layers=int(d["num_layers"]))
+                   num_layers=int(d["num_layers"]), tier_mode=str(d.get("tier_mode", "pool")),
+                   tier_sizes={str(k): int(v) for k, v in dict(d.get("tier_sizes") or {}).items()})
 
     def as_dict(self) -> dict:
         return {"model_class": self.model_class, "tiers": dict(self.tiers),
                 "native_vision_tokens": self.native_vision_tokens, "token_budgets": list(self.token_budgets),
                 "top_ks": list(self.top_ks), "full_top_k": self.full_top_k, "num_experts": self.num_experts,
-                "depths": list(self.depths), "num_layers": self.num_layers}
+                "depths": list(self.depths), "num_layers": self.num_layers, "tier_mode": self.tier_mode,
+                "tier_sizes": dict(self.tier_sizes)}
 
 
 def kept_tokens(n_tokens: int, token_budget: float) -> int:
@@ -258,10 +290,40 @@ def select_vision_tokens(features: torch.Tensor, k: int) -> tuple[torch.Tensor, 
 
 
 def transform_vision_features(features: torch.Tensor, space: "KnobSpace", knobs: KnobConfig) -> torch.Tensor:
-    """Apply tier pooling then budgeted selection: ``[B, N, d] -> [B, space.vision_tokens(knobs), d]``."""
+    """The tower's features under ``knobs``: ``[B, N, d] -> [B, space.vision_tokens(knobs), d]``.
+
+    Pool mode pools the full image's ``N`` tokens to the tier's count; in resize mode the tower
+    already ran at the tier's resolution, so ``N`` is the tier's count. Then the token budget
+    keeps the most informative ``K`` (:func:`select_vision_tokens`). The one implementation of
+    this step: :func:`apply_knobs` and the HF backend's stage 1 both go through it.
+    """
     n_tier = space.tiers[knobs.tier] if knobs.tier is not None else features.shape[1]
-    pooled = pool_vision_tokens(features, n_tier)
-    return select_vision_tokens(pooled, kept_tokens(n_tier, knobs.token_budget))[0]
+    if space.tier_mode == "resize":
+        if features.shape[1] != n_tier:
+            raise KnobError(f"the vision tower emitted {features.shape[1]} tokens at tier {knobs.tier!r}, expected "
+                            f"{n_tier} (tier_mode='resize'); accepted: tiers whose token count matches their "
+                            f"image size (tier_sizes)")
+    else:
+        features = pool_vision_tokens(features, n_tier)
+    return select_vision_tokens(features, kept_tokens(n_tier, knobs.token_budget))[0]
+
+
+def resize_for_tier(pixel_values: torch.Tensor, side: int, patch_size: int) -> torch.Tensor:
+    """Resize images so their longest edge is ``side`` px (never upscaled), both edges multiples of
+    ``patch_size``: ``[..., C, H, W] -> [..., C, H', W']`` (antialiased bilinear).
+
+    Resizing after the processor's normalisation equals resizing the image before it: the
+    normalisation is a per-channel affine map and the resize is linear.
+    """
+    *lead, c, h, w = pixel_values.shape
+    scale = min(1.0, side / max(h, w))
+    new_h = max(patch_size, int(round(h * scale / patch_size)) * patch_size)
+    new_w = max(patch_size, int(round(w * scale / patch_size)) * patch_size)
+    if (new_h, new_w) == (h, w):
+        return pixel_values
+    flat = pixel_values.reshape(-1, c, h, w)
+    out = F.interpolate(flat.float(), size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    return out.to(pixel_values.dtype).reshape(*lead, c, new_h, new_w)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,6 +336,7 @@ _TEXT_DECODER_PATHS = (
     "model",  # OLMoE, Qwen2-MoE, Mixtral, Llama causal LMs
 )
 _LM_HEAD_NAMES = ("lm_head", "embed_out")
+_VISION_ENCODER_NAMES = ("vision_tower", "vision_model")  # LLaVA, IDEFICS2
 _FINAL_NORM_NAMES = ("norm", "final_layer_norm")
 SUPPORTED_FAMILIES = ("LlavaForConditionalGeneration", "Idefics2ForConditionalGeneration",
                       "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM",
@@ -298,6 +361,16 @@ class ModelParts:
     lm_head: nn.Module
     multimodal: nn.Module | None  # the module whose get_image_features feeds the LM (None: text-only)
     image_token_id: int | None
+    vision_encoder: nn.Module | None = None  # the vision transformer (CLIP tower, IDEFICS2 vision model)
+    patch_size: int = 0  # the encoder's patch side in pixels
+
+    @property
+    def encoder_interpolates(self) -> bool:
+        """The encoder needs ``interpolate_pos_encoding=True`` for an input size other than its own
+        (CLIP / SigLIP towers); IDEFICS2's vision model takes any size natively."""
+        if self.vision_encoder is None:
+            return False
+        return "interpolate_pos_encoding" in inspect.signature(self.vision_encoder.forward).parameters
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -328,21 +401,33 @@ def model_parts(model: nn.Module) -> ModelParts:
                         f"{', '.join(SUPPORTED_FAMILIES)}")
     inner = getattr(model, "model", None)
     multimodal = inner if inner is not None and hasattr(inner, "get_image_features") else None
-    image_token_id = None
+    image_token_id = encoder = None
+    patch_size = 0
     if multimodal is not None:
         image_token_id = getattr(model.config, "image_token_id", None)
         if image_token_id is None:
             image_token_id = getattr(model.config, "image_token_index", None)
-    return ModelParts(model, decoder, norm, head, multimodal, image_token_id)
+        encoder = next((m for m in (getattr(multimodal, n, None) for n in _VISION_ENCODER_NAMES) if m is not None), None)
+        patch_size = int(model.config.vision_config.patch_size)
+    return ModelParts(model, decoder, norm, head, multimodal, image_token_id, encoder, patch_size)
 
 
 def knob_space_from_model(model: nn.Module, *, tiers: dict | None = None, top_ks=None, depths=None,
-                          token_budgets=(0.25, 0.5, 0.75, 1.0)) -> KnobSpace:
+                          token_budgets=(0.25, 0.5, 0.75, 1.0), tier_mode: str | None = None,
+                          tier_sizes: dict | None = None) -> KnobSpace:
     """Derive the knob space from a loaded model's config.
 
     Defaults mirror the real targets: top-k choices ``full/2 .. full``, depth choices
-    ``ceil(0.75 L) .. L``; vision tiers ``native``, ``native/4``, ``native/16`` tokens. A config
-    dict ``knobgym`` saved with a checkpoint (``tiers``, ``top_ks``, ``depths``) overrides them.
+    ``ceil(0.75 L) .. L``. Vision tiers depend on ``tier_mode`` (default ``resize``):
+
+    * ``resize``: the encoder sees the image at 1/2, 2/3 and all of its native side (LLaVA-1.5:
+      168 / 224 / 336 px -> 144 / 256 / 576 tokens; IDEFICS2: the resampler's latents at every
+      tier, the encoder's patches falling with the side). ``tiers`` (square token counts) or
+      ``tier_sizes`` (px) override them.
+    * ``pool``: ``native``, ``native/4``, ``native/16`` tokens pooled from the full image's.
+
+    A config dict ``knobgym`` saved with a checkpoint (``tiers``, ``tier_mode``, ``tier_sizes``,
+    ``top_ks``, ``depths``) overrides the defaults; explicit arguments override both.
     """
     parts = model_parts(model)
     saved = getattr(model.config, "knobgym", None) or {}
@@ -359,19 +444,29 @@ def knob_space_from_model(model: nn.Module, *, tiers: dict | None = None, top_ks
         top_ks = saved.get("top_ks") or (tuple(range(max(1, full_k // 2), full_k + 1)) if full_k else ())
     if depths is None:
         depths = saved.get("depths") or tuple(range(max(1, math.ceil(0.75 * num_layers)), num_layers + 1))
-    native = 0
+    native, sizes, mode = 0, {}, "pool"
     if parts.multimodal is not None:
         native = int(saved.get("native_vision_tokens") or _native_vision_tokens(model))
-        if tiers is None:
-            tiers = saved.get("tiers") or {"low": max(1, native // 16), "medium": max(1, native // 4), "high": native}
-        # Cheapest first: saved configs may come back with keys sorted by name.
-        tiers = {str(k): int(v) for k, v in sorted(tiers.items(), key=lambda kv: (int(kv[1]), str(kv[0])))}
+        mode = tier_mode or saved.get("tier_mode") or "resize"
+        if mode not in TIER_MODES:
+            raise KnobError(f"tier_mode={mode!r} is invalid; accepted: {', '.join(TIER_MODES)}")
+        if tiers is None and tier_sizes is None:
+            tiers, tier_sizes = saved.get("tiers"), saved.get("tier_sizes")
+        if mode == "resize":
+            tiers, sizes = _resize_tiers(model, parts, native, tiers, tier_sizes)
+        elif tiers is None:
+            tiers = {"low": max(1, native // 16), "medium": max(1, native // 4), "high": native}
+        # Cheapest first (saved configs may come back with keys sorted by name); equal token
+        # counts (IDEFICS2's resampler in resize mode) are ordered by the image size.
+        order = sorted(tiers, key=lambda k: (int(tiers[k]), int(sizes.get(k, 0)), str(k)))
+        tiers = {str(k): int(tiers[k]) for k in order}
+        sizes = {str(k): int(sizes[k]) for k in order if k in sizes}
     else:
         tiers = {}
     space = KnobSpace(model_class=type(model).__name__, tiers=tiers, native_vision_tokens=native,
                       token_budgets=tuple(float(b) for b in token_budgets), top_ks=tuple(int(k) for k in top_ks),
                       full_top_k=full_k, num_experts=num_experts, depths=tuple(int(d) for d in depths),
-                      num_layers=num_layers)
+                      num_layers=num_layers, tier_mode=mode, tier_sizes=sizes)
     for k in space.top_ks:
         space.validate(KnobConfig(top_k=k))
     for d in space.depths:
@@ -380,6 +475,46 @@ def knob_space_from_model(model: nn.Module, *, tiers: dict | None = None, top_ks
         if not (1 <= n <= max(native, 1)):
             raise KnobError(f"tier {name!r} has {n} tokens; accepted: 1..{native} (the tower's native count)")
     return space
+
+
+def _resize_tiers(model: nn.Module, parts: ModelParts, native: int, tiers: dict | None,
+                  sizes: dict | None) -> tuple[dict, dict]:
+    """Token counts and encoder image sizes of resize-mode tiers (from either, or the defaults)."""
+    cfg = model.config
+    p = parts.patch_size
+    side = int(cfg.vision_config.image_size)
+    resampled = hasattr(cfg, "perceiver_config")  # IDEFICS2: a fixed number of latents whatever the size
+    extra = 0 if resampled or getattr(cfg, "vision_feature_select_strategy", "default") == "default" else 1
+
+    def tokens_of(px: int) -> int:
+        return native if resampled else (px // p) ** 2 + extra
+
+    if sizes:
+        sizes = {str(k): int(v) for k, v in dict(sizes).items()}
+        bad = {k: v for k, v in sizes.items() if v < p or v % p}
+        if bad:
+            raise KnobError(f"tier_sizes {bad} are invalid; accepted: multiples of the patch size {p} px")
+        derived = {k: tokens_of(v) for k, v in sizes.items()}
+        if tiers and {str(k): int(v) for k, v in dict(tiers).items()} != derived:
+            raise KnobError(f"tiers {dict(tiers)} do not match tier_sizes {sizes} (which give {derived} tokens); "
+                            f"accepted: one of the two, or both consistent")
+        return derived, sizes
+    if tiers:
+        if resampled:
+            raise KnobError(f"{type(model).__name__} emits {native} tokens at every image size; accepted: "
+                            f"tier_sizes (px) in tier_mode='resize', or tier_mode='pool' with token counts")
+        sizes = {}
+        for k, n in dict(tiers).items():
+            grid = math.isqrt(int(n) - extra) if int(n) > extra else 0
+            if grid < 1 or grid * grid + extra != int(n):
+                raise KnobError(f"tier {k!r} has {n} tokens; accepted in tier_mode='resize': a square number of "
+                                f"patches{' plus the CLS token' if extra else ''} (e.g. 144, 256, 576)")
+            sizes[str(k)] = grid * p
+        return {str(k): int(v) for k, v in dict(tiers).items()}, sizes
+    grid = side // p
+    grids = {"low": max(1, round(grid / 2)), "medium": max(1, round(2 * grid / 3)), "high": grid}
+    sizes = {k: g * p for k, g in grids.items()}
+    return {k: tokens_of(v) for k, v in sizes.items()}, sizes
 
 
 def _native_vision_tokens(model: nn.Module) -> int:
@@ -404,8 +539,10 @@ def apply_knobs(model: nn.Module, knobs: KnobConfig, space: KnobSpace | None = N
     - depth: swaps the decoder's ``layers`` for a ModuleList of the first D blocks (same module
       objects, so the KV cache layers 0..D-1 stay consistent during generation); the final norm
       and LM head then run on block D's output.
-    - tier / token budget: wraps the instance's ``get_image_features`` so that the features fed to
-      the language model are pooled to the tier's size and reduced to the K most informative tokens.
+    - tier / token budget: wraps the instance's ``get_image_features``. In resize mode the pixels
+      are resized to the tier's size before the vision tower runs (:func:`resize_for_tier`); in
+      pool mode the tower's output is pooled to the tier's count; then the K most informative
+      tokens are kept (:func:`transform_vision_features`).
       The caller must put exactly ``space.vision_tokens(knobs)`` image placeholders in ``input_ids``.
 
     Nothing is reloaded or copied: attributes are set and put back in a ``finally`` block.
@@ -434,6 +571,7 @@ def apply_knobs(model: nn.Module, knobs: KnobConfig, space: KnobSpace | None = N
             # decide which kwargs (pixel_values, ...) to route to the image encoder.
             @functools.wraps(original)
             def get_image_features(*args, **kwargs):
+                args, kwargs = _tier_inputs(parts, space, knobs.tier, args, kwargs)
                 out = original(*args, **kwargs)
                 feats = out.pooler_output
                 stacked = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
@@ -453,3 +591,20 @@ def apply_knobs(model: nn.Module, knobs: KnobConfig, space: KnobSpace | None = N
 
 
 _DELETE = object()
+
+
+def _tier_inputs(parts: ModelParts, space: KnobSpace, tier: str | None, args: tuple, kwargs: dict):
+    """The ``get_image_features`` arguments with the pixels at the tier's size (resize mode only)."""
+    if space.tier_mode != "resize" or tier is None:
+        return args, kwargs
+    kwargs = dict(kwargs)
+    pixels = args[0] if args else kwargs.pop("pixel_values")
+    resized = resize_for_tier(pixels, space.tier_sizes[tier], parts.patch_size)
+    mask = kwargs.get("pixel_attention_mask")
+    if mask is not None and resized.shape[-2:] != pixels.shape[-2:]:  # IDEFICS2: padding mask at the new size
+        flat = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+        kwargs["pixel_attention_mask"] = (F.interpolate(flat, size=resized.shape[-2:], mode="nearest") > 0.5) \
+            .reshape(*mask.shape[:-2], *resized.shape[-2:])
+    if parts.encoder_interpolates:
+        kwargs["interpolate_pos_encoding"] = True
+    return (resized, *args[1:]), kwargs

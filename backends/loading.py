@@ -106,8 +106,9 @@ class ModelSpec:
             raise SpecError(f"device={self.device!r} is invalid; accepted: cpu, cuda, cuda:N, mps")
         if self.device_map is not None and not (self.device_map == "auto" or isinstance(self.device_map, Mapping)):
             raise SpecError(f"device_map={self.device_map!r} is invalid; accepted: None, 'auto' or a dict")
-        if self.quantization.enabled and not str(self.device).startswith("cuda") and self.device_map is None:
-            raise SpecError(f"quantization needs a CUDA device, got device={self.device!r}; accepted: cuda, cuda:N")
+        quantization_placement_error = _quantization_placement_error(self)
+        if quantization_placement_error:
+            raise SpecError(quantization_placement_error)
 
     @property
     def resolved_device_map(self) -> Any:
@@ -151,6 +152,44 @@ class GenerationSettings:
             raise SpecError(f"temperature={self.temperature!r} is invalid; accepted: > 0")
         if not (0 < self.top_p <= 1):
             raise SpecError(f"top_p={self.top_p!r} is invalid; accepted: 0 < top_p <= 1")
+
+
+def _quantization_placement_error(spec: ModelSpec) -> str | None:
+    """The one rule for quantization: bitsandbytes layers run on CUDA only, so a quantized model
+    is placed on a CUDA device (``device=cuda[:N]``) and a ``device_map`` may not send any part of
+    it elsewhere. ``None`` when the rule holds."""
+    if not spec.quantization.enabled:
+        return None
+    if not str(spec.device).startswith("cuda"):
+        return (f"quantization needs a CUDA device, got device={spec.device!r}; accepted: cuda, cuda:N "
+                f"(with device_map null or 'auto' or a map onto CUDA devices), or quantization null")
+    if isinstance(spec.device_map, Mapping):
+        off = {k: v for k, v in spec.device_map.items()
+               if not (isinstance(v, int) and not isinstance(v, bool)) and not str(v).startswith("cuda")}
+        if off:
+            return (f"quantization needs every module on CUDA, but device_map places {off}; accepted: CUDA "
+                    f"devices only (cuda, cuda:N or an index), or quantization null")
+    return None
+
+
+def check_device_available(spec: ModelSpec) -> None:
+    """One clear error when the spec asks for a device this machine does not have (checked at load)."""
+    wants = {str(spec.device)}
+    if isinstance(spec.device_map, Mapping):
+        wants |= {f"cuda:{v}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+                  for v in spec.device_map.values()}
+    if any(w.startswith("cuda") for w in wants):
+        if not torch.cuda.is_available():
+            what = "quantization" if spec.quantization.enabled else f"device={spec.device!r}"
+            raise SpecError(f"{what} needs CUDA, but torch.cuda.is_available() is False on this machine "
+                            f"(torch {torch.__version__}); accepted: device=cpu (and quantization null), or run "
+                            f"on a machine with a GPU and a CUDA build of torch")
+        count = torch.cuda.device_count()
+        for w in wants:
+            if w.startswith("cuda:") and not (w[5:].isdigit() and int(w[5:]) < count):
+                raise SpecError(f"device {w!r} does not exist; accepted: cuda:0..cuda:{count - 1}")
+    if "mps" in wants and not torch.backends.mps.is_available():
+        raise SpecError("device='mps' needs Apple's MPS backend, which is not available here; accepted: cpu or cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,8 +280,9 @@ def generation_settings_from_dict(options: Mapping[str, Any] | None) -> Generati
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-class ModelNotAvailableError(FileNotFoundError, ValueError):  # ValueError: the CLI reports one line, exit 2
-    """The model is not on disk (and we do not download at run time)."""
+class ModelNotAvailableError(SpecError, FileNotFoundError):
+    """The model is not on disk (and we do not download at run time); a ValueError too, so the CLI
+    reports it as one line."""
 
 
 def check_checkpoint_out_dir(out: str | Path, overwrite: bool) -> None:
@@ -286,17 +326,26 @@ def write_directory_atomically(target: str | Path, write: Callable[[Path], None]
 
 @dataclass
 class LoadedModel:
-    """A loaded model with what it takes to run and to log it."""
+    """A loaded model with what it takes to run and to log it.
+
+    ``chat_template``: the model's chat template (the tokenizer's, else a processor's
+    ``chat_template.json`` / ``chat_template.jinja`` beside the weights), ``None`` when it has none.
+    """
 
     model: Any
     tokenizer: Any
     image_processor: Any
     spec: ModelSpec
     revision_loaded: str  # commit hash for hub snapshots, or a content hash of a local directory
+    chat_template: str | None = None
 
     @property
     def identity(self) -> dict:
-        return {"model": str(self.spec.model), "revision": self.revision_loaded, "precision": self.spec.precision,
+        """What was loaded. ``content_revision`` names the checkpoint's content, never its path, so
+        clones of a repository share caches keyed on it: the hub snapshot's commit hash for a hub
+        id, else the content hash of the local directory (:func:`_local_revision`)."""
+        return {"model": str(self.spec.model), "revision": self.revision_loaded,
+                "content_revision": self.revision_loaded, "precision": self.spec.precision,
                 "model_class": type(self.model).__name__, "device": str(self.spec.device),
                 "quantization": dataclasses.asdict(self.spec.quantization)}
 
@@ -330,29 +379,33 @@ def resolve_model_path(spec: ModelSpec) -> tuple[Path, str]:
     return Path(snapshot), Path(snapshot).name
 
 
+_SMALL_FILE_BYTES = 64 << 20  # weight files up to this size are hashed whole
 _HEADER_BYTES = 1 << 20  # a safetensors header (tensor names, shapes, offsets) fits in it
 _WEIGHT_WINDOWS, _WINDOW_BYTES = 64, 1 << 14
+_HASHED_SUFFIXES = (".json", ".jinja", ".txt", ".model", ".safetensors", ".bin")
 
 
 def _local_revision(path: Path) -> str:
-    """A short content hash of a local checkpoint.
+    """A short content hash of a local checkpoint directory (its ``content_revision``).
 
-    JSON / text files are hashed whole; each weight file by its size, its first MiB and 64 windows
-    of 16 KiB spread evenly over it. So two checkpoints with the same shapes but different weights
-    get different revisions, a copy of a checkpoint gets the same one, and a 15 GB checkpoint costs
-    about 2 MiB of reading.
+    The rule: every config / tokenizer / template file (``.json``, ``.jinja``, ``.txt``,
+    ``.model``) is hashed whole with its name; a weight file (``.safetensors``, ``.bin``) of up to
+    64 MiB is hashed whole, a larger one by its name, size, first MiB (the safetensors header: tensor
+    names, shapes, dtypes) and 64 windows of 16 KiB spread evenly over it. Paths never enter, so a
+    clone or copy of a checkpoint has the same revision and two checkpoints of the same shapes with
+    different weights differ; a 15 GB checkpoint costs about 2 MiB of reading.
     """
     import hashlib
 
     h = hashlib.sha256()
     for f in sorted(path.iterdir()):
-        if not (f.is_file() and f.suffix in (".json", ".safetensors", ".bin", ".model", ".txt")):
+        if not (f.is_file() and f.suffix in _HASHED_SUFFIXES):
             continue
         h.update(f.name.encode())
-        if f.suffix in (".json", ".txt"):
+        size = f.stat().st_size
+        if f.suffix not in (".safetensors", ".bin") or size <= _SMALL_FILE_BYTES:
             h.update(f.read_bytes())
             continue
-        size = f.stat().st_size
         h.update(str(size).encode())
         with open(f, "rb") as fh:
             h.update(fh.read(_HEADER_BYTES))
@@ -362,11 +415,29 @@ def _local_revision(path: Path) -> str:
     return "local-" + h.hexdigest()[:12]
 
 
+def _processor_chat_template(path: Path) -> str | None:
+    """A processor's chat template saved beside the weights (``chat_template.json`` or ``.jinja``)."""
+    import json
+
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    legacy = path / "chat_template.json"
+    if legacy.is_file():
+        try:
+            return json.loads(legacy.read_text()).get("chat_template")
+        except (ValueError, AttributeError):
+            raise ModelNotAvailableError(f"{str(legacy)!r} is not a JSON object with a 'chat_template' string; "
+                                         f"accepted: the file a processor's save_pretrained writes") from None
+    return None
+
+
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load model, tokenizer and image processor (when there is one) for ``spec``."""
     import transformers
     from transformers import AutoConfig, AutoTokenizer
 
+    check_device_available(spec)
     path, revision = resolve_model_path(spec)
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=spec.trust_remote_code)
     model_cls = _model_class_for(config, transformers)
@@ -388,7 +459,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 
         image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True,
                                                              trust_remote_code=spec.trust_remote_code)
-    return LoadedModel(model, tokenizer, image_processor, spec, revision)
+    chat_template = tokenizer.chat_template if tokenizer.chat_template is not None else _processor_chat_template(path)
+    return LoadedModel(model, tokenizer, image_processor, spec, revision, chat_template)
 
 
 def _model_class_for(config, transformers):

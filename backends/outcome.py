@@ -14,7 +14,9 @@ class TokenCounts:
 
     Args:
         prompt_tokens: text tokens in the prompt (image placeholders excluded).
-        vision_tokens_full: vision tokens the tower produced before tier pooling / budget.
+        vision_tokens_full: vision tokens the tower produced before tier pooling / budget (the
+            native count in pool mode; the tier's count in resize mode, where the tower runs on the
+            resized image).
         vision_tokens: vision tokens the language model actually saw.
         new_tokens: tokens generated.
     """
@@ -39,7 +41,7 @@ def expected_token_counts(backend: Any, sample: Any, knobs: Any) -> TokenCounts:
     """
     by_type = backend.expected_new_tokens_by_type
     return TokenCounts(prompt_tokens=backend.prompt_tokens(sample),
-                       vision_tokens_full=backend.knob_space.native_vision_tokens,
+                       vision_tokens_full=backend.knob_space.tower_tokens(knobs.tier),
                        vision_tokens=backend.knob_space.vision_tokens(knobs),
                        new_tokens=by_type.get(sample.question_type, by_type[None]))
 

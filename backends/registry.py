@@ -62,3 +62,10 @@ def load_backend(backend: Any = "tiny", **options: Any) -> Backend:
     if key not in _LOADED:
         _LOADED[key] = _factory(backend)(**options)
     return _LOADED[key]
+
+
+def release_backend(backend: Backend) -> None:
+    """Drop ``backend`` from the process cache, so that the caller's last reference frees its model
+    (for loading several large models one after another in one process)."""
+    for key in [k for k, v in _LOADED.items() if v is backend]:
+        del _LOADED[key]

@@ -32,6 +32,7 @@ from backends.io import atomic_write_bytes
 from backends.knobs import KnobConfig, KnobSpace
 from backends.outcome import Outcome, Stage1State, TokenCounts, expected_token_counts
 from backends.progress import progress as progress_bar
+from backends.text_features import QUESTION_FEATURE_DIM, hashed_bag_of_words
 
 TRACE_FORMAT_VERSION = 1
 _SCHEMA = """
@@ -272,6 +273,13 @@ class TraceBackend:
             raise TraceError(f"trace file {str(self.path)!r} is corrupted or incomplete ({exc!r})") from None
         finally:
             conn.close()
+
+    #: the question text is recorded, so its feature is recomputed exactly as live backends do
+    question_feature_dim = QUESTION_FEATURE_DIM
+
+    def question_features(self, sample: Sample) -> np.ndarray:
+        """``[question_feature_dim]`` float32 hashed bag of words of the recorded question."""
+        return hashed_bag_of_words(sample.question, self.question_feature_dim)
 
     @property
     def device(self):

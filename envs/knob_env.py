@@ -300,14 +300,31 @@ class KnobEnv(gym.Env):
                 "knob_space": self.space.as_dict()}
 
     # ---------------------------------------------------------------- observations
+    @property
+    def input_feature_dim(self) -> int:
+        """Length of :meth:`_input_features`: budget, prompt length, question-type one-hot, image
+        height and width, and the backend's question features."""
+        return 2 + len(self.question_types) + 2 + int(self.backend.question_feature_dim)
+
     def _input_features(self, sample: Sample, budget_ms: float) -> list[float]:
-        """Cheap stage-1 features: budget, prompt length, question type, image size."""
+        """Cheap stage-1 features: ``[budget/ref, prompt_tokens/64, question-type one-hot...,
+        image_h/256, image_w/256, question features...]``.
+
+        The question features (:meth:`backends.base.Backend.question_features`, a hashed bag of
+        words) are there whatever the data holds, so a policy conditions on the input even when
+        the dataset has no question types (an empty one-hot).
+        """
         qtype = np.zeros(len(self.question_types), dtype=np.float32)
         if 0 <= sample.question_type < len(qtype):
             qtype[sample.question_type] = 1.0
         h, w = sample.image_size
         prompt_tokens = self.backend.expected_token_counts(sample, self.space.full()).prompt_tokens
-        return [budget_ms / self._ref_ms, prompt_tokens / 64.0, *qtype.tolist(), h / 256.0, w / 256.0]
+        text = np.asarray(self.backend.question_features(sample), dtype=np.float32).reshape(-1)
+        if text.shape != (self.backend.question_feature_dim,):
+            raise ValueError(f"backend question_features returned {text.shape[0]} values; accepted: "
+                             f"question_feature_dim={self.backend.question_feature_dim}")
+        return [budget_ms / self._ref_ms, prompt_tokens / 64.0, *qtype.tolist(), h / 256.0, w / 256.0,
+                *text.tolist()]
 
     @staticmethod
     def _finish_obs(values: list[float], size: int) -> np.ndarray:

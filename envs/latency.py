@@ -42,7 +42,8 @@ class LatencySource:
         if estimator is None:
             from latency_model import get_estimator
 
-            # Profiling a replay would time the replay, not the model: only live backends profile.
+            # Every live backend (recorded_estimator_file() is None) is profiled on this device when
+            # nothing is cached; a replay is not (profiling it would time the replay, not the model).
             estimator = get_estimator(backend, cache_dir=cache_dir,
                                       profile_if_missing=not isinstance(backend, TraceBackend))
         self.estimator = estimator

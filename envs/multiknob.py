@@ -5,15 +5,18 @@ runs the vision tower at that tier and decoder block 1 at the model's full top-k
 observes what block 1 produced and chooses MoE top-k and depth; the rest of the model runs,
 the answer is decoded and scored, and the episode ends.
 
-Action: one ``MultiDiscrete([n_tiers, n_top_k, n_depth])`` vector in both stages. Stage 1 reads
-only element 0 (tier) and ignores the others; stage 2 reads elements 1 (top-k index) and 2
-(depth index) and ignores element 0 (the tier is already fixed). Choices come from the
-backend's knob space (top-k in ``space.top_ks``, depth in ``space.depths``).
+Action: one ``MultiDiscrete([n_tiers, n_top_k, n_depth])`` vector in both stages, with the knobs
+the backend's knob space offers: a dense model has no top-k element (``[n_tiers, n_depth]``), a
+text-only model one tier choice (no vision tower). Stage 1 reads only element 0 (tier) and
+ignores the others; stage 2 reads the rest (top-k index into ``space.top_ks``, depth index into
+``space.depths``) and ignores element 0 (the tier is already fixed).
 
 Observation (float32, same size in both stages, clipped to [-10, 10]):
 ``[stage, budget/ref, prompt_tokens/64, question-type one-hot..., image_h/256, image_w/256,
-block-1 summary (16)..., vision_tokens/native, spent/budget, cheapest_total/budget,
-full_total/budget]``; the stage-2 part is zero in stage 1. ``ref`` is the estimated latency of
+question features (Backend.question_feature_dim)..., block-1 summary (16)..., vision_tokens/native,
+spent/budget, cheapest_total/budget, full_total/budget]``; the stage-2 part is zero in stage 1.
+The question features (a hashed bag of words of the question) let a policy condition on the
+input when the data has no question types. ``ref`` is the estimated latency of
 the full configuration on a typical input; the last two entries are the estimated end-to-end
 latency of the cheapest and the most expensive stage-2 choice for this input and tier.
 """
@@ -34,13 +37,20 @@ class MultiKnobEnv(KnobEnv):
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         sp = self.space
-        if not (sp.has_vision and sp.top_ks and sp.depths):
-            raise ValueError(f"MultiKnob-v0 needs a vision-language MoE backend; {sp.model_class} supports "
-                             f"tiers={sp.tier_names}, top_ks={sp.top_ks}, depths={sp.depths}")
-        self.action_space = gym.spaces.MultiDiscrete([len(sp.tier_names), len(sp.top_ks), len(sp.depths)])
+        # The knobs that apply to this model: a dense model has no top-k head, a text-only model
+        # one tier choice (None: no vision tower), so element 0 is always the stage-1 choice.
+        self._tiers = sp.tier_names or (None,)
+        self._stage2_knobs = tuple((name, values) for name, values in (("top_k", sp.top_ks), ("depth", sp.depths))
+                                   if values)
+        if not self._stage2_knobs:
+            raise ValueError(f"MultiKnob-v0 needs a backend with top-k or depth choices; {sp.model_class} "
+                             f"offers top_ks={sp.top_ks}, depths={sp.depths}")
+        self.action_space = gym.spaces.MultiDiscrete([len(self._tiers), *(len(v) for _, v in self._stage2_knobs)])
+        # The GroupEnv layout follows the action space: stage 1 reads element 0 (the tier; one
+        # value, None, for a text-only model), stage 2 the rest (top-k and/or depth).
         self.trajectory_nvec = tuple(int(n) for n in self.action_space.nvec)
         self.stage_heads = ((0,), tuple(range(1, len(self.trajectory_nvec))))
-        self._n_input = 2 + len(self.question_types) + 2
+        self._n_input = self.input_feature_dim
         self.obs_size = 1 + self._n_input + self.backend.summary_dim + 4
         self.observation_space = self._box(self.obs_size)
         self._stage = 0
@@ -48,14 +58,12 @@ class MultiKnobEnv(KnobEnv):
         self._input_obs: list[float] = []
 
     def _action_help(self) -> str:
-        sp = self.space
-        return (f"MultiDiscrete{list(self.action_space.nvec)}: [tier index into {list(sp.tier_names)}, "
-                f"top-k index into {list(sp.top_ks)}, depth index into {list(sp.depths)}]")
+        heads = [f"tier index into {list(self._tiers)}"] + [f"{n} index into {list(v)}" for n, v in self._stage2_knobs]
+        return f"MultiDiscrete{list(self.action_space.nvec)}: [{', '.join(heads)}]"
 
     def action_to_knobs(self, action) -> KnobConfig:
-        sp = self.space
-        return KnobConfig(tier=sp.tier_names[int(action[0])], token_budget=1.0,
-                          top_k=int(sp.top_ks[int(action[1])]), depth=int(sp.depths[int(action[2])]))
+        chosen = {name: int(values[int(action[1 + i])]) for i, (name, values) in enumerate(self._stage2_knobs)}
+        return KnobConfig(tier=self._tiers[int(action[0])], token_budget=1.0, **chosen)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         self._begin_episode(seed, options)
@@ -71,13 +79,13 @@ class MultiKnobEnv(KnobEnv):
             raise RuntimeError("episode is over; call reset()")
         action = self._check_action(action)
         if self._stage == 0:
-            tier = self.space.tier_names[int(action[0])]
+            tier = self._tiers[int(action[0])]
             self._state = self._stage1(self._sample, tier, 1.0)
             self._stage = 1
             return self._stage2_obs(self._sample, self._budget_ms, self._input_obs, self._state), 0.0, False, False, {
                 "sample_id": self._sample.sample_id, "budget_ms": self._budget_ms, "stage": 1, "tier": tier,
                 "vision_tokens": self._state.token_counts.vision_tokens}
-        knobs = self.action_to_knobs([self.space.tier_names.index(self._state.tier), action[1], action[2]])
+        knobs = self.action_to_knobs([self._tiers.index(self._state.tier), *action[1:]])
         outcome = self._run(self._sample, knobs, self._state)
         reward, info = self._score(outcome, self._budget_ms)
         info.update(sample_id=self._sample.sample_id, stage=2)
@@ -89,8 +97,8 @@ class MultiKnobEnv(KnobEnv):
         """The stage-2 observation of ``sample`` under ``budget_ms`` after stage 1 left ``state``."""
         sp = self.space
         counts = state.token_counts
-        cheap = KnobConfig(tier=state.tier, top_k=min(sp.top_ks), depth=min(sp.depths))
-        full = KnobConfig(tier=state.tier, top_k=max(sp.top_ks), depth=max(sp.depths))
+        cheap = sp.cheapest().replace(tier=state.tier, token_budget=1.0)
+        full = sp.full().replace(tier=state.tier)
         expected = self.backend.expected_token_counts(sample, full)
         totals = self.latency.predict_ms([cheap, full], [expected, expected])
         values = [1.0, *input_obs, *state.summary.tolist(),
@@ -112,5 +120,5 @@ class MultiKnobEnv(KnobEnv):
         if stage != 1 or trajectory is None:
             raise ValueError(f"stage={stage} is invalid for MultiKnob-v0; accepted: 0, or 1 with the trajectory "
                              f"whose element 0 chose the tier")
-        tier = self.space.tier_names[int(np.asarray(trajectory).reshape(-1)[0])]
+        tier = self._tiers[int(np.asarray(trajectory).reshape(-1)[0])]
         return self._stage2_obs(sample, budget_ms, input_obs, self._stage1(sample, tier, 1.0))

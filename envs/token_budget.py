@@ -1,9 +1,11 @@
 """``TokenBudget-v0``: one step per episode choosing the fraction of vision tokens kept.
 
-Action: ``Discrete(len(fractions))`` indexing ``fractions`` (default 0.25 / 0.5 / 0.75 / 1.0);
+Action: ``Discrete(len(fractions))`` indexing ``fractions`` (default: the backend's knob space's
+``token_budgets``, 0.25 / 0.5 / 0.75 / 1.0 unless configured);
 the rest of the model runs at its defaults (highest tier, the model's own top-k, all blocks).
 Observation (float32): ``[budget/ref, prompt_tokens/64, question-type one-hot...,
-image_h/256, image_w/256]`` (see :mod:`envs.multiknob` for ``ref``).
+image_h/256, image_w/256, question features...]`` (see :mod:`envs.multiknob` for ``ref`` and the
+question features).
 """
 
 from __future__ import annotations
@@ -15,23 +17,27 @@ import gymnasium as gym
 import numpy as np
 
 from backends.knobs import KnobConfig
+from backends.registry import load_backend
 from envs.budget import check_budget_ms
 from envs.knob_env import KnobEnv
 
 
 class TokenBudgetEnv(KnobEnv):
-    def __init__(self, fractions: Sequence[float] = (0.25, 0.5, 0.75, 1.0), **kwargs: Any):
-        fractions = tuple(float(f) for f in fractions)
+    def __init__(self, fractions: Sequence[float] | None = None, **kwargs: Any):
+        # Checked before the base class profiles latency: an env that cannot apply fails at once.
+        backend = load_backend(kwargs.get("backend", "tiny"), **(kwargs.get("backend_options") or {}))
+        if not backend.knob_space.has_vision:
+            raise ValueError(f"TokenBudget-v0 needs a backend with a vision tower; "
+                             f"{backend.knob_space.model_class} has none; accepted: a vision-language model "
+                             f"(LLaVA, IDEFICS2, the tiny default), or MultiKnob-v0 for this model")
+        fractions = tuple(float(f) for f in (backend.knob_space.token_budgets if fractions is None else fractions))
         if not fractions or any(not (math.isfinite(f) and 0 < f <= 1) for f in fractions):
             raise ValueError(f"fractions={fractions!r} is invalid; accepted: a non-empty list of fractions 0 < f <= 1")
-        super().__init__(**kwargs)
-        if not self.space.has_vision:
-            raise ValueError(f"TokenBudget-v0 needs a vision-language backend; {self.space.model_class} has no "
-                             f"vision tower")
+        super().__init__(**{**kwargs, "backend": backend, "backend_options": None})
         self.fractions = fractions
         self.action_space = gym.spaces.Discrete(len(fractions))
         self.trajectory_nvec, self.stage_heads = (len(fractions),), ((0,),)
-        self.obs_size = 2 + len(self.question_types) + 2
+        self.obs_size = self.input_feature_dim
         self.observation_space = self._box(self.obs_size)
 
     def _action_help(self) -> str:

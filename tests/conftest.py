@@ -9,6 +9,7 @@ attribute a knob sets.
 from __future__ import annotations
 
 import functools
+import os
 from collections import defaultdict
 
 import numpy as np
@@ -26,6 +27,16 @@ WORDS = [f"w{i}" for i in range(4, IMAGE_TOKEN_ID)]  # ordinary vocabulary words
 # The test models are tiny: intra-op parallelism buys nothing and, on busy shared cores, threads
 # spinning for each other make one forward ~100x slower (measured: 2.7 s vs 3 ms for tiny OLMoE).
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow`` tests (full-size models) run only with ``-m slow`` or ``KNOBGYM_SLOW=1``."""
+    if "slow" in (config.getoption("-m") or "") or os.environ.get("KNOBGYM_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow or KNOBGYM_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 class ComputeProbe:

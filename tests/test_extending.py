@@ -37,7 +37,7 @@ class DepthOnlyEnv(KnobEnv):
         super().__init__(**kwargs)
         self.action_space = gym.spaces.Discrete(len(self.space.depths))
         self.trajectory_nvec, self.stage_heads = (len(self.space.depths),), ((0,),)
-        self.obs_size = 2 + len(self.question_types) + 2
+        self.obs_size = self.input_feature_dim
         self.observation_space = self._box(self.obs_size)
 
     def action_to_knobs(self, action) -> KnobConfig:

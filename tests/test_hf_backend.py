@@ -28,8 +28,8 @@ class WordTask:
         return [Sample(sample_id=i, split=split, question=" ".join(WORDS[3 * i + j] for j in range(3 + i)),
                        reference=WORDS[i], image=random_image(seed=100 + i), question_type=0) for i in range(4)]
 
-    def score(self, answer, reference):
-        return float(answer == reference)
+    def score(self, answer, sample):
+        return float(answer == sample.reference)
 
 
 def image_processor(name):

@@ -23,7 +23,18 @@ VISION_FAMILIES = ("llava_olmoe", "llava_llama", "idefics2")
 ALL_FAMILIES = ("olmoe", "qwen2_moe", "mixtral", "gpt_neox", "llava_olmoe", "llava_llama", "idefics2")
 NUM_LAYERS, NUM_EXPERTS, OWN_TOP_K = 4, 8, 4  # the tiny factories' configs
 NATIVE_VISION_TOKENS = 16  # CLIP 32px / 8px patches = 4x4; IDEFICS2 resampler latents = 16
-TIER_TOKENS = {"low": 1, "medium": 4, "high": 16}  # default tiers: native/16, native/4, native
+TIER_NAMES = ("low", "medium", "high")
+POOL_TIER_TOKENS = {"low": 1, "medium": 4, "high": 16}  # pool mode: native/16, native/4, native
+# Resize mode (the default): the encoder sees 16 / 24 / 32 px, i.e. 2x2 / 3x3 / 4x4 patches of 8 px.
+TIER_PATCHES = {"low": 4, "medium": 9, "high": 16}
+
+
+def tier_tokens(name: str, mode: str = "resize") -> dict:
+    """Vision tokens the language model sees per tier: pooled counts, the resized grid (LLaVA), or
+    the resampler's 16 latents whatever the size (IDEFICS2)."""
+    if mode == "pool":
+        return POOL_TIER_TOKENS
+    return {t: NATIVE_VISION_TOKENS for t in TIER_NAMES} if name == "idefics2" else TIER_PATCHES
 TEXT_BEFORE, TEXT_AFTER = [BOS_ID, 10, 11], [12, 13, 14]
 MAX_NEW_TOKENS = 3
 
@@ -39,13 +50,13 @@ def make_inputs(name: str, n_vision_tokens: int = NATIVE_VISION_TOKENS, seed: in
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(shape, generator=gen)}
 
 
-def expected_vision_tokens(knobs: KnobConfig) -> int:
-    n_tier = TIER_TOKENS[knobs.tier] if knobs.tier is not None else NATIVE_VISION_TOKENS
+def expected_vision_tokens(name: str, knobs: KnobConfig, mode: str = "resize") -> int:
+    n_tier = tier_tokens(name, mode)[knobs.tier] if knobs.tier is not None else NATIVE_VISION_TOKENS
     return max(1, math.ceil(knobs.token_budget * n_tier))
 
 
-def inputs_for(name: str, knobs: KnobConfig) -> dict:
-    return make_inputs(name, expected_vision_tokens(knobs) if name in VISION_FAMILIES else 0)
+def inputs_for(name: str, knobs: KnobConfig, mode: str = "resize") -> dict:
+    return make_inputs(name, expected_vision_tokens(name, knobs, mode) if name in VISION_FAMILIES else 0)
 
 
 @torch.no_grad()
@@ -75,7 +86,9 @@ def test_knob_space_ranges_come_from_the_config(tiny, name):
     assert space.has_vision == (name in VISION_FAMILIES)
     if space.has_vision:
         assert space.native_vision_tokens == NATIVE_VISION_TOKENS
-        assert space.tiers == TIER_TOKENS
+        assert space.tier_mode == "resize" and space.tiers == tier_tokens(name)
+        assert space.tier_sizes == {"low": 16, "medium": 24, "high": 32}
+        assert knob_space_from_model(tiny(name), tier_mode="pool").tiers == POOL_TIER_TOKENS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,37 +170,83 @@ def _tower_output_module(model):
     return getattr(inner, "multi_modal_projector", None) or inner.connector
 
 
+def _patch_embedding(model):
+    """The encoder's patch embedding: its output grid is the number of patches the tower computes."""
+    return next(m for n, m in model.named_modules() if n.endswith("embeddings.patch_embedding"))
+
+
 @pytest.mark.parametrize("budget", [0.25, 0.5, 1.0])
 @pytest.mark.parametrize("tier", ["low", "medium", "high"])
 @pytest.mark.parametrize("name", VISION_FAMILIES)
-def test_tier_and_budget_set_the_vision_tokens_the_language_model_sees(tiny, probe, name, tier, budget):
+def test_pool_mode_pools_the_full_images_tower_output(tiny, probe, name, tier, budget):
     model = tiny(name)
+    space = knob_space_from_model(model, tier_mode="pool")
     knobs = KnobConfig(tier=tier, token_budget=budget)
-    k = expected_vision_tokens(knobs)
-    inputs = inputs_for(name, knobs)
+    k = expected_vision_tokens(name, knobs, "pool")
+    inputs = inputs_for(name, knobs, "pool")
     with torch.no_grad():
         native = model.model.get_image_features(
             **{key: v for key, v in inputs.items() if key == "pixel_values"}, return_dict=True).pooler_output
     native = torch.stack(list(native))
     assert native.shape[1] == NATIVE_VISION_TOKENS
 
-    emitted = []
-    handle = _tower_output_module(model).register_forward_hook(lambda m, a, out: emitted.append(out.shape[-2]))
+    emitted, patches = [], []
+    handles = [_tower_output_module(model).register_forward_hook(lambda m, a, out: emitted.append(out.shape[-2])),
+               _patch_embedding(model).register_forward_hook(lambda m, a, out: patches.append(out.shape[-2:].numel()))]
     counter = probe(model)
     try:
-        with apply_knobs(model, knobs):
+        with apply_knobs(model, knobs, space):
             last_logits(model, inputs)
     finally:
-        handle.remove()
-    assert emitted == [NATIVE_VISION_TOKENS], "the tower still sees the whole image"
+        for handle in handles:
+            handle.remove()
+    assert emitted == [NATIVE_VISION_TOKENS] and patches == [16], "pool mode: the tower sees the whole image"
     n_text = len(TEXT_BEFORE) + len(TEXT_AFTER)
     assert counter.first_block_lengths == [n_text + k]
     # The K rows at the placeholder positions are the tier-pooled, budget-selected tower features.
     entering = counter.first_block_inputs[0][0, len(TEXT_BEFORE):len(TEXT_BEFORE) + k]
-    expected = select_vision_tokens(pool_vision_tokens(native, TIER_TOKENS[tier]), k)[0][0]
+    expected = select_vision_tokens(pool_vision_tokens(native, POOL_TIER_TOKENS[tier]), k)[0][0]
     torch.testing.assert_close(entering, expected)
     placeholder = model.get_input_embeddings()(torch.tensor(IMAGE_TOKEN_ID))
     assert not torch.isclose(entering, placeholder).all(dim=-1).any()
+
+
+@pytest.mark.parametrize("budget", [0.5, 1.0])
+@pytest.mark.parametrize("tier", ["low", "medium", "high"])
+@pytest.mark.parametrize("name", VISION_FAMILIES)
+def test_resize_mode_sets_the_resolution_the_encoder_sees(tiny, probe, name, tier, budget):
+    """The tier is decided before the tower: the encoder computes fewer patches at lower tiers
+    (counted on its patch embedding), and the language model sees the smaller image's tokens."""
+    model = tiny(name)
+    knobs = KnobConfig(tier=tier, token_budget=budget)
+    k = expected_vision_tokens(name, knobs)
+    inputs = inputs_for(name, knobs)
+    patches, emitted = [], []
+    handles = [_patch_embedding(model).register_forward_hook(lambda m, a, out: patches.append(out.shape[-2:].numel())),
+               _tower_output_module(model).register_forward_hook(lambda m, a, out: emitted.append(out.shape[-2]))]
+    counter = probe(model)
+    try:
+        with apply_knobs(model, knobs):  # the default space: resize mode
+            last_logits(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert patches == [TIER_PATCHES[tier]]
+    assert emitted == [tier_tokens(name)[tier]]
+    n_text = len(TEXT_BEFORE) + len(TEXT_AFTER)
+    assert counter.first_block_lengths == [n_text + k]
+    # What enters block 1 is the tower's output on the image resized to the tier's side.
+    side = {"low": 16, "medium": 24, "high": 32}[tier]
+    pixels = inputs["pixel_values"]
+    flat = pixels.reshape(-1, 3, 32, 32)
+    resized = torch.nn.functional.interpolate(flat, size=(side, side), mode="bilinear", antialias=True)
+    extra = {"interpolate_pos_encoding": True} if name != "idefics2" else {}
+    with torch.no_grad():
+        tower = model.model.get_image_features(pixel_values=resized.reshape(*pixels.shape[:-2], side, side),
+                                               return_dict=True, **extra).pooler_output
+    expected = select_vision_tokens(torch.stack(list(tower)), k)[0][0]
+    entering = counter.first_block_inputs[0][0, len(TEXT_BEFORE):len(TEXT_BEFORE) + k]
+    torch.testing.assert_close(entering, expected)
 
 
 @pytest.mark.parametrize("name", VISION_FAMILIES)
@@ -205,7 +264,7 @@ def _every_knob_value(name: str) -> list[KnobConfig]:
     if name in MOE_FAMILIES:
         values += [KnobConfig(top_k=k) for k in range(1, NUM_EXPERTS + 1)]
     if name in VISION_FAMILIES:
-        values += [KnobConfig(tier=t, token_budget=b) for t in TIER_TOKENS for b in (0.25, 0.5, 0.75, 1.0)]
+        values += [KnobConfig(tier=t, token_budget=b) for t in TIER_NAMES for b in (0.25, 0.5, 0.75, 1.0)]
         values += [KnobConfig(token_budget=b) for b in (0.1, 0.5)]
     return values
 
@@ -270,7 +329,7 @@ def test_model_is_restored_when_the_model_itself_raises(tiny, name):
     native = inputs_for(name, KnobConfig())
     before = last_logits(model, native)
     with pytest.raises(Exception, match="(?i)image features and image tokens do not match"):
-        with apply_knobs(model, KnobConfig(tier="low", depth=3)):
+        with apply_knobs(model, KnobConfig(tier="low", depth=3), knob_space_from_model(model, tier_mode="pool")):
             last_logits(model, native)
     assert torch.equal(last_logits(model, native), before)
 
@@ -325,7 +384,29 @@ def test_bad_knob_values_name_the_value_and_the_accepted_range(tiny, name, knobs
 @pytest.mark.parametrize("tiers", [{"low": 0, "high": 16}, {"low": 4, "high": 17}])
 def test_tier_sizes_outside_the_native_count_are_rejected(tiny, tiers):
     with pytest.raises(KnobError, match=r"1\.\.16"):
-        knob_space_from_model(tiny("llava_llama"), tiers=tiers)
+        knob_space_from_model(tiny("llava_llama"), tiers=tiers, tier_mode="pool")
+
+
+@pytest.mark.parametrize("name, options, fragment", [
+    ("llava_llama", {"tiers": {"low": 5, "high": 16}}, "square number"),
+    ("llava_llama", {"tier_sizes": {"low": 12, "high": 32}}, "multiples of the patch size 8"),
+    ("llava_llama", {"tiers": {"low": 4, "high": 16}, "tier_sizes": {"low": 24, "high": 32}}, "do not match"),
+    ("idefics2", {"tiers": {"low": 4, "high": 16}}, "tier_sizes"),
+    ("llava_olmoe", {"tier_mode": "crop"}, "resize, pool"),
+])
+def test_bad_resize_tiers_are_one_clear_error(tiny, name, options, fragment):
+    with pytest.raises(KnobError, match=fragment):
+        knob_space_from_model(tiny(name), **options)
+
+
+def test_resize_tiers_from_sizes_or_token_counts_agree(tiny):
+    model = tiny("llava_olmoe")
+    by_size = knob_space_from_model(model, tier_sizes={"low": 8, "high": 32})
+    by_tokens = knob_space_from_model(model, tiers={"low": 1, "high": 16})
+    assert by_size.tiers == by_tokens.tiers == {"low": 1, "high": 16}
+    assert by_size.tier_sizes == by_tokens.tier_sizes == {"low": 8, "high": 32}
+    assert [by_size.tower_tokens(t) for t in ("low", "high")] == [1, 16]
+    assert knob_space_from_model(model, tier_mode="pool").tower_tokens("low") == 16
 
 
 def test_unsupported_model_class_is_a_clear_error():

@@ -19,6 +19,7 @@ class CountingBackend:
                            top_ks=(1, 2), full_top_k=2, num_experts=2, depths=(1, 2), num_layers=2)
     question_types = ("q",)
     summary_dim = 2
+    question_feature_dim = 3
     expected_new_tokens_by_type = {None: 1}
     device = "cpu"
 
@@ -42,6 +43,9 @@ class CountingBackend:
 
     def prompt_tokens(self, sample):
         return 3
+
+    def question_features(self, sample):
+        return np.zeros(self.question_feature_dim, np.float32)
 
     def expected_token_counts(self, sample, knobs):
         return TokenCounts(3, 4, self.knob_space.vision_tokens(knobs), 1)

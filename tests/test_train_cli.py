@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from agents.checkpoint import read_checkpoint
+from backends.text_features import QUESTION_FEATURE_DIM
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -67,7 +68,8 @@ def test_train_writes_the_run_folder(trained_run):
     assert {r["agent"] for r in report["rows"]} == {"grpo", "oracle", "static", "greedy", "bandit", "random"}
     assert "80ms" in report["oracle_gap"]
     ckpt = read_checkpoint(trained_run / "checkpoints" / "latest.safetensors")
-    assert ckpt["metadata"]["step"] == 2 and ckpt["env_id"] == "MultiKnob-v0" and ckpt["metadata"]["obs_shape"] == [32]
+    # the 32 features of before #14 plus the question features (hashed bag of words)
+    assert ckpt["metadata"]["step"] == 2 and ckpt["env_id"] == "MultiKnob-v0" and ckpt["metadata"]["obs_shape"] == [32 + QUESTION_FEATURE_DIM]
     assert ckpt["agent"] == "grpo" and {"policy", "optimizer", "rng"} <= set(ckpt["state"])
     assert "| grpo | 80ms |" in (trained_run / "report.md").read_text()
 

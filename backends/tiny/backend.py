@@ -61,8 +61,8 @@ class TinyVQATask:
     def samples(self, split: str) -> Sequence[Sample]:
         return self._splits[check_split(split)]
 
-    def score(self, answer: str, reference: str | None) -> float:
-        return data.score_answer(answer, reference or "")
+    def score(self, answer: str, sample: Sample) -> float:
+        return data.score_answer(answer, sample.reference or "")
 
 
 def load_tiny_backend(checkpoint: str | None = None, generation: dict | GenerationSettings | None = None,

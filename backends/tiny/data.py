@@ -13,14 +13,13 @@ left/right questions need the higher tiers.
 
 from __future__ import annotations
 
-import re
-import string
 from collections import Counter, defaultdict
 from typing import Sequence
 
 import numpy as np
 
 from backends.base import SPLITS, Sample, check_split
+from backends.scoring import normalize_answer, score_answer  # one definition, re-exported here
 
 IMAGE_SIZE = 48
 GRID_CELLS = 4  # layout grid: objects never share a cell, so they never overlap
@@ -206,23 +205,6 @@ def generate_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED, s
 # --------------------------------------------------------------------------------------------
 # Scoring
 # --------------------------------------------------------------------------------------------
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"))}
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
-
-
-def normalize_answer(text: str) -> str:
-    """VQA-style normalisation: lowercase, punctuation and articles dropped, number words as digits."""
-    words = _PUNCT.sub(" ", str(text).lower()).split()
-    return " ".join(_NUMBER_WORDS.get(w, w) for w in words if w not in _ARTICLES)
-
-
-def score_answer(prediction: str, reference: str) -> float:
-    """Exact match after :func:`normalize_answer`: 1.0 or 0.0."""
-    return float(normalize_answer(prediction) == normalize_answer(reference))
-
-
 def question_only_baseline(train: Sequence[Sample], test: Sequence[Sample]) -> dict:
     """The best a model can do without the image: the most frequent train answer per question text.
 

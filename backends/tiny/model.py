@@ -123,7 +123,9 @@ def build_model(tokenizer: PreTrainedTokenizerFast, shape: TinyShape = TinyShape
 
 def knobgym_metadata(shape: TinyShape) -> dict:
     """The ``config.knobgym`` dict: knob ranges and the prompt format, read by ``knob_space_from_model``."""
-    return {"tiers": dict(shape.tiers), "native_vision_tokens": shape.native_vision_tokens,
+    # tier_mode "pool": the tower sees the whole 48 px image and its 16 tokens are pooled to the
+    # tier's count (the model was trained that way; see the model card).
+    return {"tiers": dict(shape.tiers), "native_vision_tokens": shape.native_vision_tokens, "tier_mode": "pool",
             "top_ks": list(shape.top_ks), "depths": list(shape.depths), "prompt_template": PROMPT_TEMPLATE,
             "shape": {k: (list(map(list, v)) if k == "tiers" else list(v) if isinstance(v, tuple) else v)
                       for k, v in asdict(shape).items()}}

@@ -1,0 +1,116 @@
+"""bench.full_size: the published configurations, the reduced-scale smoke run end to end (build,
+save, load through the backend, knob checks with hooks, env episodes, table), option errors, and
+the full-size runs themselves (``slow``: ``python -m pytest -m slow tests/test_full_size.py``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import full_size as fs
+
+
+@pytest.mark.parametrize("name", fs.MODELS)
+def test_published_configurations_name_their_source_and_build_on_meta(name):
+    arch = fs.load_architecture(name)
+    assert arch.source.split(",")[0].count("/") == 1, arch.source  # a Hugging Face repo id first
+    model = fs.meta_model(arch)
+    params = fs.count_parameters(model)
+    expected = {"llava-1.5-7b": 7.06e9, "idefics2-8b": 8.40e9, "olmoe-1b-7b": 6.92e9, "pythia-2.8b": 2.78e9}[name]
+    assert abs(params - expected) / expected < 0.01
+    small = fs.meta_model(arch, scale=0.05)  # the smoke mode's shapes stay consistent
+    assert fs.count_parameters(small) < params / 50
+
+
+def test_smoke_run_end_to_end(tmp_path, capsys):
+    """The reduced-scale run of a vision model: every check passes, the table lists every knob
+    setting, and the checkpoint is deleted without --keep."""
+    out = tmp_path / "results.json"
+    rc = fs.main(["--models", "llava-1.5-7b", "--scale", "0.05", "--in-process", "--work-dir", str(tmp_path / "work"),
+                  "--json", str(out)])
+    table = capsys.readouterr().out
+    assert rc == 0, table
+    (result,) = json.loads(out.read_text())
+    assert result["ok"] and result["model"] == "llava-1.5-7b"
+    settings = [row["setting"] for row in result["rows"]]
+    assert settings[:3] == ["stage 1, tier low", "stage 1, tier medium", "stage 1, tier high"]
+    # tier before the tower (resize): 168 / 224 / 336 px over 14 px patches, so the encoder's input
+    # patches fall with the tier as the vision tokens do, at the real counts even at reduced width
+    assert [row["checks"] for row in result["rows"][:3]] == [
+        f"{n} vision tokens, {n} encoder patches" for n in (144, 256, 576)]
+    assert any(s.startswith("MultiKnob-v0 lowest (tier=low depth=") for s in settings)
+    assert any(s.startswith("MultiKnob-v0 highest (tier=high depth=") for s in settings)
+    assert any(s.startswith("TokenBudget-v0 lowest") for s in settings)
+    assert any(s.startswith("TokenBudget-v0 highest") for s in settings)
+    assert all(s in table for s in settings) and "peak RSS" in table
+    assert not (tmp_path / "work" / "llava-1.5-7b").exists()
+
+
+def test_smoke_run_text_moe_gets_top_k_and_depth(tmp_path, capsys):
+    """A text-only MoE model: MultiKnob-v0 has no tier, only top-k and depth, and runs at both ends."""
+    out = tmp_path / "results.json"
+    rc = fs.main(["--models", "olmoe-1b-7b", "--scale", "0.05", "--in-process", "--work-dir", str(tmp_path / "work"),
+                  "--json", str(out)])
+    assert rc == 0, capsys.readouterr().out
+    (result,) = json.loads(out.read_text())
+    settings = [row["setting"] for row in result["rows"]]
+    assert result["ok"] and result["knob_space"]["tiers"] == {}
+    assert "MultiKnob-v0 lowest (top_k=4 depth=3)" in settings and "MultiKnob-v0 highest (top_k=8 depth=4)" in settings
+
+
+def test_keep_leaves_a_loadable_checkpoint_and_dataset(tmp_path):
+    rc = fs.main(["--models", "pythia-2.8b", "--scale", "0.05", "--in-process", "--work-dir", str(tmp_path),
+                  "--keep"])
+    assert rc == 0
+    ckpt = tmp_path / "pythia-2.8b"
+    assert (ckpt / "config.json").is_file() and (ckpt / "model.safetensors.index.json").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "pythia-2.8b-data" / "data.jsonl").read_text().splitlines()]
+    assert rows and all(set(r) == {"question", "answer"} for r in rows)
+    backend = fs.load_through_backend_hf(ckpt, tmp_path / "pythia-2.8b-data" / "data.jsonl")
+    fs.check_loaded_weights(backend.model, ckpt)
+    assert backend.knob_space.num_layers == 4 and not backend.knob_space.has_moe
+
+
+def test_a_check_that_does_not_hold_names_what_differed():
+    class Probe:
+        executed_blocks = [0, 1]
+        experts_per_token = {}
+
+    class Space:
+        has_moe = False
+
+        def resolve(self, knobs):
+            return knobs
+
+    class Backend:
+        knob_space = Space()
+
+    from backends.knobs import KnobConfig
+
+    with pytest.raises(fs.CheckFailed, match=r"expected 0\.\.2 \(depth 3\)"):
+        fs.check_compute(Backend(), Probe(), KnobConfig(depth=3), "run")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "gpt-5"], "unknown model(s) ['gpt-5']"),
+    (["--models", ","], "is empty"),
+    (["--scale", "0"], "--scale=0.0 is invalid"),
+    (["--max-new-tokens", "9"], "--max-new-tokens=9 is invalid"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_bad_options_are_one_line_and_exit_2(argv, message, capsys):
+    assert fs.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", fs.MODELS)
+def test_full_size(name, tmp_path, capsys):
+    """The published size on this machine (minutes per model; ~15 GB of RAM and disk for the 7-8B)."""
+    out = tmp_path / "results.json"
+    rc = fs.main(["--models", name, "--work-dir", str(tmp_path), "--json", str(out)])
+    assert rc == 0, capsys.readouterr()
+    (result,) = json.loads(out.read_text())
+    assert result["ok"] and result["scale"] == 1.0 and result["rows"]
