@@ -44,7 +44,7 @@ def make(pair, cache_dir, monkeypatch):
     monkeypatch.setenv("KNOBGYM_CACHE", str(cache_dir))
 
     def _make(env_id="Decoding-v0", **kwargs):
-        kwargs.setdefault("budget", "100ms")
+        kwargs.setdefault("budget", "30ms")
         return gym.make(env_id, **kwargs)
 
     return _make
@@ -67,20 +67,20 @@ def test_gym_make_passes_check_env(make):
 def test_estimated_mode_is_deterministic_and_group_equals_episodes(make):
     env = make()
     actions = [np.array(a) for a in ([0, 0, 0, 0, 0], [1, 1, 0, 0, 0], [2, 0, 1, 0, 1], [3, 0, 0, 2, 0])]
-    rewards, infos = env.unwrapped.evaluate_group(5, 100, actions, split="test")
+    rewards, infos = env.unwrapped.evaluate_group(5, 30, actions, split="test")
     for action, reward, info in zip(actions, rewards, infos):
-        env.reset(options={"sample_id": 5, "budget": 100, "split": "test"})
+        env.reset(options={"sample_id": 5, "budget": 30, "split": "test"})
         _, r, terminated, truncated, step_info = env.step(action)
         assert terminated and not truncated
         assert r == reward and step_info["latency_ms"] == info["latency_ms"]
         assert step_info["answer"] == info["answer"]
     fresh = make()
-    assert fresh.unwrapped.evaluate_group(5, 100, actions, split="test")[0].tolist() == rewards.tolist()
+    assert fresh.unwrapped.evaluate_group(5, 30, actions, split="test")[0].tolist() == rewards.tolist()
 
 
 def test_info_carries_answer_score_latency_trace_and_acceptance(make):
     env = make()
-    _, infos = env.unwrapped.evaluate_group(0, 100, [[0, 0, 0, 0, 0], [1, 1, 0, 0, 0], [3, 0, 0, 1, 0]],
+    _, infos = env.unwrapped.evaluate_group(0, 30, [[0, 0, 0, 0, 0], [1, 1, 0, 0, 0], [3, 0, 0, 1, 0]],
                                             split="test")
     greedy, beam, spec = infos
     for info in infos:
@@ -99,7 +99,15 @@ def test_env_pickles_by_spec_and_reloads(make):
     assert clone.action_space == env.action_space
     assert np.array_equal(clone.np_random.integers(1 << 30, size=4), env.np_random.integers(1 << 30, size=4))
     a = [0, 0, 0, 0, 1]
-    assert clone.evaluate_group(1, 100, [a], split="test")[0] == env.evaluate_group(1, 100, [a], split="test")[0]
+    assert clone.evaluate_group(1, 30, [a], split="test")[0] == env.evaluate_group(1, 30, [a], split="test")[0]
+
+
+def test_measured_variant_charges_the_wall_clock(make):
+    assert gym.registry["Decoding-measured-v0"].nondeterministic
+    env = make("Decoding-measured-v0")
+    env.reset(options={"sample_id": 2, "split": "test"})
+    _, _, _, _, info = env.step(np.array([0, 0, 0, 0, 0]))
+    assert info["measured_ms"] > 0 and info["latency_ms"] == info["measured_ms"]
 
 
 def test_a_vision_backend_is_a_clear_error(make, pair):
@@ -187,7 +195,7 @@ def test_chat_template_rule(pair):
     sample = pair.sample("test", 0)
     chat = pair.tokenizer.decode(pair.prompt_ids(sample, True))
     plain = pair.tokenizer.decode(pair.prompt_ids(sample, False))
-    assert chat == f"<|user|>{sample.question}<|assistant|>" and plain == f"question: {sample.question}\nanswer:"
+    assert chat == f"<|user|>{sample.question}<|assistant|>" and plain == f"q: {sample.question}\na:"
     # A target without a template: no switch in the space, and asking for it is one clear error.
     no_template = load_decoding_backend(target=str(TINY_DIR / "draft"), draft=None)
     assert no_template.tokenizer.chat_template is None
