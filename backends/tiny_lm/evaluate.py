@@ -59,7 +59,7 @@ CARD = """# tiny_lm {role}
 
 - Architecture: `LlamaForCausalLM`, {arch}; {params:,} parameters, fp16 safetensors.
 - Tokenizer: one token per character (shared by target and draft); chat template: {template}.
-- Task: the procedural QA of `backends/tiny_lm/task.py` (add, reverse, sort, double; answers 2-8
+- Task: the procedural QA of `backends/tiny_lm/task.py` (copy, reverse, add, sort; answers 2-8
   characters + `<eos>`), loss on answer tokens only. Trained by
   `nice -n 10 python -m backends.tiny_lm.train --model {role}` ({steps} steps of {batch} questions,
   seed {seed}; `training.json`).
