@@ -126,8 +126,8 @@ class DecodingEnv(gym.Env):
         self._init_kwargs = dict(backend={"name": "decoding", **loaded.options}, budget=budget, split=split,
                                  latency=latency, overshoot_penalty=overshoot_penalty,
                                  violation_penalty=violation_penalty)
-        self._low_ms, self._high_ms = self._typical_latencies()
-        self._ref_ms = float(np.median(self._high_ms))
+        self._low_ms, self._high_ms, self._full_ms = self._typical_latencies()
+        self._ref_ms = float(np.median(self._full_ms))
         self.budget = Budget.parse(self.suggested_budget_ms if budget is None else budget)
         self._warn_if_budget_unreachable()
         self.action_space = gym.spaces.MultiDiscrete(self.space.nvec)
@@ -150,13 +150,15 @@ class DecodingEnv(gym.Env):
             self._np_random.bit_generator.state = state["rng"]
 
     # ---------------------------------------------------------------- latency references
-    def _typical_latencies(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per typical input (first 16 validation questions): the cheapest and the dearest configuration's estimate."""
+    def _typical_latencies(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per typical input (first 16 validation questions): the estimated latency of the cheapest
+        configuration, of the dearest one, and of the widest beam (:meth:`DecodingSpace.full`)."""
         samples = list(self.backend.samples("validation")[:16])
         configs = self.space.configurations()
         est = np.array([self.latency.predict_ms(configs, [self.backend.expected_token_counts(s, k) for k in configs])
                         for s in samples])
-        return est.min(axis=1), est.max(axis=1)
+        full = configs.index(self.space.resolve(self.space.full()))
+        return est.min(axis=1), est.max(axis=1), est[:, full]
 
     @property
     def achievable_range_ms(self) -> tuple[float, float]:
@@ -164,9 +166,14 @@ class DecodingEnv(gym.Env):
 
     @property
     def suggested_budget_ms(self) -> float:
-        """Halfway between the cheapest configuration's 95th percentile and the dearest one's median
-        over typical inputs (the rule of :attr:`envs.knob_env.KnobEnv.suggested_budget_ms`)."""
-        low, high = float(np.percentile(self._low_ms, 95)), float(np.median(self._high_ms))
+        """A budget that binds: halfway between the cheapest configuration's 95th percentile and the
+        widest beam's median over typical inputs (the rule of
+        :attr:`envs.knob_env.KnobEnv.suggested_budget_ms`, with the widest beam as the full
+        configuration). Not the dearest configuration: speculative decoding with a draft that
+        rejects most proposals can be the slowest and buys no accuracy, so a budget below it need
+        not bind anything worth having.
+        """
+        low, high = float(np.percentile(self._low_ms, 95)), float(np.median(self._full_ms))
         if low >= high:
             low = float(np.median(self._low_ms))
         return 0.5 * (low + high)
