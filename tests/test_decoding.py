@@ -248,6 +248,26 @@ def test_missing_model_is_one_clear_error(tmp_path):
         load_decoding_backend(target="knobgym-test/not-a-cached-model", draft=None)
 
 
+@pytest.mark.parametrize("preset", ["tiny-decoding", "qwen2.5-3b-decoding"])
+def test_backend_presets_load_offline_or_say_how_to_get_the_model(preset):
+    import yaml
+    from pathlib import Path
+
+    from backends.loading import ModelNotAvailableError
+
+    conf = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "backend" / f"{preset}.yaml").read_text())
+    assert conf["name"] == "decoding"
+    if preset == "tiny-decoding":
+        assert load_decoding_backend(**conf["options"]).knob_space.strategies[-1] == "speculative"
+        return
+    try:
+        backend = load_decoding_backend(**conf["options"])
+    except ModelNotAvailableError as exc:  # not in this machine's Hugging Face cache: one clear error
+        assert "Qwen/Qwen2.5-3B-Instruct" in str(exc) and "hf download" in str(exc)
+    else:  # a machine that has both models: the pair shares one tokenizer
+        assert "speculative" in backend.knob_space.strategies
+
+
 # ------------------------------------------------------------------------------------------------
 # the latency estimator
 # ------------------------------------------------------------------------------------------------
