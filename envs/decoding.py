@@ -82,7 +82,7 @@ class DecodingLatency:
         return self.estimator.predict(list(knobs), list(counts))
 
     def outcomes_ms(self, outcomes: Sequence[DecodingOutcome]) -> np.ndarray:
-        """Latency charged for finished runs (one estimator call for the whole group)."""
+        """Latency charged for finished runs (their actual tokens and, for speculative decoding, acceptance)."""
         if self.mode == "measured":
             return np.array([o.measured_ms for o in outcomes], dtype=np.float64)
         # Row by row: a run's latency must not depend on which group it was evaluated in.
