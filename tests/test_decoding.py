@@ -287,3 +287,18 @@ def test_decoding_estimator_is_cached_and_deterministic_across_loads(pair, cache
     assert set(a.acceptance) == {(k, chat) for k in (2, 4, 8) for chat in (False, True)}
     report = held_out_report(a.profile)
     assert report.held_out_rows > 0 and np.isfinite(report.estimator.mape)
+
+
+def test_tiny_pair_training_resumes_from_its_last_checkpoint(tmp_path, capsys):
+    import json
+
+    from backends.tiny_lm.train import main
+
+    common = ["--model", "draft", "--batch-size", "2", "--save-every", "1", "--work-dir", str(tmp_path / "work"),
+              "--out", str(tmp_path / "out")]
+    main(common + ["--steps", "2"])
+    assert json.loads((tmp_path / "work" / "draft-seed0" / "progress.json").read_text())["step"] == 2
+    main(common + ["--steps", "3"])
+    assert "resuming from step 2" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "training.json").read_text())["steps"] == 3
+    assert not [p for p in (tmp_path / "work").iterdir() if p.name.startswith(".")]  # no staging folders left
