@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import yaml
 
-    from backends.decoding import load_decoding_backend
+    from backends.decoding import DecodingBackend
+    from backends.registry import load_backend
     from backends.tiny_lm.evaluate import label
     from latency_model.decoding import get_decoding_estimator, held_out_report
 
@@ -54,7 +55,10 @@ def main(argv: list[str] | None = None) -> None:
     preset = Path(__file__).resolve().parents[1] / "conf" / "backend" / f"{args.backend_preset}.yaml"
     if not preset.is_file():
         raise ValueError(f"--backend-preset={args.backend_preset!r} is invalid; accepted: a file name in conf/backend")
-    backend = load_decoding_backend(**(yaml.safe_load(preset.read_text())["options"] or {}))
+    backend = load_backend(yaml.safe_load(preset.read_text()))
+    if not isinstance(backend, DecodingBackend):
+        raise ValueError(f"--backend-preset={args.backend_preset!r} is not a decoding backend; accepted: a "
+                         f"conf/backend/*decoding*.yaml name")
     samples = list(backend.samples("test")[: args.samples])
     configs = backend.knob_space.configurations()
     for k in configs[:3]:  # warm-up

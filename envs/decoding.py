@@ -34,9 +34,12 @@ Episode end:
 generated token of the returned answer, from the search's back-pointers); for speculative
 decoding ``acceptance_rate`` and ``accepted_per_pass`` (accepted draft tokens per target pass).
 
-Group protocol (what agents use besides Gymnasium): :meth:`DecodingEnv.evaluate_group` scores
-several actions on one sample and budget as separate episodes would; :meth:`stage1_observation`
-is the observation of a (sample, budget) without stepping.
+Group protocol: :class:`DecodingEnv` implements :class:`envs.protocols.GroupEnv` with one stage
+reading every element of the action (``trajectory_nvec`` = the action's ``nvec``, ``stage_heads
+= ((0, .., n-1),)``): ``evaluate_group`` scores several actions on one sample and budget as
+separate episodes would, ``stage_observation`` is the observation of a (sample, budget) without
+stepping, ``estimated_latency_ms`` the estimator's latency of each action on an input (memoised
+per (input, configuration): an agent may ask it for every action of the space at every step).
 """
 
 from __future__ import annotations
@@ -47,14 +50,14 @@ from typing import Any, Sequence
 import gymnasium as gym
 import numpy as np
 
-from backends.base import SPLITS, Sample
+from backends.base import Sample, check_split
 from backends.decoding import DecodingBackend, DecodingKnobs, DecodingOutcome, DecodingTokenCounts
 from backends.registry import load_backend
-from envs.budget import Budget
+from envs.budget import Budget, check_budget_ms
 from envs.reward import RewardConfig, compute_reward
+from latency_model.modes import LATENCY_MODES
 
 OBS_CLIP = 10.0
-LATENCY_MODES = ("estimated", "measured")
 _WARNED: set = set()
 
 
@@ -77,9 +80,9 @@ class DecodingLatency:
             estimator = get_decoding_estimator(backend)
         self.mode, self.estimator = mode, estimator
 
-    def predict_ms(self, knobs: Sequence[DecodingKnobs], counts: Sequence[DecodingTokenCounts]) -> np.ndarray:
-        """Estimated latency before running (expected acceptance for speculative decoding)."""
-        return self.estimator.predict(list(knobs), list(counts))
+    def predict_ms(self, knobs: DecodingKnobs, counts: DecodingTokenCounts) -> float:
+        """Estimated latency of one configuration before running (expected acceptance for speculative decoding)."""
+        return float(self.estimator.predict([knobs], [counts])[0])
 
     def outcomes_ms(self, outcomes: Sequence[DecodingOutcome]) -> np.ndarray:
         """Latency charged for finished runs (their actual tokens and, for speculative decoding, acceptance)."""
@@ -103,6 +106,10 @@ class DecodingEnv(gym.Env):
         overshoot_penalty, violation_penalty: reward coefficients (see :mod:`envs.reward`).
         estimator: a decoding latency estimator to use instead of the cached one.
         backend_options: options for a backend given by name.
+
+    Raises:
+        ValueError: a backend that is not a :class:`~backends.decoding.DecodingBackend`, a bad
+            split, latency mode or budget (one line each).
     """
 
     metadata = {"render_modes": []}
@@ -111,9 +118,8 @@ class DecodingEnv(gym.Env):
                  latency: str = "estimated", overshoot_penalty: float = 1.0, violation_penalty: float = 0.5,
                  estimator=None, backend_options: dict | None = None):
         super().__init__()
-        if split not in SPLITS:
-            raise ValueError(f"split={split!r} is invalid; accepted: {', '.join(SPLITS)}")
-        loaded = backend if isinstance(backend, DecodingBackend) else load_backend(backend, **(backend_options or {}))
+        check_split(split)
+        loaded = load_backend(backend, **(backend_options or {}))
         if not isinstance(loaded, DecodingBackend):
             raise ValueError(f"Decoding-v0 needs a decoding backend, got {type(loaded).__name__}; accepted: "
                              f"backend=tiny-decoding (the shipped pair) or a conf/backend/*-decoding preset")
@@ -123,6 +129,9 @@ class DecodingEnv(gym.Env):
         self.reward_config = RewardConfig(overshoot_penalty, violation_penalty)
         self.latency = DecodingLatency(loaded, latency, estimator)
         self.question_types = tuple(loaded.question_types)
+        # memo: (split, sample id, resolved knobs) -> estimated ms; -> outcome (estimated mode only)
+        self._estimate_cache: dict[tuple, float] = {}
+        self._outcome_cache: dict[tuple, DecodingOutcome] = {}
         self._init_kwargs = dict(backend={"name": "decoding", **loaded.options}, budget=budget, split=split,
                                  latency=latency, overshoot_penalty=overshoot_penalty,
                                  violation_penalty=violation_penalty)
@@ -131,6 +140,8 @@ class DecodingEnv(gym.Env):
         self.budget = Budget.parse(self.suggested_budget_ms if budget is None else budget)
         self._warn_if_budget_unreachable()
         self.action_space = gym.spaces.MultiDiscrete(self.space.nvec)
+        self.trajectory_nvec = tuple(int(n) for n in self.space.nvec)
+        self.stage_heads = (tuple(range(len(self.trajectory_nvec))),)
         self.obs_size = 4 + len(self.question_types)
         self.observation_space = gym.spaces.Box(-OBS_CLIP, OBS_CLIP, shape=(self.obs_size,), dtype=np.float32)
         self._sample: Sample | None = None
@@ -155,8 +166,7 @@ class DecodingEnv(gym.Env):
         configuration, of the dearest one, and of the widest beam (:meth:`DecodingSpace.full`)."""
         samples = list(self.backend.samples("validation")[:16])
         configs = self.space.configurations()
-        est = np.array([self.latency.predict_ms(configs, [self.backend.expected_token_counts(s, k) for k in configs])
-                        for s in samples])
+        est = np.array([self._estimate_ms(s, configs) for s in samples])
         full = configs.index(self.space.resolve(self.space.full()))
         return est.min(axis=1), est.max(axis=1), est[:, full]
 
@@ -194,7 +204,7 @@ class DecodingEnv(gym.Env):
                           f"budget inside it, e.g. budget={self.suggested_budget_ms:.0f}ms", stacklevel=3)
 
     # ---------------------------------------------------------------- actions
-    def action_to_knobs(self, action) -> DecodingKnobs:
+    def _knobs(self, action) -> DecodingKnobs:
         """The resolved configuration of an action (raises ``ValueError`` outside the action space)."""
         return self.space.from_indices(self._check_action(action))
 
@@ -211,15 +221,56 @@ class DecodingEnv(gym.Env):
                              f"one index per field: {fields}")
         return ints
 
+    # ---------------------------------------------------------------- the GroupEnv protocol
+    def num_samples(self, split: str) -> int:
+        """Questions in ``split`` (ids ``0 .. n-1``)."""
+        return len(self.backend.samples(check_split(split)))
+
+    def to_env_action(self, trajectory: Sequence[int], stage: int = 0) -> np.ndarray:
+        """The Gymnasium action of ``trajectory``: the vector itself (one stage reads every element)."""
+        if stage != 0:
+            raise ValueError(f"stage={stage} is invalid for Decoding-v0; accepted: 0 (one decision per episode)")
+        return np.asarray(trajectory, dtype=np.int64).reshape(-1)
+
+    def stage_observation(self, sample_id: int, budget_ms: float, split: str, stage: int = 0,
+                          trajectory: Sequence[int] | None = None) -> np.ndarray:
+        """The observation of an episode on (sample, budget): its only stage is 0. Pure."""
+        if stage != 0:
+            raise ValueError(f"stage={stage} is invalid for Decoding-v0; accepted: 0 (one decision per episode)")
+        sample = self.backend.sample(check_split(split or self.split), sample_id)
+        return self._observation(sample, check_budget_ms(budget_ms))
+
+    def estimated_latency_ms(self, sample_id: int, trajectories: Sequence[Sequence[int]],
+                             split: str | None = None) -> np.ndarray:
+        """The estimator's latency of each action on this input, from expected token counts (no model run)."""
+        sample = self.backend.sample(check_split(split or self.split), sample_id)
+        return self._estimate_ms(sample, [self._knobs(self.to_env_action(t)) for t in trajectories])
+
+    def provenance(self) -> dict:
+        """Backend identity, latency source and estimator, and the knob space, for run records."""
+        estimator = self.latency.estimator
+        return {"model": self.backend.identity(), "latency": self.latency.mode,
+                "estimator": {"class": type(estimator).__name__, "identity": estimator.identity,
+                              "fingerprint": estimator.fingerprint},
+                "knob_space": self.space.as_dict()}
+
     # ---------------------------------------------------------------- observations
-    def stage1_observation(self, sample_id: int, budget_ms: float, split: str | None = None) -> np.ndarray:
-        """The observation of an episode on (sample, budget), without stepping (pure)."""
-        return self._observation(self.backend.sample(split or self.split, sample_id), float(budget_ms))
+    def _estimate_ms(self, sample: Sample, knobs: Sequence[DecodingKnobs]) -> np.ndarray:
+        """Estimated latency of resolved configurations on ``sample``, memoised per (input, configuration)."""
+        out = np.empty(len(knobs), dtype=np.float64)
+        for i, k in enumerate(knobs):
+            key = (sample.split, sample.sample_id, k)
+            if key not in self._estimate_cache:
+                if len(self._estimate_cache) >= self._CACHE_SIZE:
+                    self._estimate_cache.pop(next(iter(self._estimate_cache)))
+                self._estimate_cache[key] = self.latency.predict_ms(k, self.backend.expected_token_counts(sample, k))
+            out[i] = self._estimate_cache[key]
+        return out
 
     def _observation(self, sample: Sample, budget_ms: float) -> np.ndarray:
         greedy = self.space.cheapest()
         counts = self.backend.expected_token_counts(sample, greedy)
-        greedy_ms = float(self.latency.predict_ms([greedy], [counts])[0])
+        greedy_ms = float(self._estimate_ms(sample, [greedy])[0])
         qtype = np.zeros(len(self.question_types), dtype=np.float32)
         if 0 <= sample.question_type < len(qtype):
             qtype[sample.question_type] = 1.0
@@ -234,15 +285,13 @@ class DecodingEnv(gym.Env):
         unknown = set(options) - {"sample_id", "budget", "split"}
         if unknown:
             raise ValueError(f"unknown reset option(s) {sorted(unknown)}; accepted: sample_id, budget, split")
-        split = options.get("split", self.split)
-        if split not in SPLITS:
-            raise ValueError(f"split={split!r} is invalid; accepted: {', '.join(SPLITS)}")
+        split = check_split(options.get("split", self.split))
         items = self.backend.samples(split)
         if "sample_id" in options:
             self._sample = self.backend.sample(split, options["sample_id"])
         else:
             self._sample = items[int(self.np_random.integers(len(items)))]
-        budget = Budget.parse(options["budget"]) if "budget" in options else self.budget
+        budget = Budget.parse(options["budget"]) if "budget" in options else self.budget  # reset's boundary
         self._budget_ms = budget.sample(self.np_random)
         obs = self._observation(self._sample, self._budget_ms)
         return obs, {"sample_id": self._sample.sample_id, "budget_ms": self._budget_ms}
@@ -251,42 +300,40 @@ class DecodingEnv(gym.Env):
         if self._sample is None:
             raise RuntimeError("call reset() before step()")
         sample, budget_ms = self._sample, self._budget_ms
-        (reward,), (info,) = self._score_group(sample, budget_ms, [self.action_to_knobs(action)])
+        (reward,), (info,) = self._score_group(sample, budget_ms, [self._knobs(action)])
         obs = self._observation(sample, budget_ms)
         self._sample = None
         return obs, float(reward), True, False, info
 
     # ---------------------------------------------------------------- the group evaluation
-    def evaluate_group(self, sample_id: int, budget: Any, actions: Sequence, split: str | None = None):
-        """Rewards and infos of ``actions`` on one sample and fixed budget, as if each were its own episode.
+    def evaluate_group(self, sample_id: int, budget_ms: float, trajectories: Sequence[Sequence[int]],
+                       split: str | None = None) -> tuple[np.ndarray, list[dict]]:
+        """Rewards and infos of ``trajectories`` (actions) on one sample and fixed budget (ms), as if
+        each were its own episode.
 
         Actions naming the same configuration share one run (in estimated mode runs are memoised
         per (sample, configuration): greedy, beam and speculative decoding are deterministic, and
         sampling is seeded from the sample and configuration). Returns ``(rewards, infos)``.
         """
-        split = split or self.split
-        sample = self.backend.sample(split, sample_id)
-        parsed = Budget.parse(budget)
-        if parsed.is_range:
-            raise ValueError(f"budget={budget!r} is invalid for a group; accepted: one fixed budget")
-        return self._score_group(sample, parsed.low_ms, [self.action_to_knobs(a) for a in actions])
+        sample = self.backend.sample(check_split(split or self.split), sample_id)
+        return self._score_group(sample, check_budget_ms(budget_ms),
+                                 [self._knobs(self.to_env_action(t)) for t in trajectories])
 
-    _OUTCOME_CACHE_SIZE = 100_000
+    _CACHE_SIZE = 100_000
 
     def _run(self, sample: Sample, knobs: DecodingKnobs) -> DecodingOutcome:
         if self.latency.mode == "measured":
             return self.backend.run(sample, knobs)
-        cache = self.__dict__.setdefault("_outcome_cache", {})
         key = (sample.split, sample.sample_id, knobs)
-        if key not in cache:
-            if len(cache) >= self._OUTCOME_CACHE_SIZE:
-                cache.pop(next(iter(cache)))
-            cache[key] = self.backend.run(sample, knobs)
-        return cache[key]
+        if key not in self._outcome_cache:
+            if len(self._outcome_cache) >= self._CACHE_SIZE:
+                self._outcome_cache.pop(next(iter(self._outcome_cache)))
+            self._outcome_cache[key] = self.backend.run(sample, knobs)
+        return self._outcome_cache[key]
 
     def clear_run_cache(self) -> None:
         """Forget memoised runs (benchmarks use this to time real runs)."""
-        self.__dict__.pop("_outcome_cache", None)
+        self._outcome_cache.clear()
 
     def _score_group(self, sample: Sample, budget_ms: float, knobs: Sequence[DecodingKnobs]):
         outcomes = [self._run(sample, k) for k in knobs]

@@ -78,6 +78,49 @@ def test_estimated_mode_is_deterministic_and_group_equals_episodes(make):
     assert fresh.unwrapped.evaluate_group(5, 30, actions, split="test")[0].tolist() == rewards.tolist()
 
 
+def test_env_implements_the_group_protocol_with_one_stage(make):
+    import itertools
+
+    from envs.protocols import GroupEnv, group_env
+
+    env = make()
+    base = group_env(env)
+    assert isinstance(base, GroupEnv)
+    assert base.trajectory_nvec == tuple(env.action_space.nvec.tolist())
+    assert base.stage_heads == (tuple(range(len(base.trajectory_nvec))),)
+    assert base.num_samples("test") == len(base.backend.samples("test"))
+    obs, _ = env.reset(options={"sample_id": 3, "budget": 30, "split": "test"})
+    assert np.array_equal(base.stage_observation(3, 30.0, "test", 0), obs)
+    with pytest.raises(ValueError, match="stage=1 is invalid"):
+        base.stage_observation(3, 30.0, "test", 1)
+    assert np.array_equal(base.to_env_action([1, 0, 1, 2, 0], 0), np.array([1, 0, 1, 2, 0]))
+    # every action of the space (what GRPO's latency features ask at each step): memoised per
+    # (input, configuration), so actions naming one configuration get one figure
+    actions = list(itertools.product(*[range(n) for n in base.trajectory_nvec]))
+    ms = base.estimated_latency_ms(3, actions, "test")
+    assert ms.shape == (len(actions),) and (ms > 0).all()
+    assert np.array_equal(base.estimated_latency_ms(3, actions, "test"), ms)
+    greedy = [i for i, a in enumerate(actions) if a[0] == 0 and a[-1] == 0]
+    assert len(set(ms[greedy].tolist())) == 1
+    record = base.provenance()
+    assert record["model"]["backend"] == "decoding" and record["latency"] == "estimated"
+    assert record["knob_space"]["strategies"] == ["greedy", "beam", "sampling", "speculative"]
+
+
+def test_registry_accepts_declared_backend_contracts_only(pair, monkeypatch):
+    from backends import registry
+    from backends.decoding import DecodingBackend
+    from backends.registry import backend_types, load_backend
+
+    assert DecodingBackend in backend_types()
+    assert load_backend(pair) is pair  # a loaded decoding backend passes through like a Backend
+    monkeypatch.setitem(registry._FACTORIES, "knobgym-test-undeclared", lambda: object())
+    with pytest.raises(ValueError, match="implements no declared backend contract"):
+        load_backend("knobgym-test-undeclared")
+    with pytest.raises(ValueError, match="needs a vision-language backend"):
+        gym.make("MultiKnob-v0", backend=pair, budget="120ms")
+
+
 def test_info_carries_answer_score_latency_trace_and_acceptance(make):
     env = make()
     _, infos = env.unwrapped.evaluate_group(0, 30, [[0, 0, 0, 0, 0], [1, 1, 0, 0, 0], [3, 0, 0, 1, 0]],
@@ -255,13 +298,17 @@ def test_backend_presets_load_offline_or_say_how_to_get_the_model(preset):
 
     from backends.loading import ModelNotAvailableError
 
+    from backends.decoding import DecodingBackend
+    from backends.registry import load_backend
+
     conf = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "backend" / f"{preset}.yaml").read_text())
     assert conf["name"] == "decoding"
-    if preset == "tiny-decoding":
-        assert load_decoding_backend(**conf["options"]).knob_space.strategies[-1] == "speculative"
+    if preset == "tiny-decoding":  # through the registry, like train.py's backend=tiny-decoding
+        backend = load_backend(conf)
+        assert isinstance(backend, DecodingBackend) and backend.knob_space.strategies[-1] == "speculative"
         return
     try:
-        backend = load_decoding_backend(**conf["options"])
+        backend = load_backend(conf)
     except ModelNotAvailableError as exc:  # not in this machine's Hugging Face cache: one clear error
         assert "Qwen/Qwen2.5-3B-Instruct" in str(exc) and "hf download" in str(exc)
     else:  # a machine that has both models: the pair shares one tokenizer

@@ -1,16 +1,19 @@
-"""Decoding knobs and the decoding backend (target + optional draft, QA data, ``generate``).
+"""Decoding knobs, the decoding backend contract and its ``transformers`` implementation.
 
-``import backends.decoding`` registers ``backend=decoding`` with :mod:`backends.registry`.
+``import backends.decoding`` registers the :class:`DecodingBackend` protocol with
+:func:`backends.registry.register_backend_type` (``backend=decoding`` is in the registry's name
+table), so :func:`backends.registry.load_backend` accepts loaded decoding backends.
 """
 
-from backends.decoding.backend import (DecodingBackend, DecodingOutcome, DecodingTokenCounts,
-                                       DraftTokenizerMismatchError, QAData, beam_sources, check_same_tokenizer,
+from backends.decoding.backend import (DecodingOutcome, DecodingTokenCounts, DraftTokenizerMismatchError,
+                                       HFDecodingBackend, QAData, beam_sources, check_same_tokenizer,
                                        load_decoding_backend)
+from backends.decoding.base import DecodingBackend
 from backends.decoding.knobs import STRATEGIES, DecodingKnobError, DecodingKnobs, DecodingSpace
-from backends.registry import register_backend
+from backends.registry import register_backend_type
 
-register_backend("decoding", load_decoding_backend)
+register_backend_type(DecodingBackend)
 
-__all__ = ["DecodingBackend", "DecodingOutcome", "DecodingTokenCounts", "DraftTokenizerMismatchError", "QAData",
-           "beam_sources", "check_same_tokenizer", "load_decoding_backend", "STRATEGIES", "DecodingKnobError",
-           "DecodingKnobs", "DecodingSpace"]
+__all__ = ["DecodingBackend", "HFDecodingBackend", "DecodingOutcome", "DecodingTokenCounts",
+           "DraftTokenizerMismatchError", "QAData", "beam_sources", "check_same_tokenizer", "load_decoding_backend",
+           "STRATEGIES", "DecodingKnobError", "DecodingKnobs", "DecodingSpace"]

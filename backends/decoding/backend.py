@@ -141,8 +141,9 @@ def _stable_seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(json.dumps(parts, default=str).encode()).digest()[:8], "little") >> 1
 
 
-class DecodingBackend:
-    """A target model, an optional draft sharing its tokenizer, QA data, and ``run(sample, knobs)``.
+class HFDecodingBackend:
+    """The :class:`~backends.decoding.base.DecodingBackend` of ``transformers`` models: a target, an
+    optional draft sharing its tokenizer, QA data, and ``run(sample, knobs)`` through ``generate``.
 
     Args:
         target, draft: ``(model, tokenizer)`` pairs (draft ``None``: no speculative decoding).
@@ -157,8 +158,6 @@ class DecodingBackend:
     Raises:
         DraftTokenizerMismatchError: the draft's vocabulary or end-of-sequence id differs from the target's.
     """
-
-    summary_dim = 0
 
     def __init__(self, target: tuple[Any, Any], draft: tuple[Any, Any] | None, data: QAData, *,
                  max_new_tokens: int = 10, beams: Sequence[int] = (2, 4), temperatures: Sequence[float] = (0.5, 1.0),
@@ -184,7 +183,7 @@ class DecodingBackend:
         self.question_types = tuple(data.question_types)
         self._expected_new = self._expected_new_tokens()
 
-    def __deepcopy__(self, memo: dict) -> "DecodingBackend":
+    def __deepcopy__(self, memo: dict) -> "HFDecodingBackend":
         # A loaded backend (models in memory) is shared, never copied: Gymnasium deep-copies env kwargs.
         return self
 
@@ -231,10 +230,6 @@ class DecodingBackend:
         out: dict = {t: float(np.mean(v)) for t, v in per_type.items()}
         out[None] = float(np.mean([x for v in per_type.values() for x in v]))
         return out
-
-    @property
-    def expected_new_tokens_by_type(self) -> dict:
-        return dict(self._expected_new)
 
     def expected_token_counts(self, sample: Sample, knobs: DecodingKnobs) -> DecodingTokenCounts:
         """Prompt tokens (exact) and the question type's mean answer length (before running)."""
@@ -362,7 +357,7 @@ def load_decoding_backend(target: str | None = None, draft: str | None = "defaul
                           attn_implementation: str = "sdpa", dataset: str | None = None, max_new_tokens: int = 10,
                           beams: Sequence[int] = (2, 4), temperatures: Sequence[float] = (0.5, 1.0),
                           lookaheads: Sequence[int] = (2, 4, 8), max_beams: int = 4,
-                          instruction: str = "") -> DecodingBackend:
+                          instruction: str = "") -> HFDecodingBackend:
     """``backend=decoding``: load a target (and draft) offline, with QA data.
 
     Args:
@@ -372,7 +367,7 @@ def load_decoding_backend(target: str | None = None, draft: str | None = "defaul
         draft: the same for the draft; ``"default"``: the shipped tiny draft when ``target`` is the
             tiny one, else none; ``None``: no draft (no speculative decoding).
         dataset: ``None`` (the procedural task) or a folder of ``{train,validation,test}.jsonl``.
-        Other arguments: see :class:`DecodingBackend` and :class:`backends.loading.ModelSpec`.
+        Other arguments: see :class:`HFDecodingBackend` and :class:`backends.loading.ModelSpec`.
     """
     options = dict(target=target, draft=draft, revision=revision, draft_revision=draft_revision, precision=precision,
                    device=device, attn_implementation=attn_implementation, dataset=dataset,
@@ -393,6 +388,6 @@ def load_decoding_backend(target: str | None = None, draft: str | None = "defaul
         identity.update(draft=str(draft) if not tiny else "tiny_lm/draft", draft_revision=draft_rev)
     data = QAData.procedural() if dataset is None else QAData.from_json_lines(dataset)
     identity["dataset"] = data.source
-    return DecodingBackend((model, tokenizer), pair, data, max_new_tokens=max_new_tokens, beams=beams,
+    return HFDecodingBackend((model, tokenizer), pair, data, max_new_tokens=max_new_tokens, beams=beams,
                            temperatures=temperatures, lookaheads=lookaheads, max_beams=max_beams,
                            instruction=instruction, identity=identity, options=options)

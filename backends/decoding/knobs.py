@@ -65,8 +65,6 @@ class DecodingSpace:
     chat_options: tuple[bool, ...]
     max_beams: int
     model: str = "model"
-    #: no vision tiers (the CLI's knob histograms read this from every env's space)
-    tier_names: tuple = ()
 
     def __post_init__(self) -> None:
         for s in self.strategies:
@@ -81,6 +79,12 @@ class DecodingSpace:
             raise DecodingKnobError(f"temperatures={self.temperatures!r} is invalid; accepted: finite values > 0")
         if not self.lookaheads or any(int(k) < 1 for k in self.lookaheads):
             raise DecodingKnobError(f"lookaheads={self.lookaheads!r} is invalid; accepted: integers >= 1")
+
+    def as_dict(self) -> dict:
+        """The offered values of each knob (JSON-able, for run records)."""
+        return {"strategies": list(self.strategies), "beams": list(self.beams),
+                "temperatures": list(self.temperatures), "lookaheads": list(self.lookaheads),
+                "chat_options": list(self.chat_options), "max_beams": int(self.max_beams), "model": self.model}
 
     @property
     def has_chat_template(self) -> bool:
