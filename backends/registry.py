@@ -1,7 +1,13 @@
-"""Backends by name: ``backend=tiny`` (default), ``backend=hf`` with a model spec, ``backend=trace``.
+"""Backends by name: ``backend=tiny`` (default), ``backend=hf`` with a model spec, ``backend=trace``,
+``backend=decoding`` (a causal LM with a draft, for ``Decoding-v0``).
 
 Loaded backends are cached per (name, options) in the process, so making many envs (vector envs,
 evaluation across budgets) loads a model once.
+
+A loaded backend is an instance of one of the declared backend contracts: :class:`backends.base.Backend`
+(the knob envs) or a contract a backend family registers with :func:`register_backend_type`
+(``backends.decoding`` registers its ``DecodingBackend`` protocol). Which env accepts which
+contract is the env's business; the registry only refuses objects of no declared contract.
 """
 
 from __future__ import annotations
@@ -16,11 +22,29 @@ _FACTORIES: dict[str, str | Callable[..., Backend]] = {
     "tiny": "backends.tiny.backend:load_tiny_backend",
     "hf": "backends.hf_task:load_hf_backend",
     "trace": "backends.trace:load_trace_backend",
+    "decoding": "backends.decoding.backend:load_decoding_backend",
 }
-_LOADED: dict[str, Backend] = {}
+_LOADED: dict[str, Any] = {}
+#: the declared backend contracts (runtime-checkable protocols) a loaded backend may implement
+_BACKEND_TYPES: list[type] = [Backend]
 
 
-def register_backend(name: str, factory: Callable[..., Backend]) -> None:
+def register_backend_type(contract: type) -> None:
+    """Accept loaded backends implementing ``contract`` (a ``runtime_checkable`` Protocol) besides ``Backend``."""
+    if contract not in _BACKEND_TYPES:
+        _BACKEND_TYPES.append(contract)
+
+
+def backend_types() -> tuple[type, ...]:
+    """The backend contracts :func:`load_backend` accepts, :class:`~backends.base.Backend` first."""
+    return tuple(_BACKEND_TYPES)
+
+
+def _type_names() -> str:
+    return ", ".join(t.__name__ for t in _BACKEND_TYPES)
+
+
+def register_backend(name: str, factory: Callable[..., Any]) -> None:
     """Make ``backend=<name>`` resolve to ``factory(**options)``."""
     _FACTORIES[name] = factory
 
@@ -29,7 +53,7 @@ def available_backends() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def _factory(name: str) -> Callable[..., Backend]:
+def _factory(name: str) -> Callable[..., Any]:
     if name not in _FACTORIES:
         raise ValueError(f"unknown backend {name!r}; accepted: {', '.join(available_backends())}")
     target = _FACTORIES[name]
@@ -39,15 +63,16 @@ def _factory(name: str) -> Callable[..., Backend]:
     return getattr(importlib.import_module(module), attr)
 
 
-def load_backend(backend: Any = "tiny", **options: Any) -> Backend:
-    """Resolve ``backend`` (a Backend object, a name, or a dict with ``name``) to a loaded backend.
+def load_backend(backend: Any = "tiny", **options: Any) -> Any:
+    """Resolve ``backend`` (a loaded backend, a name, or a dict with ``name``) to a loaded backend.
 
     A dict passes every key except ``name`` to the backend's factory as a keyword option (so a
-    Hydra ``backend`` config group maps one to one onto the factory's arguments).
+    Hydra ``backend`` config group maps one to one onto the factory's arguments). The result is
+    an instance of one of :func:`backend_types` (a factory returning anything else is an error).
     """
     if backend is None:
         backend = "tiny"
-    if isinstance(backend, Backend):
+    if isinstance(backend, backend_types()):
         if options:
             raise ValueError(f"options {sorted(options)} were given with an already loaded backend; accepted: "
                              f"options only with a backend name or dict")
@@ -57,10 +82,15 @@ def load_backend(backend: Any = "tiny", **options: Any) -> Backend:
         backend = backend.get("name", "tiny")
     if not isinstance(backend, str):
         raise ValueError(f"backend={backend!r} is invalid; accepted: a backend name "
-                         f"({', '.join(available_backends())}), a dict with 'name', or a Backend object")
+                         f"({', '.join(available_backends())}), a dict with 'name', or a loaded backend "
+                         f"({_type_names()})")
     key = backend + json.dumps(options, sort_keys=True, default=str)
     if key not in _LOADED:
-        _LOADED[key] = _factory(backend)(**options)
+        loaded = _factory(backend)(**options)
+        if not isinstance(loaded, backend_types()):
+            raise ValueError(f"backend={backend!r} made a {type(loaded).__name__}, which implements no declared "
+                             f"backend contract; accepted: {_type_names()} (see backends.registry.register_backend_type)")
+        _LOADED[key] = loaded
     return _LOADED[key]
 
 

@@ -19,6 +19,13 @@ register_env("TokenBudget-v0", TokenBudgetEnv, description="one step: fraction o
 register_env("TokenBudget-measured-v0", TokenBudgetEnv, nondeterministic=True, latency="measured",
              description="TokenBudget-v0 with wall-clock latency")
 
+from envs.decoding import DecodingEnv  # noqa: E402
+
+register_env("Decoding-v0", DecodingEnv, description="one step: decoding strategy, beams, temperature, "
+             "draft lookahead, chat template")
+register_env("Decoding-measured-v0", DecodingEnv, nondeterministic=True, latency="measured",
+             description="Decoding-v0 with wall-clock latency")
+
 # KV-cache policy envs: StreamingKV-v0 and one KV-<Policy>-v0 per registered policy (a loop over
 # the policy registry; call register_kv_envs() again after registering a policy later).
 from envs.budget import KVBudget  # noqa: E402
@@ -27,4 +34,4 @@ from envs.streaming_kv import StreamingKVEnv, register_kv_env, register_kv_envs 
 register_kv_envs()
 
 __all__ = ["Budget", "GroupEnv", "group_env", "RewardConfig", "compute_reward", "compute_rewards",
-           "register_env", "list_envs", "check_env_id", "MultiKnobEnv", "TokenBudgetEnv"]
+           "register_env", "list_envs", "check_env_id", "MultiKnobEnv", "TokenBudgetEnv", "DecodingEnv"]

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import gymnasium as gym
 import numpy as np
 
-from backends.base import Sample, check_split
+from backends.base import Backend, Sample, check_split
 from backends.knobs import KnobConfig
 from backends.outcome import Outcome, Stage1State
 from backends.registry import load_backend
@@ -54,6 +54,9 @@ class KnobEnv(gym.Env):
         self._backend_spec = (backend, dict(backend_options or {})) if backend is None or isinstance(
             backend, (str, dict)) else None
         self.backend = load_backend(backend, **(backend_options or {}))
+        if not isinstance(self.backend, Backend):
+            raise ValueError(f"{type(self).__name__} needs a vision-language backend (backends.base.Backend), got "
+                             f"{type(self.backend).__name__}; accepted: backend=tiny, hf or trace")
         self.space = self.backend.knob_space
         self.budget = Budget.parse(budget)
         self.reward_config = RewardConfig(overshoot_penalty, violation_penalty)

@@ -1,0 +1,355 @@
+"""``Decoding-v0``: choose how an answer is decoded (greedy, beam, sampling, speculative) and its prompt format.
+
+One step per question. The backend (``backend=decoding``: a target causal LM, optionally a draft
+sharing its tokenizer, and QA data; the shipped tiny pair by default) decodes the answer through
+``transformers`` ``generate`` under the chosen knobs; the reward is the shared one
+(:func:`envs.reward.compute_reward`).
+
+Action:
+    ``MultiDiscrete(space.nvec)``, one element per field of the backend's
+    :class:`~backends.decoding.DecodingSpace`, in this order: strategy (greedy / beam / sampling /
+    speculative; speculative only with a draft), beam width, sampling temperature, draft
+    lookahead ``num_assistant_tokens``, and chat template off / on (only when the target's
+    tokenizer has one). A strategy ignores the fields that do not apply to it (so several
+    actions can name one configuration).
+
+Observation:
+    float32 ``Box(-10, 10, (4 + question types,))``: ``[budget / ref, plain prompt tokens / 32,
+    expected answer tokens / 16, estimated greedy latency / budget, question-type one-hot...]``
+    where ``ref`` is the median estimated latency of the widest beam on typical inputs.
+
+Reward:
+    ``score - overshoot_penalty * max(0, latency / budget - 1) - violation_penalty * [latency >
+    budget]``; ``score`` is exact match of the answer. Latency is the decoding estimator's
+    prediction (:mod:`latency_model.decoding`) from the run's prompt and generated tokens (and,
+    for speculative decoding, its measured acceptance): deterministic. ``Decoding-measured-v0``
+    charges the wall-clock time of ``generate`` instead (registered ``nondeterministic=True``).
+
+Episode end:
+    Every episode is one step (``terminated=True``); there is no truncation.
+
+``info``: ``answer``, ``reference``, ``score``, ``latency_ms`` (and ``measured_ms``),
+``budget_ms``, ``violated``, ``knobs``, ``new_tokens``, ``prompt_tokens``, ``empty_output``,
+``target_passes``, ``draft_passes``; for beam search ``beam_sources`` (the source beam of each
+generated token of the returned answer, from the search's back-pointers); for speculative
+decoding ``acceptance_rate`` and ``accepted_per_pass`` (accepted draft tokens per target pass).
+
+Group protocol: :class:`DecodingEnv` implements :class:`envs.protocols.GroupEnv` with one stage
+reading every element of the action (``trajectory_nvec`` = the action's ``nvec``, ``stage_heads
+= ((0, .., n-1),)``): ``evaluate_group`` scores several actions on one sample and budget as
+separate episodes would, ``stage_observation`` is the observation of a (sample, budget) without
+stepping, ``estimated_latency_ms`` the estimator's latency of each action on an input (memoised
+per (input, configuration): an agent may ask it for every action of the space at every step).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+
+from backends.base import Sample, check_split
+from backends.decoding import DecodingBackend, DecodingKnobs, DecodingOutcome, DecodingTokenCounts
+from backends.registry import load_backend
+from envs.budget import Budget, check_budget_ms
+from envs.reward import RewardConfig, compute_reward
+from latency_model.modes import LATENCY_MODES
+
+OBS_CLIP = 10.0
+_WARNED: set = set()
+
+
+class DecodingLatency:
+    """Latency of decoded answers: the decoding estimator (default) or the wall clock of ``generate``.
+
+    Args:
+        backend: the decoding backend.
+        mode: ``estimated`` (deterministic) or ``measured``.
+        estimator: a fitted :class:`latency_model.decoding.DecodingLatencyEstimator` (default: the
+            cached one of this backend and device, profiled once when missing).
+    """
+
+    def __init__(self, backend: DecodingBackend, mode: str = "estimated", estimator=None):
+        if mode not in LATENCY_MODES:
+            raise ValueError(f"latency={mode!r} is invalid; accepted: {', '.join(LATENCY_MODES)}")
+        if estimator is None:
+            from latency_model.decoding import get_decoding_estimator
+
+            estimator = get_decoding_estimator(backend)
+        self.mode, self.estimator = mode, estimator
+
+    def predict_ms(self, knobs: DecodingKnobs, counts: DecodingTokenCounts) -> float:
+        """Estimated latency of one configuration before running (expected acceptance for speculative decoding)."""
+        return float(self.estimator.predict([knobs], [counts])[0])
+
+    def outcomes_ms(self, outcomes: Sequence[DecodingOutcome]) -> np.ndarray:
+        """Latency charged for finished runs (their actual tokens and, for speculative decoding, acceptance)."""
+        if self.mode == "measured":
+            return np.array([o.measured_ms for o in outcomes], dtype=np.float64)
+        # Row by row: a run's latency must not depend on which group it was evaluated in.
+        return np.array([float(self.estimator.predict([o.knobs], [o.token_counts], [o.accepted_per_pass])[0])
+                         for o in outcomes], dtype=np.float64)
+
+
+class DecodingEnv(gym.Env):
+    """See the module docstring.
+
+    Args:
+        backend: ``decoding`` (default: the shipped tiny pair), a dict with ``name`` and options,
+            or a loaded :class:`~backends.decoding.DecodingBackend`.
+        budget: latency budget in any form :meth:`Budget.parse` accepts; ``None``: the
+            :attr:`suggested_budget_ms` of this backend and device.
+        split: data split episodes draw questions from (default ``train``).
+        latency: ``estimated`` (default) or ``measured``.
+        overshoot_penalty, violation_penalty: reward coefficients (see :mod:`envs.reward`).
+        estimator: a decoding latency estimator to use instead of the cached one.
+        backend_options: options for a backend given by name.
+
+    Raises:
+        ValueError: a backend that is not a :class:`~backends.decoding.DecodingBackend`, a bad
+            split, latency mode or budget (one line each).
+    """
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, backend: Any = "decoding", budget: Any = None, split: str = "train",
+                 latency: str = "estimated", overshoot_penalty: float = 1.0, violation_penalty: float = 0.5,
+                 estimator=None, backend_options: dict | None = None):
+        super().__init__()
+        check_split(split)
+        loaded = load_backend(backend, **(backend_options or {}))
+        if not isinstance(loaded, DecodingBackend):
+            raise ValueError(f"Decoding-v0 needs a decoding backend, got {type(loaded).__name__}; accepted: "
+                             f"backend=tiny-decoding (the shipped pair) or a conf/backend/*-decoding preset")
+        self.backend = loaded
+        self.space = loaded.knob_space
+        self.split = split
+        self.reward_config = RewardConfig(overshoot_penalty, violation_penalty)
+        self.latency = DecodingLatency(loaded, latency, estimator)
+        self.question_types = tuple(loaded.question_types)
+        # memo: (split, sample id, resolved knobs) -> estimated ms; -> outcome (estimated mode only)
+        self._estimate_cache: dict[tuple, float] = {}
+        self._outcome_cache: dict[tuple, DecodingOutcome] = {}
+        self._init_kwargs = dict(backend={"name": "decoding", **loaded.options}, budget=budget, split=split,
+                                 latency=latency, overshoot_penalty=overshoot_penalty,
+                                 violation_penalty=violation_penalty)
+        self._low_ms, self._high_ms, self._full_ms = self._typical_latencies()
+        self._ref_ms = float(np.median(self._full_ms))
+        self.budget = Budget.parse(self.suggested_budget_ms if budget is None else budget)
+        self._warn_if_budget_unreachable()
+        self.action_space = gym.spaces.MultiDiscrete(self.space.nvec)
+        self.trajectory_nvec = tuple(int(n) for n in self.space.nvec)
+        self.stage_heads = (tuple(range(len(self.trajectory_nvec))),)
+        self.obs_size = 4 + len(self.question_types)
+        self.observation_space = gym.spaces.Box(-OBS_CLIP, OBS_CLIP, shape=(self.obs_size,), dtype=np.float32)
+        self._sample: Sample | None = None
+        self._budget_ms = self.budget.low_ms
+
+    # ---------------------------------------------------------------- pickling: rebuild from the spec
+    def __getstate__(self) -> dict:
+        state = {"kwargs": self._init_kwargs}
+        if self._np_random is not None:
+            state["rng"] = self._np_random.bit_generator.state
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state["kwargs"])
+        if "rng" in state:
+            self._np_random = np.random.default_rng()
+            self._np_random.bit_generator.state = state["rng"]
+
+    # ---------------------------------------------------------------- latency references
+    def _typical_latencies(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per typical input (first 16 validation questions): the estimated latency of the cheapest
+        configuration, of the dearest one, and of the widest beam (:meth:`DecodingSpace.full`)."""
+        samples = list(self.backend.samples("validation")[:16])
+        configs = self.space.configurations()
+        est = np.array([self._estimate_ms(s, configs) for s in samples])
+        full = configs.index(self.space.resolve(self.space.full()))
+        return est.min(axis=1), est.max(axis=1), est[:, full]
+
+    @property
+    def achievable_range_ms(self) -> tuple[float, float]:
+        return float(np.min(self._low_ms)), float(np.max(self._high_ms))
+
+    @property
+    def suggested_budget_ms(self) -> float:
+        """A budget that binds: halfway between the cheapest configuration's 95th percentile and the
+        widest beam's median over typical inputs (the rule of
+        :attr:`envs.knob_env.KnobEnv.suggested_budget_ms`, with the widest beam as the full
+        configuration). Not the dearest configuration: speculative decoding with a draft that
+        rejects most proposals can be the slowest and buys no accuracy, so a budget below it need
+        not bind anything worth having.
+        """
+        low, high = float(np.percentile(self._low_ms, 95)), float(np.median(self._full_ms))
+        if low >= high:
+            low = float(np.median(self._low_ms))
+        return 0.5 * (low + high)
+
+    def _warn_if_budget_unreachable(self) -> None:
+        lo, hi = self.achievable_range_ms
+        key = (str(self.backend.identity()), str(self.budget))
+        if key in _WARNED:
+            return
+        msg = None
+        if self.budget.high_ms < lo:
+            msg = f"budget {self.budget} is below the cheapest decoding configuration's latency"
+        elif self.budget.low_ms > hi:
+            msg = f"budget {self.budget} is above the dearest decoding configuration's latency (it never binds)"
+        if msg:
+            _WARNED.add(key)
+            warnings.warn(f"{msg}: achievable range on this backend and device is {lo:.1f}ms..{hi:.1f}ms; choose a "
+                          f"budget inside it, e.g. budget={self.suggested_budget_ms:.0f}ms", stacklevel=3)
+
+    # ---------------------------------------------------------------- actions
+    def _knobs(self, action) -> DecodingKnobs:
+        """The resolved configuration of an action (raises ``ValueError`` outside the action space)."""
+        return self.space.from_indices(self._check_action(action))
+
+    def _check_action(self, action) -> np.ndarray:
+        arr = np.asarray(action)
+        ok = arr.dtype.kind in "iu" or (arr.dtype.kind == "f" and np.all(np.isfinite(arr))
+                                          and np.all(arr == np.round(arr)))
+        if ok:
+            ints = arr.astype(np.int64)
+            ok = ints.shape == self.action_space.shape and self.action_space.contains(ints)
+        if not ok:
+            fields = ", ".join(f"{name} 0..{len(values) - 1} {list(values)}" for name, values in self.space.fields)
+            raise ValueError(f"action {action!r} is outside the action space {self.action_space}; accepted: "
+                             f"one index per field: {fields}")
+        return ints
+
+    # ---------------------------------------------------------------- the GroupEnv protocol
+    def num_samples(self, split: str) -> int:
+        """Questions in ``split`` (ids ``0 .. n-1``)."""
+        return len(self.backend.samples(check_split(split)))
+
+    def to_env_action(self, trajectory: Sequence[int], stage: int = 0) -> np.ndarray:
+        """The Gymnasium action of ``trajectory``: the vector itself (one stage reads every element)."""
+        if stage != 0:
+            raise ValueError(f"stage={stage} is invalid for Decoding-v0; accepted: 0 (one decision per episode)")
+        return np.asarray(trajectory, dtype=np.int64).reshape(-1)
+
+    def stage_observation(self, sample_id: int, budget_ms: float, split: str, stage: int = 0,
+                          trajectory: Sequence[int] | None = None) -> np.ndarray:
+        """The observation of an episode on (sample, budget): its only stage is 0. Pure."""
+        if stage != 0:
+            raise ValueError(f"stage={stage} is invalid for Decoding-v0; accepted: 0 (one decision per episode)")
+        sample = self.backend.sample(check_split(split or self.split), sample_id)
+        return self._observation(sample, check_budget_ms(budget_ms))
+
+    def estimated_latency_ms(self, sample_id: int, trajectories: Sequence[Sequence[int]],
+                             split: str | None = None) -> np.ndarray:
+        """The estimator's latency of each action on this input, from expected token counts (no model run)."""
+        sample = self.backend.sample(check_split(split or self.split), sample_id)
+        return self._estimate_ms(sample, [self._knobs(self.to_env_action(t)) for t in trajectories])
+
+    def provenance(self) -> dict:
+        """Backend identity, latency source and estimator, and the knob space, for run records."""
+        estimator = self.latency.estimator
+        return {"model": self.backend.identity(), "latency": self.latency.mode,
+                "estimator": {"class": type(estimator).__name__, "identity": estimator.identity,
+                              "fingerprint": estimator.fingerprint},
+                "knob_space": self.space.as_dict()}
+
+    # ---------------------------------------------------------------- observations
+    def _estimate_ms(self, sample: Sample, knobs: Sequence[DecodingKnobs]) -> np.ndarray:
+        """Estimated latency of resolved configurations on ``sample``, memoised per (input, configuration)."""
+        out = np.empty(len(knobs), dtype=np.float64)
+        for i, k in enumerate(knobs):
+            key = (sample.split, sample.sample_id, k)
+            if key not in self._estimate_cache:
+                if len(self._estimate_cache) >= self._CACHE_SIZE:
+                    self._estimate_cache.pop(next(iter(self._estimate_cache)))
+                self._estimate_cache[key] = self.latency.predict_ms(k, self.backend.expected_token_counts(sample, k))
+            out[i] = self._estimate_cache[key]
+        return out
+
+    def _observation(self, sample: Sample, budget_ms: float) -> np.ndarray:
+        greedy = self.space.cheapest()
+        counts = self.backend.expected_token_counts(sample, greedy)
+        greedy_ms = float(self._estimate_ms(sample, [greedy])[0])
+        qtype = np.zeros(len(self.question_types), dtype=np.float32)
+        if 0 <= sample.question_type < len(qtype):
+            qtype[sample.question_type] = 1.0
+        values = [budget_ms / self._ref_ms, counts.prompt_tokens / 32.0, counts.new_tokens / 16.0,
+                  greedy_ms / budget_ms, *qtype.tolist()]
+        return np.clip(np.asarray(values, dtype=np.float32), -OBS_CLIP, OBS_CLIP)
+
+    # ---------------------------------------------------------------- episodes
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        options = dict(options or {})
+        unknown = set(options) - {"sample_id", "budget", "split"}
+        if unknown:
+            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; accepted: sample_id, budget, split")
+        split = check_split(options.get("split", self.split))
+        items = self.backend.samples(split)
+        if "sample_id" in options:
+            self._sample = self.backend.sample(split, options["sample_id"])
+        else:
+            self._sample = items[int(self.np_random.integers(len(items)))]
+        budget = Budget.parse(options["budget"]) if "budget" in options else self.budget  # reset's boundary
+        self._budget_ms = budget.sample(self.np_random)
+        obs = self._observation(self._sample, self._budget_ms)
+        return obs, {"sample_id": self._sample.sample_id, "budget_ms": self._budget_ms}
+
+    def step(self, action):
+        if self._sample is None:
+            raise RuntimeError("call reset() before step()")
+        sample, budget_ms = self._sample, self._budget_ms
+        (reward,), (info,) = self._score_group(sample, budget_ms, [self._knobs(action)])
+        obs = self._observation(sample, budget_ms)
+        self._sample = None
+        return obs, float(reward), True, False, info
+
+    # ---------------------------------------------------------------- the group evaluation
+    def evaluate_group(self, sample_id: int, budget_ms: float, trajectories: Sequence[Sequence[int]],
+                       split: str | None = None) -> tuple[np.ndarray, list[dict]]:
+        """Rewards and infos of ``trajectories`` (actions) on one sample and fixed budget (ms), as if
+        each were its own episode.
+
+        Actions naming the same configuration share one run (in estimated mode runs are memoised
+        per (sample, configuration): greedy, beam and speculative decoding are deterministic, and
+        sampling is seeded from the sample and configuration). Returns ``(rewards, infos)``.
+        """
+        sample = self.backend.sample(check_split(split or self.split), sample_id)
+        return self._score_group(sample, check_budget_ms(budget_ms),
+                                 [self._knobs(self.to_env_action(t)) for t in trajectories])
+
+    _CACHE_SIZE = 100_000
+
+    def _run(self, sample: Sample, knobs: DecodingKnobs) -> DecodingOutcome:
+        if self.latency.mode == "measured":
+            return self.backend.run(sample, knobs)
+        key = (sample.split, sample.sample_id, knobs)
+        if key not in self._outcome_cache:
+            if len(self._outcome_cache) >= self._CACHE_SIZE:
+                self._outcome_cache.pop(next(iter(self._outcome_cache)))
+            self._outcome_cache[key] = self.backend.run(sample, knobs)
+        return self._outcome_cache[key]
+
+    def clear_run_cache(self) -> None:
+        """Forget memoised runs (benchmarks use this to time real runs)."""
+        self._outcome_cache.clear()
+
+    def _score_group(self, sample: Sample, budget_ms: float, knobs: Sequence[DecodingKnobs]):
+        outcomes = [self._run(sample, k) for k in knobs]
+        latencies = self.latency.outcomes_ms(outcomes)
+        rewards, infos = [], []
+        for o, lat in zip(outcomes, latencies):
+            reward, violated = compute_reward(o.score, float(lat), budget_ms, self.reward_config)
+            info = {"sample_id": int(sample.sample_id), "answer": o.answer, "reference": o.reference,
+                    "score": float(o.score), "latency_ms": float(lat), "budget_ms": float(budget_ms),
+                    "violated": violated, "knobs": o.knobs.as_dict(), "new_tokens": int(o.new_tokens),
+                    "prompt_tokens": int(o.token_counts.prompt_tokens), "empty_output": bool(o.empty_output),
+                    "target_passes": int(o.target_passes), "draft_passes": int(o.draft_passes),
+                    "beam_sources": None if o.beam_sources is None else list(o.beam_sources),
+                    "acceptance_rate": o.acceptance_rate, "accepted_per_pass": o.accepted_per_pass}
+            if self.latency.mode == "measured":
+                info["measured_ms"] = float(o.measured_ms)
+            rewards.append(reward)
+            infos.append(info)
+        return np.asarray(rewards, dtype=np.float64), infos
