@@ -12,7 +12,9 @@ is the window's index within its split (:meth:`StreamingKVEnv.num_samples` per s
 Action: ``MultiDiscrete``, one entry per knob of the env's action grid (:func:`kv_action_grid`:
 field name -> the values offered; the grid lives here, with the env, not on the policy class),
 in grid order. Only integer actions are accepted (an integral float such as ``2.0`` counts as
-the integer); anything else is one ``ValueError`` naming the action and the space.
+the integer); anything else is one ``ValueError`` naming the action and the space. ``step`` also
+takes a whole trajectory vector (``episode_steps * H`` elements, see "Groups") and reads the
+current chunk's slice of it, as the two-stage knob envs read their stage's elements.
 
 Observation (float32, :data:`OBSERVATION_NAMES`): last chunk's mean / max / std NLL, the
 episode's mean NLL so far, cache length, tokens since the last prune, the TPOT budget (ms),
@@ -42,13 +44,27 @@ Budget: ``budget=None`` (default) uses :attr:`StreamingKVEnv.suggested_budget_ms
 that binds on this device. A fixed budget outside the achievable TPOT range is warned about once,
 with the range and the suggestion.
 
-Groups (what a GRPO-style agent needs, deterministic in estimated mode):
-:meth:`StreamingKVEnv.evaluate_episode_group` scores whole-episode action sequences on one
-episode (shared prefixes stream once), :meth:`StreamingKVEnv.evaluate_chunk_group` scores
-candidate actions for the next chunk from the current cache without advancing.
+Groups (:class:`envs.protocols.GroupEnv`, what GRPO and the baselines use; deterministic in
+estimated mode): an episode of ``C = episode_steps`` chunks with ``H`` knobs is ``C`` stages over
+a trajectory vector of ``C * H`` elements, stage ``c`` reading elements ``c*H .. (c+1)*H - 1``
+(``to_env_action``). ``stage_observation`` replays the earlier chunks' decisions of a trajectory;
+``evaluate_group`` scores whole-episode trajectories (the return, i.e. the sum of chunk rewards,
+and the last step's info); ``estimated_latency_ms`` is the mean TPOT per token of a trajectory
+from its simulated cache schedule (:func:`simulate_schedule`, no model run), the figure the
+reward compares with the budget. ``env.budget`` is the TPOT :class:`~envs.budget.Budget` agents
+draw budgets from; ``env.kv_budget`` the whole :class:`~envs.budget.KVBudget` (a budget passed
+without a cap, as agents pass one, keeps the env's cap). In estimated mode chunk outcomes are
+memoised per (episode, decision prefix) together with snapshots of the stream, so trajectories
+that share a prefix stream it once, across groups, observation queries and budgets.
+:meth:`StreamingKVEnv.evaluate_episode_group` is the same for action sequences with an explicit
+KV budget; :meth:`StreamingKVEnv.evaluate_chunk_group` scores candidate actions for the next
+chunk from the current cache without advancing.
 
 Episode end: ``terminated`` after ``episode_tokens // chunk_tokens`` steps (a last, shorter chunk
-when it does not divide); never truncated.
+when it does not divide); never truncated. The last step's info also summarises the episode
+(:func:`episode_summary`): ``score`` and ``violated`` become episode-level (the chunk's own move to
+``chunk_score`` / ``chunk_violated``), plus ``latency_ms`` (mean TPOT per token),
+``violated_chunks`` and ``episode_reward``.
 
 Env ids: :func:`register_kv_envs` registers ``StreamingKV-v0`` (the StreamingLLM policy,
 :class:`~backends.kv.policies.SinkWindow`) and ``KV-<Policy>-v0`` for every registered policy
@@ -250,6 +266,8 @@ class StreamingKVEnv(gym.Env):
         self._memo: dict[tuple, ChunkRecord] = {}
         self._snapshots: OrderedDict[tuple, DocumentStreamer] = OrderedDict()
         self._latency_memo: dict[tuple, float] = {}
+        self._grid_policies = [self.policy_class(**dict(zip(self.knob_names, combination)))
+                               for combination in itertools.product(*self.knob_grid.values())]
 
         high = np.array([MAX_OBSERVED_NLL] * 4 + [episode_tokens + 1] * 2
                         + [10.0 * self.kv_budget.tpot.high_ms, MAX_TPOT_OVER_BUDGET, 1.0, episode_tokens + 1],
@@ -537,13 +555,19 @@ class StreamingKVEnv(gym.Env):
         h = len(self.knob_names)
         return np.asarray(trajectory, dtype=np.int64)[stage * h:(stage + 1) * h]
 
+    def _trajectory_codes(self, trajectory: Sequence[int], stages: int) -> tuple[int, ...]:
+        """Per chunk, the flat grid index of the setting ``trajectory`` picks (checked once, vectorised)."""
+        arr = np.asarray(trajectory)
+        nvec = np.asarray(self.trajectory_nvec)
+        if arr.shape != nvec.shape or arr.dtype.kind not in "iu" or np.any(arr < 0) or np.any(arr >= nvec):
+            raise ValueError(f"trajectory {arr.tolist()!r} is invalid; accepted: {len(nvec)} integers "
+                             f"(episode_steps={self.episode_steps} x knobs {', '.join(self.knob_names)}), element i "
+                             f"in [0, {self.action_space.nvec.tolist()}[i % {len(self.knob_names)}])")
+        rows = arr.reshape(self.episode_steps, len(self.knob_names))[:stages]
+        return tuple(int(c) for c in np.ravel_multi_index(rows.T, self.action_space.nvec))
+
     def _trajectory_policies(self, trajectory: Sequence[int], stages: int) -> list[KVPolicy]:
-        trajectory = np.asarray(trajectory)
-        if trajectory.shape != (len(self.trajectory_nvec),):
-            raise ValueError(f"trajectory of shape {trajectory.shape} is invalid; accepted: "
-                             f"{len(self.trajectory_nvec)} elements (episode_steps={self.episode_steps} x "
-                             f"{len(self.knob_names)} knobs)")
-        return [self.policy_for(self.to_env_action(trajectory, c)) for c in range(stages)]
+        return [self._grid_policies[c] for c in self._trajectory_codes(trajectory, stages)]
 
     def stage_observation(self, sample_id: int, budget_ms: float, split: str, stage: int,
                           trajectory: Sequence[int] | None = None) -> np.ndarray:
@@ -585,11 +609,12 @@ class StreamingKVEnv(gym.Env):
         self._check_sample_id(sample_id, split)
         out = np.zeros(len(trajectories))
         for i, trajectory in enumerate(trajectories):
-            policies = tuple(self._trajectory_policies(trajectory, self.episode_steps))
-            if policies not in self._latency_memo:
+            codes = self._trajectory_codes(trajectory, self.episode_steps)
+            if codes not in self._latency_memo:
+                policies = [self._grid_policies[c] for c in codes]
                 attended, pruned = simulate_schedule(policies, self.chunk_tokens, self.episode_tokens)
-                self._latency_memo[policies] = float(np.mean(self.tpot_model.predict(pruned, attended)))
-            out[i] = self._latency_memo[policies]
+                self._latency_memo[codes] = float(np.mean(self.tpot_model.predict(pruned, attended)))
+            out[i] = self._latency_memo[codes]
         return out
 
     def provenance(self) -> dict:
