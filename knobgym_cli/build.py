@@ -62,12 +62,15 @@ def make_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator_spec: str 
 
 
 def takes_backend(env_id: str) -> bool:
-    """Whether the registered env's constructor accepts ``backend`` (read from its signature)."""
+    """Whether the registered env's constructor accepts ``backend`` (read from its signature: a
+    ``backend`` parameter or ``**kwargs``)."""
     entry = gym.spec(env_id).entry_point
     if isinstance(entry, str):
         module, attr = entry.split(":", 1)
         entry = vars(importlib.import_module(module))[attr]
-    return "backend" in inspect.signature(entry).parameters
+    parameters = inspect.signature(entry).parameters.values()
+    # ``**kwargs`` forwarded to a base class (the knob envs) counts as taking it
+    return any(p.name == "backend" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def eval_budgets(env_budget: Budget, budgets: Sequence[Any] | None = None) -> list[float]:

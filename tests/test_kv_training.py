@@ -138,3 +138,19 @@ def test_committed_conf_env_entries_match_the_registry_generator():
     for env_id in ("StreamingKV-v0", "KV-SinkWindow-v0", "KV-KeyNormWindow-v0"):
         assert (CONF_DIR / f"{env_id}.yaml").read_text() == kv_env_conf_text(env_id), \
             f"conf/env/{env_id}.yaml is stale: run `python -m envs.kv_conf`"
+
+
+def test_every_baseline_and_ppo_fit_and_evaluate_on_a_kv_env():
+    from agents import agent_class
+
+    env = gym.make("StreamingKV-v0", budget="2.3ms", episode_tokens=32, chunk_tokens=8,
+                   knob_grid={"n_sink": (0,), "window": (4, 8), "compress_every": (1,)}, tpot_model=TPOT)
+    options = {"static": {"calibration_samples": 1}, "bandit": {"rounds": 2},
+               "ppo": {"total_timesteps": 8, "n_steps": 4, "batch_size": 4}}
+    results = {}
+    for name in ("oracle", "static", "greedy", "bandit", "random", "ppo"):
+        agent = agent_class(name).from_env(env, **options.get(name, {}))
+        agent.fit(env, FitContext(split="train", budgets_ms=[2.3]))
+        results[name] = evaluate_agent(env, agent, [0], 2.3, "test")
+        assert np.isfinite(results[name]["reward"]), name
+    assert all(r["reward"] <= results["oracle"]["reward"] + 1e-9 for r in results.values())  # 16 trajectories: exact
