@@ -119,7 +119,9 @@ def kv_action_grid(policy_class: type[KVPolicy], knob_grid: dict | None = None) 
 
     Per knob, first match wins: ``knob_grid``, :data:`ACTION_GRIDS` of the policy,
     :data:`DEFAULT_KNOB_GRID` (``window`` and ``compress_every``), else the field's default alone
-    (the knob is then fixed). Order: ``knob_grid``'s, else the policy's grid's, then field order.
+    (the knob is then fixed). Order (the action's element order): the policy's grid's
+    (:data:`ACTION_GRIDS`, else :data:`DEFAULT_KNOB_GRID`), then field order, whatever the order
+    of ``knob_grid``'s keys (so a grid read back from a saved config gives the same layout).
     """
     fields = [f for f in dataclasses.fields(policy_class) if f.init]
     names = [f.name for f in fields]
@@ -129,8 +131,9 @@ def kv_action_grid(policy_class: type[KVPolicy], knob_grid: dict | None = None) 
         raise ValueError(f"knob_grid names unknown knob(s) {unknown} of {policy_class.__name__}; accepted: {names}")
     base = dict(ACTION_GRIDS.get(policy_class.policy_name(), {}))
     base.update({name: values for name, values in DEFAULT_KNOB_GRID.items() if name not in base})
-    order = list(given) + [n for n in base if n in names and n not in given]
-    order += [n for n in names if n not in order]
+    # The order never follows ``knob_grid``'s own: a grid that went through a config file (keys
+    # sorted) must give the same action layout as the one the run was trained with.
+    order = [n for n in base if n in names] + [n for n in names if n not in base]
     grid = {}
     for field in fields:
         values = given.get(field.name, base.get(field.name))

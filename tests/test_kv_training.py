@@ -111,6 +111,7 @@ def quick_kv() -> list[str]:
             "baselines.static.calibration_samples=1", "baselines.bandit.rounds=2"]
 
 
+@pytest.mark.slow  # two CLI processes: ~1 min on a quiet 2-core VM, ~2 min under load (mostly imports)
 def test_train_cli_runs_grpo_on_streaming_kv(tmp_path):
     result = run_cli(["env=StreamingKV-v0", *quick_kv()], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -121,6 +122,13 @@ def test_train_cli_runs_grpo_on_streaming_kv(tmp_path):
     assert report["budget"] == "2.3ms" and "2.3ms" in report["oracle_gap"]
     assert all(0.0 <= row["violation_rate"] <= 1.0 and row["latency_p50_ms"] > 0 for row in report["rows"])
     assert (run / "pareto.png").is_file() and (run / "checkpoints" / "best.safetensors").is_file()
+    environ = {**os.environ, "PYTHONPATH": str(REPO), "HYDRA_FULL_ERROR": "0"}
+    evaluated = subprocess.run([sys.executable, str(REPO / "evaluate.py"), f"run={run}", "budgets=[2.2ms,2.4ms]",
+                                "baselines=[greedy]"], cwd=tmp_path, env=environ, capture_output=True, text=True,
+                               timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    rows = json.loads((run / "eval-2.2-2.4ms" / "report.json").read_text())["rows"]
+    assert {(row["agent"], row["budget_ms"]) for row in rows} == {(a, b) for a in ("grpo", "greedy") for b in (2.2, 2.4)}
 
 
 def test_train_cli_kv_env_rejects_an_estimator_in_one_line(tmp_path):
