@@ -218,10 +218,11 @@ def as_env_action(env: gym.Env, action):
 
 
 def run_episode(env: gym.Env, agent: Agent, sample_id: int, budget_ms: float, split: str) -> dict:
-    """One Gymnasium episode of ``agent`` on a fixed sample and budget; returns the final step's info."""
+    """One Gymnasium episode of ``agent`` on a fixed sample and budget; returns the final step's info with
+    ``reward`` the episode's return (the sum of its step rewards, as ``evaluate_group`` scores it)."""
     genv = group_env(env) if agent.needs_context else None
     obs, info = env.reset(options={"sample_id": int(sample_id), "budget": float(budget_ms), "split": split})
-    stage, done, reward, trajectory = 0, False, 0.0, None
+    stage, done, episode_return, trajectory = 0, False, 0.0, None
     while not done:
         context = EpisodeContext(genv, int(sample_id), float(info.get("budget_ms", budget_ms)), split, stage,
                                  trajectory)
@@ -232,8 +233,9 @@ def run_episode(env: gym.Env, agent: Agent, sample_id: int, budget_ms: float, sp
             chosen[heads] = np.asarray(action, dtype=np.int64).reshape(-1)[heads]
             trajectory = tuple(int(v) for v in chosen)
         obs, reward, terminated, truncated, info = env.step(as_env_action(env, action))
+        episode_return += float(reward)
         done, stage = terminated or truncated, stage + 1
-    return {**info, "reward": float(reward)}
+    return {**info, "reward": episode_return}
 
 
 def summarize(infos: Sequence[dict]) -> dict:

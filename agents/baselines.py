@@ -6,10 +6,14 @@
   this input (latency estimator only; blind to accuracy).
 - ``bandit``: LinUCB over the first observation's features, one arm per configuration.
 - ``oracle``: per sample, the best configuration found by trying every one (evaluation only).
+
+"Every configuration" is :func:`search_space`: all trajectories of a small env, the constant
+per-episode settings of a many-stage one (a KV env's 16 per-chunk decisions).
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import gymnasium as gym
@@ -18,6 +22,34 @@ import numpy as np
 from agents.base import Agent, EnvLayout, EpisodeContext, FitContext, eval_sample_ids
 from agents.registry import register_agent
 from envs.budget import check_budget_ms
+
+
+#: trajectories above which the baselines search a restricted set (see :func:`search_space`)
+MAX_SEARCH_TRAJECTORIES = 4096
+
+
+def search_space(layout: EnvLayout) -> np.ndarray:
+    """The trajectories ``static``, ``greedy``, ``bandit`` and ``oracle`` choose among.
+
+    Every trajectory when there are at most :data:`MAX_SEARCH_TRAJECTORIES` (``MultiKnob-v0``:
+    all tier x top-k x depth). An env whose stages all offer the same options (one decision per
+    chunk, e.g. ``StreamingKV-v0``: 16 chunks of 48 settings, 48^16 sequences) gets the *constant*
+    sequences: one option held for the whole episode. Over that set the oracle is the best
+    per-episode setting, not the best per-chunk schedule (an upper bound of the static policies,
+    which a per-chunk controller may beat).
+    """
+    total = int(np.prod([float(n) for n in layout.nvec]))
+    if total <= MAX_SEARCH_TRAJECTORIES:
+        return layout.all_actions()
+    stage_nvec = {tuple(layout.nvec[h] for h in heads) for heads in layout.stage_heads}
+    if len(stage_nvec) != 1:
+        raise ValueError(f"the env has {total} trajectories and stages with different options; accepted: at most "
+                         f"{MAX_SEARCH_TRAJECTORIES} trajectories, or stages that all offer the same options")
+    options = np.array(list(itertools.product(*[range(n) for n in next(iter(stage_nvec))])), dtype=np.int64)
+    out = np.zeros((len(options), len(layout.nvec)), dtype=np.int64)
+    for heads in layout.stage_heads:
+        out[:, heads] = options
+    return out
 
 
 def _need_context(agent: Agent, context: EpisodeContext | None) -> EpisodeContext:
@@ -96,7 +128,7 @@ class StaticAgent(Agent):
         if not budgets_ms or not sample_ids:
             raise ValueError("static calibration needs at least one budget and one calibration sample id")
         layout = EnvLayout(env)
-        actions = layout.all_actions()
+        actions = search_space(layout)
         for budget in budgets_ms:
             budget_ms = check_budget_ms(budget)
             rewards = np.stack([layout.evaluate(sid, budget_ms, actions, split)[0] for sid in sample_ids])
@@ -151,7 +183,7 @@ class GreedyAgent(Agent):
         key = (id(env), split, int(sample_id))
         if key not in self._estimates:
             layout = EnvLayout(env)
-            actions = layout.all_actions()
+            actions = search_space(layout)
             estimated = layout.env.estimated_latency_ms(int(sample_id), actions, split)
             self._estimates[key] = (actions, np.asarray(estimated))
         return self._estimates[key]
@@ -200,7 +232,7 @@ class BanditAgent(Agent):
             raise ValueError(f"unknown bandit option(s) {sorted(options)}; accepted: alpha, budget_jitter, ridge, "
                              f"rounds, seed")
         layout = EnvLayout(env)
-        return cls(layout.obs_dim, layout.all_actions(), alpha, ridge, seed, rounds, budget_jitter)
+        return cls(layout.obs_dim, search_space(layout), alpha, ridge, seed, rounds, budget_jitter)
 
     @staticmethod
     def _features(obs: np.ndarray) -> np.ndarray:
@@ -262,6 +294,7 @@ class OracleAgent(Agent):
     """Per sample and budget, the action with the highest reward among all of them (an upper bound).
 
     Evaluation only: it reads the outcome of every configuration on the very sample it is scored on.
+    In a many-stage env it searches the constant sequences only (:func:`search_space`).
     """
 
     name = "oracle"
@@ -282,7 +315,7 @@ class OracleAgent(Agent):
         key = (id(ctx.env), ctx.split, ctx.sample_id, ctx.budget_ms)
         if key not in self._best:
             layout = EnvLayout(ctx.env)
-            actions = layout.all_actions()
+            actions = search_space(layout)
             rewards, _ = layout.evaluate(ctx.sample_id, ctx.budget_ms, actions, ctx.split)
             self._best[key] = actions[int(np.argmax(rewards))]
         return self._best[key]

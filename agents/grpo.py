@@ -19,6 +19,15 @@ One update (``GRPOAgent.train_step``):
    where ``ratio`` is the probability ratio of the whole trajectory (the sum of the
    log-probabilities of the option each stage chose).
 
+Multi-stage envs (a KV env: one decision per chunk, 16 chunks): a group is whole episodes on one
+(sample, budget), sampled stage by stage, each stage at the observation its own earlier chunks
+produced, and scored by their returns. Why whole episodes rather than per-chunk groups: the
+reward of a chunk depends on the cache the earlier chunks left (a window chosen early bounds
+every later chunk's TPOT and NLL), so a per-chunk group would credit a chunk choice with effects
+it does not own; whole-episode groups compare complete schedules, and the env shares the
+stream's prefix state between the trajectories of a group (they diverge one chunk at a time,
+so a group of G costs far fewer than G full episodes of model time).
+
 Names and defaults follow TRL's ``GRPOConfig`` (trl 1.16) where the meaning is the same; see
 :class:`GRPOConfig` for the deviations and why. :meth:`GRPOAgent.fit` is the whole training loop;
 validation, checkpoints and logging are the caller's :class:`~agents.base.FitHooks`.
@@ -302,9 +311,11 @@ class GRPOAgent(Agent):
             return out
         options = self.stage_options[stage]
         later = [h for s in range(stage + 1, len(self.stage_heads)) for h in self.stage_heads[s]]
-        completions = np.array(list(itertools.product(*[range(self.nvec[h]) for h in later])), dtype=np.int64)
-        if len(options) * len(completions) > MAX_COMPLETION_QUERIES:
+        # Count before enumerating: a many-stage env (16 chunks of a KV episode) has astronomically many.
+        if len(options) * math.prod(self.nvec[h] for h in later) > MAX_COMPLETION_QUERIES:
             completions = np.array([[0] * len(later), [self.nvec[h] - 1 for h in later]], dtype=np.int64)
+        else:
+            completions = np.array(list(itertools.product(*[range(self.nvec[h]) for h in later])), dtype=np.int64)
         completions = completions.reshape(len(completions), len(later))
         rows = np.zeros((len(options), len(completions), len(self.nvec)), dtype=np.int64)
         if trajectory is not None and stage > 0:

@@ -2,10 +2,18 @@
 
 ``python -m envs.kv_conf [conf/env]`` (re)writes ``<id>.yaml`` for ``StreamingKV-v0`` and every
 ``KV-<Policy>-v0`` registered by ``import envs``, in the format the CLI reads (``id:`` and
-``kwargs:``); ``tests/test_extending_kv.py`` checks them. Not written into conf/env yet: the
-CLI's ``EnvLayout`` cannot train a KV env before the agents refactor (issue #16). The kwargs are the
-env's episode shape and reward coefficients; the budget comes from the CLI's ``budget=`` (a
-:class:`~envs.budget.KVBudget` form for these envs).
+``kwargs:``); the entries are committed in ``conf/env`` (Hydra composes config groups from files,
+so a yaml per id is what lets ``train.py env=KV-SinkWindow-v0`` pass the override check;
+``tests/test_extending_kv.py`` checks they match this generator). After registering a new KV
+policy, run it again. The kwargs are the episode shape and reward coefficients; the budget comes
+from the CLI's ``budget=`` (a :class:`~envs.budget.KVBudget` form for these envs; without one the
+env's own default applies) and the model from ``env.kwargs.model_path`` (KV envs take no
+``backend=``; see :func:`knobgym_cli.build.make_env`).
+
+CLI-sized episodes: 128 tokens in 16 chunks of 8 (``gym.make`` defaults to 512 in chunks of 32),
+so an episode costs about a quarter of the default's model time and a training run with the
+baselines fits in minutes on a CPU; pass ``env.kwargs.episode_tokens=512 env.kwargs.chunk_tokens=32``
+for the full episodes.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from envs.registry import list_envs
 from envs.streaming_kv import STREAMING_KV_ID, StreamingKVEnv
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "env"
-KV_CONF_KWARGS = {"chunk_tokens": 32, "episode_tokens": 512, "latency": "estimated",
+KV_CONF_KWARGS = {"chunk_tokens": 8, "episode_tokens": 128, "latency": "estimated",
                   "reward_config": {"overshoot_penalty": 1.0, "violation_penalty": 0.5}}
 
 

@@ -12,7 +12,9 @@ is the window's index within its split (:meth:`StreamingKVEnv.num_samples` per s
 Action: ``MultiDiscrete``, one entry per knob of the env's action grid (:func:`kv_action_grid`:
 field name -> the values offered; the grid lives here, with the env, not on the policy class),
 in grid order. Only integer actions are accepted (an integral float such as ``2.0`` counts as
-the integer); anything else is one ``ValueError`` naming the action and the space.
+the integer); anything else is one ``ValueError`` naming the action and the space. ``step`` also
+takes a whole trajectory vector (``episode_steps * H`` elements, see "Groups") and reads the
+current chunk's slice of it, as the two-stage knob envs read their stage's elements.
 
 Observation (float32, :data:`OBSERVATION_NAMES`): last chunk's mean / max / std NLL, the
 episode's mean NLL so far, cache length, tokens since the last prune, the TPOT budget (ms),
@@ -42,13 +44,27 @@ Budget: ``budget=None`` (default) uses :attr:`StreamingKVEnv.suggested_budget_ms
 that binds on this device. A fixed budget outside the achievable TPOT range is warned about once,
 with the range and the suggestion.
 
-Groups (what a GRPO-style agent needs, deterministic in estimated mode):
-:meth:`StreamingKVEnv.evaluate_episode_group` scores whole-episode action sequences on one
-episode (shared prefixes stream once), :meth:`StreamingKVEnv.evaluate_chunk_group` scores
-candidate actions for the next chunk from the current cache without advancing.
+Groups (:class:`envs.protocols.GroupEnv`, what GRPO and the baselines use; deterministic in
+estimated mode): an episode of ``C = episode_steps`` chunks with ``H`` knobs is ``C`` stages over
+a trajectory vector of ``C * H`` elements, stage ``c`` reading elements ``c*H .. (c+1)*H - 1``
+(``to_env_action``). ``stage_observation`` replays the earlier chunks' decisions of a trajectory;
+``evaluate_group`` scores whole-episode trajectories (the return, i.e. the sum of chunk rewards,
+and the last step's info); ``estimated_latency_ms`` is the mean TPOT per token of a trajectory
+from its simulated cache schedule (:func:`simulate_schedule`, no model run), the figure the
+reward compares with the budget. ``env.budget`` is the TPOT :class:`~envs.budget.Budget` agents
+draw budgets from; ``env.kv_budget`` the whole :class:`~envs.budget.KVBudget` (a budget passed
+without a cap, as agents pass one, keeps the env's cap). In estimated mode chunk outcomes are
+memoised per (episode, decision prefix) together with snapshots of the stream, so trajectories
+that share a prefix stream it once, across groups, observation queries and budgets.
+:meth:`StreamingKVEnv.evaluate_episode_group` is the same for action sequences with an explicit
+KV budget; :meth:`StreamingKVEnv.evaluate_chunk_group` scores candidate actions for the next
+chunk from the current cache without advancing.
 
 Episode end: ``terminated`` after ``episode_tokens // chunk_tokens`` steps (a last, shorter chunk
-when it does not divide); never truncated.
+when it does not divide); never truncated. The last step's info also summarises the episode
+(:func:`episode_summary`): ``score`` and ``violated`` become episode-level (the chunk's own move to
+``chunk_score`` / ``chunk_violated``), plus ``latency_ms`` (mean TPOT per token),
+``violated_chunks`` and ``episode_reward``.
 
 Env ids: :func:`register_kv_envs` registers ``StreamingKV-v0`` (the StreamingLLM policy,
 :class:`~backends.kv.policies.SinkWindow`) and ``KV-<Policy>-v0`` for every registered policy
@@ -61,6 +77,7 @@ import dataclasses
 import itertools
 import math
 import warnings
+from collections import OrderedDict
 from functools import lru_cache
 from typing import Any, Sequence
 
@@ -72,7 +89,7 @@ from backends.kv.cache import kv_bytes_per_token
 from backends.kv.policies import FullCache, KVPolicy, kv_policy_class, registered_kv_policies
 from backends.kv.stream import DocumentStreamer, check_threads
 from backends.tiny_text import CHECKPOINT_DIR, held_out_token_documents, load_causal_lm
-from envs.budget import KVBudget
+from envs.budget import KVBudget, check_budget_ms
 from envs.registry import register_env
 from envs.reward import RewardConfig, compute_reward
 from latency_model.modes import LATENCY_MODES
@@ -85,6 +102,8 @@ MAX_OBSERVED_NLL = 50.0  # NLL features are clipped here (nats); a uniform guess
 MAX_TPOT_OVER_BUDGET = 100.0
 SPLIT_OF_WINDOW = ("train", "train", "train", "validation", "test")  # window i -> SPLIT_OF_WINDOW[i % 5]
 RESET_OPTIONS = ("sample_id", "budget", "split")
+MAX_MEMO_CHUNKS = 200_000  # chunk records kept per env (estimated mode); cleared beyond
+MAX_SNAPSHOTS = 256  # forked stream states kept (least recently used dropped)
 
 # --- action grids: which values each knob takes in an env --------------------------------------
 DEFAULT_KNOB_GRID: dict[str, tuple] = {"window": (32, 64, 128, 256), "compress_every": (1, 8, 32, 64)}
@@ -100,7 +119,9 @@ def kv_action_grid(policy_class: type[KVPolicy], knob_grid: dict | None = None) 
 
     Per knob, first match wins: ``knob_grid``, :data:`ACTION_GRIDS` of the policy,
     :data:`DEFAULT_KNOB_GRID` (``window`` and ``compress_every``), else the field's default alone
-    (the knob is then fixed). Order: ``knob_grid``'s, else the policy's grid's, then field order.
+    (the knob is then fixed). Order (the action's element order): the policy's grid's
+    (:data:`ACTION_GRIDS`, else :data:`DEFAULT_KNOB_GRID`), then field order, whatever the order
+    of ``knob_grid``'s keys (so a grid read back from a saved config gives the same layout).
     """
     fields = [f for f in dataclasses.fields(policy_class) if f.init]
     names = [f.name for f in fields]
@@ -110,8 +131,9 @@ def kv_action_grid(policy_class: type[KVPolicy], knob_grid: dict | None = None) 
         raise ValueError(f"knob_grid names unknown knob(s) {unknown} of {policy_class.__name__}; accepted: {names}")
     base = dict(ACTION_GRIDS.get(policy_class.policy_name(), {}))
     base.update({name: values for name, values in DEFAULT_KNOB_GRID.items() if name not in base})
-    order = list(given) + [n for n in base if n in names and n not in given]
-    order += [n for n in names if n not in order]
+    # The order never follows ``knob_grid``'s own: a grid that went through a config file (keys
+    # sorted) must give the same action layout as the one the run was trained with.
+    order = [n for n in base if n in names] + [n for n in names if n not in base]
     grid = {}
     for field in fields:
         values = given.get(field.name, base.get(field.name))
@@ -237,12 +259,21 @@ class StreamingKVEnv(gym.Env):
         self.bytes_per_token = kv_bytes_per_token(model)
         self.tpot_model = self._tpot_estimator(tpot_model)
         self._chunk_tpot, self._smallest_peak = self._simulate_grid()
-        self.budget = (KVBudget.parse(budget) if budget is not None
-                       else KVBudget.parse(f"{self.suggested_budget_ms:.6g}ms"))
-        self._warn_if_budget_unreachable(self.budget)
+        self.kv_budget = (KVBudget.parse(budget) if budget is not None
+                          else KVBudget.parse(f"{self.suggested_budget_ms:.6g}ms"))
+        self.budget = self.kv_budget.tpot  # envs.protocols.GroupEnv: the TPOT budget agents draw from
+        self._warn_if_budget_unreachable(self.kv_budget)
+        self.trajectory_nvec = tuple(int(n) for n in self.action_space.nvec) * self.episode_steps
+        h = len(self.knob_names)
+        self.stage_heads = tuple(tuple(range(c * h, (c + 1) * h)) for c in range(self.episode_steps))
+        self._memo: dict[tuple, ChunkRecord] = {}
+        self._snapshots: OrderedDict[tuple, DocumentStreamer] = OrderedDict()
+        self._latency_memo: dict[tuple, float] = {}
+        self._grid_policies = [self.policy_class(**dict(zip(self.knob_names, combination)))
+                               for combination in itertools.product(*self.knob_grid.values())]
 
         high = np.array([MAX_OBSERVED_NLL] * 4 + [episode_tokens + 1] * 2
-                        + [10.0 * self.budget.tpot.high_ms, MAX_TPOT_OVER_BUDGET, 1.0, episode_tokens + 1],
+                        + [10.0 * self.kv_budget.tpot.high_ms, MAX_TPOT_OVER_BUDGET, 1.0, episode_tokens + 1],
                         dtype=np.float32)
         self.observation_space = spaces.Box(low=np.zeros_like(high), high=high, dtype=np.float32)
         self._streamer: DocumentStreamer | None = None
@@ -344,8 +375,29 @@ class StreamingKVEnv(gym.Env):
             raise ValueError(f"split={split!r} is invalid; accepted: train, validation, test")
         return len(self.windows[split])
 
+    def _check_sample_id(self, sample_id, split: str) -> int:
+        size = self.num_samples(split)
+        if isinstance(sample_id, (bool, np.bool_)) or not isinstance(sample_id, (int, np.integer)) \
+                or not 0 <= sample_id < size:
+            raise ValueError(f"sample_id={sample_id!r} is invalid; accepted: an integer in [0, {size}) "
+                             f"(episodes in split {split!r})")
+        return int(sample_id)
+
+    def _episode_budget(self, value: Any) -> KVBudget:
+        """A budget given at reset or to a group: a form without a KV cap keeps the env's cap."""
+        parsed = KVBudget.parse(value)
+        return parsed if parsed.has_cap else self.kv_budget.with_tpot(parsed.tpot)
+
+    def _new_streamer(self, split: str, sample_id: int) -> DocumentStreamer:
+        doc_index, start = self.windows[split][sample_id]
+        return DocumentStreamer(self.model, self.documents[doc_index][start:start + self.episode_tokens + 1],
+                                threads=self.threads)
+
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        """Start an episode: ``options`` may fix ``sample_id`` (a window of ``split``), ``split`` and ``budget``."""
+        """Start an episode: ``options`` may fix ``sample_id`` (a window of ``split``), ``split`` and ``budget``.
+
+        A ``budget`` option without a KV cap (e.g. a number of ms, as agents pass) keeps the env's cap.
+        """
         super().reset(seed=seed)
         options = dict(options or {})
         unknown = sorted(set(options) - set(RESET_OPTIONS))
@@ -354,24 +406,19 @@ class StreamingKVEnv(gym.Env):
         split = options.get("split", self.split)
         size = self.num_samples(split)
         if "sample_id" in options:
-            sample_id = options["sample_id"]
-            if isinstance(sample_id, (bool, np.bool_)) or not isinstance(sample_id, (int, np.integer)) \
-                    or not 0 <= sample_id < size:
-                raise ValueError(f"sample_id={sample_id!r} is invalid; accepted: an integer in [0, {size}) "
-                                 f"(episodes in split {split!r})")
-            sample_id = int(sample_id)
+            sample_id = self._check_sample_id(options["sample_id"], split)
         else:
             sample_id = int(self.np_random.integers(size))
-        budget = self.budget
+        budget = self.kv_budget
         if "budget" in options:
-            budget = KVBudget.parse(options["budget"])
+            budget = self._episode_budget(options["budget"])
             self._warn_if_budget_unreachable(budget)
         doc_index, start = self.windows[split][sample_id]
         self._budget_ms = budget.tpot.sample(self.np_random)
         self._cap_tokens = budget.cap_tokens(self.bytes_per_token)
-        self._streamer = DocumentStreamer(self.model, self.documents[doc_index][start:start + self.episode_tokens + 1],
-                                          threads=self.threads)
+        self._streamer = self._new_streamer(split, sample_id)
         self._episode_nll: list[float] = []
+        self._chunk_infos: list[dict] = []
         self._last_nll = np.zeros(1)
         self._last_tpot = 0.0
         info = {"split": split, "sample_id": sample_id, "document": doc_index, "start": start,
@@ -384,43 +431,48 @@ class StreamingKVEnv(gym.Env):
             raise ValueError("step() called before reset(); accepted: call reset() first")
         if self._streamer.remaining == 0:
             raise ValueError("step() called after the episode ended; accepted: call reset() first")
+        arr = np.asarray(action)
+        if arr.ndim == 1 and len(arr) == len(self.trajectory_nvec) != len(self.knob_names):
+            action = self.to_env_action(arr, len(self._chunk_infos))  # a whole trajectory: this chunk's slice
         policy = self.policy_for(action)
-        reward, info, trace = self._play_chunk(self._streamer, policy, self._budget_ms, self._cap_tokens)
-        self._episode_nll.extend(trace.nll.tolist())
-        self._last_nll, self._last_tpot = trace.nll, info["tpot_ms"]
+        record = self._play_chunk(self._streamer, policy)
+        reward, info = self._score_chunk(record, policy, self._budget_ms, self._cap_tokens)
+        self._episode_nll.extend(record.nll.tolist())
+        self._last_nll, self._last_tpot = record.nll, info["tpot_ms"]
+        self._chunk_infos.append(info)
         terminated = self._streamer.remaining == 0
+        if terminated:
+            info.update(episode_summary(self._chunk_infos))
         return self._observation(), reward, terminated, False, info
 
     def evaluate_chunk_group(self, actions: Sequence) -> tuple[np.ndarray, list[dict]]:
         """Rewards and infos of each action for the NEXT chunk, from the current state, without advancing.
 
         Every action starts from the same stream prefix (a fork of the current cache), as if each
-        were the step taken now: what a per-chunk group (GRPO-style) needs. Deterministic in
-        estimated mode.
+        were the step taken now: what a per-chunk group needs. Deterministic in estimated mode.
         """
         if self._streamer is None or self._streamer.remaining == 0:
             raise ValueError("evaluate_chunk_group() needs a running episode; accepted: call reset() first")
         policies = [self.policy_for(a) for a in actions]
-        results = [self._play_chunk(self._streamer.fork(), policy, self._budget_ms, self._cap_tokens)
-                   for policy in policies]
-        return np.array([r for r, _, _ in results], dtype=np.float64), [info for _, info, _ in results]
+        results = [self._score_chunk(self._play_chunk(self._streamer.fork(), policy), policy, self._budget_ms,
+                                     self._cap_tokens) for policy in policies]
+        return np.array([r for r, _ in results], dtype=np.float64), [info for _, info in results]
 
     def evaluate_episode_group(self, sample_id: int, budget: Any, action_sequences: Sequence,
                                split: str | None = None) -> tuple[np.ndarray, list[list[dict]]]:
         """Returns (sum of chunk rewards) and per-chunk infos of whole-episode action sequences on one episode.
 
         Each sequence (``episode_steps`` actions) is scored as if it were its own episode started with
-        ``reset(options={"sample_id": sample_id, "split": split, "budget": budget})``; sequences that
-        share their first chunks share the streaming of those chunks (the cache is forked where they
-        part). ``budget`` must have one fixed TPOT value. The env's own episode is not touched.
+        ``reset(options={"sample_id": sample_id, "split": split, "budget": budget})`` (the last
+        chunk's info carries the episode summary, as ``step`` gives it); sequences that share their
+        first chunks share the streaming of those chunks. In estimated mode chunk outcomes are
+        memoised per (episode, decision prefix), so a sequence scored before (at any budget) costs
+        no model run. ``budget`` must have one fixed TPOT value; without a cap it keeps the env's.
+        The env's own episode is not touched.
         """
         split = self.split if split is None else split
-        size = self.num_samples(split)
-        if isinstance(sample_id, (bool, np.bool_)) or not isinstance(sample_id, (int, np.integer)) \
-                or not 0 <= sample_id < size:
-            raise ValueError(f"sample_id={sample_id!r} is invalid; accepted: an integer in [0, {size}) "
-                             f"(episodes in split {split!r})")
-        parsed = KVBudget.parse(budget)
+        sample_id = self._check_sample_id(sample_id, split)
+        parsed = self._episode_budget(budget)
         if parsed.tpot.is_range:
             raise ValueError(f"budget={budget!r} is invalid for a group; accepted: one fixed TPOT budget")
         sequences = [list(sequence) for sequence in action_sequences]
@@ -430,68 +482,261 @@ class StreamingKVEnv(gym.Env):
                              f"episode_steps={self.episode_steps} actions per sequence")
         policies = [[self.policy_for(action) for action in sequence] for sequence in sequences]
         budget_ms, cap = float(parsed.tpot.low_ms), parsed.cap_tokens(self.bytes_per_token)
-        doc_index, start = self.windows[split][int(sample_id)]
         returns, infos = np.zeros(len(sequences)), [[] for _ in sequences]
-
-        def play(streamer: DocumentStreamer, depth: int, members: list[int]) -> None:
-            if depth == self.episode_steps:
-                return
-            branches: dict[KVPolicy, list[int]] = {}
-            for i in members:
-                branches.setdefault(policies[i][depth], []).append(i)
-            for n, (policy, group) in enumerate(branches.items()):
-                branch = streamer if n == len(branches) - 1 else streamer.fork()
-                reward, info, _ = self._play_chunk(branch, policy, budget_ms, cap)
-                for i in group:
+        if self.latency == "estimated":
+            for i, sequence in enumerate(policies):
+                for policy, record in zip(sequence, self._records(split, sample_id, sequence)):
+                    reward, info = self._score_chunk(record, policy, budget_ms, cap)
                     returns[i] += reward
                     infos[i].append(info)
-                play(branch, depth + 1, group)
+        else:  # measured: fresh timings every time, prefixes shared within this group only
+            def play(streamer: DocumentStreamer, depth: int, members: list[int]) -> None:
+                if depth == self.episode_steps:
+                    return
+                branches: dict[KVPolicy, list[int]] = {}
+                for i in members:
+                    branches.setdefault(policies[i][depth], []).append(i)
+                for n, (policy, group) in enumerate(branches.items()):
+                    branch = streamer if n == len(branches) - 1 else streamer.fork()
+                    reward, info = self._score_chunk(self._play_chunk(branch, policy), policy, budget_ms, cap)
+                    for i in group:
+                        returns[i] += reward
+                        infos[i].append(dict(info))
+                    play(branch, depth + 1, group)
 
-        play(DocumentStreamer(self.model, self.documents[doc_index][start:start + self.episode_tokens + 1],
-                              threads=self.threads), 0, list(range(len(sequences))))
+            play(self._new_streamer(split, sample_id), 0, list(range(len(sequences))))
+        for chunk_infos in infos:
+            chunk_infos[-1].update(episode_summary(chunk_infos))
         return returns, infos
 
-    def _play_chunk(self, streamer: DocumentStreamer, policy: KVPolicy, budget_ms: float, cap_tokens: int | None):
+    # --- decision prefixes (estimated mode: memoised, shared between groups and queries) -------
+    def _records(self, split: str, sample_id: int, policies: Sequence[KVPolicy]) -> list["ChunkRecord"]:
+        """The chunk records of an episode whose first chunks ran under ``policies``.
+
+        Estimated mode: looked up per decision prefix, streaming only the chunks never streamed
+        before, from the deepest snapshot of the stream (a forked cache) along the prefix.
+        Measured mode: streamed afresh.
+        """
+        if self.latency != "estimated":
+            streamer = self._new_streamer(split, sample_id)
+            return [self._play_chunk(streamer, policy) for policy in policies]
+        if len(self._memo) > MAX_MEMO_CHUNKS:
+            self._memo.clear()
+        records, streamer = [], None
+        for depth, policy in enumerate(policies):
+            key = (split, sample_id, tuple(policies[: depth + 1]))
+            record = self._memo.get(key)
+            if record is None:
+                if streamer is None:
+                    streamer = self._streamer_at(split, sample_id, policies[:depth])
+                record = self._memo[key] = self._play_chunk(streamer, policy)
+                self._snapshots[key] = streamer.fork()
+                while len(self._snapshots) > MAX_SNAPSHOTS:
+                    self._snapshots.popitem(last=False)
+            else:
+                streamer = None  # the next miss starts from a snapshot
+            records.append(record)
+        return records
+
+    def _streamer_at(self, split: str, sample_id: int, prefix: Sequence[KVPolicy]) -> DocumentStreamer:
+        """A streamer after ``prefix``: the deepest snapshot on the prefix, advanced through the rest."""
+        for depth in range(len(prefix), 0, -1):
+            snapshot = self._snapshots.get((split, sample_id, tuple(prefix[:depth])))
+            if snapshot is not None:
+                self._snapshots.move_to_end((split, sample_id, tuple(prefix[:depth])))
+                streamer = snapshot.fork()
+                break
+        else:
+            depth, streamer = 0, self._new_streamer(split, sample_id)
+        for policy in prefix[depth:]:
+            self._play_chunk(streamer, policy)
+        return streamer
+
+    # --- envs.protocols.GroupEnv --------------------------------------------------------------
+    def to_env_action(self, trajectory: Sequence[int], stage: int) -> np.ndarray:
+        """The action of chunk ``stage``: elements ``stage*H .. (stage+1)*H - 1`` of the trajectory."""
+        h = len(self.knob_names)
+        return np.asarray(trajectory, dtype=np.int64)[stage * h:(stage + 1) * h]
+
+    def _trajectory_codes(self, trajectory: Sequence[int], stages: int) -> tuple[int, ...]:
+        """Per chunk, the flat grid index of the setting ``trajectory`` picks (checked once, vectorised)."""
+        arr = np.asarray(trajectory)
+        nvec = np.asarray(self.trajectory_nvec)
+        if arr.shape != nvec.shape or arr.dtype.kind not in "iu" or np.any(arr < 0) or np.any(arr >= nvec):
+            raise ValueError(f"trajectory {arr.tolist()!r} is invalid; accepted: {len(nvec)} integers "
+                             f"(episode_steps={self.episode_steps} x knobs {', '.join(self.knob_names)}), element i "
+                             f"in [0, {self.action_space.nvec.tolist()}[i % {len(self.knob_names)}])")
+        rows = arr.reshape(self.episode_steps, len(self.knob_names))[:stages]
+        return tuple(int(c) for c in np.ravel_multi_index(rows.T, self.action_space.nvec))
+
+    def _trajectory_policies(self, trajectory: Sequence[int], stages: int) -> list[KVPolicy]:
+        return [self._grid_policies[c] for c in self._trajectory_codes(trajectory, stages)]
+
+    def stage_observation(self, sample_id: int, budget_ms: float, split: str, stage: int,
+                          trajectory: Sequence[int] | None = None) -> np.ndarray:
+        """The observation before chunk ``stage`` of an episode whose earlier chunks followed ``trajectory``.
+
+        Replays the earlier chunks' decisions through the prefix memo (no env state changes).
+        """
+        sample_id = self._check_sample_id(sample_id, split)
+        if isinstance(stage, bool) or not isinstance(stage, (int, np.integer)) or not 0 <= stage < self.episode_steps:
+            raise ValueError(f"stage={stage!r} is invalid; accepted: an integer in [0, {self.episode_steps})")
+        if stage > 0 and trajectory is None:
+            raise ValueError(f"stage={stage} needs the trajectory of the earlier chunks; accepted: a vector of "
+                             f"{len(self.trajectory_nvec)} elements")
+        budget_ms = check_budget_ms(budget_ms)
+        records = self._records(split, sample_id, self._trajectory_policies(trajectory, stage)) if stage else []
+        cap = self.kv_budget.cap_tokens(self.bytes_per_token)
+        if not records:
+            return self._observation_of(np.zeros(1), 0.0, 0, 0, budget_ms, 0.0, 0, cap)
+        last = records[-1]
+        return self._observation_of(last.nll, float(np.mean(np.concatenate([r.nll for r in records]))),
+                                    last.end_cache_length, last.end_since_prune, budget_ms, self._tpot_of(last),
+                                    sum(r.num_tokens for r in records), cap)
+
+    def evaluate_group(self, sample_id: int, budget_ms: float, trajectories: Sequence[Sequence[int]],
+                       split: str) -> tuple[np.ndarray, list[dict]]:
+        """Episode returns and last-step infos (with the episode summary) of whole-episode trajectories
+        at one TPOT budget and the env's KV cap (see :meth:`evaluate_episode_group`)."""
+        sequences = [[self.to_env_action(t, c) for c in range(self.episode_steps)]
+                     for t in (np.asarray(t, dtype=np.int64) for t in trajectories)]
+        returns, infos = self.evaluate_episode_group(sample_id, self.kv_budget.with_tpot(check_budget_ms(budget_ms)),
+                                                     sequences, split)
+        return returns, [dict(chunk_infos[-1], reward=float(r)) for r, chunk_infos in zip(returns, infos)]
+
+    def estimated_latency_ms(self, sample_id: int, trajectories: Sequence[Sequence[int]], split: str) -> np.ndarray:
+        """Mean estimated TPOT (ms per token) of each trajectory: the cache schedule its per-chunk
+        policies give (:func:`simulate_schedule`, no model run) through the TPOT estimator; the same
+        per-token figure the reward compares with the budget. The schedule does not depend on the
+        document, so ``sample_id`` and ``split`` are only checked."""
+        self._check_sample_id(sample_id, split)
+        out = np.zeros(len(trajectories))
+        for i, trajectory in enumerate(trajectories):
+            codes = self._trajectory_codes(trajectory, self.episode_steps)
+            if codes not in self._latency_memo:
+                policies = [self._grid_policies[c] for c in codes]
+                attended, pruned = simulate_schedule(policies, self.chunk_tokens, self.episode_tokens)
+                self._latency_memo[codes] = float(np.mean(self.tpot_model.predict(pruned, attended)))
+            out[i] = self._latency_memo[codes]
+        return out
+
+    def provenance(self) -> dict:
+        """The model, the latency source and the knob grid, for run records."""
+        return {"model": {"class": type(self.model).__name__,
+                          "name_or_path": str(getattr(self.model.config, "_name_or_path", "") or "")},
+                "latency": self.latency, "estimator": {"class": type(self.tpot_model).__name__,
+                                                       **self.tpot_model.coefficients,
+                                                       "noise_pct": self.tpot_model.noise_pct},
+                "knob_space": {"policy": self.policy_class.policy_name(),
+                               "grid": {k: list(v) for k, v in self.knob_grid.items()},
+                               "chunk_tokens": self.chunk_tokens, "episode_tokens": self.episode_tokens}}
+
+    # --- one chunk -----------------------------------------------------------------------------
+    def _play_chunk(self, streamer: DocumentStreamer, policy: KVPolicy) -> "ChunkRecord":
+        """Stream the next chunk under ``policy`` (the only place the model runs)."""
         first_seen = streamer.cursor
         trace = streamer.advance(self.chunk_tokens, policy)
         prune_steps = np.zeros(trace.num_tokens)
         for event in trace.prune_events:
             prune_steps[event.seen_tokens - 1 - first_seen] = 1.0
+        return ChunkRecord(trace.nll, trace.cache_length, prune_steps,
+                           tuple(dataclasses.asdict(e) for e in trace.prune_events), trace.step_ms,
+                           int(streamer.cache.cache_length), int(streamer.cache.tokens_since_prune))
+
+    def _tpot_of(self, record: "ChunkRecord") -> float:
         if self.latency == "estimated":
-            tpot_ms = float(np.mean(self.tpot_model.predict(prune_steps, trace.cache_length)))
-        else:
-            tpot_ms = float(np.median(trace.step_ms))
-        mean_nll = float(trace.nll.mean())
+            return float(np.mean(self.tpot_model.predict(record.prune_steps, record.cache_length)))
+        return float(np.median(record.step_ms))
+
+    def _score_chunk(self, record: "ChunkRecord", policy: KVPolicy, budget_ms: float, cap_tokens: int | None):
+        """Reward and info of one chunk record at a budget (no model run)."""
+        tpot_ms = self._tpot_of(record)
+        mean_nll = float(record.nll.mean())
         score = float(np.clip(1.0 - mean_nll / math.log(self.vocab_size), 0.0, 1.0))
         reward, tpot_violated = compute_reward(score, tpot_ms, budget_ms, self.reward_config)
-        peak = int(trace.cache_length.max())
+        peak = int(record.cache_length.max())
         kv_violated = False
         if cap_tokens is not None:
             penalty, kv_violated = compute_reward(0.0, peak / cap_tokens, 1.0, self.reward_config)
             reward += penalty
         # Wall-clock figures appear in info only in measured mode, so estimated mode stays deterministic.
         info = {
-            "policy": str(policy), "knobs": policy.knobs(), "nll": trace.nll.copy(), "mean_nll": mean_nll,
+            "policy": str(policy), "knobs": policy.knobs(), "nll": record.nll.copy(), "mean_nll": mean_nll,
             "score": score, "tpot_ms": tpot_ms, "latency_mode": self.latency, "budget_ms": budget_ms,
             "violated": bool(tpot_violated or kv_violated), "tpot_violated": tpot_violated,
             "kv_violated": kv_violated, "kv_cap_tokens": cap_tokens, "peak_kv_tokens": peak,
-            "peak_kv_bytes": peak * self.bytes_per_token, "cache_length": trace.cache_length.copy(),
-            "prune_events": [dataclasses.asdict(e) for e in trace.prune_events],
+            "peak_kv_bytes": peak * self.bytes_per_token, "cache_length": record.cache_length.copy(),
+            "prune_events": [dict(e) for e in record.prune_events], "chunk_reward": float(reward),
         }
         if self.latency == "measured":
-            info["step_ms"] = trace.step_ms.copy()
-        return float(reward), info, trace
+            info["step_ms"] = record.step_ms.copy()
+        return float(reward), info
 
     def _observation(self) -> np.ndarray:
         cache = self._streamer.cache
-        nll = self._last_nll
         episode = float(np.mean(self._episode_nll)) if self._episode_nll else 0.0
-        progress = self._streamer.cursor / self.episode_tokens
-        nll_stats = np.clip([nll.mean(), nll.max(), nll.std(), episode], 0.0, MAX_OBSERVED_NLL)
-        cap = min(self._cap_tokens or 0, self.episode_tokens + 1)
-        values = np.array([*nll_stats, cache.cache_length, cache.tokens_since_prune, self._budget_ms,
-                           self._last_tpot / self._budget_ms, progress, cap], dtype=np.float32)
+        return self._observation_of(self._last_nll, episode, cache.cache_length, cache.tokens_since_prune,
+                                    self._budget_ms, self._last_tpot, self._streamer.cursor, self._cap_tokens)
+
+    def _observation_of(self, last_nll: np.ndarray, episode_nll: float, cache_length: int, since_prune: int,
+                        budget_ms: float, last_tpot: float, cursor: int, cap_tokens: int | None) -> np.ndarray:
+        nll_stats = np.clip([last_nll.mean(), last_nll.max(), last_nll.std(), episode_nll], 0.0, MAX_OBSERVED_NLL)
+        cap = min(cap_tokens or 0, self.episode_tokens + 1)
+        values = np.array([*nll_stats, cache_length, since_prune, budget_ms, last_tpot / budget_ms,
+                           cursor / self.episode_tokens, cap], dtype=np.float32)
         return np.clip(values, self.observation_space.low, self.observation_space.high)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkRecord:
+    """What streaming one chunk under one policy produced (budget-free: rewards are computed from it)."""
+
+    nll: np.ndarray
+    cache_length: np.ndarray
+    prune_steps: np.ndarray
+    prune_events: tuple
+    step_ms: np.ndarray
+    end_cache_length: int
+    end_since_prune: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.nll)
+
+
+def episode_summary(chunk_infos: Sequence[dict]) -> dict:
+    """The episode-level fields the last step's info carries (token-weighted over the chunks).
+
+    ``score`` (the episode's mean-NLL score), ``latency_ms`` (mean TPOT per token),
+    ``violated`` (any chunk violated a limit); the last chunk's own ``score`` and ``violated``
+    move to ``chunk_score`` and ``chunk_violated``; ``violated_chunks`` counts violating chunks,
+    ``episode_reward`` is the return.
+    """
+    last = chunk_infos[-1]
+    tokens = np.array([len(i["nll"]) for i in chunk_infos], dtype=np.float64)
+    tpot = np.array([i["tpot_ms"] for i in chunk_infos])
+    scores = np.array([i["score"] for i in chunk_infos])
+    return {"chunk_score": last["score"], "chunk_violated": last["violated"],
+            "score": float(np.average(scores, weights=tokens)),
+            "latency_ms": float(np.average(tpot, weights=tokens)),
+            "violated": any(i["violated"] for i in chunk_infos),
+            "violated_chunks": int(sum(i["violated"] for i in chunk_infos)),
+            "episode_reward": float(sum(i["chunk_reward"] for i in chunk_infos))}
+
+
+def simulate_schedule(policies: Sequence[KVPolicy], chunk_tokens: int, tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(attended, pruned)`` per step when chunk ``c`` runs under ``policies[c]`` (no model run;
+    :func:`simulate_cache` with the policy switched at chunk boundaries)."""
+    attended, pruned = np.zeros(tokens, dtype=np.int64), np.zeros(tokens)
+    held = 0
+    for t in range(tokens):
+        policy = policies[min(t // chunk_tokens, len(policies) - 1)]
+        attended[t] = held + 1
+        if policy.should_prune(held + 1):
+            pruned[t], held = 1.0, policy.window
+        else:
+            held += 1
+    return attended, pruned
 
 
 # --- env ids ------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 import warnings
 from typing import Any, Callable, Sequence
@@ -30,23 +31,47 @@ def make_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator_spec: str 
     """The env of a run config, and the warnings its construction raised (e.g. a budget that never binds).
 
     Every key of ``backend_cfg`` except ``name`` is a keyword option of the backend's factory.
+    Envs whose constructor takes no ``backend`` (the KV envs load a causal LM from
+    ``env.kwargs.model_path``) get neither a backend nor an estimator: ``backend=`` other than the
+    default ``tiny``, or an ``estimator=``, is then a one-line error naming the env.
     """
     import envs  # noqa: F401  (registers the env ids)
     from backends.registry import load_backend
     from envs.registry import check_env_id
 
-    check_env_id(env_cfg["id"])
-    backend_spec = dict(backend_cfg)
-    backend = load_backend(backend_spec)  # cached: the env gets the same object from the same spec
-    estimator = import_callable(estimator_spec)(backend) if estimator_spec else None
+    env_id = check_env_id(env_cfg["id"])
+    kwargs = dict(env_cfg.get("kwargs") or {})
+    if takes_backend(env_id):
+        backend_spec = dict(backend_cfg)
+        backend = load_backend(backend_spec)  # cached: the env gets the same object from the same spec
+        estimator = import_callable(estimator_spec)(backend) if estimator_spec else None
+        kwargs.update(backend=backend_spec, estimator=estimator)  # the spec: the env pickles without the model
+    else:
+        if backend_cfg.get("name", "tiny") != "tiny":
+            raise ValueError(f"backend={backend_cfg.get('name')!r} is invalid for env {env_id} (it takes no backend); "
+                             f"accepted: the default, with the model chosen by env.kwargs.model_path=<checkpoint dir>")
+        if estimator_spec:
+            raise ValueError(f"estimator={estimator_spec!r} is invalid for env {env_id} (it profiles its own TPOT "
+                             f"estimator); accepted: null")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        env = gym.make(env_cfg["id"], backend=backend_spec, budget=budget, split=split, estimator=estimator,
-                       **dict(env_cfg.get("kwargs") or {}))
+        env = gym.make(env_id, budget=budget, split=split, **kwargs)
     notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     return env, notes
+
+
+def takes_backend(env_id: str) -> bool:
+    """Whether the registered env's constructor accepts ``backend`` (read from its signature: a
+    ``backend`` parameter or ``**kwargs``)."""
+    entry = gym.spec(env_id).entry_point
+    if isinstance(entry, str):
+        module, attr = entry.split(":", 1)
+        entry = vars(importlib.import_module(module))[attr]
+    parameters = inspect.signature(entry).parameters.values()
+    # ``**kwargs`` forwarded to a base class (the knob envs) counts as taking it
+    return any(p.name == "backend" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def eval_budgets(env_budget: Budget, budgets: Sequence[Any] | None = None) -> list[float]:

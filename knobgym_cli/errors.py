@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from envs.budget import Budget
+from envs.budget import Budget, KVBudget
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("env", "agent", "backend")
@@ -77,7 +77,13 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
                     if key == "agent" and value == "oracle" else ""
                 raise UsageError(f"unknown {key} {value!r}{extra}; accepted: {', '.join(options)}")
         if key == "budget":
-            Budget.parse(value)
+            try:
+                Budget.parse(value)
+            except ValueError as error:  # a KV budget ('20ms+256tok') is a Budget plus a cache cap
+                try:
+                    KVBudget.parse(value)
+                except ValueError:
+                    raise error from None
         if key == "budgets":
             for item in parse_budget_list(value):
                 Budget.parse(item)

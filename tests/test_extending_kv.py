@@ -52,12 +52,8 @@ def test_value_norm_window_keeps_recent_and_largest_values():
 
 
 def test_generated_conf_env_entries_make_working_envs(tmp_path):
-    """``python -m envs.kv_conf`` writes one entry per KV env id, in the format the CLI reads.
-
-    Not committed to conf/env yet: train.py's EnvLayout cannot train a KV env until the agents
-    refactor lands (with the entries, ``train.py env=StreamingKV-v0`` would pass the override check
-    and then fail inside the CLI).
-    """
+    """``python -m envs.kv_conf`` writes one entry per KV env id, in the format the CLI reads
+    (the shipped ids' entries are committed in conf/env; tests/test_kv_training.py trains through them)."""
     import yaml
 
     shipped = ["StreamingKV-v0", "KV-SinkWindow-v0", "KV-KeyNormWindow-v0"]  # ids of the policies in backends/kv

@@ -235,7 +235,7 @@ def test_unreachable_budget_warns_once_with_a_budget_that_binds(model, documents
     with pytest.warns(UserWarning, match="KV cap 10 tokens is below the smallest peak cache"):
         small_env(model, documents, budget=f"{hi}ms+10tok")
     default = small_env(model, documents, budget=None)
-    assert default.budget.tpot.low_ms == pytest.approx(env.suggested_budget_ms, rel=1e-5)
+    assert default.kv_budget.tpot.low_ms == default.budget.low_ms == pytest.approx(env.suggested_budget_ms, rel=1e-5)
 
 
 def test_extreme_budgets_are_a_clear_error_and_rewards_stay_bounded(model, documents):
