@@ -4,10 +4,14 @@ The controller is a language model: the *prompt* describes the episode in words,
 *completion* is the knob choice as tokens, and TRL's ``GRPOTrainer`` trains it from the env's
 group-relative rewards.
 
-**Prompt.** ``budget <digits of the budget in whole ms> ms obs <v_0> ... <v_{d-1}> act``: the
-budget, then every element of the env's stage-0 observation (:meth:`GroupEnv.stage_observation`,
+**Prompt.** ``budget <digits of the budget in whole ms> ms obs <i>:<v> ... act``: the budget,
+then each element ``i`` of the env's stage-0 observation (:meth:`GroupEnv.stage_observation`,
 ``MultiKnob-v0``: budget / reference latency, prompt length, the question-type one-hot, image size)
-rounded to one decimal, each value one word of the vocabulary (``-10.0 .. 10.0``).
+whose value ``v`` rounded to one decimal is not zero, as one word ``i:v`` of the vocabulary
+(``i`` below the observation size, ``v`` in ``-10.0 .. 10.0``). One word per feature and value
+lets the LM read a feature from that word's embedding alone (a question type is one word); with
+bare values at fixed positions it first has to learn which position is which, and in our runs it
+settled on one choice for every input before it had (BENCHMARKS.md, "grpo_lm").
 
 **Completion.** One action token ``a<v>`` per trajectory element, in element order
 (``MultiKnob-v0``: tier, top-k index, depth index, e.g. ``a2 a0 a1``). During training every other
@@ -141,7 +145,8 @@ class GRPOLMConfig:
         if isinstance(self.invalid_reward, bool) or not (isinstance(self.invalid_reward, (int, float))
                                                          and math.isfinite(self.invalid_reward)):
             raise ValueError(f"invalid_reward={self.invalid_reward!r} is invalid; accepted: a finite number")
-        if self.epsilon_high is not None and not (isinstance(self.epsilon_high, (int, float)) and self.epsilon_high > 0):
+        high = self.epsilon_high
+        if high is not None and (isinstance(high, bool) or not (isinstance(high, (int, float)) and high > 0)):
             raise ValueError(f"epsilon_high={self.epsilon_high!r} is invalid; accepted: None or a number > 0")
         if self.scale_rewards is True:
             self.scale_rewards = "group"
@@ -344,13 +349,16 @@ class GRPOLMAgent(Agent):
         prompts = [self.vocab.prompt(layout.observation(sid, b, split, 0), b) for sid, b in zip(sample_ids, budget_ms)]
         return {"prompt": prompts, "sample_id": sample_ids, "budget_ms": budget_ms}
 
-    def reward_function(self, layout: EnvLayout, split: str, sink: list):
+    def reward_function(self, layout: EnvLayout, split: str, sink: list, tally: dict | None = None):
         """TRL's reward function: each group of completions of one prompt scored by ``evaluate_group``;
-        an unparsable completion gets ``invalid_reward``. Episode infos of the valid ones go to ``sink``."""
+        an unparsable completion gets ``invalid_reward``. Episode infos of the valid ones go to ``sink``;
+        ``tally["scored"]`` counts every completion scored."""
         agent = self
+        tally = {} if tally is None else tally
 
         def knob_reward(prompts, completions, sample_id, budget_ms, **kwargs) -> list[float]:
             rewards = [float(agent.config.invalid_reward)] * len(completions)
+            tally["scored"] = tally.get("scored", 0) + len(completions)
             keys = list(zip(prompts, sample_id, budget_ms))
             for key in dict.fromkeys(keys):  # each prompt's group, in order
                 rows = [i for i, k in enumerate(keys) if k == key]
@@ -371,7 +379,7 @@ class GRPOLMAgent(Agent):
         """The ``trl.GRPOConfig`` of ``updates`` updates on CPU, with saving, logging and reporting off."""
         from trl import GRPOConfig
 
-        cfg = self.config
+        cfg, action_ids = self.config, set(self.vocab.action_ids)
         return GRPOConfig(
             output_dir=output_dir, use_cpu=True, bf16=False, fp16=False, report_to=[], save_strategy="no",
             logging_steps=1, disable_tqdm=True, log_completions=False, seed=cfg.seed + self.step,
@@ -382,7 +390,8 @@ class GRPOLMAgent(Agent):
             temperature=cfg.temperature, top_p=1.0, top_k=0, beta=cfg.beta, epsilon=cfg.epsilon,
             epsilon_high=cfg.epsilon_high, num_iterations=cfg.num_iterations, scale_rewards=cfg.scale_rewards,
             loss_type=cfg.loss_type, max_grad_norm=cfg.max_grad_norm, entropy_coef=cfg.entropy_coef,
-            generation_kwargs={"suppress_tokens": [i for i in range(len(self.vocab)) if i not in self.vocab.action_ids]},
+            # only action tokens are sampled: a completion is always len(nvec) of them
+            generation_kwargs={"suppress_tokens": [i for i in range(len(self.vocab)) if i not in action_ids]},
         )
 
     def fit(self, env: gym.Env, context: FitContext | None = None) -> dict:
@@ -401,12 +410,17 @@ class GRPOLMAgent(Agent):
             budgets = layout.env.budget.training_range(self.config.budget_jitter)
             rows = self.training_rows(layout, budgets, context.split, context.sample_pool, remaining)
             infos: list[dict] = []
+            tally = {"scored": 0}
             agent, hooks = self, context.hooks
 
             class Hooks(TrainerCallback):
-                """After each optimizer step: the caller's ``on_update`` with that step's episodes and TRL's logs."""
+                """After each optimizer step: the caller's ``on_update`` with the episodes that step trained
+                on (a step reusing a generated batch, ``num_iterations > 1``, reports that batch again) and
+                TRL's logged statistics."""
 
                 pending = False
+                batch: list = []
+                invalid = 0.0
 
                 def on_step_end(self, args, state, control, **kwargs):
                     agent.step += 1
@@ -418,13 +432,16 @@ class GRPOLMAgent(Agent):
                     self.pending = False
                     stats = {k: float(v) for k, v in (logs or {}).items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-                    batch = list(infos)
-                    infos.clear()
-                    stats["invalid_fraction"] = 1.0 - len(batch) / (agent.config.batch_size * agent.config.num_generations)
-                    hooks.on_update(agent, agent.step, batch, stats)
+                    if tally["scored"]:  # this step generated and scored a new batch
+                        self.batch, self.invalid = list(infos), 1.0 - len(infos) / tally["scored"]
+                        infos.clear()
+                        tally["scored"] = 0
+                    stats["invalid_fraction"] = self.invalid
+                    hooks.on_update(agent, agent.step, self.batch, stats)
 
             with tempfile.TemporaryDirectory(prefix="grpo_lm-") as tmp:
-                trainer = GRPOTrainer(model=self.model, reward_funcs=self.reward_function(layout, context.split, infos),
+                reward = self.reward_function(layout, context.split, infos, tally)
+                trainer = GRPOTrainer(model=self.model, reward_funcs=reward,
                                       args=self.trl_config(tmp, remaining), train_dataset=Dataset.from_dict(rows),
                                       processing_class=self.tokenizer, callbacks=[Hooks()],
                                       optimizers=(self.optimizer, None))
