@@ -149,3 +149,20 @@ def test_train_cli_runs_grpo_lm_and_writes_its_report(workdir):
     resumed = run_cli("train.py", ["env=MultiKnob-v0", "agent=grpo_lm", f"resume={run}", *more], workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert agents.read_checkpoint(run / "checkpoints" / "latest.safetensors")["metadata"]["step"] == 3
+
+
+def test_a_one_stage_discrete_env_trains_and_acts():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        env = gym.make("TokenBudget-v0", backend=TableBackend(), budget=BUDGET, estimator=TableLatency())
+    agent = agents.make_agent("grpo_lm", env, total_updates=1, batch_size=2, num_generations=2)
+    seen = []
+
+    class Hooks(agents.FitHooks):
+        def on_update(self, agent, step, infos, stats):
+            seen.append((step, len(infos), stats["invalid_fraction"]))
+
+    agent.fit(env, agents.FitContext(hooks=Hooks()))
+    assert seen == [(1, 4, 0.0)]
+    result = evaluate_agent(env, agent.freeze(), [0, 1, 2], 35.0, "test")
+    assert result["episodes"] == 3 and all(i["knobs"]["token_budget"] in (0.25, 0.5, 0.75, 1.0) for i in result["infos"])
