@@ -165,4 +165,5 @@ def test_a_one_stage_discrete_env_trains_and_acts():
     agent.fit(env, agents.FitContext(hooks=Hooks()))
     assert seen == [(1, 4, 0.0)]
     result = evaluate_agent(env, agent.freeze(), [0, 1, 2], 35.0, "test")
-    assert result["episodes"] == 3 and all(i["knobs"]["token_budget"] in (0.25, 0.5, 0.75, 1.0) for i in result["infos"])
+    assert result["episodes"] == 3
+    assert all(i["knobs"]["token_budget"] in (0.25, 0.5, 0.75, 1.0) for i in result["infos"])
