@@ -278,6 +278,7 @@ class GRPOLMAgent(Agent):
         # budget digits (at most 7: MAX_BUDGET_MS) + words + observation + completion + slack
         self.max_positions = 16 + self.obs_dim + len(self.nvec) + 8
         self.model = build_lm(self.vocab, self.config, self.max_positions)
+        # the trainer steps this optimizer (torch AdamW defaults otherwise), so a resumed run keeps its state
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.learning_rate)
         self.rng = np.random.default_rng(self.config.seed)
         self.step = 0
@@ -386,7 +387,7 @@ class GRPOLMAgent(Agent):
             max_steps=updates, per_device_train_batch_size=cfg.batch_size * cfg.num_generations,
             gradient_accumulation_steps=1, gradient_checkpointing=False, num_generations=cfg.num_generations,
             max_completion_length=len(self.nvec), shuffle_dataset=False, dataloader_num_workers=0,
-            learning_rate=cfg.learning_rate, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+            learning_rate=cfg.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
             temperature=cfg.temperature, top_p=1.0, top_k=0, beta=cfg.beta, epsilon=cfg.epsilon,
             epsilon_high=cfg.epsilon_high, num_iterations=cfg.num_iterations, scale_rewards=cfg.scale_rewards,
             loss_type=cfg.loss_type, max_grad_norm=cfg.max_grad_norm, entropy_coef=cfg.entropy_coef,
