@@ -20,7 +20,7 @@ import torch
 import agents
 import envs  # noqa: F401  (registers the env ids)
 from agents import EpisodeContext, evaluate_agent
-from agents.grpo_lm import ControllerVocab, GRPOLMAgent, GRPOLMConfig
+from agents.grpo_lm import ControllerVocab, GRPOLMConfig
 from envs.protocols import group_env
 from table_backend import TableBackend, TableLatency
 from test_train_cli import quick, run_cli, workdir  # noqa: F401  (workdir: the CLI runs' fixture)
