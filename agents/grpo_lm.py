@@ -1,0 +1,505 @@
+"""``grpo_lm``: a tiny causal-LM controller trained with TRL's ``GRPOTrainer``.
+
+The controller is a language model: the *prompt* describes the episode in words, the
+*completion* is the knob choice as tokens, and TRL's ``GRPOTrainer`` trains it from the env's
+group-relative rewards.
+
+**Prompt.** ``budget <digits of the budget in whole ms> ms obs <i>:<v> ... act``: the budget,
+then each element ``i`` of the env's stage-0 observation (:meth:`GroupEnv.stage_observation`,
+``MultiKnob-v0``: budget / reference latency, prompt length, the question-type one-hot, image size)
+whose value ``v`` rounded to one decimal is not zero, as one word ``i:v`` of the vocabulary
+(``i`` below the observation size, ``v`` in ``-10.0 .. 10.0``). One word per feature and value
+lets the LM read a feature from that word's embedding alone (a question type is one word); with
+bare values at fixed positions it first has to learn which position is which, and in our runs it
+settled on one choice for every input before it had (BENCHMARKS.md, "grpo_lm").
+
+**Completion.** One action token ``a<v>`` per trajectory element, in element order
+(``MultiKnob-v0``: tier, top-k index, depth index, e.g. ``a2 a0 a1``). During training every other
+token is suppressed in generation (``generation_kwargs.suppress_tokens``), so a completion is
+always ``len(trajectory_nvec)`` action tokens; one whose value at element ``i`` is not below
+``trajectory_nvec[i]`` (possible only when the elements have different numbers of choices) or of the
+wrong length is unparsable and gets the fixed reward ``invalid_reward``. Acting (evaluation) decodes
+greedily restricted to each element's valid tokens, so the agent always returns a valid trajectory.
+
+**Two-stage envs: one prompt, the whole trajectory.** The prompt is built once, from the stage-0
+observation, and the completion emits the whole trajectory (``MultiKnob-v0``: tier, top-k and
+depth together). Why not follow the stages: the stage-1 summary depends on the tier the completion
+chooses first, and TRL's ``GRPOTrainer`` generates a completion from one prompt (no env text can be
+inserted between the tier token and the top-k token other than through its chat-template tool
+calls, which a word-level toy tokenizer has no template for); putting the stage-1 summary of some
+fixed tier into the prompt instead would run stage 1 at a tier the episode never chose, a cost the
+episode's latency does not count. The question-type features of the stage-0 observation carry
+what the stage-1 summary tells about the difficulty on the stand-in backends. At a later stage
+:meth:`GRPOLMAgent.act` re-decodes from the same stage-0 prompt with the elements earlier stages
+chose forced, so each step returns the trajectory the episode is following.
+
+**Rewards.** TRL's reward function receives each completion with its row's ``sample_id`` and
+``budget_ms`` (dataset columns); the completions of one prompt (``num_generations`` of them) form
+one group, scored with the env's :meth:`~envs.protocols.GroupEnv.evaluate_group` (shared stage 1,
+same reward as separate episodes). TRL computes the group-relative advantages and the clipped
+update.
+
+**The model.** A randomly initialised ``transformers.LlamaForCausalLM`` (``num_hidden_layers``
+layers of width ``hidden_size``) over a word-level ``tokenizers`` vocabulary built in code: the
+prompt words, the digits, the observation values and the action tokens; nothing is downloaded.
+The checkpoint holds its weights as tensors and its config and vocabulary as JSON
+(:mod:`agents.checkpoint`); :meth:`GRPOLMAgent.save_pretrained` also writes the model and tokenizer
+in the Hugging Face layout (safetensors) for use outside knobgym.
+
+:meth:`GRPOLMAgent.fit` is the whole training loop: one ``GRPOTrainer.train()`` of the remaining
+updates, the caller's :class:`~agents.base.FitHooks` called from a ``TrainerCallback`` after each
+optimizer step. The agent owns the AdamW optimizer (passed to the trainer), so a resumed run
+continues with the optimizer's state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from agents.base import Agent, EnvLayout, EpisodeContext, FitContext
+from agents.registry import register_agent
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]")
+PROMPT_WORDS = ("budget", "ms", "obs", "act")
+DIGITS = tuple(str(d) for d in range(10))
+#: observation values are rounded to one decimal in [-VALUE_LIMIT, VALUE_LIMIT] (the envs' clip range)
+VALUE_LIMIT = 10.0
+
+
+@dataclass
+class GRPOLMConfig:
+    """Options of the LM controller and of its ``trl.GRPOConfig``.
+
+    Passed to TRL's ``GRPOConfig`` under the same name and meaning (TRL default in brackets where
+    ours differs, and why): ``num_generations`` (8), ``learning_rate`` (1e-6 fine-tunes a pretrained
+    LLM; 3e-3 trains a freshly initialised toy LM), ``temperature``, ``beta``, ``epsilon``,
+    ``epsilon_high``, ``num_iterations``, ``scale_rewards``, ``loss_type``, ``max_grad_norm``,
+    ``entropy_coef``.
+
+    Mapped: ``batch_size`` prompts per update, each with its own group of ``num_generations``
+    completions (TRL ``per_device_train_batch_size = batch_size * num_generations``, one optimizer
+    step per generation batch); ``total_updates`` (TRL ``max_steps``).
+
+    Ours: ``budget_jitter`` (a fixed budget is widened to ``[b(1-j), b(1+j)]`` for training, as in
+    ``grpo``), ``invalid_reward`` (the fixed reward of an unparsable completion; below a valid
+    trajectory's reward unless it overshoots the budget by more than 100%), the model's size
+    (``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``, ``intermediate_size``) and
+    ``seed`` (model initialisation, sample and budget draws, TRL's seed).
+    """
+
+    num_generations: int = 8
+    learning_rate: float = 3e-3
+    temperature: float = 1.0
+    beta: float = 0.0
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    num_iterations: int = 1
+    scale_rewards: Any = "group"
+    loss_type: str = "dapo"
+    max_grad_norm: float = 1.0
+    entropy_coef: float = 0.0
+    batch_size: int = 4
+    total_updates: int = 100
+    budget_jitter: float = 0.2
+    invalid_reward: float = -2.0
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    intermediate_size: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_generations", "num_iterations", "batch_size", "hidden_size", "num_hidden_layers",
+                     "num_attention_heads", "intermediate_size"):
+            v = vars(self)[name]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} is invalid; accepted: an integer >= 1")
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations={self.num_generations} is invalid; accepted: >= 2 (a group needs two "
+                             f"completions to compare)")
+        if isinstance(self.total_updates, bool) or not isinstance(self.total_updates, int) or self.total_updates < 0:
+            raise ValueError(f"total_updates={self.total_updates!r} is invalid; accepted: an integer >= 0")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is invalid with num_attention_heads="
+                             f"{self.num_attention_heads}; accepted: a multiple of num_attention_heads")
+        for name in ("learning_rate", "temperature", "epsilon"):
+            v = vars(self)[name]
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"{name}={v!r} is invalid; accepted: a finite number > 0")
+        for name in ("beta", "max_grad_norm", "entropy_coef", "budget_jitter"):
+            v = vars(self)[name]
+            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name}={v!r} is invalid; accepted: a finite number >= 0")
+        if self.budget_jitter >= 1:
+            raise ValueError(f"budget_jitter={self.budget_jitter} is invalid; accepted: 0 <= jitter < 1")
+        if isinstance(self.invalid_reward, bool) or not (isinstance(self.invalid_reward, (int, float))
+                                                         and math.isfinite(self.invalid_reward)):
+            raise ValueError(f"invalid_reward={self.invalid_reward!r} is invalid; accepted: a finite number")
+        high = self.epsilon_high
+        if high is not None and (isinstance(high, bool) or not (isinstance(high, (int, float)) and high > 0)):
+            raise ValueError(f"epsilon_high={self.epsilon_high!r} is invalid; accepted: None or a number > 0")
+        if self.scale_rewards is True:
+            self.scale_rewards = "group"
+        elif self.scale_rewards is False:
+            self.scale_rewards = "none"
+        if self.scale_rewards not in ("group", "batch", "none"):
+            raise ValueError(f"scale_rewards={self.scale_rewards!r} is invalid; accepted: group (or true), batch, "
+                             f"none (or false)")
+        accepted_loss = ("grpo", "dr_grpo", "dapo", "bnpo")
+        if self.loss_type not in accepted_loss:
+            raise ValueError(f"loss_type={self.loss_type!r} is invalid; accepted: {', '.join(accepted_loss)}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "GRPOLMConfig":
+        """Build from a config mapping; unknown keys are an error naming the accepted ones."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown grpo_lm option(s) {unknown}; accepted: {', '.join(sorted(names))}")
+        return cls(**values)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------
+# The vocabulary: prompt rendering and completion parsing
+# ------------------------------------------------------------------------------------------------
+def value_token(v: float) -> str:
+    """An observation value as its word: rounded to one decimal, clipped to +-10 (``-0.0`` is ``0.0``)."""
+    v = float(np.clip(round(float(v), 1), -VALUE_LIMIT, VALUE_LIMIT))
+    return f"{0.0 if v == 0 else v:.1f}"
+
+
+class ControllerVocab:
+    """The word-level vocabulary of the controller LM, and the text of its prompts and completions.
+
+    ``action_values`` is the largest number of choices of any trajectory element: the action
+    tokens are ``a0 .. a<action_values - 1>``.
+    """
+
+    def __init__(self, obs_dim: int, action_values: int):
+        self.obs_dim, self.action_values = int(obs_dim), int(action_values)
+        steps = int(round(VALUE_LIMIT * 10))
+        values = [value_token(i / 10) for i in range(-steps, steps + 1) if i != 0]
+        self.feature_tokens = [f"{i}:{v}" for i in range(self.obs_dim) for v in values]
+        self.action_tokens = [f"a{v}" for v in range(self.action_values)]
+        self.tokens = [*SPECIAL_TOKENS, *PROMPT_WORDS, *DIGITS, *self.feature_tokens, *self.action_tokens]
+        self.index = {t: i for i, t in enumerate(self.tokens)}
+        self.pad_id, self.unk_id, self.eos_id = (self.index[t] for t in SPECIAL_TOKENS)
+        self.action_ids = [self.index[t] for t in self.action_tokens]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def prompt(self, obs: np.ndarray, budget_ms: float) -> str:
+        """The prompt of an episode: its budget and its stage-0 observation as words."""
+        budget = " ".join(str(int(round(float(budget_ms)))))
+        words = [f"{i}:{value_token(v)}" for i, v in enumerate(np.asarray(obs, dtype=np.float64).reshape(-1))]
+        values = " ".join(w for w in words if not w.endswith(":0.0"))
+        return f"budget {budget} ms obs {values} act"
+
+    def parse(self, completion: str, nvec: Sequence[int]) -> np.ndarray | None:
+        """The trajectory a completion names, or ``None`` when it is unparsable (wrong length, a
+        word that is not an action token, a value outside its element's choices)."""
+        words = completion.replace(SPECIAL_TOKENS[2], " ").split()
+        if len(words) != len(nvec):
+            return None
+        out = np.zeros(len(nvec), dtype=np.int64)
+        for i, (word, n) in enumerate(zip(words, nvec)):
+            if word not in self.action_tokens or int(word[1:]) >= int(n):
+                return None
+            out[i] = int(word[1:])
+        return out
+
+    def tokenizer(self):
+        """A ``PreTrainedTokenizerFast`` over this vocabulary (whitespace-split words)."""
+        from tokenizers import Tokenizer, decoders
+        from tokenizers.models import WordLevel
+        from tokenizers.pre_tokenizers import WhitespaceSplit
+        from transformers import PreTrainedTokenizerFast
+
+        tok = Tokenizer(WordLevel(dict(self.index), unk_token="[UNK]"))
+        tok.pre_tokenizer = WhitespaceSplit()
+        tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]",
+                                       padding_side="left")
+
+
+def build_lm(vocab: ControllerVocab, config: GRPOLMConfig, max_positions: int):
+    """A randomly initialised ``LlamaForCausalLM`` of the configured size over ``vocab``."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    lm_config = LlamaConfig(vocab_size=len(vocab), hidden_size=config.hidden_size,
+                            intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+                            num_attention_heads=config.num_attention_heads,
+                            num_key_value_heads=config.num_attention_heads, max_position_embeddings=max_positions,
+                            pad_token_id=vocab.pad_id, eos_token_id=vocab.eos_id, bos_token_id=None,
+                            tie_word_embeddings=True)
+    torch.manual_seed(config.seed)
+    model = LlamaForCausalLM(lm_config)
+    model.generation_config = GenerationConfig(pad_token_id=vocab.pad_id, eos_token_id=vocab.eos_id)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# The agent
+# ------------------------------------------------------------------------------------------------
+@register_agent
+class GRPOLMAgent(Agent):
+    """The LM controller: prompts from the stage-0 observation, completions as knob tokens.
+
+    Acting reads the stage-0 observation of the episode at later stages (``needs_context``): run it
+    through :func:`agents.base.run_episode` / :func:`agents.base.evaluate_agent` or the CLI.
+    """
+
+    name = "grpo_lm"
+    seeded = True
+    resumable = True
+    needs_context = True
+
+    def __init__(self, obs_dim: int, nvec: Sequence[int], stage_heads: Sequence[Sequence[int]],
+                 config: GRPOLMConfig | None = None):
+        self.config = config or GRPOLMConfig()
+        self.obs_dim, self.nvec = int(obs_dim), [int(n) for n in nvec]
+        self.stage_heads = [list(h) for h in stage_heads]
+        self.vocab = ControllerVocab(self.obs_dim, max(self.nvec))
+        self.tokenizer = self.vocab.tokenizer()
+        # budget digits (at most 7: MAX_BUDGET_MS) + words + observation + completion + slack
+        self.max_positions = 16 + self.obs_dim + len(self.nvec) + 8
+        self.model = build_lm(self.vocab, self.config, self.max_positions)
+        # the trainer steps this optimizer (torch AdamW defaults otherwise), so a resumed run keeps its state
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.learning_rate)
+        self.rng = np.random.default_rng(self.config.seed)
+        self.step = 0
+
+    @classmethod
+    def from_env(cls, env: gym.Env, config: GRPOLMConfig | dict | None = None, **options: Any) -> "GRPOLMAgent":
+        if isinstance(config, dict):
+            config = GRPOLMConfig.from_dict(config)
+        elif config is None:
+            config = GRPOLMConfig.from_dict(options)
+        layout = EnvLayout(env)
+        return cls(layout.obs_dim, layout.nvec, layout.stage_heads, config)
+
+    def configure(self, **options: Any) -> None:
+        """New options for a resumed run (e.g. a larger ``total_updates``); the model's size stays the checkpoint's."""
+        config = GRPOLMConfig.from_dict(options)
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+            if vars(config)[key] != vars(self.config)[key]:
+                raise ValueError(f"{key}={vars(config)[key]} differs from the checkpoint's "
+                                 f"{vars(self.config)[key]}; accepted: the checkpoint's model size")
+        self.config = config
+        for group in self.optimizer.param_groups:
+            group["lr"] = config.learning_rate
+            if "initial_lr" in group:  # set by the trainer's (constant) scheduler
+                group["initial_lr"] = config.learning_rate
+
+    # ------------------------------------------------------------------------------- acting
+    @torch.no_grad()
+    def decode(self, prompt: str, forced: dict[int, int] | None = None) -> np.ndarray:
+        """The most probable valid trajectory for ``prompt``: element by element, the most probable
+        action token among that element's choices (``forced`` elements are taken as given)."""
+        forced = forced or {}
+        ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        training = self.model.training
+        self.model.eval()
+        out = np.zeros(len(self.nvec), dtype=np.int64)
+        for i, n in enumerate(self.nvec):
+            if i in forced:
+                out[i] = int(forced[i])
+            else:
+                logits = self.model(input_ids=ids).logits[0, -1, self.vocab.action_ids[:n]]
+                out[i] = int(torch.argmax(logits))
+            ids = torch.cat([ids, torch.tensor([[self.vocab.action_ids[out[i]]]])], dim=1)
+        self.model.train(training)
+        return out
+
+    def act(self, obs: np.ndarray, context: EpisodeContext | None = None) -> np.ndarray:
+        """The whole trajectory, decoded from the episode's stage-0 prompt (earlier stages' elements forced)."""
+        if context is None:
+            raise ValueError("GRPOLMAgent.act needs an EpisodeContext (later stages re-read the stage-0 "
+                             "observation); accepted: run it through agents.run_episode / evaluate_agent")
+        stage = int(context.stage)
+        if stage == 0:
+            stage0_obs = obs
+        else:
+            stage0_obs = context.env.stage_observation(context.sample_id, context.budget_ms, context.split, 0, None)
+        forced = {}
+        if context.trajectory is not None and stage > 0:
+            forced = {h: int(context.trajectory[h]) for s in range(stage) for h in self.stage_heads[s]}
+        return self.decode(self.vocab.prompt(stage0_obs, context.budget_ms), forced)
+
+    # ------------------------------------------------------------------------------- the loop
+    def training_rows(self, layout: EnvLayout, budgets, split: str, sample_pool: int | None, updates: int) -> dict:
+        """The prompts of ``updates`` updates: ``batch_size`` (sample, budget) draws each, as dataset columns."""
+        n_samples = layout.num_samples(split)
+        pool = n_samples if sample_pool is None else min(int(sample_pool), n_samples)
+        sample_ids = self.rng.integers(pool, size=updates * self.config.batch_size).tolist()
+        budget_ms = [budgets.sample(self.rng) for _ in sample_ids]
+        prompts = [self.vocab.prompt(layout.observation(sid, b, split, 0), b) for sid, b in zip(sample_ids, budget_ms)]
+        return {"prompt": prompts, "sample_id": sample_ids, "budget_ms": budget_ms}
+
+    def reward_function(self, layout: EnvLayout, split: str, sink: list, tally: dict | None = None):
+        """TRL's reward function: each group of completions of one prompt scored by ``evaluate_group``;
+        an unparsable completion gets ``invalid_reward``. Episode infos of the valid ones go to ``sink``;
+        ``tally["scored"]`` counts every completion scored."""
+        agent = self
+        tally = {} if tally is None else tally
+
+        def knob_reward(prompts, completions, sample_id, budget_ms, **kwargs) -> list[float]:
+            rewards = [float(agent.config.invalid_reward)] * len(completions)
+            tally["scored"] = tally.get("scored", 0) + len(completions)
+            keys = list(zip(prompts, sample_id, budget_ms))
+            for key in dict.fromkeys(keys):  # each prompt's group, in order
+                rows = [i for i, k in enumerate(keys) if k == key]
+                parsed = [(i, agent.vocab.parse(completions[i], agent.nvec)) for i in rows]
+                valid = [(i, t) for i, t in parsed if t is not None]
+                if not valid:
+                    continue
+                values, infos = layout.evaluate(int(key[1]), float(key[2]), np.stack([t for _, t in valid]), split)
+                for (i, _), r, info in zip(valid, values, infos):
+                    rewards[i] = float(r)
+                    info["reward"] = float(r)
+                    sink.append(info)
+            return rewards
+
+        return knob_reward
+
+    def trl_config(self, output_dir: str, updates: int):
+        """The ``trl.GRPOConfig`` of ``updates`` updates on CPU, with saving, logging and reporting off."""
+        from trl import GRPOConfig
+
+        cfg, action_ids = self.config, set(self.vocab.action_ids)
+        return GRPOConfig(
+            output_dir=output_dir, use_cpu=True, bf16=False, fp16=False, report_to=[], save_strategy="no",
+            logging_steps=1, disable_tqdm=True, log_completions=False, seed=cfg.seed + self.step,
+            max_steps=updates, per_device_train_batch_size=cfg.batch_size * cfg.num_generations,
+            gradient_accumulation_steps=1, gradient_checkpointing=False, num_generations=cfg.num_generations,
+            max_completion_length=len(self.nvec), shuffle_dataset=False, dataloader_num_workers=0,
+            learning_rate=cfg.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
+            temperature=cfg.temperature, top_p=1.0, top_k=0, beta=cfg.beta, epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high, num_iterations=cfg.num_iterations, scale_rewards=cfg.scale_rewards,
+            loss_type=cfg.loss_type, max_grad_norm=cfg.max_grad_norm, entropy_coef=cfg.entropy_coef,
+            # only action tokens are sampled: a completion is always len(nvec) of them
+            generation_kwargs={"suppress_tokens": [i for i in range(len(self.vocab)) if i not in action_ids]},
+        )
+
+    def fit(self, env: gym.Env, context: FitContext | None = None) -> dict:
+        """Train until ``config.total_updates`` updates (continuing from ``self.step``) with ``GRPOTrainer``."""
+        from datasets import Dataset
+        from transformers import TrainerCallback
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+        from trl import GRPOTrainer
+
+        context = context or FitContext()
+        layout = EnvLayout(env)
+        total = self.config.total_updates
+        context.hooks.on_fit_start(self, self.step, total)
+        remaining = total - self.step
+        if remaining > 0:
+            budgets = layout.env.budget.training_range(self.config.budget_jitter)
+            rows = self.training_rows(layout, budgets, context.split, context.sample_pool, remaining)
+            infos: list[dict] = []
+            tally = {"scored": 0}
+            agent, hooks = self, context.hooks
+
+            class Hooks(TrainerCallback):
+                """After each optimizer step: the caller's ``on_update`` with the episodes that step trained
+                on (a step reusing a generated batch, ``num_iterations > 1``, reports that batch again) and
+                TRL's logged statistics."""
+
+                pending = False
+                batch: list = []
+                invalid = 0.0
+
+                def on_step_end(self, args, state, control, **kwargs):
+                    agent.step += 1
+                    self.pending = True
+
+                def on_log(self, args, state, control, logs=None, **kwargs):
+                    if not self.pending:
+                        return
+                    self.pending = False
+                    stats = {k: float(v) for k, v in (logs or {}).items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+                    if tally["scored"]:  # this step generated and scored a new batch
+                        self.batch, self.invalid = list(infos), 1.0 - len(infos) / tally["scored"]
+                        infos.clear()
+                        tally["scored"] = 0
+                    stats["invalid_fraction"] = self.invalid
+                    hooks.on_update(agent, agent.step, self.batch, stats)
+
+            with tempfile.TemporaryDirectory(prefix="grpo_lm-") as tmp:
+                reward = self.reward_function(layout, context.split, infos, tally)
+                trainer = GRPOTrainer(model=self.model, reward_funcs=reward,
+                                      args=self.trl_config(tmp, remaining), train_dataset=Dataset.from_dict(rows),
+                                      processing_class=self.tokenizer, callbacks=[Hooks()],
+                                      optimizers=(self.optimizer, None))
+                for cb in (PrinterCallback, ProgressCallback):
+                    trainer.remove_callback(cb)
+                trainer.train()
+                self.model = trainer.accelerator.unwrap_model(trainer.model)
+        context.hooks.on_fit_end(self, self.step)
+        return {"updates": self.step}
+
+    # ------------------------------------------------------------------------------- state
+    def freeze(self) -> "GRPOLMAgent":
+        """Evaluation mode with gradients off."""
+        self.model.eval().requires_grad_(False)
+        return self
+
+    def state_dict(self) -> dict:
+        return {
+            "config": self.config.as_dict(), "obs_dim": self.obs_dim, "nvec": self.nvec,
+            "stage_heads": self.stage_heads, "step": self.step, "vocab": list(self.vocab.tokens),
+            "lm_config": json.loads(self.model.config.to_json_string()),
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {"numpy": self.rng.bit_generator.state, "torch_global": torch.get_rng_state(),
+                    "python": random.getstate()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["obs_dim"] != self.obs_dim or [int(n) for n in state["nvec"]] != self.nvec:
+            raise ValueError(f"checkpoint controller has observation size {state['obs_dim']} and action heads "
+                             f"{list(state['nvec'])}; this env has {self.obs_dim} and {self.nvec}")
+        if list(state["vocab"]) != self.vocab.tokens:
+            raise ValueError("checkpoint controller has another vocabulary; accepted: a checkpoint of this "
+                             "knobgym version's grpo_lm agent")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.rng.bit_generator.state = state["rng"]["numpy"]
+        torch.set_rng_state(state["rng"]["torch_global"])
+        random.setstate(state["rng"]["python"])
+
+    @classmethod
+    def restore(cls, env: gym.Env, state: dict) -> "GRPOLMAgent":
+        layout = EnvLayout(env)
+        if state["obs_dim"] != layout.obs_dim or [int(n) for n in state["nvec"]] != layout.nvec:
+            raise ValueError(f"checkpoint controller has observation size {state['obs_dim']} and action heads "
+                             f"{list(state['nvec'])}; this env has {layout.obs_dim} and {layout.nvec}; accepted: "
+                             f"the env and backend the checkpoint was trained on")
+        agent = cls(state["obs_dim"], state["nvec"], state["stage_heads"], GRPOLMConfig.from_dict(state["config"]))
+        agent.load_state_dict(state)
+        return agent
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """The controller LM and its tokenizer in the Hugging Face layout (``model.safetensors``,
+        ``config.json``, ``tokenizer.json``), loadable with ``AutoModelForCausalLM`` /
+        ``PreTrainedTokenizerFast.from_pretrained``."""
+        directory = Path(directory)
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        return directory

@@ -1,0 +1,169 @@
+"""``grpo_lm``: the TRL-trained LM controller learns, checkpoints as data, and runs through the CLI.
+
+The learning test uses the table stand-in backend (tests/table_backend.py) at a fixed budget
+(35 ms, trained over the jittered range 28-42 ms), where the oracle's choice depends on the
+question type: the controller must read the question-type words of its prompt and answer with the
+cheapest configuration that is correct within the budget. A violation costs more than any answer
+is worth (``violation_penalty=1``).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import agents
+import envs  # noqa: F401  (registers the env ids)
+from agents import EpisodeContext, evaluate_agent
+from agents.grpo_lm import ControllerVocab, GRPOLMConfig
+from envs.protocols import group_env
+from table_backend import TableBackend, TableLatency
+from test_train_cli import quick, run_cli, workdir  # noqa: F401  (workdir: the CLI runs' fixture)
+
+BUDGET = "35ms"
+UPDATES = 60  # fixed: the number the test promises, on a fixed seed
+
+
+def table_env(budget: str = BUDGET):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return gym.make("MultiKnob-v0", backend=TableBackend(), budget=budget, estimator=TableLatency(),
+                        violation_penalty=1.0)
+
+
+@pytest.fixture(scope="module")
+def env():
+    return table_env()
+
+
+@pytest.fixture(scope="module")
+def trained(env):
+    agent = agents.make_agent("grpo_lm", env, total_updates=UPDATES, seed=0)
+    agent.fit(env)
+    return agent.freeze()
+
+
+def test_grpo_lm_reaches_85_percent_of_the_oracle(env, trained):
+    ids = list(range(96))
+    mine = evaluate_agent(env, trained, ids, 35.0, "test")
+    oracle = evaluate_agent(env, agents.make_agent("oracle", env), ids, 35.0, "test")
+    assert mine["reward"] >= 0.85 * oracle["reward"]
+    assert mine["score"] >= 0.85 * oracle["score"]
+    assert mine["violation_rate"] <= 0.05
+
+
+def test_the_controller_conditions_on_the_input(env, trained):
+    """Different question types get different knob choices (the stand-in's optimum differs per type)."""
+    genv = group_env(env)
+    chosen = {}
+    for sid in range(32):
+        obs = genv.stage_observation(sid, 35.0, "test", 0)
+        qtype = TableBackend().sample("test", sid).question_type
+        chosen.setdefault(qtype, set()).add(tuple(trained.act(obs, EpisodeContext(genv, sid, 35.0, "test"))))
+    assert len({c for choices in chosen.values() for c in choices}) >= 2
+
+
+def test_prompt_and_completion_words():
+    vocab = ControllerVocab(obs_dim=3, action_values=3)
+    prompt = vocab.prompt(np.array([0.8349, 0.0, -12.0]), 35.4)
+    assert prompt == "budget 3 5 ms obs 0:0.8 2:-10.0 act"
+    tok = vocab.tokenizer()
+    ids = tok(prompt)["input_ids"]
+    assert vocab.unk_id not in ids and tok.decode(ids) == prompt
+    assert list(vocab.parse("a2 a0 a1", [3, 3, 3])) == [2, 0, 1]
+    assert list(vocab.parse("a2 a0 a1[EOS]", [3, 3, 3])) == [2, 0, 1]
+    for bad in ("a2 a0", "a2 a0 a1 a1", "a2 a0 a3", "a2 budget a1", "", "a2 a0 a2"):
+        assert vocab.parse(bad, [3, 3, 2]) is None, bad
+
+
+def test_an_unparsable_completion_gets_the_fixed_low_reward(env):
+    agent = agents.make_agent("grpo_lm", env, total_updates=0, invalid_reward=-3.0)
+    sink: list = []
+    reward = agent.reward_function(agents.EnvLayout(env), "train", sink)
+    prompts = ["p"] * 4
+    rewards = reward(prompts=prompts, completions=["a0 a0 a0", "a2 a2 a2", "a0 a0", "ms a1 a1"],
+                     completion_ids=[[]] * 4, sample_id=[3] * 4, budget_ms=[35.0] * 4)
+    expected, _ = group_env(env).evaluate_group(3, 35.0, [[0, 0, 0], [2, 2, 2]], "train")
+    assert rewards[:2] == pytest.approx(list(expected)) and rewards[2:] == [-3.0, -3.0]
+    assert len(sink) == 2 and all("latency_ms" in i for i in sink)
+
+
+def test_checkpoint_round_trip_is_data_only_and_acts_the_same(env, trained, tmp_path):
+    path = trained.save(tmp_path / "lm.safetensors", env)
+    assert path.read_bytes()[:8]  # a safetensors file: an 8-byte header length, JSON, tensors
+    header_len = int.from_bytes(path.read_bytes()[:8], "little")
+    json.loads(path.read_bytes()[8: 8 + header_len])
+    loaded = agents.load_agent("grpo_lm", path, env)
+    genv = group_env(env)
+    for sid in range(8):
+        ctx = EpisodeContext(genv, sid, 35.0, "test")
+        obs = genv.stage_observation(sid, 35.0, "test", 0)
+        assert list(loaded.act(obs, ctx)) == list(trained.act(obs, ctx))
+    assert loaded.step == UPDATES
+
+
+def test_save_pretrained_writes_the_hugging_face_layout(trained, tmp_path):
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    out = trained.save_pretrained(tmp_path / "hf")
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = PreTrainedTokenizerFast.from_pretrained(out)
+    ids = tok("budget 3 5 ms obs 0:0.8 act", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, trained.model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_a_later_stage_follows_the_trajectory_the_episode_chose(env, trained):
+    genv = group_env(env)
+    obs1 = genv.stage_observation(5, 35.0, "test", 1, [0, 0, 0])
+    action = trained.act(obs1, EpisodeContext(genv, 5, 35.0, "test", stage=1, trajectory=(0, 0, 0)))
+    assert action[0] == 0
+
+
+@pytest.mark.parametrize("options, accepted", [
+    ({"num_generations": 1}, ">= 2"), ({"hidden_size": 66}, "multiple of num_attention_heads"),
+    ({"scale_rewards": "x"}, "group (or true), batch"), ({"loss_type": "sum"}, "grpo, dr_grpo, dapo, bnpo"),
+    ({"learning_rate": 0}, "finite number > 0"), ({"nope": 1}, "accepted: batch_size"),
+])
+def test_bad_options_name_the_value_and_what_is_accepted(options, accepted):
+    with pytest.raises(ValueError, match="accepted") as err:
+        GRPOLMConfig.from_dict(options)
+    assert accepted in str(err.value)
+
+
+def test_train_cli_runs_grpo_lm_and_writes_its_report(workdir):
+    result = run_cli("train.py", ["env=MultiKnob-v0", "agent=grpo_lm", *quick(workdir)], workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = sorted((workdir / "runs" / "MultiKnob-v0" / "grpo_lm").iterdir())
+    report = json.loads((run / "report.json").read_text())
+    assert {r["agent"] for r in report["rows"]} >= {"grpo_lm", "oracle", "greedy"}
+    ckpt = agents.read_checkpoint(run / "checkpoints" / "latest.safetensors")
+    assert ckpt["agent"] == "grpo_lm" and ckpt["metadata"]["step"] == 2 and "model" in ckpt["state"]
+    more = [("agent.total_updates=3" if a.startswith("agent.total_updates=") else a) for a in quick(workdir)]
+    resumed = run_cli("train.py", ["env=MultiKnob-v0", "agent=grpo_lm", f"resume={run}", *more], workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert agents.read_checkpoint(run / "checkpoints" / "latest.safetensors")["metadata"]["step"] == 3
+
+
+def test_a_one_stage_discrete_env_trains_and_acts():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        env = gym.make("TokenBudget-v0", backend=TableBackend(), budget=BUDGET, estimator=TableLatency())
+    agent = agents.make_agent("grpo_lm", env, total_updates=1, batch_size=2, num_generations=2)
+    seen = []
+
+    class Hooks(agents.FitHooks):
+        def on_update(self, agent, step, infos, stats):
+            seen.append((step, len(infos), stats["invalid_fraction"]))
+
+    agent.fit(env, agents.FitContext(hooks=Hooks()))
+    assert seen == [(1, 4, 0.0)]
+    result = evaluate_agent(env, agent.freeze(), [0, 1, 2], 35.0, "test")
+    assert result["episodes"] == 3
+    assert all(i["knobs"]["token_budget"] in (0.25, 0.5, 0.75, 1.0) for i in result["infos"])
