@@ -33,7 +33,8 @@ class TokenBudgetEnv(KnobEnv):
         fractions = tuple(float(f) for f in (backend.knob_space.token_budgets if fractions is None else fractions))
         if not fractions or any(not (math.isfinite(f) and 0 < f <= 1) for f in fractions):
             raise ValueError(f"fractions={fractions!r} is invalid; accepted: a non-empty list of fractions 0 < f <= 1")
-        super().__init__(**{**kwargs, "backend": backend, "backend_options": None})
+        # the spec as given (load_backend caches, so this is the same object): the env pickles by it
+        super().__init__(**kwargs)
         self.fractions = fractions
         self.action_space = gym.spaces.Discrete(len(fractions))
         self.trajectory_nvec, self.stage_heads = (len(fractions),), ((0,),)
