@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import json
+import logging
 import platform
 import shutil
 import subprocess
@@ -81,9 +82,9 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
                 extra = " (oracle is evaluation only: it looks at the outcome it is scored on)" \
                     if key == "agent" and value == "oracle" else ""
                 raise UsageError(f"unknown {key} {value!r}{extra}; accepted: {', '.join(options)}")
-        if key == "budget":
+        if key == "budget" and value.strip().lower() != "auto":
             Budget.parse(value)
-        if key == "budgets":
+        if key == "budgets" and value.strip().lower() != "auto":
             for item in parse_budget_list(value):
                 Budget.parse(item)
 
@@ -201,8 +202,8 @@ def make_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator_spec: str 
         env = gym.make(env_cfg["id"], backend=backend, budget=budget, split=split, estimator=estimator,
                        **dict(env_cfg.get("kwargs") or {}))
     notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    for note in notes:
-        print(f"warning: {note}", file=sys.stderr)
+    for note in notes:  # the CLI's log (knobgym_cli.logs): terminal and run log; bare stderr line otherwise
+        logging.getLogger("knobgym").warning(f"warning: {note}")
     return env, notes
 
 
