@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from agents.runs import (CHECKPOINT_NAMES, UsageError, check_checkpoint_matches, eval_budgets, fail,
                          fit_agent, load_checkpoint, make_env, run_cli, to_jsonable)
-from knobgym_cli.budgets import auto_budgets, describe_range, env_range, fixed_budgets_ms, is_auto, out_of_range_warnings
+from knobgym_cli.budgets import (auto_budgets, describe_range, env_range, fixed_budgets_ms, is_auto,
+                                 out_of_range_warnings)
 from knobgym_cli.logs import say, setup_cli_logging
 from knobgym_cli.progress import cli_progress, phase
 from knobgym_cli.summary import display_path, portable

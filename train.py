@@ -2,14 +2,16 @@
 
     python train.py env=MultiKnob-v0 budget=auto               # GRPO at a budget that binds on this device
     python train.py env=MultiKnob-v0 budget=45ms agent.total_updates=200 seed=1
-    python train.py agent=bandit budget="[80ms,200ms]"
+    python train.py agent=bandit budget="[35ms,55ms]"
     python train.py resume=true                                # continue the latest run (or resume=<run dir>)
 
 Writes ``runs/<env>/<agent>/<timestamp>/``: ``.hydra/`` (resolved config), ``versions.json``,
 ``train.log`` (what the terminal showed), TensorBoard events, ``checkpoints/{latest,best}.pt``,
 ``baselines/``, ``report.md``, ``report.json`` and ``pareto.png`` (a resumed run moves the earlier
-report to ``reports/<timestamp>/``). It ends with a summary: the verdict, the files, what to run next. Configuration: ``conf/config.yaml`` and the groups
-``conf/env``, ``conf/agent``, ``conf/backend``.
+report to ``reports/<timestamp>/``), and ends with a summary: the verdict, the files, what to run
+next. ``budget=auto`` (the default) is the env's ``suggested_budget_ms`` on this device, resolved
+once at startup. Configuration: ``conf/config.yaml`` and the groups ``conf/env``, ``conf/agent``,
+``conf/backend``; ``python train.py --help`` lists them.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from agents.runs import (GROUPS, UsageError, discard_failed_run_dir, eval_budgets, fail, fit_agent,
-                         import_callable, is_resume, load_checkpoint, make_env, register_resolvers, save_checkpoint, to_jsonable,
-                         run_cli, versions)
+                         import_callable, is_resume, load_checkpoint, make_env, register_resolvers, save_checkpoint,
+                         to_jsonable, run_cli, versions)
 from envs.budget import Budget
 from knobgym_cli.budgets import describe_range, env_range, is_auto, probe_suggested_budget
 from knobgym_cli.logs import say, setup_cli_logging
@@ -181,13 +183,17 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
         raise UsageError(f"agent={name} is evaluation only; accepted: {', '.join(a for a in list_agents() if a not in EVALUATION_ONLY)}")
     torch.set_num_threads(int(cfg.torch_threads))
     start = time.perf_counter()
-    env_cfg, backend_cfg = OmegaConf.to_container(cfg.env, resolve=True), OmegaConf.to_container(cfg.backend, resolve=True)
+    env_cfg = OmegaConf.to_container(cfg.env, resolve=True)
+    backend_cfg = OmegaConf.to_container(cfg.backend, resolve=True)
     requested_budget = str(cfg.budget)
     if is_auto(cfg.budget):
-        with phase("budget=auto: loading the model and this device's latency estimator (profiled once per device)"):
-            cfg.budget = f"{probe_suggested_budget(env_cfg, backend_cfg, import_callable(cfg.estimator) if cfg.estimator else None):g}ms"
+        with phase("budget=auto: loading the model and the latency estimator (profiled once per device when not "
+                   "cached) to find a budget that binds on this device"):
+            estimator = import_callable(cfg.estimator) if cfg.estimator else None
+            cfg.budget = f"{probe_suggested_budget(env_cfg, backend_cfg, estimator):g}ms"
         say(f"budget=auto -> budget={cfg.budget} (recorded in the checkpoint's config and the report)")
-    with phase("loading the model and the latency estimator (profiled once per device when not cached)"):
+    with phase(f"building {cfg.env.id} at budget={cfg.budget} (loads the model and the latency estimator, "
+               f"profiled once per device when not cached)"):
         env, notes = make_env(env_cfg, backend_cfg, cfg.budget, cfg.estimator, split=cfg.train_split)
     achievable, suggested = env_range(env)
     say(describe_range(achievable, suggested))

@@ -53,8 +53,8 @@ def probe_suggested_budget(env_cfg: dict, backend_cfg: dict, estimator) -> float
     backend = load_backend(backend_cfg["name"], **dict(backend_cfg.get("options") or {}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        env = gym.make(env_cfg["id"], backend=backend, budget="1000000ms", estimator=estimator(backend) if estimator else None,
-                       **dict(env_cfg.get("kwargs") or {}))
+        env = gym.make(env_cfg["id"], backend=backend, budget="1000000ms",
+                       estimator=estimator(backend) if estimator else None, **dict(env_cfg.get("kwargs") or {}))
     try:
         _, suggested = env_range(env)
     finally:

@@ -43,7 +43,8 @@ class _Progress:
     def line(self) -> str:
         done = f"{self.n}/{self.total} {self.unit}s"
         post = ", ".join(f"{k}={v}" for k, v in self.postfix.items())
-        return f"{self.desc}: {done} in {format_seconds(time.monotonic() - self.start)}" + (f" ({post})" if post else "")
+        elapsed = format_seconds(time.monotonic() - self.start)
+        return f"{self.desc}: {done} in {elapsed}" + (f" ({post})" if post else "")
 
     def set_postfix(self, **values: Any) -> None:
         self.postfix = dict(values)
