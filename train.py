@@ -259,8 +259,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
             display_path(previous, run_dir) + ")"
     write_report(run_dir, rows, portable(meta), main_agent=name)
     print(markdown_table(rows), file=sys.stdout)
-    print_summary(verdict_lines(rows, name, cfg.budget, achievable, suggested, cfg.env.id), run_files(run_dir),
-                  next_commands(run_dir, cfg.runs_dir, cfg.env.id, binding(cfg.budget, achievable), suggested),
+    print_summary(verdict_lines(rows, name, cfg.budget, achievable, suggested), run_files(run_dir),
+                  next_commands(run_dir, cfg.runs_dir, cfg.env.id, name, binding(cfg.budget, achievable), suggested),
                   checkpoint=checkpoint_line(chosen))
 
 

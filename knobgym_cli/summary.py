@@ -78,10 +78,10 @@ def checkpoint_record(best: dict, latest: dict, agent: str, validation: dict) ->
 
 def checkpoint_line(record: dict) -> str:
     """One Markdown-free line for the report and the terminal."""
-    line = f"{record['path']} (update {record['update']} of {record['of_updates']}"
-    if "validation_reward" in record:
-        line += f", validation reward {record['validation_reward']:.3f} on {record['validation_samples']} samples"
-    return line + f"): {record['why']}"
+    if "validation_reward" not in record:
+        return f"{record['path']}: {record['why']}"
+    return (f"{record['path']} (update {record['update']} of {record['of_updates']}, validation reward "
+            f"{record['validation_reward']:.3f} on {record['validation_samples']} samples): {record['why']}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def now_stamp() -> str:
 # the verdict
 # ------------------------------------------------------------------------------------------------
 def verdict_lines(rows: Sequence[dict], main_agent: str, train_budget: Any, achievable: tuple[float, float],
-                  suggested_ms: float, env_id: str) -> list[str]:
+                  suggested_ms: float) -> list[str]:
     """The run's outcome in one line per evaluation budget (or one line when the budget does not bind).
 
     A training budget above the full configuration's latency leaves nothing to learn; one below
@@ -160,11 +160,13 @@ def verdict_lines(rows: Sequence[dict], main_agent: str, train_budget: Any, achi
     return lines
 
 
-def next_commands(run_dir: str | Path, runs_dir: str | Path, env_id: str, state: str, suggested_ms: float) -> list[str]:
+def next_commands(run_dir: str | Path, runs_dir: str | Path, env_id: str, agent: str, state: str,
+                  suggested_ms: float) -> list[str]:
+    """What to run next: a rerun at a binding budget (when this one does not bind), evaluation, TensorBoard."""
     run = display_path(run_dir)
     commands = []
     if state != "binds":
-        commands.append(f"python train.py env={env_id} budget={suggested_ms:.0f}ms")
+        commands.append(f"python train.py env={env_id} agent={agent} budget={suggested_ms:.0f}ms")
     commands += [f"python evaluate.py run={run}          # budgets=auto: across this device's range",
                  f"tensorboard --logdir {display_path(runs_dir)}"]
     return commands

@@ -92,7 +92,7 @@ def test_report_names_the_chosen_checkpoint_and_why(first_run):
 
     best = torch.load(run / "checkpoints" / "best.pt", weights_only=False)
     assert best["step"] == chosen["update"]
-    assert "highest mean validation reward" in chosen["why"]
+    assert "highest mean validation reward" in chosen["why"] and "latest.pt is update 2" in chosen["why"]
     md = (run / "report.md").read_text()
     assert f"- checkpoint: checkpoints/best.pt (update {chosen['update']} of 2, validation reward" in md
 
@@ -176,11 +176,11 @@ def row(agent, budget, score, violations, p50=10.0):
 
 def test_verdict_names_the_best_baseline_or_says_the_budget_does_not_bind():
     rows = [row("grpo", 50.0, 0.8, 0.0), row("greedy", 50.0, 0.75, 0.0), row("oracle", 50.0, 0.9, 0.0)]
-    (line,) = verdict_lines(rows, "grpo", "50ms", (30.0, 70.0), 50.0, "MultiKnob-v0")
+    (line,) = verdict_lines(rows, "grpo", "50ms", (30.0, 70.0), 50.0)
     assert line.startswith("grpo 0.800 beats best baseline greedy 0.750 at 50ms, 0% violations (oracle 0.900)")
-    (line,) = verdict_lines(rows, "grpo", "120ms", (30.0, 70.0), 50.0, "MultiKnob-v0")
+    (line,) = verdict_lines(rows, "grpo", "120ms", (30.0, 70.0), 50.0)
     assert "never binds here" in line and "nothing to learn" in line and "rerun with budget=50ms" in line
-    (line,) = verdict_lines(rows, "grpo", "5ms", (30.0, 70.0), 50.0, "MultiKnob-v0")
+    (line,) = verdict_lines(rows, "grpo", "5ms", (30.0, 70.0), 50.0)
     assert "below the cheapest configuration" in line and "rerun with budget=50ms" in line
 
 
