@@ -222,3 +222,20 @@ def test_archive_never_overwrites(tmp_path):
 def test_portable_paths(tmp_path):
     obj = {"a": str(tmp_path / "x" / "y"), "b": [str(REPO / "backends" / "tiny")], "c": "relative", "d": 3}
     assert portable(obj, tmp_path) == {"a": "x/y", "b": ["backends/tiny"], "c": "relative", "d": 3}
+
+
+def test_a_terminal_bar_leaves_one_line_in_the_run_log(tmp_path):
+    from knobgym_cli.logs import setup_cli_logging
+    from knobgym_cli.progress import TerminalProgress, cli_progress
+
+    setup_cli_logging(tmp_path / "train.log")
+    bar = cli_progress(3, "updates", "update", plain=False)
+    assert isinstance(bar, TerminalProgress)
+    for _ in range(3):
+        bar.update(1)
+    bar.set_postfix(val="0.700")
+    bar.close()
+    bar.close()
+    setup_cli_logging(None)  # closes the file handler
+    lines = (tmp_path / "train.log").read_text().splitlines()
+    assert len(lines) == 1 and "updates: 3/3 updates in " in lines[0] and lines[0].endswith("(val=0.700)")
