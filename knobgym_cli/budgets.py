@@ -23,6 +23,8 @@ AUTO = "auto"
 # Fractions of the achievable range [cheapest, full] where budgets=auto evaluates: not its ends,
 # where either nothing fits or nothing needs to be given up.
 AUTO_POINTS = (0.2, 0.4, 0.6, 0.8)
+# A training budget this close (as a fraction of the range) to an auto point replaces it.
+MERGE_FRACTION = 0.05
 # A budget at most this far (relative) outside the range is not worth a warning: the range comes
 # from an estimator over typical inputs.
 RANGE_TOLERANCE = 0.02
@@ -81,18 +83,20 @@ def binding(budget: Any, achievable: tuple[float, float]) -> str:
 
 
 def auto_budgets(achievable: tuple[float, float], train_budgets_ms: Sequence[float] = ()) -> list[float]:
-    """Evaluation budgets for ``budgets=auto``: :data:`AUTO_POINTS` of the achievable range, whole ms,
-    plus the training budgets that lie in the range; sorted, duplicates (within 1 ms) dropped."""
+    """Evaluation budgets for ``budgets=auto``: :data:`AUTO_POINTS` of the achievable range in whole ms,
+    with each training budget inside the range added, or taking the place of a point within
+    :data:`MERGE_FRACTION` of the range from it; sorted."""
     lo, hi = achievable
     points = [float(round(lo + f * (hi - lo))) for f in AUTO_POINTS]
-    points += [float(b) for b in train_budgets_ms if binding(b, achievable) == "binds"]
-    out: list[float] = []
-    for b in sorted(points):
-        if not out or b - out[-1] >= 1.0:
-            out.append(b)
-        elif b in train_budgets_ms:  # keep the training budget's exact value over a rounded neighbour
-            out[-1] = b
-    return out
+    for budget in train_budgets_ms:
+        if binding(budget, achievable) != "binds":
+            continue
+        near = [i for i, p in enumerate(points) if abs(p - budget) <= MERGE_FRACTION * (hi - lo)]
+        if near:
+            points[near[0]] = float(budget)
+        else:
+            points.append(float(budget))
+    return sorted(set(points))
 
 
 def out_of_range_warnings(budgets_ms: Sequence[float], achievable: tuple[float, float], suggested: float) -> list[str]:
