@@ -76,9 +76,9 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
                 extra = " (oracle is evaluation only: it looks at the outcome it is scored on)" \
                     if key == "agent" and value == "oracle" else ""
                 raise UsageError(f"unknown {key} {value!r}{extra}; accepted: {', '.join(options)}")
-        if key == "budget":
+        if key == "budget" and value.strip().lower() != "auto":  # auto: knobgym_cli.budgets
             Budget.parse(value)
-        if key == "budgets":
+        if key == "budgets" and value.strip().lower() != "auto":
             for item in parse_budget_list(value):
                 Budget.parse(item)
     from knobgym_cli.overrides import check_typed_overrides  # typed keys, agent options, resume=<dir>
