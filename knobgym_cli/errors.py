@@ -18,7 +18,9 @@ class UsageError(ValueError):
 
 def fail(message: str, status: int = 2) -> None:
     """Print ``message`` as one line on stderr and exit with ``status``."""
-    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    from knobgym_cli.logs import error_line
+
+    error_line(message)  # also in the run log, when one is open
     sys.exit(status)
 
 

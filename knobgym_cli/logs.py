@@ -65,6 +65,20 @@ def say(message: str) -> None:
     log.info(message)
 
 
+def warning_line(message: str) -> None:
+    """``warning: <message>`` as one line on stderr (the stream of the moment) and in the run log."""
+    line = "warning: " + " ".join(str(message).split())
+    print(line, file=sys.stderr, flush=True)
+    to_log_file_only(line)
+
+
+def error_line(message: str) -> None:
+    """``error: <message>`` as one line on stderr (the stream of the moment) and in the run log."""
+    line = "error: " + " ".join(str(message).split())
+    print(line, file=sys.stderr, flush=True)
+    to_log_file_only(line)
+
+
 def to_log_file_only(message: str) -> None:
     """One line in the run log only (e.g. the final state of a progress bar the terminal already shows)."""
     log.info(message, extra={_FILE_ONLY: True})
