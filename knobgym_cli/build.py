@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import sys
+import logging
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -57,8 +57,8 @@ def make_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator_spec: str 
         warnings.simplefilter("always")
         env = gym.make(env_id, budget=budget, split=split, **kwargs)
     notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    for note in notes:
-        print(f"warning: {note}", file=sys.stderr)
+    for note in notes:  # the CLI's log (knobgym_cli.logs): terminal and run log; a bare stderr line otherwise
+        logging.getLogger("knobgym").warning(f"warning: {note}")
     return env, notes
 
 

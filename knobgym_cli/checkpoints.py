@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -25,6 +24,7 @@ import gymnasium as gym
 from agents.base import Agent
 from agents.checkpoint import env_id_of, read_checkpoint
 from backends.io import CorruptFileError
+from knobgym_cli.logs import warning_line
 
 CHECKPOINT_NAMES = ("best", "latest")
 SUFFIX = ".safetensors"
@@ -96,11 +96,11 @@ def read_with_fallback(run_dir: str | Path, name: str, read: Callable[[Path], T]
         except CorruptFileError as exc:
             first_error = first_error or exc
             damaged.append(path)
-            print(f"warning: {exc}", file=sys.stderr)
+            warning_line(str(exc))
             continue
         if damaged or candidate != name:
-            print(f"warning: using {str(path)!r} instead of checkpoints/{checkpoint_file(name)} "
-                  f"({'damaged' if damaged else 'missing'})", file=sys.stderr)
+            warning_line(f"using {str(path)!r} instead of checkpoints/{checkpoint_file(name)} "
+                         f"({'damaged' if damaged else 'missing'})")
         return value, path
     if first_error is not None:
         raise first_error

@@ -18,7 +18,9 @@ class UsageError(ValueError):
 
 def fail(message: str, status: int = 2) -> None:
     """Print ``message`` as one line on stderr and exit with ``status``."""
-    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    from knobgym_cli.logs import error_line
+
+    error_line(message)  # also in the run log, when one is open
     sys.exit(status)
 
 
@@ -76,7 +78,7 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
                 extra = " (oracle is evaluation only: it looks at the outcome it is scored on)" \
                     if key == "agent" and value == "oracle" else ""
                 raise UsageError(f"unknown {key} {value!r}{extra}; accepted: {', '.join(options)}")
-        if key == "budget":
+        if key == "budget" and value.strip().lower() != "auto":  # auto: knobgym_cli.budgets
             try:
                 Budget.parse(value)
             except ValueError as error:  # a KV budget ('20ms+256tok') is a Budget plus a cache cap
@@ -84,7 +86,7 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
                     KVBudget.parse(value)
                 except ValueError:
                     raise error from None
-        if key == "budgets":
+        if key == "budgets" and value.strip().lower() != "auto":
             for item in parse_budget_list(value):
                 Budget.parse(item)
     from knobgym_cli.overrides import check_typed_overrides  # typed keys, agent options, resume=<dir>

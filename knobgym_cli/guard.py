@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 from knobgym_cli.errors import fail
 from knobgym_cli.lock import RunFolderLocked, RunLock
+from knobgym_cli.logs import warning_line
 
 FULL_ERROR_HINT = "rerun with HYDRA_FULL_ERROR=1 for the traceback"
 
@@ -41,7 +41,7 @@ def hold_run_folder(run_dir: str | Path, output_subdir: str | None = None) -> It
         fail(str(exc))
     message = lock.stale_message()
     if message:
-        print(f"warning: {message}", file=sys.stderr)
+        warning_line(message)
     try:
         yield lock
     finally:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import gymnasium as gym
 
-from agents import Agent, evaluate_agent
-from backends.io import CHECKSUM_KEY, CorruptFileError, atomic_savefig, atomic_write_text, sha256_bytes
+from agents import Agent, evaluate_agent, summarize
+from backends.io import CHECKSUM_KEY, CorruptFileError, atomic_write_text, sha256_bytes
 
 COLUMNS = (("reward", "reward", "{:.3f}"), ("score", "score", "{:.3f}"), ("score_in_budget", "score in budget", "{:.3f}"),
            ("latency_p50_ms", "p50 ms", "{:.1f}"),
@@ -21,23 +21,34 @@ COLUMNS = (("reward", "reward", "{:.3f}"), ("score", "score", "{:.3f}"), ("score
 
 
 def compare_agents(env: gym.Env, agents: Mapping[str, Agent], budgets_ms: Sequence[float], sample_ids: Sequence[int],
-                   split: str, progress: bool = False) -> list[dict]:
+                   split: str, progress: Callable[..., Any] | None = None) -> list[dict]:
     """Evaluate every agent at every budget on the same samples; one row per (agent, budget).
 
     The oracle, when present, runs first: it runs every configuration of each sample once, and the
     env memoises those runs, so every other agent's episodes are then free of model runs.
+    ``progress(total, desc, unit)``, when given, makes a display (``update(n)``, ``close()``) for each
+    of the two phases, counting episodes: the oracle's pass, then the other agents.
     """
     order = sorted(agents, key=lambda name: name != "oracle")
-    rows = []
     jobs = [(name, b) for b in budgets_ms for name in order]
-    if progress:
-        from tqdm.auto import tqdm
-
-        jobs = tqdm(jobs, desc=f"evaluate ({split}, {len(sample_ids)} samples)", leave=False)
-    for name, budget_ms in jobs:
-        result = evaluate_agent(env, agents[name], sample_ids, budget_ms, split)
-        result.pop("infos")
-        rows.append({"agent": name, **result})
+    phases = [("oracle: every configuration of each sample", [j for j in jobs if j[0] == "oracle"]),
+              (f"evaluating {len([n for n in order if n != 'oracle'])} agent(s) at {len(budgets_ms)} budget(s)",
+               [j for j in jobs if j[0] != "oracle"])]
+    rows = []
+    for desc, phase_jobs in phases:
+        if not phase_jobs:
+            continue
+        bar = progress(len(phase_jobs) * len(sample_ids), f"{desc} ({split}, {len(sample_ids)} samples)",
+                       "episode") if progress else None
+        for name, budget_ms in phase_jobs:
+            infos = []
+            for sample_id in sample_ids:
+                infos += evaluate_agent(env, agents[name], [sample_id], budget_ms, split)["infos"]
+                if bar is not None:
+                    bar.update(1)
+            rows.append({"agent": name, **summarize(infos), "budget_ms": float(budget_ms)})
+        if bar is not None:
+            bar.close()
     position = {name: i for i, name in enumerate(agents)}
     return sorted(rows, key=lambda r: (r["budget_ms"], position[r["agent"]]))
 
@@ -61,36 +72,6 @@ def markdown_table(rows: Sequence[dict]) -> str:
         cells = [fmt.format(r[key]) for key, _, fmt in COLUMNS]
         lines.append(f"| {r['agent']} | {r['budget_ms']:g}ms | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def pareto_plot(rows: Sequence[dict], path: str | Path, title: str) -> Path:
-    """Score versus p50 latency, one marker per agent per budget, a dashed line per budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = "osD^vP*Xh<>"
-    agents = list(dict.fromkeys(r["agent"] for r in rows))
-    for i, name in enumerate(agents):
-        mine = [r for r in rows if r["agent"] == name]
-        ax.scatter([r["latency_p50_ms"] for r in mine], [r["score"] for r in mine], marker=markers[i % len(markers)],
-                   s=60, label=name, zorder=3)
-    for budget in sorted({r["budget_ms"] for r in rows}):
-        ax.axvline(budget, color="grey", linestyle="--", linewidth=1)
-        ax.annotate(f"budget {budget:g}ms", (budget, 1.0), xycoords=("data", "axes fraction"), rotation=90,
-                    va="top", ha="right", fontsize=8, color="grey")
-    ax.set_xlabel("latency p50 (ms)")
-    ax.set_ylabel("score")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    try:
-        return atomic_savefig(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
 
 
 def _report_digest(payload: dict) -> str:
@@ -124,15 +105,21 @@ def read_report(path: str | Path) -> dict:
 
 def write_report(out_dir: str | Path, rows: Sequence[dict], meta: dict[str, Any], main_agent: str | None = None,
                  stem: str = "report", plot_name: str = "pareto.png") -> dict:
-    """Write ``<stem>.json``, ``<stem>.md`` and the Pareto plot into ``out_dir``; returns the JSON payload."""
+    """Write ``<stem>.json``, ``<stem>.md`` and the plot (:func:`knobgym_cli.plots.budget_panels`)
+    into ``out_dir``; returns the JSON payload."""
+    from knobgym_cli.plots import budget_panels
+    from knobgym_cli.summary import checkpoint_line
+
     out_dir = Path(out_dir)
     gaps = oracle_gaps(rows, main_agent) if main_agent else {}
     payload = {**meta, "rows": list(rows), "oracle_gap": {f"{b:g}ms": g for b, g in gaps.items()}}
     write_report_json(out_dir / f"{stem}.json", payload)
     lines = [f"# {meta.get('title', 'Evaluation')}", ""]
-    for key in ("env", "agent", "budget", "split", "samples", "checkpoint", "train_seconds", "total_seconds", "backend"):
+    for key in ("env", "agent", "budget", "budget_requested", "achievable_range_ms", "suggested_budget_ms", "split",
+                "samples", "checkpoint", "train_seconds", "total_seconds", "backend", "previous_reports"):
         if key in meta:
-            lines.append(f"- {key}: {meta[key]}")
+            value = checkpoint_line(meta[key]) if key == "checkpoint" and isinstance(meta[key], dict) else meta[key]
+            lines.append(f"- {key}: {value}")
     for note in meta.get("notes", []):
         lines.append(f"- note: {note}")
     lines += ["", markdown_table(rows), ""]
@@ -142,5 +129,5 @@ def write_report(out_dir: str | Path, rows: Sequence[dict], meta: dict[str, Any]
     lines.append("")
     lines.append(f"![score vs latency]({plot_name})")
     atomic_write_text(out_dir / f"{stem}.md", "\n".join(lines) + "\n")
-    pareto_plot(rows, out_dir / plot_name, meta.get("title", "score vs latency"))
+    budget_panels(rows, out_dir / plot_name, meta.get("title", "score vs latency"))
     return payload

@@ -2,14 +2,16 @@
 
 :class:`TrainingHooks` validates every ``eval.every`` updates (the best validation reward so far
 becomes ``checkpoints/best``), writes ``checkpoints/latest`` every ``checkpoint_every`` updates and
-at the end, logs episodes and update statistics to TensorBoard and shows a progress bar. Agents
+at the end, logs episodes and update statistics to TensorBoard and shows a progress bar
+(:func:`knobgym_cli.progress.cli_progress`: tqdm on a terminal, plain periodic lines otherwise); the
+validation of the initial policy is its own phase, before the bar starts. Every checkpoint stores the
+best and the last validation reward, so a resumed run shows its last validation from the start. Agents
 without an update loop call no hooks; :meth:`TrainingHooks.finish` then writes their state as
 both ``latest`` and ``best``.
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +21,8 @@ import numpy as np
 from agents import Agent, FitHooks, evaluate_agent, eval_sample_ids, load_agent, summarize
 from envs.protocols import group_env
 from knobgym_cli.checkpoints import checkpoint_file, read_with_fallback, save_run_checkpoint
-
-log = logging.getLogger("train")
+from knobgym_cli.logs import say
+from knobgym_cli.progress import cli_progress, phase
 
 
 def log_episodes(writer, prefix: str, infos: list[dict], step: int, tier_names) -> dict:
@@ -51,12 +53,14 @@ class TrainingHooks(FitHooks):
         budgets_ms: validation budgets.
         checkpoint_every: updates between ``latest`` writes.
         best: the best validation reward so far (a resumed run's, else ``-inf``).
+        last: the last validation reward (a resumed run's; default: ``best``).
         resumed: a resumed run skips the validation of the initial policy.
         title: progress-bar label.
     """
 
     def __init__(self, env: gym.Env, run_dir: Path, writer, config: dict, eval_cfg: dict, budgets_ms: list[float],
-                 checkpoint_every: int, best: float = -np.inf, resumed: bool = False, title: str = "train"):
+                 checkpoint_every: int, best: float = -np.inf, resumed: bool = False, title: str = "train",
+                 last: float | None = None):
         self.env, self.run_dir, self.writer, self.config = env, Path(run_dir), writer, config
         self.every, self.checkpoint_every = int(eval_cfg["every"]), int(checkpoint_every)
         self.validation_split = eval_cfg["validation_split"]
@@ -68,14 +72,14 @@ class TrainingHooks(FitHooks):
         self.reported_checkpoint = self.path("best")
         self.step, self.total = 0, 0
         self._bar = None
-        self._val_reward = float("nan")
+        self.last = float(best if last is None else last)  # the last validation reward
 
     def path(self, name: str) -> Path:
         return self.run_dir / "checkpoints" / checkpoint_file(name)
 
     def checkpoint(self, name: str, agent: Agent) -> None:
         save_run_checkpoint(self.path(name), agent, self.env, self.config, self.step,
-                            {"best_validation_reward": self.best})
+                            {"best_validation_reward": self.best, "last_validation_reward": self.last})
 
     def validate(self, agent: Agent) -> float:
         """Mean validation reward over the budgets; a new best is written to ``checkpoints/best``."""
@@ -85,7 +89,7 @@ class TrainingHooks(FitHooks):
             result = evaluate_agent(self.env, agent, self.validation_ids, budget_ms, self.validation_split)
             log_episodes(self.writer, f"validation/{budget_ms:g}ms", result["infos"], self.step, self.tier_names)
             rewards.append(result["reward"])
-        reward = float(np.mean(rewards))
+        reward = self.last = float(np.mean(rewards))
         if reward > self.best:
             self.best = reward
             self.checkpoint("best", agent)
@@ -94,15 +98,15 @@ class TrainingHooks(FitHooks):
 
     # ---------------------------------------------------------------- FitHooks
     def on_fit_start(self, agent: Agent, step: int, total: int) -> None:
-        from tqdm.auto import tqdm
-
         self.step, self.total = int(step), int(total)
         if self.resumed:
             self.validated = True  # best was written by the run being continued
-            log.info("resumed %s at update %d", self.run_dir, step)
-        else:
-            self.validate(agent)  # the initial policy is the first "best": best exists even for a 0-update run
-        self._bar = tqdm(total=total, initial=min(step, total), desc=self.title, unit="update", dynamic_ncols=True)
+            say(f"resumed at update {step}: last validation reward {self.last:.3f}, best {self.best:.3f}")
+        else:  # the initial policy is the first "best": best exists even for a 0-update run
+            with phase(f"validating the initial policy ({len(self.validation_ids)} {self.validation_split} samples "
+                       f"x {len(self.budgets_ms)} budget(s))"):
+                self.validate(agent)
+        self._bar = cli_progress(total, self.title, "update", initial=min(step, total))
 
     def on_update(self, agent: Agent, step: int, infos: list[dict], stats: dict) -> None:
         self.step = int(step)
@@ -110,12 +114,12 @@ class TrainingHooks(FitHooks):
         for key, value in stats.items():
             self.writer.add_scalar(f"{agent.name}/{key}", value, step)
         if step % self.every == 0 or step == self.total:
-            self._val_reward = self.validate(agent)
+            self.validate(agent)
         if step % self.checkpoint_every == 0 or step == self.total:
             self.checkpoint("latest", agent)
         self._bar.update(1)
         postfix = {"reward": f"{summary['reward']:.3f}", "viol": f"{summary['violation_rate']:.0%}",
-                   "val": f"{self._val_reward:.3f}"}
+                   "val": f"{self.last:.3f}"}
         if "kl" in stats:
             postfix["kl"] = f"{stats['kl']:.3f}"
         self._bar.set_postfix(**postfix)

@@ -23,6 +23,7 @@ from pathlib import Path
 import gymnasium as gym
 import pytest
 import torch
+from cli_output import failure_lines
 from fake_latency import AnalyticEstimator
 
 import envs  # noqa: F401  (registers the ids)
@@ -63,7 +64,7 @@ def run_cli(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProc
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in result.stderr.strip().splitlines() if "Loading weights" not in line]
+    return failure_lines(result.stderr)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def test_resume_with_a_damaged_latest_and_best_recovers_and_says_so(trained_run,
     assert any("latest.prev.safetensors" in line for line in warnings), result.stderr
     assert read_checkpoint(latest)["metadata"]["step"] == 3  # continued from latest.prev (step 2)
     report = read_report(run / "report.json")  # written afresh, checksum valid
-    assert report["checkpoint"].startswith("checkpoints/") and {r["agent"] for r in report["rows"]} >= {"grpo"}
+    assert report["checkpoint"]["path"].startswith("checkpoints/") and {r["agent"] for r in report["rows"]} >= {"grpo"}
 
 
 def test_evaluate_refuses_a_checkpoint_of_another_agent(trained_run, tmp_path):

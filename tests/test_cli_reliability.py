@@ -16,6 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cli_output import failure_lines
 
 from knobgym_cli.errors import UsageError, check_overrides
 from knobgym_cli.lock import LOCK_NAME, RunFolderLocked, RunLock, pid_alive
@@ -32,7 +33,7 @@ def run_cli(script: str, args: list[str], cwd: Path, **env: str) -> subprocess.C
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
-    lines = [line for line in result.stderr.strip().splitlines() if "Loading weights" not in line]
+    lines = failure_lines(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
 

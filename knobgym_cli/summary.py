@@ -1,0 +1,205 @@
+"""What a run says when it ends: the verdict in one line, where its files are, what to run next.
+
+Also the report's account of the chosen checkpoint (:func:`checkpoint_record`), the history of
+reports a resumed run keeps (:func:`archive_previous_report`) and the relative paths reports hold
+(:func:`portable`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from knobgym_cli.budgets import binding
+from knobgym_cli.logs import to_log_file_only
+
+CHECKOUT = Path(__file__).resolve().parent.parent
+REPORT_FILES = ("report.md", "report.json", "pareto.png")
+# The verdict's measure: the mean score of answers that arrive within the budget (a late answer
+# counts 0), one number that neither ignores violations nor hides accuracy.
+VERDICT_KEY = "score_in_budget"
+
+
+def display_path(path: str | Path, base: str | Path | None = None) -> str:
+    """``path`` relative to ``base`` (default: the working directory) when it lies below it, else absolute."""
+    path = Path(path).resolve()
+    base = Path(base if base is not None else os.getcwd()).resolve()
+    try:
+        return str(path.relative_to(base)) or "."
+    except ValueError:
+        return str(path)
+
+
+def portable(obj: Any, base: str | Path | None = None) -> Any:
+    """A copy of a JSON-like ``obj`` whose absolute paths are written relative to ``base`` (default:
+    the working directory) when below it, else relative to the knobgym checkout when below that
+    (e.g. ``backends/tiny/checkpoint``), so a report reads the same in every clone."""
+    base = Path(base if base is not None else os.getcwd()).resolve()
+    if isinstance(obj, dict):
+        return {k: portable(v, base) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable(v, base) for v in obj]
+    if isinstance(obj, str) and os.path.isabs(obj):
+        shown = display_path(obj, base)
+        return display_path(obj, CHECKOUT) if os.path.isabs(shown) else shown
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------
+# the chosen checkpoint
+# ------------------------------------------------------------------------------------------------
+def checkpoint_record(best: dict, latest: dict, agent: str, validation: dict,
+                      path: str = "checkpoints/best.safetensors") -> dict:
+    """The report's ``checkpoint`` entry: which file, which update, its validation score, and why.
+
+    Args:
+        best, latest: the metadata of the reported checkpoint (``checkpoints/best.safetensors``,
+            or the fallback the run reported when it was damaged) and of ``checkpoints/latest``.
+        agent: the trained agent's name.
+        validation: ``split``, ``samples``, ``budgets_ms`` and ``every`` of the validation that chose.
+        path: the reported checkpoint, relative to the run folder.
+    """
+    step, last_step = int(best.get("step", 0)), int(latest.get("step", 0))
+    reward = best.get("best_validation_reward")
+    if reward is None or not np.isfinite(reward):
+        return {"path": path, "update": step, "of_updates": last_step,
+                "why": f"{agent} is fitted once, with no training updates to choose between: "
+                       f"best and latest hold the same agent"}
+    reward = float(reward)
+    budgets = ", ".join(f"{b:g}ms" for b in validation["budgets_ms"])
+    return {"path": path, "update": step, "of_updates": last_step,
+            "validation_reward": round(reward, 4), "validation_split": validation["split"],
+            "validation_samples": int(validation["samples"]), "validation_budgets_ms": list(validation["budgets_ms"]),
+            "why": f"the highest mean validation reward of the validations (every {validation['every']} updates "
+                   f"and at the end, on {validation['samples']} {validation['split']} samples at {budgets}); "
+                   f"latest is update {last_step}"}
+
+
+def checkpoint_line(record: dict) -> str:
+    """One Markdown-free line for the report and the terminal."""
+    if "validation_reward" not in record:
+        return f"{record['path']}: {record['why']}"
+    return (f"{record['path']} (update {record['update']} of {record['of_updates']}, validation reward "
+            f"{record['validation_reward']:.3f} on {record['validation_samples']} samples): {record['why']}")
+
+
+# ------------------------------------------------------------------------------------------------
+# report history
+# ------------------------------------------------------------------------------------------------
+def archive_previous_report(run_dir: str | Path) -> Path | None:
+    """Move an earlier ``report.md`` / ``report.json`` / ``pareto.png`` of ``run_dir`` into
+    ``reports/<when it was written>/`` before a resumed run writes its own; returns that folder.
+
+    Nothing is ever overwritten: a name already taken gets ``-1``, ``-2``...
+    """
+    run_dir = Path(run_dir)
+    present = [name for name in REPORT_FILES if (run_dir / name).exists()]
+    if not present:
+        return None
+    stamp = None
+    try:
+        stamp = json.loads((run_dir / "report.json").read_text()).get("finished_at")
+    except (OSError, ValueError):
+        pass
+    if not stamp:
+        mtime = (run_dir / present[0]).stat().st_mtime
+        stamp = _dt.datetime.fromtimestamp(mtime).strftime("%Y-%m-%d_%H-%M-%S")
+    target, n = run_dir / "reports" / stamp, 0
+    while target.exists():
+        n += 1
+        target = run_dir / "reports" / f"{stamp}-{n}"
+    target.mkdir(parents=True)
+    for name in present:
+        shutil.move(str(run_dir / name), str(target / name))
+    return target
+
+
+def now_stamp() -> str:
+    return _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+
+# ------------------------------------------------------------------------------------------------
+# the verdict
+# ------------------------------------------------------------------------------------------------
+def verdict_lines(rows: Sequence[dict], main_agent: str, train_budget: Any, achievable: tuple[float, float],
+                  suggested_ms: float) -> list[str]:
+    """The run's outcome in one line per evaluation budget (or one line when the budget does not bind).
+
+    A training budget above the full configuration's latency leaves nothing to learn; one below
+    the cheapest configuration's leaves nothing to win; both say which budget to rerun with.
+    Otherwise: the trained agent's score within budget against the best baseline's (the oracle,
+    which sees the outcome it is scored on, is shown as the ceiling, not as a baseline).
+    """
+    state = binding(train_budget, achievable)
+    lo, hi = achievable
+    rerun = f"rerun with budget={suggested_ms:.0f}ms (or budget=auto)"
+    if state == "never binds":
+        return [f"budget {train_budget} never binds here (the full configuration takes at most {hi:.1f}ms on this "
+                f"device): nothing to learn; {rerun}"]
+    if state == "unreachable":
+        return [f"budget {train_budget} is below the cheapest configuration here ({lo:.1f}ms on this device): "
+                f"every agent violates it; {rerun}"]
+    lines = []
+    for budget in sorted({r["budget_ms"] for r in rows}):
+        at = {r["agent"]: r for r in rows if r["budget_ms"] == budget}
+        mine = at.get(main_agent)
+        if mine is None:
+            continue
+        others = [r for name, r in at.items() if name not in (main_agent, "oracle")]
+        text = f"{main_agent} {mine[VERDICT_KEY]:.3f}"
+        if others:
+            best = max(others, key=lambda r: r[VERDICT_KEY])
+            diff = mine[VERDICT_KEY] - best[VERDICT_KEY]
+            word = "beats" if diff > 5e-4 else ("ties" if diff > -5e-4 else "trails")
+            text += f" {word} best baseline {best['agent']} {best[VERDICT_KEY]:.3f}"
+        text += f" at {budget:g}ms, {mine['violation_rate']:.0%} violations"
+        if "oracle" in at:
+            text += f" (oracle {at['oracle'][VERDICT_KEY]:.3f})"
+        lines.append(text + "; score within budget, test split")
+    return lines
+
+
+def next_commands(run_dir: str | Path, runs_dir: str | Path, env_id: str, agent: str, state: str,
+                  suggested_ms: float) -> list[str]:
+    """What to run next: a rerun at a binding budget (when this one does not bind), evaluation, TensorBoard."""
+    run = display_path(run_dir)
+    commands = []
+    if state != "binds":
+        commands.append(f"python train.py env={env_id} agent={agent} budget={suggested_ms:.0f}ms")
+    commands += [f"python evaluate.py run={run}          # budgets=auto: across this device's range",
+                 f"tensorboard --logdir {display_path(runs_dir)}"]
+    return commands
+
+
+def run_files(run_dir: str | Path) -> list[str]:
+    """The run folder's files worth opening, as ``name: what`` lines (paths relative to the working directory)."""
+    run_dir = Path(run_dir)
+    described = [("report.md", "results table and the chosen checkpoint"), ("report.json", "the same, for scripts"),
+                 ("pareto.png", "score vs latency, a panel per budget"), ("train.log", "this output"),
+                 ("checkpoints/best.safetensors", "the chosen policy"), ("reports", "earlier reports of this run")]
+    return [f"{display_path(run_dir / name)}: {what}" for name, what in described if (run_dir / name).exists()]
+
+
+def print_summary(verdict: Sequence[str], files: Sequence[str], commands: Sequence[str], checkpoint: str | None = None,
+                  stream=None) -> str:
+    """Print the closing summary (stdout by default) and append it to the run log; returns its text."""
+    lines = ["", "== summary =="]
+    lines += [f"verdict: {v}" for v in verdict]
+    if checkpoint:
+        lines.append(f"checkpoint: {checkpoint}")
+    lines.append("files:")
+    lines += [f"  {f}" for f in files]
+    lines.append("next:")
+    lines += [f"  {c}" for c in commands]
+    text = "\n".join(lines)
+    print(text, file=stream or sys.stdout, flush=True)
+    for line in lines[1:]:
+        to_log_file_only(line)
+    return text
