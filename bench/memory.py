@@ -61,6 +61,7 @@ class FastBackend:
         self.knob_space = inner.knob_space
         self.question_types = tuple(inner.question_types)
         self.summary_dim = inner.summary_dim
+        self.question_feature_dim = inner.question_feature_dim
         self.expected_new_tokens_by_type = dict(inner.expected_new_tokens_by_type)
         self._hidden = int(inner.cost_params()["hidden_size"])
 
@@ -82,6 +83,9 @@ class FastBackend:
 
     def sample(self, split: str, sample_id: int) -> Sample:
         return self.inner.sample(split, sample_id)
+
+    def question_features(self, sample: Sample) -> np.ndarray:
+        return self.inner.question_features(sample)
 
     def prompt_tokens(self, sample: Sample) -> int:
         return self.inner.prompt_tokens(sample)

@@ -73,6 +73,10 @@ class TableBackend:
                            num_layers=max(DEPTHS))
     question_types = QUESTION_TYPES
     summary_dim = SUMMARY_DIM
+    question_feature_dim = 0  # the question type already tells the difficulty
+
+    def question_features(self, sample: Sample) -> np.ndarray:
+        return np.zeros(0, dtype=np.float32)
 
     def __init__(self, split_sizes: dict | None = None, seed: int = 0):
         sizes = {"train": 512, "validation": 64, "test": 128, **(split_sizes or {})}

@@ -285,7 +285,7 @@ def test_speculative_without_a_draft_is_an_error():
 
 
 def test_missing_model_is_one_clear_error(tmp_path):
-    from backends.loading import ModelNotAvailableError
+    from backends.loading import ModelNotAvailableError, SpecError
 
     with pytest.raises(ModelNotAvailableError, match="never downloads"):
         load_decoding_backend(target="knobgym-test/not-a-cached-model", draft=None)
@@ -296,7 +296,7 @@ def test_backend_presets_load_offline_or_say_how_to_get_the_model(preset):
     import yaml
     from pathlib import Path
 
-    from backends.loading import ModelNotAvailableError
+    from backends.loading import ModelNotAvailableError, SpecError
 
     from backends.decoding import DecodingBackend
     from backends.registry import load_backend
@@ -311,6 +311,8 @@ def test_backend_presets_load_offline_or_say_how_to_get_the_model(preset):
         backend = load_backend(conf)
     except ModelNotAvailableError as exc:  # not in this machine's Hugging Face cache: one clear error
         assert "Qwen/Qwen2.5-3B-Instruct" in str(exc) and "hf download" in str(exc)
+    except SpecError as exc:  # a CUDA preset on a machine without CUDA: one clear error before any load
+        assert "needs CUDA" in str(exc)
     else:  # a machine that has both models: the pair shares one tokenizer
         assert "speculative" in backend.knob_space.strategies
 

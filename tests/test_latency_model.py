@@ -49,6 +49,10 @@ class FakeBackend:
 
     question_types = ("count", "color")
     summary_dim = 4
+    question_feature_dim = 0
+
+    def question_features(self, sample):
+        return np.zeros(0, dtype=np.float32)
 
     def __init__(self, jitter: float = 0.01, seed: int = 0, sleep: bool = False, name: str = "fake"):
         self.knob_space = SPACE

@@ -116,7 +116,7 @@ def test_evaluate_rejects_a_checkpoint_of_another_env(workdir, trained_run):
 @pytest.mark.parametrize("override,accepted", [
     ("env=Nope-v0", "accepted: Decoding-measured-v0, Decoding-v0, KV-KeyNormWindow-v0, KV-SinkWindow-v0, "
                     "MultiKnob-measured-v0, MultiKnob-v0"),
-    ("agent=nope", "accepted: bandit, greedy, grpo, ppo, random, static"),
+    ("agent=nope", "accepted: bandit, greedy, grpo, grpo_lm, ppo, random, static"),
     ("budget=fast", "accepted: a positive number of milliseconds"),
     ("budgte=80ms", "accepted: agent, backend, baselines, budget"),
 ])
