@@ -134,15 +134,20 @@ def write_checksummed_json(path: str | Path, payload: Any) -> Path:
     return atomic_write_text(path, json.dumps(wrapped, indent=1, sort_keys=True, default=str) + "\n")
 
 
-def read_checksummed_json(path: str | Path) -> Any:
-    """The payload of a :func:`write_checksummed_json` file; :class:`CorruptFileError` otherwise."""
+def read_json(path: str | Path) -> Any:
+    """The parsed JSON of ``path``; :class:`CorruptFileError` naming it when missing or not JSON."""
     path = Path(path)
     if not path.is_file():
         raise CorruptFileError(path, "file does not exist")
     try:
-        wrapped = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptFileError(path, f"not JSON ({exc.__class__.__name__}: cut short or edited)") from None
+
+
+def read_checksummed_json(path: str | Path) -> Any:
+    """The payload of a :func:`write_checksummed_json` file; :class:`CorruptFileError` otherwise."""
+    wrapped = read_json(path)
     if not isinstance(wrapped, dict) or "payload" not in wrapped or CHECKSUM_KEY not in wrapped:
         raise CorruptFileError(path, "no checksummed payload")
     if sha256_bytes(_canonical_json(wrapped["payload"])) != wrapped[CHECKSUM_KEY]:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Sequence
 import gymnasium as gym
 
 from agents import Agent, evaluate_agent, summarize
-from backends.io import CHECKSUM_KEY, CorruptFileError, atomic_write_text, sha256_bytes
+from backends.io import CHECKSUM_KEY, CorruptFileError, atomic_write_text, read_json, sha256_bytes
 
 COLUMNS = (("reward", "reward", "{:.3f}"), ("score", "score", "{:.3f}"), ("score_in_budget", "score in budget", "{:.3f}"),
            ("latency_p50_ms", "p50 ms", "{:.1f}"),
@@ -89,13 +89,7 @@ def write_report_json(path: str | Path, payload: dict) -> Path:
 def read_report(path: str | Path) -> dict:
     """A ``report.json`` written by :func:`write_report`; :class:`~backends.io.CorruptFileError` naming
     it when it is cut short, edited, or has no checksum."""
-    path = Path(path)
-    if not path.is_file():
-        raise CorruptFileError(path, "file does not exist")
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CorruptFileError(path, f"not JSON ({exc.__class__.__name__}: cut short or edited)") from None
+    payload = read_json(path)
     if not isinstance(payload, dict) or CHECKSUM_KEY not in payload:
         raise CorruptFileError(path, "no checksum")
     if payload[CHECKSUM_KEY] != _report_digest(payload):
