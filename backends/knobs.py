@@ -593,6 +593,132 @@ def apply_knobs(model: nn.Module, knobs: KnobConfig, space: KnobSpace | None = N
 _DELETE = object()
 
 
+class RowTopK:
+    """Per-row MoE top-k for one batch of rows that share a prompt (the batched stage 2).
+
+    Row ``r`` of the batch routes each of its tokens to its own ``top_ks[r]`` experts with the
+    routing weights the unbatched model computes at that top-k: the tokens of the rows sharing
+    one top-k value go through the router's own ``forward`` with ``top_k`` set to that value
+    (so its softmax, selection and renormalisation are the model's), and the results are laid
+    out as ``[tokens, max top-k]`` with the unused slots of smaller-k rows marked as dropped
+    (expert index ``num_experts``, weight 0: transformers' expert-parallel "sentinel", which the
+    eager experts loop skips and the ``grouped_mm`` / ``batched_mm`` implementations mask once
+    told, see :func:`row_top_k`). The experts module therefore computes exactly ``top_ks[r]``
+    experts per token of row ``r``.
+
+    The caller declares the rows with :meth:`set_rows` and, before each forward, the tokens
+    per row (:attr:`tokens_per_row`). A block that runs on fewer rows than were declared runs on
+    the leading ones (the batched stage 2 orders its rows by depth, deepest first, so the rows
+    still running at block ``i`` are a prefix of the batch).
+    """
+
+    def __init__(self, num_experts: int):
+        self.num_experts = int(num_experts)
+        self.tokens_per_row = 1
+        self._top_ks: tuple[int, ...] = ()
+        self._groups: dict[tuple[int, int], list] = {}
+
+    @property
+    def top_ks(self) -> tuple[int, ...]:
+        return self._top_ks
+
+    def set_rows(self, top_ks) -> None:
+        """The top-k of each row of the batch, in batch order."""
+        self._top_ks = tuple(int(k) for k in top_ks)
+        self._groups.clear()
+
+    def groups(self, n_tokens: int, device) -> list[tuple[int, torch.Tensor | None]]:
+        """``[(top_k, token indices)]`` of the leading rows covering ``n_tokens`` tokens
+        (indices ``None`` when every row has the same top-k)."""
+        t = self.tokens_per_row
+        n_rows = n_tokens // t
+        if n_rows * t != n_tokens or not (1 <= n_rows <= len(self._top_ks)):
+            raise KnobError(f"a router received {n_tokens} tokens for rows of {t} tokens; accepted: a multiple "
+                            f"of {t} tokens for at most {len(self._top_ks)} rows (RowTopK.set_rows)")
+        key = (n_rows, t)
+        if key not in self._groups:
+            ks = self._top_ks[:n_rows]
+            if len(set(ks)) == 1:
+                self._groups[key] = [(ks[0], None)]
+            else:
+                by_k: dict[int, list[int]] = {}
+                for row, k in enumerate(ks):
+                    by_k.setdefault(k, []).extend(range(row * t, (row + 1) * t))
+                self._groups[key] = [(k, torch.tensor(tokens, device=device)) for k, tokens in sorted(by_k.items())]
+        return self._groups[key]
+
+    def route(self, router: nn.Module, original, hidden_states: torch.Tensor, *args, **kwargs):
+        """The router's ``(logits, weights, expert indices)`` with each row at its own top-k."""
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        groups = self.groups(flat.shape[0], flat.device)
+        if len(groups) == 1:
+            router.top_k = groups[0][0]
+            return original(hidden_states, *args, **kwargs)
+        k_max = groups[-1][0]
+        logits = weights = indices = None
+        for k, tokens in groups:
+            router.top_k = k
+            out = original(flat[tokens], *args, **kwargs)
+            if not (isinstance(out, tuple) and len(out) == 3):
+                raise KnobError(f"{type(router).__name__} does not return (logits, weights, indices); per-row "
+                                f"top-k supports the routers of {', '.join(SUPPORTED_FAMILIES)}")
+            lg, w, ix = out
+            if logits is None:
+                logits = lg.new_empty((flat.shape[0], lg.shape[-1]))
+                weights = w.new_zeros((flat.shape[0], k_max))
+                indices = ix.new_full((flat.shape[0], k_max), self.num_experts)
+            logits[tokens] = lg
+            weights[tokens, :k] = w
+            indices[tokens, :k] = ix
+        router.top_k = k_max
+        return logits, weights, indices
+
+
+@contextlib.contextmanager
+def row_top_k(model: nn.Module, space: KnobSpace) -> Iterator[RowTopK | None]:
+    """Route every MoE block except the first per row (:class:`RowTopK`) inside the ``with`` block.
+
+    Yields the :class:`RowTopK` the caller sets rows on, or ``None`` for a model without MoE
+    blocks. Block 1 keeps the model's own top-k, as in :func:`apply_knobs`. The routers'
+    ``forward`` is wrapped on the instance and put back, with their ``top_k``, on exit.
+
+    The dropped slots use transformers' sentinel expert index (``num_experts``). Its vectorised
+    experts implementations (``grouped_mm``, ``batched_mm``) leave sentinel rows uninitialised
+    unless the experts module's ``_is_expert_parallel`` flag is set (then they are masked to
+    zero), so the flag is set on the experts modules of blocks 2.. inside the block and restored
+    on exit; the eager loop skips sentinel slots either way.
+    """
+    if not space.has_moe:
+        yield None
+        return
+    parts = model_parts(model)
+    rows = RowTopK(space.num_experts)
+    restore: list = []
+    try:
+        for i in range(1, len(parts.layers)):
+            routers = parts.routers(i)
+            for router in routers:
+                restore.append((router, "top_k", router.top_k))
+                # the innermost router computes the routing; a block carrying top_k around it
+                # (Mixtral) only records it
+                if any(other is not router and any(m is other for m in router.modules()) for other in routers):
+                    continue
+                original = router.forward
+                restore.append((router, "forward", original if "forward" in vars(router) else _DELETE))
+                router.forward = functools.partial(rows.route, router, original)
+            for module in parts.layers[i].modules():
+                if isinstance(vars(module).get("_is_expert_parallel"), bool):
+                    restore.append((module, "_is_expert_parallel", module._is_expert_parallel))
+                    module._is_expert_parallel = True
+        yield rows
+    finally:
+        for obj, name, value in reversed(restore):
+            if value is _DELETE:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
+
+
 def _tier_inputs(parts: ModelParts, space: KnobSpace, tier: str | None, args: tuple, kwargs: dict):
     """The ``get_image_features`` arguments with the pixels at the tier's size (resize mode only)."""
     if space.tier_mode != "resize" or tier is None:
