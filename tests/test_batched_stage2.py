@@ -291,3 +291,28 @@ def test_group_evaluation_batches_in_estimated_mode_and_not_in_measured_mode(tin
         assert calls == []  # each fraction is its own stage-1 state: nothing to batch
     finally:
         del tiny_backend.run_stage2_batch
+
+
+@pytest.mark.parametrize("name", ("olmoe", "qwen2_moe", "mixtral"))
+def test_single_pass_routing_equals_each_top_k_through_the_router_itself(tiny, name):
+    from backends.knobs import RowTopK, knob_space_from_model
+
+    model = tiny(name)
+    space = knob_space_from_model(model)
+    router = model_parts(model).routers(1)[-1]  # the innermost (Mixtral's block carries top_k too)
+    assert type(router).__name__.endswith("TopKRouter")
+    hidden = torch.randn(4 * 3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    results = []
+    own_top_k = router.top_k
+    try:
+        for vectorised in (True, False):
+            rows = RowTopK(space.num_experts)
+            rows.vectorised, rows.tokens_per_row = vectorised, 3
+            rows.set_rows([1, 4, 2, 4])
+            results.append(rows.route(router, router.forward, [], hidden))
+    finally:
+        router.top_k = own_top_k
+    (logits_a, weights_a, index_a), (logits_b, weights_b, index_b) = results
+    assert torch.equal(index_a, index_b)
+    assert torch.equal(logits_a, logits_b) and torch.allclose(weights_a, weights_b, atol=1e-7, rtol=0)
+    assert ((index_a < space.num_experts).sum(-1) == torch.tensor([1, 4, 2, 4]).repeat_interleave(3)).all()
