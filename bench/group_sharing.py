@@ -12,7 +12,10 @@ uniformly) and times, on fresh caches and in a rotating order, three things on t
 Rewards of the three are compared (the count that differ is printed). Prints medians, spreads and the per-round ratios
 (target for ``batched / separate``: at most 0.6).
 
-    python bench/group_sharing.py [--rounds 15] [--group 8] [--budget 120ms] [--seed 0]
+    python bench/group_sharing.py [--rounds 15] [--group 8] [--budget 120ms] [--seed 0] [--compare N]
+
+``--compare N`` also runs batched and unbatched stage 2 side by side on N test inputs and prints
+how many outcomes differ and the largest logit difference (:func:`compare_batched`).
 
 Other benches import :func:`measure_group_sharing` (it returns the numbers printed here).
 """
@@ -148,13 +151,71 @@ def measure_group_sharing(env=None, *, rounds: int = 15, group: int = 8, budget:
     return result
 
 
+def compare_batched(backend, *, inputs: int = 40, rows: int = 8, seed: int = 0) -> tuple[int, int, float]:
+    """Batched versus unbatched stage 2 on ``backend``'s first ``inputs`` test samples, every tier,
+    ``rows`` uniform random (top-k, depth) rows per stage-1 state.
+
+    Returns ``(rows compared, rows whose outcome differs, largest |logit difference|)``; the
+    logits are compared over the decoding steps where every row was still in the batch (rows sit
+    in the batch deepest first).
+    """
+    import torch
+
+    from backends.knobs import KnobConfig
+
+    space = backend.knob_space
+    rng = np.random.default_rng(seed)
+    calls: list = []
+    handle = backend.parts.lm_head.register_forward_hook(
+        lambda module, args, out: calls.append(out[:, -1].detach().float().clone()))
+
+    def key(o):
+        return (o.answer, o.score, o.token_counts, o.knobs, o.empty_output, o.nonfinite_logits)
+
+    compared = differing = 0
+    worst = 0.0
+    try:
+        for sample in backend.samples("test")[:inputs]:
+            for tier in space.tier_names or (None,):
+                state = backend.run_stage1(sample, tier)
+                knobs = [space.resolve(KnobConfig(
+                    tier=tier, top_k=int(rng.choice(space.top_ks)) if space.top_ks else None,
+                    depth=int(rng.choice(space.depths)) if space.depths else None)) for _ in range(rows)]
+                calls.clear()
+                batched = backend.run_stage2_batch(state, knobs)
+                batch_logits = list(calls)
+                singles = []
+                for k in knobs:
+                    calls.clear()
+                    singles.append((backend.run_stage2(state, k), list(calls)))
+                order = sorted(range(rows), key=lambda r: -knobs[r].depth)
+                for step, logits in enumerate(batch_logits):
+                    if logits.shape[0] != rows:
+                        break
+                    for position, r in enumerate(order):
+                        worst = max(worst, float((logits[position] - singles[r][1][step][0]).abs().max()))
+                compared += rows
+                differing += sum(key(b) != key(u) for b, (u, _) in zip(batched, singles))
+    finally:
+        handle.remove()
+    return compared, differing, worst
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--budget", default="120ms")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare", type=int, default=0, metavar="N",
+                        help="also compare batched and unbatched outcomes and logits on N test inputs")
     args = parser.parse_args()
+    if args.compare:
+        from backends.registry import load_backend
+
+        compared, differing, worst = compare_batched(load_backend("tiny"), inputs=args.compare, seed=args.seed)
+        print(f"batched vs unbatched stage 2 (tiny model, {args.compare} test inputs x every tier x 8 random "
+              f"rows): {differing} of {compared} outcomes differ; largest |logit difference| {worst:.2e}")
     result = measure_group_sharing(rounds=args.rounds, group=args.group, budget=args.budget, seed=args.seed)
     print(f"rounds: {args.rounds}, G = {args.group} (MultiKnob-v0, uniform random actions)")
     print(result.report())
