@@ -151,6 +151,10 @@ class RayPool:
             try:
                 results[index] = ray.get(ref)
             except (ActorDiedError, ActorUnavailableError) as exc:
+                if exc.actor_init_failed:  # the actor could not even be built (unpicklable setup): no retry
+                    cause = [line for line in str(exc).splitlines() if line.strip()][-1].strip()
+                    raise WorkerLost(f"a Ray worker could not start ({cause}); accepted: a setup that pickles and "
+                                     f"imports on the worker (this project installed on every node)") from None
                 attempts[index] += 1
                 if attempts[index] > self.max_retries:
                     raise WorkerLost(f"task {index} lost its worker {attempts[index]} times (last: "
