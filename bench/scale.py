@@ -9,7 +9,9 @@
    one Ray actor. Stage runs are memoised by a first pass on both sides, so the difference is what
    Ray adds (shipping weights and requests, results back), not model time. Median over
    ``--repeats`` updates, per group.
-3. **Group sharing**, batched versus unbatched stage 2: ``evaluate_group`` with G actions versus G
+3. **Parallel capacity of this machine** (a control): the throughput ratio of two CPU-bound
+   Python processes to one. On a shared VM whose other tenants use a core, this caps item 1.
+4. **Group sharing**, batched versus unbatched stage 2: ``evaluate_group`` with G actions versus G
    separate episodes (``bench/group_sharing.py``; see :func:`group_sharing`).
 
     python bench/scale.py [--samples 12] [--configs 12] [--groups 16] [--group 8] [--rounds 15]
@@ -123,6 +125,28 @@ def group_sharing(rounds: int, group: int, batched: bool) -> dict | None:
             "ratio": statistics.median(g / s for g, s in zip(group_ms, separate_ms))}
 
 
+def _spin(n: int) -> None:
+    x = 0
+    for i in range(n):
+        x += i
+
+
+def parallel_capacity(n: int = 20_000_000) -> float:
+    """Throughput of two busy processes relative to one (2.0: two free cores)."""
+    import multiprocessing
+
+    def run(k: int) -> float:
+        procs = [multiprocessing.Process(target=_spin, args=(n,)) for _ in range(k)]
+        t0 = time.perf_counter()
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        return time.perf_counter() - t0
+
+    return 2 * run(1) / run(2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=12)
@@ -147,6 +171,7 @@ def main() -> None:
             print(f"{name:16s} {rates[name]:6.2f} samples/s   (start-up {startup:5.1f} s)")
         print(f"speed-up, 2 workers / 1 worker: {rates['ray, 2 workers'] / rates['ray, 1 worker']:.2f}x "
               f"(target >= 1.6x)")
+        print(f"control: 2 busy processes / 1 on this machine now: {parallel_capacity():.2f}x")
 
         print(f"\n## Ray overhead per group: G = {args.group}, {args.groups} groups per update, memoised runs")
         per_group = ray_overhead_per_group(args.groups, args.group, args.repeats)

@@ -126,6 +126,12 @@ class RayPool:
     def start(self) -> None:
         """Create the actors now (otherwise on the first :meth:`map`); their setup runs in the background."""
         ray = require_ray()
+        if self.num_gpus and not self.actors:
+            total = ray.cluster_resources().get("GPU", 0)
+            if total < self.workers:  # Ray would wait forever for the missing GPUs
+                raise ValueError(f"rollout.workers={self.workers} is invalid here: each worker takes one GPU and the "
+                                 f"Ray cluster has {total:g}; accepted: rollout.workers <= {int(total)}, or more "
+                                 f"GPUs (ray start --address=... on another node)")
         if not self.actors:
             self._setup_ref = ray.put(self._setup)  # shipped once, shared by every (re)started actor
             self.actors = [self._new_actor() for _ in range(self.workers)]

@@ -186,3 +186,25 @@ def test_a_trace_sharded_over_ray_actors_holds_the_single_process_rows_even_when
     assert len(got["outcomes"]) == len(set(r[:3] for r in got["outcomes"])) == 8 * len(configs)
     assert got == want
     assert pool.actors == []  # record_trace closed its pool
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def test_the_cli_rollout_executor_uses_a_running_ray_and_leaves_it_running():
+    from omegaconf import OmegaConf
+
+    from knobgym_cli.rollout import rollout_executor
+
+    with rollout_executor(OmegaConf.create({"name": "ray", "workers": 2, "address": "auto"}), threads=1) as executor:
+        assert isinstance(executor, RayExecutor) and executor.workers == 2 and executor.threads == 1
+    assert ray.is_initialized()  # initialised by someone else (this module): not this block's to stop
+    with rollout_executor(OmegaConf.create({"name": "local", "workers": 1, "address": "auto"})) as executor:
+        assert executor.in_process
+
+
+def test_more_gpu_workers_than_the_cluster_has_gpus_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the driver "sees CUDA"; the cluster has none
+    pool = RayExecutor(workers=2).pool(TableBackend, lambda state, shared, task: task, gpus=True)
+    with pytest.raises(ValueError, match=r"rollout.workers=2 is invalid here: each worker takes one GPU and the "
+                                         r"Ray cluster has 0"):
+        list(pool.map([1, 2]))
+    assert pool.actors == []
