@@ -12,7 +12,7 @@
 3. **Parallel capacity of this machine** (a control): the throughput ratio of two CPU-bound
    Python processes to one. On a shared VM whose other tenants use a core, this caps item 1.
 4. **Group sharing**, batched versus unbatched stage 2: ``evaluate_group`` with G actions versus G
-   separate episodes (``bench/group_sharing.py``; see :func:`group_sharing`).
+   separate episodes, timed side by side (``bench/group_sharing.py``: :func:`measure_group_sharing`).
 
     python bench/scale.py [--samples 12] [--configs 12] [--groups 16] [--group 8] [--rounds 15]
 
@@ -30,7 +30,6 @@ import warnings
 from pathlib import Path
 
 import gymnasium as gym
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,6 +39,7 @@ import envs  # noqa: E402,F401
 from agents.base import EnvLayout  # noqa: E402
 from agents.rollout import GroupRequest, LocalGroupCollector, RayGroupCollector, group_seed  # noqa: E402
 from backends.registry import load_backend  # noqa: E402
+from bench.group_sharing import measure_group_sharing  # noqa: E402
 from backends.trace import _DescribeTask, _SampleTask, _trace_work, trace_grid  # noqa: E402
 from executors import LocalExecutor  # noqa: E402
 from executors.ray import RayExecutor, require_ray  # noqa: E402
@@ -85,44 +85,6 @@ def ray_overhead_per_group(groups: int, group: int, repeats: int) -> dict:
         out[name] = statistics.median(times)
         collector.close()
     return out
-
-
-def group_sharing(rounds: int, group: int, batched: bool) -> dict | None:
-    """Group sharing (median ratio of ``evaluate_group`` to G separate episodes, and the medians).
-
-    Adapter: ``bench/group_sharing.py``'s ``measure_group_sharing(rounds, group, batched)`` where
-    the checkout has it; otherwise the file's current logic (unbatched stage 2 only: ``None`` for
-    ``batched=True``).
-    """
-    try:
-        from bench.group_sharing import measure_group_sharing
-    except ImportError:
-        measure_group_sharing = None
-    if measure_group_sharing is not None:
-        return dict(measure_group_sharing(rounds=rounds, group=group, batched=batched))
-    if batched:
-        return None
-    env = gym.make("MultiKnob-v0", budget="120ms", split="test").unwrapped
-    rng = np.random.default_rng(0)
-    n, budget_ms = len(env.backend.samples("test")), env.budget.fixed_ms
-    env.evaluate_group(0, budget_ms, [[2, 4, 4]] * 2)  # warm-up
-    group_ms, separate_ms = [], []
-    for _ in range(rounds):
-        sid = int(rng.integers(n))
-        actions = [[int(rng.integers(v)) for v in env.action_space.nvec] for _ in range(group)]
-        env.clear_run_cache()
-        t0 = time.perf_counter()
-        env.evaluate_group(sid, budget_ms, actions)
-        group_ms.append((time.perf_counter() - t0) * 1e3)
-        t0 = time.perf_counter()
-        for a in actions:
-            env.clear_run_cache()
-            env.reset(options={"sample_id": sid, "budget": "120ms"})
-            env.step(a)
-            env.step(a)
-        separate_ms.append((time.perf_counter() - t0) * 1e3)
-    return {"group_ms": statistics.median(group_ms), "separate_ms": statistics.median(separate_ms),
-            "ratio": statistics.median(g / s for g, s in zip(group_ms, separate_ms))}
 
 
 def _spin(n: int) -> None:
@@ -182,15 +144,7 @@ def main() -> None:
         ray.shutdown()
 
     print(f"\n## group sharing: G = {args.group}, {args.rounds} rounds (evaluate_group / {args.group} episodes)")
-    for batched in (False, True):
-        result = group_sharing(args.rounds, args.group, batched)
-        label = "batched stage 2" if batched else "unbatched stage 2"
-        if result is None:
-            print(f"{label:18s} not available in this checkout (bench/group_sharing.py has no batched mode)")
-        else:
-            print(f"{label:18s} " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in result.items()))
-
+    print(measure_group_sharing(rounds=args.rounds, group=args.group).report())
 
 if __name__ == "__main__":
     main()
