@@ -583,14 +583,19 @@ def apply_knobs(model: nn.Module, knobs: KnobConfig, space: KnobSpace | None = N
             mm.get_image_features = get_image_features
         yield model
     finally:
-        for obj, name, value in reversed(restore):
-            if value is _DELETE:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, value)
+        _restore(restore)
 
 
 _DELETE = object()
+
+
+def _restore(patches: list) -> None:
+    """Undo ``(object, attribute, previous value or _DELETE)`` patches, last first."""
+    for obj, name, value in reversed(patches):
+        if value is _DELETE:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, value)
 
 
 #: routers whose forward is "softmax over the experts, top-k, optionally renormalise": class name ->
@@ -748,11 +753,7 @@ def row_top_k(model: nn.Module, space: KnobSpace) -> Iterator[RowTopK | None]:
                 router.forward = functools.partial(rows.route, router, original, experts)
         yield rows
     finally:
-        for obj, name, value in reversed(restore):
-            if value is _DELETE:
-                delattr(obj, name)
-            else:
-                setattr(obj, name, value)
+        _restore(restore)
 
 
 def _tier_inputs(parts: ModelParts, space: KnobSpace, tier: str | None, args: tuple, kwargs: dict):
