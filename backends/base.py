@@ -102,5 +102,11 @@ class Backend(Protocol):
     def run_stage2(self, state: Stage1State, knobs: KnobConfig) -> Outcome:
         """The rest of the model under ``knobs`` (tier must match the state), then decode and score."""
 
+    def run_stage2_batch(self, state: Stage1State, knobs_list: Sequence[KnobConfig]) -> list[Outcome]:
+        """Stage 2 of each of ``knobs_list`` (all matching the state's tier and token budget) on one
+        stage-1 state: equal to ``[run_stage2(state, k) for k in knobs_list]`` up to float rounding
+        (a live model runs them as one batch; see :meth:`backends.hf.HFBackend.run_stage2_batch`).
+        ``measured_ms`` of batched outcomes is a share of the batch's time, not a run's latency."""
+
     def run(self, sample: Sample, knobs: KnobConfig) -> Outcome:
         """Both stages."""

@@ -6,7 +6,8 @@ remaining blocks under the chosen top-k and depth, the final norm and LM head, t
 token-by-token decoding under the same knobs (``apply_knobs``), scored against the reference.
 
 A stage-1 state is never mutated by stage 2 (its KV cache is copied), so one stage-1
-computation serves every member of a GRPO group with the same tier.
+computation serves every member of a GRPO group with the same tier. ``run_stage2_batch`` runs
+several knob configurations on one stage-1 state as one batch (per-row top-k, depth and stopping).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from backends.base import Sample, check_split
-from backends.knobs import KnobConfig, KnobError, KnobSpace, apply_knobs, knob_space_from_model, model_parts
+from backends.knobs import (KnobConfig, KnobError, KnobSpace, apply_knobs, knob_space_from_model, model_parts,
+                            row_top_k)
 from backends.loading import GenerationSettings, LoadedModel
 from backends.outcome import Outcome, Stage1State, TokenCounts, expected_token_counts
 from backends.text_features import QUESTION_FEATURE_DIM, hashed_bag_of_words
@@ -291,16 +293,36 @@ class HFBackend:
                            summary=summary.cpu().numpy().astype(np.float32), measured_ms=timer.ms,
                            payload=(sample, token_budget, payload))
 
-    @torch.no_grad()
-    def run_stage2(self, state: Stage1State, knobs: KnobConfig) -> Outcome:
-        """Blocks 2..D under ``knobs``, then decode and score. ``state`` is left untouched."""
-        sample, token_budget, payload = state.payload
+    def _stage2_knobs(self, state: Stage1State, knobs: KnobConfig) -> KnobConfig:
+        """``knobs`` resolved, or a :class:`KnobError` when they do not match the stage-1 state."""
+        _, token_budget, _ = state.payload
         knobs = self.knob_space.resolve(knobs)
         if knobs.tier != state.tier or knobs.token_budget != token_budget:
             raise KnobError(f"stage-2 knobs {knobs} do not match the stage-1 state (tier={state.tier!r}, "
                             f"token_budget={token_budget}); accepted: the same tier and token budget")
+        return knobs
+
+    def _sampling_rng(self, sample: Sample) -> torch.Generator:
+        """The generator of one run's sampled tokens: a pure function of (seed, sample)."""
+        return torch.Generator(device="cpu").manual_seed(self.generation.seed * 1_000_003 + int(sample.sample_id))
+
+    def _outcome(self, state: Stage1State, knobs: KnobConfig, new_ids: list[int], nonfinite: bool,
+                 stage2_ms: float) -> Outcome:
+        sample = state.payload[0]
+        answer = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip() if not nonfinite else ""
+        score = 0.0 if nonfinite else float(self.task.score(answer, sample))
+        counts = TokenCounts(**{**state.token_counts.__dict__, "new_tokens": len(new_ids)})
+        return Outcome(answer=answer, reference=sample.reference, score=score, token_counts=counts,
+                       measured_ms=state.measured_ms + stage2_ms, stage1_ms=state.measured_ms,
+                       knobs=knobs, empty_output=(answer == ""), nonfinite_logits=nonfinite)
+
+    @torch.no_grad()
+    def run_stage2(self, state: Stage1State, knobs: KnobConfig) -> Outcome:
+        """Blocks 2..D under ``knobs``, then decode and score. ``state`` is left untouched."""
+        sample, token_budget, payload = state.payload
+        knobs = self._stage2_knobs(state, knobs)
         gen = self.generation
-        rng = torch.Generator(device="cpu").manual_seed(gen.seed * 1_000_003 + int(sample.sample_id))
+        rng = self._sampling_rng(sample)
         new_ids: list[int] = []
         nonfinite = False
         with _Timer(self.device) as timer, apply_knobs(self.model, knobs, self.knob_space):
@@ -323,13 +345,84 @@ class HFBackend:
                 h = self._run_blocks(self._embed(torch.tensor([[token]], device=self.device)), 0, depth, cache, pos)
                 logits = self.parts.lm_head(self.parts.final_norm(h))[0, -1]
                 position += 1
-        answer = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip() if not nonfinite else ""
-        score = 0.0 if nonfinite else float(self.task.score(answer, sample))
-        counts = TokenCounts(**{**state.token_counts.__dict__, "new_tokens": len(new_ids)})
-        return Outcome(answer=answer, reference=sample.reference, score=score, token_counts=counts,
-                       measured_ms=state.measured_ms + timer.ms, stage1_ms=state.measured_ms,
-                       knobs=knobs,
-                       empty_output=(answer == ""), nonfinite_logits=nonfinite)
+        return self._outcome(state, knobs, new_ids, nonfinite, timer.ms)
+
+    @torch.no_grad()
+    def run_stage2_batch(self, state: Stage1State, knobs_list: Sequence[KnobConfig]) -> list[Outcome]:
+        """Stage 2 of several knob configurations on one stage-1 state, as one batch.
+
+        Equals ``[run_stage2(state, k) for k in knobs_list]`` up to float rounding (batched
+        matrix products may round differently; answers, scores and token counts agree on every
+        supported architecture's tiny model, ``tests/test_batched_stage2.py``). Per row:
+
+        - top-k: each row's tokens are routed to its own top-k experts with the weights the
+          unbatched model computes (:func:`backends.knobs.row_top_k`); block 1 keeps the
+          model's own top-k as in :func:`~backends.knobs.apply_knobs`.
+        - depth: rows are ordered deepest first and block ``i`` runs only on the rows whose depth
+          exceeds ``i`` (a prefix of the batch), so each row's KV cache holds exactly the blocks
+          its unbatched run fills and its logits come from its own last block.
+        - stopping: a row stops at EOS, at ``max_new_tokens`` or at non-finite logits, and leaves
+          the batch (its cache rows are dropped); ``min_new_tokens`` holds per row.
+        - sampling: each row draws from its own generator seeded as the unbatched run's
+          (:meth:`_sampling_rng`), once per generated token, so sampled rows draw the same
+          random numbers as their unbatched runs.
+
+        The stage-1 state is not mutated (its hidden state and cache are copied to the batch).
+        ``measured_ms`` of each outcome is stage 1's time plus the batch's stage-2 wall time
+        divided by the number of rows: a share of shared work, not the latency of a run; a caller
+        that charges measured latency runs :meth:`run_stage2` once per configuration instead.
+        """
+        knobs_list = [self._stage2_knobs(state, k) for k in knobs_list]
+        if len(knobs_list) <= 1:
+            return [self.run_stage2(state, k) for k in knobs_list]
+        sample, _, payload = state.payload
+        gen = self.generation
+        n = len(knobs_list)
+        order = sorted(range(n), key=lambda r: -knobs_list[r].depth)  # deepest first (stable)
+        depths = [knobs_list[r].depth for r in order]
+        top_ks = [knobs_list[r].top_k for r in order]
+        rngs = [self._sampling_rng(sample) for _ in order]
+        new_ids: list[list[int]] = [[] for _ in order]
+        nonfinite = [False] * n
+        active = list(range(n))  # positions in `order` of the rows still generating
+        with _Timer(self.device) as timer, row_top_k(self.model, self.knob_space) as routing:
+            if routing is not None:
+                routing.set_rows(top_ks)
+            cache = copy.deepcopy(payload.cache)  # stage 1's cache is shared by the whole group
+            cache.batch_repeat_interleave(n)
+            hidden = payload.hidden.repeat(n, 1, 1)
+            hidden = self._run_blocks_rows(hidden, 1, depths, cache, payload.position_ids, routing)
+            logits = self.parts.lm_head(self.parts.final_norm(hidden[:, -1:]))[:, -1]
+            position = payload.prompt_len
+            for step in range(gen.max_new_tokens):
+                keep, tokens = [], []
+                for j, row in enumerate(active):
+                    if not torch.isfinite(logits[j]).all():
+                        nonfinite[row] = True
+                        continue
+                    token = self._choose_token(logits[j], step, rngs[row])
+                    if token in self._eos_ids:
+                        continue
+                    new_ids[row].append(token)
+                    if step + 1 < gen.max_new_tokens:
+                        keep.append(j)
+                        tokens.append(token)
+                if not keep:
+                    break
+                if len(keep) < len(active):
+                    self._keep_rows(cache, [depths[row] for row in active], keep)
+                    active = [active[j] for j in keep]
+                    if routing is not None:
+                        routing.set_rows([top_ks[row] for row in active])
+                pos = torch.tensor([[position]], device=self.device)
+                embeds = self._embed(torch.tensor(tokens, device=self.device).unsqueeze(1))
+                h = self._run_blocks_rows(embeds, 0, [depths[row] for row in active], cache, pos, routing)
+                logits = self.parts.lm_head(self.parts.final_norm(h))[:, -1]
+                position += 1
+        outcomes: list[Outcome | None] = [None] * n
+        for row, r in enumerate(order):
+            outcomes[r] = self._outcome(state, knobs_list[r], new_ids[row], nonfinite[row], timer.ms / n)
+        return outcomes
 
     def run(self, sample: Sample, knobs: KnobConfig) -> Outcome:
         return self.run_stage2(self.run_stage1(sample, knobs.tier, knobs.token_budget), knobs)
@@ -399,6 +492,47 @@ class HFBackend:
         out = mm.get_image_features(**kwargs, return_dict=True)
         feats = out.pooler_output
         return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+    def _run_blocks_rows(self, hidden: torch.Tensor, start: int, depths: Sequence[int], cache: DynamicCache,
+                         position_ids: torch.Tensor, routing) -> torch.Tensor:
+        """Blocks ``start..`` on a batch whose row ``r`` stops after block ``depths[r]``.
+
+        ``depths`` is non-increasing (deepest row first), so block ``i`` runs on the leading rows
+        whose depth exceeds ``i``, and cache layer ``i`` holds those rows only. All rows share the
+        positions ``position_ids`` (one prompt, no padding). Returns each row's output after its
+        own last block (the input for a row whose depth is at most ``start``).
+        """
+        counts = [sum(d > i for d in depths) for i in range(start, max(depths[0], start) + 1)]
+        pieces = []
+        if counts[0] < len(depths):
+            pieces.append(hidden[counts[0]:])
+        if counts[0] == 0:
+            return hidden
+        if routing is not None:
+            routing.tokens_per_row = hidden.shape[1]
+        # every row sees the same causal mask and rotary embedding: computed for one row, broadcast
+        mask = create_causal_mask(config=self._text_config, inputs_embeds=hidden[:1], attention_mask=None,
+                                  past_key_values=cache, position_ids=position_ids, layer_idx=start)
+        pos_emb = self._rotary(hidden[:1], position_ids) if self._rotary is not None else None
+        cache_kw = "layer_past" if self._layer_takes_layer_past else "past_key_values"
+        h = hidden[:counts[0]]
+        for offset, layer in enumerate(list(self.parts.layers)[start:depths[0]]):
+            out = layer(h, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                        position_embeddings=pos_emb, **{cache_kw: cache})
+            h = out[0] if isinstance(out, tuple) else out
+            n_next = counts[offset + 1]
+            if n_next < h.shape[0]:  # rows whose depth is this block's: their output is final
+                pieces.append(h[n_next:])
+                h = h[:n_next]
+        return torch.cat(pieces[::-1], dim=0)
+
+    def _keep_rows(self, cache: DynamicCache, depths: Sequence[int], keep: Sequence[int]) -> None:
+        """Drop finished rows from the cache: ``keep`` (sorted) indexes the rows of ``depths``;
+        cache layer ``i`` holds the leading rows whose depth exceeds ``i``."""
+        for i, layer in enumerate(cache.layers[:depths[0]]):
+            rows_here = sum(d > i for d in depths)
+            layer.batch_select_indices(torch.tensor([j for j in keep if j < rows_here], dtype=torch.long,
+                                                    device=self.device))
 
     def _run_blocks(self, hidden: torch.Tensor, start: int, end: int, cache: DynamicCache,
                     position_ids: torch.Tensor) -> torch.Tensor:

@@ -593,6 +593,168 @@ def apply_knobs(model: nn.Module, knobs: KnobConfig, space: KnobSpace | None = N
 _DELETE = object()
 
 
+#: routers whose forward is "softmax over the experts, top-k, optionally renormalise": class name ->
+#: (the attribute saying whether to renormalise, ``None``: always; whether the weights are cast
+#: back to the logits' dtype), as their transformers classes compute them
+_SOFTMAX_TOP_K_ROUTERS = {"OlmoeTopKRouter": ("norm_topk_prob", True),
+                          "Qwen2MoeTopKRouter": ("norm_topk_prob", True),
+                          "MixtralTopKRouter": (None, False)}
+
+
+class RowTopK:
+    """Per-row MoE top-k for one batch of rows that share a prompt (the batched stage 2).
+
+    Row ``r`` of the batch routes each of its tokens to its own ``top_ks[r]`` experts with the
+    routing weights the unbatched model computes at that top-k, laid out as ``[tokens, max
+    top-k]`` with the unused slots of smaller-k rows marked as dropped (expert index
+    ``num_experts``, weight 0: transformers' expert-parallel "sentinel", which the eager experts
+    loop skips and the ``grouped_mm`` / ``batched_mm`` implementations mask once told, see
+    :func:`row_top_k`). The experts module therefore computes exactly ``top_ks[r]`` experts per
+    token of row ``r``.
+
+    Two ways to compute the routing, with the same result up to float rounding:
+
+    - the routers of :data:`_SOFTMAX_TOP_K_ROUTERS` (OLMoE, Qwen2-MoE, Mixtral): one softmax and
+      one top-k at the largest k for all tokens, then each token's slots beyond its row's k are
+      dropped and the kept weights renormalised as the router's class does (the top ``k`` of a
+      sorted top-``k_max`` are the top ``k``; a sum over the kept weights may round differently
+      from the unbatched sum in the last bit);
+    - any other router (or with :attr:`vectorised` off): the tokens of the rows sharing one
+      top-k go through the router's own ``forward`` with ``top_k`` set to that value, so its
+      selection and renormalisation are the model's own.
+
+    The caller declares the rows with :meth:`set_rows` and, before each forward, the tokens
+    per row (:attr:`tokens_per_row`). A block that runs on fewer rows than were declared runs on
+    the leading ones (the batched stage 2 orders its rows by depth, deepest first, so the rows
+    still running at block ``i`` are a prefix of the batch).
+    """
+
+    def __init__(self, num_experts: int):
+        self.num_experts = int(num_experts)
+        self.tokens_per_row = 1
+        #: use the single-pass routing for the routers of :data:`_SOFTMAX_TOP_K_ROUTERS`
+        self.vectorised = True
+        self._top_ks: tuple[int, ...] = ()
+        self._layouts: dict[tuple[int, int], tuple] = {}
+
+    @property
+    def top_ks(self) -> tuple[int, ...]:
+        return self._top_ks
+
+    def set_rows(self, top_ks) -> None:
+        """The top-k of each row of the batch, in batch order."""
+        self._top_ks = tuple(int(k) for k in top_ks)
+        self._layouts.clear()
+
+    def layout(self, n_tokens: int, device) -> tuple[list, torch.Tensor | None]:
+        """For the leading rows covering ``n_tokens`` tokens: ``[(top_k, token indices)]`` per
+        distinct top-k, and the ``[tokens, max top-k]`` mask of dropped slots (``None`` and
+        ``[(k, None)]`` when every row has the same top-k)."""
+        t = self.tokens_per_row
+        n_rows = n_tokens // t
+        if n_rows * t != n_tokens or not (1 <= n_rows <= len(self._top_ks)):
+            raise KnobError(f"a router received {n_tokens} tokens for rows of {t} tokens; accepted: a multiple "
+                            f"of {t} tokens for at most {len(self._top_ks)} rows (RowTopK.set_rows)")
+        key = (n_rows, t)
+        if key not in self._layouts:
+            ks = self._top_ks[:n_rows]
+            if len(set(ks)) == 1:
+                self._layouts[key] = ([(ks[0], None)], None)
+            else:
+                by_k: dict[int, list[int]] = {}
+                for row, k in enumerate(ks):
+                    by_k.setdefault(k, []).extend(range(row * t, (row + 1) * t))
+                groups = [(k, torch.tensor(tokens, device=device)) for k, tokens in sorted(by_k.items())]
+                token_k = torch.tensor(ks, device=device).repeat_interleave(t)
+                dropped = torch.arange(max(ks), device=device).unsqueeze(0) >= token_k.unsqueeze(1)
+                self._layouts[key] = (groups, dropped)
+        return self._layouts[key]
+
+    def route(self, router: nn.Module, original, experts: list, hidden_states: torch.Tensor, *args, **kwargs):
+        """The router's ``(logits, weights, expert indices)`` with each row at its own top-k;
+        ``experts`` (the block's experts modules) are told whether dropped slots are present."""
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        groups, dropped = self.layout(flat.shape[0], flat.device)
+        for module in experts:
+            module._is_expert_parallel = dropped is not None  # mask the sentinel slots (see row_top_k)
+        if dropped is None:
+            router.top_k = groups[0][0]
+            return original(hidden_states, *args, **kwargs)
+        k_max = dropped.shape[1]
+        router.top_k = k_max
+        known = _SOFTMAX_TOP_K_ROUTERS.get(type(router).__name__)
+        if self.vectorised and known is not None:
+            norm_attr, cast = known
+            logits = F.linear(flat, router.weight)
+            values, indices = torch.topk(torch.softmax(logits, dim=-1, dtype=torch.float), k_max, dim=-1)
+            values = values.masked_fill(dropped, 0.0)
+            if norm_attr is None or getattr(router, norm_attr):
+                values = values / values.sum(dim=-1, keepdim=True)
+            if cast:
+                values = values.to(logits.dtype)
+            return logits, values, indices.masked_fill(dropped, self.num_experts)
+        logits = weights = indices = None
+        for k, tokens in groups:
+            router.top_k = k
+            out = original(flat[tokens], *args, **kwargs)
+            if not (isinstance(out, tuple) and len(out) == 3):
+                raise KnobError(f"{type(router).__name__} does not return (logits, weights, indices); per-row "
+                                f"top-k supports the routers of {', '.join(SUPPORTED_FAMILIES)}")
+            lg, w, ix = out
+            if logits is None:
+                logits = lg.new_empty((flat.shape[0], lg.shape[-1]))
+                weights = w.new_zeros((flat.shape[0], k_max))
+                indices = ix.new_full((flat.shape[0], k_max), self.num_experts)
+            logits[tokens] = lg
+            weights[tokens, :k] = w
+            indices[tokens, :k] = ix
+        router.top_k = k_max
+        return logits, weights, indices
+
+
+@contextlib.contextmanager
+def row_top_k(model: nn.Module, space: KnobSpace) -> Iterator[RowTopK | None]:
+    """Route every MoE block except the first per row (:class:`RowTopK`) inside the ``with`` block.
+
+    Yields the :class:`RowTopK` the caller sets rows on, or ``None`` for a model without MoE
+    blocks. Block 1 keeps the model's own top-k, as in :func:`apply_knobs`. The routers'
+    ``forward`` is wrapped on the instance and put back, with their ``top_k``, on exit.
+
+    The dropped slots use transformers' sentinel expert index (``num_experts``). Its vectorised
+    experts implementations (``grouped_mm``, ``batched_mm``) leave sentinel rows uninitialised
+    unless the experts module's ``_is_expert_parallel`` flag is set (then they are masked to
+    zero), so the flag of the experts modules of blocks 2.. is set whenever their router hands
+    them dropped slots, and restored on exit; the eager loop skips sentinel slots either way.
+    """
+    if not space.has_moe:
+        yield None
+        return
+    parts = model_parts(model)
+    rows = RowTopK(space.num_experts)
+    restore: list = []
+    try:
+        for i in range(1, len(parts.layers)):
+            routers = parts.routers(i)
+            experts = [m for m in parts.layers[i].modules() if isinstance(vars(m).get("_is_expert_parallel"), bool)]
+            restore.extend((m, "_is_expert_parallel", m._is_expert_parallel) for m in experts)
+            for router in routers:
+                restore.append((router, "top_k", router.top_k))
+                # the innermost router computes the routing; a block carrying top_k around it
+                # (Mixtral) only records it
+                if any(other is not router and any(m is other for m in router.modules()) for other in routers):
+                    continue
+                original = router.forward
+                restore.append((router, "forward", original if "forward" in vars(router) else _DELETE))
+                router.forward = functools.partial(rows.route, router, original, experts)
+        yield rows
+    finally:
+        for obj, name, value in reversed(restore):
+            if value is _DELETE:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
+
+
 def _tier_inputs(parts: ModelParts, space: KnobSpace, tier: str | None, args: tuple, kwargs: dict):
     """The ``get_image_features`` arguments with the pixels at the tier's size (resize mode only)."""
     if space.tier_mode != "resize" or tier is None:

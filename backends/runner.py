@@ -13,12 +13,17 @@ long a run is:
 
 A memoised stage-1 state carries its measured time, which is charged to every run that uses it,
 as if each run were its own episode.
+
+Groups (:meth:`StageRunner.run_group`): with ``batch_stage2`` (envs in estimated-latency mode)
+the members of a group that share a stage-1 state run their stage 2 as one batch
+(:meth:`~backends.base.Backend.run_stage2_batch`); without it (measured latency, where every run
+must be timed on its own) each member runs alone, exactly as :meth:`StageRunner.run`.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Generic, Hashable, TypeVar
+from typing import Any, Callable, Generic, Hashable, Sequence, TypeVar
 
 from backends.base import Backend, Sample
 from backends.knobs import KnobConfig
@@ -73,17 +78,22 @@ class StageRunner:
     Args:
         backend: the :class:`~backends.base.Backend` to run.
         memoise_outcomes: reuse the outcome of a (sample, knobs) pair already run.
+        batch_stage2: :meth:`run_group` runs the members sharing a stage-1 state as one stage-2
+            batch (default ``False``: one run per member). Batched outcomes equal unbatched ones up
+            to float rounding, but their ``measured_ms`` is a share of the batch's time, so a
+            measured-latency env leaves this off.
         stage1_cache_size: stage-1 states kept (default 256).
         outcome_cache_size: outcomes kept (default 200 000).
     """
 
-    def __init__(self, backend: Backend, *, memoise_outcomes: bool, stage1_cache_size: int = 256,
-                 outcome_cache_size: int = 200_000):
+    def __init__(self, backend: Backend, *, memoise_outcomes: bool, batch_stage2: bool = False,
+                 stage1_cache_size: int = 256, outcome_cache_size: int = 200_000):
         if not isinstance(backend, Backend):
             raise ValueError(f"backend={backend!r} is invalid; accepted: an object implementing "
                              f"backends.base.Backend")
         self.backend = backend
         self.memoise_outcomes = bool(memoise_outcomes)
+        self.batch_stage2 = bool(batch_stage2)
         self.stage1_cache_size, self.outcome_cache_size = stage1_cache_size, outcome_cache_size
         self._stage1: LRUCache[Stage1State] = LRUCache(stage1_cache_size)
         self._outcomes: LRUCache[Outcome] = LRUCache(outcome_cache_size)
@@ -104,6 +114,40 @@ class StageRunner:
         if self.memoise_outcomes:
             self._outcomes.put(key, outcome)
         return outcome
+
+    def run_group(self, sample: Sample, knobs_list: Sequence[KnobConfig]) -> list[Outcome]:
+        """The outcomes of ``sample`` under each of ``knobs_list``, in order, as :meth:`run` would give.
+
+        With :attr:`batch_stage2`, the members not already memoised are grouped by stage-1 state
+        (tier and token budget); each state runs once and its members' distinct configurations run
+        as one :meth:`~backends.base.Backend.run_stage2_batch` (a lone one through ``run_stage2``);
+        outcomes fill the memo as
+        :meth:`run` does. Without it, each member runs alone through :meth:`run` (identical members
+        too, unless memoised): what a measured-latency caller needs, every run timed on its own.
+        """
+        if not self.batch_stage2:
+            return [self.run(sample, k) for k in knobs_list]
+        resolved = [self.backend.knob_space.resolve(k) for k in knobs_list]
+        outcomes: list[Outcome | None] = [None] * len(resolved)
+        # stage-1 key -> distinct knobs -> positions in the group
+        pending: dict[tuple, dict[KnobConfig, list[int]]] = {}
+        for i, knobs in enumerate(resolved):
+            key = (sample.split, sample.sample_id, knobs)
+            if self.memoise_outcomes and key in self._outcomes:
+                outcomes[i] = self._outcomes.get(key)
+            else:
+                pending.setdefault((knobs.tier, knobs.token_budget), {}).setdefault(knobs, []).append(i)
+        for (tier, token_budget), members in pending.items():
+            state = self.stage1(sample, tier, token_budget)
+            distinct = list(members)
+            batch = (self.backend.run_stage2_batch(state, distinct) if len(distinct) > 1
+                     else [self.backend.run_stage2(state, distinct[0])])
+            for knobs, outcome in zip(distinct, batch):
+                for i in members[knobs]:
+                    outcomes[i] = outcome
+                if self.memoise_outcomes:
+                    self._outcomes.put((sample.split, sample.sample_id, knobs), outcome)
+        return outcomes
 
     def clear(self) -> None:
         """Forget memoised stage-1 states and outcomes (benchmarks use this to time real runs)."""

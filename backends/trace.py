@@ -347,6 +347,10 @@ class TraceBackend:
                        measured_ms=float(measured_ms), stage1_ms=state.measured_ms, knobs=knobs,
                        empty_output=bool(empty), nonfinite_logits=bool(nonfinite))
 
+    def run_stage2_batch(self, state: Stage1State, knobs_list: Sequence[KnobConfig]) -> list[Outcome]:
+        """Recorded outcomes, one lookup per configuration (a replay has nothing to batch)."""
+        return [self.run_stage2(state, k) for k in knobs_list]
+
     def run(self, sample: Sample, knobs: KnobConfig) -> Outcome:
         knobs = self.knob_space.resolve(knobs)
         return self.run_stage2(self.run_stage1(sample, knobs.tier, knobs.token_budget), knobs)

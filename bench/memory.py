@@ -115,6 +115,9 @@ class FastBackend:
                        token_counts=counts, measured_ms=0.0, stage1_ms=0.0, knobs=knobs,
                        empty_output=False, nonfinite_logits=False)
 
+    def run_stage2_batch(self, state: Stage1State, knobs_list) -> list[Outcome]:
+        return [self.run_stage2(state, k) for k in knobs_list]
+
     def run(self, sample: Sample, knobs: KnobConfig) -> Outcome:
         return self.run_stage2(self.run_stage1(sample, knobs.tier, knobs.token_budget), knobs)
 

@@ -61,7 +61,8 @@ class KnobEnv(gym.Env):
         self.budget = Budget.parse(budget)
         self.reward_config = RewardConfig(overshoot_penalty, violation_penalty)
         self.latency = LatencySource(self.backend, latency, estimator=estimator)
-        self.runner = StageRunner(self.backend, memoise_outcomes=self.latency.mode == "estimated")
+        estimated = self.latency.mode == "estimated"
+        self.runner = StageRunner(self.backend, memoise_outcomes=estimated, batch_stage2=estimated)
         self.question_types = tuple(self.backend.question_types)
         self._typical_cheapest_ms, self._typical_full_ms = self._typical_latencies()
         self._ref_ms = float(np.median(self._typical_full_ms))  # observation normaliser
@@ -158,6 +159,7 @@ class KnobEnv(gym.Env):
     def __getstate__(self) -> dict:
         state = {k: v for k, v in self.__dict__.items() if k not in self._NOT_PICKLED}
         state["_memoise_outcomes"] = self.runner.memoise_outcomes
+        state["_batch_stage2"] = self.runner.batch_stage2
         if self._backend_spec is not None:
             state["backend"] = None
             spec = state.get("spec")
@@ -176,12 +178,13 @@ class KnobEnv(gym.Env):
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
         memoise_outcomes = state.pop("_memoise_outcomes")
+        batch_stage2 = state.pop("_batch_stage2", memoise_outcomes)
         self.__dict__.update(state)
         if self._backend_spec is not None:
             backend, options = self._backend_spec
             self.backend = load_backend(backend, **options)
             self.space = self.backend.knob_space
-        self.runner = StageRunner(self.backend, memoise_outcomes=memoise_outcomes)
+        self.runner = StageRunner(self.backend, memoise_outcomes=memoise_outcomes, batch_stage2=batch_stage2)
 
     # ---------------------------------------------------------------- episodes
     def _begin_episode(self, seed: int | None, options: dict | None) -> None:
@@ -268,13 +271,19 @@ class KnobEnv(gym.Env):
         """Rewards and infos of ``trajectories`` on one sample and budget, as if each were its own episode.
 
         Each distinct stage-1 computation (vision tower + block 1, keyed by tier and token budget)
-        runs once and is shared by every trajectory that needs it. Returns ``(rewards, infos)``.
+        runs once and is shared by every trajectory that needs it. In estimated-latency mode the
+        trajectories sharing a stage-1 state also run their stage 2 as one batch
+        (:meth:`backends.runner.StageRunner.run_group`): answers, scores and token counts, hence
+        rewards and infos, equal stepping each trajectory (batched logits differ from unbatched ones
+        only by float rounding; BENCHMARKS.md states the largest difference seen). In
+        measured-latency mode each trajectory runs and is timed alone, since one run's latency
+        cannot be measured inside a batch. Returns ``(rewards, infos)``.
         """
         split = check_split(split or self.split)
         sample = self.backend.sample(split, sample_id)
         budget_ms = check_budget_ms(budget_ms)
-        outcomes = [self._run(sample, self.action_to_knobs(self._check_action(self.to_env_action(t))))
-                    for t in trajectories]
+        knobs = [self.action_to_knobs(self._check_action(self.to_env_action(t))) for t in trajectories]
+        outcomes = self.runner.run_group(sample, knobs)
         latencies = self.latency.outcomes_ms(outcomes)
         rewards, infos = [], []
         for outcome, lat in zip(outcomes, latencies):

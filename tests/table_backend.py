@@ -141,5 +141,8 @@ class TableBackend:
                        token_counts=counts, measured_ms=float(TableLatency().predict([knobs], [counts])[0]),
                        knobs=knobs, stage1_ms=state.measured_ms)
 
+    def run_stage2_batch(self, state: Stage1State, knobs_list) -> list[Outcome]:
+        return [self.run_stage2(state, k) for k in knobs_list]
+
     def run(self, sample: Sample, knobs: KnobConfig) -> Outcome:
         return self.run_stage2(self.run_stage1(sample, knobs.tier, knobs.token_budget), knobs)

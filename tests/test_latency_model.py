@@ -110,6 +110,9 @@ class FakeBackend:
     def run_stage2(self, state: Stage1State, knobs: KnobConfig) -> Outcome:
         return self.run(state.payload[0], knobs)
 
+    def run_stage2_batch(self, state: Stage1State, knobs_list) -> list[Outcome]:
+        return [self.run_stage2(state, k) for k in knobs_list]
+
     def run(self, sample: Sample, knobs: KnobConfig) -> Outcome:
         self.runs += 1
         knobs = self.knob_space.resolve(knobs)

@@ -25,6 +25,7 @@ class CountingBackend:
 
     def __init__(self):
         self.stage1_calls = self.stage2_calls = 0
+        self.batch_calls: list[list] = []
 
     def identity(self):
         return {"backend": "counting"}
@@ -58,6 +59,10 @@ class CountingBackend:
     def run_stage2(self, state, knobs):
         self.stage2_calls += 1
         return Outcome("a", "a", 1.0, state.token_counts, 2.0, knobs)
+
+    def run_stage2_batch(self, state, knobs_list):
+        self.batch_calls.append(list(knobs_list))
+        return [self.run_stage2(state, k) for k in knobs_list]
 
     def run(self, sample, knobs):
         return self.run_stage2(self.run_stage1(sample, knobs.tier, knobs.token_budget), knobs)
