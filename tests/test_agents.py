@@ -89,6 +89,20 @@ def test_grpo_config_uses_trl_names_and_validates():
         GRPOConfig.from_dict({"lr": 0.1})
 
 
+def test_the_cli_grpo_config_is_the_dataclass_defaults():
+    """conf/agent/grpo.yaml restates GRPOConfig's defaults for Hydra: one definition, so they must agree."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    import yaml
+
+    conf = yaml.safe_load((Path(__file__).parent.parent / "conf" / "agent" / "grpo.yaml").read_text())
+    defaults = GRPOConfig().as_dict()
+    assert set(conf) - {"name"} == {f.name for f in fields(GRPOConfig)}
+    assert {k: v for k, v in conf.items() if k not in ("name", "seed")} == \
+        {k: v for k, v in defaults.items() if k != "seed"}
+
+
 def _synthetic_rollout(agent: GRPOAgent, groups: int = 4, seed: int = 0) -> Rollout:
     gen = torch.Generator().manual_seed(seed)
     G, S = agent.config.num_generations, len(agent.stage_heads)
