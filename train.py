@@ -11,7 +11,8 @@ Writes ``runs/<env>/<agent>/<timestamp>/``: ``.hydra/`` (resolved config), ``ver
 ``pareto.png`` (a resumed run moves the earlier report to ``reports/<timestamp>/``), and ends with
 a summary: the verdict, the files, what to run next. ``budget=auto`` (the default) is the env's
 ``suggested_budget_ms`` on this device, resolved once at startup. Configuration:
-``conf/config.yaml`` and the groups ``conf/env``, ``conf/agent``, ``conf/backend``;
+``conf/config.yaml`` and the groups ``conf/env``, ``conf/agent``, ``conf/backend``, ``conf/rollout``
+(``rollout=ray rollout.workers=N``: GRPO's groups on Ray actors, same results);
 ``python train.py --help`` lists them. The agent's own ``fit`` is the training loop;
 this script supplies its hooks (:class:`knobgym_cli.training.TrainingHooks`) and knows no agent
 by name.
@@ -33,6 +34,7 @@ from knobgym_cli.checkpoints import checkpoint_file, load_run_checkpoint, read_w
 from knobgym_cli.errors import CONF_DIR, GROUPS, UsageError, run_cli
 from knobgym_cli.logs import say, setup_cli_logging
 from knobgym_cli.progress import cli_progress, phase
+from knobgym_cli.rollout import rollout_executor
 from knobgym_cli.runs import discard_failed_run_dir, is_resume, register_resolvers
 from knobgym_cli.versions import to_jsonable, versions
 
@@ -121,14 +123,17 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
                           best=resume_ckpt["metadata"].get("best_validation_reward", -np.inf) if resumed else -np.inf,
                           last=resume_ckpt["metadata"].get("last_validation_reward") if resumed else None,
                           title=f"{name} {cfg.env.id} {budget}")
-    context = FitContext(split=cfg.train_split, sample_pool=cfg.sample_pool, budgets_ms=budgets_ms, hooks=hooks)
-    if resumed:
-        agent = cls.restore(env, resume_ckpt["state"])
-        agent.configure(**agent_options(agent_cfg))  # e.g. a larger total_updates
-        train_stats = agent.fit(env, context)
-    else:  # an agent with an update loop shows its phases through the hooks (initial validation, updates)
-        with phase(f"training {name}"):
-            agent, train_stats = build_agent(name, agent_options(agent_cfg), env, cfg.seed, context)
+    # rollout=ray: a Ray session (and its actors) for training only; baselines and evaluation run here
+    with rollout_executor(cfg.get("rollout"), int(cfg.torch_threads)) as executor:
+        context = FitContext(split=cfg.train_split, sample_pool=cfg.sample_pool, budgets_ms=budgets_ms, hooks=hooks,
+                             executor=executor)
+        if resumed:
+            agent = cls.restore(env, resume_ckpt["state"])
+            agent.configure(**agent_options(agent_cfg))  # e.g. a larger total_updates
+            train_stats = agent.fit(env, context)
+        else:  # an agent with an update loop shows its phases through the hooks (initial validation, updates)
+            with phase(f"training {name}"):
+                agent, train_stats = build_agent(name, agent_options(agent_cfg), env, cfg.seed, context)
     if hooks.validated:
         train_stats = {**train_stats, "best_validation_reward": hooks.best}
     agent = hooks.finish(agent, train_stats)

@@ -71,12 +71,15 @@ class FitContext:
         budgets_ms: the budgets the agent will be evaluated at (``static`` calibrates at these;
             empty: the env budget's :meth:`~envs.budget.Budget.evaluation_budgets`).
         hooks: validation / checkpoint / logging callbacks.
+        executor: where an agent's group collection runs (an :class:`executors.Executor`; ``None``:
+            this process). GRPO honours it (:mod:`agents.rollout`); the other agents train in this process.
     """
 
     split: str = "train"
     sample_pool: int | None = None
     budgets_ms: Sequence[float] = ()
     hooks: FitHooks = field(default_factory=FitHooks)
+    executor: Any = None
 
 
 class Agent:

@@ -36,12 +36,13 @@ validation, checkpoints and logging are the caller's :class:`~agents.base.FitHoo
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -51,6 +52,8 @@ from torch import nn
 
 from agents.base import Agent, EnvLayout, EpisodeContext, FitContext
 from agents.registry import register_agent
+from agents.rollout import (GroupCollector, GroupRequest, GroupResult, LocalGroupCollector, group_collector,
+                            group_seed)
 from envs.budget import Budget
 
 SCALE_REWARDS = ("group", "batch", "none")
@@ -308,7 +311,6 @@ class GRPOAgent(Agent):
         self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.config.learning_rate)
         self.rng = np.random.default_rng(self.config.seed)
-        self.torch_rng = torch.Generator().manual_seed(self.config.seed)
         self.step = 0
 
     @classmethod
@@ -384,65 +386,96 @@ class GRPOAgent(Agent):
 
     # ------------------------------------------------------------------------------- the loop
     def fit(self, env: gym.Env, context: FitContext | None = None) -> dict:
-        """Train until ``config.total_updates`` updates (continuing from ``self.step``)."""
+        """Train until ``config.total_updates`` updates (continuing from ``self.step``).
+
+        Groups are collected where ``context.executor`` says (:mod:`agents.rollout`: in this
+        process by default, on Ray actors with ``rollout=ray``); the result is the same either way.
+        """
         context = context or FitContext()
         layout = EnvLayout(env)
         budgets = layout.env.budget.training_range(self.config.budget_jitter)
         total = self.config.total_updates
+        collector = group_collector(env, self, context.executor)
         context.hooks.on_fit_start(self, self.step, total)
-        while self.step < total:
-            rollout, stats = self.train_step(layout, budgets, context.split, context.sample_pool)
-            context.hooks.on_update(self, self.step, rollout.infos, stats)
+        try:
+            while self.step < total:
+                rollout, stats = self.train_step(layout, budgets, context.split, context.sample_pool, collector)
+                context.hooks.on_update(self, self.step, rollout.infos, stats)
+        finally:
+            collector.close()
         context.hooks.on_fit_end(self, self.step)
         return {"updates": self.step}
 
     # ------------------------------------------------------------------------------- rollouts
     def collect(self, layout: EnvLayout, sample_ids: Sequence[int], budgets_ms: Sequence[float],
-                split: str = "train") -> Rollout:
+                split: str = "train", collector: GroupCollector | None = None) -> Rollout:
         """Sample and score one group per (sample, budget); advantages are group-relative.
 
-        A trajectory is sampled stage by stage: each stage's options are drawn at the observation
-        (and latency features) of the earlier choices this trajectory made; trajectories of a group
-        that share those choices share the query.
+        Group ``g`` of update ``self.step`` samples with its own generator seeded
+        :func:`~agents.rollout.group_seed` ``(seed, step, g)`` (:meth:`sample_group`), so the
+        groups are the same whichever ``collector`` ran them (default: this process, in order).
         """
-        G, S = self.config.num_generations, len(self.stage_heads)
-        parts: dict[str, list] = {"obs": [], "features": [], "options": [], "actions": [], "rewards": []}
-        all_infos: list[dict] = []
-        for sample_id, budget_ms in zip(sample_ids, budgets_ms):
-            obs = np.zeros((G, S, self.obs_dim), dtype=np.float32)
-            features = np.zeros((G, S, self.max_options, LATENCY_FEATURES), dtype=np.float32)
-            options = np.zeros((G, S), dtype=np.int64)
-            actions = np.zeros((G, len(self.nvec)), dtype=np.int64)
-            for stage in range(S):
-                earlier = actions[:, [h for s in range(stage) for h in self.stage_heads[s]]]
-                for prefix in np.unique(earlier, axis=0):
-                    rows = np.flatnonzero((earlier == prefix).all(axis=1))
-                    trajectory = actions[rows[0]] if stage else None
-                    stage_obs = layout.observation(sample_id, budget_ms, split, stage, trajectory)
-                    stage_features = self.latency_features(layout, sample_id, budget_ms, split, stage, trajectory)
-                    obs[rows, stage], features[rows, stage] = stage_obs, stage_features
-                    with torch.no_grad():
-                        logp = self._stage_log_probs(self.policy, torch.as_tensor(stage_obs),
-                                                     torch.as_tensor(stage_features), stage)
-                    chosen = torch.multinomial(logp.exp(), len(rows), replacement=True,
-                                               generator=self.torch_rng).numpy()
-                    options[rows, stage] = chosen
-                    actions[np.ix_(rows, self.stage_heads[stage])] = self.stage_options[stage][chosen]
-            rewards, infos = layout.evaluate(sample_id, budget_ms, actions, split)
-            for info, r in zip(infos, rewards):
-                info["reward"] = float(r)
-            for key, value in (("obs", obs), ("features", features), ("options", options), ("actions", actions),
-                               ("rewards", rewards)):
-                parts[key].append(value)
-            all_infos += infos
-        rewards = np.stack(parts["rewards"])
-        obs_t, features_t, options_t = (torch.as_tensor(np.concatenate(parts[k])) for k in ("obs", "features", "options"))
+        collector = collector or LocalGroupCollector(layout, self)
+        requests = [GroupRequest(int(sample_id), float(budget_ms), split, group_seed(self.config.seed, self.step, g))
+                    for g, (sample_id, budget_ms) in enumerate(zip(sample_ids, budgets_ms))]
+        groups = collector.collect(requests)
+        rewards = np.stack([g.rewards for g in groups])
+        obs_t = torch.as_tensor(np.concatenate([g.obs for g in groups]))
+        features_t = torch.as_tensor(np.concatenate([g.features for g in groups]))
+        options_t = torch.as_tensor(np.concatenate([g.options for g in groups]))
+        actions_t = torch.as_tensor(np.concatenate([g.actions for g in groups]))
         with torch.no_grad():
             old_logp = self.trajectory_log_prob(self.policy, obs_t, features_t, options_t)
         advantages = torch.as_tensor(group_advantages(rewards, self.config.scale_rewards).reshape(-1),
                                      dtype=torch.float32)
-        return Rollout(obs_t, features_t, options_t, torch.as_tensor(np.concatenate(parts["actions"])), old_logp,
-                       advantages, rewards, all_infos, G)
+        return Rollout(obs_t, features_t, options_t, actions_t, old_logp, advantages, rewards,
+                       [info for g in groups for info in g.infos], self.config.num_generations)
+
+    def sample_group(self, layout: EnvLayout, request: GroupRequest) -> GroupResult:
+        """Sample ``num_generations`` trajectories on one (sample, budget) and score them.
+
+        A trajectory is sampled stage by stage: each stage's options are drawn at the observation
+        (and latency features) of the earlier choices this trajectory made; trajectories of a group
+        that share those choices share the query. The draws come from a generator seeded with
+        ``request.seed`` only: the group depends on the env, the policy weights and the request.
+        """
+        G, S = self.config.num_generations, len(self.stage_heads)
+        sample_id, budget_ms, split = request.sample_id, request.budget_ms, request.split
+        generator = torch.Generator().manual_seed(request.seed)
+        obs = np.zeros((G, S, self.obs_dim), dtype=np.float32)
+        features = np.zeros((G, S, self.max_options, LATENCY_FEATURES), dtype=np.float32)
+        options = np.zeros((G, S), dtype=np.int64)
+        actions = np.zeros((G, len(self.nvec)), dtype=np.int64)
+        for stage in range(S):
+            earlier = actions[:, [h for s in range(stage) for h in self.stage_heads[s]]]
+            for prefix in np.unique(earlier, axis=0):
+                rows = np.flatnonzero((earlier == prefix).all(axis=1))
+                trajectory = actions[rows[0]] if stage else None
+                stage_obs = layout.observation(sample_id, budget_ms, split, stage, trajectory)
+                stage_features = self.latency_features(layout, sample_id, budget_ms, split, stage, trajectory)
+                obs[rows, stage], features[rows, stage] = stage_obs, stage_features
+                with torch.no_grad():
+                    logp = self._stage_log_probs(self.policy, torch.as_tensor(stage_obs),
+                                                 torch.as_tensor(stage_features), stage)
+                chosen = torch.multinomial(logp.exp(), len(rows), replacement=True, generator=generator).numpy()
+                options[rows, stage] = chosen
+                actions[np.ix_(rows, self.stage_heads[stage])] = self.stage_options[stage][chosen]
+        rewards, infos = layout.evaluate(sample_id, budget_ms, actions, split)
+        for info, r in zip(infos, rewards):
+            info["reward"] = float(r)
+        return GroupResult(obs, features, options, actions, np.asarray(rewards, dtype=np.float64), infos)
+
+    # GroupSampler members (agents.rollout): what a Ray actor needs to sample as this agent does
+    def policy_weights(self) -> dict:
+        return self.policy.state_dict()
+
+    def load_policy_weights(self, weights: dict) -> None:
+        self.policy.load_state_dict(weights)
+
+    def replica(self) -> Callable[[], "GRPOAgent"]:
+        """A picklable factory of an agent with this one's shapes and options (weights set later)."""
+        return functools.partial(GRPOAgent, self.obs_dim, self.nvec, self.stage_heads,
+                                 GRPOConfig.from_dict(self.config.as_dict()))
 
     # ------------------------------------------------------------------------------- loss
     def stage_log_probs(self, net: nn.Module, obs: torch.Tensor, features: torch.Tensor) -> list[torch.Tensor]:
@@ -495,15 +528,15 @@ class GRPOAgent(Agent):
         return stats
 
     def train_step(self, layout: EnvLayout, budgets: Budget, split: str = "train",
-                   sample_pool: int | None = None) -> tuple[Rollout, dict]:
+                   sample_pool: int | None = None, collector: GroupCollector | None = None) -> tuple[Rollout, dict]:
         """One GRPO update: draw samples and budgets (from ``budgets``, the training range), collect
-        groups, update; returns rollout and stats."""
+        groups (with ``collector``; default: in this process), update; returns rollout and stats."""
         start = time.perf_counter()
         n_samples = layout.num_samples(split)
         pool = n_samples if sample_pool is None else min(int(sample_pool), n_samples)
         sample_ids = self.rng.integers(pool, size=self.config.batch_size)
         budgets = [budgets.sample(self.rng) for _ in sample_ids]
-        rollout = self.collect(layout, sample_ids.tolist(), budgets, split)
+        rollout = self.collect(layout, sample_ids.tolist(), budgets, split, collector)
         stats = self.update(rollout)
         stats["samples_per_second"] = len(rollout.infos) / max(1e-9, time.perf_counter() - start)
         return rollout, stats
@@ -520,8 +553,8 @@ class GRPOAgent(Agent):
             "stage_heads": self.stage_heads, "step": self.step,
             "policy": self.policy.state_dict(), "ref_policy": self.ref_policy.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng": {"numpy": self.rng.bit_generator.state, "torch_sampling": self.torch_rng.get_state(),
-                    "torch_global": torch.get_rng_state(), "python": random.getstate()},
+            "rng": {"numpy": self.rng.bit_generator.state, "torch_global": torch.get_rng_state(),
+                    "python": random.getstate()},  # group sampling is seeded per group (agents.rollout.group_seed)
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -533,7 +566,6 @@ class GRPOAgent(Agent):
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.rng.bit_generator.state = state["rng"]["numpy"]
-        self.torch_rng.set_state(state["rng"]["torch_sampling"])
         torch.set_rng_state(state["rng"]["torch_global"])
         random.setstate(state["rng"]["python"])
 

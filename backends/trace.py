@@ -3,7 +3,9 @@
 ``record_trace`` stores, per (sample, configuration), the score, answer, token counts, measured
 latency and the stage-1 summary in one SQLite file together with the backend identity, model
 revision and device. Recording is resumable: rows are committed sample by sample, and a
-restarted recording skips what is already there.
+restarted recording skips what is already there. Samples can be sharded over Ray actors
+(``executor=RayExecutor(workers=N)``, one model per actor); this process still writes every row,
+in sample order.
 
 ``TraceBackend`` serves envs from such a file with the same observations, rewards and infos as
 the live backend for every recorded pair; an unrecorded pair is a clear error. It implements the
@@ -16,6 +18,8 @@ at once with numpy, for fast agent sweeps.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 import os
@@ -32,7 +36,9 @@ from backends.io import atomic_write_bytes
 from backends.knobs import KnobConfig, KnobSpace
 from backends.outcome import Outcome, Stage1State, TokenCounts, expected_token_counts
 from backends.progress import progress as progress_bar
+from backends.registry import load_backend
 from backends.text_features import QUESTION_FEATURE_DIM, hashed_bag_of_words
+from executors import LocalExecutor
 
 TRACE_FORMAT_VERSION = 1
 _SCHEMA = """
@@ -81,29 +87,32 @@ def _meta(conn: sqlite3.Connection) -> dict:
     return {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta")}
 
 
-def _put_sample(conn, backend, sample: Sample) -> None:
+def _sample_row(backend, sample: Sample) -> tuple:
     h, w = sample.image_size
-    conn.execute("INSERT OR IGNORE INTO samples VALUES (?,?,?,?,?,?,?,?)",
-                 (sample.split, sample.sample_id, sample.question, sample.reference, sample.question_type,
-                  h, w, backend.prompt_tokens(sample)))
+    return (sample.split, sample.sample_id, sample.question, sample.reference, sample.question_type, h, w,
+            backend.prompt_tokens(sample))
 
 
-def record_trace(backend, path: str | os.PathLike, split: str = "test", sample_ids: Iterable[int] | None = None,
-                 configs: Sequence[KnobConfig] | None = None, progress: bool = True,
-                 estimator_file: str | os.PathLike | None = None) -> Path:
-    """Record ``backend`` over ``split`` and the knob grid into ``path`` (resumable).
+@dataclass(frozen=True)
+class _DescribeTask:
+    """Worker task: the trace's metadata, the validation samples' rows and the split's size."""
 
-    The validation split's first samples' metadata is stored too, since envs compute their
-    latency normaliser from typical validation inputs. ``estimator_file`` (a saved latency
-    estimator of this backend on the recording device) travels inside the trace, so a replay on
-    another machine charges the recording device's latencies.
-    """
-    check_split(split)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    split: str
+    configs: tuple | None
+
+
+@dataclass(frozen=True)
+class _SampleTask:
+    """Worker task: run sample ``sample_id`` of ``split`` at ``configs`` (``(config_id, KnobConfig)`` pairs)."""
+
+    split: str
+    sample_id: int
+    configs: tuple
+
+
+def _describe(backend, task: _DescribeTask) -> dict:
     space = backend.knob_space
-    configs = [space.resolve(k) for k in (configs or trace_grid(space))]
-    conn = _connect(path)
+    configs = [space.resolve(k) for k in (task.configs or trace_grid(space))]
     by_type = backend.expected_new_tokens_by_type
     meta = {
         "format_version": TRACE_FORMAT_VERSION, "identity": backend.identity(), "knob_space": space.as_dict(),
@@ -113,62 +122,121 @@ def record_trace(backend, path: str | os.PathLike, split: str = "test", sample_i
         "cost_params": {k: float(v) for k, v in backend.cost_params().items()},
         "configs": [k.as_dict() for k in configs],
     }
-    existing = _meta(conn)
-    if existing:
-        for key in ("identity", "configs", "knob_space"):
-            if existing.get(key) != meta[key]:
-                raise TraceError(f"trace file {str(path)!r} was recorded with a different {key}; accepted: resume "
-                                 f"with the same backend and configurations, or a new file")
-    else:
-        meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        with conn:
-            conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
-    if estimator_file is not None:
-        with conn:
-            conn.execute("INSERT OR REPLACE INTO blobs VALUES ('estimator', ?)", (Path(estimator_file).read_bytes(),))
-    items = backend.samples(split)
-    ids = list(range(len(items))) if sample_ids is None else [int(i) for i in sample_ids]
-    with conn:
-        for s in backend.samples("validation")[:16]:
-            _put_sample(conn, backend, s)
-    done = {(sid, cid) for sid, cid in conn.execute("SELECT sample_id, config_id FROM outcomes WHERE split=?",
-                                                     (split,))}
-    with progress_bar(len(ids), f"record {split}", unit="sample", enabled=progress) as bar:
-        for sid in ids:
-            _record_sample(conn, backend, path, split, sid, configs, done)
-            bar.update()
-    conn.close()
-    return path
+    return {"meta": meta, "configs": configs, "split_size": len(backend.samples(task.split)),
+            "validation_rows": [_sample_row(backend, s) for s in backend.samples("validation")[:16]]}
 
 
-def _record_sample(conn, backend, path: Path, split: str, sid: int, configs: Sequence[KnobConfig], done: set) -> None:
-    """Run and store the configurations of sample ``sid`` not yet in the trace (one transaction).
-
-    Rows are validated before they are written (:func:`check_outcome_row`, :func:`check_stage1_row`):
-    a backend returning a non-finite score or latency stops the recording with a :class:`TraceError`.
-    """
-    todo = [(cid, k) for cid, k in enumerate(configs) if (sid, cid) not in done]
-    if not todo:
-        return
-    sample = backend.sample(split, sid)
+def _run_sample(backend, task: _SampleTask) -> tuple[tuple, list[tuple], list[tuple]]:
+    """The rows of one sample: its ``samples`` row, ``stage1`` rows (one per (tier, token budget))
+    and ``outcomes`` rows (one per configuration), in a fixed order. Runs no I/O."""
+    sample = backend.sample(task.split, task.sample_id)
     states: dict[tuple, Stage1State] = {}
     rows = []
-    for cid, k in todo:
+    for cid, k in task.configs:
         key = (k.tier, k.token_budget)
         if key not in states:
             states[key] = backend.run_stage1(sample, k.tier, k.token_budget)
         o = backend.run_stage2(states[key], k)
-        rows.append(check_outcome_row(path, (split, sid, cid, o.answer, o.score, o.new_tokens, o.measured_ms,
-                                             int(o.empty_output), int(o.nonfinite_logits))))
+        rows.append((task.split, task.sample_id, cid, o.answer, o.score, o.new_tokens, o.measured_ms,
+                     int(o.empty_output), int(o.nonfinite_logits)))
     stage1_rows = []
     for (tier, budget), st in states.items():
         c = st.token_counts
-        stage1_rows.append(check_stage1_row(path, (split, sid, tier, budget, np.asarray(st.summary, np.float32).tobytes(),
-                                                   c.vision_tokens, c.vision_tokens_full, st.measured_ms)))
+        stage1_rows.append((task.split, task.sample_id, tier, budget, np.asarray(st.summary, np.float32).tobytes(),
+                            c.vision_tokens, c.vision_tokens_full, st.measured_ms))
+    return _sample_row(backend, sample), stage1_rows, rows
+
+
+def _trace_work(backend, shared: Any, task: _DescribeTask | _SampleTask):
+    """The work of one recording task on a worker holding ``backend`` (see :mod:`executors`)."""
+    del shared
+    return _describe(backend, task) if isinstance(task, _DescribeTask) else _run_sample(backend, task)
+
+
+def record_trace(backend, path: str | os.PathLike, split: str = "test", sample_ids: Iterable[int] | None = None,
+                 configs: Sequence[KnobConfig] | None = None, progress: bool = True,
+                 estimator_file: str | os.PathLike | None = None, executor=None) -> Path:
+    """Record ``backend`` over ``split`` and the knob grid into ``path`` (resumable).
+
+    ``backend`` is a loaded backend, or its spec for :func:`backends.registry.load_backend` (a
+    name or a dict with ``name``). The validation split's first samples' metadata is stored too,
+    since envs compute their latency normaliser from typical validation inputs.
+    ``estimator_file`` (a saved latency estimator of this backend on the recording device)
+    travels inside the trace, so a replay on another machine charges the recording device's
+    latencies.
+
+    ``executor`` (an :class:`executors.Executor`; ``None``: this process) says where samples run.
+    With :class:`executors.ray.RayExecutor`, the samples are sharded over its actors: each loads
+    the backend once from the spec (a spec is then required) with one GPU where the driver sees
+    CUDA, and a sample whose actor dies runs again on another. Whatever ran them, this process
+    writes the rows, one transaction per sample in sample order, so the file holds the rows a
+    single-process recording writes (timing columns aside: ``measured_ms`` and ``stage1_ms`` are
+    measurements).
+    """
+    check_split(split)
+    path = Path(path)
+    executor = executor or LocalExecutor()
+    if executor.in_process:
+        setup = functools.partial(load_backend, backend)
+    elif isinstance(backend, (str, dict)):
+        setup = functools.partial(load_backend, copy.deepcopy(backend))
+    else:
+        raise TraceError(f"record_trace on {executor.name} workers got a loaded {type(backend).__name__}; accepted: "
+                         f"its spec (a backend name or a dict with 'name' and options), which each worker loads")
+    pool = executor.pool(setup, _trace_work, gpus=True)
+    try:
+        _record(pool, path, split, sample_ids, configs, progress, estimator_file)
+    finally:
+        pool.close()
+    return path
+
+
+def _record(pool, path: Path, split: str, sample_ids, configs, progress: bool, estimator_file) -> None:
+    (described,) = pool.map([_DescribeTask(split, None if configs is None else tuple(configs))])
+    meta, configs = described["meta"], described["configs"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = _connect(path)
+    try:
+        existing = _meta(conn)
+        if existing:
+            for key in ("identity", "configs", "knob_space"):
+                if existing.get(key) != meta[key]:
+                    raise TraceError(f"trace file {str(path)!r} was recorded with a different {key}; accepted: "
+                                     f"resume with the same backend and configurations, or a new file")
+        else:
+            meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            with conn:
+                conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+        if estimator_file is not None:
+            with conn:
+                conn.execute("INSERT OR REPLACE INTO blobs VALUES ('estimator', ?)",
+                             (Path(estimator_file).read_bytes(),))
+        ids = list(range(described["split_size"])) if sample_ids is None else [int(i) for i in sample_ids]
+        with conn:
+            conn.executemany("INSERT OR IGNORE INTO samples VALUES (?,?,?,?,?,?,?,?)", described["validation_rows"])
+        done = {(sid, cid) for sid, cid in conn.execute("SELECT sample_id, config_id FROM outcomes WHERE split=?",
+                                                         (split,))}
+        tasks = [_SampleTask(split, sid, tuple((cid, k) for cid, k in enumerate(configs) if (sid, cid) not in done))
+                 for sid in ids]
+        todo = [t for t in tasks if t.configs]
+        with progress_bar(len(ids), f"record {split}", unit="sample", enabled=progress) as bar:
+            bar.update(len(ids) - len(todo))
+            for rows in pool.map(todo):
+                _write_sample(conn, path, *rows)
+                bar.update()
+    finally:
+        conn.close()
+
+
+def _write_sample(conn, path: Path, sample_row: tuple, stage1_rows: list[tuple], outcome_rows: list[tuple]) -> None:
+    """Store one sample's rows (one transaction), validated first (:func:`check_outcome_row`,
+    :func:`check_stage1_row`): a non-finite score or latency stops the recording with a :class:`TraceError`."""
+    outcome_rows = [check_outcome_row(path, row) for row in outcome_rows]
+    stage1_rows = [check_stage1_row(path, row) for row in stage1_rows]
     with conn:  # one transaction per sample: a killed recording loses at most this sample
-        _put_sample(conn, backend, sample)
+        conn.execute("INSERT OR IGNORE INTO samples VALUES (?,?,?,?,?,?,?,?)", sample_row)
         conn.executemany("INSERT OR REPLACE INTO stage1 VALUES (?,?,?,?,?,?,?,?)", stage1_rows)
-        conn.executemany("INSERT OR REPLACE INTO outcomes VALUES (?,?,?,?,?,?,?,?,?)", rows)
+        conn.executemany("INSERT OR REPLACE INTO outcomes VALUES (?,?,?,?,?,?,?,?,?)", outcome_rows)
 
 
 # ------------------------------------------------------------------------------------------------

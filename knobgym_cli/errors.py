@@ -10,6 +10,8 @@ from envs.budget import Budget, KVBudget
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("env", "agent", "backend")
+#: config groups that say where a run executes, not what it trains (a resumed run may change them)
+EXECUTION_GROUPS = ("rollout",)
 
 
 class UsageError(ValueError):
@@ -62,7 +64,7 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
 
     top_keys = (set(OmegaConf.load(CONF_DIR / f"{config_name}.yaml")) - {"defaults"}) | {"hydra"}
     if config_name == "config":
-        top_keys |= set(GROUPS)
+        top_keys |= set(GROUPS) | set(EXECUTION_GROUPS)
     dirs = search_dirs(argv)
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
@@ -72,6 +74,13 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
         root = key.split(".")[0].split("/")[0]
         if root not in top_keys:
             raise UsageError(f"unknown option {key!r}; accepted: {', '.join(sorted(top_keys - {'hydra'}))}")
+        if key in EXECUTION_GROUPS and config_name == "config":
+            options = group_options(key, dirs)
+            if value not in options:
+                raise UsageError(f"unknown {key} {value!r}; accepted: {', '.join(options)}")
+            from knobgym_cli.rollout import check_rollout_available
+
+            check_rollout_available(value)
         if key in GROUPS and config_name == "config":
             options = group_options(key, dirs)
             if value not in options:

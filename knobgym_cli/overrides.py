@@ -132,6 +132,8 @@ SCHEMAS: dict[str, dict[str, Option]] = {
         "eval.num_samples": _count("test samples per budget"),
         "eval.every": _count("updates between validations"),
         "eval.validation_samples": _count("validation samples per budget"),
+        "rollout.workers": _count("Ray actors collecting GRPO groups"),
+        "rollout.address": Option("str", "auto, or the address of a running Ray cluster"),
     },
     "evaluate": {
         "run": Option("str", "the run folder written by train.py"),
