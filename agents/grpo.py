@@ -73,8 +73,10 @@ class GRPOConfig:
 
     Same name, different default (why):
 
-    - ``learning_rate`` 3e-3 (TRL 1e-6 fine-tunes a pretrained LLM; this is a freshly initialised
-      MLP of a few thousand weights);
+    - ``learning_rate`` 1e-3 (TRL 1e-6 fine-tunes a pretrained LLM; this is a freshly initialised
+      MLP of a few thousand weights; on the tiny model over its suggested range 3e-3 drifted to a
+      cheaper configuration than the budget allowed within 100 updates, BENCHMARKS.md, "Budget
+      conditioning");
     - ``entropy_coef`` 0.03 (TRL 0.0): a stage's categorical is near-deterministic after a few
       dozen updates, and without a bonus it settles on whatever looked safest first; a policy
       trained over a budget range must keep exploring the options that only pay at the loose end
@@ -83,7 +85,9 @@ class GRPOConfig:
       gradient step costs microseconds, so each batch is reused for several clipped steps, which
       is what ``epsilon`` is for).
 
-    Ours: ``batch_size`` (samples per update, each with its own group), ``total_updates``,
+    Ours: ``batch_size`` (samples per update, each with its own group; 32: a real model's scores
+    are 0/1 per input and differ by a few points between configurations, so 8 groups per update
+    were mostly noise on the tiny model), ``total_updates``,
     ``hidden_sizes`` (policy MLP), ``budget_jitter`` (relative half-width of the budget range
     drawn around a fixed budget, so the budget feature varies during training),
     ``latency_features`` (each option's logit also reads the estimator's latency of that option on
@@ -104,7 +108,7 @@ class GRPOConfig:
     epsilon_high: float | None = None
     beta: float = 0.0
     scale_rewards: Any = "group"
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     num_iterations: int = 4
     temperature: float = 1.0
     entropy_coef: float = 0.03
@@ -112,7 +116,7 @@ class GRPOConfig:
     sync_ref_model: bool = False
     ref_model_sync_steps: int = 512
     ref_model_mixup_alpha: float = 0.6
-    batch_size: int = 8
+    batch_size: int = 32
     total_updates: int = 100
     hidden_sizes: Sequence[int] = field(default_factory=lambda: (64, 64))
     budget_jitter: float = 0.2
