@@ -73,8 +73,10 @@ class GRPOConfig:
 
     Same name, different default (why):
 
-    - ``learning_rate`` 3e-3 (TRL 1e-6 fine-tunes a pretrained LLM; this is a freshly initialised
-      MLP of a few thousand weights);
+    - ``learning_rate`` 1e-3 (TRL 1e-6 fine-tunes a pretrained LLM; this is a freshly initialised
+      MLP of a few thousand weights; on the tiny model over its suggested range 3e-3 drifted to a
+      cheaper configuration than the budget allowed within 100 updates, BENCHMARKS.md, "Budget
+      conditioning");
     - ``entropy_coef`` 0.03 (TRL 0.0): a stage's categorical is near-deterministic after a few
       dozen updates, and without a bonus it settles on whatever looked safest first; a policy
       trained over a budget range must keep exploring the options that only pay at the loose end
@@ -83,11 +85,17 @@ class GRPOConfig:
       gradient step costs microseconds, so each batch is reused for several clipped steps, which
       is what ``epsilon`` is for).
 
-    Ours: ``batch_size`` (samples per update, each with its own group), ``total_updates``,
+    Ours: ``batch_size`` (samples per update, each with its own group; 32: a real model's scores
+    are 0/1 per input and differ by a few points between configurations, so 8 groups per update
+    were mostly noise on the tiny model), ``total_updates``,
     ``hidden_sizes`` (policy MLP), ``budget_jitter`` (relative half-width of the budget range
     drawn around a fixed budget, so the budget feature varies during training),
     ``latency_features`` (each option's logit also reads the estimator's latency of that option on
     this input relative to the budget, see :class:`PolicyNet`; False: the observation only),
+    ``feasibility_prior`` (initial logit penalty per unit of ``log(latency / budget)`` by which an
+    option's cheapest completion is predicted to overshoot: 50 makes an option predicted 5% over
+    budget about e^2.4 = 11x less likely than one that fits; learned from there; 0 = none; only
+    with ``latency_features``),
     ``seed``.
 
     Not applicable: ``loss_type`` (a trajectory here is a few categorical choices with one ratio,
@@ -100,7 +108,7 @@ class GRPOConfig:
     epsilon_high: float | None = None
     beta: float = 0.0
     scale_rewards: Any = "group"
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     num_iterations: int = 4
     temperature: float = 1.0
     entropy_coef: float = 0.03
@@ -108,11 +116,12 @@ class GRPOConfig:
     sync_ref_model: bool = False
     ref_model_sync_steps: int = 512
     ref_model_mixup_alpha: float = 0.6
-    batch_size: int = 8
+    batch_size: int = 32
     total_updates: int = 100
     hidden_sizes: Sequence[int] = field(default_factory=lambda: (64, 64))
     budget_jitter: float = 0.2
     latency_features: bool = True
+    feasibility_prior: float = 50.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -132,7 +141,7 @@ class GRPOConfig:
             v = vars(self)[name]
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}={v!r} is invalid; accepted: a finite number > 0")
-        for name in ("beta", "entropy_coef", "max_grad_norm", "budget_jitter"):
+        for name in ("beta", "entropy_coef", "max_grad_norm", "budget_jitter", "feasibility_prior"):
             v = vars(self)[name]
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name}={v!r} is invalid; accepted: a finite number >= 0")
@@ -207,6 +216,18 @@ class PolicyNet(nn.Module):
     option ``o`` on this input with the later stages at their cheapest (``lo``) and at their most
     expensive completion (``hi``). The scorer is one small MLP shared by every option of a stage,
     so what it learns about "this option fits the budget" carries over to every option and budget.
+    A third, learnable term ``w_stage * max(0, log(lo_o / budget))`` (``w`` initialised at
+    ``-feasibility_prior``) starts the policy away from options the estimator predicts to overshoot
+    the budget even with the cheapest completion.
+
+    Why the prior: a stage's option is scored through the later stages' choices. At the start
+    those are uniform, and most completions of an expensive early choice (a high vision tier)
+    overshoot, so the early choice looks bad whatever the budget and the policy collapses onto
+    the cheapest configuration before the later stage has learned to fit the budget (measured on
+    the tiny model over its suggested range: the same configuration at every budget, BENCHMARKS.md,
+    "Budget conditioning"). With the prior every stage starts by choosing among options that fit,
+    so each option is judged by what it is worth within the budget; the weight is learned, so a
+    reward that does pay for an overshoot can undo it.
 
     Why joint options and latency features: whether a knob setting fits a budget depends on the
     other knobs the same stage sets (top-k and depth together), and on the input; with one
@@ -215,7 +236,8 @@ class PolicyNet(nn.Module):
     conditioning").
     """
 
-    def __init__(self, obs_dim: int, stage_sizes: Sequence[int], hidden_sizes: Sequence[int] = (64, 64)):
+    def __init__(self, obs_dim: int, stage_sizes: Sequence[int], hidden_sizes: Sequence[int] = (64, 64),
+                 feasibility_prior: float = 0.0):
         super().__init__()
         layers, width = [], obs_dim
         for h in hidden_sizes:
@@ -228,10 +250,15 @@ class PolicyNet(nn.Module):
             nn.init.zeros_(head.bias)
         self.latency_scorers = nn.ModuleList(
             nn.Sequential(nn.Linear(LATENCY_FEATURES, 16), nn.Tanh(), nn.Linear(16, 1)) for _ in stage_sizes)
+        # One learnable weight per stage on the option's predicted overshoot, initialised at
+        # -feasibility_prior (see the class docstring).
+        self.overshoot_weights = nn.Parameter(torch.full((len(stage_sizes),), -float(feasibility_prior)))
 
     def forward(self, obs: torch.Tensor, features: torch.Tensor, stage: int) -> torch.Tensor:
         """Logits ``[..., n_options]`` of ``stage`` from ``obs [..., obs_dim]`` and ``features [..., n_options, 2]``."""
-        return self.heads[stage](self.trunk(obs)) + self.latency_scorers[stage](features).squeeze(-1)
+        overshoot = torch.relu(features[..., 0])  # log(cheapest completion / budget) where it is over budget
+        return (self.heads[stage](self.trunk(obs)) + self.latency_scorers[stage](features).squeeze(-1)
+                + self.overshoot_weights[stage] * overshoot)
 
 
 #: per option: log(latency with the cheapest completion / budget), log(latency with the dearest / budget)
@@ -283,7 +310,8 @@ class GRPOAgent(Agent):
                                        dtype=np.int64).reshape(-1, len(heads)) for heads in self.stage_heads]
         self.max_options = max(len(o) for o in self.stage_options)
         torch.manual_seed(self.config.seed)
-        self.policy = PolicyNet(self.obs_dim, [len(o) for o in self.stage_options], self.config.hidden_sizes)
+        self.policy = PolicyNet(self.obs_dim, [len(o) for o in self.stage_options], self.config.hidden_sizes,
+                                self.config.feasibility_prior if self.config.latency_features else 0.0)
         self.ref_policy = copy.deepcopy(self.policy).requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.config.learning_rate)
         self.rng = np.random.default_rng(self.config.seed)

@@ -89,6 +89,20 @@ def test_grpo_config_uses_trl_names_and_validates():
         GRPOConfig.from_dict({"lr": 0.1})
 
 
+def test_the_cli_grpo_config_is_the_dataclass_defaults():
+    """conf/agent/grpo.yaml restates GRPOConfig's defaults for Hydra: one definition, so they must agree."""
+    from dataclasses import fields
+    from pathlib import Path
+
+    import yaml
+
+    conf = yaml.safe_load((Path(__file__).parent.parent / "conf" / "agent" / "grpo.yaml").read_text())
+    defaults = GRPOConfig().as_dict()
+    assert set(conf) - {"name"} == {f.name for f in fields(GRPOConfig)}
+    assert {k: v for k, v in conf.items() if k not in ("name", "seed")} == \
+        {k: v for k, v in defaults.items() if k != "seed"}
+
+
 def _synthetic_rollout(agent: GRPOAgent, groups: int = 4, seed: int = 0) -> Rollout:
     gen = torch.Generator().manual_seed(seed)
     G, S = agent.config.num_generations, len(agent.stage_heads)
@@ -143,6 +157,26 @@ def test_trajectory_log_prob_reads_each_stage_at_its_own_observation_and_feature
     total = agent.trajectory_log_prob(agent.policy, rollout.obs, rollout.features, rollout.options)
     by_hand = sum(stages[s].gather(1, rollout.options[:, s:s + 1]).squeeze(1) for s in range(2))
     torch.testing.assert_close(total, by_hand)
+
+
+@pytest.mark.parametrize("prior", [50.0, 0.0])
+def test_the_feasibility_prior_starts_the_policy_on_options_that_fit(prior):
+    """With the prior, an option predicted 10% over budget (cheapest completion) starts e^-5 times as
+    likely as one that fits; without it, both start near-uniform. The prior's weight is learned."""
+    agent = GRPOAgent(obs_dim=6, nvec=[3, 5, 5], stage_heads=[[0], [1, 2]],
+                      config=GRPOConfig(num_generations=2, feasibility_prior=prior))
+    features = torch.zeros(agent.max_options, 2)
+    features[0] = torch.tensor([np.log(1.1), np.log(1.3)])  # tier 0 overshoots even at its cheapest
+    features[1] = torch.tensor([np.log(0.9), np.log(1.3)])  # tier 1 fits with a cheap completion
+    probs = agent._stage_log_probs(agent.policy, torch.zeros(6), features, 0).exp()
+    ratio = float(probs[0] / probs[1])
+    if prior:
+        assert ratio == pytest.approx(np.exp(-prior * np.log(1.1)), rel=0.2)
+    else:
+        assert 0.8 < ratio < 1.25
+    assert agent.policy.overshoot_weights.requires_grad
+    with pytest.raises(ValueError, match="feasibility_prior=-1"):
+        GRPOConfig(feasibility_prior=-1)
 
 
 def test_grpo_collects_two_stage_groups_on_multiknob(multiknob):
