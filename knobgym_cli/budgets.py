@@ -14,7 +14,6 @@ budget that binds there (``suggested_budget_ms``), both from the latency estimat
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Sequence
 
 from envs.budget import Budget
@@ -48,31 +47,28 @@ def env_range(env) -> tuple[tuple[float, float], float]:
 
 
 def probe_suggested_budget(env_cfg: dict, backend_cfg: dict, estimator_spec: str | None) -> float:
-    """The suggested budget of the env a run config describes, in whole milliseconds (for ``budget=auto``).
+    """The suggested budget of the env a run config describes, rounded by :func:`round_budget_ms` (for
+    ``budget=auto``).
 
-    Builds the env once with a placeholder budget (its out-of-range warning is irrelevant and
-    suppressed); the backend is loaded once per process, so the run's own env reuses it.
+    Builds the env once, as the run will (:func:`knobgym_cli.build.make_env`: a knob env gets the
+    backend spec, a KV env loads its own model), with a placeholder budget whose out-of-range warning
+    is irrelevant and not logged; the backend is loaded once per process, so the run's own env
+    reuses it.
     """
-    import gymnasium as gym
+    from knobgym_cli.build import make_env
 
-    import envs  # noqa: F401  (registers the env ids)
-    from backends.registry import load_backend
-    from envs.registry import check_env_id
-    from knobgym_cli.build import import_callable
-
-    check_env_id(env_cfg["id"])
-    backend_spec = dict(backend_cfg)
-    backend = load_backend(backend_spec)  # cached: the run's env gets the same object from the same spec
-    estimator = import_callable(estimator_spec)(backend) if estimator_spec else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        env = gym.make(env_cfg["id"], backend=backend_spec, budget="1000000ms", estimator=estimator,
-                       **dict(env_cfg.get("kwargs") or {}))
+    env, _ = make_env(env_cfg, backend_cfg, "1000000ms", estimator_spec, log_warnings=False)
     try:
         _, suggested = env_range(env)
     finally:
         env.close()
-    return float(round(suggested))
+    return round_budget_ms(suggested)
+
+
+def round_budget_ms(ms: float) -> float:
+    """A budget as the CLI writes it: whole milliseconds, or three significant digits below 10 ms
+    (TPOT budgets are fractions of a millisecond, which whole milliseconds would erase)."""
+    return float(f"{ms:.3g}") if ms < 10 else float(round(ms))
 
 
 def binding(budget: Any, achievable: tuple[float, float]) -> str:
@@ -88,11 +84,11 @@ def binding(budget: Any, achievable: tuple[float, float]) -> str:
 
 
 def auto_budgets(achievable: tuple[float, float], train_budgets_ms: Sequence[float] = ()) -> list[float]:
-    """Evaluation budgets for ``budgets=auto``: :data:`AUTO_POINTS` of the achievable range in whole ms,
+    """Evaluation budgets for ``budgets=auto``: :data:`AUTO_POINTS` of the achievable range rounded by :func:`round_budget_ms`,
     with each training budget inside the range added, or taking the place of a point within
     :data:`MERGE_FRACTION` of the range from it; sorted."""
     lo, hi = achievable
-    points = [float(round(lo + f * (hi - lo))) for f in AUTO_POINTS]
+    points = [round_budget_ms(lo + f * (hi - lo)) for f in AUTO_POINTS]
     for budget in train_budgets_ms:
         if binding(budget, achievable) != "binds":
             continue
@@ -121,7 +117,8 @@ def out_of_range_warnings(budgets_ms: Sequence[float], achievable: tuple[float, 
 
 def describe_range(achievable: tuple[float, float], suggested: float) -> str:
     lo, hi = achievable
-    return f"achievable latency on this device {lo:.1f}-{hi:.1f}ms, suggested budget {suggested:.0f}ms"
+    return (f"achievable latency on this device {lo:.3g}-{hi:.3g}ms, suggested budget "
+            f"{round_budget_ms(suggested):g}ms")
 
 
 def fixed_budgets_ms(budget: Any) -> list[float]:

@@ -27,8 +27,9 @@ def import_callable(spec: str) -> Callable:
 
 
 def make_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator_spec: str | None,
-             split: str = "train") -> tuple[gym.Env, list[str]]:
-    """The env of a run config, and the warnings its construction raised (e.g. a budget that never binds).
+             split: str = "train", log_warnings: bool = True) -> tuple[gym.Env, list[str]]:
+    """The env of a run config, and the warnings its construction raised (e.g. a budget that never
+    binds; logged unless ``log_warnings`` is false).
 
     Every key of ``backend_cfg`` except ``name`` is a keyword option of the backend's factory.
     Envs whose constructor takes no ``backend`` (the KV envs load a causal LM from
@@ -57,7 +58,7 @@ def make_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator_spec: str 
         warnings.simplefilter("always")
         env = gym.make(env_id, budget=budget, split=split, **kwargs)
     notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    for note in notes:  # the CLI's log (knobgym_cli.logs): terminal and run log; a bare stderr line otherwise
+    for note in notes if log_warnings else ():  # the CLI's log (knobgym_cli.logs): terminal and run log
         logging.getLogger("knobgym").warning(f"warning: {note}")
     return env, notes
 

@@ -162,3 +162,20 @@ def test_every_baseline_and_ppo_fit_and_evaluate_on_a_kv_env():
         results[name] = evaluate_agent(env, agent, [0], 2.3, "test")
         assert np.isfinite(results[name]["reward"]), name
     assert all(r["reward"] <= results["oracle"]["reward"] + 1e-9 for r in results.values())  # 16 trajectories: exact
+
+
+def test_budget_auto_builds_a_kv_env_as_the_run_does_and_keeps_sub_millisecond_budgets():
+    """budget=auto builds the env through the CLI's make_env (a KV env takes no backend) and rounds a
+    TPOT budget of a fraction of a millisecond to three significant digits, not to 0 or 1 ms."""
+    from knobgym_cli.budgets import auto_budgets, probe_suggested_budget, round_budget_ms
+
+    env_cfg = {"id": "StreamingKV-v0", "kwargs": {"episode_tokens": 16, "chunk_tokens": 8, "knob_grid": GRID,
+                                                  "tpot_model": {"base_ms": 0.5, "per_slot_ms": 0.01,
+                                                                 "per_prune_ms": 0.1}}}
+    suggested = probe_suggested_budget(env_cfg, {"name": "tiny"}, None)
+    env = gym.make("StreamingKV-v0", budget=f"{suggested}ms", **env_cfg["kwargs"]).unwrapped
+    lo, hi = env.achievable_range_ms
+    assert lo <= suggested <= hi and suggested == round_budget_ms(suggested) and suggested < 1
+    assert round_budget_ms(0.72149) == 0.721 and round_budget_ms(28.47) == 28.0
+    points = auto_budgets((0.63, 0.81))
+    assert len(set(points)) == len(points) and all(0.63 <= p <= 0.81 for p in points)
