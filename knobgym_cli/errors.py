@@ -101,6 +101,17 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
     from knobgym_cli.overrides import check_typed_overrides  # typed keys, agent options, resume=<dir>
 
     check_typed_overrides(argv, config_name)
+    if config_name == "config":
+        check_rollout_workers(argv)
+
+
+def check_rollout_workers(argv: Sequence[str]) -> None:
+    """``rollout.workers=N`` (N > 1) without ``rollout=ray`` would run in one process and ignore N: an error."""
+    values = {a.split("=", 1)[0].lstrip("+~"): a.split("=", 1)[1] for a in argv if "=" in a and not a.startswith("-")}
+    workers = values.get("rollout.workers")
+    if workers is not None and values.get("rollout", "local") == "local" and workers.strip() != "1":
+        raise UsageError(f"rollout.workers={workers} needs rollout=ray (rollout=local collects groups in this "
+                         f"process); accepted: rollout=ray rollout.workers={workers}, or no rollout.workers")
 
 
 def parse_budget_list(value: Any) -> list[Any]:

@@ -37,9 +37,17 @@ def test_rollout_ray_without_ray_is_one_line_and_exit_2(tmp_path):
 
 @pytest.mark.parametrize("override, accepted", [("rollout=dask", "accepted: local, ray"),
                                                 ("rollout.workers=0", "an integer >= 1"),
-                                                ("rollout.workers=two", "an integer >= 1")])
+                                                ("rollout.workers=two", "an integer >= 1"),
+                                                ("rollout.workers=2", "needs rollout=ray")])
 def test_bad_rollout_overrides_are_one_line(override, accepted):
     from knobgym_cli.errors import UsageError, check_overrides
 
     with pytest.raises(UsageError, match=accepted):
         check_overrides([override], "config")
+
+
+def test_rollout_workers_with_rollout_ray_or_one_worker_is_accepted():
+    from knobgym_cli.errors import check_overrides
+
+    check_overrides(["rollout=ray", "rollout.workers=2"], "config")
+    check_overrides(["rollout.workers=1"], "config")
