@@ -92,7 +92,10 @@ class GRPOLMConfig:
 
     Ours: ``budget_jitter`` (a fixed budget is widened to ``[b(1-j), b(1+j)]`` for training, as in
     ``grpo``), ``invalid_reward`` (the fixed reward of an unparsable completion; below a valid
-    trajectory's reward unless it overshoots the budget by more than 100%), the model's size
+    trajectory's reward unless it overshoots the budget by more than 100%), ``budget_constrained``
+    (acting decodes only among the trajectories the env's latency estimator predicts to fit the
+    budget on this input, when any does and the env has at most
+    :data:`MAX_CONSTRAINED_TRAJECTORIES`; see :meth:`GRPOLMAgent.act`), the model's size
     (``hidden_size``, ``num_hidden_layers``, ``num_attention_heads``, ``intermediate_size``) and
     ``seed`` (model initialisation, sample and budget draws, TRL's seed).
     """
@@ -112,6 +115,7 @@ class GRPOLMConfig:
     total_updates: int = 100
     budget_jitter: float = 0.2
     invalid_reward: float = -2.0
+    budget_constrained: bool = True
     hidden_size: int = 64
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
@@ -158,6 +162,8 @@ class GRPOLMConfig:
         accepted_loss = ("grpo", "dr_grpo", "dapo", "bnpo")
         if self.loss_type not in accepted_loss:
             raise ValueError(f"loss_type={self.loss_type!r} is invalid; accepted: {', '.join(accepted_loss)}")
+        if not isinstance(self.budget_constrained, bool):
+            raise ValueError(f"budget_constrained={self.budget_constrained!r} is invalid; accepted: true or false")
 
     @classmethod
     def from_dict(cls, values: dict) -> "GRPOLMConfig":
@@ -170,6 +176,11 @@ class GRPOLMConfig:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+#: envs with more trajectories than this are decoded without the budget constraint (one estimator
+#: query per trajectory at every step)
+MAX_CONSTRAINED_TRAJECTORIES = 4096
 
 
 # ------------------------------------------------------------------------------------------------
@@ -307,26 +318,72 @@ class GRPOLMAgent(Agent):
 
     # ------------------------------------------------------------------------------- acting
     @torch.no_grad()
-    def decode(self, prompt: str, forced: dict[int, int] | None = None) -> np.ndarray:
+    def decode(self, prompt: str, forced: dict[int, int] | None = None,
+               allowed: np.ndarray | None = None) -> np.ndarray:
         """The most probable valid trajectory for ``prompt``: element by element, the most probable
-        action token among that element's choices (``forced`` elements are taken as given)."""
+        action token among that element's choices (``forced`` elements are taken as given). With
+        ``allowed`` (rows of trajectories), an element's choices are further limited to the values
+        some allowed row with the same earlier elements has (none left: every choice)."""
         forced = forced or {}
         ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
         training = self.model.training
         self.model.eval()
         out = np.zeros(len(self.nvec), dtype=np.int64)
+        rows = None if allowed is None or len(allowed) == 0 else np.asarray(allowed, dtype=np.int64)
         for i, n in enumerate(self.nvec):
             if i in forced:
                 out[i] = int(forced[i])
             else:
                 logits = self.model(input_ids=ids).logits[0, -1, self.vocab.action_ids[:n]]
+                if rows is not None:
+                    mask = torch.full_like(logits, -float("inf"))
+                    mask[np.unique(rows[:, i])] = 0.0
+                    logits = logits + mask
                 out[i] = int(torch.argmax(logits))
+            if rows is not None:
+                rows = rows[rows[:, i] == out[i]]
+                rows = rows if len(rows) else None
             ids = torch.cat([ids, torch.tensor([[self.vocab.action_ids[out[i]]]])], dim=1)
         self.model.train(training)
         return out
 
+    def neutralise_overshooting(self, layout: EnvLayout, sample_id: int, budget_ms: float, split: str,
+                                trajectories: np.ndarray, rewards: np.ndarray) -> np.ndarray:
+        """Training rewards under ``budget_constrained``: a completion predicted to overshoot gets the
+        mean reward of the group's completions predicted to fit (zero advantage), when there are any.
+
+        Why: acting never picks a trajectory predicted to overshoot when one fits, so the LM's job is
+        to rank the ones that fit; penalising the others teaches it that expensive choices are risky
+        in general, and over a budget range it then settles on a cheap one at every budget."""
+        if not self.config.budget_constrained or math.prod(self.nvec) > MAX_CONSTRAINED_TRAJECTORIES:
+            return rewards
+        fits = layout.estimated_latency_ms(sample_id, trajectories, split) <= budget_ms
+        if not fits.any() or fits.all():
+            return rewards
+        out = np.asarray(rewards, dtype=np.float64).copy()
+        out[~fits] = out[fits].mean()
+        return out
+
+    def fitting_trajectories(self, context: EpisodeContext) -> np.ndarray | None:
+        """The trajectories the env's estimator predicts to fit ``context.budget_ms`` on this input;
+        ``None`` (no constraint) when none fits, when ``budget_constrained`` is off, or when the env
+        has more than :data:`MAX_CONSTRAINED_TRAJECTORIES` trajectories."""
+        if not self.config.budget_constrained or math.prod(self.nvec) > MAX_CONSTRAINED_TRAJECTORIES:
+            return None
+        layout = EnvLayout(context.env)
+        trajectories = layout.all_actions()
+        ms = layout.estimated_latency_ms(context.sample_id, trajectories, context.split)
+        fits = trajectories[ms <= context.budget_ms]
+        return fits if len(fits) else None
+
     def act(self, obs: np.ndarray, context: EpisodeContext | None = None) -> np.ndarray:
-        """The whole trajectory, decoded from the episode's stage-0 prompt (earlier stages' elements forced)."""
+        """The whole trajectory, decoded from the episode's stage-0 prompt (earlier stages' elements
+        forced), among the trajectories predicted to fit the budget (:meth:`fitting_trajectories`).
+
+        Why constrain acting: the prompt carries the budget, but a small LM trained over a budget
+        range learns the accuracy of each choice far sooner than the budget boundary of every input
+        (BENCHMARKS.md, "grpo_lm"); the estimator knows the boundary exactly, so decoding keeps the
+        LM's preference among the choices that fit, and the choice moves with the budget."""
         if context is None:
             raise ValueError("GRPOLMAgent.act needs an EpisodeContext (later stages re-read the stage-0 "
                              "observation); accepted: run it through agents.run_episode / evaluate_agent")
@@ -338,7 +395,7 @@ class GRPOLMAgent(Agent):
         forced = {}
         if context.trajectory is not None and stage > 0:
             forced = {h: int(context.trajectory[h]) for s in range(stage) for h in self.stage_heads[s]}
-        return self.decode(self.vocab.prompt(stage0_obs, context.budget_ms), forced)
+        return self.decode(self.vocab.prompt(stage0_obs, context.budget_ms), forced, self.fitting_trajectories(context))
 
     # ------------------------------------------------------------------------------- the loop
     def training_rows(self, layout: EnvLayout, budgets, split: str, sample_pool: int | None, updates: int) -> dict:
@@ -367,7 +424,9 @@ class GRPOLMAgent(Agent):
                 valid = [(i, t) for i, t in parsed if t is not None]
                 if not valid:
                     continue
-                values, infos = layout.evaluate(int(key[1]), float(key[2]), np.stack([t for _, t in valid]), split)
+                trajectories = np.stack([t for _, t in valid])
+                values, infos = layout.evaluate(int(key[1]), float(key[2]), trajectories, split)
+                values = agent.neutralise_overshooting(layout, int(key[1]), float(key[2]), split, trajectories, values)
                 for (i, _), r, info in zip(valid, values, infos):
                     rewards[i] = float(r)
                     info["reward"] = float(r)

@@ -82,7 +82,7 @@ def test_prompt_and_completion_words():
 
 
 def test_an_unparsable_completion_gets_the_fixed_low_reward(env):
-    agent = agents.make_agent("grpo_lm", env, total_updates=0, invalid_reward=-3.0)
+    agent = agents.make_agent("grpo_lm", env, total_updates=0, invalid_reward=-3.0, budget_constrained=False)
     sink: list = []
     reward = agent.reward_function(agents.EnvLayout(env), "train", sink)
     prompts = ["p"] * 4
@@ -91,6 +91,23 @@ def test_an_unparsable_completion_gets_the_fixed_low_reward(env):
     expected, _ = group_env(env).evaluate_group(3, 35.0, [[0, 0, 0], [2, 2, 2]], "train")
     assert rewards[:2] == pytest.approx(list(expected)) and rewards[2:] == [-3.0, -3.0]
     assert len(sink) == 2 and all("latency_ms" in i for i in sink)
+
+
+def test_under_the_budget_constraint_an_overshooting_completion_has_zero_advantage(env):
+    """Acting never picks a trajectory predicted to overshoot when one fits, so training scores such a
+    completion at its group's mean over the fitting ones instead of its penalty."""
+    agent = agents.make_agent("grpo_lm", env, total_updates=0)
+    reward = agent.reward_function(agents.EnvLayout(env), "train", [])
+    completions = ["a0 a0 a0", "a1 a0 a0", "a2 a2 a2"]
+    trajectories = [[0, 0, 0], [1, 0, 0], [2, 2, 2]]
+    genv = group_env(env)
+    predicted = genv.estimated_latency_ms(3, trajectories, "train")
+    assert predicted[0] <= 35.0 and predicted[1] <= 35.0 and predicted[2] > 35.0
+    rewards = reward(prompts=["p"] * 3, completions=completions, completion_ids=[[]] * 3, sample_id=[3] * 3,
+                     budget_ms=[35.0] * 3)
+    expected, _ = genv.evaluate_group(3, 35.0, trajectories, "train")
+    assert rewards[:2] == pytest.approx(list(expected[:2]))
+    assert rewards[2] == pytest.approx(float(np.mean(expected[:2]))) and expected[2] < rewards[2]
 
 
 def test_checkpoint_round_trip_is_data_only_and_acts_the_same(env, trained, tmp_path):
@@ -126,7 +143,38 @@ def test_a_later_stage_follows_the_trajectory_the_episode_chose(env, trained):
     assert action[0] == 0
 
 
+def test_decoding_keeps_to_the_allowed_trajectories(trained):
+    prompt = trained.vocab.prompt(np.zeros(trained.obs_dim, dtype=np.float32), 35.0)
+    free = trained.decode(prompt)
+    only = np.array([[(free[0] + 1) % 3, 2, 1]])
+    np.testing.assert_array_equal(trained.decode(prompt, allowed=only), only[0])
+    np.testing.assert_array_equal(trained.decode(prompt, allowed=np.zeros((0, 3), dtype=np.int64)), free)
+    # a forced earlier element no allowed row has: the rest is decoded unconstrained
+    forced = trained.decode(prompt, forced={0: int(free[0])}, allowed=only)
+    assert forced[0] == free[0]
+
+
+def test_acting_picks_a_trajectory_predicted_to_fit_the_budget(env, trained):
+    """At a tight and a loose budget, every trajectory acted is one the estimator predicts to fit
+    (each input has one that fits here), so the choice moves with the budget."""
+    genv = group_env(env)
+    latencies = {}
+    for budget_ms in (20.0, 50.0):
+        chosen = []
+        for sid in range(24):
+            context = EpisodeContext(genv, sid, budget_ms, "test", stage=0)
+            trajectory = trained.act(genv.stage_observation(sid, budget_ms, "test", 0), context)
+            predicted = float(genv.estimated_latency_ms(sid, [trajectory], "test")[0])
+            assert predicted <= budget_ms or trained.fitting_trajectories(context) is None
+            chosen.append(predicted)
+        latencies[budget_ms] = np.mean(chosen)
+    assert latencies[20.0] < latencies[50.0]
+    unconstrained = GRPOLMConfig(budget_constrained=False)
+    assert not unconstrained.budget_constrained
+
+
 @pytest.mark.parametrize("options, accepted", [
+    ({"budget_constrained": "yes"}, "true or false"),
     ({"num_generations": 1}, ">= 2"), ({"hidden_size": 66}, "multiple of num_attention_heads"),
     ({"scale_rewards": "x"}, "group (or true), batch"), ({"loss_type": "sum"}, "grpo, dr_grpo, dapo, bnpo"),
     ({"learning_rate": 0}, "finite number > 0"), ({"nope": 1}, "accepted: batch_size"),
@@ -167,3 +215,21 @@ def test_a_one_stage_discrete_env_trains_and_acts():
     result = evaluate_agent(env, agent.freeze(), [0, 1, 2], 35.0, "test")
     assert result["episodes"] == 3
     assert all(i["knobs"]["token_budget"] in (0.25, 0.5, 0.75, 1.0) for i in result["infos"])
+
+
+def test_one_grpo_lm_trained_over_a_range_follows_the_budget():
+    """Trained over [20ms,50ms] (120 updates, seed 0), the one LM controller reaches 85% of the oracle
+    at the low, middle and high budget, spending more at the loose end (the stand-in's optimum moves)."""
+    env = table_env("[20ms,50ms]")
+    agent = agents.make_agent("grpo_lm", env, total_updates=120, seed=0)
+    agent.fit(env)
+    agent.freeze()
+    oracle = agents.make_agent("oracle", env)
+    ids = list(range(96))
+    p50 = []
+    for budget_ms in (20.0, 35.0, 50.0):
+        mine = evaluate_agent(env, agent, ids, budget_ms, "test")
+        best = evaluate_agent(env, oracle, ids, budget_ms, "test")
+        assert mine["reward"] >= 0.85 * best["reward"] and mine["violation_rate"] <= 0.05
+        p50.append(mine["latency_p50_ms"])
+    assert p50[0] < p50[2]
