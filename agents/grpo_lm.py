@@ -58,6 +58,7 @@ import json
 import math
 import random
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
@@ -499,7 +500,10 @@ class GRPOLMAgent(Agent):
                     stats["invalid_fraction"] = self.invalid
                     hooks.on_update(agent, agent.step, self.batch, stats)
 
-            with tempfile.TemporaryDirectory(prefix="grpo_lm-") as tmp:
+            with tempfile.TemporaryDirectory(prefix="grpo_lm-") as tmp, warnings.catch_warnings():
+                # TRL 1.16 reads transformers' renamed gradient-checkpointing attributes: the library's
+                # deprecation notice, not the user's to act on (the CLI shows every warning)
+                warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*deprecated", category=FutureWarning)
                 reward = self.reward_function(layout, context.split, infos, tally)
                 trainer = GRPOTrainer(model=self.model, reward_funcs=reward,
                                       args=self.trl_config(tmp, remaining), train_dataset=Dataset.from_dict(rows),
