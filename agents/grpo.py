@@ -41,7 +41,7 @@ import itertools
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import gymnasium as gym
@@ -51,6 +51,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from agents.base import Agent, EnvLayout, EpisodeContext, FitContext
+from agents.config_checks import (check_budget_jitter, check_epsilon_high, check_flags, check_integers,
+                                  check_numbers, config_from_dict, normalize_scale_rewards)
 from agents.registry import register_agent
 from agents.rollout import (GroupCollector, GroupRequest, GroupResult, LocalGroupCollector, group_collector,
                             group_seed)
@@ -127,30 +129,17 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
         self.scale_rewards = normalize_scale_rewards(self.scale_rewards)
-        positive_ints = ("num_generations", "num_iterations", "batch_size", "ref_model_sync_steps")
-        for name in positive_ints:
-            v = vars(self)[name]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} is invalid; accepted: an integer >= 1")
+        check_integers(self, ("num_generations", "num_iterations", "batch_size", "ref_model_sync_steps"))
         if self.num_generations < 2:
             raise ValueError(f"num_generations={self.num_generations} is invalid; accepted: >= 2 (a group "
                              f"needs two actions to compare)")
-        if isinstance(self.total_updates, bool) or not isinstance(self.total_updates, int) or self.total_updates < 0:
-            raise ValueError(f"total_updates={self.total_updates!r} is invalid; accepted: an integer >= 0")
-        for name in ("epsilon", "learning_rate", "temperature"):
-            v = vars(self)[name]
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name}={v!r} is invalid; accepted: a finite number > 0")
-        for name in ("beta", "entropy_coef", "max_grad_norm", "budget_jitter", "feasibility_prior"):
-            v = vars(self)[name]
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name}={v!r} is invalid; accepted: a finite number >= 0")
-        if not isinstance(self.latency_features, bool):
-            raise ValueError(f"latency_features={self.latency_features!r} is invalid; accepted: true or false")
-        if self.budget_jitter >= 1:
-            raise ValueError(f"budget_jitter={self.budget_jitter} is invalid; accepted: 0 <= jitter < 1")
-        if self.epsilon_high is not None and not self.epsilon_high > 0:
-            raise ValueError(f"epsilon_high={self.epsilon_high!r} is invalid; accepted: None or a number > 0")
+        check_integers(self, ("total_updates",), low=0)
+        check_numbers(self, ("epsilon", "learning_rate", "temperature"), positive=True)
+        check_numbers(self, ("beta", "entropy_coef", "max_grad_norm", "budget_jitter", "feasibility_prior"),
+                      positive=False)
+        check_flags(self, ("latency_features",))
+        check_budget_jitter(self.budget_jitter)
+        check_epsilon_high(self.epsilon_high)
         if not 0 < self.ref_model_mixup_alpha <= 1:
             raise ValueError(f"ref_model_mixup_alpha={self.ref_model_mixup_alpha!r} is invalid; accepted: 0 < a <= 1")
         if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
@@ -159,27 +148,12 @@ class GRPOConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "GRPOConfig":
         """Build from a config mapping; unknown keys are an error naming the accepted ones."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown GRPO option(s) {unknown}; accepted: {', '.join(sorted(names))}")
-        return cls(**values)
+        return config_from_dict(cls, values, "GRPO")
 
     def as_dict(self) -> dict:
         out = asdict(self)
         out["hidden_sizes"] = list(self.hidden_sizes)
         return out
-
-
-def normalize_scale_rewards(value: Any) -> str:
-    """TRL's accepted forms: True / "group", "batch", False / "none"."""
-    if value is True or value == "group":
-        return "group"
-    if value is False or value == "none":
-        return "none"
-    if value == "batch":
-        return "batch"
-    raise ValueError(f"scale_rewards={value!r} is invalid; accepted: group (or true), batch, none (or false)")
 
 
 def group_advantages(rewards: np.ndarray, scale_rewards: Any = "group", eps: float = 1e-4) -> np.ndarray:

@@ -59,7 +59,7 @@ import math
 import random
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -68,6 +68,8 @@ import numpy as np
 import torch
 
 from agents.base import Agent, EnvLayout, EpisodeContext, FitContext
+from agents.config_checks import (check_budget_jitter, check_epsilon_high, check_flags, check_integers,
+                                  check_numbers, config_from_dict, normalize_scale_rewards)
 from agents.registry import register_agent
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]")
@@ -124,56 +126,32 @@ class GRPOLMConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_generations", "num_iterations", "batch_size", "hidden_size", "num_hidden_layers",
-                     "num_attention_heads", "intermediate_size"):
-            v = vars(self)[name]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} is invalid; accepted: an integer >= 1")
+        check_integers(self, ("num_generations", "num_iterations", "batch_size", "hidden_size", "num_hidden_layers",
+                              "num_attention_heads", "intermediate_size"))
         if self.num_generations < 2:
             raise ValueError(f"num_generations={self.num_generations} is invalid; accepted: >= 2 (a group needs two "
                              f"completions to compare)")
-        if isinstance(self.total_updates, bool) or not isinstance(self.total_updates, int) or self.total_updates < 0:
-            raise ValueError(f"total_updates={self.total_updates!r} is invalid; accepted: an integer >= 0")
+        check_integers(self, ("total_updates",), low=0)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is invalid with num_attention_heads="
                              f"{self.num_attention_heads}; accepted: a multiple of num_attention_heads")
-        for name in ("learning_rate", "temperature", "epsilon"):
-            v = vars(self)[name]
-            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"{name}={v!r} is invalid; accepted: a finite number > 0")
-        for name in ("beta", "max_grad_norm", "entropy_coef", "budget_jitter"):
-            v = vars(self)[name]
-            if isinstance(v, bool) or not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"{name}={v!r} is invalid; accepted: a finite number >= 0")
-        if self.budget_jitter >= 1:
-            raise ValueError(f"budget_jitter={self.budget_jitter} is invalid; accepted: 0 <= jitter < 1")
+        check_numbers(self, ("learning_rate", "temperature", "epsilon"), positive=True)
+        check_numbers(self, ("beta", "max_grad_norm", "entropy_coef", "budget_jitter"), positive=False)
+        check_budget_jitter(self.budget_jitter)
         if isinstance(self.invalid_reward, bool) or not (isinstance(self.invalid_reward, (int, float))
                                                          and math.isfinite(self.invalid_reward)):
             raise ValueError(f"invalid_reward={self.invalid_reward!r} is invalid; accepted: a finite number")
-        high = self.epsilon_high
-        if high is not None and (isinstance(high, bool) or not (isinstance(high, (int, float)) and high > 0)):
-            raise ValueError(f"epsilon_high={self.epsilon_high!r} is invalid; accepted: None or a number > 0")
-        if self.scale_rewards is True:
-            self.scale_rewards = "group"
-        elif self.scale_rewards is False:
-            self.scale_rewards = "none"
-        if self.scale_rewards not in ("group", "batch", "none"):
-            raise ValueError(f"scale_rewards={self.scale_rewards!r} is invalid; accepted: group (or true), batch, "
-                             f"none (or false)")
+        check_epsilon_high(self.epsilon_high)
+        self.scale_rewards = normalize_scale_rewards(self.scale_rewards)
         accepted_loss = ("grpo", "dr_grpo", "dapo", "bnpo")
         if self.loss_type not in accepted_loss:
             raise ValueError(f"loss_type={self.loss_type!r} is invalid; accepted: {', '.join(accepted_loss)}")
-        if not isinstance(self.budget_constrained, bool):
-            raise ValueError(f"budget_constrained={self.budget_constrained!r} is invalid; accepted: true or false")
+        check_flags(self, ("budget_constrained",))
 
     @classmethod
     def from_dict(cls, values: dict) -> "GRPOLMConfig":
         """Build from a config mapping; unknown keys are an error naming the accepted ones."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown grpo_lm option(s) {unknown}; accepted: {', '.join(sorted(names))}")
-        return cls(**values)
+        return config_from_dict(cls, values, "grpo_lm")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -348,6 +326,12 @@ class GRPOLMAgent(Agent):
         self.model.train(training)
         return out
 
+    @property
+    def constrains_to_budget(self) -> bool:
+        """Whether acting and training keep to the trajectories predicted to fit (``budget_constrained``
+        and at most :data:`MAX_CONSTRAINED_TRAJECTORIES` of them to check)."""
+        return self.config.budget_constrained and math.prod(self.nvec) <= MAX_CONSTRAINED_TRAJECTORIES
+
     def neutralise_overshooting(self, layout: EnvLayout, sample_id: int, budget_ms: float, split: str,
                                 trajectories: np.ndarray, rewards: np.ndarray) -> np.ndarray:
         """Training rewards under ``budget_constrained``: a completion predicted to overshoot gets the
@@ -356,7 +340,7 @@ class GRPOLMAgent(Agent):
         Why: acting never picks a trajectory predicted to overshoot when one fits, so the LM's job is
         to rank the ones that fit; penalising the others teaches it that expensive choices are risky
         in general, and over a budget range it then settles on a cheap one at every budget."""
-        if not self.config.budget_constrained or math.prod(self.nvec) > MAX_CONSTRAINED_TRAJECTORIES:
+        if not self.constrains_to_budget:
             return rewards
         fits = layout.estimated_latency_ms(sample_id, trajectories, split) <= budget_ms
         if not fits.any() or fits.all():
@@ -369,7 +353,7 @@ class GRPOLMAgent(Agent):
         """The trajectories the env's estimator predicts to fit ``context.budget_ms`` on this input;
         ``None`` (no constraint) when none fits, when ``budget_constrained`` is off, or when the env
         has more than :data:`MAX_CONSTRAINED_TRAJECTORIES` trajectories."""
-        if not self.config.budget_constrained or math.prod(self.nvec) > MAX_CONSTRAINED_TRAJECTORIES:
+        if not self.constrains_to_budget:
             return None
         layout = EnvLayout(context.env)
         trajectories = layout.all_actions()
