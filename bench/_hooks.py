@@ -1,8 +1,9 @@
 """Forward hooks that record what a model actually computes (shared by the full-size benches).
 
-The same idea as ``tests/conftest.py``'s ``ComputeProbe``: knob checks count the computation
-(decoder blocks executed, experts per token in every MoE block, patches entering the vision
-encoder, the sequence entering decoder block 1) instead of reading back the attribute a knob sets.
+Knob checks count the computation (decoder blocks executed, experts per token in every MoE block,
+patches entering the vision encoder, the sequence entering decoder block 1) instead of reading back
+the attribute a knob sets. ``tests/conftest.py``'s ``ComputeProbe`` extends this one with what
+the tests compare tensor by tensor.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class ComputeProbe:
         experts_per_token: MoE block index -> set of expert counts per token the experts module
             computed (from the routing indices passed to it; an index equal to ``num_experts``
             marks a dropped slot).
+        expert_pairs: MoE block index -> (token, expert) pairs computed.
         first_block_lengths: sequence length entering decoder block 1, one entry per forward.
         encoder_patches: patches entering the vision encoder, one entry per encoder forward
             (images x patch rows x patch columns of the patch-embedding output).
@@ -61,6 +63,7 @@ class ComputeProbe:
     def reset(self) -> None:
         self.block_calls: dict[int, int] = defaultdict(int)
         self.experts_per_token: dict[int, set[int]] = defaultdict(set)
+        self.expert_pairs: dict[int, int] = defaultdict(int)
         self.first_block_lengths: list[int] = []
         self.encoder_patches: list[int] = []
 
@@ -83,6 +86,7 @@ class ComputeProbe:
         top_k_index = args[1]  # [tokens, k]
         used = (top_k_index < num_experts).sum(dim=-1)
         self.experts_per_token[index].update(int(k) for k in used.unique())
+        self.expert_pairs[index] += int(used.sum())
 
     def _on_patches(self, module, args, output: torch.Tensor):
         self.encoder_patches.append(int(output.shape[0] * output.shape[-2] * output.shape[-1]))

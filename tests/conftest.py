@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from backends.knobs import model_parts
+from bench._hooks import ComputeProbe as BenchComputeProbe
 
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 WORDS = [f"w{i}" for i in range(4, IMAGE_TOKEN_ID)]  # ordinary vocabulary words, ids 4..VOCAB-2
@@ -39,67 +39,36 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-class ComputeProbe:
-    """Forward hooks recording what one model computes; call :meth:`reset` between runs.
+class ComputeProbe(BenchComputeProbe):
+    """:class:`bench._hooks.ComputeProbe` (blocks run, experts per token and (token, expert) pairs per
+    MoE block, sequence length entering block 1, encoder patches) plus the tensors tests compare.
 
-    Attributes:
-        block_calls: decoder block index -> number of times it ran.
-        experts_per_token: MoE block index -> set of expert counts per token seen by the experts module
-            (from the routing indices the block passed to it).
-        expert_pairs: MoE block index -> (token, expert) pairs computed.
-        first_block_lengths: sequence length entering decoder block 1, one entry per forward.
+    Attributes (besides the base's):
         first_block_inputs: the hidden states entering decoder block 1, one per forward.
         last_block_output: output of the last decoder block that ran (latest forward).
         final_norm_inputs: what the final norm received, one per forward.
     """
 
     def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
         parts = model_parts(model)
-        self._handles = []
         for index, layer in enumerate(parts.layers):
-            self._handles.append(layer.register_forward_pre_hook(
-                functools.partial(self._on_block_input, index), with_kwargs=True))
             self._handles.append(layer.register_forward_hook(functools.partial(self._on_block_output, index)))
-            for module in layer.modules():
-                if type(module).__name__.endswith("Experts"):
-                    self._handles.append(module.register_forward_hook(
-                        functools.partial(self._on_experts, index, module.num_experts)))
         self._handles.append(parts.final_norm.register_forward_hook(self._on_final_norm))
-        self.reset()
 
     def reset(self) -> None:
-        self.block_calls: dict[int, int] = defaultdict(int)
-        self.experts_per_token: dict[int, set[int]] = defaultdict(set)
-        self.expert_pairs: dict[int, int] = defaultdict(int)
-        self.first_block_lengths: list[int] = []
+        super().reset()
         self.first_block_inputs: list[torch.Tensor] = []
         self.last_block_output: torch.Tensor | None = None
         self.final_norm_inputs: list[torch.Tensor] = []
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    @property
-    def executed_blocks(self) -> list[int]:
-        return sorted(self.block_calls)
-
-    def _on_block_input(self, index, module, args, kwargs):
-        self.block_calls[index] += 1
+    def _on_block(self, index, module, args, kwargs):
+        super()._on_block(index, module, args, kwargs)
         if index == 0:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self.first_block_lengths.append(int(hidden.shape[1]))
-            self.first_block_inputs.append(hidden.detach().clone())
+            self.first_block_inputs.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
 
     def _on_block_output(self, index, module, args, output):
         self.last_block_output = (output[0] if isinstance(output, tuple) else output).detach().clone()
-
-    def _on_experts(self, index, num_experts, module, args, output):
-        top_k_index = args[1]  # [tokens, k]; index == num_experts marks a dropped slot
-        used = (top_k_index < num_experts).sum(dim=-1)
-        self.experts_per_token[index].update(int(k) for k in used.unique())
-        self.expert_pairs[index] += int(used.sum())
 
     def _on_final_norm(self, module, args, output):
         self.final_norm_inputs.append(args[0].detach().clone())
