@@ -179,15 +179,7 @@ def simulate_cache(policy: KVPolicy, tokens: int) -> tuple[np.ndarray, np.ndarra
     Exact for the base schedule (:meth:`KVPolicy.should_prune`: grow to ``window + compress_every``,
     cut back to ``window``).
     """
-    attended, pruned = np.zeros(tokens, dtype=np.int64), np.zeros(tokens)
-    held = 0
-    for t in range(tokens):
-        attended[t] = held + 1
-        if policy.should_prune(held + 1):
-            pruned[t], held = 1.0, policy.window
-        else:
-            held += 1
-    return attended, pruned
+    return simulate_schedule([policy], max(1, tokens), tokens)
 
 
 class StreamingKVEnv(gym.Env):
