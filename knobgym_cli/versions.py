@@ -38,7 +38,9 @@ def versions(env: gym.Env) -> dict:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
     return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": pkgs,
             "model": provenance["model"], "estimator": provenance["estimator"], "device": device,
-            "torch_threads": torch.get_num_threads(), "knobgym_commit": commit}
+            "torch_threads": torch.get_num_threads(),
+            # Trained results can follow the vector unit's kernels (issue #31): record which ran.
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "knobgym_commit": commit}
 
 
 def to_jsonable(obj: Any) -> Any:

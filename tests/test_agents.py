@@ -119,6 +119,7 @@ def _synthetic_rollout(agent: GRPOAgent, groups: int = 4, seed: int = 0) -> Roll
     return Rollout(obs, features, options, actions, old_logp, adv, rewards, [], G)
 
 
+@pytest.mark.learning
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_grpo_update_decreases_the_loss_on_a_fixed_batch(beta):
     agent = GRPOAgent(obs_dim=6, nvec=[3, 5, 5], stage_heads=[[0], [1, 2]],

@@ -22,6 +22,8 @@ import envs  # noqa: F401  (registers the env ids)
 from agents import evaluate_agent
 from table_backend import TableBackend, TableLatency
 
+pytestmark = pytest.mark.learning  # reruns under a second CPU capability in CI (.ci/run)
+
 RANGE = "[20ms,50ms]"
 BUDGETS_MS = (20.0, 35.0, 50.0)
 UPDATES = 400  # fixed: the number the test promises, on a fixed seed

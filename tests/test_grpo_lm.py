@@ -1,14 +1,16 @@
 """``grpo_lm``: the TRL-trained LM controller learns, checkpoints as data, and runs through the CLI.
 
-The learning test uses the table stand-in backend (tests/table_backend.py) at a fixed budget
-(35 ms, trained over the jittered range 28-42 ms), where the oracle's choice depends on the
-question type: the controller must read the question-type words of its prompt and answer with the
-cheapest configuration that is correct within the budget. A violation costs more than any answer
-is worth (``violation_penalty=1``).
+The learning tests use the table stand-in backend (tests/table_backend.py), trained at 35 ms over
+the jittered range 28-42 ms. A violation costs more than any answer is worth
+(``violation_penalty=1``). They assert properties with measured margins, not one seed's trajectory:
+the reward reaches a share of the oracle's, and where the best choice differs between inputs (30 ms)
+the controller earns what no single configuration can (issue #31: asserting distinct choices at 35 ms
+passed with the plain kernels and failed with AVX2 ones).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 
@@ -24,6 +26,8 @@ from agents.grpo_lm import ControllerVocab, GRPOLMConfig
 from envs.protocols import group_env
 from table_backend import TableBackend, TableLatency
 from test_train_cli import quick, run_cli, workdir  # noqa: F401  (workdir: the CLI runs' fixture)
+
+pytestmark = pytest.mark.learning  # reruns under a second CPU capability in CI (.ci/run)
 
 BUDGET = "35ms"
 UPDATES = 60  # fixed: the number the test promises, on a fixed seed
@@ -57,15 +61,44 @@ def test_grpo_lm_reaches_85_percent_of_the_oracle(env, trained):
     assert mine["violation_rate"] <= 0.05
 
 
-def test_the_controller_conditions_on_the_input(env, trained):
-    """Different question types get different knob choices (the stand-in's optimum differs per type)."""
+#: A budget inside the trained range where per-input choice pays: the configuration that answers the
+#: hard type fits the budget on inputs that generate one token and overshoots it on the "hardest"
+#: type (two tokens), so no single configuration reaches the oracle's reward there.
+CONDITIONING_BUDGET_MS = 30.0
+
+
+def best_static_reward(env, ids, budget_ms: float) -> float:
+    """The mean reward of the best single configuration on ``ids`` (chosen on those very inputs)."""
     genv = group_env(env)
-    chosen = {}
-    for sid in range(32):
-        obs = genv.stage_observation(sid, 35.0, "test", 0)
-        qtype = TableBackend().sample("test", sid).question_type
-        chosen.setdefault(qtype, set()).add(tuple(trained.act(obs, EpisodeContext(genv, sid, 35.0, "test"))))
-    assert len({c for choices in chosen.values() for c in choices}) >= 2
+    grid = [list(a) for a in itertools.product(*(range(int(n)) for n in env.action_space.nvec))]
+    per_sample = np.array([genv.evaluate_group(s, budget_ms, grid, "test")[0] for s in ids])
+    return float(per_sample.mean(axis=0).max())
+
+
+def test_the_controller_conditions_on_the_input(env, trained):
+    """Guarantees: where the best choice differs between inputs (``CONDITIONING_BUDGET_MS``), the
+    controller chooses per input and earns what no single configuration can: its reward closes at
+    least half of the gap between the best static configuration (chosen on the test inputs
+    themselves, an upper bound on any static baseline) and the oracle.
+
+    At 35 ms one configuration is optimal for every type (the stand-in's reward has no latency term
+    within budget), so choosing one configuration there is right, not a failure; asserting distinct
+    choices at 35 ms held on some CPUs' kernels and not on others (issue #31). Measured at 30 ms with
+    seeds 0 and 1 under ``ATEN_CPU_CAPABILITY=avx2`` and ``default``: the controller reached the
+    oracle (0.771) against the best static 0.704 in every run.
+    """
+    ids = list(range(96))
+    budget = CONDITIONING_BUDGET_MS
+    oracle = evaluate_agent(env, agents.make_agent("oracle", env), ids, budget, "test")["reward"]
+    static = best_static_reward(env, ids, budget)
+    assert oracle - static >= 0.05, "the stand-in no longer rewards per-input choice at this budget"
+    mine = evaluate_agent(env, trained, ids, budget, "test")
+    assert mine["reward"] >= static + 0.5 * (oracle - static)
+    assert mine["violation_rate"] <= 0.05
+    genv = group_env(env)
+    choices = {tuple(trained.act(genv.stage_observation(s, budget, "test", 0), EpisodeContext(genv, s, budget, "test")))
+               for s in ids}
+    assert len(choices) >= 2
 
 
 def test_prompt_and_completion_words():

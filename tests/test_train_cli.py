@@ -64,6 +64,7 @@ def test_train_writes_the_run_folder(trained_run):
     versions = json.loads((trained_run / "versions.json").read_text())
     assert torch.__version__.startswith(versions["packages"]["torch"].split("+")[0])
     assert versions["model"]["backend"] == "tiny" and "revision" in versions["model"] and versions["device"]
+    assert versions["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # the kernels that ran
     report = json.loads((trained_run / "report.json").read_text())
     assert {r["agent"] for r in report["rows"]} == {"grpo", "oracle", "static", "greedy", "bandit", "random"}
     assert "80ms" in report["oracle_gap"]
