@@ -34,9 +34,9 @@ from knobgym_cli.versions import to_jsonable
 
 
 def run_evaluation(cfg: DictConfig) -> Path:
-    import torch
-
     from agents import FitContext, agent_class, check_agent_name, eval_sample_ids, load_agent
+    from backends.registry import with_threads
+    from backends.threads import resolve_threads, set_torch_threads
     from envs.protocols import group_env
     from knobgym_cli.report import compare_agents, markdown_table, write_report
 
@@ -48,9 +48,11 @@ def run_evaluation(cfg: DictConfig) -> Path:
     if not ckpt_path.exists():
         raise UsageError(f"run={str(run_dir)!r} has no checkpoints/{ckpt_path.name}; accepted: a run folder "
                          f"written by train.py (runs/<env>/<agent>/<timestamp>)")
-    torch.set_num_threads(int(cfg.torch_threads))
     ckpt = load_run_checkpoint(ckpt_path)
     run_cfg = OmegaConf.create(ckpt["metadata"]["config"])
+    # this command's torch_threads, else the run's (so the run's latency cache entry is read), else the default
+    threads = cfg.torch_threads if cfg.torch_threads is not None else run_cfg.get("torch_threads")
+    set_torch_threads(resolve_threads(threads))
     env_cfg = OmegaConf.to_container(run_cfg.env, resolve=True)
     if cfg.env_id is not None:
         env_cfg = {**env_cfg, "id": str(cfg.env_id)}
@@ -63,8 +65,8 @@ def run_evaluation(cfg: DictConfig) -> Path:
     estimator = cfg.estimator if cfg.estimator is not None else run_cfg.get("estimator")
     start = time.perf_counter()
     with phase("loading the model and the latency estimator (profiled once per device when not cached)"):
-        env, notes = make_env(env_cfg, OmegaConf.to_container(run_cfg.backend, resolve=True), run_cfg.budget,
-                              estimator)
+        env, notes = make_env(env_cfg, with_threads(OmegaConf.to_container(run_cfg.backend, resolve=True), threads),
+                              run_cfg.budget, estimator)
     check_checkpoint_matches(ckpt, env, ckpt_path)
     achievable, suggested = env_range(env)
     say(describe_range(achievable, suggested))

@@ -71,11 +71,12 @@ def resumed_config(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, dict]:
 
 
 def run_training(cfg: DictConfig, run_dir: Path) -> None:
-    import torch
     from torch.utils.tensorboard import SummaryWriter
 
     from agents import FitContext, eval_sample_ids, evaluation_only, list_agents
     from backends.io import atomic_write_json
+    from backends.registry import with_threads
+    from backends.threads import resolve_threads, set_torch_threads
     from envs.protocols import group_env
     from knobgym_cli.budgets import binding
     from knobgym_cli.report import compare_agents, markdown_table, write_report
@@ -93,10 +94,11 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
     if cls.evaluation_only:
         raise UsageError(f"agent={name} is evaluation only; accepted: "
                          f"{', '.join(a for a in list_agents() if a not in evaluation_only())}")
-    torch.set_num_threads(int(cfg.torch_threads))
+    threads = resolve_threads(cfg.torch_threads)  # null: the default gym.make's backends use too
+    set_torch_threads(threads)
     start = time.perf_counter()
     env_cfg = OmegaConf.to_container(cfg.env, resolve=True)
-    backend_cfg = OmegaConf.to_container(cfg.backend, resolve=True)
+    backend_cfg = with_threads(OmegaConf.to_container(cfg.backend, resolve=True), cfg.torch_threads)
     requested_budget = str(cfg.budget)
     if is_auto(cfg.budget):
         with phase("budget=auto: loading the model and the latency estimator (profiled once per device when not "
@@ -124,7 +126,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
                           last=resume_ckpt["metadata"].get("last_validation_reward") if resumed else None,
                           title=f"{name} {cfg.env.id} {budget}")
     # rollout=ray: a Ray session (and its actors) for training only; baselines and evaluation run here
-    with rollout_executor(cfg.get("rollout"), int(cfg.torch_threads)) as executor:
+    with rollout_executor(cfg.get("rollout"), threads) as executor:
         context = FitContext(split=cfg.train_split, sample_pool=cfg.sample_pool, budgets_ms=budgets_ms, hooks=hooks,
                              executor=executor)
         if resumed:

@@ -23,6 +23,7 @@ import torch
 
 from backends.kv.cache import KVPolicyCache, PruneEvent, num_decoder_layers
 from backends.kv.policies import FullCache, KVPolicy
+from backends.threads import runnable_threads
 
 
 def check_threads(threads: int | None) -> int | None:
@@ -39,7 +40,7 @@ def intra_op_threads(threads: int | None) -> Iterator[None]:
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(runnable_threads(threads))  # 1 in a child forked from a multi-threaded parent
     try:
         yield
     finally:
