@@ -77,6 +77,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
     from backends.io import atomic_write_json
     from backends.registry import with_threads
     from backends.threads import resolve_threads, set_torch_threads
+    from envs.budget import is_device_relative
     from envs.protocols import group_env
     from knobgym_cli.budgets import binding
     from knobgym_cli.report import compare_agents, markdown_table, write_report
@@ -113,7 +114,10 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
     if resume_ckpt is not None and resume_ckpt["env_id"] != cfg.env.id:
         raise UsageError(f"run {str(run_dir)!r} was trained on {resume_ckpt['env_id']}, not {cfg.env.id}")
     budget = group_env(env).budget
-    budgets_ms = eval_budgets(budget, cfg.eval.budgets)
+    if is_device_relative(requested_budget):  # '50%': resolved once, here, and recorded like budget=auto
+        cfg.budget = str(budget)
+        say(f"budget={requested_budget} -> budget={cfg.budget} (recorded in the checkpoint's config and the report)")
+    budgets_ms = eval_budgets(budget, cfg.eval.budgets, achievable, suggested)
     atomic_write_json(run_dir / "versions.json", versions(env))
     writer = SummaryWriter(log_dir=str(run_dir))
     config_dict = OmegaConf.to_container(cfg, resolve=True)
