@@ -73,7 +73,7 @@ def resumed_config(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, dict]:
 def run_training(cfg: DictConfig, run_dir: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
-    from agents import FitContext, eval_sample_ids, evaluation_only, list_agents
+    from agents import FitContext, evaluation_only, list_agents
     from backends.io import atomic_write_json
     from backends.registry import with_threads
     from backends.threads import resolve_threads, set_torch_threads
@@ -83,7 +83,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
     from knobgym_cli.report import compare_agents, markdown_table, write_report
     from knobgym_cli.summary import (archive_previous_report, checkpoint_line, checkpoint_record, display_path,
                                      next_commands, now_stamp, portable, print_summary, run_files, verdict_lines)
-    from knobgym_cli.training import TrainingHooks
+    from knobgym_cli.training import TrainingHooks, capped_sample_ids
 
     setup_cli_logging(run_dir / "train.log")
     resume_ckpt = None
@@ -160,11 +160,11 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
             compared[baseline].save(baseline_dir / checkpoint_file(baseline), env)
         bar.update(1)
     bar.close()
-    test_ids = eval_sample_ids(env, cfg.eval.split, cfg.eval.num_samples)
+    test_ids = capped_sample_ids(env, cfg.eval.split, cfg.eval.num_samples, "eval.num_samples")
     rows = compare_agents(env, compared, budgets_ms, test_ids, cfg.eval.split, progress=cli_progress)
-    for row in rows:
-        writer.add_scalar(f"test/{row['agent']}/score", row["score"], 0)
-        writer.add_scalar(f"test/{row['agent']}/violation_rate", row["violation_rate"], 0)
+    for row in rows:  # at the step training ended, beside the run's last training and validation points
+        writer.add_scalar(f"test/{row['agent']}/score", row["score"], hooks.step)
+        writer.add_scalar(f"test/{row['agent']}/violation_rate", row["violation_rate"], hooks.step)
     writer.close()
     validation = {"split": cfg.eval.validation_split, "every": cfg.eval.every, "budgets_ms": budgets_ms,
                   "samples": len(hooks.validation_ids)}
