@@ -703,6 +703,7 @@ def run_model(name: str, work_dir: Path, *, scale: float = 1.0, keep: bool = Fal
     arch = load_architecture(name)
     ckpt, data_dir = work_dir / name, work_dir / f"{name}-data"
     result: dict[str, Any] = {"model": name, "scale": scale, "source": arch.source, "rows": []}
+    start = time.perf_counter()
     try:
         meta = meta_model(arch, scale)
         needed = count_parameters(meta) * 2 / 2**30 * 1.1 + 1.0
@@ -742,6 +743,7 @@ def run_model(name: str, work_dir: Path, *, scale: float = 1.0, keep: bool = Fal
         result.update(ok=False, error=f"check failed: {failure}")
     finally:
         result["peak_rss_gb"] = peak_rss_gb()
+        result["total_s"] = time.perf_counter() - start
         if not keep:
             shutil.rmtree(ckpt, ignore_errors=True)
             shutil.rmtree(data_dir, ignore_errors=True)
@@ -752,7 +754,8 @@ def run_model(name: str, work_dir: Path, *, scale: float = 1.0, keep: bool = Fal
 # Table and command line
 # ---------------------------------------------------------------------------------------------
 def format_table(results: list[dict]) -> str:
-    header = ("model", "params", "build s", "load s", "knob setting", "s", "checked at the real shapes", "peak RSS")
+    header = ("model", "params", "total s", "build s", "load s", "knob setting", "s", "checked at the real shapes",
+              "peak RSS")
     lines = []
     for r in results:
         first = True
@@ -762,8 +765,9 @@ def format_table(results: list[dict]) -> str:
         for row in rows:
             cells = [r["model"] + ("" if r.get("scale", 1.0) == 1.0 else f" x{r['scale']:g}"),
                      f"{r['parameters'] / 1e9:.2f} B" if "parameters" in r else "-",
+                     f"{r['total_s']:.0f}" if "total_s" in r else "-",
                      f"{r['build_s']:.0f}" if "build_s" in r else "-",
-                     f"{r['load_s']:.1f}" if "load_s" in r else "-"] if first else ["", "", "", ""]
+                     f"{r['load_s']:.1f}" if "load_s" in r else "-"] if first else ["", "", "", "", ""]
             cells += [row["setting"], f"{row['seconds']:.1f}" if row["seconds"] is not None else "-", row["checks"],
                       f"{r['peak_rss_gb']:.1f} GB" if first and "peak_rss_gb" in r else ""]
             lines.append(cells)

@@ -176,3 +176,31 @@ def test_readme_block_runs_without_errors_or_warnings(index, seeded_cache):
                   if WARNING.search(line) and not any(w in line for w in EXPECTED_WARNINGS)]
     assert not unexpected, f"README block {index} warned:\n{code}\n" + "\n".join(unexpected)
     assert not CONTROL.search(output)
+
+
+# ------------------------------------------------------------------------------------------------
+# budgets that hold on any machine
+# ------------------------------------------------------------------------------------------------
+def test_device_relative_budgets_resolve_against_the_achievable_range():
+    from envs.budget import Budget, device_budget
+
+    achievable, suggested = (30.0, 60.0), 44.0
+    assert device_budget("50%", achievable, suggested) == Budget.fixed(45.0)
+    assert device_budget("[25%,75%]", achievable, suggested) == Budget(37.5, 52.5)
+    assert device_budget(["0%", "50ms"], achievable, suggested) == Budget(30.0, 50.0)
+    assert device_budget("auto", achievable, suggested) == device_budget(None, achievable, suggested) == Budget.fixed(44)
+    assert device_budget("45ms", achievable, suggested) == Budget.fixed(45.0)
+    assert device_budget("50%") is None  # checked only: an env resolves it once it knows its range
+    for bad, why in (("150%", "between 0% and 100%"), ("[10%]", "exactly two bounds"), ("x%", "cannot parse"),
+                     ("[80%,20%]", "low must be <= high")):
+        with pytest.raises(ValueError, match=re.escape(why)):
+            device_budget(bad, achievable, suggested)
+
+
+def test_a_bad_fraction_is_one_line_before_any_work(tmp_path):
+    result = run([sys.executable, str(REPO / "train.py"), "budget=150%"], tmp_path, tmp_path / "cache", 300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [line for line in result.stderr.strip().splitlines()
+                                                  if line.startswith("error: ")], result.stderr
+    assert "150%" in result.stderr and "0% and 100%" in result.stderr
+    assert not (tmp_path / "runs").exists()
