@@ -10,25 +10,24 @@ threads only add synchronisation, and on a shared CPU spinning threads make late
 
 Fork safety: OpenMP's thread pool does not survive ``fork``. A process forked after its parent ran
 torch with several threads (an ``AsyncVectorEnv`` worker under the ``fork`` start method, the
-Linux default) hangs at its first multi-threaded op. So a child forked from a parent configured
-for more than one thread runs torch on one thread (said once, when a backend asks for more), as
-PyTorch's own DataLoader workers do; :func:`configured_threads` still reports the parent's count,
-so the child reads the parent's latency cache entry. Use the ``spawn`` or ``forkserver`` start
+Linux default) hangs at its first multi-threaded op. So a child forked from a parent running more
+than one thread runs torch on one thread, as PyTorch's own DataLoader workers do;
+:func:`configured_threads` still reports the count asked for (the parent's), so the child reads
+the parent's latency cache entries. Use the ``spawn`` or ``forkserver`` start
 method (``make_vec(..., vector_kwargs={"context": "spawn"})``) to run workers multi-threaded.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 
 DEFAULT_TORCH_THREADS = 1
 """torch intra-op threads of every backend unless ``num_threads`` (CLI: ``torch_threads``) says otherwise."""
 
-_configured: int | None = None      # the count last applied by set_torch_threads (None: never)
-_forked_single_thread = False       # this process was forked from a multi-threaded parent
+_forked_single_thread = False  # this process was forked from a multi-threaded parent: torch runs on one thread
+_requested: int | None = None  # there: the count asked for (the parent's, then set_torch_threads')
 
 
 def check_num_threads(num_threads, error: type[Exception] = ValueError, name: str = "num_threads") -> int:
@@ -46,33 +45,26 @@ def resolve_threads(num_threads: int | None) -> int:
 
 def set_torch_threads(num_threads: int) -> None:
     """Run torch with ``num_threads`` intra-op threads in this process (one in a child forked from a
-    multi-threaded parent: see the module docstring)."""
-    global _configured
-    _configured = check_num_threads(num_threads)
-    if _forked_single_thread and num_threads > 1:
-        warnings.warn(f"this process was forked after its parent ran torch with several threads, and OpenMP "
-                      f"cannot start threads after a fork: running on 1 torch thread instead of {num_threads} "
-                      f"(use the spawn start method, e.g. make_vec(..., vector_kwargs={{'context': 'spawn'}}), "
-                      f"to keep {num_threads})", RuntimeWarning, stacklevel=2)
-    torch.set_num_threads(runnable_threads(num_threads))
-
-
-def runnable_threads(num_threads: int) -> int:
-    """``num_threads``, or 1 in a child forked from a multi-threaded parent (where more would hang)."""
-    return 1 if _forked_single_thread else num_threads
+    multi-threaded parent, where more would hang: see the module docstring)."""
+    global _requested
+    check_num_threads(num_threads)
+    if _forked_single_thread:
+        _requested = num_threads
+        num_threads = 1
+    torch.set_num_threads(num_threads)
 
 
 def configured_threads() -> int:
-    """The thread count this process's backends were configured with (latency depends on it): the
-    last :func:`set_torch_threads` value, else torch's current setting."""
-    return _configured if _configured is not None else torch.get_num_threads()
+    """The thread count latency depends on as configured: torch's setting, or in a child forked from
+    a multi-threaded parent (running on one thread) the count asked for, so the child reads the
+    parent's latency cache entries."""
+    return _requested if _forked_single_thread and _requested is not None else torch.get_num_threads()
 
 
 def _after_fork_in_child() -> None:
-    global _forked_single_thread, _configured
-    if torch.get_num_threads() > 1:
-        _configured = configured_threads()
-        _forked_single_thread = True
+    global _forked_single_thread, _requested
+    if torch.get_num_threads() > 1 and not _forked_single_thread:
+        _forked_single_thread, _requested = True, torch.get_num_threads()
         torch.set_num_threads(1)
 
 
