@@ -34,11 +34,12 @@ from knobgym_cli.versions import to_jsonable
 
 
 def run_evaluation(cfg: DictConfig) -> Path:
-    from agents import FitContext, agent_class, check_agent_name, eval_sample_ids, load_agent
+    from agents import FitContext, agent_class, check_agent_name, load_agent
     from backends.registry import with_threads
     from backends.threads import resolve_threads, set_torch_threads
     from envs.protocols import group_env
     from knobgym_cli.report import compare_agents, markdown_table, write_report
+    from knobgym_cli.training import capped_sample_ids
 
     setup_cli_logging(None)
     run_dir = Path(str(cfg.run))
@@ -96,7 +97,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
         bar.update(1)
     bar.close()
     num_samples = cfg.num_samples if cfg.num_samples is not None else run_cfg.eval.num_samples
-    test_ids = eval_sample_ids(env, cfg.split, num_samples)
+    test_ids = capped_sample_ids(env, cfg.split, num_samples, "num_samples")
     rows = compare_agents(env, compared, budgets_ms, test_ids, cfg.split, progress=cli_progress)
 
     out_dir = Path(str(cfg.out)) if cfg.out is not None else run_dir / ("eval-" + "-".join(f"{b:g}" for b in budgets_ms) + "ms")

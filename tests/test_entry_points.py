@@ -204,3 +204,16 @@ def test_a_bad_fraction_is_one_line_before_any_work(tmp_path):
                                                   if line.startswith("error: ")], result.stderr
     assert "150%" in result.stderr and "0% and 100%" in result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_piped_main_job_has_no_progress_bar_states(seeded_cache, tmp_path):
+    """README's main job (``train.py env=MultiKnob-v0 budget=auto``, tiny backend) with tiny
+    settings, its output piped as into a log: plain lines only."""
+    args = ["env=MultiKnob-v0", "budget=auto", "agent.total_updates=1", "agent.batch_size=2", "agent.num_generations=4",
+            "eval.every=1", "eval.num_samples=2", "eval.validation_samples=2", "baselines.static.calibration_samples=1",
+            "baselines.bandit.rounds=4"]
+    result = run([sys.executable, str(REPO / "train.py"), *args], tmp_path, seeded_cache, 900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert not CONTROL.search(output), [line for line in output.split("\n") if CONTROL.search(line)][:5]
+    assert "Loading weights" not in output and "== summary ==" in output
