@@ -1,7 +1,7 @@
 """Evaluate a frozen checkpoint of a run against the baselines at several budgets.
 
     python evaluate.py run=runs/MultiKnob-v0/grpo/<timestamp>                  # budgets=auto
-    python evaluate.py run=runs/MultiKnob-v0/grpo/<timestamp> budgets=[40ms,45ms,50ms]
+    python evaluate.py run=runs/MultiKnob-v0/grpo/<timestamp> budgets=[25%,50%,75%]
     python evaluate.py run=runs/... checkpoint=latest num_samples=200
 
 The model weights and the policy are both frozen (no update, no refit of the trained agent). The

@@ -1,8 +1,8 @@
 """Train a budget-aware controller and compare it with the baselines on the test split.
 
     python train.py env=MultiKnob-v0 budget=auto               # GRPO at a budget that binds on this device
-    python train.py env=MultiKnob-v0 budget=45ms agent.total_updates=200 seed=1
-    python train.py agent=bandit budget="[35ms,55ms]"
+    python train.py env=MultiKnob-v0 budget=50% agent.total_updates=200 seed=1   # halfway up this device's range
+    python train.py agent=bandit budget="[25%,75%]"
     python train.py resume=true                                # continue the latest run (or resume=<run dir>)
 
 Writes ``runs/<env>/<agent>/<timestamp>/``: ``.hydra/`` (resolved config), ``versions.json``,
@@ -114,7 +114,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
     if resume_ckpt is not None and resume_ckpt["env_id"] != cfg.env.id:
         raise UsageError(f"run {str(run_dir)!r} was trained on {resume_ckpt['env_id']}, not {cfg.env.id}")
     budget = group_env(env).budget
-    if is_device_relative(requested_budget):  # '50%': resolved once, here, and recorded like budget=auto
+    if is_device_relative(cfg.budget):  # '50%', [25%,75%]: resolved once, here, and recorded like budget=auto
         cfg.budget = str(budget)
         say(f"budget={requested_budget} -> budget={cfg.budget} (recorded in the checkpoint's config and the report)")
     budgets_ms = eval_budgets(budget, cfg.eval.budgets, achievable, suggested)
