@@ -1,7 +1,7 @@
 """Evaluate a frozen checkpoint of a run against the baselines at several budgets.
 
     python evaluate.py run=runs/MultiKnob-v0/grpo/<timestamp>                  # budgets=auto
-    python evaluate.py run=runs/MultiKnob-v0/grpo/<timestamp> budgets=[40ms,45ms,50ms]
+    python evaluate.py run=runs/MultiKnob-v0/grpo/<timestamp> budgets=[25%,50%,75%]
     python evaluate.py run=runs/... checkpoint=latest num_samples=200
 
 The model weights and the policy are both frozen (no update, no refit of the trained agent). The
@@ -34,11 +34,12 @@ from knobgym_cli.versions import to_jsonable
 
 
 def run_evaluation(cfg: DictConfig) -> Path:
-    import torch
-
-    from agents import FitContext, agent_class, check_agent_name, eval_sample_ids, load_agent
+    from agents import FitContext, agent_class, check_agent_name, load_agent
+    from backends.registry import with_threads
+    from backends.threads import resolve_threads, set_torch_threads
     from envs.protocols import group_env
     from knobgym_cli.report import compare_agents, markdown_table, write_report
+    from knobgym_cli.training import capped_sample_ids
 
     setup_cli_logging(None)
     run_dir = Path(str(cfg.run))
@@ -48,9 +49,11 @@ def run_evaluation(cfg: DictConfig) -> Path:
     if not ckpt_path.exists():
         raise UsageError(f"run={str(run_dir)!r} has no checkpoints/{ckpt_path.name}; accepted: a run folder "
                          f"written by train.py (runs/<env>/<agent>/<timestamp>)")
-    torch.set_num_threads(int(cfg.torch_threads))
     ckpt = load_run_checkpoint(ckpt_path)
     run_cfg = OmegaConf.create(ckpt["metadata"]["config"])
+    # this command's torch_threads, else the run's (so the run's latency cache entry is read), else the default
+    threads = cfg.torch_threads if cfg.torch_threads is not None else run_cfg.get("torch_threads")
+    set_torch_threads(resolve_threads(threads))
     env_cfg = OmegaConf.to_container(run_cfg.env, resolve=True)
     if cfg.env_id is not None:
         env_cfg = {**env_cfg, "id": str(cfg.env_id)}
@@ -63,8 +66,8 @@ def run_evaluation(cfg: DictConfig) -> Path:
     estimator = cfg.estimator if cfg.estimator is not None else run_cfg.get("estimator")
     start = time.perf_counter()
     with phase("loading the model and the latency estimator (profiled once per device when not cached)"):
-        env, notes = make_env(env_cfg, OmegaConf.to_container(run_cfg.backend, resolve=True), run_cfg.budget,
-                              estimator)
+        env, notes = make_env(env_cfg, with_threads(OmegaConf.to_container(run_cfg.backend, resolve=True), threads),
+                              run_cfg.budget, estimator)
     check_checkpoint_matches(ckpt, env, ckpt_path)
     achievable, suggested = env_range(env)
     say(describe_range(achievable, suggested))
@@ -72,7 +75,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
         budgets_ms = auto_budgets(achievable, fixed_budgets_ms(group_env(env).budget))
         say("budgets=auto: " + ", ".join(f"{b:g}ms" for b in budgets_ms))
     else:
-        budgets_ms = eval_budgets(group_env(env).budget, list(cfg.budgets))
+        budgets_ms = eval_budgets(group_env(env).budget, list(cfg.budgets), achievable, suggested)
     for message in out_of_range_warnings(budgets_ms, achievable, suggested):
         warnings.warn(message)
 
@@ -94,7 +97,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
         bar.update(1)
     bar.close()
     num_samples = cfg.num_samples if cfg.num_samples is not None else run_cfg.eval.num_samples
-    test_ids = eval_sample_ids(env, cfg.split, num_samples)
+    test_ids = capped_sample_ids(env, cfg.split, num_samples, "num_samples")
     rows = compare_agents(env, compared, budgets_ms, test_ids, cfg.split, progress=cli_progress)
 
     out_dir = Path(str(cfg.out)) if cfg.out is not None else run_dir / ("eval-" + "-".join(f"{b:g}" for b in budgets_ms) + "ms")

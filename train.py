@@ -1,8 +1,8 @@
 """Train a budget-aware controller and compare it with the baselines on the test split.
 
     python train.py env=MultiKnob-v0 budget=auto               # GRPO at a budget that binds on this device
-    python train.py env=MultiKnob-v0 budget=45ms agent.total_updates=200 seed=1
-    python train.py agent=bandit budget="[35ms,55ms]"
+    python train.py env=MultiKnob-v0 budget=50% agent.total_updates=200 seed=1   # halfway up this device's range
+    python train.py agent=bandit budget="[25%,75%]"
     python train.py resume=true                                # continue the latest run (or resume=<run dir>)
 
 Writes ``runs/<env>/<agent>/<timestamp>/``: ``.hydra/`` (resolved config), ``versions.json``,
@@ -71,17 +71,19 @@ def resumed_config(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, dict]:
 
 
 def run_training(cfg: DictConfig, run_dir: Path) -> None:
-    import torch
     from torch.utils.tensorboard import SummaryWriter
 
-    from agents import FitContext, eval_sample_ids, evaluation_only, list_agents
+    from agents import FitContext, evaluation_only, list_agents
     from backends.io import atomic_write_json
+    from backends.registry import with_threads
+    from backends.threads import resolve_threads, set_torch_threads
+    from envs.budget import is_device_relative
     from envs.protocols import group_env
     from knobgym_cli.budgets import binding
     from knobgym_cli.report import compare_agents, markdown_table, write_report
     from knobgym_cli.summary import (archive_previous_report, checkpoint_line, checkpoint_record, display_path,
                                      next_commands, now_stamp, portable, print_summary, run_files, verdict_lines)
-    from knobgym_cli.training import TrainingHooks
+    from knobgym_cli.training import TrainingHooks, capped_sample_ids
 
     setup_cli_logging(run_dir / "train.log")
     resume_ckpt = None
@@ -93,10 +95,11 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
     if cls.evaluation_only:
         raise UsageError(f"agent={name} is evaluation only; accepted: "
                          f"{', '.join(a for a in list_agents() if a not in evaluation_only())}")
-    torch.set_num_threads(int(cfg.torch_threads))
+    threads = resolve_threads(cfg.torch_threads)  # null: the default gym.make's backends use too
+    set_torch_threads(threads)
     start = time.perf_counter()
     env_cfg = OmegaConf.to_container(cfg.env, resolve=True)
-    backend_cfg = OmegaConf.to_container(cfg.backend, resolve=True)
+    backend_cfg = with_threads(OmegaConf.to_container(cfg.backend, resolve=True), cfg.torch_threads)
     requested_budget = str(cfg.budget)
     if is_auto(cfg.budget):
         with phase("budget=auto: loading the model and the latency estimator (profiled once per device when not "
@@ -111,7 +114,10 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
     if resume_ckpt is not None and resume_ckpt["env_id"] != cfg.env.id:
         raise UsageError(f"run {str(run_dir)!r} was trained on {resume_ckpt['env_id']}, not {cfg.env.id}")
     budget = group_env(env).budget
-    budgets_ms = eval_budgets(budget, cfg.eval.budgets)
+    if is_device_relative(cfg.budget):  # '50%', [25%,75%]: resolved once, here, and recorded like budget=auto
+        cfg.budget = str(budget)
+        say(f"budget={requested_budget} -> budget={cfg.budget} (recorded in the checkpoint's config and the report)")
+    budgets_ms = eval_budgets(budget, cfg.eval.budgets, achievable, suggested)
     atomic_write_json(run_dir / "versions.json", versions(env))
     writer = SummaryWriter(log_dir=str(run_dir))
     config_dict = OmegaConf.to_container(cfg, resolve=True)
@@ -124,7 +130,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
                           last=resume_ckpt["metadata"].get("last_validation_reward") if resumed else None,
                           title=f"{name} {cfg.env.id} {budget}")
     # rollout=ray: a Ray session (and its actors) for training only; baselines and evaluation run here
-    with rollout_executor(cfg.get("rollout"), int(cfg.torch_threads)) as executor:
+    with rollout_executor(cfg.get("rollout"), threads) as executor:
         context = FitContext(split=cfg.train_split, sample_pool=cfg.sample_pool, budgets_ms=budgets_ms, hooks=hooks,
                              executor=executor)
         if resumed:
@@ -154,11 +160,11 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
             compared[baseline].save(baseline_dir / checkpoint_file(baseline), env)
         bar.update(1)
     bar.close()
-    test_ids = eval_sample_ids(env, cfg.eval.split, cfg.eval.num_samples)
+    test_ids = capped_sample_ids(env, cfg.eval.split, cfg.eval.num_samples, "eval.num_samples")
     rows = compare_agents(env, compared, budgets_ms, test_ids, cfg.eval.split, progress=cli_progress)
-    for row in rows:
-        writer.add_scalar(f"test/{row['agent']}/score", row["score"], 0)
-        writer.add_scalar(f"test/{row['agent']}/violation_rate", row["violation_rate"], 0)
+    for row in rows:  # at the step training ended, beside the run's last training and validation points
+        writer.add_scalar(f"test/{row['agent']}/score", row["score"], hooks.step)
+        writer.add_scalar(f"test/{row['agent']}/violation_rate", row["violation_rate"], hooks.step)
     writer.close()
     validation = {"split": cfg.eval.validation_split, "every": cfg.eval.every, "budgets_ms": budgets_ms,
                   "samples": len(hooks.validation_ids)}

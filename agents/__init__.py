@@ -1,7 +1,7 @@
 """knobgym agents: GRPO, Stable-Baselines3 PPO, and the baselines, all behind :class:`Agent`.
 
 >>> import gymnasium as gym, envs, agents
->>> env = gym.make("MultiKnob-v0", budget="120ms")
+>>> env = gym.make("MultiKnob-v0", budget="auto")
 >>> greedy = agents.make_agent("greedy", env)
 >>> agents.evaluate_agent(env, greedy, agents.eval_sample_ids(env, "test", 16), 120.0, "test")
 

@@ -18,6 +18,7 @@ from backends.hf import HFBackend
 from backends.knobs import knob_space_from_model
 from backends.loading import (QUANT_TYPES, GenerationSettings, SpecError, generation_settings_from_dict, load_model,
                               model_spec_from_dict)
+from backends.threads import DEFAULT_TORCH_THREADS, check_num_threads, set_torch_threads
 from backends.vqa_data import DataError, VQADataset, dataset_spec_from_options
 
 KNOB_KEYS = ("tiers", "tier_sizes", "top_ks", "depths", "token_budgets")
@@ -44,7 +45,7 @@ def load_hf_backend(model: str | None = None, dataset: Any = None, *, revision: 
                     prompt_template: str | None = None, tier_mode: str | None = None,
                     knobs: Mapping | None = None, columns: Mapping | None = None, splits: Mapping | None = None,
                     split_fractions: Any = None, split_seed: int = 0, max_samples: int | None = None,
-                    num_threads: int | None = None, hub_id: str | None = None, **unknown: Any) -> HFBackend:
+                    num_threads: int | None = DEFAULT_TORCH_THREADS, hub_id: str | None = None, **unknown: Any) -> HFBackend:
     """Load ``model`` and ``dataset`` into an :class:`~backends.hf.HFBackend`.
 
     Args:
@@ -69,7 +70,9 @@ def load_hf_backend(model: str | None = None, dataset: Any = None, *, revision: 
             ``depths``, ``token_budgets``; unset ones come from the model's config.
         columns, splits, split_fractions, split_seed, max_samples: how to read ``dataset``
             (:class:`~backends.vqa_data.DatasetSpec`).
-        num_threads: torch intra-op threads for the process; null leaves torch's setting alone.
+        num_threads: torch intra-op threads for the process (default
+            :data:`backends.threads.DEFAULT_TORCH_THREADS`, as every backend and the CLI, so the
+            latency cache entry is shared); null leaves torch's setting alone.
         hub_id: informational: the hub id a preset expects (``model`` may point at a local copy of it).
     """
     if unknown:
@@ -88,11 +91,7 @@ def load_hf_backend(model: str | None = None, dataset: Any = None, *, revision: 
     if unknown:
         raise SpecError(f"unknown knobs key(s) {unknown}; accepted: {', '.join(KNOB_KEYS)}")
     if num_threads is not None:
-        if isinstance(num_threads, bool) or not (isinstance(num_threads, int) and num_threads >= 1):
-            raise SpecError(f"num_threads={num_threads!r} is invalid; accepted: an integer >= 1 or null")
-        import torch
-
-        torch.set_num_threads(num_threads)
+        set_torch_threads(check_num_threads(num_threads, SpecError))
     if not isinstance(chat_template, (bool, str)):
         raise SpecError(f"chat_template={chat_template!r} is invalid; accepted: true, false or a Jinja template string")
     spec = model_spec_from_dict({"model": str(model), "revision": revision, "precision": precision,

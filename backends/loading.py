@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from backends.progress import quiet_library_bars
+
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16",
                   "torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16", "auto": "auto"}
@@ -438,6 +440,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
 
     check_device_available(spec)
+    quiet_library_bars("transformers")  # no "Loading weights" bar states in a piped log
     path, revision = resolve_model_path(spec)
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=spec.trust_remote_code)
     model_cls = _model_class_for(config, transformers)

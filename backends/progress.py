@@ -128,3 +128,20 @@ def progress(total: int | None, desc: str, unit: str = "it", *, enabled: bool = 
 
         return tqdm(total=total, desc=desc, unit=unit, file=stream)
     return LineProgress(total, desc, unit, stream=stream, interval_s=interval_s)
+
+
+def quiet_library_bars(*libraries: str, stream: TextIO | None = None) -> None:
+    """Turn off the progress bars of ``libraries`` (``transformers``: "Loading weights";
+    ``datasets``: "Generating ... split") when ``stream`` (default stderr) is not a terminal: their
+    bars redraw with carriage returns, which a piped log keeps as control characters. Called by the
+    loaders before they use the library; on a terminal the bars stay."""
+    if is_terminal(stream if stream is not None else sys.stderr):
+        return
+    if "transformers" in libraries:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    if "datasets" in libraries:
+        import datasets
+
+        datasets.disable_progress_bars()

@@ -13,10 +13,12 @@ contract is the env's business; the registry only refuses objects of no declared
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from typing import Any, Callable
 
 from backends.base import Backend
+from backends import threads as _threads  # noqa: F401  (registers the fork handler before any worker forks)
 
 _FACTORIES: dict[str, str | Callable[..., Backend]] = {
     "tiny": "backends.tiny.backend:load_tiny_backend",
@@ -92,6 +94,19 @@ def load_backend(backend: Any = "tiny", **options: Any) -> Any:
                              f"backend contract; accepted: {_type_names()} (see backends.registry.register_backend_type)")
         _LOADED[key] = loaded
     return _LOADED[key]
+
+
+def with_threads(backend: Any, num_threads: int | None) -> Any:
+    """``backend`` (a name or dict) as a dict whose ``num_threads`` is ``num_threads`` when it leaves
+    it unset and the factory takes it (how a CLI's ``torch_threads`` reaches the backend); ``None``
+    or a loaded backend: unchanged, so the factory's default (:data:`backends.threads.DEFAULT_TORCH_THREADS`)
+    applies, as in ``gym.make``."""
+    if num_threads is None or not isinstance(backend, (str, dict)):
+        return backend
+    spec = {"name": backend} if isinstance(backend, str) else dict(backend)
+    if spec.get("num_threads") is None and "num_threads" in inspect.signature(_factory(spec.get("name", "tiny"))).parameters:
+        spec["num_threads"] = num_threads
+    return spec
 
 
 def release_backend(backend: Backend) -> None:

@@ -41,6 +41,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from backends.base import SPLITS, Sample, check_split
+from backends.progress import quiet_library_bars
 from backends.scoring import score_answer
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,8 @@ def _load_json_files(files: Mapping[str, Path]):
 def _open_raw(spec: DatasetSpec) -> tuple[dict, dict]:
     """The data's splits (name -> ``datasets.Dataset``) and the base directory of each split's image paths."""
     import datasets
+
+    quiet_library_bars("datasets")  # no "Generating ... split" bar states in a piped log
 
     if isinstance(spec.path, Mapping):
         files = {str(k): Path(str(v)).expanduser() for k, v in spec.path.items()}

@@ -35,6 +35,7 @@ import math
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -621,6 +622,10 @@ def knob_env_episodes(env_id: str, backend, estimator, probe) -> list[dict]:
     return rows
 
 
+#: TPOT coefficients the KV env episodes use instead of a profile (their latency is measured)
+KV_TPOT_COEFFICIENTS = {"base_ms": 1.0, "per_slot_ms": 0.001, "per_prune_ms": 0.1}
+
+
 def kv_env_episode(env_id: str, backend) -> list[dict]:
     """One episode of two chunks: the first at every knob's highest value, the second at every
     knob's lowest (the smallest window), checking the cache sizes each policy allows."""
@@ -629,8 +634,10 @@ def kv_env_episode(env_id: str, backend) -> list[dict]:
     vocab = backend.model.config.get_text_config(decoder=True).vocab_size
     rng = np.random.default_rng(0)
     document = rng.integers(200, min(vocab, 30000), 2 * KV_CHUNK_TOKENS + 8).tolist()
-    env = gym.make(env_id, budget="10000ms", chunk_tokens=KV_CHUNK_TOKENS, episode_tokens=2 * KV_CHUNK_TOKENS,
-                   latency="measured", model=backend.model, documents=[document])
+    # measured latency; fixed TPOT coefficients (only the budget's default and observations read them),
+    # so no TPOT profile of each id's model is taken: that profile was most of a smoke run's minutes
+    env = gym.make(env_id, chunk_tokens=KV_CHUNK_TOKENS, episode_tokens=2 * KV_CHUNK_TOKENS, latency="measured",
+                   tpot_model=KV_TPOT_COEFFICIENTS, model=backend.model, documents=[document])
     nvec = env.action_space.nvec
     start = time.perf_counter()
     env.reset(seed=0)
@@ -696,6 +703,7 @@ def run_model(name: str, work_dir: Path, *, scale: float = 1.0, keep: bool = Fal
     arch = load_architecture(name)
     ckpt, data_dir = work_dir / name, work_dir / f"{name}-data"
     result: dict[str, Any] = {"model": name, "scale": scale, "source": arch.source, "rows": []}
+    start = time.perf_counter()
     try:
         meta = meta_model(arch, scale)
         needed = count_parameters(meta) * 2 / 2**30 * 1.1 + 1.0
@@ -735,6 +743,7 @@ def run_model(name: str, work_dir: Path, *, scale: float = 1.0, keep: bool = Fal
         result.update(ok=False, error=f"check failed: {failure}")
     finally:
         result["peak_rss_gb"] = peak_rss_gb()
+        result["total_s"] = time.perf_counter() - start
         if not keep:
             shutil.rmtree(ckpt, ignore_errors=True)
             shutil.rmtree(data_dir, ignore_errors=True)
@@ -745,7 +754,8 @@ def run_model(name: str, work_dir: Path, *, scale: float = 1.0, keep: bool = Fal
 # Table and command line
 # ---------------------------------------------------------------------------------------------
 def format_table(results: list[dict]) -> str:
-    header = ("model", "params", "build s", "load s", "knob setting", "s", "checked at the real shapes", "peak RSS")
+    header = ("model", "params", "total s", "build s", "load s", "knob setting", "s", "checked at the real shapes",
+              "peak RSS")
     lines = []
     for r in results:
         first = True
@@ -755,8 +765,9 @@ def format_table(results: list[dict]) -> str:
         for row in rows:
             cells = [r["model"] + ("" if r.get("scale", 1.0) == 1.0 else f" x{r['scale']:g}"),
                      f"{r['parameters'] / 1e9:.2f} B" if "parameters" in r else "-",
+                     f"{r['total_s']:.0f}" if "total_s" in r else "-",
                      f"{r['build_s']:.0f}" if "build_s" in r else "-",
-                     f"{r['load_s']:.1f}" if "load_s" in r else "-"] if first else ["", "", "", ""]
+                     f"{r['load_s']:.1f}" if "load_s" in r else "-"] if first else ["", "", "", "", ""]
             cells += [row["setting"], f"{row['seconds']:.1f}" if row["seconds"] is not None else "-", row["checks"],
                       f"{r['peak_rss_gb']:.1f} GB" if first and "peak_rss_gb" in r else ""]
             lines.append(cells)
@@ -809,16 +820,29 @@ def _run_child(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
            "--work-dir", str(work_dir), "--max-new-tokens", str(args.max_new_tokens), "--in-process",
            *(["--threads", str(args.threads)] if args.threads else []),
            "--_child-result", str(result_file)] + (["--keep"] if args.keep else [])
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parent.parent)
     try:
+        proc.wait()
         text = result_file.read_text()
         result = json.loads(text)[0] if text else None
-    finally:
+    finally:  # interrupted (Ctrl-C, SIGTERM): stop the child before the work dir is removed
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         result_file.unlink(missing_ok=True)
     if result is None:
         result = {"model": name, "scale": args.scale, "ok": False, "rows": [],
                   "error": f"child process exited with status {proc.returncode} before writing a result"}
     return result
+
+
+def _exit_on_signal(signum, frame) -> None:
+    """SIGTERM / SIGHUP as ``SystemExit``: the ``finally`` blocks stop the child and remove the temporary folder."""
+    raise SystemExit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -827,6 +851,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FullSizeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
     threads = args.threads or (1 if args.scale < 1 else None)
     if threads:
         # Tiny shapes gain nothing from intra-op threads, and on busy shared cores threads waiting

@@ -1,7 +1,7 @@
 """knobgym environments. ``import envs`` registers every env id with Gymnasium.
 
 >>> import gymnasium as gym, envs
->>> env = gym.make("MultiKnob-v0", budget="120ms")          # tiny default backend
+>>> env = gym.make("MultiKnob-v0", budget="auto")          # tiny default backend; or "50%", "45ms"
 >>> envs.list_envs()
 """
 

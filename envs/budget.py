@@ -169,6 +169,79 @@ class Budget:
 
 
 # ================================================================================================
+# Budgets relative to the device: "auto" and fractions of the achievable range
+# ================================================================================================
+DEVICE_FORMS = (
+    "'auto' (the env's suggested_budget_ms: one that binds on this device), a fraction of this device's "
+    "achievable range '50%' (0% = the cheapest configuration's latency, 100% = the most expensive one's), a "
+    "range of two fractions '[25%,75%]', or any fixed form: " + ACCEPTED_FORMS
+)
+_FRACTION_RE = re.compile(r"^\s*(\d+\.?\d*|\.\d+)\s*%\s*$")
+
+
+def _fraction(part: Any, original: Any) -> float | None:
+    """``part`` ("50%") as a fraction in [0, 1]; ``None`` when it is not a percentage."""
+    match = _FRACTION_RE.match(part) if isinstance(part, str) else None
+    if match is None:
+        return None
+    value = float(match.group(1)) / 100
+    if not 0 <= value <= 1:
+        raise ValueError(f"invalid budget {original!r}: a fraction of this device's achievable range must be "
+                         f"between 0% and 100%; accepted: {DEVICE_FORMS}")
+    return value
+
+
+def is_device_relative(value: Any) -> bool:
+    """Whether ``value`` is ``None``, ``'auto'`` or holds a percentage: a budget only an env can resolve."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return True
+    parts = value.strip()[1:-1].split(",") if isinstance(value, str) and value.strip()[:1] in "[(" else (
+        list(value) if isinstance(value, Sequence) and not isinstance(value, str) else [value])
+    return any(isinstance(p, str) and p.strip().endswith("%") for p in parts)
+
+
+def device_budget(value: Any, achievable_ms: tuple[float, float] | None = None,
+                  suggested_ms: float | None = None) -> Budget | None:
+    """Parse ``value`` in any :data:`DEVICE_FORMS` (the env constructors' boundary).
+
+    ``None`` and ``'auto'`` are ``suggested_ms``; ``'P%'`` is the point P% of the way from
+    ``achievable_ms[0]`` (the cheapest configuration) to ``achievable_ms[1]`` (the most expensive),
+    so the same budget binds on any machine; a range may mix fractions and fixed bounds; fixed forms
+    are :meth:`Budget.parse`. Without ``achievable_ms`` (an env checking its arguments before
+    loading the estimator) a device-relative value is only checked and ``None`` is returned.
+    """
+    if not is_device_relative(value):
+        return Budget.parse(value)
+    if isinstance(value, str) and value.strip()[:1] in "[(" and value.strip()[-1:] in "])":
+        parts: list = value.strip()[1:-1].split(",")
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        parts = list(value)
+    else:
+        parts = [value]
+    if len(parts) != 1 and len(parts) != 2 or (len(parts) == 1 and parts[0] is not value):
+        raise ValueError(f"invalid budget {value!r}: a range needs exactly two bounds; accepted: {DEVICE_FORMS}")
+    fractions = [_fraction(p, value) for p in parts]
+    for part, fraction in zip(parts, fractions):
+        if fraction is None and part is not None and not (isinstance(part, str) and part.strip().lower() == "auto"):
+            try:
+                _parse_scalar_ms(part.strip() if isinstance(part, str) else part, value)
+            except ValueError:
+                raise ValueError(f"invalid budget {value!r}: cannot parse {part!r}; accepted: {DEVICE_FORMS}") from None
+    if achievable_ms is None:
+        return None
+    low, high = achievable_ms
+    ms = [suggested_ms if fraction is None and (part is None or str(part).strip().lower() == "auto")
+          else low + fraction * (high - low) if fraction is not None
+          else _parse_scalar_ms(part.strip() if isinstance(part, str) else part, value)
+          for part, fraction in zip(parts, fractions)]
+    if len(ms) == 1:
+        return Budget.fixed(float(ms[0]))
+    if ms[0] > ms[1]:
+        raise ValueError(f"invalid budget {value!r}: range low must be <= high; accepted: {DEVICE_FORMS}")
+    return Budget(float(ms[0]), float(ms[1]))
+
+
+# ================================================================================================
 # KV budgets: a per-token latency (TPOT) budget, optionally with a cap on the KV cache
 # ================================================================================================
 KV_ACCEPTED_FORMS = (

@@ -53,7 +53,7 @@ import numpy as np
 from backends.base import Sample, check_split
 from backends.decoding import DecodingBackend, DecodingKnobs, DecodingOutcome, DecodingTokenCounts
 from backends.registry import load_backend
-from envs.budget import Budget, check_budget_ms
+from envs.budget import check_budget_ms, device_budget
 from envs.reward import RewardConfig, compute_reward
 from latency_model.modes import LATENCY_MODES
 
@@ -99,8 +99,9 @@ class DecodingEnv(gym.Env):
     Args:
         backend: ``decoding`` (default: the shipped tiny pair), a dict with ``name`` and options,
             or a loaded :class:`~backends.decoding.DecodingBackend`.
-        budget: latency budget in any form :meth:`Budget.parse` accepts; ``None``: the
-            :attr:`suggested_budget_ms` of this backend and device.
+        budget: latency budget in any form :func:`envs.budget.device_budget` accepts; ``None`` or
+            ``"auto"``: the :attr:`suggested_budget_ms` of this backend and device; ``"50%"``: that
+            point of :attr:`achievable_range_ms`.
         split: data split episodes draw questions from (default ``train``).
         latency: ``estimated`` (default) or ``measured``.
         overshoot_penalty, violation_penalty: reward coefficients (see :mod:`envs.reward`).
@@ -119,6 +120,7 @@ class DecodingEnv(gym.Env):
                  estimator=None, backend_options: dict | None = None):
         super().__init__()
         check_split(split)
+        device_budget(budget)  # checked before loading; a device-relative one is resolved below
         loaded = load_backend(backend, **(backend_options or {}))
         if not isinstance(loaded, DecodingBackend):
             raise ValueError(f"Decoding-v0 needs a decoding backend, got {type(loaded).__name__}; accepted: "
@@ -137,7 +139,7 @@ class DecodingEnv(gym.Env):
                                  violation_penalty=violation_penalty)
         self._low_ms, self._high_ms, self._full_ms = self._typical_latencies()
         self._ref_ms = float(np.median(self._full_ms))
-        self.budget = Budget.parse(self.suggested_budget_ms if budget is None else budget)
+        self.budget = device_budget(budget, self.achievable_range_ms, self.suggested_budget_ms)
         self._warn_if_budget_unreachable()
         self.action_space = gym.spaces.MultiDiscrete(self.space.nvec)
         self.trajectory_nvec = tuple(int(n) for n in self.space.nvec)
@@ -291,7 +293,8 @@ class DecodingEnv(gym.Env):
             self._sample = self.backend.sample(split, options["sample_id"])
         else:
             self._sample = items[int(self.np_random.integers(len(items)))]
-        budget = Budget.parse(options["budget"]) if "budget" in options else self.budget  # reset's boundary
+        budget = (device_budget(options["budget"], self.achievable_range_ms, self.suggested_budget_ms)
+                  if "budget" in options else self.budget)  # reset's boundary
         self._budget_ms = budget.sample(self.np_random)
         obs = self._observation(self._sample, self._budget_ms)
         return obs, {"sample_id": self._sample.sample_id, "budget_ms": self._budget_ms}

@@ -22,7 +22,7 @@ from backends.knobs import KnobConfig
 from backends.outcome import Outcome, Stage1State
 from backends.registry import load_backend
 from backends.runner import StageRunner
-from envs.budget import Budget, check_budget_ms
+from envs.budget import check_budget_ms, device_budget
 from envs.latency import LatencySource
 from envs.reward import RewardConfig, compute_reward
 
@@ -35,7 +35,9 @@ class KnobEnv(gym.Env):
 
     Args:
         backend: backend name (default ``tiny``), dict with ``name`` and options, or a Backend object.
-        budget: latency budget in any form :meth:`Budget.parse` accepts (default ``120ms``); a
+        budget: latency budget in any form :func:`envs.budget.device_budget` accepts: ``None`` or
+            ``"auto"`` (the default: :attr:`suggested_budget_ms`, one that binds on this device),
+            ``"50%"`` (that point of :attr:`achievable_range_ms`), milliseconds (``"45ms"``); a
             range is sampled uniformly per episode from ``np_random``.
         split: data split episodes draw samples from (default ``train``).
         latency: ``estimated`` (default, deterministic) or ``measured`` (wall clock).
@@ -45,7 +47,7 @@ class KnobEnv(gym.Env):
 
     metadata = {"render_modes": []}
 
-    def __init__(self, backend: Any = "tiny", budget: Any = "120ms", split: str = "train",
+    def __init__(self, backend: Any = "tiny", budget: Any = None, split: str = "train",
                  latency: str = "estimated", overshoot_penalty: float = 1.0, violation_penalty: float = 0.5,
                  estimator=None, backend_options: dict | None = None):
         super().__init__()
@@ -58,7 +60,7 @@ class KnobEnv(gym.Env):
             raise ValueError(f"{type(self).__name__} needs a vision-language backend (backends.base.Backend), got "
                              f"{type(self.backend).__name__}; accepted: backend=tiny, hf or trace")
         self.space = self.backend.knob_space
-        self.budget = Budget.parse(budget)
+        device_budget(budget)  # checked before loading the estimator; a device-relative one is resolved below
         self.reward_config = RewardConfig(overshoot_penalty, violation_penalty)
         self.latency = LatencySource(self.backend, latency, estimator=estimator)
         estimated = self.latency.mode == "estimated"
@@ -66,6 +68,7 @@ class KnobEnv(gym.Env):
         self.question_types = tuple(self.backend.question_types)
         self._typical_cheapest_ms, self._typical_full_ms = self._typical_latencies()
         self._ref_ms = float(np.median(self._typical_full_ms))  # observation normaliser
+        self.budget = device_budget(budget, self.achievable_range_ms, self.suggested_budget_ms)
         self._warn_if_budget_unreachable()
         self._sample: Sample | None = None
         self._budget_ms: float = self.budget.low_ms
@@ -199,7 +202,8 @@ class KnobEnv(gym.Env):
             self._sample = self.backend.sample(split, options["sample_id"])
         else:
             self._sample = items[int(self.np_random.integers(len(items)))]
-        budget = Budget.parse(options["budget"]) if "budget" in options else self.budget  # reset's boundary
+        budget = (device_budget(options["budget"], self.achievable_range_ms, self.suggested_budget_ms)
+                  if "budget" in options else self.budget)  # reset's boundary
         self._budget_ms = budget.sample(self.np_random)
 
     def _check_action(self, action) -> np.ndarray:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 import gymnasium as gym
 
 from agents import Agent, FitContext, agent_class
-from envs.budget import Budget
+from envs.budget import Budget, device_budget
 
 #: keys of a conf/agent yaml that are not options of the agent
 AGENT_META_KEYS = ("name", "module")
@@ -75,11 +75,12 @@ def takes_backend(env_id: str) -> bool:
     return any(p.name == "backend" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
-def eval_budgets(env_budget: Budget, budgets: Sequence[Any] | None = None) -> list[float]:
-    """Evaluation budgets in ms: the given list (parsed here, at the boundary), else the env
-    budget's :meth:`~envs.budget.Budget.evaluation_budgets`."""
+def eval_budgets(env_budget: Budget, budgets: Sequence[Any] | None = None,
+                 achievable_ms: tuple[float, float] | None = None, suggested_ms: float | None = None) -> list[float]:
+    """Evaluation budgets in ms: the given list (parsed here, at the boundary; ``'50%'`` is that point
+    of ``achievable_ms``), else the env budget's :meth:`~envs.budget.Budget.evaluation_budgets`."""
     if budgets:
-        return [Budget.parse(b).fixed_ms for b in budgets]
+        return [device_budget(b, achievable_ms, suggested_ms).fixed_ms for b in budgets]
     return env_budget.evaluation_budgets()
 
 

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from envs.budget import Budget, KVBudget
+from envs.budget import KVBudget, device_budget
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("env", "agent", "backend")
@@ -89,7 +89,7 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
                 raise UsageError(f"unknown {key} {value!r}{extra}; accepted: {', '.join(options)}")
         if key == "budget" and value.strip().lower() != "auto":  # auto: knobgym_cli.budgets
             try:
-                Budget.parse(value)
+                device_budget(value)  # '50%' too: the env resolves it
             except ValueError as error:  # a KV budget ('20ms+256tok') is a Budget plus a cache cap
                 try:
                     KVBudget.parse(value)
@@ -97,7 +97,7 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
                     raise error from None
         if key == "budgets" and value.strip().lower() != "auto":
             for item in parse_budget_list(value):
-                Budget.parse(item)
+                device_budget(item)
     from knobgym_cli.overrides import check_typed_overrides  # typed keys, agent options, resume=<dir>
 
     check_typed_overrides(argv, config_name)

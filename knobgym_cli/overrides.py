@@ -102,7 +102,7 @@ def _count(help_text: str, low: int = 1, nullable: bool = False) -> Option:
 
 
 _SPLIT = Option("choice", "a data split", choices=SPLITS)
-_THREADS = _count("torch intra-op threads")
+_THREADS = _count("torch intra-op threads; null: backends.threads.DEFAULT_TORCH_THREADS", nullable=True)
 _SEED = Option("int", "random seed", low=0)
 
 #: agent options of the agents without a config dataclass (and ``seed`` of every agent)

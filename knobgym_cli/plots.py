@@ -11,6 +11,7 @@ outcome it is scored on, is a ceiling and never named best); a violating agent i
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +32,19 @@ def best_within_budget(rows: Sequence[dict], limit: float = VIOLATION_LIMIT) -> 
     return max(fair, key=lambda r: (r["score"], -r["latency_p50_ms"])) if fair else None
 
 
+def label_rows(points: Sequence[tuple[float, float]], x_span: float, y_span: float,
+               near: tuple[float, float] = (0.1, 0.08)) -> list[int]:
+    """A text row per point (0, 1, 2, ...) so that the labels of points closer than ``near`` (a share
+    of the x and y spans: about a short label's width and height in a panel) are stacked below one
+    another instead of drawn over each other."""
+    rows: list[int] = []
+    for i, (x, y) in enumerate(points):
+        taken = {rows[j] for j, (u, v) in enumerate(points[:i])
+                 if abs(u - x) <= near[0] * x_span and abs(v - y) <= near[1] * y_span}
+        rows.append(next(k for k in range(len(points) + 1) if k not in taken))
+    return rows
+
+
 def budget_panels(rows: Sequence[dict], path: str | Path, title: str, limit: float = VIOLATION_LIMIT) -> Path:
     """Write the plot to ``path`` (atomically) and return it."""
     import matplotlib
@@ -47,16 +61,22 @@ def budget_panels(rows: Sequence[dict], path: str | Path, title: str, limit: flo
                              sharey=True, squeeze=False)
     for ax in axes.flat[len(budgets):]:
         ax.set_visible(False)
+    x_span = (max(r["latency_p50_ms"] for r in rows) - min(r["latency_p50_ms"] for r in rows)) or 1.0
+    y_span = (max(r["score"] for r in rows) - min(r["score"] for r in rows)) or 1.0
     for ax, budget in zip(axes.flat, budgets):
         here = [r for r in rows if float(r["budget_ms"]) == budget]
         for r in here:
             marker, colour = style[r["agent"]]
             bad = violates(r, limit)
-            ax.scatter(r["latency_p50_ms"], r["score"], marker=marker, s=70, zorder=3,
+            # the oracle (the ceiling every agent is read against) larger and underneath: an agent at
+            # the same point sits inside it and both stay visible
+            oracle = r["agent"] == "oracle"
+            ax.scatter(r["latency_p50_ms"], r["score"], marker=marker, s=150 if oracle else 70, zorder=2.5 if oracle else 3,
                        facecolors="none" if bad else colour, edgecolors=colour, linewidths=1.5)
-            if bad:
-                ax.annotate(f"{r['violation_rate']:.0%}", (r["latency_p50_ms"], r["score"]), textcoords="offset points",
-                            xytext=(6, -10), fontsize=7, color=colour)
+        violating = sorted((r for r in here if violates(r, limit)), key=lambda r: -r["score"])
+        for r, row in zip(violating, label_rows([(r["latency_p50_ms"], r["score"]) for r in violating], x_span, y_span)):
+            ax.annotate(f"{r['violation_rate']:.0%}", (r["latency_p50_ms"], r["score"]), textcoords="offset points",
+                        xytext=(6, -10 - 9 * row), fontsize=7, color=style[r["agent"]][1])
         ax.axvline(budget, color="grey", linestyle="--", linewidth=1)
         best = best_within_budget(here, limit)
         label = f"best within budget: {best['agent']} {best['score']:.3f}" if best else "every agent violates"
@@ -73,10 +93,13 @@ def budget_panels(rows: Sequence[dict], path: str | Path, title: str, limit: flo
     handles = [plt.Line2D([], [], linestyle="", marker=style[n][0], color=style[n][1], label=n) for n in agents]
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.text(0.01, 0.01, f"hollow marker: violates the budget (more than {limit:.0%} of samples over it); "
-             f"circled: best score within budget (oracle excluded); dashed line: the budget",
-             fontsize=7, color="dimgrey")
-    fig.tight_layout(rect=(0, 0.04, 1 - 1.4 / fig.get_figwidth(), 0.95))
+    # wrapped to the figure's width (about 17 characters of 7-point text per inch), so one panel keeps it whole
+    note = textwrap.fill(f"hollow marker: violates the budget (more than {limit:.0%} of samples over it); "
+                         f"circled: best score within budget (oracle excluded); dashed line: the budget",
+                         width=int(17 * fig.get_figwidth()))
+    fig.text(0.01, 0.01, note, fontsize=7, color="dimgrey", va="bottom")
+    note_height = (0.14 * (note.count("\n") + 1) + 0.05) / fig.get_figheight()  # 7-point lines, in figure units
+    fig.tight_layout(rect=(0, note_height, 1 - 1.4 / fig.get_figwidth(), 0.95))
     try:
         return atomic_savefig(fig, path, dpi=120)
     finally:

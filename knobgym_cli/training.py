@@ -25,6 +25,15 @@ from knobgym_cli.logs import say
 from knobgym_cli.progress import cli_progress, phase
 
 
+def capped_sample_ids(env: gym.Env, split: str, num_samples: int | None, key: str) -> list[int]:
+    """:func:`~agents.base.eval_sample_ids`, saying once when ``num_samples`` (the option ``key``) is
+    more than the split holds, so a report's sample count is never a silent surprise."""
+    ids = eval_sample_ids(env, split, num_samples)
+    if num_samples is not None and len(ids) < int(num_samples):
+        say(f"{key}={num_samples}: the {split} split has {len(ids)} samples; using all {len(ids)}")
+    return ids
+
+
 def log_episodes(writer, prefix: str, infos: list[dict], step: int, tier_names) -> dict:
     """Reward, score, latency p50/p95, violation rate and per-knob histograms of a batch of episodes."""
     summary = summarize(infos)
@@ -64,7 +73,8 @@ class TrainingHooks(FitHooks):
         self.env, self.run_dir, self.writer, self.config = env, Path(run_dir), writer, config
         self.every, self.checkpoint_every = int(eval_cfg["every"]), int(checkpoint_every)
         self.validation_split = eval_cfg["validation_split"]
-        self.validation_ids = eval_sample_ids(env, self.validation_split, eval_cfg["validation_samples"])
+        self.validation_ids = capped_sample_ids(env, self.validation_split, eval_cfg["validation_samples"],
+                                                "eval.validation_samples")
         self.budgets_ms, self.best, self.resumed, self.title = list(budgets_ms), float(best), resumed, title
         self.tier_names = list(group_env(env).provenance()["knob_space"].get("tiers", {}))
         self.validated = False

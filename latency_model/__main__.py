@@ -25,7 +25,8 @@ options (key=value, as in train.py):
   estimator=PATH         estimator file report validates (default: the backend's cached one)
   method=NAME            auto (default: the selection rule), analytic_gbt, gbt, analytic or flops_linear
   json=PATH              report: also write the report as JSON
-  threads=N              torch CPU threads while profiling (recorded in the device fingerprint)
+  threads=N              torch CPU threads while profiling (recorded in the device fingerprint; default: the
+                         backend's, backends.threads.DEFAULT_TORCH_THREADS = 1, as gym.make and train.py)
   points=240 repeats=9 warmup=6 samples=30 split=validation holdout_fraction=0.2 clock=wall seed=0
                          how much to profile (clock: wall, cpu or outcome)
   max_noise_pct=40       bound on a profile's repeat noise, (slowest - fastest repeat) / median, in %
@@ -93,16 +94,14 @@ def parse_overrides(args: list[str]) -> tuple[dict, dict]:
 
 
 def _load_backend(options: dict, backend_options: dict):
+    from backends.registry import load_backend, with_threads
+    from backends.threads import check_num_threads
+
     threads = options.get("threads")
     if threads is not None:
-        import torch
-
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads={threads!r} is invalid; accepted: an integer >= 1")
-        torch.set_num_threads(threads)
-    from backends.registry import load_backend
-
-    return load_backend(options["backend"], **backend_options)
+        check_num_threads(threads, name="threads")
+    # the backend applies the thread count (default: backends.threads.DEFAULT_TORCH_THREADS, as gym.make and train.py)
+    return load_backend(with_threads({"name": options["backend"], **backend_options}, threads))
 
 
 def _settings(options: dict) -> ProfileSettings:

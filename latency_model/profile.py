@@ -48,6 +48,7 @@ from backends.io import CorruptFileError, atomic_write_bytes, sha256_bytes
 from backends.knobs import KnobConfig, KnobSpace
 from backends.outcome import TokenCounts
 from backends.progress import progress as progress_bar
+from backends.threads import configured_threads
 
 PROFILE_FORMAT = "knobgym-latency-profile/2"
 CLOCKS = ("wall", "cpu", "outcome")
@@ -85,13 +86,11 @@ def device_fingerprint(device: Any = None) -> dict[str, Any]:
     gpu = None
     if device is not None and str(device).startswith("cuda") and torch.cuda.is_available():
         gpu = torch.cuda.get_device_name(torch.device(device))
-    return {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu,
+    # the threads the process's backends were configured with (in a child forked from a multi-threaded
+    # parent torch runs on one, but the configuration, and so the cache entry, is the parent's)
+    return {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": configured_threads(), "gpu": gpu,
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform(terse=True)}
-
-
-FINGERPRINT_KEYS_THAT_MATTER = ("cpu", "cpu_count", "torch_threads", "gpu", "torch", "transformers")
-"""Fingerprint keys whose change invalidates an estimator (``python`` / ``platform`` do not)."""
 
 
 FINGERPRINT_KEYS_THAT_MATTER = ("cpu", "cpu_count", "torch_threads", "gpu", "torch", "transformers")

@@ -20,3 +20,17 @@ class AnalyticEstimator:
 
 def make(backend):
     return AnalyticEstimator()
+
+
+class DecodingAnalyticEstimator:
+    """A stand-in for the decoding estimator (``Decoding-v0``'s ``estimator=``): latency grows with
+    beams and generated tokens; speculative decoding is cheaper per token."""
+
+    noise = None
+    identity: dict = {}
+    fingerprint: dict = {}
+
+    def predict(self, knobs, counts, acceptance=None):
+        return np.array([4 + 0.1 * c.prompt_tokens + c.new_tokens * (1.5 * k.num_beams if k.strategy != "speculative"
+                                                                       else 0.8) for k, c in zip(knobs, counts)],
+                        dtype=np.float64)

@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from backends.base import SPLITS, Sample
+from backends.threads import DEFAULT_TORCH_THREADS, set_torch_threads
 from backends.decoding.knobs import STRATEGIES, DecodingKnobError, DecodingKnobs, DecodingSpace
 
 TINY_DIR = Path(__file__).resolve().parent.parent / "tiny_lm"
@@ -357,7 +358,7 @@ def load_decoding_backend(target: str | None = None, draft: str | None = "defaul
                           attn_implementation: str = "sdpa", dataset: str | None = None, max_new_tokens: int = 10,
                           beams: Sequence[int] = (2, 4), temperatures: Sequence[float] = (0.5, 1.0),
                           lookaheads: Sequence[int] = (2, 4, 8), max_beams: int = 4,
-                          instruction: str = "") -> HFDecodingBackend:
+                          instruction: str = "", num_threads: int | None = DEFAULT_TORCH_THREADS) -> HFDecodingBackend:
     """``backend=decoding``: load a target (and draft) offline, with QA data.
 
     Args:
@@ -367,8 +368,13 @@ def load_decoding_backend(target: str | None = None, draft: str | None = "defaul
         draft: the same for the draft; ``"default"``: the shipped tiny draft when ``target`` is the
             tiny one, else none; ``None``: no draft (no speculative decoding).
         dataset: ``None`` (the procedural task) or a folder of ``{train,validation,test}.jsonl``.
+        num_threads: torch intra-op threads for the process (default
+            :data:`backends.threads.DEFAULT_TORCH_THREADS`, as every backend and the CLI; the
+            profile's CPU-time clock sums all threads); ``None`` leaves torch's setting alone.
         Other arguments: see :class:`HFDecodingBackend` and :class:`backends.loading.ModelSpec`.
     """
+    if num_threads is not None:
+        set_torch_threads(num_threads)
     options = dict(target=target, draft=draft, revision=revision, draft_revision=draft_revision, precision=precision,
                    device=device, attn_implementation=attn_implementation, dataset=dataset,
                    max_new_tokens=max_new_tokens, beams=list(beams), temperatures=list(temperatures),

@@ -23,6 +23,7 @@ import torch
 
 from backends.kv.cache import KVPolicyCache, PruneEvent, num_decoder_layers
 from backends.kv.policies import FullCache, KVPolicy
+from backends.threads import configured_threads, set_torch_threads
 
 
 def check_threads(threads: int | None) -> int | None:
@@ -38,12 +39,12 @@ def intra_op_threads(threads: int | None) -> Iterator[None]:
     if check_threads(threads) is None:
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    before = configured_threads()
+    set_torch_threads(threads)  # 1 in a child forked from a multi-threaded parent (more would hang there)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        set_torch_threads(before)
 
 
 @dataclass

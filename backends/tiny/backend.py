@@ -14,6 +14,7 @@ from pathlib import Path
 from backends.base import Sample, check_split
 from backends.hf import HFBackend
 from backends.loading import GenerationSettings, ModelSpec, generation_settings_from_dict, load_model
+from backends.threads import DEFAULT_TORCH_THREADS, set_torch_threads
 from backends.tiny import data
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
@@ -68,20 +69,17 @@ class TinyVQATask:
 def load_tiny_backend(checkpoint: str | None = None, generation: dict | GenerationSettings | None = None,
                       device: str = "cpu", precision: str = "fp32", attn_implementation: str = "sdpa",
                       seed: int = data.DEFAULT_SEED, split_sizes: dict | None = None,
-                      num_threads: int | None = 1) -> HFBackend:
+                      num_threads: int | None = DEFAULT_TORCH_THREADS) -> HFBackend:
     """The default backend: the committed tiny model (or ``checkpoint``) on ``device``.
 
-    ``num_threads`` sets torch's intra-op threads for the process (default 1): the model's
+    ``num_threads`` sets torch's intra-op threads for the process (default
+    :data:`backends.threads.DEFAULT_TORCH_THREADS`, as every backend and the CLI): the model's
     matrices are tiny, so extra threads only add synchronisation, and on a shared CPU spinning
     threads make latency erratic (measured: 20x spread between repeats with 2 threads). ``None``
     leaves torch's setting alone. The latency estimator's cache is keyed by the thread count.
     """
     if num_threads is not None:
-        if not (isinstance(num_threads, int) and num_threads >= 1):
-            raise ValueError(f"num_threads={num_threads!r} is invalid; accepted: an integer >= 1 or None")
-        import torch
-
-        torch.set_num_threads(num_threads)
+        set_torch_threads(num_threads)
     path = Path(checkpoint) if checkpoint else CHECKPOINT_DIR
     spec = ModelSpec(model=str(path), precision=precision, device=device, attn_implementation=attn_implementation)
     if not isinstance(generation, GenerationSettings):

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from backends.progress import quiet_library_bars
 from backends.tiny_text.corpus import held_out_documents
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
@@ -29,6 +30,7 @@ def load_causal_lm(path: str | Path, device: str = "cpu", local_files_only: bool
     if isinstance(path, Path) and not path.is_dir():
         raise ValueError(f"checkpoint folder {path_text!r} does not exist; accepted: a save_pretrained folder "
                          "(run `python -m backends.tiny_text.train` to build the tiny model)")
+    quiet_library_bars("transformers")  # no "Loading weights" bar states in a piped log
     tokenizer = AutoTokenizer.from_pretrained(path_text, local_files_only=local_files_only)
     model = AutoModelForCausalLM.from_pretrained(path_text, local_files_only=local_files_only, dtype=torch.float32)
     return model.to(device).eval(), tokenizer
