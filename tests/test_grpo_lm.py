@@ -27,7 +27,6 @@ from envs.protocols import group_env
 from table_backend import TableBackend, TableLatency
 from test_train_cli import quick, run_cli, workdir  # noqa: F401  (workdir: the CLI runs' fixture)
 
-pytestmark = pytest.mark.learning  # reruns under a second CPU capability in CI (.ci/run)
 
 BUDGET = "35ms"
 UPDATES = 60  # fixed: the number the test promises, on a fixed seed
@@ -52,6 +51,7 @@ def trained(env):
     return agent.freeze()
 
 
+@pytest.mark.learning  # reruns under a second CPU capability in CI (.ci/run)
 def test_grpo_lm_reaches_85_percent_of_the_oracle(env, trained):
     ids = list(range(96))
     mine = evaluate_agent(env, trained, ids, 35.0, "test")
@@ -75,6 +75,7 @@ def best_static_reward(env, ids, budget_ms: float) -> float:
     return float(per_sample.mean(axis=0).max())
 
 
+@pytest.mark.learning  # reruns under a second CPU capability in CI (.ci/run)
 def test_the_controller_conditions_on_the_input(env, trained):
     """Guarantees: where the best choice differs between inputs (``CONDITIONING_BUDGET_MS``), the
     controller chooses per input and earns what no single configuration can: its reward closes at
