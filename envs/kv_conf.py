@@ -25,7 +25,7 @@ import gymnasium as gym
 
 from backends.io import atomic_write_text
 from envs.registry import list_envs
-from envs.streaming_kv import STREAMING_KV_ID, StreamingKVEnv
+from envs.streaming_kv import StreamingKVEnv
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "env"
 KV_CONF_KWARGS = {"chunk_tokens": 8, "episode_tokens": 128, "latency": "estimated",

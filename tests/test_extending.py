@@ -45,7 +45,7 @@ class DepthOnlyEnv(KnobEnv):
 
     def stage_observation(self, sample_id, budget_ms, split, stage=0, trajectory=None) -> np.ndarray:
         sample = self.backend.sample(split, sample_id)
-        return self._finish_obs(self._input_features(sample, budget_ms), self.obs_size)
+        return self.clip_observation(self._input_features(sample, budget_ms), self.obs_size)
 
     def reset(self, *, seed=None, options=None):
         self._begin_episode(seed, options)
@@ -53,7 +53,7 @@ class DepthOnlyEnv(KnobEnv):
         return obs, {"sample_id": self._sample.sample_id, "budget_ms": self._budget_ms}
 
     def step(self, action):
-        outcome = self._run(self._sample, self.action_to_knobs(self._check_action(action)))
+        outcome = self._run(self._sample, self.action_to_knobs(self.check_action(action)))
         reward, info = self._score(outcome, self._budget_ms)
         info["sample_id"] = self._sample.sample_id
         obs = self.stage_observation(self._sample.sample_id, self._budget_ms, self._sample.split)

@@ -13,8 +13,8 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from backends.kv import KVPolicy, SinkWindow, register_kv_policy
 from envs.registry import list_envs
-from envs.streaming_kv import (OBSERVATION_NAMES, STREAMING_KV_ID, StreamingKVEnv, kv_env_id, register_kv_env,
-                               register_kv_envs)
+from envs.kv_registration import STREAMING_KV_ID, kv_env_id, register_kv_env, register_kv_envs
+from envs.streaming_kv import OBSERVATION_NAMES, StreamingKVEnv
 from latency_model.tpot import TpotEstimator, TpotSettings, get_tpot_estimator
 
 VOCAB = 53

@@ -81,6 +81,20 @@ class KVPolicy:
         """Whether a layer holding ``cache_length`` tokens must be pruned now."""
         return self.window is not None and cache_length >= self.window + self.compress_every
 
+    def schedule_step(self, cache_length: int) -> tuple[bool, int]:
+        """``(pruned, kept)`` for a layer holding ``cache_length`` tokens (the new one included):
+        whether it is pruned now (:meth:`should_prune`) and how many tokens it holds afterwards
+        (:meth:`keep_indices` keeps ``min(window, cache_length)``).
+
+        The eviction schedule the cache follows, step by step, and the one the KV envs' latency
+        estimate simulates (:func:`envs.kv_schedule.simulate_schedule`) without running a model: a
+        policy that overrides :meth:`should_prune` gets a matching estimate; one that overrides
+        :meth:`keep_indices` to keep another number of tokens overrides this too.
+        """
+        if self.should_prune(cache_length):
+            return True, min(self.window, cache_length)
+        return False, cache_length
+
     def score(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Per-token scores ``(cache_length,)``: the ``window`` highest are kept (THE method to override).
 
