@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium as gym
 import numpy as np
@@ -76,6 +76,9 @@ class KnobgymEnv(gym.Env):
     """
 
     metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
+    #: the keyword arguments ``train.py env=<id>`` passes when no ``conf/env/<id>.yaml`` says otherwise
+    #: (knobgym_cli.env_configs); ``gym.make`` keeps the constructor's own defaults
+    cli_kwargs: ClassVar[dict] = {}
     budget: Budget
     latency: EnvLatency
 
@@ -232,6 +235,7 @@ class KnobgymEnv(gym.Env):
         warnings.warn(f"{'; '.join(problems)}: achievable {measure} range on this backend and device is "
                       f"{lo:.2f}ms..{hi:.2f}ms; choose a budget inside it, e.g. "
                       f"budget={_format_ms(self.suggested_budget_ms)}ms (one the full configuration misses on a "
-                      f"typical input), or a range to train one controller for all of them, "
-                      f"budget=[{_format_ms(low)}ms,{_format_ms(high)}ms]"
+                      f"typical input)"
+                      + (f", or a range to train one controller for all of them, "
+                         f"budget=[{_format_ms(low)}ms,{_format_ms(high)}ms]" if low < high else "")
                       + (f"; latency estimator {noise}" if noise else ""), stacklevel=3)

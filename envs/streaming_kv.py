@@ -132,6 +132,13 @@ class StreamingKVEnv(KnobgymEnv):
         reward_config: coefficients of the shared reward.
     """
 
+    #: CLI-sized episodes (knobgym_cli.env_configs): 128 tokens in 16 chunks of 8 (``gym.make``
+    #: defaults to 512 in chunks of 32), so an episode costs about a quarter of the default's model
+    #: time and a training run with the baselines fits in minutes on a CPU; pass
+    #: ``env.kwargs.episode_tokens=512 env.kwargs.chunk_tokens=32`` for the full episodes
+    cli_kwargs = {"chunk_tokens": 8, "episode_tokens": 128, "latency": "estimated",
+                  "reward_config": {"overshoot_penalty": 1.0, "violation_penalty": 0.5}}
+
     def __init__(self, policy: Any = "SinkWindow", budget: Any = None, chunk_tokens: int = 32,
                  episode_tokens: int = 512, split: str = "train", knob_grid: dict | None = None,
                  latency: str = "estimated", tpot_model: TpotEstimator | dict | None = None, threads: int | None = 1,

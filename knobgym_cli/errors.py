@@ -62,10 +62,17 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
     """
     from omegaconf import OmegaConf
 
+    from agents import evaluation_only
+
     top_keys = (set(OmegaConf.load(CONF_DIR / f"{config_name}.yaml")) - {"defaults"}) | {"hydra"}
     if config_name == "config":
         top_keys |= set(GROUPS) | set(EXECUTION_GROUPS)
     dirs = search_dirs(argv)
+    env_options = None
+    if config_name == "config":  # every registered env id is an option (knobgym_cli.env_configs)
+        from knobgym_cli.env_configs import register_env_configs
+
+        env_options = register_env_configs(argv, group_options("env", dirs))
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -82,10 +89,10 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
 
             check_rollout_available(value)
         if key in GROUPS and config_name == "config":
-            options = group_options(key, dirs)
+            options = env_options if key == "env" else group_options(key, dirs)
             if value not in options:
-                extra = " (oracle is evaluation only: it looks at the outcome it is scored on)" \
-                    if key == "agent" and value == "oracle" else ""
+                extra = f" ({value} is evaluation only: it looks at the outcome it is scored on)" \
+                    if key == "agent" and value in evaluation_only() else ""
                 raise UsageError(f"unknown {key} {value!r}{extra}; accepted: {', '.join(options)}")
         if key == "budget" and value.strip().lower() != "auto":  # auto: knobgym_cli.budgets
             try:

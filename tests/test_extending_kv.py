@@ -10,7 +10,6 @@ import torch
 
 import envs
 from backends.kv import KVPolicy, register_kv_policy
-from envs.kv_conf import kv_env_ids, write_kv_env_confs
 
 
 # --- the README example, verbatim: one small class that overrides score() ---------------------
@@ -51,16 +50,18 @@ def test_value_norm_window_keeps_recent_and_largest_values():
     assert ValueNormWindow(2, window=4).keep_indices(torch.arange(10), values, values).tolist() == [2, 4, 8, 9]
 
 
-def test_generated_conf_env_entries_make_working_envs(tmp_path):
-    """``python -m envs.kv_conf`` writes one entry per KV env id, in the format the CLI reads
-    (the shipped ids' entries are committed in conf/env; tests/test_kv_training.py trains through them)."""
-    import yaml
+def test_every_kv_env_id_is_a_cli_option_with_cli_sized_episodes():
+    """``train.py env=<KV id>`` needs no conf/env yaml: the CLI's entry for every registered KV id
+    (this file's policy included) carries the env class's CLI defaults and makes a working env."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
-    shipped = ["StreamingKV-v0", "KV-SinkWindow-v0", "KV-KeyNormWindow-v0"]  # ids of the policies in backends/kv
-    paths = {path.stem: path for path in write_kv_env_confs(tmp_path)}
-    assert set(shipped) <= set(paths) == set(kv_env_ids())
+    from knobgym_cli.env_configs import register_env_configs
+
+    shipped = ["StreamingKV-v0", "KV-SinkWindow-v0", "KV-KeyNormWindow-v0", "KV-ValueNormWindow-v0"]
+    assert set(shipped) <= set(register_env_configs([], []))
     for env_id in shipped:
-        conf = yaml.safe_load(paths[env_id].read_text())
+        conf = OmegaConf.to_container(ConfigStore.instance().load(f"env/{env_id}.yaml").node)
         assert conf["id"] == env_id and set(conf) == {"id", "kwargs"}
         env = gym.make(env_id, budget="11ms", tpot_model={"base_ms": 10.0, "per_slot_ms": 0.01, "per_prune_ms": 1.0},
                        **conf["kwargs"]).unwrapped
