@@ -68,11 +68,12 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
     if config_name == "config":
         top_keys |= set(GROUPS) | set(EXECUTION_GROUPS)
     dirs = search_dirs(argv)
-    env_options = None
-    if config_name == "config":  # every registered env id is an option (knobgym_cli.env_configs)
-        from knobgym_cli.env_configs import register_env_configs
+    stored = {}
+    if config_name == "config":  # every registered env id and agent is an option (knobgym_cli.env_configs)
+        from knobgym_cli.env_configs import register_agent_configs, register_env_configs
 
-        env_options = register_env_configs(argv, group_options("env", dirs))
+        stored = {"env": register_env_configs(argv, group_options("env", dirs)),
+                  "agent": register_agent_configs(argv, group_options("agent", dirs))}
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -89,7 +90,7 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
 
             check_rollout_available(value)
         if key in GROUPS and config_name == "config":
-            options = env_options if key == "env" else group_options(key, dirs)
+            options = stored.get(key) or group_options(key, dirs)
             if value not in options:
                 extra = f" ({value} is evaluation only: it looks at the outcome it is scored on)" \
                     if key == "agent" and value in evaluation_only() else ""

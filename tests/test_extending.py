@@ -1,5 +1,7 @@
-"""Extending knobgym: a new env (one class) and a new agent (one class + one conf/agent yaml),
-defined here and run through ``gym.make`` and the CLI entry (``train.py`` in-process).
+"""Extending knobgym: a new env (one class) and a new agent (one class), defined in this file
+alone and run through ``gym.make``, ``train.py`` and ``evaluate.py`` (in-process), with no other file
+touched: the CLI names this module (``env=test_extending:DepthOnly-v0``, Gymnasium's
+``module:Env-v0`` form, and ``agent=test_extending:cheapest``) and imports it.
 
 The same code is the README's "Extending knobgym" example; the CLI run uses a randomly
 initialised tiny model and the analytic stand-in latency (``tests/fake_latency.py``), so nothing
@@ -63,7 +65,7 @@ class DepthOnlyEnv(KnobEnv):
 envs.register_env("DepthOnly-v0", DepthOnlyEnv, description="one step: decoder depth")
 
 
-# ------------------------------------------------------------------ a new agent: one file + one yaml
+# ------------------------------------------------------------------ a new agent: one file
 @register_agent
 class CheapestAgent(Agent):
     """The trajectory with the lowest estimated latency on this input (never violates if anything fits)."""
@@ -75,10 +77,6 @@ class CheapestAgent(Agent):
         actions = EnvLayout(context.env).all_actions()
         latency = context.env.estimated_latency_ms(context.sample_id, actions, context.split)
         return actions[int(np.argmin(latency))]
-
-
-AGENT_YAML = "name: cheapest\nmodule: test_extending   # imported by the CLI so the agent registers\n"
-ENV_YAML = "id: DepthOnly-v0\nkwargs:\n  overshoot_penalty: 1.0\n  violation_penalty: 0.5\n"
 
 
 # ------------------------------------------------------------------ the tests
@@ -102,17 +100,13 @@ def test_new_env_and_agent_through_gym_make(backend):
     assert oracle["reward"] >= result["reward"] - 1e-12
 
 
-def test_new_env_and_agent_through_the_cli(tmp_path, random_tiny_checkpoint, monkeypatch):
+def test_new_env_and_agent_through_train_and_evaluate(tmp_path, random_tiny_checkpoint, monkeypatch):
+    import evaluate
     import train
 
-    conf = tmp_path / "conf"
-    (conf / "agent").mkdir(parents=True)
-    (conf / "env").mkdir()
-    (conf / "agent" / "cheapest.yaml").write_text(AGENT_YAML)
-    (conf / "env" / "DepthOnly-v0.yaml").write_text(ENV_YAML)
     runs = tmp_path / "runs"
-    argv = ["train.py", "env=DepthOnly-v0", "agent=cheapest", f"hydra.searchpath=[file://{conf}]",
-            f"runs_dir={runs}", f"backend.checkpoint={random_tiny_checkpoint}", "backend.generation={max_new_tokens:2}",
+    argv = ["train.py", "env=test_extending:DepthOnly-v0", "agent=test_extending:cheapest", f"runs_dir={runs}",
+            f"backend.checkpoint={random_tiny_checkpoint}", "backend.generation={max_new_tokens:2}",
             "estimator=fake_latency:make", "budget=80ms", "eval.num_samples=2", "eval.validation_samples=1",
             "eval.baselines=[oracle,greedy]"]
     monkeypatch.setattr(sys, "argv", argv)
@@ -121,3 +115,10 @@ def test_new_env_and_agent_through_the_cli(tmp_path, random_tiny_checkpoint, mon
     report = json.loads((run / "report.json").read_text())
     assert {r["agent"] for r in report["rows"]} == {"cheapest", "oracle", "greedy"}
     assert (run / "checkpoints" / "best.safetensors").is_file()
+    out = tmp_path / "eval"
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", f"run={run}", "env_id=test_extending:DepthOnly-v0",
+                                      "budgets=[80ms]", "baselines=[greedy]", f"out={out}"])
+    evaluate.cli()
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert {r["agent"] for r in rows} == {"cheapest", "greedy"}
+    assert rows == [r for r in rows if r["budget_ms"] == 80.0]

@@ -66,3 +66,29 @@ def test_every_kv_env_id_is_a_cli_option_with_cli_sized_episodes():
         env = gym.make(env_id, budget="11ms", tpot_model={"base_ms": 10.0, "per_slot_ms": 0.01, "per_prune_ms": 1.0},
                        **conf["kwargs"]).unwrapped
         assert env.chunk_tokens == conf["kwargs"]["chunk_tokens"] and env.episode_steps == 16
+
+
+def test_a_policy_defined_here_trains_and_evaluates_through_the_cli(tmp_path, monkeypatch):
+    """``train.py env=test_extending_kv:KV-ValueNormWindow-v0`` imports this module (named on the
+    command line), whose policy gets its env id; ``evaluate.py env_id=...`` the same. No other file."""
+    import json
+    import sys
+
+    import evaluate
+    import train
+
+    runs, module_id = tmp_path / "runs", "test_extending_kv:KV-ValueNormWindow-v0"
+    monkeypatch.setattr(sys, "argv", [
+        "train.py", f"env={module_id}", f"runs_dir={runs}", "env.kwargs.episode_tokens=16",
+        "env.kwargs.chunk_tokens=8", "+env.kwargs.knob_grid={window:[4,8],compress_every:[1]}",
+        "+env.kwargs.tpot_model={base_ms:2.0,per_slot_ms:0.02,per_prune_ms:0.5}", "budget=2.3ms",
+        "agent.total_updates=1", "agent.batch_size=1", "agent.num_generations=2", "eval.every=1",
+        "eval.num_samples=1", "eval.validation_samples=1", "eval.baselines=[greedy]"])
+    train.cli()
+    (run,) = (runs / "KV-ValueNormWindow-v0" / "grpo").iterdir()
+    assert {r["agent"] for r in json.loads((run / "report.json").read_text())["rows"]} == {"grpo", "greedy"}
+    out = tmp_path / "eval"
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", f"run={run}", f"env_id={module_id}", "budgets=[2.3ms]",
+                                      "baselines=[greedy]", "num_samples=1", f"out={out}"])
+    evaluate.cli()
+    assert {r["agent"] for r in json.loads((out / "report.json").read_text())["rows"]} == {"grpo", "greedy"}
