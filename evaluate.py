@@ -26,7 +26,7 @@ from knobgym_cli.budgets import (auto_budgets, describe_range, env_range, fixed_
                                  out_of_range_warnings)
 from knobgym_cli.build import agent_class_of, build_agent, eval_budgets, make_env
 from knobgym_cli.checkpoints import CHECKPOINT_NAMES, check_checkpoint_matches, checkpoint_file, load_run_checkpoint
-from knobgym_cli.env_configs import resolve_env_id
+from knobgym_cli.group_configs import resolve_env_id
 from knobgym_cli.errors import CONF_DIR, UsageError, run_cli
 from knobgym_cli.logs import say, setup_cli_logging
 from knobgym_cli.progress import cli_progress, phase
@@ -53,7 +53,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
     ckpt = load_run_checkpoint(ckpt_path)
     run_cfg = OmegaConf.create(ckpt["metadata"]["config"])
     env_cfg = OmegaConf.to_container(run_cfg.env, resolve=True)
-    if cfg.env_id is not None:  # <id>, or <module>:<id> importing a module named here (knobgym_cli.env_configs)
+    if cfg.env_id is not None:  # <id>, or <module>:<id> importing a module named here (knobgym_cli.group_configs)
         env_cfg = {**env_cfg, "id": resolve_env_id(str(cfg.env_id))}
     name = ckpt["agent"]
     main_class = agent_class_of(OmegaConf.to_container(run_cfg.agent, resolve=True))

@@ -329,18 +329,42 @@ def resize_for_tier(pixel_values: torch.Tensor, side: int, patch_size: int) -> t
 # --------------------------------------------------------------------------------------------
 # Model structure: where the decoder blocks, routers and vision features live per family.
 # --------------------------------------------------------------------------------------------
-_TEXT_DECODER_PATHS = (
+# Searched in order, first match wins; register_model_family adds a family's names in front.
+_TEXT_DECODER_PATHS = [
     "model.language_model",  # LLaVA (Llama / OLMoE text model)
     "model.text_model",  # IDEFICS2
     "gpt_neox",  # GPT-NeoX / Pythia
     "model",  # OLMoE, Qwen2-MoE, Mixtral, Llama causal LMs
-)
-_LM_HEAD_NAMES = ("lm_head", "embed_out")
-_VISION_ENCODER_NAMES = ("vision_tower", "vision_model")  # LLaVA, IDEFICS2
-_FINAL_NORM_NAMES = ("norm", "final_layer_norm")
-SUPPORTED_FAMILIES = ("LlavaForConditionalGeneration", "Idefics2ForConditionalGeneration",
+]
+_LM_HEAD_NAMES = ["lm_head", "embed_out"]
+_VISION_ENCODER_NAMES = ["vision_tower", "vision_model"]  # LLaVA, IDEFICS2
+_FINAL_NORM_NAMES = ["norm", "final_layer_norm"]
+SUPPORTED_FAMILIES = ["LlavaForConditionalGeneration", "Idefics2ForConditionalGeneration",
                       "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM",
-                      "GPTNeoXForCausalLM", "LlamaForCausalLM")
+                      "GPTNeoXForCausalLM", "LlamaForCausalLM"]
+
+
+def register_model_family(class_name: str, *, decoder: str | None = None, lm_head: str | None = None,
+                          final_norm: str | None = None, vision_encoder: str | None = None) -> None:
+    """Teach :func:`model_parts` (and so every knob) where a new model family keeps its parts.
+
+    Args:
+        class_name: the model class's name (listed in errors as a supported family).
+        decoder: dotted path from the model to the module holding the decoder blocks as ``.layers``.
+        lm_head, final_norm: attribute names of the LM head (on the model) and the final norm (on
+            the decoder).
+        vision_encoder: attribute name of the vision encoder on the multimodal module (the one with
+            ``get_image_features``), for a vision-language family.
+
+    Names given are searched before the shipped ones; top-k needs routers carrying an integer
+    ``top_k`` (see :meth:`ModelParts.routers`).
+    """
+    for names, name in ((_TEXT_DECODER_PATHS, decoder), (_LM_HEAD_NAMES, lm_head), (_FINAL_NORM_NAMES, final_norm),
+                        (_VISION_ENCODER_NAMES, vision_encoder)):
+        if name is not None and name not in names:
+            names.insert(0, name)
+    if class_name not in SUPPORTED_FAMILIES:
+        SUPPORTED_FAMILIES.append(class_name)
 
 
 def _get_path(obj, path: str):

@@ -77,7 +77,7 @@ class KnobgymEnv(gym.Env):
 
     metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.NEXT_STEP}
     #: the keyword arguments ``train.py env=<id>`` passes when no ``conf/env/<id>.yaml`` says otherwise
-    #: (knobgym_cli.env_configs); ``gym.make`` keeps the constructor's own defaults
+    #: (knobgym_cli.group_configs); ``gym.make`` keeps the constructor's own defaults
     cli_kwargs: ClassVar[dict] = {}
     budget: Budget
     latency: EnvLatency

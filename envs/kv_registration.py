@@ -1,12 +1,14 @@
 """KV env ids: ``StreamingKV-v0`` and one ``KV-<Policy>-v0`` per registered KV policy.
 
-``import envs`` calls :func:`register_kv_envs`; the CLI calls it again before resolving an env
-id, so a policy registered in a module the user names on the command line gets its env id too.
+``import envs`` calls :func:`register_kv_envs`, which also listens to the policy registry: a policy
+registered later (in a module ``gym.make("module:KV-<Policy>-v0")`` or the CLI imports) gets its
+env id as it registers.
 """
 
 from __future__ import annotations
 
 from backends.kv.policies import FullCache, KVPolicy, registered_kv_policies
+from backends.kv.policies.base import on_kv_policy_registered
 from envs.kv_grid import kv_action_grid
 from envs.registry import register_env
 from envs.streaming_kv import StreamingKVEnv
@@ -35,7 +37,13 @@ def register_kv_envs() -> list[str]:
 
     Explicit: a policy registered after ``import envs`` gets its env id when this is called again.
     """
+    on_kv_policy_registered(_register_if_not_full_cache)
     ids = [register_env(STREAMING_KV_ID, StreamingKVEnv, policy="SinkWindow",
                         description="StreamingLLM sinks + window with lazy pruning, knobs chosen per chunk")]
     ids += [register_kv_env(cls) for cls in registered_kv_policies().values() if cls is not FullCache]
     return ids
+
+
+def _register_if_not_full_cache(policy_class: type[KVPolicy]) -> None:
+    if policy_class is not FullCache:
+        register_kv_env(policy_class)

@@ -132,7 +132,7 @@ class StreamingKVEnv(KnobgymEnv):
         reward_config: coefficients of the shared reward.
     """
 
-    #: CLI-sized episodes (knobgym_cli.env_configs): 128 tokens in 16 chunks of 8 (``gym.make``
+    #: CLI-sized episodes (knobgym_cli.group_configs): 128 tokens in 16 chunks of 8 (``gym.make``
     #: defaults to 512 in chunks of 32), so an episode costs about a quarter of the default's model
     #: time and a training run with the baselines fits in minutes on a CPU; pass
     #: ``env.kwargs.episode_tokens=512 env.kwargs.chunk_tokens=32`` for the full episodes

@@ -69,11 +69,10 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
         top_keys |= set(GROUPS) | set(EXECUTION_GROUPS)
     dirs = search_dirs(argv)
     stored = {}
-    if config_name == "config":  # every registered env id and agent is an option (knobgym_cli.env_configs)
-        from knobgym_cli.env_configs import register_agent_configs, register_env_configs
+    if config_name == "config":  # every registered env id, agent and backend is an option
+        from knobgym_cli.group_configs import register_group_configs
 
-        stored = {"env": register_env_configs(argv, group_options("env", dirs)),
-                  "agent": register_agent_configs(argv, group_options("agent", dirs))}
+        stored = {group: register_group_configs(argv, group, group_options(group, dirs)) for group in GROUPS}
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -90,7 +89,7 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
 
             check_rollout_available(value)
         if key in GROUPS and config_name == "config":
-            options = stored.get(key) or group_options(key, dirs)
+            options = stored[key]
             if value not in options:
                 extra = f" ({value} is evaluation only: it looks at the outcome it is scored on)" \
                     if key == "agent" and value in evaluation_only() else ""

@@ -17,11 +17,13 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from gymnasium.utils.env_checker import check_env
 
 import envs
 from agents import Agent, EnvLayout, evaluate_agent, make_agent, register_agent
-from backends.knobs import KnobConfig
+from backends.knobs import KnobConfig, register_model_family
+from backends.registry import register_backend
 from envs.knob_env import KnobEnv
 from fake_latency import AnalyticEstimator
 
@@ -79,6 +81,29 @@ class CheapestAgent(Agent):
         return actions[int(np.argmin(latency))]
 
 
+# ------------------------------------------------------------------ a new backend: one factory
+def load_halfway_backend(**options):
+    """The tiny backend with its answers cut to two tokens: any factory returning a Backend works."""
+    from backends.tiny.backend import load_tiny_backend
+
+    return load_tiny_backend(generation={"max_new_tokens": 2}, **options)
+
+
+register_backend("halfway-tiny", load_halfway_backend)
+
+
+# ------------------------------------------------------------------ a new model family: where its parts are
+class WrappedCausalLM(torch.nn.Module):
+    """A causal LM whose decoder sits at ``backbone`` and LM head at ``head`` (names no shipped family uses)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.backbone, self.head, self.config = inner.model, inner.lm_head, inner.config
+
+
+register_model_family("WrappedCausalLM", decoder="backbone", lm_head="head")
+
+
 # ------------------------------------------------------------------ the tests
 @pytest.fixture(scope="module")
 def backend(random_tiny_checkpoint):
@@ -122,3 +147,33 @@ def test_new_env_and_agent_through_train_and_evaluate(tmp_path, random_tiny_chec
     rows = json.loads((out / "report.json").read_text())["rows"]
     assert {r["agent"] for r in rows} == {"cheapest", "greedy"}
     assert rows == [r for r in rows if r["budget_ms"] == 80.0]
+
+
+def test_new_backend_through_gym_make(random_tiny_checkpoint):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        env = gym.make("DepthOnly-v0", backend={"name": "halfway-tiny", "checkpoint": str(random_tiny_checkpoint)},
+                       budget="80ms", estimator=AnalyticEstimator()).unwrapped
+    env.reset(seed=0)
+    assert env.step(0)[4]["new_tokens"] <= 2
+
+
+def test_new_model_family_gets_the_depth_knob():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from backends.knobs import apply_knobs, knob_space_from_model, model_parts
+
+    torch.manual_seed(0)
+    inner = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                         num_attention_heads=4, num_key_value_heads=2)).eval()
+    model = WrappedCausalLM(inner)
+    parts = model_parts(model)
+    assert parts.text_decoder is inner.model and parts.lm_head is inner.lm_head
+    space = knob_space_from_model(model)
+    ran = []
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, layer in enumerate(inner.model.layers)]
+    with apply_knobs(model, KnobConfig(depth=min(space.depths)), space):
+        inner(torch.tensor([[1, 2, 3]]))
+    for handle in handles:
+        handle.remove()
+    assert len(ran) == min(space.depths) < len(inner.model.layers)

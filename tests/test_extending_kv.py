@@ -56,10 +56,10 @@ def test_every_kv_env_id_is_a_cli_option_with_cli_sized_episodes():
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from knobgym_cli.env_configs import register_env_configs
+    from knobgym_cli.group_configs import register_group_configs
 
     shipped = ["StreamingKV-v0", "KV-SinkWindow-v0", "KV-KeyNormWindow-v0", "KV-ValueNormWindow-v0"]
-    assert set(shipped) <= set(register_env_configs([], []))
+    assert set(shipped) <= set(register_group_configs([], "env", []))
     for env_id in shipped:
         conf = OmegaConf.to_container(ConfigStore.instance().load(f"env/{env_id}.yaml").node)
         assert conf["id"] == env_id and set(conf) == {"id", "kwargs"}
@@ -92,3 +92,20 @@ def test_a_policy_defined_here_trains_and_evaluates_through_the_cli(tmp_path, mo
                                       "baselines=[greedy]", "num_samples=1", f"out={out}"])
     evaluate.cli()
     assert {r["agent"] for r in json.loads((out / "report.json").read_text())["rows"]} == {"grpo", "greedy"}
+
+
+def test_a_policy_module_named_in_gym_make_gets_its_env_id():
+    """Gymnasium's ``module:Env-v0`` form: importing the policy's module registers its env id (envs
+    listen to the policy registry), with no register_kv_envs() call."""
+    from backends.kv.policies import registered_kv_policies
+
+    @register_kv_policy
+    @dataclass(frozen=True)
+    class NewestOnly(KVPolicy):
+        def score(self, positions, keys, values):
+            return positions.float()
+
+    assert "NewestOnly" in registered_kv_policies() and "KV-NewestOnly-v0" in envs.list_envs()
+    env = gym.make("test_extending_kv:KV-ValueNormWindow-v0", budget="11ms", episode_tokens=16, chunk_tokens=8,
+                   tpot_model={"base_ms": 10.0, "per_slot_ms": 0.01, "per_prune_ms": 1.0})
+    assert env.unwrapped.policy_class.__name__ == "ValueNormWindow"

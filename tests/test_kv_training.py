@@ -142,10 +142,10 @@ def test_train_cli_kv_env_rejects_an_estimator_in_one_line(tmp_path):
 
 def test_kv_env_ids_are_cli_options_without_a_yaml():
     """No conf/env entry is needed (or shipped) for a KV env id: the CLI stores one per registered id."""
-    from knobgym_cli.env_configs import register_env_configs
     from knobgym_cli.errors import CONF_DIR, group_options
+    from knobgym_cli.group_configs import register_group_configs
 
-    options = register_env_configs([], group_options("env", [CONF_DIR]))
+    options = register_group_configs([], "env", group_options("env", [CONF_DIR]))
     for env_id in ("StreamingKV-v0", "KV-SinkWindow-v0", "KV-KeyNormWindow-v0"):
         assert env_id in options and not (CONF_DIR / "env" / f"{env_id}.yaml").exists()
 

@@ -128,13 +128,23 @@ class KVPolicy:
 # --- registry -----------------------------------------------------------------------------
 
 _POLICIES: dict[str, type[KVPolicy]] = {}
+_LISTENERS: list = []  # called with each policy class registered from now on (envs: its env id)
+
+
+def on_kv_policy_registered(callback) -> None:
+    """Call ``callback(policy_class)`` for every policy registered from now on (idempotent per callback).
+
+    ``import envs`` listens, so a policy registered later gets its ``KV-<Policy>-v0`` id at once.
+    """
+    if callback not in _LISTENERS:
+        _LISTENERS.append(callback)
 
 
 def register_kv_policy(cls: type[KVPolicy]) -> type[KVPolicy]:
     """Register a policy class (usable as a decorator); registering the same class again is a no-op.
 
-    Registration only names the class: env ids are made by :func:`envs.streaming_kv.register_kv_envs`
-    (called by ``import envs``; call it again after registering a policy later).
+    Listeners (:func:`on_kv_policy_registered`) are told: after ``import envs``, the policy's
+    ``KV-<Policy>-v0`` env id is registered with it.
     """
     if not (isinstance(cls, type) and issubclass(cls, KVPolicy) and dataclasses.is_dataclass(cls)):
         raise ValueError(f"{cls!r} is not a KV policy; accepted: a dataclass subclass of KVPolicy")
@@ -150,6 +160,8 @@ def register_kv_policy(cls: type[KVPolicy]) -> type[KVPolicy]:
     if existing is not None:
         raise ValueError(f"a different KV policy named {name!r} is already registered; rename the class")
     _POLICIES[name] = cls
+    for callback in _LISTENERS:
+        callback(cls)
     return cls
 
 
