@@ -1,4 +1,6 @@
-"""One-line command-line errors: bad values become ``error: ...`` on stderr and exit status 2."""
+"""The CLI's override checks: bad values become ``error: ...`` on stderr and exit status 2, before
+Hydra composes (``UsageError`` and ``fail`` live in :mod:`knobgym_cli.usage`, a leaf module, so the
+checks here, in :mod:`knobgym_cli.overrides` and :mod:`knobgym_cli.rollout` import no cycle)."""
 
 from __future__ import annotations
 
@@ -7,23 +9,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from envs.budget import Budget, KVBudget
+from knobgym_cli.usage import UsageError, fail
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("env", "agent", "backend")
 #: config groups that say where a run executes, not what it trains (a resumed run may change them)
 EXECUTION_GROUPS = ("rollout",)
-
-
-class UsageError(ValueError):
-    """A bad command-line value; reported as one line on stderr, exit status 2."""
-
-
-def fail(message: str, status: int = 2) -> None:
-    """Print ``message`` as one line on stderr and exit with ``status``."""
-    from knobgym_cli.logs import error_line
-
-    error_line(message)  # also in the run log, when one is open
-    sys.exit(status)
 
 
 def run_cli(config_name: str, hydra_main, argv: Sequence[str] | None = None) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from knobgym_cli.errors import UsageError
+from knobgym_cli.usage import UsageError
 from backends.base import SPLITS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
