@@ -29,7 +29,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from envs.protocols import group_env
-from knobgym_cli.budgets import is_auto, probe_suggested_budget
+from knobgym_cli.budgets import is_auto, probe_suggested_budget, run_budget
 from knobgym_cli.build import agent_class_of, agent_options, build_agent, eval_budgets
 from knobgym_cli.checkpoints import checkpoint_file, load_run_checkpoint, read_with_fallback
 from knobgym_cli.errors import CONF_DIR, GROUPS, run_cli
@@ -83,7 +83,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
                f"profiled once per device when not cached)"):
         env, notes, achievable, suggested = build_run_env(
             OmegaConf.to_container(cfg.env, resolve=True), OmegaConf.to_container(cfg.backend, resolve=True),
-            cfg.budget, cfg.estimator, split=cfg.train_split)
+            run_budget(cfg.budget), cfg.estimator, split=cfg.train_split)
     if resume_ckpt is not None and resume_ckpt["env_id"] != cfg.env.id:
         raise UsageError(f"run {str(run_dir)!r} was trained on {resume_ckpt['env_id']}, not {cfg.env.id}")
     budgets_ms = eval_budgets(group_env(env).budget, cfg.eval.budgets)
@@ -126,7 +126,7 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, dict | None
                    "cached) to find a budget that binds on this device"):
             suggested = probe_suggested_budget(OmegaConf.to_container(cfg.env, resolve=True),
                                                OmegaConf.to_container(cfg.backend, resolve=True), cfg.estimator)
-            cfg.budget = f"{suggested:g}ms"  # the config records the budget as the user would write it
+            cfg.budget = f"{suggested:g}ms"  # recorded as the user would write it; the env gets run_budget's object
         say(f"budget=auto -> budget={cfg.budget} (recorded in the checkpoint's config and the report)")
     return cfg, resume_ckpt, cls, requested_budget
 

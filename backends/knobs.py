@@ -108,6 +108,10 @@ class KnobSpace:
     num_layers: int = 0
     tier_mode: str = "pool"
     tier_sizes: dict = field(default_factory=dict)
+    # Configurations this space has validated (and resolved): the route from an env's action to
+    # the model (runner, backend, apply_knobs) asks again at each layer, and is answered here
+    # without checking twice: each value is validated once and trusted after.
+    _checked: set = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.tier_mode not in TIER_MODES:
@@ -130,7 +134,19 @@ class KnobSpace:
         return tuple(self.tiers)
 
     def validate(self, knobs: KnobConfig) -> KnobConfig:
-        """Raise :class:`KnobError` naming the bad value and the accepted range; return knobs."""
+        """Raise :class:`KnobError` naming the bad value and the accepted range; return knobs.
+
+        A configuration is checked once per space; asking again (a later layer of the same run)
+        costs a set lookup.
+        """
+        key = _checked_key(knobs)
+        if key in self._checked:
+            return knobs
+        self._check(knobs)
+        self._checked.add(key)
+        return knobs
+
+    def _check(self, knobs: KnobConfig) -> None:
         cls = self.model_class
         if knobs.tier is not None:
             if not self.has_vision:
@@ -154,7 +170,6 @@ class KnobSpace:
                     1 <= knobs.depth <= self.num_layers):
                 raise KnobError(f"depth={knobs.depth!r} is invalid for {cls}; accepted: an integer in "
                                 f"[1, {self.num_layers}] (the number of decoder blocks)")
-        return knobs
 
     # --- named points of the space --------------------------------------------------------
     def full(self) -> KnobConfig:
@@ -181,12 +196,14 @@ class KnobSpace:
         Outcomes carry resolved knobs so that latency features and logs never see ``None``.
         """
         self.validate(knobs)
-        return KnobConfig(
+        resolved = KnobConfig(
             tier=knobs.tier if knobs.tier is not None else (self.tier_names[-1] if self.has_vision else None),
             token_budget=float(knobs.token_budget),
             top_k=knobs.top_k if knobs.top_k is not None else self.full_top_k,
             depth=knobs.depth if knobs.depth is not None else self.num_layers,
         )
+        self._checked.add(_checked_key(resolved))  # valid by construction: later layers trust it
+        return resolved
 
     def vision_tokens(self, knobs: KnobConfig) -> int:
         """Vision tokens the language model sees under ``knobs`` (tier, then budget)."""
@@ -233,6 +250,11 @@ class KnobSpace:
                 "top_ks": list(self.top_ks), "full_top_k": self.full_top_k, "num_experts": self.num_experts,
                 "depths": list(self.depths), "num_layers": self.num_layers, "tier_mode": self.tier_mode,
                 "tier_sizes": dict(self.tier_sizes)}
+
+
+def _checked_key(knobs: KnobConfig) -> tuple:
+    """A configuration's identity including each value's type (``True == 1`` must not pass as checked)."""
+    return tuple((type(v), v) for v in (knobs.tier, knobs.token_budget, knobs.top_k, knobs.depth))
 
 
 def kept_tokens(n_tokens: int, token_budget: float) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from envs.budget import Budget
+from envs.budget import Budget, KVBudget
 from envs.protocols import group_env
 
 AUTO = "auto"
@@ -59,6 +59,18 @@ def probe_suggested_budget(env_cfg: dict, backend_cfg: dict, estimator_spec: str
     finally:
         env.close()
     return round_budget_ms(suggested)
+
+
+def run_budget(value: Any) -> Budget | KVBudget:
+    """A ``budget=`` value parsed once, at the CLI's boundary: a :class:`Budget`, or a
+    :class:`KVBudget` for a form with a KV cap (``20ms+256tok``); the env receives the object."""
+    try:
+        return Budget.parse(value)
+    except ValueError as error:
+        try:
+            return KVBudget.parse(value)
+        except ValueError:
+            raise error from None
 
 
 def round_budget_ms(ms: float) -> float:

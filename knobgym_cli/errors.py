@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from envs.budget import Budget, KVBudget
+from envs.budget import Budget
+from knobgym_cli.budgets import run_budget
 from knobgym_cli.usage import UsageError, fail
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -86,13 +87,7 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
                     if key == "agent" and value in evaluation_only() else ""
                 raise UsageError(f"unknown {key} {value!r}{extra}; accepted: {', '.join(options)}")
         if key == "budget" and value.strip().lower() != "auto":  # auto: knobgym_cli.budgets
-            try:
-                Budget.parse(value)
-            except ValueError as error:  # a KV budget ('20ms+256tok') is a Budget plus a cache cap
-                try:
-                    KVBudget.parse(value)
-                except ValueError:
-                    raise error from None
+            run_budget(value)  # a KV budget ('20ms+256tok') is a Budget plus a cache cap
         if key == "budgets" and value.strip().lower() != "auto":
             for item in parse_budget_list(value):
                 Budget.parse(item)

@@ -134,3 +134,21 @@ def test_a_sync_vector_env_reads_the_declared_autoreset_mode(make, tiny_backend)
     _, _, terminated, _, _ = vec.step(np.zeros(2, dtype=np.int64))
     assert terminated.all()
     vec.close()
+
+
+def test_an_action_s_knobs_are_validated_once_on_the_way_to_the_model(make, monkeypatch):
+    """The runner, the backend and apply_knobs all ask the knob space; it checks a configuration once."""
+    from backends.knobs import KnobSpace
+
+    env = make("TokenBudget-v0")
+    checked = []
+    original = KnobSpace._check
+    monkeypatch.setattr(KnobSpace, "_check", lambda self, knobs: (checked.append(knobs), original(self, knobs))[1])
+    env.space._checked.clear()
+    env.reset(seed=0, options={"sample_id": 3})
+    knobs = env.action_to_knobs(1)
+    env.step(1)
+    assert checked.count(knobs) == 1
+    env.reset(seed=0, options={"sample_id": 4})
+    env.step(1)
+    assert checked.count(knobs) == 1
