@@ -172,8 +172,11 @@ class DecodingLatency(EnvLatency):
         if self.mode == "measured":
             return np.array([o.measured_ms for o in outcomes], dtype=np.float64)
         # Row by row: a run's latency must not depend on which group it was evaluated in.
-        return np.array([float(self.estimator.predict([o.knobs], [o.token_counts], [o.accepted_per_pass])[0])
-                         for o in outcomes], dtype=np.float64)
+        from latency_model.decoding import RunTokenCounts
+
+        return np.array([float(self.estimator.predict([o.knobs], [RunTokenCounts(
+            o.token_counts.prompt_tokens, o.token_counts.new_tokens, o.accepted_per_pass)])[0])
+            for o in outcomes], dtype=np.float64)
 
 
 class TpotLatency(EnvLatency):

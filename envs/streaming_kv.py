@@ -415,8 +415,7 @@ class StreamingKVEnv(KnobgymEnv):
         Replays the earlier chunks' decisions through the prefix memo (no env state changes).
         """
         sample_id = self.check_sample_id(sample_id, split)
-        if isinstance(stage, bool) or not isinstance(stage, (int, np.integer)) or not 0 <= stage < self.episode_steps:
-            raise ValueError(f"stage={stage!r} is invalid; accepted: an integer in [0, {self.episode_steps})")
+        stage = check_int("stage", stage, 0, self.episode_steps)
         if stage > 0 and trajectory is None:
             raise ValueError(f"stage={stage} needs the trajectory of the earlier chunks; accepted: a vector of "
                              f"{len(self.trajectory_nvec)} elements")

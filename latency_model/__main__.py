@@ -44,6 +44,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from backends.checks import check_int
 from backends.io import atomic_write_text
 from latency_model.cache import cache_entry, cache_paths
 from latency_model.estimator import AUTO, METHODS, EstimatorFileError, LatencyEstimator, fit_estimator
@@ -97,8 +98,7 @@ def _load_backend(options: dict, backend_options: dict):
     if threads is not None:
         import torch
 
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads={threads!r} is invalid; accepted: an integer >= 1")
+        check_int("threads", threads, 1)
         torch.set_num_threads(threads)
     from backends.registry import load_backend
 

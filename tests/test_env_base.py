@@ -28,7 +28,7 @@ class DecodingStandIn:
 
     noise, identity, fingerprint = None, {"name": "stand-in"}, {}
 
-    def predict(self, configs, token_counts, acceptance=None):
+    def predict(self, configs, token_counts):
         return np.array([5.0 + 0.05 * c.prompt_tokens + 0.5 * c.new_tokens for c in token_counts])
 
 
@@ -152,3 +152,17 @@ def test_an_action_s_knobs_are_validated_once_on_the_way_to_the_model(make, monk
     env.reset(seed=0, options={"sample_id": 4})
     env.step(1)
     assert checked.count(knobs) == 1
+
+
+def test_the_three_latency_estimators_share_one_predict_interface():
+    import inspect
+
+    from latency_model.decoding import DecodingLatencyEstimator
+    from latency_model.estimator import LatencyEstimator
+    from latency_model.protocol import LatencyPredictor
+    from latency_model.tpot import TpotEstimator
+
+    for cls in (LatencyEstimator, DecodingLatencyEstimator, TpotEstimator):
+        assert list(inspect.signature(cls.predict).parameters) == ["self", "configs", "token_counts"], cls
+    assert isinstance(TpotEstimator(2.0, 0.01, 0.5), LatencyPredictor)
+    assert isinstance(AnalyticEstimator(), LatencyPredictor) and isinstance(DecodingStandIn(), LatencyPredictor)

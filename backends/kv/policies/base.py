@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from backends.checks import check_int
+
 
 def require_int(policy: str, name: str, value, minimum: int) -> None:
     """Raise a ``ValueError`` naming ``policy.name=value`` unless it is an integer >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{policy}: {name}={value!r} is invalid; accepted: an integer >= {minimum}")
+    check_int(f"{policy}: {name}", value, minimum)
 
 
 @dataclass(frozen=True)
