@@ -215,7 +215,7 @@ class BanditAgent(Agent):
                  rounds: int = 256, budget_jitter: float = 0.2):
         if not (alpha >= 0 and ridge > 0):
             raise ValueError(f"alpha={alpha!r}, ridge={ridge!r} are invalid; accepted: alpha >= 0, ridge > 0")
-        check_int("rounds", rounds, 0)
+        check_int("rounds", rounds, 1)  # the CLI and the class agree: at least one fit episode
         self.actions = np.asarray(actions, dtype=np.int64)
         self.alpha, self.ridge, self.seed = float(alpha), float(ridge), int(seed)
         self.rounds, self.budget_jitter = rounds, float(budget_jitter)
