@@ -7,6 +7,8 @@ env id as it registers.
 
 from __future__ import annotations
 
+import gymnasium as gym
+
 from backends.kv.policies import FullCache, KVPolicy, registered_kv_policies
 from backends.kv.policies.base import on_kv_policy_registered
 from envs.kv_grid import kv_action_grid
@@ -33,17 +35,21 @@ def register_kv_env(policy_class: type[KVPolicy], knob_grid: dict | None = None)
 
 
 def register_kv_envs() -> list[str]:
-    """Register ``StreamingKV-v0`` and ``KV-<Policy>-v0`` for every registered policy but FullCache (idempotent).
+    """Register ``StreamingKV-v0`` and ``KV-<Policy>-v0`` for every registered policy but FullCache (idempotent:
+    an id already registered, e.g. with its own grid by :func:`register_kv_env`, is kept as it is).
 
-    Explicit: a policy registered after ``import envs`` gets its env id when this is called again.
+    Also listens to the policy registry: a policy registered later gets its id as it registers.
     """
-    on_kv_policy_registered(_register_if_not_full_cache)
+    on_kv_policy_registered(_register_default)
     ids = [register_env(STREAMING_KV_ID, StreamingKVEnv, policy="SinkWindow",
                         description="StreamingLLM sinks + window with lazy pruning, knobs chosen per chunk")]
-    ids += [register_kv_env(cls) for cls in registered_kv_policies().values() if cls is not FullCache]
+    ids += [_register_default(cls) for cls in registered_kv_policies().values() if cls is not FullCache]
     return ids
 
 
-def _register_if_not_full_cache(policy_class: type[KVPolicy]) -> None:
-    if policy_class is not FullCache:
-        register_kv_env(policy_class)
+def _register_default(policy_class: type[KVPolicy]) -> str | None:
+    """``KV-<Policy>-v0`` with the default grid, unless the policy is FullCache or its id exists already."""
+    if policy_class is FullCache:
+        return None
+    env_id = kv_env_id(policy_class)
+    return env_id if env_id in gym.registry else register_kv_env(policy_class)

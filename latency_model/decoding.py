@@ -158,8 +158,8 @@ class DecodingLatencyEstimator:
                     float(r["accepted_per_pass"]))
         self.acceptance = {k: float(np.mean(v)) for k, v in sorted(groups.items())}
         X = self._features([_Knobs(**{k: r[k] for k in _Knobs.__annotations__}) for r in rows],
-                           [(r["prompt_tokens"], r["new_tokens"]) for r in rows],
-                           [r["accepted_per_pass"] if r["strategy"] == "speculative" else None for r in rows])
+                           [(r["prompt_tokens"], r["new_tokens"],
+                             r["accepted_per_pass"] if r["strategy"] == "speculative" else None) for r in rows])
         y = np.array([r["latency_ms"] for r in rows], dtype=np.float64)
         self.model = AnalyticTreeModel(FEATURE_NAMES, ANALYTIC_COLUMNS, self.seed).fit(X, y)
         self.baseline = AnalyticModel(FEATURE_NAMES, ("new_tokens",)).fit(X, y)
