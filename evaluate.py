@@ -22,84 +22,48 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from knobgym_cli.budgets import (auto_budgets, describe_range, env_range, fixed_budgets_ms, is_auto,
-                                 out_of_range_warnings)
-from knobgym_cli.build import agent_class_of, build_agent, eval_budgets, make_env
+from agents import check_agent_name
+from backends.registry import with_threads
+from backends.threads import resolve_threads, set_torch_threads
+from envs.protocols import group_env
+from knobgym_cli.budgets import auto_budgets, fixed_budgets_ms, is_auto, out_of_range_warnings
+from knobgym_cli.build import agent_class_of, eval_budgets
 from knobgym_cli.checkpoints import CHECKPOINT_NAMES, check_checkpoint_matches, checkpoint_file, load_run_checkpoint
-from knobgym_cli.errors import CONF_DIR, UsageError, run_cli
+from knobgym_cli.errors import CONF_DIR, run_cli
+from knobgym_cli.group_configs import resolve_env_id
 from knobgym_cli.logs import say, setup_cli_logging
-from knobgym_cli.progress import cli_progress, phase
+from knobgym_cli.phases import baseline_agents, baseline_options, build_run_env, compare_on_test
+from knobgym_cli.progress import phase
 from knobgym_cli.summary import display_path, portable
+from knobgym_cli.usage import UsageError
 from knobgym_cli.versions import to_jsonable
 
 
 def run_evaluation(cfg: DictConfig) -> Path:
-    from agents import FitContext, agent_class, check_agent_name, load_agent
-    from backends.registry import with_threads
-    from backends.threads import resolve_threads, set_torch_threads
-    from envs.protocols import group_env
-    from knobgym_cli.report import compare_agents, markdown_table, write_report
-    from knobgym_cli.training import capped_sample_ids
+    """The evaluation, phase by phase: read the checkpoint, build the run's env, load or fit the
+    baselines, compare on the test split and report."""
+    from knobgym_cli.report import markdown_table, write_report
 
     setup_cli_logging(None)
-    run_dir = Path(str(cfg.run))
-    if cfg.checkpoint not in CHECKPOINT_NAMES:
-        raise UsageError(f"checkpoint={cfg.checkpoint!r} is invalid; accepted: {', '.join(CHECKPOINT_NAMES)}")
-    ckpt_path = run_dir / "checkpoints" / checkpoint_file(cfg.checkpoint)
-    if not ckpt_path.exists():
-        raise UsageError(f"run={str(run_dir)!r} has no checkpoints/{ckpt_path.name}; accepted: a run folder "
-                         f"written by train.py (runs/<env>/<agent>/<timestamp>)")
-    ckpt = load_run_checkpoint(ckpt_path)
-    run_cfg = OmegaConf.create(ckpt["metadata"]["config"])
+    start = time.perf_counter()
+    run_dir, ckpt_path, ckpt, run_cfg, env_cfg, main_class = read_run(cfg)
     # this command's torch_threads, else the run's (so the run's latency cache entry is read), else the default
     threads = cfg.torch_threads if cfg.torch_threads is not None else run_cfg.get("torch_threads")
     set_torch_threads(resolve_threads(threads))
-    env_cfg = OmegaConf.to_container(run_cfg.env, resolve=True)
-    if cfg.env_id is not None:
-        env_cfg = {**env_cfg, "id": str(cfg.env_id)}
-    name = ckpt["agent"]
-    main_class = agent_class_of(OmegaConf.to_container(run_cfg.agent, resolve=True))
-    if main_class.name != name:
-        raise UsageError(f"checkpoint {str(ckpt_path)!r} holds a {name!r} agent but the run's config names "
-                         f"{main_class.name!r}; accepted: a checkpoint written by this run")
-    baselines = [check_agent_name(b) for b in (cfg.baselines if cfg.baselines is not None else run_cfg.eval.baselines)]
     estimator = cfg.estimator if cfg.estimator is not None else run_cfg.get("estimator")
-    start = time.perf_counter()
     with phase("loading the model and the latency estimator (profiled once per device when not cached)"):
-        env, notes = make_env(env_cfg, with_threads(OmegaConf.to_container(run_cfg.backend, resolve=True), threads),
-                              run_cfg.budget, estimator)
+        env, notes, achievable, suggested = build_run_env(
+            env_cfg, with_threads(OmegaConf.to_container(run_cfg.backend, resolve=True), threads), run_cfg.budget,
+            estimator)
     check_checkpoint_matches(ckpt, env, ckpt_path)
-    achievable, suggested = env_range(env)
-    say(describe_range(achievable, suggested))
-    if cfg.budgets is None or is_auto(cfg.budgets):
-        budgets_ms = auto_budgets(achievable, fixed_budgets_ms(group_env(env).budget))
-        say("budgets=auto: " + ", ".join(f"{b:g}ms" for b in budgets_ms))
-    else:
-        budgets_ms = eval_budgets(group_env(env).budget, list(cfg.budgets), achievable, suggested)
-    for message in out_of_range_warnings(budgets_ms, achievable, suggested):
-        warnings.warn(message)
-
-    compared = {name: main_class.restore(env, ckpt["state"]).freeze()}
-    bar = cli_progress(len([b for b in baselines if b != name]), "loading and fitting baselines", "agent")
-    for baseline in baselines:
-        if baseline == name:
-            continue
-        bar.set_postfix(agent=baseline)
-        saved = run_dir / "baselines" / checkpoint_file(baseline)
-        if saved.exists() and not agent_class(baseline).fits_budgets:  # budget-fitted ones are refitted here
-            compared[baseline] = load_agent(baseline, saved, env)
-            bar.update(1)
-            continue
-        node = run_cfg.baselines.get(baseline) if "baselines" in run_cfg else None
-        options = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-        compared[baseline], _ = build_agent(baseline, options, env, int(run_cfg.seed),
-                                            FitContext(split=run_cfg.train_split, budgets_ms=budgets_ms))
-        bar.update(1)
-    bar.close()
+    budgets_ms = evaluation_budgets(cfg, group_env(env).budget, achievable, suggested)
+    name = main_class.name
+    baselines = [check_agent_name(b) for b in (cfg.baselines if cfg.baselines is not None else run_cfg.eval.baselines)]
+    compared = {name: main_class.restore(env, ckpt["state"]).freeze(), **baseline_agents(
+        env, [b for b in baselines if b != name], baseline_options(run_cfg.get("baselines")), int(run_cfg.seed),
+        run_cfg.train_split, budgets_ms, saved_dir=run_dir / "baselines", title="loading and fitting baselines")}
     num_samples = cfg.num_samples if cfg.num_samples is not None else run_cfg.eval.num_samples
-    test_ids = capped_sample_ids(env, cfg.split, num_samples, "num_samples")
-    rows = compare_agents(env, compared, budgets_ms, test_ids, cfg.split, progress=cli_progress)
-
+    rows, test_ids = compare_on_test(env, compared, budgets_ms, cfg.split, num_samples, "num_samples")
     out_dir = Path(str(cfg.out)) if cfg.out is not None else run_dir / ("eval-" + "-".join(f"{b:g}" for b in budgets_ms) + "ms")
     meta = {"title": f"{env_cfg['id']} / {name} (frozen {cfg.checkpoint}) / {cfg.split} split", "env": env_cfg["id"],
             "agent": name, "split": cfg.split, "samples": len(test_ids), "checkpoint": display_path(ckpt_path),
@@ -111,6 +75,41 @@ def run_evaluation(cfg: DictConfig) -> Path:
     say(f"wrote {display_path(out_dir / 'report.md')}, {display_path(out_dir / 'report.json')}, "
         f"{display_path(out_dir / 'pareto.png')}")
     return out_dir
+
+
+def read_run(cfg: DictConfig):
+    """``(run_dir, checkpoint path, checkpoint, the run's config, its env config, the agent class)``
+    of ``run=`` and ``checkpoint=`` (``env_id=`` replacing the run's env id)."""
+    run_dir = Path(str(cfg.run))
+    if cfg.checkpoint not in CHECKPOINT_NAMES:
+        raise UsageError(f"checkpoint={cfg.checkpoint!r} is invalid; accepted: {', '.join(CHECKPOINT_NAMES)}")
+    ckpt_path = run_dir / "checkpoints" / checkpoint_file(cfg.checkpoint)
+    if not ckpt_path.exists():
+        raise UsageError(f"run={str(run_dir)!r} has no checkpoints/{ckpt_path.name}; accepted: a run folder "
+                         f"written by train.py (runs/<env>/<agent>/<timestamp>)")
+    ckpt = load_run_checkpoint(ckpt_path)
+    run_cfg = OmegaConf.create(ckpt["metadata"]["config"])
+    env_cfg = OmegaConf.to_container(run_cfg.env, resolve=True)
+    if cfg.env_id is not None:  # <id>, or <module>:<id> importing a module named here (knobgym_cli.group_configs)
+        env_cfg = {**env_cfg, "id": resolve_env_id(str(cfg.env_id))}
+    main_class = agent_class_of(OmegaConf.to_container(run_cfg.agent, resolve=True))
+    if main_class.name != ckpt["agent"]:
+        raise UsageError(f"checkpoint {str(ckpt_path)!r} holds a {ckpt['agent']!r} agent but the run's config names "
+                         f"{main_class.name!r}; accepted: a checkpoint written by this run")
+    return run_dir, ckpt_path, ckpt, run_cfg, env_cfg, main_class
+
+
+def evaluation_budgets(cfg: DictConfig, env_budget, achievable: tuple[float, float], suggested: float) -> list[float]:
+    """``budgets=auto``: spread across the achievable range plus the run's training budget; else the
+    given list (a budget outside the range is warned about)."""
+    if cfg.budgets is None or is_auto(cfg.budgets):
+        budgets_ms = auto_budgets(achievable, fixed_budgets_ms(env_budget))
+        say("budgets=auto: " + ", ".join(f"{b:g}ms" for b in budgets_ms))
+    else:
+        budgets_ms = eval_budgets(env_budget, list(cfg.budgets), achievable, suggested)
+    for message in out_of_range_warnings(budgets_ms, achievable, suggested):
+        warnings.warn(message)
+    return budgets_ms
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="evaluate")

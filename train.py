@@ -28,14 +28,20 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from knobgym_cli.budgets import describe_range, env_range, is_auto, probe_suggested_budget
-from knobgym_cli.build import agent_class_of, agent_options, build_agent, eval_budgets, make_env
+from backends.registry import with_threads
+from backends.threads import resolve_threads, set_torch_threads
+from envs.budget import is_device_relative
+from envs.protocols import group_env
+from knobgym_cli.budgets import is_auto, probe_suggested_budget, run_budget
+from knobgym_cli.build import agent_class_of, agent_options, build_agent, eval_budgets
 from knobgym_cli.checkpoints import checkpoint_file, load_run_checkpoint, read_with_fallback
-from knobgym_cli.errors import CONF_DIR, GROUPS, UsageError, run_cli
+from knobgym_cli.errors import CONF_DIR, GROUPS, run_cli
 from knobgym_cli.logs import say, setup_cli_logging
-from knobgym_cli.progress import cli_progress, phase
+from knobgym_cli.phases import baseline_agents, baseline_options, build_run_env, compare_on_test
+from knobgym_cli.progress import phase
 from knobgym_cli.rollout import rollout_executor
 from knobgym_cli.runs import discard_failed_run_dir, is_resume, register_resolvers
+from knobgym_cli.usage import UsageError
 from knobgym_cli.versions import to_jsonable, versions
 
 register_resolvers()
@@ -70,67 +76,94 @@ def resumed_config(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, dict]:
     return saved, ckpt
 
 
+def run_backend_config(cfg: DictConfig) -> dict:
+    """The run's backend config with its torch thread count (``torch_threads: null``: the default
+    every entry point shares, :data:`backends.threads.DEFAULT_TORCH_THREADS`)."""
+    return with_threads(OmegaConf.to_container(cfg.backend, resolve=True), cfg.torch_threads)
+
+
 def run_training(cfg: DictConfig, run_dir: Path) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
-    from agents import FitContext, evaluation_only, list_agents
-    from backends.io import atomic_write_json
-    from backends.registry import with_threads
-    from backends.threads import resolve_threads, set_torch_threads
-    from envs.budget import is_device_relative
-    from envs.protocols import group_env
-    from knobgym_cli.budgets import binding
-    from knobgym_cli.report import compare_agents, markdown_table, write_report
-    from knobgym_cli.summary import (archive_previous_report, checkpoint_line, checkpoint_record, display_path,
-                                     next_commands, now_stamp, portable, print_summary, run_files, verdict_lines)
-    from knobgym_cli.training import TrainingHooks, capped_sample_ids
-
+    """The run, phase by phase: prepare (resume, agent, budget), build the env, train, fit the
+    baselines, compare on the test split and report."""
     setup_cli_logging(run_dir / "train.log")
+    start = time.perf_counter()
+    cfg, resume_ckpt, cls, requested_budget = prepare_run(cfg, run_dir)
+    with phase(f"building {cfg.env.id} at budget={cfg.budget} (loads the model and the latency estimator, "
+               f"profiled once per device when not cached)"):
+        env, notes, achievable, suggested = build_run_env(
+            OmegaConf.to_container(cfg.env, resolve=True), run_backend_config(cfg),
+            run_budget(cfg.budget), cfg.estimator, split=cfg.train_split)
+    if resume_ckpt is not None and resume_ckpt["env_id"] != cfg.env.id:
+        raise UsageError(f"run {str(run_dir)!r} was trained on {resume_ckpt['env_id']}, not {cfg.env.id}")
+    if is_device_relative(cfg.budget):  # '50%', [25%,75%]: resolved once, here, and recorded like budget=auto
+        cfg.budget = str(group_env(env).budget)
+        say(f"budget={requested_budget} -> budget={cfg.budget} (recorded in the checkpoint's config and the report)")
+    budgets_ms = eval_budgets(group_env(env).budget, cfg.eval.budgets, achievable, suggested)
+    agent, train_stats, hooks = train_agent(cfg, run_dir, env, cls, resume_ckpt, budgets_ms)
+    train_seconds = time.perf_counter() - start
+    compared = {cls.name: agent, **baseline_agents(
+        env, [b for b in cfg.eval.baselines if b != cls.name], baseline_options(cfg.get("baselines")), cfg.seed,
+        cfg.train_split, budgets_ms, save_dir=run_dir / "baselines")}
+    rows, test_ids = compare_on_test(env, compared, budgets_ms, cfg.eval.split, cfg.eval.num_samples)
+    for row in rows:  # at the step training ended, beside the run's last training and validation points
+        hooks.writer.add_scalar(f"test/{row['agent']}/score", row["score"], hooks.step)
+        hooks.writer.add_scalar(f"test/{row['agent']}/violation_rate", row["violation_rate"], hooks.step)
+    hooks.writer.close()
+    facts = {"samples": len(test_ids), "budget": str(group_env(env).budget), "budget_requested": requested_budget,
+             "backend": group_env(env).provenance()["model"], "train": to_jsonable(train_stats),
+             "train_seconds": round(train_seconds, 1), "total_seconds": round(time.perf_counter() - start, 1),
+             "notes": notes, "resumed": resume_ckpt is not None}
+    write_run_report(cfg, run_dir, rows, facts, hooks, cls.name, budgets_ms, achievable, suggested)
+
+
+def prepare_run(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, dict | None, type, str]:
+    """The run's config (a resumed run's own, with this invocation's overrides), its checkpoint when
+    resumed, the agent class (evaluation-only agents refused) and the budget as requested; resolves
+    ``budget=auto`` into ``cfg.budget`` and sets torch's threads."""
+    from agents import evaluation_only, list_agents
+
     resume_ckpt = None
     if is_resume(cfg.resume):
         cfg, resume_ckpt = resumed_config(cfg, run_dir)
-    agent_cfg = OmegaConf.to_container(cfg.agent, resolve=True)
-    cls = agent_class_of(agent_cfg)
-    name = cls.name
+    cls = agent_class_of(OmegaConf.to_container(cfg.agent, resolve=True))
     if cls.evaluation_only:
-        raise UsageError(f"agent={name} is evaluation only; accepted: "
+        raise UsageError(f"agent={cls.name} is evaluation only; accepted: "
                          f"{', '.join(a for a in list_agents() if a not in evaluation_only())}")
-    threads = resolve_threads(cfg.torch_threads)  # null: the default gym.make's backends use too
-    set_torch_threads(threads)
-    start = time.perf_counter()
-    env_cfg = OmegaConf.to_container(cfg.env, resolve=True)
-    backend_cfg = with_threads(OmegaConf.to_container(cfg.backend, resolve=True), cfg.torch_threads)
+    set_torch_threads(resolve_threads(cfg.torch_threads))  # null: the default gym.make's backends use too
     requested_budget = str(cfg.budget)
     if is_auto(cfg.budget):
         with phase("budget=auto: loading the model and the latency estimator (profiled once per device when not "
                    "cached) to find a budget that binds on this device"):
-            cfg.budget = f"{probe_suggested_budget(env_cfg, backend_cfg, cfg.estimator):g}ms"
+            suggested = probe_suggested_budget(OmegaConf.to_container(cfg.env, resolve=True),
+                                               run_backend_config(cfg), cfg.estimator)
+            cfg.budget = f"{suggested:g}ms"  # recorded as the user would write it; the env gets run_budget's object
         say(f"budget=auto -> budget={cfg.budget} (recorded in the checkpoint's config and the report)")
-    with phase(f"building {cfg.env.id} at budget={cfg.budget} (loads the model and the latency estimator, "
-               f"profiled once per device when not cached)"):
-        env, notes = make_env(env_cfg, backend_cfg, cfg.budget, cfg.estimator, split=cfg.train_split)
-    achievable, suggested = env_range(env)
-    say(describe_range(achievable, suggested))
-    if resume_ckpt is not None and resume_ckpt["env_id"] != cfg.env.id:
-        raise UsageError(f"run {str(run_dir)!r} was trained on {resume_ckpt['env_id']}, not {cfg.env.id}")
-    budget = group_env(env).budget
-    if is_device_relative(cfg.budget):  # '50%', [25%,75%]: resolved once, here, and recorded like budget=auto
-        cfg.budget = str(budget)
-        say(f"budget={requested_budget} -> budget={cfg.budget} (recorded in the checkpoint's config and the report)")
-    budgets_ms = eval_budgets(budget, cfg.eval.budgets, achievable, suggested)
+    return cfg, resume_ckpt, cls, requested_budget
+
+
+def train_agent(cfg: DictConfig, run_dir: Path, env, cls, resume_ckpt: dict | None, budgets_ms: list[float]):
+    """Train (or continue) the run's agent through its own ``fit``, with the CLI's hooks validating,
+    checkpointing and logging; returns ``(agent, train_stats, hooks)``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from agents import FitContext
+    from backends.io import atomic_write_json
+    from knobgym_cli.summary import display_path
+    from knobgym_cli.training import TrainingHooks
+
     atomic_write_json(run_dir / "versions.json", versions(env))
     writer = SummaryWriter(log_dir=str(run_dir))
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
     say(f"run folder: {display_path(run_dir)}")
-
     resumed = resume_ckpt is not None and cls.resumable
-    hooks = TrainingHooks(env, run_dir, writer, config_dict, OmegaConf.to_container(cfg.eval, resolve=True),
-                          budgets_ms, cfg.checkpoint_every, resumed=resumed,
+    agent_cfg = OmegaConf.to_container(cfg.agent, resolve=True)
+    hooks = TrainingHooks(env, run_dir, writer, OmegaConf.to_container(cfg, resolve=True),
+                          OmegaConf.to_container(cfg.eval, resolve=True), budgets_ms, cfg.checkpoint_every,
+                          resumed=resumed,
                           best=resume_ckpt["metadata"].get("best_validation_reward", -np.inf) if resumed else -np.inf,
                           last=resume_ckpt["metadata"].get("last_validation_reward") if resumed else None,
-                          title=f"{name} {cfg.env.id} {budget}")
+                          title=f"{cls.name} {cfg.env.id} {group_env(env).budget}")
     # rollout=ray: a Ray session (and its actors) for training only; baselines and evaluation run here
-    with rollout_executor(cfg.get("rollout"), threads) as executor:
+    with rollout_executor(cfg.get("rollout"), resolve_threads(cfg.torch_threads)) as executor:
         context = FitContext(split=cfg.train_split, sample_pool=cfg.sample_pool, budgets_ms=budgets_ms, hooks=hooks,
                              executor=executor)
         if resumed:
@@ -138,55 +171,42 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
             agent.configure(**agent_options(agent_cfg))  # e.g. a larger total_updates
             train_stats = agent.fit(env, context)
         else:  # an agent with an update loop shows its phases through the hooks (initial validation, updates)
-            with phase(f"training {name}"):
-                agent, train_stats = build_agent(name, agent_options(agent_cfg), env, cfg.seed, context)
+            with phase(f"training {cls.name}"):
+                agent, train_stats = build_agent(cls.name, agent_options(agent_cfg), env, cfg.seed, context)
     if hooks.validated:
         train_stats = {**train_stats, "best_validation_reward": hooks.best}
-    agent = hooks.finish(agent, train_stats)
-    train_seconds = time.perf_counter() - start
+    return hooks.finish(agent, train_stats), train_stats, hooks
 
-    # Final comparison on the test split, against the baselines fitted on the same env.
-    compared = {name: agent}
-    baseline_dir = run_dir / "baselines"
-    baselines = [b for b in cfg.eval.baselines if b != name]
-    bar = cli_progress(len(baselines), "fitting baselines", "agent")
-    for baseline in baselines:
-        bar.set_postfix(agent=baseline)
-        node = cfg.baselines.get(baseline)
-        options = OmegaConf.to_container(node, resolve=True) if node is not None else {}
-        compared[baseline], _ = build_agent(baseline, options, env, cfg.seed,
-                                            FitContext(split=cfg.train_split, budgets_ms=budgets_ms))
-        if not compared[baseline].evaluation_only:
-            compared[baseline].save(baseline_dir / checkpoint_file(baseline), env)
-        bar.update(1)
-    bar.close()
-    test_ids = capped_sample_ids(env, cfg.eval.split, cfg.eval.num_samples, "eval.num_samples")
-    rows = compare_agents(env, compared, budgets_ms, test_ids, cfg.eval.split, progress=cli_progress)
-    for row in rows:  # at the step training ended, beside the run's last training and validation points
-        writer.add_scalar(f"test/{row['agent']}/score", row["score"], hooks.step)
-        writer.add_scalar(f"test/{row['agent']}/violation_rate", row["violation_rate"], hooks.step)
-    writer.close()
+
+def write_run_report(cfg: DictConfig, run_dir: Path, rows: list[dict], facts: dict, hooks, name: str,
+                     budgets_ms: list[float], achievable: tuple[float, float], suggested: float) -> None:
+    """``report.md`` / ``report.json`` / ``pareto.png`` (an earlier report archived), the table on
+    stdout and the closing summary."""
+    from knobgym_cli.budgets import binding
+    from knobgym_cli.report import markdown_table, write_report
+    from knobgym_cli.summary import (archive_previous_report, checkpoint_line, checkpoint_record, display_path,
+                                     next_commands, now_stamp, portable, print_summary, run_files, verdict_lines)
+
     validation = {"split": cfg.eval.validation_split, "every": cfg.eval.every, "budgets_ms": budgets_ms,
                   "samples": len(hooks.validation_ids)}
     chosen = checkpoint_record(load_run_checkpoint(hooks.reported_checkpoint)["metadata"],
                                read_with_fallback(run_dir, "latest")[0]["metadata"], name, validation,
                                path=f"checkpoints/{hooks.reported_checkpoint.name}")
     previous = archive_previous_report(run_dir)
+    budget = facts["budget"]
     meta = {"title": f"{cfg.env.id} / {name} / {cfg.eval.split} split", "env": cfg.env.id, "agent": name,
-            "split": cfg.eval.split, "samples": len(test_ids), "budget": str(budget),
-            "budget_requested": requested_budget, "achievable_range_ms": [round(x, 2) for x in achievable],
-            "suggested_budget_ms": round(suggested, 2),
-            "backend": group_env(env).provenance()["model"], "checkpoint": chosen,
-            "train": to_jsonable(train_stats), "train_seconds": round(train_seconds, 1),
-            "total_seconds": round(time.perf_counter() - start, 1), "notes": notes, "finished_at": now_stamp(),
-            "resumed": resume_ckpt is not None}
+            "split": cfg.eval.split, "samples": facts["samples"], "budget": budget,
+            "budget_requested": facts["budget_requested"], "achievable_range_ms": [round(x, 2) for x in achievable],
+            "suggested_budget_ms": round(suggested, 2), "backend": facts["backend"], "checkpoint": chosen,
+            **{k: facts[k] for k in ("train", "train_seconds", "total_seconds", "notes")},
+            "finished_at": now_stamp(), "resumed": facts["resumed"]}
     if previous is not None:
         meta["previous_reports"] = display_path(previous.parent, run_dir) + "/ (the latest: " + \
             display_path(previous, run_dir) + ")"
     write_report(run_dir, rows, portable(meta), main_agent=name)
     print(markdown_table(rows), file=sys.stdout)
-    print_summary(verdict_lines(rows, name, str(budget), achievable, suggested), run_files(run_dir),
-                  next_commands(run_dir, cfg.runs_dir, cfg.env.id, name, binding(str(budget), achievable), suggested),
+    print_summary(verdict_lines(rows, name, budget, achievable, suggested), run_files(run_dir),
+                  next_commands(run_dir, cfg.runs_dir, cfg.env.id, name, binding(budget, achievable), suggested),
                   checkpoint=checkpoint_line(chosen))
 
 

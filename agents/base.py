@@ -96,9 +96,13 @@ class Agent:
         evaluation_only: cannot be trained and deployed (the oracle looks at the outcome it is scored on).
         resumable: ``fit`` continues from a loaded state; :meth:`configure` takes the new options.
         fits_budgets: ``fit`` depends on the evaluation budgets (re-fitted for other budgets).
+        config_class: the dataclass declaring the agent's options (help and bounds per field, as
+            TRL's configs; ``from_dict(options)`` validates a set): the CLI checks ``agent.<option>=``
+            overrides through it. ``None``: the options are ``from_env``'s keyword arguments.
     """
 
     name: str = "agent"
+    config_class: type | None = None
     needs_context: bool = False
     seeded: bool = False
     evaluation_only: bool = False

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import gymnasium as gym
 import numpy as np
 
+from backends.checks import check_int
 from agents.base import Agent, EnvLayout, EpisodeContext, FitContext, eval_sample_ids
 from agents.registry import register_agent
 from envs.budget import check_budget_ms
@@ -214,8 +215,7 @@ class BanditAgent(Agent):
                  rounds: int = 256, budget_jitter: float = 0.2):
         if not (alpha >= 0 and ridge > 0):
             raise ValueError(f"alpha={alpha!r}, ridge={ridge!r} are invalid; accepted: alpha >= 0, ridge > 0")
-        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-            raise ValueError(f"rounds={rounds!r} is invalid; accepted: an integer >= 0")
+        check_int("rounds", rounds, 1)  # the CLI and the class agree: at least one fit episode
         self.actions = np.asarray(actions, dtype=np.int64)
         self.alpha, self.ridge, self.seed = float(alpha), float(ridge), int(seed)
         self.rounds, self.budget_jitter = rounds, float(budget_jitter)

@@ -11,6 +11,8 @@ import math
 from dataclasses import fields
 from typing import Any, TypeVar
 
+from backends.checks import check_int
+
 C = TypeVar("C")
 
 
@@ -18,8 +20,7 @@ def check_integers(config: Any, names: tuple[str, ...], low: int = 1) -> None:
     """Each named field an integer >= ``low``."""
     for name in names:
         v = vars(config)[name]
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"{name}={v!r} is invalid; accepted: an integer >= {low}")
+        check_int(name, v, low)
 
 
 def check_numbers(config: Any, names: tuple[str, ...], *, positive: bool) -> None:

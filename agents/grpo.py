@@ -270,6 +270,7 @@ class GRPOAgent(Agent):
     """
 
     name = "grpo"
+    config_class = GRPOConfig
     seeded = True
     resumable = True
     needs_context = True

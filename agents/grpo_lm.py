@@ -254,6 +254,7 @@ class GRPOLMAgent(Agent):
     """
 
     name = "grpo_lm"
+    config_class = GRPOLMConfig
     seeded = True
     resumable = True
     needs_context = True

@@ -44,7 +44,7 @@ class Sample:
 
 def check_split(split: str) -> str:
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; accepted: {', '.join(SPLITS)}")
+        raise ValueError(f"split={split!r} is unknown; accepted: {', '.join(SPLITS)}")
     return split
 
 

@@ -108,6 +108,10 @@ class KnobSpace:
     num_layers: int = 0
     tier_mode: str = "pool"
     tier_sizes: dict = field(default_factory=dict)
+    # Configurations this space has validated (and resolved): the route from an env's action to
+    # the model (runner, backend, apply_knobs) asks again at each layer, and is answered here
+    # without checking twice: each value is validated once and trusted after.
+    _checked: set = field(default_factory=set, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.tier_mode not in TIER_MODES:
@@ -130,7 +134,19 @@ class KnobSpace:
         return tuple(self.tiers)
 
     def validate(self, knobs: KnobConfig) -> KnobConfig:
-        """Raise :class:`KnobError` naming the bad value and the accepted range; return knobs."""
+        """Raise :class:`KnobError` naming the bad value and the accepted range; return knobs.
+
+        A configuration is checked once per space; asking again (a later layer of the same run)
+        costs a set lookup.
+        """
+        key = _checked_key(knobs)
+        if key in self._checked:
+            return knobs
+        self._check(knobs)
+        self._checked.add(key)
+        return knobs
+
+    def _check(self, knobs: KnobConfig) -> None:
         cls = self.model_class
         if knobs.tier is not None:
             if not self.has_vision:
@@ -154,7 +170,6 @@ class KnobSpace:
                     1 <= knobs.depth <= self.num_layers):
                 raise KnobError(f"depth={knobs.depth!r} is invalid for {cls}; accepted: an integer in "
                                 f"[1, {self.num_layers}] (the number of decoder blocks)")
-        return knobs
 
     # --- named points of the space --------------------------------------------------------
     def full(self) -> KnobConfig:
@@ -181,12 +196,14 @@ class KnobSpace:
         Outcomes carry resolved knobs so that latency features and logs never see ``None``.
         """
         self.validate(knobs)
-        return KnobConfig(
+        resolved = KnobConfig(
             tier=knobs.tier if knobs.tier is not None else (self.tier_names[-1] if self.has_vision else None),
             token_budget=float(knobs.token_budget),
             top_k=knobs.top_k if knobs.top_k is not None else self.full_top_k,
             depth=knobs.depth if knobs.depth is not None else self.num_layers,
         )
+        self._checked.add(_checked_key(resolved))  # valid by construction: later layers trust it
+        return resolved
 
     def vision_tokens(self, knobs: KnobConfig) -> int:
         """Vision tokens the language model sees under ``knobs`` (tier, then budget)."""
@@ -233,6 +250,11 @@ class KnobSpace:
                 "top_ks": list(self.top_ks), "full_top_k": self.full_top_k, "num_experts": self.num_experts,
                 "depths": list(self.depths), "num_layers": self.num_layers, "tier_mode": self.tier_mode,
                 "tier_sizes": dict(self.tier_sizes)}
+
+
+def _checked_key(knobs: KnobConfig) -> tuple:
+    """A configuration's identity including each value's type (``True == 1`` must not pass as checked)."""
+    return tuple((type(v), v) for v in (knobs.tier, knobs.token_budget, knobs.top_k, knobs.depth))
 
 
 def kept_tokens(n_tokens: int, token_budget: float) -> int:
@@ -329,18 +351,42 @@ def resize_for_tier(pixel_values: torch.Tensor, side: int, patch_size: int) -> t
 # --------------------------------------------------------------------------------------------
 # Model structure: where the decoder blocks, routers and vision features live per family.
 # --------------------------------------------------------------------------------------------
-_TEXT_DECODER_PATHS = (
+# Searched in order, first match wins; register_model_family adds a family's names in front.
+_TEXT_DECODER_PATHS = [
     "model.language_model",  # LLaVA (Llama / OLMoE text model)
     "model.text_model",  # IDEFICS2
     "gpt_neox",  # GPT-NeoX / Pythia
     "model",  # OLMoE, Qwen2-MoE, Mixtral, Llama causal LMs
-)
-_LM_HEAD_NAMES = ("lm_head", "embed_out")
-_VISION_ENCODER_NAMES = ("vision_tower", "vision_model")  # LLaVA, IDEFICS2
-_FINAL_NORM_NAMES = ("norm", "final_layer_norm")
-SUPPORTED_FAMILIES = ("LlavaForConditionalGeneration", "Idefics2ForConditionalGeneration",
+]
+_LM_HEAD_NAMES = ["lm_head", "embed_out"]
+_VISION_ENCODER_NAMES = ["vision_tower", "vision_model"]  # LLaVA, IDEFICS2
+_FINAL_NORM_NAMES = ["norm", "final_layer_norm"]
+SUPPORTED_FAMILIES = ["LlavaForConditionalGeneration", "Idefics2ForConditionalGeneration",
                       "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM",
-                      "GPTNeoXForCausalLM", "LlamaForCausalLM")
+                      "GPTNeoXForCausalLM", "LlamaForCausalLM"]
+
+
+def register_model_family(class_name: str, *, decoder: str | None = None, lm_head: str | None = None,
+                          final_norm: str | None = None, vision_encoder: str | None = None) -> None:
+    """Teach :func:`model_parts` (and so every knob) where a new model family keeps its parts.
+
+    Args:
+        class_name: the model class's name (listed in errors as a supported family).
+        decoder: dotted path from the model to the module holding the decoder blocks as ``.layers``.
+        lm_head, final_norm: attribute names of the LM head (on the model) and the final norm (on
+            the decoder).
+        vision_encoder: attribute name of the vision encoder on the multimodal module (the one with
+            ``get_image_features``), for a vision-language family.
+
+    Names given are searched before the shipped ones; top-k needs routers carrying an integer
+    ``top_k`` (see :meth:`ModelParts.routers`).
+    """
+    for names, name in ((_TEXT_DECODER_PATHS, decoder), (_LM_HEAD_NAMES, lm_head), (_FINAL_NORM_NAMES, final_norm),
+                        (_VISION_ENCODER_NAMES, vision_encoder)):
+        if name is not None and name not in names:
+            names.insert(0, name)
+    if class_name not in SUPPORTED_FAMILIES:
+        SUPPORTED_FAMILIES.append(class_name)
 
 
 def _get_path(obj, path: str):

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Callable, Generic, Hashable, Sequence, TypeVar
 
+from backends.checks import check_int
 from backends.base import Backend, Sample
 from backends.knobs import KnobConfig
 from backends.outcome import Outcome, Stage1State
@@ -36,8 +37,7 @@ class LRUCache(Generic[V]):
     """A dict bounded to ``max_size`` entries that forgets the least recently used one first."""
 
     def __init__(self, max_size: int):
-        if isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 1:
-            raise ValueError(f"max_size={max_size!r} is invalid; accepted: an integer >= 1")
+        check_int("max_size", max_size, 1)
         self.max_size = max_size
         self._items: OrderedDict[Hashable, V] = OrderedDict()
 

@@ -23,6 +23,8 @@ import os
 
 import torch
 
+from backends.checks import check_int
+
 DEFAULT_TORCH_THREADS = 1
 """torch intra-op threads of every backend unless ``num_threads`` (CLI: ``torch_threads``) says otherwise."""
 
@@ -32,10 +34,10 @@ _requested: int | None = None  # there: the count asked for (the parent's, then 
 
 def check_num_threads(num_threads, error: type[Exception] = ValueError, name: str = "num_threads") -> int:
     """``num_threads`` if it is an integer >= 1; otherwise ``error`` naming ``name`` and the value."""
-    if isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1:
-        raise error(f"{name}={num_threads!r} is invalid; accepted: an integer >= 1 "
-                    f"(default {DEFAULT_TORCH_THREADS})")
-    return num_threads
+    try:
+        return check_int(name, num_threads, 1, where=f"default {DEFAULT_TORCH_THREADS}")
+    except ValueError as bad:
+        raise error(str(bad)) from None
 
 
 def resolve_threads(num_threads: int | None) -> int:

@@ -29,7 +29,8 @@ register_env("Decoding-measured-v0", DecodingEnv, nondeterministic=True, latency
 # KV-cache policy envs: StreamingKV-v0 and one KV-<Policy>-v0 per registered policy (a loop over
 # the policy registry; call register_kv_envs() again after registering a policy later).
 from envs.budget import KVBudget  # noqa: E402
-from envs.streaming_kv import StreamingKVEnv, register_kv_env, register_kv_envs  # noqa: E402
+from envs.kv_registration import register_kv_env, register_kv_envs  # noqa: E402
+from envs.streaming_kv import StreamingKVEnv  # noqa: E402
 
 register_kv_envs()
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from backends.checks import check_int
+
 #: the smallest and largest budget accepted, in milliseconds (10 microseconds .. one hour)
 MIN_BUDGET_MS = 0.01
 MAX_BUDGET_MS = 3_600_000.0
@@ -314,8 +316,7 @@ class KVBudget:
         if self.kv_tokens is not None:
             return self.kv_tokens
         if self.kv_bytes is not None:
-            if isinstance(bytes_per_token, bool) or not isinstance(bytes_per_token, int) or bytes_per_token < 1:
-                raise ValueError(f"bytes_per_token={bytes_per_token!r} is invalid; accepted: an integer >= 1")
+            check_int("bytes_per_token", bytes_per_token, 1)
             return self.kv_bytes // bytes_per_token
         return None
 

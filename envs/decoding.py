@@ -44,56 +44,21 @@ per (input, configuration): an agent may ask it for every action of the space at
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Sequence
 
 import gymnasium as gym
 import numpy as np
 
 from backends.base import Sample, check_split
-from backends.decoding import DecodingBackend, DecodingKnobs, DecodingOutcome, DecodingTokenCounts
+from backends.decoding import DecodingBackend, DecodingKnobs, DecodingOutcome
 from backends.registry import load_backend
+from envs.base import KnobgymEnv, LatencyReference
 from envs.budget import check_budget_ms, device_budget
+from envs.latency import DecodingLatency
 from envs.reward import RewardConfig, compute_reward
-from latency_model.modes import LATENCY_MODES
-
-OBS_CLIP = 10.0
-_WARNED: set = set()
 
 
-class DecodingLatency:
-    """Latency of decoded answers: the decoding estimator (default) or the wall clock of ``generate``.
-
-    Args:
-        backend: the decoding backend.
-        mode: ``estimated`` (deterministic) or ``measured``.
-        estimator: a fitted :class:`latency_model.decoding.DecodingLatencyEstimator` (default: the
-            cached one of this backend and device, profiled once when missing).
-    """
-
-    def __init__(self, backend: DecodingBackend, mode: str = "estimated", estimator=None):
-        if mode not in LATENCY_MODES:
-            raise ValueError(f"latency={mode!r} is invalid; accepted: {', '.join(LATENCY_MODES)}")
-        if estimator is None:
-            from latency_model.decoding import get_decoding_estimator
-
-            estimator = get_decoding_estimator(backend)
-        self.mode, self.estimator = mode, estimator
-
-    def predict_ms(self, knobs: DecodingKnobs, counts: DecodingTokenCounts) -> float:
-        """Estimated latency of one configuration before running (expected acceptance for speculative decoding)."""
-        return float(self.estimator.predict([knobs], [counts])[0])
-
-    def outcomes_ms(self, outcomes: Sequence[DecodingOutcome]) -> np.ndarray:
-        """Latency charged for finished runs (their actual tokens and, for speculative decoding, acceptance)."""
-        if self.mode == "measured":
-            return np.array([o.measured_ms for o in outcomes], dtype=np.float64)
-        # Row by row: a run's latency must not depend on which group it was evaluated in.
-        return np.array([float(self.estimator.predict([o.knobs], [o.token_counts], [o.accepted_per_pass])[0])
-                         for o in outcomes], dtype=np.float64)
-
-
-class DecodingEnv(gym.Env):
+class DecodingEnv(KnobgymEnv):
     """See the module docstring.
 
     Args:
@@ -112,8 +77,6 @@ class DecodingEnv(gym.Env):
         ValueError: a backend that is not a :class:`~backends.decoding.DecodingBackend`, a bad
             split, latency mode or budget (one line each).
     """
-
-    metadata = {"render_modes": []}
 
     def __init__(self, backend: Any = "decoding", budget: Any = None, split: str = "train",
                  latency: str = "estimated", overshoot_penalty: float = 1.0, violation_penalty: float = 0.5,
@@ -137,15 +100,15 @@ class DecodingEnv(gym.Env):
         self._init_kwargs = dict(backend={"name": "decoding", **loaded.options}, budget=budget, split=split,
                                  latency=latency, overshoot_penalty=overshoot_penalty,
                                  violation_penalty=violation_penalty)
-        self._low_ms, self._high_ms, self._full_ms = self._typical_latencies()
-        self._ref_ms = float(np.median(self._full_ms))
+        self._reference = self._typical_latencies()
+        self._ref_ms = float(np.median(self._reference.full))
         self.budget = device_budget(budget, self.achievable_range_ms, self.suggested_budget_ms)
-        self._warn_if_budget_unreachable()
+        self._warn_if_budget_unreachable(self.budget)
         self.action_space = gym.spaces.MultiDiscrete(self.space.nvec)
         self.trajectory_nvec = tuple(int(n) for n in self.space.nvec)
         self.stage_heads = (tuple(range(len(self.trajectory_nvec))),)
         self.obs_size = 4 + len(self.question_types)
-        self.observation_space = gym.spaces.Box(-OBS_CLIP, OBS_CLIP, shape=(self.obs_size,), dtype=np.float32)
+        self.observation_space = self._box(self.obs_size)
         self._sample: Sample | None = None
         self._budget_ms = self.budget.low_ms
 
@@ -163,65 +126,35 @@ class DecodingEnv(gym.Env):
             self._np_random.bit_generator.state = state["rng"]
 
     # ---------------------------------------------------------------- latency references
-    def _typical_latencies(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _typical_latencies(self) -> LatencyReference:
         """Per typical input (first 16 validation questions): the estimated latency of the cheapest
-        configuration, of the dearest one, and of the widest beam (:meth:`DecodingSpace.full`)."""
+        configuration, of the widest beam (:meth:`DecodingSpace.full`) and of the dearest one.
+
+        The widest beam, not the dearest configuration, is the full configuration of the
+        suggested-budget rule (:attr:`envs.base.KnobgymEnv.suggested_budget_ms`): speculative
+        decoding with a draft that rejects most proposals can be the slowest and buys no accuracy,
+        so a budget below it need not bind anything worth having.
+        """
         samples = list(self.backend.samples("validation")[:16])
         configs = self.space.configurations()
         est = np.array([self._estimate_ms(s, configs) for s in samples])
         full = configs.index(self.space.resolve(self.space.full()))
-        return est.min(axis=1), est.max(axis=1), est[:, full]
+        return LatencyReference(cheapest=est.min(axis=1), full=est[:, full], dearest=est.max(axis=1))
 
-    @property
-    def achievable_range_ms(self) -> tuple[float, float]:
-        return float(np.min(self._low_ms)), float(np.max(self._high_ms))
+    def _reference_latencies(self) -> LatencyReference:
+        return self._reference
 
-    @property
-    def suggested_budget_ms(self) -> float:
-        """A budget that binds: halfway between the cheapest configuration's 95th percentile and the
-        widest beam's median over typical inputs (the rule of
-        :attr:`envs.knob_env.KnobEnv.suggested_budget_ms`, with the widest beam as the full
-        configuration). Not the dearest configuration: speculative decoding with a draft that
-        rejects most proposals can be the slowest and buys no accuracy, so a budget below it need
-        not bind anything worth having.
-        """
-        low, high = float(np.percentile(self._low_ms, 95)), float(np.median(self._full_ms))
-        if low >= high:
-            low = float(np.median(self._low_ms))
-        return 0.5 * (low + high)
-
-    def _warn_if_budget_unreachable(self) -> None:
-        lo, hi = self.achievable_range_ms
-        key = (str(self.backend.identity()), str(self.budget))
-        if key in _WARNED:
-            return
-        msg = None
-        if self.budget.high_ms < lo:
-            msg = f"budget {self.budget} is below the cheapest decoding configuration's latency"
-        elif self.budget.low_ms > hi:
-            msg = f"budget {self.budget} is above the dearest decoding configuration's latency (it never binds)"
-        if msg:
-            _WARNED.add(key)
-            warnings.warn(f"{msg}: achievable range on this backend and device is {lo:.1f}ms..{hi:.1f}ms; choose a "
-                          f"budget inside it, e.g. budget={self.suggested_budget_ms:.0f}ms", stacklevel=3)
+    def _warning_identity(self) -> str:
+        return str(self.backend.identity())
 
     # ---------------------------------------------------------------- actions
     def _knobs(self, action) -> DecodingKnobs:
         """The resolved configuration of an action (raises ``ValueError`` outside the action space)."""
-        return self.space.from_indices(self._check_action(action))
+        return self.space.from_indices(self.check_action(action))
 
-    def _check_action(self, action) -> np.ndarray:
-        arr = np.asarray(action)
-        ok = arr.dtype.kind in "iu" or (arr.dtype.kind == "f" and np.all(np.isfinite(arr))
-                                          and np.all(arr == np.round(arr)))
-        if ok:
-            ints = arr.astype(np.int64)
-            ok = ints.shape == self.action_space.shape and self.action_space.contains(ints)
-        if not ok:
-            fields = ", ".join(f"{name} 0..{len(values) - 1} {list(values)}" for name, values in self.space.fields)
-            raise ValueError(f"action {action!r} is outside the action space {self.action_space}; accepted: "
-                             f"one index per field: {fields}")
-        return ints
+    def _action_help(self) -> str:
+        fields = ", ".join(f"{name} 0..{len(values) - 1} {list(values)}" for name, values in self.space.fields)
+        return f"one index per field: {fields}"
 
     # ---------------------------------------------------------------- the GroupEnv protocol
     def num_samples(self, split: str) -> int:
@@ -250,11 +183,8 @@ class DecodingEnv(gym.Env):
 
     def provenance(self) -> dict:
         """Backend identity, latency source and estimator, and the knob space, for run records."""
-        estimator = self.latency.estimator
         return {"model": self.backend.identity(), "latency": self.latency.mode,
-                "estimator": {"class": type(estimator).__name__, "identity": estimator.identity,
-                              "fingerprint": estimator.fingerprint},
-                "knob_space": self.space.as_dict()}
+                "estimator": self.latency.estimator_record(), "knob_space": self.space.as_dict()}
 
     # ---------------------------------------------------------------- observations
     def _estimate_ms(self, sample: Sample, knobs: Sequence[DecodingKnobs]) -> np.ndarray:
@@ -278,24 +208,12 @@ class DecodingEnv(gym.Env):
             qtype[sample.question_type] = 1.0
         values = [budget_ms / self._ref_ms, counts.prompt_tokens / 32.0, counts.new_tokens / 16.0,
                   greedy_ms / budget_ms, *qtype.tolist()]
-        return np.clip(np.asarray(values, dtype=np.float32), -OBS_CLIP, OBS_CLIP)
+        return self.clip_observation(values)
 
     # ---------------------------------------------------------------- episodes
     def reset(self, *, seed: int | None = None, options: dict | None = None):
-        super().reset(seed=seed)
-        options = dict(options or {})
-        unknown = set(options) - {"sample_id", "budget", "split"}
-        if unknown:
-            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; accepted: sample_id, budget, split")
-        split = check_split(options.get("split", self.split))
-        items = self.backend.samples(split)
-        if "sample_id" in options:
-            self._sample = self.backend.sample(split, options["sample_id"])
-        else:
-            self._sample = items[int(self.np_random.integers(len(items)))]
-        budget = (device_budget(options["budget"], self.achievable_range_ms, self.suggested_budget_ms)
-                  if "budget" in options else self.budget)  # reset's boundary
-        self._budget_ms = budget.sample(self.np_random)
+        start = self.begin_episode(seed, options)  # validated first: a reset that raises changes nothing
+        self._sample, self._budget_ms = self.backend.sample(start.split, start.sample_id), start.budget_ms
         obs = self._observation(self._sample, self._budget_ms)
         return obs, {"sample_id": self._sample.sample_id, "budget_ms": self._budget_ms}
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import warnings
 from typing import Any, Sequence
 
 import gymnasium as gym
@@ -22,15 +21,13 @@ from backends.knobs import KnobConfig
 from backends.outcome import Outcome, Stage1State
 from backends.registry import load_backend
 from backends.runner import StageRunner
+from envs.base import KnobgymEnv, LatencyReference
 from envs.budget import check_budget_ms, device_budget
 from envs.latency import LatencySource
 from envs.reward import RewardConfig, compute_reward
 
-OBS_CLIP = 10.0
-_WARNED: set = set()
 
-
-class KnobEnv(gym.Env):
+class KnobEnv(KnobgymEnv):
     """Base of ``MultiKnob-v0`` and ``TokenBudget-v0``.
 
     Args:
@@ -44,8 +41,6 @@ class KnobEnv(gym.Env):
         overshoot_penalty, violation_penalty: reward coefficients (see :mod:`envs.reward`).
         estimator: a latency estimator to use instead of the cached one.
     """
-
-    metadata = {"render_modes": []}
 
     def __init__(self, backend: Any = "tiny", budget: Any = None, split: str = "train",
                  latency: str = "estimated", overshoot_penalty: float = 1.0, violation_penalty: float = 0.5,
@@ -66,10 +61,10 @@ class KnobEnv(gym.Env):
         estimated = self.latency.mode == "estimated"
         self.runner = StageRunner(self.backend, memoise_outcomes=estimated, batch_stage2=estimated)
         self.question_types = tuple(self.backend.question_types)
-        self._typical_cheapest_ms, self._typical_full_ms = self._typical_latencies()
-        self._ref_ms = float(np.median(self._typical_full_ms))  # observation normaliser
+        self._reference = self._typical_latencies()
+        self._ref_ms = float(np.median(self._reference.full))  # observation normaliser
         self.budget = device_budget(budget, self.achievable_range_ms, self.suggested_budget_ms)
-        self._warn_if_budget_unreachable()
+        self._warn_if_budget_unreachable(self.budget)
         self._sample: Sample | None = None
         self._budget_ms: float = self.budget.low_ms
 
@@ -79,7 +74,7 @@ class KnobEnv(gym.Env):
         # exactly these, so live and replayed envs share the latency normaliser.
         return list(self.backend.samples("validation")[:n])
 
-    def _typical_latencies(self) -> tuple[np.ndarray, np.ndarray]:
+    def _typical_latencies(self) -> LatencyReference:
         """Estimated latency of the cheapest and of the full configuration on each typical input."""
         samples = self._typical_samples()
         cheap, full = self.space.cheapest(), self.space.full()
@@ -87,70 +82,13 @@ class KnobEnv(gym.Env):
                                      [self.backend.expected_token_counts(s, cheap) for s in samples])
         hi = self.latency.predict_ms([full] * len(samples),
                                      [self.backend.expected_token_counts(s, full) for s in samples])
-        return np.asarray(lo), np.asarray(hi)
+        return LatencyReference(np.asarray(lo), np.asarray(hi))
 
-    @property
-    def achievable_range_ms(self) -> tuple[float, float]:
-        """Estimated latency of the cheapest and the most expensive configuration on this device."""
-        return float(np.min(self._typical_cheapest_ms)), float(np.max(self._typical_full_ms))
+    def _reference_latencies(self) -> LatencyReference:
+        return self._reference
 
-    @property
-    def suggested_budget_ms(self) -> float:
-        """A budget that binds on this backend and device: the one the out-of-range warning names.
-
-        Halfway between the cheapest configuration's 95th-percentile latency and the full
-        configuration's median latency over typical inputs: the full configuration does not fit a
-        typical input, so a controller must give something up, while the cheapest still fits
-        about 95% of inputs, so a budget-aware controller can keep violations rare. Not the
-        middle of :attr:`achievable_range_ms`: its top is the full configuration on the longest
-        answers, so its middle can sit above what the full configuration needs on most inputs,
-        where no knob needs to be turned down (BENCHMARKS.md, "Agents", has the tiny model's figures). When
-        the two do not leave a gap (long answers cost more than the whole knob range saves), the
-        middle of the cheapest and the full configuration's medians.
-        """
-        cheap, full = self._typical_cheapest_ms, self._typical_full_ms
-        low, high = float(np.percentile(cheap, 95)), float(np.median(full))
-        if low >= high:
-            low = float(np.median(cheap))
-        return 0.5 * (low + high)
-
-    @property
-    def suggested_budget_range_ms(self) -> tuple[float, float]:
-        """A budget range for training one budget-conditioned controller on this backend and device.
-
-        From the cheapest configuration's 75th-percentile latency over typical inputs (below it,
-        a quarter of the inputs have no configuration that fits) to the full configuration's
-        median (above it, most inputs need no knob turned down), so every budget inside binds on
-        typical inputs. Not the cheapest configuration's 95th percentile as for
-        :attr:`suggested_budget_ms`: inputs with long answers form a tail that can reach the full
-        configuration's median and close the range. When even the 75th percentile does, the range
-        starts at the cheapest configuration's median. :attr:`suggested_budget_ms` lies inside.
-        """
-        cheap, full = self._typical_cheapest_ms, self._typical_full_ms
-        low, high = float(np.percentile(cheap, 75)), float(np.median(full))
-        if low >= high:
-            low = float(np.median(cheap))
-        return low, high
-
-    def _warn_if_budget_unreachable(self) -> None:
-        lo, hi = self.achievable_range_ms
-        key = (str(self.backend.identity()), str(self.budget), type(self).__name__)
-        if key in _WARNED:
-            return
-        msg = None
-        if self.budget.high_ms < lo:
-            msg = f"budget {self.budget} is below the cheapest configuration's latency"
-        elif self.budget.low_ms > hi:
-            msg = f"budget {self.budget} is above the most expensive configuration's latency (it never binds)"
-        if msg:
-            _WARNED.add(key)
-            warnings.warn(f"{msg}: achievable range on this backend and device is "
-                          f"{lo:.1f}ms..{hi:.1f}ms; choose a budget inside it, e.g. "
-                          f"budget={self.suggested_budget_ms:.0f}ms (one the full configuration does not fit "
-                          f"on a typical input), or a range to train one controller for all of them, "
-                          f"budget=[{self.suggested_budget_range_ms[0]:.0f}ms,{self.suggested_budget_range_ms[1]:.0f}ms]"
-                          + (f"; latency estimator {noise}" if (noise := self.latency.noise_description()) else ""),
-                          stacklevel=3)
+    def _warning_identity(self) -> str:
+        return str(self.backend.identity())
 
     # ---------------------------------------------------------------- pickling
     # Envs pickle (multiprocessing, SubprocVecEnv, Ray): the loaded backend (a model with hooks) is
@@ -191,37 +129,11 @@ class KnobEnv(gym.Env):
 
     # ---------------------------------------------------------------- episodes
     def _begin_episode(self, seed: int | None, options: dict | None) -> None:
-        super().reset(seed=seed)
-        options = dict(options or {})
-        unknown = set(options) - {"sample_id", "budget", "split"}
-        if unknown:
-            raise ValueError(f"unknown reset option(s) {sorted(unknown)}; accepted: sample_id, budget, split")
-        split = check_split(options.get("split", self.split))
-        items = self.backend.samples(split)
-        if "sample_id" in options:
-            self._sample = self.backend.sample(split, options["sample_id"])
-        else:
-            self._sample = items[int(self.np_random.integers(len(items)))]
-        budget = (device_budget(options["budget"], self.achievable_range_ms, self.suggested_budget_ms)
-                  if "budget" in options else self.budget)  # reset's boundary
-        self._budget_ms = budget.sample(self.np_random)
-
-    def _check_action(self, action) -> np.ndarray:
-        """The action as int64, or a ValueError naming it and the accepted space."""
-        arr = np.asarray(action)
-        ok = arr.dtype.kind in "iu" or (arr.dtype.kind == "f" and np.all(np.isfinite(arr))
-                                          and np.all(arr == np.round(arr)))
-        if ok:
-            ints = arr.astype(np.int64)
-            ok = ints.shape == self.action_space.shape and self.action_space.contains(
-                ints.astype(self.action_space.dtype))
-        if not ok:
-            raise ValueError(f"action {action!r} is outside the action space {self.action_space}; accepted: "
-                             f"{self._action_help()}")
-        return ints
-
-    def _action_help(self) -> str:
-        return str(self.action_space)
+        """Validate the reset options, then start an episode: its sample and budget (see
+        :meth:`envs.base.KnobgymEnv.begin_episode`; a reset that raises changes nothing)."""
+        start = self.begin_episode(seed, options)
+        self._sample = self.backend.sample(start.split, start.sample_id)
+        self._budget_ms = start.budget_ms
 
     # ---------------------------------------------------------------- scoring
     def _score(self, outcome: Outcome, budget_ms: float, latency_ms: float | None = None) -> tuple[float, dict]:
@@ -286,7 +198,7 @@ class KnobEnv(gym.Env):
         split = check_split(split or self.split)
         sample = self.backend.sample(split, sample_id)
         budget_ms = check_budget_ms(budget_ms)
-        knobs = [self.action_to_knobs(self._check_action(self.to_env_action(t))) for t in trajectories]
+        knobs = [self.action_to_knobs(self.check_action(self.to_env_action(t))) for t in trajectories]
         outcomes = self.runner.run_group(sample, knobs)
         latencies = self.latency.outcomes_ms(outcomes)
         rewards, infos = [], []
@@ -300,20 +212,14 @@ class KnobEnv(gym.Env):
     def estimated_latency_ms(self, sample_id: int, trajectories: Sequence, split: str | None = None) -> np.ndarray:
         """The estimator's latency of each trajectory on this input, from expected token counts."""
         sample = self.backend.sample(check_split(split or self.split), sample_id)
-        knobs = [self.space.resolve(self.action_to_knobs(self._check_action(self.to_env_action(t))))
+        knobs = [self.space.resolve(self.action_to_knobs(self.check_action(self.to_env_action(t))))
                  for t in trajectories]
         return self.latency.predict_ms(knobs, [self.backend.expected_token_counts(sample, k) for k in knobs])
 
     def provenance(self) -> dict:
         """Backend identity, latency source and knob space, for run records."""
-        try:
-            from latency_model.cache import describe
-
-            estimator = describe(self.latency.estimator)
-        except AttributeError:  # a stand-in estimator without the fields a fitted one records
-            estimator = {"class": type(self.latency.estimator).__name__}
-        return {"model": self.backend.identity(), "latency": self.latency.mode, "estimator": estimator,
-                "knob_space": self.space.as_dict()}
+        return {"model": self.backend.identity(), "latency": self.latency.mode,
+                "estimator": self.latency.estimator_record(), "knob_space": self.space.as_dict()}
 
     # ---------------------------------------------------------------- observations
     @property
@@ -341,12 +247,3 @@ class KnobEnv(gym.Env):
                              f"question_feature_dim={self.backend.question_feature_dim}")
         return [budget_ms / self._ref_ms, prompt_tokens / 64.0, *qtype.tolist(), h / 256.0, w / 256.0,
                 *text.tolist()]
-
-    @staticmethod
-    def _finish_obs(values: list[float], size: int) -> np.ndarray:
-        obs = np.zeros(size, dtype=np.float32)
-        obs[: len(values)] = np.clip(np.asarray(values, dtype=np.float32), -OBS_CLIP, OBS_CLIP)
-        return obs
-
-    def _box(self, size: int) -> gym.spaces.Box:
-        return gym.spaces.Box(-OBS_CLIP, OBS_CLIP, shape=(size,), dtype=np.float32)

@@ -1,4 +1,10 @@
-"""Where an env's latency comes from: the learned estimator (default) or the wall clock."""
+"""Where an env's latency comes from: the learned estimator (default) or the wall clock.
+
+One type for every env family: :class:`EnvLatency` (the mode, checked once here, the estimator
+and how it is described in warnings and run records); :class:`LatencySource` for the
+vision-language knob envs, :class:`DecodingLatency` for ``Decoding-v0`` and :class:`TpotLatency`
+for the KV envs say how each family's runs are charged.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,39 @@ from backends.trace import TraceBackend
 from latency_model.modes import LATENCY_MODES
 
 
-class LatencySource:
+def check_latency_mode(mode: str) -> str:
+    """``mode`` if it is a latency mode (:data:`latency_model.modes.LATENCY_MODES`), else one line naming it."""
+    if mode not in LATENCY_MODES:
+        raise ValueError(f"latency={mode!r} is invalid; accepted: {', '.join(LATENCY_MODES)}")
+    return mode
+
+
+class EnvLatency:
+    """An env's latency source: ``mode`` (``estimated`` or ``measured``, see
+    :data:`latency_model.modes.LATENCY_MODES`) and the fitted ``estimator`` of this device.
+
+    Attributes:
+        measure: what the budget limits, in words (``latency``; ``TPOT`` for the KV envs).
+    """
+
+    measure = "latency"
+
+    def __init__(self, mode: str, estimator) -> None:
+        self.mode, self.estimator = check_latency_mode(mode), estimator
+
+    def noise_description(self) -> str | None:
+        """The estimator's profile noise in one line (e.g. ``repeat noise 7.9% (bound 40%)``), for
+        warnings and run reports; ``None`` when the estimator carries no noise record. Every
+        estimator declares ``noise`` (a :class:`latency_model.profile.ProfileNoise` or ``None``)."""
+        noise = getattr(self.estimator, "noise", None)
+        return None if noise is None else noise.describe()
+
+    def estimator_record(self) -> dict:
+        """JSON-able description of the estimator, for run records."""
+        return {"class": type(self.estimator).__name__}
+
+
+class LatencySource(EnvLatency):
     """Per-sample latency for rewards, and predictions for observations and budget warnings.
 
     ``estimated`` (default): the learned estimator of (backend, device) from ``latency_model``,
@@ -30,9 +68,7 @@ class LatencySource:
     """
 
     def __init__(self, backend: Backend, mode: str = "estimated", estimator=None, cache_dir: str | None = None):
-        if mode not in LATENCY_MODES:
-            raise ValueError(f"latency={mode!r} is invalid; accepted: {', '.join(LATENCY_MODES)}")
-        self.mode = mode
+        super().__init__(mode, None)
         recorded = backend.recorded_estimator_file()
         if estimator is None and recorded is not None:
             # A replayed trace charges the latencies of the device it was recorded on.
@@ -71,12 +107,13 @@ class LatencySource:
             out[i] = value
         return out
 
-    def noise_description(self) -> str | None:
-        """The estimator's profile noise in one line (e.g. ``repeat noise 7.9% (bound 40%)``), for
-        warnings and run reports; ``None`` when the estimator carries no noise record. Every
-        estimator declares ``noise`` (a :class:`latency_model.profile.ProfileNoise` or ``None``)."""
-        noise = self.estimator.noise
-        return None if noise is None else noise.describe()
+    def estimator_record(self) -> dict:
+        try:
+            from latency_model.cache import describe
+
+            return describe(self.estimator)
+        except AttributeError:  # a stand-in estimator without the fields a fitted one records
+            return super().estimator_record()
 
     def predict_ms(self, knobs: Sequence[KnobConfig], counts: Sequence[TokenCounts]) -> np.ndarray:
         knobs, counts = list(knobs), list(counts)
@@ -102,3 +139,85 @@ class LatencySource:
         if self.mode == "measured":
             return np.array([o.measured_ms for o in outcomes], dtype=np.float64)
         return self.predict_ms([o.knobs for o in outcomes], [o.token_counts for o in outcomes])
+
+
+class DecodingLatency(EnvLatency):
+    """Latency of decoded answers: the decoding estimator (default) or the wall clock of ``generate``.
+
+    Args:
+        backend: the decoding backend.
+        mode: ``estimated`` (deterministic) or ``measured``.
+        estimator: a fitted :class:`latency_model.decoding.DecodingLatencyEstimator` (default: the
+            cached one of this backend and device, profiled once when missing).
+    """
+
+    def __init__(self, backend, mode: str = "estimated", estimator=None):
+        super().__init__(mode, None)
+        if estimator is None:
+            from latency_model.decoding import get_decoding_estimator
+
+            estimator = get_decoding_estimator(backend)
+        self.estimator = estimator
+
+    def estimator_record(self) -> dict:
+        return {"class": type(self.estimator).__name__, "identity": self.estimator.identity,
+                "fingerprint": self.estimator.fingerprint}
+
+    def predict_ms(self, knobs, counts) -> float:
+        """Estimated latency of one configuration before running (expected acceptance for speculative decoding)."""
+        return float(self.estimator.predict([knobs], [counts])[0])
+
+    def outcomes_ms(self, outcomes: Sequence) -> np.ndarray:
+        """Latency charged for finished runs (their actual tokens and, for speculative decoding, acceptance)."""
+        if self.mode == "measured":
+            return np.array([o.measured_ms for o in outcomes], dtype=np.float64)
+        # Row by row: a run's latency must not depend on which group it was evaluated in.
+        from latency_model.decoding import RunTokenCounts
+
+        return np.array([float(self.estimator.predict([o.knobs], [RunTokenCounts(
+            o.token_counts.prompt_tokens, o.token_counts.new_tokens, o.accepted_per_pass)])[0])
+            for o in outcomes], dtype=np.float64)
+
+
+class TpotLatency(EnvLatency):
+    """Time per output token of a streamed chunk: the model's TPOT estimator (default) or the wall clock.
+
+    Args:
+        mode: ``estimated`` (deterministic) or ``measured`` (median step time of the chunk; the
+            estimator still gives the achievable range and the suggested budget).
+        estimator: a :class:`latency_model.tpot.TpotEstimator`, a dict of its coefficients
+            (``base_ms``, ``per_slot_ms``, ``per_prune_ms``), or ``None``: ``default()`` is called
+            (the model's cached estimator on this device, profiled once when missing).
+    """
+
+    measure = "TPOT"
+
+    def __init__(self, mode: str, estimator, default) -> None:
+        from latency_model.tpot import TpotEstimator
+
+        super().__init__(mode, None)
+        if isinstance(estimator, dict):
+            estimator = TpotEstimator(**estimator)
+        elif estimator is None:
+            estimator = default()
+        elif not isinstance(estimator, TpotEstimator):
+            raise ValueError(f"tpot_model={estimator!r} is invalid; accepted: None, a TpotEstimator or a dict of its "
+                             "coefficients (base_ms, per_slot_ms, per_prune_ms)")
+        self.estimator = estimator
+
+    def noise_description(self) -> str | None:
+        return self.estimator.describe()
+
+    def estimator_record(self) -> dict:
+        return {"class": type(self.estimator).__name__, **self.estimator.coefficients,
+                "noise_pct": self.estimator.noise_pct}
+
+    def schedule_ms(self, pruned, attended) -> np.ndarray:
+        """Estimated ms per step of a cache schedule (prune flags and attended lengths per step)."""
+        return self.estimator.predict(pruned, attended)
+
+    def chunk_ms(self, pruned, attended, step_ms) -> float:
+        """The TPOT charged for one streamed chunk: estimated from its schedule, or its median step time."""
+        if self.mode == "estimated":
+            return float(np.mean(self.schedule_ms(pruned, attended)))
+        return float(np.median(step_ms))

@@ -69,7 +69,7 @@ class MultiKnobEnv(KnobEnv):
         self._begin_episode(seed, options)
         self._stage, self._state = 0, None
         self._input_obs = self._input_features(self._sample, self._budget_ms)
-        return self._finish_obs([0.0, *self._input_obs], self.obs_size), {
+        return self.clip_observation([0.0, *self._input_obs], self.obs_size), {
             "sample_id": self._sample.sample_id, "budget_ms": self._budget_ms, "stage": 0}
 
     def step(self, action):
@@ -77,7 +77,7 @@ class MultiKnobEnv(KnobEnv):
             raise RuntimeError("call reset() before step()")
         if self._stage == 2:
             raise RuntimeError("episode is over; call reset()")
-        action = self._check_action(action)
+        action = self.check_action(action)
         if self._stage == 0:
             tier = self._tiers[int(action[0])]
             self._state = self._stage1(self._sample, tier, 1.0)
@@ -104,7 +104,7 @@ class MultiKnobEnv(KnobEnv):
         values = [1.0, *input_obs, *state.summary.tolist(),
                   counts.vision_tokens / max(1, sp.native_vision_tokens),
                   self.latency.stage1_ms(state) / budget_ms, totals[0] / budget_ms, totals[1] / budget_ms]
-        return self._finish_obs(values, self.obs_size)
+        return self.clip_observation(values, self.obs_size)
 
     def stage_observation(self, sample_id: int, budget_ms: float, split: str, stage: int,
                           trajectory=None) -> np.ndarray:
@@ -116,7 +116,7 @@ class MultiKnobEnv(KnobEnv):
         budget_ms = check_budget_ms(budget_ms)
         input_obs = self._input_features(sample, budget_ms)
         if stage == 0:
-            return self._finish_obs([0.0, *input_obs], self.obs_size)
+            return self.clip_observation([0.0, *input_obs], self.obs_size)
         if stage != 1 or trajectory is None:
             raise ValueError(f"stage={stage} is invalid for MultiKnob-v0; accepted: 0, or 1 with the trajectory "
                              f"whose element 0 chose the tier")

@@ -47,6 +47,12 @@ class GroupEnv(Protocol):
             this trajectory.
         provenance(): JSON-able description of what the env runs (backend identity, latency
             source, knob space) for run records.
+        achievable_range_ms: ``(cheapest, dearest)`` estimated latency on this device: the budgets
+            that can bind (``budget=auto`` and the CLI's range checks read it).
+        suggested_budget_ms: a budget that binds on this device (what ``budget=auto`` resolves to).
+
+    :class:`envs.base.KnobgymEnv` implements the budget members, actions, reset options and
+    observation clipping once for every env family.
     """
 
     budget: Budget
@@ -68,11 +74,17 @@ class GroupEnv(Protocol):
 
     def provenance(self) -> dict: ...
 
+    @property
+    def achievable_range_ms(self) -> tuple[float, float]: ...
+
+    @property
+    def suggested_budget_ms(self) -> float: ...
+
 
 def group_env(env: gym.Env) -> GroupEnv:
     """The :class:`GroupEnv` under ``env``'s wrappers; a ``ValueError`` naming the env otherwise."""
     base = env.unwrapped
     if not isinstance(base, GroupEnv):
         raise ValueError(f"env {type(base).__name__} does not implement envs.protocols.GroupEnv; accepted: "
-                         f"knob envs (MultiKnob-v0, TokenBudget-v0 and their variants) or an env declaring it")
+                         f"a registered knobgym env (envs.list_envs()) or an env declaring it (envs.base.KnobgymEnv)")
     return base

@@ -11,12 +11,15 @@ _REGISTERED: dict[str, dict[str, Any]] = {}
 
 def register_env(env_id: str, entry_point, *, nondeterministic: bool = False,
                  description: str = "", **default_kwargs: Any) -> str:
-    """Register ``env_id`` with Gymnasium (idempotent for the same entry point)."""
+    """Register ``env_id`` with Gymnasium (idempotent for the same entry point; registering the same
+    entry point again with other keyword arguments replaces them, e.g. a KV env given its own grid)."""
     if env_id in gym.registry:
         existing = _REGISTERED.get(env_id)
-        if existing is not None and existing["entry_point"] is entry_point:
+        if existing is None or existing["entry_point"] is not entry_point:
+            raise ValueError(f"env id {env_id!r} is already registered; choose another id")
+        if gym.registry[env_id].kwargs == dict(default_kwargs):
             return env_id
-        raise ValueError(f"env id {env_id!r} is already registered; choose another id")
+        del gym.registry[env_id]
     gym.register(id=env_id, entry_point=entry_point, nondeterministic=nondeterministic,
                  kwargs=dict(default_kwargs))
     _REGISTERED[env_id] = {"entry_point": entry_point, "description": description,

@@ -49,7 +49,7 @@ class TokenBudgetEnv(KnobEnv):
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         self._begin_episode(seed, options)
-        obs = self._finish_obs(self._input_features(self._sample, self._budget_ms), self.obs_size)
+        obs = self.clip_observation(self._input_features(self._sample, self._budget_ms), self.obs_size)
         return obs, {"sample_id": self._sample.sample_id, "budget_ms": self._budget_ms}
 
     def stage_observation(self, sample_id: int, budget_ms: float, split: str, stage: int = 0,
@@ -58,15 +58,15 @@ class TokenBudgetEnv(KnobEnv):
         if stage != 0:
             raise ValueError(f"stage={stage} is invalid for TokenBudget-v0; accepted: 0 (one decision per episode)")
         sample = self.backend.sample(split or self.split, sample_id)
-        return self._finish_obs(self._input_features(sample, check_budget_ms(budget_ms)), self.obs_size)
+        return self.clip_observation(self._input_features(sample, check_budget_ms(budget_ms)), self.obs_size)
 
     def step(self, action):
         if self._sample is None:
             raise RuntimeError("call reset() before step()")
-        knobs = self.action_to_knobs(self._check_action(action))
+        knobs = self.action_to_knobs(self.check_action(action))
         outcome = self._run(self._sample, knobs)
         reward, info = self._score(outcome, self._budget_ms)
         info["sample_id"] = self._sample.sample_id
-        obs = self._finish_obs(self._input_features(self._sample, self._budget_ms), self.obs_size)
+        obs = self.clip_observation(self._input_features(self._sample, self._budget_ms), self.obs_size)
         self._sample = None
         return obs, reward, True, False, info

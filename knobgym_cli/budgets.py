@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from envs.budget import Budget
+from envs.budget import Budget, KVBudget, device_budget, is_device_relative
+from envs.protocols import group_env
 
 AUTO = "auto"
 # Fractions of the achievable range [cheapest, full] where budgets=auto evaluates: not its ends,
@@ -35,15 +36,10 @@ def is_auto(value: Any) -> bool:
 
 
 def env_range(env) -> tuple[tuple[float, float], float]:
-    """``((cheapest_ms, full_ms), suggested_ms)`` of an env (through Gymnasium's wrapper-attribute API)."""
-    try:
-        lo, hi = env.get_wrapper_attr("achievable_range_ms")
-        suggested = env.get_wrapper_attr("suggested_budget_ms")
-    except AttributeError:
-        env_id = env.spec.id if env.spec else type(env.unwrapped).__name__
-        raise ValueError(f"env {env_id} does not report its achievable latency range, so budget=auto / budgets=auto "
-                         f"cannot be resolved; accepted: an explicit budget such as budget=45ms") from None
-    return (float(lo), float(hi)), float(suggested)
+    """``((cheapest_ms, full_ms), suggested_ms)`` of an env (members of :class:`envs.protocols.GroupEnv`)."""
+    base = group_env(env)
+    lo, hi = base.achievable_range_ms
+    return (float(lo), float(hi)), float(base.suggested_budget_ms)
 
 
 def probe_suggested_budget(env_cfg: dict, backend_cfg: dict, estimator_spec: str | None) -> float:
@@ -63,6 +59,23 @@ def probe_suggested_budget(env_cfg: dict, backend_cfg: dict, estimator_spec: str
     finally:
         env.close()
     return round_budget_ms(suggested)
+
+
+def run_budget(value: Any) -> Budget | KVBudget:
+    """A ``budget=`` value parsed once, at the CLI's boundary: a :class:`Budget`, or a
+    :class:`KVBudget` for a form with a KV cap (``20ms+256tok``); the env receives the object.
+    A device-relative form (``auto``, ``50%``, ``[25%,75%]``) is checked here and returned as given:
+    only the env knows its device's achievable range (:func:`envs.budget.device_budget`)."""
+    if is_device_relative(value):
+        device_budget(value)
+        return value
+    try:
+        return Budget.parse(value)
+    except ValueError as error:
+        try:
+            return KVBudget.parse(value)
+        except ValueError:
+            raise error from None
 
 
 def round_budget_ms(ms: float) -> float:

@@ -1,4 +1,6 @@
-"""One-line command-line errors: bad values become ``error: ...`` on stderr and exit status 2."""
+"""The CLI's override checks: bad values become ``error: ...`` on stderr and exit status 2, before
+Hydra composes (``UsageError`` and ``fail`` live in :mod:`knobgym_cli.usage`, a leaf module, so the
+checks here, in :mod:`knobgym_cli.overrides` and :mod:`knobgym_cli.rollout` import no cycle)."""
 
 from __future__ import annotations
 
@@ -6,24 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from envs.budget import KVBudget, device_budget
+from envs.budget import device_budget
+from knobgym_cli.budgets import run_budget
+from knobgym_cli.usage import UsageError, fail
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("env", "agent", "backend")
 #: config groups that say where a run executes, not what it trains (a resumed run may change them)
 EXECUTION_GROUPS = ("rollout",)
-
-
-class UsageError(ValueError):
-    """A bad command-line value; reported as one line on stderr, exit status 2."""
-
-
-def fail(message: str, status: int = 2) -> None:
-    """Print ``message`` as one line on stderr and exit with ``status``."""
-    from knobgym_cli.logs import error_line
-
-    error_line(message)  # also in the run log, when one is open
-    sys.exit(status)
 
 
 def run_cli(config_name: str, hydra_main, argv: Sequence[str] | None = None) -> None:
@@ -62,10 +54,17 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
     """
     from omegaconf import OmegaConf
 
+    from agents import evaluation_only
+
     top_keys = (set(OmegaConf.load(CONF_DIR / f"{config_name}.yaml")) - {"defaults"}) | {"hydra"}
     if config_name == "config":
         top_keys |= set(GROUPS) | set(EXECUTION_GROUPS)
     dirs = search_dirs(argv)
+    stored = {}
+    if config_name == "config":  # every registered env id, agent and backend is an option
+        from knobgym_cli.group_configs import register_group_configs
+
+        stored = {group: register_group_configs(argv, group, group_options(group, dirs)) for group in GROUPS}
     for arg in argv:
         if arg.startswith("-") or "=" not in arg:
             continue
@@ -82,19 +81,13 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
 
             check_rollout_available(value)
         if key in GROUPS and config_name == "config":
-            options = group_options(key, dirs)
+            options = stored[key]
             if value not in options:
-                extra = " (oracle is evaluation only: it looks at the outcome it is scored on)" \
-                    if key == "agent" and value == "oracle" else ""
+                extra = f" ({value} is evaluation only: it looks at the outcome it is scored on)" \
+                    if key == "agent" and value in evaluation_only() else ""
                 raise UsageError(f"unknown {key} {value!r}{extra}; accepted: {', '.join(options)}")
         if key == "budget" and value.strip().lower() != "auto":  # auto: knobgym_cli.budgets
-            try:
-                device_budget(value)  # '50%' too: the env resolves it
-            except ValueError as error:  # a KV budget ('20ms+256tok') is a Budget plus a cache cap
-                try:
-                    KVBudget.parse(value)
-                except ValueError:
-                    raise error from None
+            run_budget(value)  # a KV budget ('20ms+256tok') is a Budget plus a cache cap
         if key == "budgets" and value.strip().lower() != "auto":
             for item in parse_budget_list(value):
                 device_budget(item)

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from knobgym_cli.errors import fail
+from knobgym_cli.usage import fail
 from knobgym_cli.lock import RunFolderLocked, RunLock
 from knobgym_cli.logs import warning_line
 

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from knobgym_cli.errors import UsageError
+from knobgym_cli.usage import UsageError
 
 LOCK_NAME = "run.lock"
 

@@ -5,8 +5,7 @@ Every command-line override is parsed the way Hydra parses it (so ``seed=3`` is 
 :class:`UsageError` naming the key, the value and what is accepted, raised before Hydra creates a
 run folder. Agent options (``agent.<option>=...``, and the baselines' ``baselines.<agent>.<option>``)
 are checked against the type of their default in ``conf/agent/<agent>.yaml``, then through the
-agent's own config dataclass where it has one (:data:`AGENT_CONFIGS`), else against
-:data:`AGENT_OPTIONS`.
+config dataclass the agent declares (``Agent.config_class``), else against :data:`AGENT_OPTIONS`.
 
 ``resume=<dir>`` must name a run folder that holds a checkpoint (:func:`check_resume`).
 
@@ -16,13 +15,12 @@ the env and the backend check their own arguments.
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from knobgym_cli.errors import UsageError
+from knobgym_cli.usage import UsageError
 from backends.base import SPLITS
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -115,8 +113,6 @@ AGENT_OPTIONS: dict[str, dict[str, Option]] = {
             "learning_rate": Option("float", "Adam step size", low=0, low_open=True),
             "budget_jitter": Option("float", "relative budget jitter", low=0, high=1, high_open=True)},
 }
-#: agents whose options are one config dataclass: ``name -> "module:Class"`` with ``from_dict(options)``
-AGENT_CONFIGS = {"grpo": "agents.grpo:GRPOConfig"}
 
 #: the typed options of each CLI config (``config`` = train.py, ``evaluate`` = evaluate.py)
 SCHEMAS: dict[str, dict[str, Option]] = {
@@ -250,8 +246,8 @@ def check_agent_options(agent: str, options: dict[str, tuple[Any, str]], prefix:
     """Check ``options`` (``option -> (value, raw text)``) of ``agent`` before a run folder exists.
 
     Unknown options are an error listing the agent's options; each value must have the type of
-    its default in ``conf/agent/<agent>.yaml``; then the agent's config dataclass
-    (:data:`AGENT_CONFIGS`) validates the whole set, or :data:`AGENT_OPTIONS` each value.
+    its default in ``conf/agent/<agent>.yaml``; then the agent's declared config dataclass
+    (``Agent.config_class``) validates the whole set, or :data:`AGENT_OPTIONS` each value.
     """
     from omegaconf import OmegaConf
 
@@ -273,9 +269,10 @@ def check_agent_options(agent: str, options: dict[str, tuple[Any, str]], prefix:
             declared[option].check(key, value, raw)
         else:
             _check_like_default(key, value, raw, defaults.get(option))
-    if agent in AGENT_CONFIGS:
-        module, attr = AGENT_CONFIGS[agent].split(":")
-        config_class = vars(importlib.import_module(module))[attr]
+    from agents import agent_class, list_agents
+
+    config_class = agent_class(agent).config_class if agent in list_agents() else None
+    if config_class is not None:
         merged = {k: v for k, v in defaults.items() if not (isinstance(v, str) and v.startswith("${"))}
         merged.update({k: v for k, (v, _) in options.items()})
         try:

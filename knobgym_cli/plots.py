@@ -27,8 +27,11 @@ def violates(row: dict, limit: float = VIOLATION_LIMIT) -> bool:
 
 
 def best_within_budget(rows: Sequence[dict], limit: float = VIOLATION_LIMIT) -> dict | None:
-    """The highest-scoring non-oracle row that does not violate its budget (rows of one budget)."""
-    fair = [r for r in rows if r["agent"] != "oracle" and not violates(r, limit)]
+    """The highest-scoring row of a deployable agent (not evaluation only, as the oracle is) that does
+    not violate its budget (rows of one budget)."""
+    from agents import evaluation_only
+
+    fair = [r for r in rows if r["agent"] not in evaluation_only() and not violates(r, limit)]
     return max(fair, key=lambda r: (r["score"], -r["latency_p50_ms"])) if fair else None
 
 

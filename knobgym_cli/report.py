@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import gymnasium as gym
 
-from agents import Agent, evaluate_agent, summarize
+from agents import Agent, evaluate_agent, evaluation_only, summarize
 from backends.io import CHECKSUM_KEY, CorruptFileError, atomic_write_text, read_json, sha256_bytes
 
 COLUMNS = (("reward", "reward", "{:.3f}"), ("score", "score", "{:.3f}"), ("score_in_budget", "score in budget", "{:.3f}"),
@@ -24,16 +24,18 @@ def compare_agents(env: gym.Env, agents: Mapping[str, Agent], budgets_ms: Sequen
                    split: str, progress: Callable[..., Any] | None = None) -> list[dict]:
     """Evaluate every agent at every budget on the same samples; one row per (agent, budget).
 
-    The oracle, when present, runs first: it runs every configuration of each sample once, and the
-    env memoises those runs, so every other agent's episodes are then free of model runs.
+    Evaluation-only agents (the oracle), when present, run first: the oracle runs every
+    configuration of each sample once, and the env memoises those runs, so every other agent's
+    episodes are then free of model runs.
     ``progress(total, desc, unit)``, when given, makes a display (``update(n)``, ``close()``) for each
     of the two phases, counting episodes: the oracle's pass, then the other agents.
     """
-    order = sorted(agents, key=lambda name: name != "oracle")
-    jobs = [(name, b) for b in budgets_ms for name in order]
-    phases = [("oracle: every configuration of each sample", [j for j in jobs if j[0] == "oracle"]),
-              (f"evaluating {len([n for n in order if n != 'oracle'])} agent(s) at {len(budgets_ms)} budget(s)",
-               [j for j in jobs if j[0] != "oracle"])]
+    first = [name for name in agents if agents[name].evaluation_only]  # upper bounds (the oracle)
+    rest = [name for name in agents if name not in first]
+    phases = [(f"{', '.join(first)}: every configuration of each sample",
+               [(name, b) for b in budgets_ms for name in first]),
+              (f"evaluating {len(rest)} agent(s) at {len(budgets_ms)} budget(s)",
+               [(name, b) for b in budgets_ms for name in rest])]
     rows = []
     for desc, phase_jobs in phases:
         if not phase_jobs:
@@ -57,8 +59,9 @@ def oracle_gaps(rows: Sequence[dict], agent: str) -> dict[float, dict]:
     """Per budget, how far ``agent`` is below the oracle in reward and score."""
     gaps = {}
     by_key = {(r["agent"], r["budget_ms"]): r for r in rows}
+    bounds = set(evaluation_only())
     for (name, budget), oracle in by_key.items():
-        if name != "oracle" or (agent, budget) not in by_key:
+        if name not in bounds or (agent, budget) not in by_key:
             continue
         mine = by_key[(agent, budget)]
         gaps[budget] = {key: oracle[key] - mine[key] for key in ("reward", "score", "score_in_budget")}

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from executors import Executor, LocalExecutor
-from knobgym_cli.errors import UsageError
+from knobgym_cli.usage import UsageError
 from knobgym_cli.logs import say
 
 INSTALL_HINT = "install with pip install -e '.[ray]'"

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from agents import evaluation_only
 from knobgym_cli.budgets import binding
 from knobgym_cli.logs import to_log_file_only
 
@@ -152,7 +153,8 @@ def verdict_lines(rows: Sequence[dict], main_agent: str, train_budget: Any, achi
         mine = at.get(main_agent)
         if mine is None:
             continue
-        others = [r for name, r in at.items() if name not in (main_agent, "oracle")]
+        bounds = [name for name in at if name in evaluation_only()]  # the oracle: an upper bound, not a rival
+        others = [r for name, r in at.items() if name != main_agent and name not in bounds]
         text = f"{main_agent} {mine[VERDICT_KEY]:.3f}"
         if others:
             best = max(others, key=lambda r: r[VERDICT_KEY])
@@ -160,8 +162,7 @@ def verdict_lines(rows: Sequence[dict], main_agent: str, train_budget: Any, achi
             word = "beats" if diff > 5e-4 else ("ties" if diff > -5e-4 else "trails")
             text += f" {word} best baseline {best['agent']} {best[VERDICT_KEY]:.3f}"
         text += f" at {budget:g}ms, {mine['violation_rate']:.0%} violations"
-        if "oracle" in at:
-            text += f" (oracle {at['oracle'][VERDICT_KEY]:.3f})"
+        text += "".join(f" ({name} {at[name][VERDICT_KEY]:.3f})" for name in bounds)
         lines.append(text + "; score within budget, test split")
     return lines
 

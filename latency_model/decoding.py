@@ -35,6 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from backends.checks import check_int
 from backends.io import read_checksummed_json, write_checksummed_json
 from latency_model.cache import cache_key, default_cache_dir
 from latency_model.estimator import AnalyticModel, AnalyticTreeModel
@@ -65,8 +66,7 @@ class DecodingProfileSettings:
     def __post_init__(self) -> None:
         for name, low in (("samples", 4), ("repeats", 1), ("warmup", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} is invalid; accepted: an integer >= {low}")
+            check_int(name, value, low)
         if self.clock not in ("auto", "wall"):
             raise ValueError(f"clock={self.clock!r} is invalid; accepted: auto, wall")
 
@@ -158,8 +158,8 @@ class DecodingLatencyEstimator:
                     float(r["accepted_per_pass"]))
         self.acceptance = {k: float(np.mean(v)) for k, v in sorted(groups.items())}
         X = self._features([_Knobs(**{k: r[k] for k in _Knobs.__annotations__}) for r in rows],
-                           [(r["prompt_tokens"], r["new_tokens"]) for r in rows],
-                           [r["accepted_per_pass"] if r["strategy"] == "speculative" else None for r in rows])
+                           [(r["prompt_tokens"], r["new_tokens"],
+                             r["accepted_per_pass"] if r["strategy"] == "speculative" else None) for r in rows])
         y = np.array([r["latency_ms"] for r in rows], dtype=np.float64)
         self.model = AnalyticTreeModel(FEATURE_NAMES, ANALYTIC_COLUMNS, self.seed).fit(X, y)
         self.baseline = AnalyticModel(FEATURE_NAMES, ("new_tokens",)).fit(X, y)
@@ -186,18 +186,18 @@ class DecodingLatencyEstimator:
         nearest = min(self.acceptance, key=lambda k: (abs(k[0] - key[0]), k[1] != key[1]))
         return self.acceptance[nearest]
 
-    def _features(self, configs: Sequence, counts: Sequence, acceptance: Sequence | None = None) -> np.ndarray:
+    def _features(self, configs: Sequence, counts: Sequence) -> np.ndarray:
         X = np.zeros((len(configs), len(FEATURE_NAMES)), dtype=np.float64)
         col = {n: i for i, n in enumerate(FEATURE_NAMES)}
         for i, (k, c) in enumerate(zip(configs, counts)):
-            prompt, new = (c.prompt_tokens, c.new_tokens) if not isinstance(c, tuple) else c
+            prompt, new, given = (*c, None)[:3] if isinstance(c, tuple) else (
+                c.prompt_tokens, c.new_tokens, getattr(c, "accepted_per_pass", None))
             s = k.strategy
             X[i, col[f"is_{s}"]] = 1.0
             beams = int(k.num_beams) if s == "beam" else 1
             look = int(k.num_assistant_tokens) if s == "speculative" else 0
             acc = 0.0
             if s == "speculative":
-                given = None if acceptance is None else acceptance[i]
                 acc = float(given) if given is not None else self.expected_acceptance(look, k.chat_template)
             passes = new / (1.0 + acc) if s == "speculative" else float(new)
             X[i, col["num_beams"]] = beams
@@ -214,15 +214,32 @@ class DecodingLatencyEstimator:
             X[i, col["speculative_rounds"]] = passes if s == "speculative" else 0.0
         return X
 
-    def predict(self, configs: Sequence, token_counts: Sequence, acceptance: Sequence | None = None) -> np.ndarray:
-        """Latency (ms, float64 ``[N]``) of each answer; ``acceptance``: known accepted-per-pass values or None."""
+    def predict(self, configs: Sequence, token_counts: Sequence) -> np.ndarray:
+        """Latency (ms, float64 ``[N]``) of each answer (the interface every latency estimator shares,
+        :class:`latency_model.protocol.LatencyPredictor`).
+
+        ``token_counts``: per answer, a :class:`~backends.decoding.backend.DecodingTokenCounts` (before
+        running: speculative decoding at its expected acceptance), a :class:`RunTokenCounts` (a
+        finished run, with its measured acceptance) or a tuple ``(prompt_tokens, new_tokens[,
+        accepted_per_pass])``.
+        """
         if not len(configs):
             return np.zeros(0)
-        return np.asarray(self.model.predict(self._features(configs, token_counts, acceptance)), dtype=np.float64)
+        return np.asarray(self.model.predict(self._features(configs, token_counts)), dtype=np.float64)
 
     def predict_baseline(self, configs: Sequence, token_counts: Sequence) -> np.ndarray:
         """The tokens-only baseline ``a + b * new_tokens`` (what the report compares against)."""
         return np.asarray(self.baseline.predict(self._features(configs, token_counts)), dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class RunTokenCounts:
+    """Token counts of a finished run, with speculative decoding's measured accepted draft tokens
+    per target pass (``None``: not speculative, or unknown: the expected acceptance is used)."""
+
+    prompt_tokens: int
+    new_tokens: int
+    accepted_per_pass: float | None = None
 
 
 @dataclass(frozen=True)
@@ -269,7 +286,7 @@ def held_out_report(profile: dict, seed: int = 0) -> DecodingHeldOutReport:
     counts = [(r["prompt_tokens"], r["new_tokens"]) for r in rows]
     acc = [r["accepted_per_pass"] if r["strategy"] == "speculative" else None for r in rows]
     measured = np.array([r["latency_ms"] for r in rows])
-    predicted = est.predict(configs, counts, acc)
+    predicted = est.predict(configs, [(*c, a) for c, a in zip(counts, acc)])
     per = {}
     for s in STRATEGY_NAMES:
         m = np.array([r["strategy"] == s for r in rows])

@@ -44,6 +44,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from backends.checks import check_int
 from backends.io import CorruptFileError, atomic_write_bytes, sha256_bytes
 from backends.knobs import KnobConfig, KnobSpace
 from backends.outcome import TokenCounts
@@ -153,8 +154,7 @@ class ProfileSettings:
     def __post_init__(self) -> None:
         for name, low in (("points", 2), ("repeats", 1), ("warmup", 0), ("samples", 2), ("remeasure_rounds", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} is invalid; accepted: an integer >= {low}")
+            check_int(name, value, low)
         if not (isinstance(self.holdout_fraction, (int, float)) and 0 < self.holdout_fraction < 0.5):
             raise ValueError(f"holdout_fraction={self.holdout_fraction!r} is invalid; accepted: 0 < f < 0.5")
         if self.clock not in CLOCKS:

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from backends.checks import check_int
 from backends.io import CorruptFileError, read_checksummed_json, write_checksummed_json
 from backends.kv.cache import KVPolicyCache, num_decoder_layers
 from backends.kv.policies import FullCache, SinkWindow
@@ -91,8 +92,7 @@ class TpotSettings:
             raise ValueError(f"lengths={lengths!r} is invalid; accepted: at least two increasing integers >= 2")
         for name, low in (("steps", 1), ("repeats", 1), ("remeasure", 0), ("seed", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} is invalid; accepted: an integer >= {low}")
+            check_int(name, value, low)
         bound = self.max_noise_pct
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not bound > 0:
             raise ValueError(f"max_noise_pct={bound!r} is invalid; accepted: a number > 0 (percent)")
@@ -127,15 +127,16 @@ class TpotEstimator:
         for name in ("fingerprint", "identity", "info"):  # as JSON holds them, so a loaded copy compares equal
             object.__setattr__(self, name, json.loads(json.dumps(getattr(self, name), sort_keys=True, default=str)))
 
-    def predict(self, prunes, attended_tokens) -> np.ndarray:
+    def predict(self, configs, token_counts) -> np.ndarray:
         """Milliseconds (float64, one per step) for per-step prune flags (0/1) and attended cache lengths.
 
-        The vision estimator's ``predict(configs, token_counts)`` in KV terms: what the policy
-        decided (a prune or not) and how many tokens the step attends to. Vectorised; each
-        element is computed alone, so a step's figure does not depend on the batch it is in.
+        The interface every latency estimator shares (:class:`latency_model.protocol.LatencyPredictor`)
+        in KV terms: ``configs`` is what the policy decided at each step (a prune or not),
+        ``token_counts`` how many tokens the step attends to. Vectorised; each element is computed
+        alone, so a step's figure does not depend on the batch it is in.
         """
-        pruned = np.asarray(prunes, dtype=np.float64)
-        attended = np.asarray(attended_tokens, dtype=np.float64)
+        pruned = np.asarray(configs, dtype=np.float64)
+        attended = np.asarray(token_counts, dtype=np.float64)
         if pruned.shape != attended.shape:
             raise ValueError(f"prunes has shape {pruned.shape} and attended_tokens {attended.shape}; accepted: "
                              "one prune flag per attended length")

@@ -10,7 +10,6 @@ import torch
 
 import envs
 from backends.kv import KVPolicy, register_kv_policy
-from envs.kv_conf import kv_env_ids, write_kv_env_confs
 
 
 # --- the README example, verbatim: one small class that overrides score() ---------------------
@@ -51,17 +50,62 @@ def test_value_norm_window_keeps_recent_and_largest_values():
     assert ValueNormWindow(2, window=4).keep_indices(torch.arange(10), values, values).tolist() == [2, 4, 8, 9]
 
 
-def test_generated_conf_env_entries_make_working_envs(tmp_path):
-    """``python -m envs.kv_conf`` writes one entry per KV env id, in the format the CLI reads
-    (the shipped ids' entries are committed in conf/env; tests/test_kv_training.py trains through them)."""
-    import yaml
+def test_every_kv_env_id_is_a_cli_option_with_cli_sized_episodes():
+    """``train.py env=<KV id>`` needs no conf/env yaml: the CLI's entry for every registered KV id
+    (this file's policy included) carries the env class's CLI defaults and makes a working env."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
-    shipped = ["StreamingKV-v0", "KV-SinkWindow-v0", "KV-KeyNormWindow-v0"]  # ids of the policies in backends/kv
-    paths = {path.stem: path for path in write_kv_env_confs(tmp_path)}
-    assert set(shipped) <= set(paths) == set(kv_env_ids())
+    from knobgym_cli.group_configs import register_group_configs
+
+    shipped = ["StreamingKV-v0", "KV-SinkWindow-v0", "KV-KeyNormWindow-v0", "KV-ValueNormWindow-v0"]
+    assert set(shipped) <= set(register_group_configs([], "env", []))
     for env_id in shipped:
-        conf = yaml.safe_load(paths[env_id].read_text())
+        conf = OmegaConf.to_container(ConfigStore.instance().load(f"env/{env_id}.yaml").node)
         assert conf["id"] == env_id and set(conf) == {"id", "kwargs"}
         env = gym.make(env_id, budget="11ms", tpot_model={"base_ms": 10.0, "per_slot_ms": 0.01, "per_prune_ms": 1.0},
                        **conf["kwargs"]).unwrapped
         assert env.chunk_tokens == conf["kwargs"]["chunk_tokens"] and env.episode_steps == 16
+
+
+def test_a_policy_defined_here_trains_and_evaluates_through_the_cli(tmp_path, monkeypatch):
+    """``train.py env=test_extending_kv:KV-ValueNormWindow-v0`` imports this module (named on the
+    command line), whose policy gets its env id; ``evaluate.py env_id=...`` the same. No other file."""
+    import json
+    import sys
+
+    import evaluate
+    import train
+
+    runs, module_id = tmp_path / "runs", "test_extending_kv:KV-ValueNormWindow-v0"
+    monkeypatch.setattr(sys, "argv", [
+        "train.py", f"env={module_id}", f"runs_dir={runs}", "env.kwargs.episode_tokens=16",
+        "env.kwargs.chunk_tokens=8", "+env.kwargs.knob_grid={window:[4,8],compress_every:[1]}",
+        "+env.kwargs.tpot_model={base_ms:2.0,per_slot_ms:0.02,per_prune_ms:0.5}", "budget=2.3ms",
+        "agent.total_updates=1", "agent.batch_size=1", "agent.num_generations=2", "eval.every=1",
+        "eval.num_samples=1", "eval.validation_samples=1", "eval.baselines=[greedy]"])
+    train.cli()
+    (run,) = (runs / "KV-ValueNormWindow-v0" / "grpo").iterdir()
+    assert {r["agent"] for r in json.loads((run / "report.json").read_text())["rows"]} == {"grpo", "greedy"}
+    out = tmp_path / "eval"
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", f"run={run}", f"env_id={module_id}", "budgets=[2.3ms]",
+                                      "baselines=[greedy]", "num_samples=1", f"out={out}"])
+    evaluate.cli()
+    assert {r["agent"] for r in json.loads((out / "report.json").read_text())["rows"]} == {"grpo", "greedy"}
+
+
+def test_a_policy_module_named_in_gym_make_gets_its_env_id():
+    """Gymnasium's ``module:Env-v0`` form: importing the policy's module registers its env id (envs
+    listen to the policy registry), with no register_kv_envs() call."""
+    from backends.kv.policies import registered_kv_policies
+
+    @register_kv_policy
+    @dataclass(frozen=True)
+    class NewestOnly(KVPolicy):
+        def score(self, positions, keys, values):
+            return positions.float()
+
+    assert "NewestOnly" in registered_kv_policies() and "KV-NewestOnly-v0" in envs.list_envs()
+    env = gym.make("test_extending_kv:KV-ValueNormWindow-v0", budget="11ms", episode_tokens=16, chunk_tokens=8,
+                   tpot_model={"base_ms": 10.0, "per_slot_ms": 0.01, "per_prune_ms": 1.0})
+    assert env.unwrapped.policy_class.__name__ == "ValueNormWindow"

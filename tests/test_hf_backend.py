@@ -188,7 +188,7 @@ def test_stage2_rejects_knobs_that_do_not_match_the_state(make_backend):
 
 def test_bad_split_and_sample_id(make_backend):
     backend = make_backend("olmoe")
-    with pytest.raises(ValueError, match="unknown split 'dev'"):
+    with pytest.raises(ValueError, match="split='dev' is unknown"):
         backend.samples("dev")
     with pytest.raises(ValueError, match=r"sample_id=4 .*0\.\.3"):
         backend.sample("test", 4)

@@ -14,7 +14,7 @@ from backends.kv import (DocumentStreamer, FullCache, KeyNormWindow, KVPolicyCac
                          registered_kv_policies, spike_metrics)
 from backends.kv.cache import PruneEvent
 from backends.kv.policies import KVPolicy, kv_policy_class
-from envs.streaming_kv import kv_action_grid
+from envs.kv_grid import kv_action_grid
 
 VOCAB = 61
 

@@ -13,8 +13,8 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from backends.kv import KVPolicy, SinkWindow, register_kv_policy
 from envs.registry import list_envs
-from envs.streaming_kv import (OBSERVATION_NAMES, STREAMING_KV_ID, StreamingKVEnv, kv_env_id, register_kv_env,
-                               register_kv_envs)
+from envs.kv_registration import STREAMING_KV_ID, kv_env_id, register_kv_env, register_kv_envs
+from envs.streaming_kv import OBSERVATION_NAMES, StreamingKVEnv
 from latency_model.tpot import TpotEstimator, TpotSettings, get_tpot_estimator
 
 VOCAB = 53
@@ -313,3 +313,28 @@ def test_episode_group_equals_separate_episodes_and_shares_prefixes(model, docum
         env.evaluate_episode_group(0, "2ms", [[[0, 0, 0]]])
     with pytest.raises(ValueError, match="outside the action space"):
         env.evaluate_episode_group(0, "2ms", [[[0.5, 0, 0]] * 8])
+
+
+@dataclass(frozen=True)
+class EveryFourth(KVPolicy):
+    """Prunes on every fourth cached token, even below the window (keeping then all of them)."""
+
+    def score(self, positions, keys, values):
+        return positions.float()
+
+    def should_prune(self, cache_length: int) -> bool:
+        return cache_length % 4 == 0
+
+
+def test_a_policy_overriding_should_prune_gets_an_estimate_that_matches_its_stream(model, documents):
+    """The estimate steps the policy's own schedule (KVPolicy.schedule_step): the latency an
+    episode is charged (estimated from what the cache really did) equals the estimate before it
+    ran, for a schedule unlike the base one (prunes below the window keep every token)."""
+    env = small_env(model, documents, policy=EveryFourth, knob_grid={"window": (8, 32), "compress_every": (1,)})
+    for actions in ([0] * env.episode_steps, [1] * env.episode_steps, [0, 1] * (env.episode_steps // 2)):
+        trajectory = np.array([[a, 0] for a in actions]).reshape(-1)
+        estimate = env.estimated_latency_ms(0, [trajectory], "train")[0]
+        env.reset(options={"sample_id": 0})
+        for c in range(env.episode_steps):
+            _, _, done, _, info = env.step(env.to_env_action(trajectory, c))
+        assert done and info["latency_ms"] == pytest.approx(estimate, rel=1e-12)

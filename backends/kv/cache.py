@@ -28,6 +28,7 @@ from typing import Iterator
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from backends.checks import check_int
 from backends.kv.policies import KVPolicy
 
 
@@ -125,8 +126,7 @@ class KVPolicyCache(Cache):
     def __init__(self, policy: KVPolicy, num_layers: int):
         if not isinstance(policy, KVPolicy):
             raise ValueError(f"policy={policy!r} is invalid; accepted: a KVPolicy instance")
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers={num_layers!r} is invalid; accepted: an integer >= 1")
+        check_int("num_layers", num_layers, 1)
         super().__init__(layers=[PolicyCacheLayer(self, i) for i in range(num_layers)])
         self.policy = policy
         self.prune_events: list[PruneEvent] = []

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from backends.checks import check_int
 from backends.kv.cache import PruneEvent
 from backends.kv.policies import KVPolicy
 from backends.kv.stream import DocumentStreamer
@@ -37,8 +38,7 @@ class SpikeMetrics:
 
 
 def _check_window(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid; accepted: an integer >= 1")
+    check_int(name, value, 1)
 
 
 def nll_around_events(nll, events: list[PruneEvent], before: int = 8, after: int = 32) -> np.ndarray:

@@ -21,6 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from backends.checks import check_int
 from backends.kv.cache import KVPolicyCache, PruneEvent, num_decoder_layers
 from backends.kv.policies import FullCache, KVPolicy
 from backends.threads import configured_threads, set_torch_threads
@@ -105,8 +106,7 @@ class DocumentStreamer:
     @torch.inference_mode()
     def advance(self, num_tokens: int, policy: KVPolicy | None = None) -> ChunkTrace:
         """Feed up to ``num_tokens`` tokens (fewer at the end of the document) under ``policy``."""
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
-            raise ValueError(f"num_tokens={num_tokens!r} is invalid; accepted: an integer >= 1")
+        check_int("num_tokens", num_tokens, 1)
         if policy is not None:
             self.cache.set_policy(policy)
         steps = min(num_tokens, self.remaining)
@@ -131,8 +131,7 @@ class DocumentStreamer:
 @torch.inference_mode()
 def greedy_generate(model, prompt_ids, max_new_tokens: int, policy: KVPolicy | None = None) -> list[int]:
     """Greedy decoding under ``policy``: prefill the prompt in one forward, then one token per step."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid; accepted: an integer >= 1")
+    check_int("max_new_tokens", max_new_tokens, 1)
     ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1).to(model.device)
     if ids.shape[1] < 1:
         raise ValueError("prompt_ids is empty; accepted: at least one token")

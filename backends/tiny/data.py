@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from backends.checks import check_int
 from backends.base import SPLITS, Sample, check_split
 from backends.scoring import normalize_answer, score_answer  # one definition, re-exported here
 
@@ -197,8 +198,7 @@ def generate_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED, s
     """Samples ``start .. start+n-1`` of a split (``n`` defaults to the split's size)."""
     check_split(split)
     n = SPLIT_SIZES[split] if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n={n!r} is invalid; accepted: an integer >= 0")
+    check_int("n", n, 0)
     return [make_sample(split, start + i, seed) for i in range(n)]
 
 

@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from backends.checks import check_int
 from backends.base import check_split
 from backends.tiny import data
 
@@ -24,8 +25,7 @@ def export_dataset(out_dir: str | Path, n: int = 40, split: str = "test", seed: 
     from PIL import Image
 
     check_split(split)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n={n!r} is invalid; accepted: an integer >= 1")
+    check_int("n", n, 1)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = []

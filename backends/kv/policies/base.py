@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from backends.checks import check_int
+
 
 def require_int(policy: str, name: str, value, minimum: int) -> None:
     """Raise a ``ValueError`` naming ``policy.name=value`` unless it is an integer >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{policy}: {name}={value!r} is invalid; accepted: an integer >= {minimum}")
+    check_int(f"{policy}: {name}", value, minimum)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,20 @@ class KVPolicy:
         """Whether a layer holding ``cache_length`` tokens must be pruned now."""
         return self.window is not None and cache_length >= self.window + self.compress_every
 
+    def schedule_step(self, cache_length: int) -> tuple[bool, int]:
+        """``(pruned, kept)`` for a layer holding ``cache_length`` tokens (the new one included):
+        whether it is pruned now (:meth:`should_prune`) and how many tokens it holds afterwards
+        (:meth:`keep_indices` keeps ``min(window, cache_length)``).
+
+        The eviction schedule the cache follows, step by step, and the one the KV envs' latency
+        estimate simulates (:func:`envs.kv_schedule.simulate_schedule`) without running a model: a
+        policy that overrides :meth:`should_prune` gets a matching estimate; one that overrides
+        :meth:`keep_indices` to keep another number of tokens overrides this too.
+        """
+        if self.should_prune(cache_length):
+            return True, min(self.window, cache_length)
+        return False, cache_length
+
     def score(self, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Per-token scores ``(cache_length,)``: the ``window`` highest are kept (THE method to override).
 
@@ -114,13 +129,23 @@ class KVPolicy:
 # --- registry -----------------------------------------------------------------------------
 
 _POLICIES: dict[str, type[KVPolicy]] = {}
+_LISTENERS: list = []  # called with each policy class registered from now on (envs: its env id)
+
+
+def on_kv_policy_registered(callback) -> None:
+    """Call ``callback(policy_class)`` for every policy registered from now on (idempotent per callback).
+
+    ``import envs`` listens, so a policy registered later gets its ``KV-<Policy>-v0`` id at once.
+    """
+    if callback not in _LISTENERS:
+        _LISTENERS.append(callback)
 
 
 def register_kv_policy(cls: type[KVPolicy]) -> type[KVPolicy]:
     """Register a policy class (usable as a decorator); registering the same class again is a no-op.
 
-    Registration only names the class: env ids are made by :func:`envs.streaming_kv.register_kv_envs`
-    (called by ``import envs``; call it again after registering a policy later).
+    Listeners (:func:`on_kv_policy_registered`) are told: after ``import envs``, the policy's
+    ``KV-<Policy>-v0`` env id is registered with it.
     """
     if not (isinstance(cls, type) and issubclass(cls, KVPolicy) and dataclasses.is_dataclass(cls)):
         raise ValueError(f"{cls!r} is not a KV policy; accepted: a dataclass subclass of KVPolicy")
@@ -136,6 +161,8 @@ def register_kv_policy(cls: type[KVPolicy]) -> type[KVPolicy]:
     if existing is not None:
         raise ValueError(f"a different KV policy named {name!r} is already registered; rename the class")
     _POLICIES[name] = cls
+    for callback in _LISTENERS:
+        callback(cls)
     return cls
 
 
