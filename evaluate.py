@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from knobgym_cli.budgets import (auto_budgets, describe_range, env_range, fixed_budgets_ms, is_auto,
                                  out_of_range_warnings)
-from knobgym_cli.build import agent_class_of, build_agent, eval_budgets, make_env
+from knobgym_cli.build import agent_class_of, build_agent, check_recorded_config, eval_budgets, make_env
 from knobgym_cli.checkpoints import CHECKPOINT_NAMES, check_checkpoint_matches, checkpoint_file, load_run_checkpoint
 from knobgym_cli.errors import CONF_DIR, UsageError, run_cli
 from knobgym_cli.logs import say, setup_cli_logging
@@ -50,7 +50,11 @@ def run_evaluation(cfg: DictConfig) -> Path:
                          f"written by train.py (runs/<env>/<agent>/<timestamp>)")
     torch.set_num_threads(int(cfg.torch_threads))
     ckpt = load_run_checkpoint(ckpt_path)
-    run_cfg = OmegaConf.create(ckpt["metadata"]["config"])
+    # the run folder is data: what its config names is resolved by registered name only
+    run_cfg = OmegaConf.create(check_recorded_config(
+        ckpt["metadata"]["config"], f"checkpoint {str(ckpt_path)!r}",
+        {"estimator": cfg.estimator, "agent.module": cfg.agent_module,
+         "backend.trust_remote_code": True if cfg.trust_remote_code else None}))
     env_cfg = OmegaConf.to_container(run_cfg.env, resolve=True)
     if cfg.env_id is not None:
         env_cfg = {**env_cfg, "id": str(cfg.env_id)}
@@ -60,7 +64,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
         raise UsageError(f"checkpoint {str(ckpt_path)!r} holds a {name!r} agent but the run's config names "
                          f"{main_class.name!r}; accepted: a checkpoint written by this run")
     baselines = [check_agent_name(b) for b in (cfg.baselines if cfg.baselines is not None else run_cfg.eval.baselines)]
-    estimator = cfg.estimator if cfg.estimator is not None else run_cfg.get("estimator")
+    estimator = run_cfg.get("estimator")
     start = time.perf_counter()
     with phase("loading the model and the latency estimator (profiled once per device when not cached)"):
         env, notes = make_env(env_cfg, OmegaConf.to_container(run_cfg.backend, resolve=True), run_cfg.budget,

@@ -29,7 +29,8 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from knobgym_cli.budgets import describe_range, env_range, is_auto, probe_suggested_budget
-from knobgym_cli.build import agent_class_of, agent_options, build_agent, eval_budgets, make_env
+from knobgym_cli.build import (agent_class_of, agent_options, build_agent, check_recorded_config, eval_budgets,
+                               make_env)
 from knobgym_cli.checkpoints import checkpoint_file, load_run_checkpoint, read_with_fallback
 from knobgym_cli.errors import CONF_DIR, GROUPS, UsageError, run_cli
 from knobgym_cli.logs import say, setup_cli_logging
@@ -53,8 +54,17 @@ def resumed_config(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, dict]:
         raise UsageError(f"resume={cfg.resume!r}: no checkpoints/{checkpoint_file('latest')} found (looked in "
                          f"{str(run_dir)!r}); accepted: resume=true with an earlier run of env {cfg.env.id} and "
                          f"agent {cfg.agent.name} under {cfg.runs_dir!r}, or resume=<run dir>")
-    ckpt, _ = read_with_fallback(run_dir, "latest")  # a damaged latest: the last valid one, said so
-    saved = OmegaConf.create(ckpt["metadata"]["config"])
+    ckpt, path = read_with_fallback(run_dir, "latest")  # a damaged latest: the last valid one, said so
+    overridden = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    recorded = ckpt["metadata"]["config"]
+    # the run folder is data: what its config names is resolved by registered name only; the
+    # agent's module comes from this command line's conf/agent yaml (when it is the run's agent)
+    same_agent = str(cfg.agent.name) == str((recorded.get("agent") or {}).get("name"))
+    command_line = {"estimator": cfg.estimator if "estimator" in overridden else None,
+                    "agent.module": cfg.agent.get("module") if same_agent else None,
+                    "backend.trust_remote_code": cfg.backend.get("trust_remote_code")
+                    if "backend.trust_remote_code" in overridden else None}
+    saved = OmegaConf.create(check_recorded_config(recorded, f"checkpoint {str(path)!r}", command_line))
     for override in HydraConfig.get().overrides.task:
         key = override.split("=", 1)[0].lstrip("+~")
         if key == "resume" or key.startswith("hydra"):
@@ -180,7 +190,8 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
     write_report(run_dir, rows, portable(meta), main_agent=name)
     print(markdown_table(rows), file=sys.stdout)
     print_summary(verdict_lines(rows, name, str(budget), achievable, suggested), run_files(run_dir),
-                  next_commands(run_dir, cfg.runs_dir, cfg.env.id, name, binding(str(budget), achievable), suggested),
+                  next_commands(run_dir, cfg.runs_dir, cfg.env.id, name, binding(str(budget), achievable), suggested,
+                                cfg.estimator),
                   checkpoint=checkpoint_line(chosen))
 
 

@@ -10,20 +10,76 @@ from typing import Any, Callable, Sequence
 
 import gymnasium as gym
 
-from agents import Agent, FitContext, agent_class
+from agents import Agent, FitContext, agent_class, list_agents
 from envs.budget import Budget
 
 #: keys of a conf/agent yaml that are not options of the agent
 AGENT_META_KEYS = ("name", "module")
 
 
+#: latency-estimator factories by name (``estimator=<name>``): the only estimators a run folder may name
+_ESTIMATORS: dict[str, Callable] = {}
+#: the keys of a recorded config that name code to run; a run folder's own values are never used for them
+CODE_KEYS = ("estimator", "agent.module", "backend.trust_remote_code")
+
+
+def register_estimator(name: str, factory: Callable) -> None:
+    """Make ``estimator=<name>`` resolve to ``factory(backend)`` (also when a run's recorded config names it)."""
+    if not isinstance(name, str) or ":" in name or not name:
+        raise ValueError(f"cannot register estimator {name!r}; accepted: a name without ':'")
+    _ESTIMATORS[name] = factory
+
+
 def import_callable(spec: str) -> Callable:
-    """``"package.module:attr"`` -> the attribute."""
+    """A registered estimator name, or ``"package.module:attr"`` -> the attribute (imported: a spec
+    given on the command line only; see :func:`check_recorded_config`)."""
+    if isinstance(spec, str) and spec in _ESTIMATORS:
+        return _ESTIMATORS[spec]
     if not isinstance(spec, str) or ":" not in spec:
-        raise ValueError(f"estimator={spec!r} is invalid; accepted: null (the cached estimator) or "
-                         f"'module:callable' returning an estimator for a backend")
+        raise ValueError(f"estimator={spec!r} is invalid; accepted: null (the cached estimator), a registered name "
+                         f"({', '.join(sorted(_ESTIMATORS)) or 'none registered'}) or 'module:callable' returning "
+                         f"an estimator for a backend")
     module, attr = spec.split(":", 1)
     return vars(importlib.import_module(module))[attr]
+
+
+def check_recorded_config(config: dict, source: str, command_line: dict[str, Any]) -> dict:
+    """A config read from a run folder (``source``: the file), with nothing in it that runs code.
+
+    A run folder may come from someone else, and its checksum cannot vouch for it (whoever edits
+    the file recomputes it). So the values of :data:`CODE_KEYS` are taken from ``command_line``
+    (this invocation's own values, keyed like :data:`CODE_KEYS`; ``None`` = not given) and the
+    recorded ones only when they run nothing: an estimator by registered name, an agent by
+    registered name (its ``module`` is never imported), ``trust_remote_code`` false. Anything else
+    is a :class:`~knobgym_cli.errors.UsageError` naming the file, the key, the value and what to
+    pass instead; nothing has been imported or loaded yet. Returns the config to use (a copy).
+    """
+    from knobgym_cli.errors import UsageError
+
+    config = {**config, "agent": dict(config.get("agent") or {}), "backend": dict(config.get("backend") or {})}
+    recorded = config.get("estimator")
+    if command_line.get("estimator") is not None:
+        config["estimator"] = command_line["estimator"]
+    elif recorded is not None and recorded not in _ESTIMATORS:
+        raise UsageError(f"{source} names estimator={recorded!r}, which is not a registered estimator; knobgym "
+                         f"never imports a module named in a run folder; accepted: estimator={recorded} on the "
+                         f"command line (if you trust that module), or estimator=null (the cached estimator)")
+    name = config["agent"].get("name")
+    module = config["agent"].pop("module", None)
+    if command_line.get("agent.module"):
+        config["agent"]["module"] = command_line["agent.module"]
+    elif name not in list_agents():
+        given = f" (knobgym never imports its module {module!r}, named in the run folder)" if module else ""
+        raise UsageError(f"{source} names agent {name!r}, which is not a registered agent{given}; accepted: "
+                         f"{', '.join(list_agents())}, or the agent's module named on the command line")
+    if command_line.get("backend.trust_remote_code") is not None:
+        if "trust_remote_code" in config["backend"] or command_line["backend.trust_remote_code"]:
+            config["backend"]["trust_remote_code"] = bool(command_line["backend.trust_remote_code"])
+    elif config["backend"].get("trust_remote_code"):
+        raise UsageError(f"{source} sets backend.trust_remote_code=true; a run folder never turns on code shipped "
+                         f"with a model; accepted: trust_remote_code=true on the command line (if you trust the "
+                         f"model's code)")
+    return config
 
 
 def make_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator_spec: str | None,

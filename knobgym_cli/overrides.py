@@ -143,6 +143,9 @@ SCHEMAS: dict[str, dict[str, Option]] = {
         "torch_threads": _THREADS,
         "env_id": Option("str", "an env id", nullable=True),
         "out": Option("str", "the output folder", nullable=True),
+        "estimator": Option("str", "a registered estimator name or module:callable", nullable=True),
+        "agent_module": Option("str", "a module to import first (it registers an agent)", nullable=True),
+        "trust_remote_code": Option("bool", "run code shipped with the run's model"),
     },
 }
 

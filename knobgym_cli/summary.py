@@ -167,13 +167,18 @@ def verdict_lines(rows: Sequence[dict], main_agent: str, train_budget: Any, achi
 
 
 def next_commands(run_dir: str | Path, runs_dir: str | Path, env_id: str, agent: str, state: str,
-                  suggested_ms: float) -> list[str]:
-    """What to run next: a rerun at a binding budget (when this one does not bind), evaluation, TensorBoard."""
+                  suggested_ms: float, estimator: str | None = None) -> list[str]:
+    """What to run next: a rerun at a binding budget (when this one does not bind), evaluation, TensorBoard.
+
+    ``estimator``: the run's ``module:callable`` estimator, which evaluation must be given again on
+    its command line (a run folder's config is never imported from).
+    """
     run = display_path(run_dir)
     commands = []
     if state != "binds":
         commands.append(f"python train.py env={env_id} agent={agent} budget={suggested_ms:.0f}ms")
-    commands += [f"python evaluate.py run={run}          # budgets=auto: across this device's range",
+    again = f" estimator={estimator}" if estimator and ":" in str(estimator) else ""
+    commands += [f"python evaluate.py run={run}{again}          # budgets=auto: across this device's range",
                  f"tensorboard --logdir {display_path(runs_dir)}"]
     return commands
 

@@ -1,0 +1,118 @@
+"""A run folder is data: nothing in it runs code, nothing writes through it to elsewhere.
+
+Each test plants what a hostile run folder (received from someone else) could hold and asserts one
+clear ``error:`` line, exit status 2 (or a stated warning), nothing written outside the folder and
+no marker file created by planted code:
+
+- code: a recorded config naming an estimator ``module:callable``, an agent ``module`` or
+  ``backend.trust_remote_code=true``, with the Python file it names importable;
+- writes: symlinks where the lock, the log, checkpoints and reports go; a ``report.json`` whose
+  ``finished_at`` is a path;
+- integrity: non-finite weights at save, load and after an update; ``evaluate.py out=`` checks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cli_output import failure_lines
+
+from agents.checkpoint import read_checkpoint, write_checkpoint
+
+REPO = Path(__file__).resolve().parent.parent
+ESTIMATOR = "estimator=fake_latency:make"
+
+
+def run_cli(script: str, args: list[str], cwd: Path, extra_path: Path | None = None) -> subprocess.CompletedProcess:
+    paths = [str(REPO / "tests"), str(REPO)] + ([str(extra_path)] if extra_path else [])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def one_error(result: subprocess.CompletedProcess) -> str:
+    lines = failure_lines(result.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, tuple]:
+    """Every entry below ``folder`` with its kind, size and mtime (what must not change)."""
+    return {str(p.relative_to(folder)): (p.is_symlink(), p.lstat().st_size, p.lstat().st_mtime_ns)
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, random_tiny_checkpoint) -> Path:
+    root = tmp_path_factory.mktemp("foreign")
+    args = [f"backend.checkpoint={random_tiny_checkpoint}", "backend.generation={max_new_tokens:2}", ESTIMATOR,
+            "budget=80ms", "agent.total_updates=2", "agent.batch_size=2", "agent.num_generations=4", "eval.every=1",
+            "eval.num_samples=1", "eval.validation_samples=1", "checkpoint_every=1", "eval.baselines=[greedy]"]
+    result = run_cli("train.py", args, root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = (root / "runs" / "MultiKnob-v0" / "grpo").iterdir()
+    return run
+
+
+@pytest.fixture
+def foreign(trained_run, tmp_path) -> Path:
+    """A copy of the trained run, as received from someone else (in ``tmp_path/inbox/run``)."""
+    return Path(shutil.copytree(trained_run, tmp_path / "inbox" / "run", symlinks=True))
+
+
+def edit_config(run: Path, **changes) -> None:
+    """Rewrite every checkpoint's recorded config as an attacker would (the checksum recomputed)."""
+    for path in (run / "checkpoints").glob("*.safetensors"):
+        ckpt = read_checkpoint(path)
+        config = ckpt["metadata"]["config"]
+        for dotted, value in changes.items():
+            node = config
+            *parents, last = dotted.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[last] = value
+        write_checkpoint(path, ckpt["agent"], ckpt["env_id"], ckpt["state"], ckpt["metadata"])
+
+
+def plant_module(folder: Path, marker: Path) -> None:
+    """``folder/planted.py``: importing it creates ``marker`` (and then fails, to stop the run)."""
+    (folder / "planted.py").write_text(f"open({str(marker)!r}, 'w').close()\n"
+                                       "def make(backend):\n    raise SystemExit(3)\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# code named in a run folder is never run
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", ["evaluate.py", "train.py"])
+@pytest.mark.parametrize("change, expected", [
+    ({"estimator": "planted:make"}, "names estimator='planted:make', which is not a registered estimator"),
+    ({"agent.module": "planted", "agent.name": "planted_agent"},
+     "names agent 'planted_agent', which is not a registered agent (knobgym never imports its module 'planted'"),
+    ({"backend.trust_remote_code": True}, "sets backend.trust_remote_code=true; a run folder never turns on code"),
+])
+def test_code_named_in_a_run_folder_is_refused_and_never_run(foreign, tmp_path, script, change, expected):
+    marker = tmp_path / "code-ran"
+    plant_module(foreign, marker)
+    edit_config(foreign, **change)
+    args = [f"run={foreign}"] if script == "evaluate.py" else [f"resume={foreign}", "agent.total_updates=3"]
+    if "estimator" not in change:  # the run's own test estimator, named on the command line as a user would
+        args.append(ESTIMATOR)
+    result = run_cli(script, args, tmp_path, extra_path=foreign)  # the planted file is importable
+    assert result.returncode == 2, result.stderr[-3000:]
+    line = one_error(result)
+    assert expected in line and "checkpoints/" in line, line
+    assert not marker.exists()
+
+
+def test_the_planted_module_would_run_if_named_on_the_command_line(foreign, tmp_path):
+    """The refusal above is what keeps the marker away: the same file named by the user runs."""
+    marker = tmp_path / "code-ran"
+    plant_module(foreign, marker)
+    edit_config(foreign, estimator="planted:make")
+    result = run_cli("evaluate.py", [f"run={foreign}", "estimator=planted:make"], tmp_path, extra_path=foreign)
+    assert result.returncode == 3 and marker.exists(), result.stderr[-3000:]
