@@ -29,6 +29,7 @@ from knobgym_cli.checkpoints import CHECKPOINT_NAMES, check_checkpoint_matches, 
 from knobgym_cli.errors import CONF_DIR, UsageError, run_cli
 from knobgym_cli.logs import say, setup_cli_logging
 from knobgym_cli.progress import cli_progress, phase
+from knobgym_cli.runs import check_run_folder
 from knobgym_cli.summary import display_path, portable
 from knobgym_cli.versions import to_jsonable
 
@@ -48,6 +49,9 @@ def run_evaluation(cfg: DictConfig) -> Path:
     if not ckpt_path.exists():
         raise UsageError(f"run={str(run_dir)!r} has no checkpoints/{ckpt_path.name}; accepted: a run folder "
                          f"written by train.py (runs/<env>/<agent>/<timestamp>)")
+    check_run_folder(run_dir)
+    if cfg.out is not None:
+        check_out_dir(Path(str(cfg.out)), run_dir)
     torch.set_num_threads(int(cfg.torch_threads))
     ckpt = load_run_checkpoint(ckpt_path)
     # the run folder is data: what its config names is resolved by registered name only
@@ -112,6 +116,19 @@ def run_evaluation(cfg: DictConfig) -> Path:
     say(f"wrote {display_path(out_dir / 'report.md')}, {display_path(out_dir / 'report.json')}, "
         f"{display_path(out_dir / 'pareto.png')}")
     return out_dir
+
+
+def check_out_dir(out_dir: Path, run_dir: Path) -> None:
+    """``out=``: a new or existing folder that is not the run folder, nor a training run's folder (its
+    report, plot and table are the run's own), nor a file, nor a link; checked before any work."""
+    accepted = "accepted: out=<a new folder>, or a folder of an earlier evaluation (null: <run>/eval-<budgets>/)"
+    if out_dir.is_symlink():
+        raise UsageError(f"out={str(out_dir)!r} is a symbolic link; {accepted}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"out={str(out_dir)!r} is an existing file; {accepted}")
+    if out_dir.resolve() == run_dir.resolve() or (out_dir / "checkpoints").is_dir() or (out_dir / "run.lock").exists():
+        raise UsageError(f"out={str(out_dir)!r} is a training run's folder (its report, plot and table would be "
+                         f"replaced); {accepted}")
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="evaluate")

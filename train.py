@@ -32,11 +32,11 @@ from knobgym_cli.budgets import describe_range, env_range, is_auto, probe_sugges
 from knobgym_cli.build import (agent_class_of, agent_options, build_agent, check_recorded_config, eval_budgets,
                                make_env)
 from knobgym_cli.checkpoints import checkpoint_file, load_run_checkpoint, read_with_fallback
-from knobgym_cli.errors import CONF_DIR, GROUPS, UsageError, run_cli
-from knobgym_cli.logs import say, setup_cli_logging
+from knobgym_cli.errors import CONF_DIR, GROUPS, UsageError, fail, run_cli
+from knobgym_cli.logs import say, setup_cli_logging, warning_line
 from knobgym_cli.progress import cli_progress, phase
 from knobgym_cli.rollout import rollout_executor
-from knobgym_cli.runs import discard_failed_run_dir, is_resume, register_resolvers
+from knobgym_cli.runs import check_run_folder, discard_failed_run_dir, is_resume, register_resolvers
 from knobgym_cli.versions import to_jsonable, versions
 
 register_resolvers()
@@ -90,13 +90,17 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
     from knobgym_cli.budgets import binding
     from knobgym_cli.report import compare_agents, markdown_table, write_report
     from knobgym_cli.summary import (archive_previous_report, checkpoint_line, checkpoint_record, display_path,
-                                     next_commands, now_stamp, portable, print_summary, run_files, verdict_lines)
+                                     next_commands, now_stamp, portable, previous_report_problem, print_summary,
+                                     run_files, verdict_lines)
     from knobgym_cli.training import TrainingHooks
 
     setup_cli_logging(run_dir / "train.log")
     resume_ckpt = None
     if is_resume(cfg.resume):
         cfg, resume_ckpt = resumed_config(cfg, run_dir)
+        problem = previous_report_problem(run_dir)
+        if problem:
+            warning_line(problem)
     agent_cfg = OmegaConf.to_container(cfg.agent, resolve=True)
     cls = agent_class_of(agent_cfg)
     name = cls.name
@@ -202,6 +206,10 @@ def main(cfg: DictConfig) -> None:
     from knobgym_cli.guard import hold_run_folder, one_line_errors
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        check_run_folder(run_dir)  # resume=true's folder (resume=<dir> was checked before Hydra wrote to it)
+    except ValueError as exc:
+        fail(str(exc))
     # The folder is locked while this process trains in it; any failure is one line, and a folder
     # this process created is removed when it fails before the first checkpoint.
     with hold_run_folder(run_dir, HydraConfig.get().output_subdir), \

@@ -15,6 +15,7 @@ CLI can all use it without an upward dependency.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -40,12 +41,40 @@ class CorruptFileError(ValueError):
 # ------------------------------------------------------------------------------------------------
 # atomic writes
 # ------------------------------------------------------------------------------------------------
+class SymlinkRefused(ValueError):
+    """A write aimed at a symbolic link (knobgym never writes through one, nor replaces one)."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        super().__init__(f"refusing to write {str(path)!r}: it is a symbolic link (to {os.readlink(path)!r}); "
+                         f"accepted: a regular file or no file there (remove the link)")
+
+
+def refuse_symlink(path: str | Path) -> Path:
+    """``path``, or :class:`SymlinkRefused` when it is a symbolic link (checked with ``lstat``)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise SymlinkRefused(path)
+    return path
+
+
+def open_no_follow(path: str | Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open(path, flags | O_NOFOLLOW)``: :class:`SymlinkRefused` when ``path`` is a symbolic link."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SymlinkRefused(path) from None
+        raise
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then move it onto ``path``.
 
-    On any exception the temporary file is removed and ``path`` keeps its previous content.
+    On any exception the temporary file is removed and ``path`` keeps its previous content. A
+    ``path`` that is a symbolic link is refused (:class:`SymlinkRefused`), not replaced.
     """
-    path = Path(path)
+    path = refuse_symlink(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -89,7 +118,7 @@ def write_directory_atomically(target: str | Path, write: Callable[[Path], None]
 
     A write that raises leaves the previous ``target`` untouched and no staging folder behind.
     """
-    target = Path(target)
+    target = refuse_symlink(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp creates it private; a written folder (a checkpoint) is meant to be shared

@@ -331,3 +331,6 @@ def check_resume(value: Any, raw: str) -> None:
         raise UsageError(f"resume={raw}: no such run folder {str(path)!r}; {accepted}")
     if run_folder_checkpoint(path) is None:
         raise UsageError(f"resume={raw}: {str(path)!r} holds no checkpoints/latest; {accepted}")
+    from knobgym_cli.runs import check_run_folder
+
+    check_run_folder(path)  # before Hydra writes its record into it

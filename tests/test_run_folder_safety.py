@@ -116,3 +116,96 @@ def test_the_planted_module_would_run_if_named_on_the_command_line(foreign, tmp_
     edit_config(foreign, estimator="planted:make")
     result = run_cli("evaluate.py", [f"run={foreign}", "estimator=planted:make"], tmp_path, extra_path=foreign)
     assert result.returncode == 3 and marker.exists(), result.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# nothing is written through a link, nor moved out of the folder
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def outside(tmp_path) -> Path:
+    """A file outside the run folder that a planted link points at (it must never change)."""
+    path = tmp_path / "elsewhere" / "precious.txt"
+    path.parent.mkdir()
+    path.write_text("precious\n")
+    return path
+
+
+def test_the_lock_log_and_atomic_writes_refuse_a_link(tmp_path, outside):
+    from backends.io import SymlinkRefused, atomic_write_json
+    from knobgym_cli.lock import RunLock
+    from knobgym_cli.logs import setup_cli_logging
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("run.lock", "train.log", "report.json"):
+        (run / name).symlink_to(outside)
+    with pytest.raises(SymlinkRefused, match="run.lock.*symbolic link"):
+        RunLock(run).acquire()
+    with pytest.raises(SymlinkRefused, match="train.log.*symbolic link"):
+        setup_cli_logging(run / "train.log")
+    with pytest.raises(SymlinkRefused, match="report.json.*symbolic link"):
+        atomic_write_json(run / "report.json", {"x": 1})
+    assert outside.read_text() == "precious\n" and (run / "report.json").is_symlink()
+    setup_cli_logging(None)
+
+
+def test_a_run_folder_holding_a_link_is_refused_naming_it(tmp_path, outside):
+    from knobgym_cli.errors import UsageError
+    from knobgym_cli.runs import check_run_folder
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    check_run_folder(run)
+    (run / "checkpoints" / "best.safetensors").symlink_to(outside)
+    with pytest.raises(UsageError, match=r"symbolic link 'checkpoints/best.safetensors' \(to '.*precious.txt'\)"):
+        check_run_folder(run)
+
+
+@pytest.mark.parametrize("finished_at", ["../../escaped", "/tmp/escaped-abs", "2026-01-01_00-00-00/../../x", 7])
+def test_a_report_field_never_becomes_a_path(tmp_path, finished_at):
+    from knobgym_cli.summary import archive_previous_report, previous_report_problem
+
+    run = tmp_path / "a" / "b" / "run"
+    run.mkdir(parents=True)
+    (run / "report.json").write_text(f'{{"finished_at": {finished_at!r}}}'.replace("'", '"'))
+    (run / "report.md").write_text("# old\n")
+    before = {p for p in tmp_path.rglob("*") if run not in (p, *p.parents)}
+    assert "not a valid knobgym file" in previous_report_problem(run)  # said at the start of a resume
+    target = archive_previous_report(run)
+    assert target.parent == run / "reports" and (target / "report.md").read_text() == "# old\n"
+    assert {p for p in tmp_path.rglob("*") if run not in (p, *p.parents)} == before
+    assert not Path("/tmp/escaped-abs").exists()
+
+
+def test_resume_of_a_folder_with_a_planted_log_link_is_refused_before_any_write(foreign, tmp_path, outside):
+    (foreign / "train.log").unlink()
+    (foreign / "train.log").symlink_to(outside)
+    before = snapshot(foreign)
+    result = run_cli("train.py", [f"resume={foreign}", ESTIMATOR], tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "holds a symbolic link 'train.log'" in one_error(result)
+    assert outside.read_text() == "precious\n" and snapshot(foreign) == before  # not even Hydra's record
+
+
+def test_evaluate_refuses_a_checkpoint_that_resolves_outside_the_folder(foreign, tmp_path):
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    shutil.move(foreign / "checkpoints" / "best.safetensors", elsewhere)
+    (foreign / "checkpoints" / "best.safetensors").symlink_to(elsewhere)
+    result = run_cli("evaluate.py", [f"run={foreign}", ESTIMATOR], tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "symbolic link 'checkpoints/best.safetensors'" in one_error(result)
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluate.py out=: checked before any work, never the run's own report
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("out, expected", [("run", "is a training run's folder"), ("file", "is an existing file")])
+def test_evaluate_out_is_checked_before_any_work(foreign, tmp_path, out, expected):
+    target = foreign if out == "run" else tmp_path / "taken.txt"
+    if out == "file":
+        target.write_text("mine\n")
+    before = snapshot(foreign)
+    result = run_cli("evaluate.py", [f"run={foreign}", ESTIMATOR, f"out={target}"], tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert expected in one_error(result) and "loading the model" not in result.stderr
+    assert snapshot(foreign) == before and (out == "run" or target.read_text() == "mine\n")
