@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agents.base import Agent, EnvLayout, EpisodeContext, FitContext
+from agents.checkpoint import check_finite
 from agents.config_checks import (check_budget_jitter, check_epsilon_high, check_flags, check_integers,
                                   check_numbers, config_from_dict, normalize_scale_rewards)
 from agents.registry import register_agent
@@ -498,6 +499,7 @@ class GRPOAgent(Agent):
                 stats["grad_norm"] = float(nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm))
             self.optimizer.step()
         self.step += 1
+        check_finite({"policy": self.policy.state_dict()}, f"GRPO update {self.step} diverged")
         if self.config.sync_ref_model and self.step % self.config.ref_model_sync_steps == 0:
             alpha = self.config.ref_model_mixup_alpha
             with torch.no_grad():

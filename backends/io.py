@@ -209,6 +209,33 @@ def save_tensors(path: str | Path, tensors: dict[str, Any], metadata: Any = None
     return atomic_write_bytes(path, data)
 
 
+#: the largest safetensors header read (a header names tensors and holds the JSON metadata)
+MAX_HEADER_BYTES = 100 << 20
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    """The ``__metadata__`` of a safetensors file, read from its header alone, after checking that
+    the header's length and the tensors' extents add up to the file's size exactly;
+    :class:`CorruptFileError` otherwise (nothing but the header has been read)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= length <= min(MAX_HEADER_BYTES, size - 8):
+            raise CorruptFileError(path, f"not a safetensors file ({size} bytes, header length {length}: cut short "
+                                         f"or of another format)")
+        try:
+            header = json.loads(f.read(length))
+            extents = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError):
+            raise CorruptFileError(path, "not a safetensors file (unreadable header: cut short or of another "
+                                         "format)") from None
+    if 8 + length + max(extents, default=0) != size:
+        raise CorruptFileError(path, f"not a safetensors file ({size} bytes, its header describes "
+                                     f"{8 + length + max(extents, default=0)}: cut short or extended)")
+    return header.get("__metadata__") or {}
+
+
 def load_tensors(path: str | Path) -> tuple[dict[str, Any], Any]:
     """``(tensors, metadata)`` of a :func:`save_tensors` file; :class:`CorruptFileError` otherwise."""
     import torch
@@ -218,13 +245,10 @@ def load_tensors(path: str | Path) -> tuple[dict[str, Any], Any]:
     path = Path(path)
     if not path.is_file():
         raise CorruptFileError(path, "file does not exist")
+    header = _safetensors_metadata(path)  # sizes and header first: a file of another kind is never read whole
     data = path.read_bytes()
     try:
         tensors = load(data)
-        from safetensors import safe_open  # header metadata
-
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
     except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
         raise CorruptFileError(path, f"not a safetensors file ({exc.__class__.__name__}: cut short or "
                                      f"of another format)") from None

@@ -209,3 +209,61 @@ def test_evaluate_out_is_checked_before_any_work(foreign, tmp_path, out, expecte
     assert result.returncode == 2, result.stderr[-3000:]
     assert expected in one_error(result) and "loading the model" not in result.stderr
     assert snapshot(foreign) == before and (out == "run" or target.read_text() == "mine\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# a diverged policy is an error at save, at load and after an update, naming the tensor
+# ------------------------------------------------------------------------------------------------
+def test_non_finite_parameters_are_refused_at_save_and_at_load(tmp_path):
+    import torch
+
+    from agents.checkpoint import NonFiniteError, _encode
+    from backends.io import CorruptFileError, save_tensors
+
+    state = {"policy": {"net.0.weight": torch.tensor([1.0, float("nan")]), "net.0.bias": torch.zeros(2)},
+             "step": 3}
+    path = tmp_path / "checkpoints" / "latest.safetensors"
+    with pytest.raises(NonFiniteError, match=r"refusing to save .*latest.safetensors.*'policy.net.0.weight' holds NaN"):
+        write_checkpoint(path, "grpo", "MultiKnob-v0", state)
+    assert not path.exists()
+    tensors: dict = {}  # a diverged checkpoint written by something else (an older knobgym, an edit)
+    skeleton = _encode(state, tensors)
+    save_tensors(path, tensors, {"format": "knobgym-agent-checkpoint", "format_version": 1, "agent": "grpo",
+                                 "env_id": "MultiKnob-v0", "metadata": {}, "state": skeleton})
+    with pytest.raises(CorruptFileError, match=r"latest.safetensors.*'policy.net.0.weight' holds NaN or inf"):
+        read_checkpoint(path)
+
+
+def test_a_diverging_update_stops_naming_the_tensor(random_tiny_checkpoint):
+    import gymnasium as gym
+    from fake_latency import AnalyticEstimator
+
+    from agents import agent_class
+    from agents.base import EnvLayout
+    from agents.checkpoint import NonFiniteError
+
+    env = gym.make("MultiKnob-v0", backend={"name": "tiny", "checkpoint": str(random_tiny_checkpoint),
+                                            "generation": {"max_new_tokens": 2}},
+                   estimator=AnalyticEstimator(), budget="80ms")
+    agent = agent_class("grpo").from_env(env, batch_size=2, num_generations=4, seed=0)
+    rollout, _ = agent.train_step(EnvLayout(env), env.unwrapped.budget)
+    for group in agent.optimizer.param_groups:  # an absurd learning rate: the next step overflows
+        group["lr"] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"GRPO update 2 diverged: tensor 'policy\.[\w.]+' holds NaN or inf"):
+        agent.update(rollout)
+
+
+def test_a_checkpoint_is_checked_by_its_header_before_it_is_read(tmp_path, monkeypatch):
+    """A large file that is not a checkpoint is refused from its first bytes, never read whole."""
+    from backends.io import CorruptFileError
+
+    path = tmp_path / "best.safetensors"
+    with open(path, "wb") as f:  # 1 GiB, sparse: an 8-byte "header length" larger than the file
+        f.write((5 << 30).to_bytes(8, "little"))
+        f.truncate(1 << 30)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail("read whole"))
+    with pytest.raises(CorruptFileError, match=r"best.safetensors.*1073741824 bytes, header length 5368709120"):
+        read_checkpoint(path)
+    path.write_bytes((16).to_bytes(8, "little") + b'{"t": {"dtype": "F32", "shape": [9], "data_offsets": [0, 36]}}')
+    with pytest.raises(CorruptFileError, match="not a safetensors file"):
+        read_checkpoint(path)
