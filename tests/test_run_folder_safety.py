@@ -267,3 +267,26 @@ def test_a_checkpoint_is_checked_by_its_header_before_it_is_read(tmp_path, monke
     path.write_bytes((16).to_bytes(8, "little") + b'{"t": {"dtype": "F32", "shape": [9], "data_offsets": [0, 36]}}')
     with pytest.raises(CorruptFileError, match="not a safetensors file"):
         read_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# a file asked to be read is never written
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["other-sqlite", "empty"])
+def test_backend_trace_never_writes_to_a_file_that_is_not_a_trace(tmp_path, kind):
+    import sqlite3
+
+    from backends.trace import TraceBackend, TraceError
+
+    path = tmp_path / "notes.db"
+    if kind == "empty":
+        path.write_bytes(b"")
+    else:
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE notes (text TEXT)")
+            conn.execute("INSERT INTO notes VALUES ('mine')")
+        conn.close()
+    before = (path.read_bytes(), path.stat().st_mtime_ns)
+    with pytest.raises(TraceError, match=r"notes.db' is not a trace \(an SQLite file without the table\(s\) meta"):
+        TraceBackend(path)
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before and sorted(os.listdir(tmp_path)) == ["notes.db"]
