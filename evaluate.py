@@ -80,7 +80,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
         budgets_ms = auto_budgets(achievable, fixed_budgets_ms(group_env(env).budget))
         say("budgets=auto: " + ", ".join(f"{b:g}ms" for b in budgets_ms))
     else:
-        budgets_ms = eval_budgets(group_env(env).budget, list(cfg.budgets))
+        budgets_ms = eval_budgets(group_env(env).budget, cfg.budgets)
     for message in out_of_range_warnings(budgets_ms, achievable, suggested):
         warnings.warn(message)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import re
 import warnings
 from typing import Any, Callable, Sequence
 
@@ -98,6 +99,10 @@ def make_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator_spec: str 
 
     env_id = check_env_id(env_cfg["id"])
     kwargs = dict(env_cfg.get("kwargs") or {})
+    from omegaconf import Container, OmegaConf
+
+    if isinstance(budget, Container):  # budget={tpot:[15ms,25ms],kv:256tok} composes to a DictConfig
+        budget = OmegaConf.to_container(budget, resolve=True)
     if takes_backend(env_id):
         backend_spec = dict(backend_cfg)
         backend = load_backend(backend_spec)  # cached: the env gets the same object from the same spec
@@ -112,21 +117,50 @@ def make_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator_spec: str 
                              f"estimator); accepted: null")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        env = gym.make(env_id, budget=budget, split=split, **kwargs)
+        try:
+            env = gym.make(env_id, budget=budget, split=split, **kwargs)
+        except TypeError as exc:
+            unknown = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+            if unknown is None:
+                raise
+            accepted = sorted(set(env_keywords(env_id)) - {"budget", "split", "backend", "estimator"})
+            raise ValueError(f"unknown option env.kwargs.{unknown.group(1)} of env {env_id}; accepted: "
+                             f"{', '.join('env.kwargs.' + k for k in accepted)}") from None
     notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
     for note in notes if log_warnings else ():  # the CLI's log (knobgym_cli.logs): terminal and run log
         logging.getLogger("knobgym").warning(f"warning: {note}")
     return env, notes
 
 
-def takes_backend(env_id: str) -> bool:
-    """Whether the registered env's constructor accepts ``backend`` (read from its signature: a
-    ``backend`` parameter or ``**kwargs``)."""
+def env_keywords(env_id: str) -> list[str]:
+    """The keyword arguments the registered env's constructor takes (its own and, when it forwards
+    ``**kwargs``, those of the classes it inherits from)."""
+    entry = _entry_point(env_id)
+    classes = entry.__mro__ if isinstance(entry, type) else (entry,)
+    names: list[str] = []
+    for cls in classes:
+        init = cls.__init__ if isinstance(cls, type) else cls
+        if init is object.__init__:
+            break
+        params = inspect.signature(init).parameters.values()
+        names += [p.name for p in params if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return list(dict.fromkeys(names))
+
+
+def _entry_point(env_id: str) -> Any:
     entry = gym.spec(env_id).entry_point
     if isinstance(entry, str):
         module, attr = entry.split(":", 1)
         entry = vars(importlib.import_module(module))[attr]
-    parameters = inspect.signature(entry).parameters.values()
+    return entry
+
+
+def takes_backend(env_id: str) -> bool:
+    """Whether the registered env's constructor accepts ``backend`` (read from its signature: a
+    ``backend`` parameter or ``**kwargs``)."""
+    parameters = inspect.signature(_entry_point(env_id)).parameters.values()
     # ``**kwargs`` forwarded to a base class (the knob envs) counts as taking it
     return any(p.name == "backend" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
@@ -134,8 +168,10 @@ def takes_backend(env_id: str) -> bool:
 def eval_budgets(env_budget: Budget, budgets: Sequence[Any] | None = None) -> list[float]:
     """Evaluation budgets in ms: the given list (parsed here, at the boundary), else the env
     budget's :meth:`~envs.budget.Budget.evaluation_budgets`."""
-    if budgets:
-        return [Budget.parse(b).fixed_ms for b in budgets]
+    from knobgym_cli.errors import parse_budget_list
+
+    if budgets:  # '45ms' is one budget (never its characters), as is [45ms]
+        return [Budget.parse(b).fixed_ms for b in parse_budget_list(budgets)]
     return env_budget.evaluation_budgets()
 
 

@@ -290,3 +290,49 @@ def test_backend_trace_never_writes_to_a_file_that_is_not_a_trace(tmp_path, kind
     with pytest.raises(TraceError, match=r"notes.db' is not a trace \(an SQLite file without the table\(s\) meta"):
         TraceBackend(path)
     assert (path.read_bytes(), path.stat().st_mtime_ns) == before and sorted(os.listdir(tmp_path)) == ["notes.db"]
+
+
+# ------------------------------------------------------------------------------------------------
+# every bad input is one line, exit 2, before any work
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config, args, expected", [
+    ("config", ["eval.nope=1"], "unknown option 'eval.nope'; accepted: eval.split, "),
+    ("config", ["baselines.nope.rounds=3"], "unknown option 'baselines.nope'; accepted: baselines.static, "),
+    ("evaluate", [], "run is missing; accepted: run=<value> (the run folder written by train.py)"),
+    ("config", ["runs_dir={file}"], "runs_dir={file} is an existing file; accepted: a folder"),
+    ("config", ["hydra.run.dir={file}/x"], "hydra.run.dir={file}/x lies under the file '{file}'"),
+    ("config", ["+env.kwargs.nope=1"], "unknown option env.kwargs.nope of env MultiKnob-v0; accepted: "),
+    ("config", ["budget=20ms+256tok"], "budget=20ms+256tok has a KV-cache cap, which env MultiKnob-v0 has no cache"),
+    ("config", ["env=StreamingKV-v0", "budget=20ms+1e400tok"], "the KV cap '1e400tok' is too large"),
+    ("config", ["eval.budgets=4x5ms"], "invalid budget '4x5ms': cannot parse"),
+    ("config", ["agent.hidden_sizes=[64.5,3]"], "agent.hidden_sizes=[64.5, 3] is invalid; accepted: a list of whole"),
+])
+def test_bad_input_is_one_line_naming_the_key_before_any_work(tmp_path, config, args, expected):
+    from knobgym_cli.errors import check_composition, check_overrides
+
+    file = tmp_path / "afile"
+    file.write_text("")
+    args = [a.replace("{file}", str(file)) for a in args]
+    with pytest.raises(ValueError) as err:  # a UsageError or a budget's ValueError: one line, exit 2
+        check_overrides(args, config)
+        check_composition(args, config)
+    assert expected.replace("{file}", str(file)) in str(err.value)
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+@pytest.mark.parametrize("args", [["env=StreamingKV-v0", "budget={tpot:[15ms,25ms],kv:256tok}"],
+                                  ["env=StreamingKV-v0", "budget=20ms+256tok"], ["eval.budgets=45ms"],
+                                  ["budget=[35ms,55ms]"]])
+def test_documented_budget_forms_pass(args):
+    from knobgym_cli.build import eval_budgets
+    from knobgym_cli.errors import check_composition, check_overrides
+
+    check_overrides(args, "config")
+    check_composition(args, "config")
+    assert eval_budgets(None, "45ms") == [45.0]  # one budget, not its characters
+
+
+def test_a_hydra_level_failure_is_one_line_exit_2(tmp_path):
+    result = run_cli("train.py", ["eval.nope=1"], tmp_path)
+    assert result.returncode == 2 and "unknown option 'eval.nope'" in one_error(result)
+    assert not (tmp_path / "runs").exists()
