@@ -336,3 +336,51 @@ def test_a_hydra_level_failure_is_one_line_exit_2(tmp_path):
     result = run_cli("train.py", ["eval.nope=1"], tmp_path)
     assert result.returncode == 2 and "unknown option 'eval.nope'" in one_error(result)
     assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# a user's data through backend=hf: converted correctly, or skipped, counted and named
+# ------------------------------------------------------------------------------------------------
+def test_image_modes_keep_their_intensities():
+    import numpy as np
+    from PIL import Image
+
+    from backends.vqa_data import to_rgb
+
+    ramp = (np.arange(16, dtype=np.uint16).reshape(4, 4) * 4369)  # 0..65535
+    for im in (Image.fromarray(ramp), Image.fromarray(ramp.astype(np.int32))):  # modes I;16 and I
+        rgb = to_rgb(im)
+        assert rgb.shape == (4, 4, 3) and rgb.dtype == np.uint8
+        assert np.array_equal(rgb[..., 0], np.round(ramp / 257).astype(np.uint8))  # not all-white
+    clear = Image.new("RGBA", (2, 2), (0, 0, 0, 0))
+    assert (to_rgb(clear) == 255).all()  # transparent: white, not black
+    with pytest.raises(ValueError, match="mode F"):
+        to_rgb(Image.new("F", (2, 2)))
+
+
+def test_rows_without_question_or_reference_are_skipped_counted_and_named(tmp_path, caplog):
+    import json
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from backends.vqa_data import DataError, DatasetSpec, VQADataset
+
+    Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(tmp_path / "deep.png")  # a 16-bit PNG
+    rows = [{"question": "q0", "answers": ["a"], "image": "deep.png", "id": "ok"},
+            {"question": None, "answers": ["a"], "image": "deep.png", "id": "null-question"},
+            {"question": "q2", "answers": [], "image": "deep.png", "id": "no-answers"},
+            {"question": "q3", "answers": [None, ""], "image": "deep.png", "id": "blank-answers"}]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = VQADataset(DatasetSpec({"train": path, "validation": path, "test": path}), needs_image=True)
+    with caplog.at_level(logging.WARNING, logger="backends.vqa_data"):
+        (sample,) = data.samples("train")
+    assert sample.question == "q0" and sample.reference == "a" and int(sample.image[0, 0, 0]) == round(30000 / 257)
+    assert data.skipped["train"] == 3
+    assert "1 with no question (first: row 1 (id 'null-question'))" in caplog.text
+    assert "2 with no reference answer (first: row 2 (id 'no-answers'))" in caplog.text
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
+    with pytest.raises(DataError, match=r"split 'train' .* is empty \(3 samples skipped: 1 with no question"):
+        VQADataset(DatasetSpec({"train": path, "validation": path, "test": path}), needs_image=True).samples("train")
