@@ -384,3 +384,54 @@ def test_rows_without_question_or_reference_are_skipped_counted_and_named(tmp_pa
     path.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
     with pytest.raises(DataError, match=r"split 'train' .* is empty \(3 samples skipped: 1 with no question"):
         VQADataset(DatasetSpec({"train": path, "validation": path, "test": path}), needs_image=True).samples("train")
+
+
+# ------------------------------------------------------------------------------------------------
+# a latency profile knows how fast its machine was
+# ------------------------------------------------------------------------------------------------
+def scripted_probe(monkeypatch, readings: list[float]) -> list[float]:
+    """Make the speed probe return ``readings`` in order (the real probe's timing is the machine's)."""
+    from latency_model import speed
+
+    monkeypatch.setenv("KNOBGYM_SPEED_PROBE_BOUND", "1.5")
+    left = list(readings)
+    monkeypatch.setattr(speed, "speed_probe_ms", lambda repeats=speed.REPEATS: left.pop(0))
+    return left
+
+
+def test_the_speed_probe_is_recorded_compared_and_shown(tmp_path, monkeypatch):
+    import warnings
+
+    from test_latency_model import FAST, FakeBackend
+
+    from latency_model import SpeedShiftWarning, get_estimator, read_profile, speed
+    from latency_model.cache import cache_paths, describe
+
+    assert speed.speed_probe_ms(repeats=1) > 0  # the real probe runs (its time is not asserted)
+    left = scripted_probe(monkeypatch, [10.0, 11.0, 10.5, 30.0])  # profile: before, after; then two uses
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SpeedShiftWarning)
+        estimator = get_estimator(FakeBackend(), tmp_path, settings=FAST, progress=False)
+        assert estimator.fingerprint["speed_probe"] == {"before_ms": 10.0, "after_ms": 11.0, "bound": 1.5}
+        get_estimator(FakeBackend(), tmp_path, settings=FAST, progress=False)  # 10.5 ms now: within 1.5x
+    with pytest.warns(SpeedShiftWarning, match=r"runs the speed probe in 30.00 ms, 2.86x slower than when the "
+                                               r"latency profile .* was taken \(10.50 ms; bound 1.5x\).*python -m "
+                                               r"latency_model profile backend=.* force=true"):
+        get_estimator(FakeBackend(), tmp_path, settings=FAST, progress=False)
+    assert not left
+    _, profile_path = cache_paths(FakeBackend(), tmp_path)
+    assert read_profile(profile_path).device["speed_probe"]["after_ms"] == 11.0
+    assert describe(estimator)["speed_probe"]["before_ms"] == 10.0  # what versions.json shows
+
+
+def test_a_profile_whose_speed_moved_while_it_was_taken_is_not_cached(tmp_path, monkeypatch):
+    from test_latency_model import FAST, FakeBackend
+
+    from latency_model import SpeedShiftWarning, get_estimator
+    from latency_model.cache import cache_paths
+
+    scripted_probe(monkeypatch, [10.0, 24.0])
+    with pytest.warns(SpeedShiftWarning, match=r"is not cached: the machine's speed moved while it was measured "
+                                               r"\(speed probe: 10.00 ms before / 24.00 ms after profiling"):
+        get_estimator(FakeBackend(), tmp_path, settings=FAST, progress=False)
+    assert not any(p.exists() for p in cache_paths(FakeBackend(), tmp_path))
