@@ -306,6 +306,8 @@ def test_backend_trace_never_writes_to_a_file_that_is_not_a_trace(tmp_path, kind
     ("config", ["env=StreamingKV-v0", "budget=20ms+1e400tok"], "the KV cap '1e400tok' is too large"),
     ("config", ["eval.budgets=4x5ms"], "invalid budget '4x5ms': cannot parse"),
     ("config", ["agent.hidden_sizes=[64.5,3]"], "agent.hidden_sizes=[64.5, 3] is invalid; accepted: a list of whole"),
+    ("config", ["seed=99999999999999999999999"], "seed=99999999999999999999999 is invalid; accepted: an integer >= 0 "
+                                                 "and <= 4294967295 (random seed)"),
 ])
 def test_bad_input_is_one_line_naming_the_key_before_any_work(tmp_path, config, args, expected):
     from knobgym_cli.errors import check_composition, check_overrides
