@@ -143,25 +143,30 @@ def cache_entry(backend, cache_dir: str | os.PathLike | None = None, *, profile_
                                     f"{str(estimator_path)!r}; run `python -m latency_model profile backend=...` "
                                     f"or pass profile_if_missing=True")
         profile = profile_backend(backend, settings or ProfileSettings(), progress=progress)
-        if profile.noise.exceeds:
-            warnings.warn(f"latency profile of backend {backend.identity().get('backend')!r} is too noisy to cache: "
-                          f"{profile.noise.describe()} (other jobs running?). Its estimator is used for this "
-                          f"process only; re-profile on a quiet machine with `python -m latency_model profile "
-                          f"backend=... force=true`, or accept the noise with max_noise_pct=...",
-                          NoisyProfileWarning, stacklevel=2)
-            return fit_estimator(profile, method, source=None), profile
-        probe = profile.device.get("speed_probe")
-        if probe and speed.moved_during(probe):
-            warnings.warn(f"latency profile of backend {backend.identity().get('backend')!r} is not cached: the "
-                          f"machine's speed moved while it was measured ({speed.describe(probe)}; other jobs "
-                          f"started or stopped?). Its estimator is used for this process only; re-profile on a quiet "
-                          f"machine with `python -m latency_model profile backend=... force=true`",
-                          SpeedShiftWarning, stacklevel=2)
+        why_not = _why_not_cached(profile, str(backend.identity().get("backend")))
+        if why_not is not None:
+            warnings.warn(*why_not, stacklevel=2)
             return fit_estimator(profile, method, source=None), profile
         write_profile(profile, profile_path)
     estimator = fit_estimator(profile, method, source=str(profile_path))
     estimator.save(estimator_path)
     return estimator, profile
+
+
+def _why_not_cached(profile: ProfileData, name: str) -> tuple[str, type] | None:
+    """``(message, warning class)`` when a fresh profile must not be cached: too noisy, or the
+    machine's speed moved while it was measured (the estimator is then for this process only)."""
+    rerun = "re-profile on a quiet machine with `python -m latency_model profile backend=... force=true`"
+    if profile.noise.exceeds:
+        return (f"latency profile of backend {name!r} is too noisy to cache: {profile.noise.describe()} (other jobs "
+                f"running?). Its estimator is used for this process only; {rerun}, or accept the noise with "
+                f"max_noise_pct=...", NoisyProfileWarning)
+    probe = profile.device.get("speed_probe")
+    if probe and speed.moved_during(probe):
+        return (f"latency profile of backend {name!r} is not cached: the machine's speed moved while it was measured "
+                f"({speed.describe(probe)}; other jobs started or stopped?). Its estimator is used for this process "
+                f"only; {rerun}", SpeedShiftWarning)
+    return None
 
 
 def describe(estimator: LatencyEstimator) -> dict[str, Any]:
