@@ -91,7 +91,12 @@ def output_subdir(resume: Any) -> str:
     """Hydra resolver behind ``hydra.output_subdir``: a resumed run keeps its original ``.hydra/``."""
     if not is_resume(resume):
         return ".hydra"
-    return ".hydra/resume-" + _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + f"-{os.getpid()}"
+    # memoised: Hydra resolves it when writing the record and again when asked (a second apart on a
+    # loaded machine), and a folder in use removes exactly the record this process wrote
+    key = ("output_subdir", str(resume), os.getpid())
+    if key not in _RUN_DIRS:
+        _RUN_DIRS[key] = ".hydra/resume-" + _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + f"-{os.getpid()}"
+    return _RUN_DIRS[key]
 
 
 def register_resolvers() -> None:
