@@ -27,13 +27,14 @@ from backends.registry import with_threads
 from backends.threads import resolve_threads, set_torch_threads
 from envs.protocols import group_env
 from knobgym_cli.budgets import auto_budgets, fixed_budgets_ms, is_auto, out_of_range_warnings
-from knobgym_cli.build import agent_class_of, eval_budgets
+from knobgym_cli.build import agent_class_of, check_recorded_config, eval_budgets
 from knobgym_cli.checkpoints import CHECKPOINT_NAMES, check_checkpoint_matches, checkpoint_file, load_run_checkpoint
 from knobgym_cli.errors import CONF_DIR, run_cli
 from knobgym_cli.group_configs import resolve_env_id
 from knobgym_cli.logs import say, setup_cli_logging
 from knobgym_cli.phases import baseline_agents, baseline_options, build_run_env, compare_on_test
 from knobgym_cli.progress import phase
+from knobgym_cli.runs import check_run_folder
 from knobgym_cli.summary import display_path, portable
 from knobgym_cli.usage import UsageError
 from knobgym_cli.versions import to_jsonable
@@ -50,7 +51,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
     # this command's torch_threads, else the run's (so the run's latency cache entry is read), else the default
     threads = cfg.torch_threads if cfg.torch_threads is not None else run_cfg.get("torch_threads")
     set_torch_threads(resolve_threads(threads))
-    estimator = cfg.estimator if cfg.estimator is not None else run_cfg.get("estimator")
+    estimator = run_cfg.get("estimator")  # this command's estimator= was applied by check_recorded_config
     with phase("loading the model and the latency estimator (profiled once per device when not cached)"):
         env, notes, achievable, suggested = build_run_env(
             env_cfg, with_threads(OmegaConf.to_container(run_cfg.backend, resolve=True), threads), run_cfg.budget,
@@ -87,8 +88,15 @@ def read_run(cfg: DictConfig):
     if not ckpt_path.exists():
         raise UsageError(f"run={str(run_dir)!r} has no checkpoints/{ckpt_path.name}; accepted: a run folder "
                          f"written by train.py (runs/<env>/<agent>/<timestamp>)")
+    check_run_folder(run_dir)
+    if cfg.out is not None:
+        check_out_dir(Path(str(cfg.out)), run_dir)
     ckpt = load_run_checkpoint(ckpt_path)
-    run_cfg = OmegaConf.create(ckpt["metadata"]["config"])
+    # the run folder is data: what its config names is resolved by registered name only
+    run_cfg = OmegaConf.create(check_recorded_config(
+        ckpt["metadata"]["config"], f"checkpoint {str(ckpt_path)!r}",
+        {"estimator": cfg.estimator, "agent.module": cfg.agent_module, "env.id": cfg.env_id,
+         "backend.trust_remote_code": True if cfg.trust_remote_code else None}))
     env_cfg = OmegaConf.to_container(run_cfg.env, resolve=True)
     if cfg.env_id is not None:  # <id>, or <module>:<id> importing a module named here (knobgym_cli.group_configs)
         env_cfg = {**env_cfg, "id": resolve_env_id(str(cfg.env_id))}
@@ -106,10 +114,21 @@ def evaluation_budgets(cfg: DictConfig, env_budget, achievable: tuple[float, flo
         budgets_ms = auto_budgets(achievable, fixed_budgets_ms(env_budget))
         say("budgets=auto: " + ", ".join(f"{b:g}ms" for b in budgets_ms))
     else:
-        budgets_ms = eval_budgets(env_budget, list(cfg.budgets), achievable, suggested)
+        budgets_ms = eval_budgets(env_budget, cfg.budgets, achievable, suggested)
     for message in out_of_range_warnings(budgets_ms, achievable, suggested):
         warnings.warn(message)
     return budgets_ms
+def check_out_dir(out_dir: Path, run_dir: Path) -> None:
+    """``out=``: a new or existing folder that is not the run folder, nor a training run's folder (its
+    report, plot and table are the run's own), nor a file, nor a link; checked before any work."""
+    accepted = "accepted: out=<a new folder>, or a folder of an earlier evaluation (null: <run>/eval-<budgets>/)"
+    if out_dir.is_symlink():
+        raise UsageError(f"out={str(out_dir)!r} is a symbolic link; {accepted}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"out={str(out_dir)!r} is an existing file; {accepted}")
+    if out_dir.resolve() == run_dir.resolve() or (out_dir / "checkpoints").is_dir() or (out_dir / "run.lock").exists():
+        raise UsageError(f"out={str(out_dir)!r} is a training run's folder (its report, plot and table would be "
+                         f"replaced); {accepted}")
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="evaluate")

@@ -33,15 +33,15 @@ from backends.threads import resolve_threads, set_torch_threads
 from envs.budget import is_device_relative
 from envs.protocols import group_env
 from knobgym_cli.budgets import is_auto, probe_suggested_budget, run_budget
-from knobgym_cli.build import agent_class_of, agent_options, build_agent, eval_budgets
+from knobgym_cli.build import agent_class_of, agent_options, build_agent, check_recorded_config, eval_budgets
 from knobgym_cli.checkpoints import checkpoint_file, load_run_checkpoint, read_with_fallback
 from knobgym_cli.errors import CONF_DIR, GROUPS, run_cli
-from knobgym_cli.logs import say, setup_cli_logging
+from knobgym_cli.logs import say, setup_cli_logging, warning_line
 from knobgym_cli.phases import baseline_agents, baseline_options, build_run_env, compare_on_test
 from knobgym_cli.progress import phase
 from knobgym_cli.rollout import rollout_executor
-from knobgym_cli.runs import discard_failed_run_dir, is_resume, register_resolvers
-from knobgym_cli.usage import UsageError
+from knobgym_cli.runs import check_run_folder, discard_failed_run_dir, is_resume, register_resolvers
+from knobgym_cli.usage import UsageError, fail
 from knobgym_cli.versions import to_jsonable, versions
 
 register_resolvers()
@@ -59,8 +59,18 @@ def resumed_config(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, dict]:
         raise UsageError(f"resume={cfg.resume!r}: no checkpoints/{checkpoint_file('latest')} found (looked in "
                          f"{str(run_dir)!r}); accepted: resume=true with an earlier run of env {cfg.env.id} and "
                          f"agent {cfg.agent.name} under {cfg.runs_dir!r}, or resume=<run dir>")
-    ckpt, _ = read_with_fallback(run_dir, "latest")  # a damaged latest: the last valid one, said so
-    saved = OmegaConf.create(ckpt["metadata"]["config"])
+    ckpt, path = read_with_fallback(run_dir, "latest")  # a damaged latest: the last valid one, said so
+    overridden = {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+    recorded = ckpt["metadata"]["config"]
+    # the run folder is data: what its config names is resolved by registered name only; the
+    # agent's module comes from this command line's conf/agent yaml (when it is the run's agent)
+    same_agent = str(cfg.agent.name) == str((recorded.get("agent") or {}).get("name"))
+    command_line = {"estimator": cfg.estimator if "estimator" in overridden else None,
+                    "env.id": cfg.env.id if "env" in overridden else None,
+                    "agent.module": cfg.agent.get("module") if same_agent else None,
+                    "backend.trust_remote_code": cfg.backend.get("trust_remote_code")
+                    if "backend.trust_remote_code" in overridden else None}
+    saved = OmegaConf.create(check_recorded_config(recorded, f"checkpoint {str(path)!r}", command_line))
     for override in HydraConfig.get().overrides.task:
         key = override.split("=", 1)[0].lstrip("+~")
         if key == "resume" or key.startswith("hydra"):
@@ -121,10 +131,14 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, dict | None
     resumed, the agent class (evaluation-only agents refused) and the budget as requested; resolves
     ``budget=auto`` into ``cfg.budget`` and sets torch's threads."""
     from agents import evaluation_only, list_agents
+    from knobgym_cli.summary import previous_report_problem
 
     resume_ckpt = None
     if is_resume(cfg.resume):
         cfg, resume_ckpt = resumed_config(cfg, run_dir)
+        problem = previous_report_problem(run_dir)  # a damaged report.json: said before training, not after
+        if problem:
+            warning_line(problem)
     cls = agent_class_of(OmegaConf.to_container(cfg.agent, resolve=True))
     if cls.evaluation_only:
         raise UsageError(f"agent={cls.name} is evaluation only; accepted: "
@@ -206,7 +220,8 @@ def write_run_report(cfg: DictConfig, run_dir: Path, rows: list[dict], facts: di
     write_report(run_dir, rows, portable(meta), main_agent=name)
     print(markdown_table(rows), file=sys.stdout)
     print_summary(verdict_lines(rows, name, budget, achievable, suggested), run_files(run_dir),
-                  next_commands(run_dir, cfg.runs_dir, cfg.env.id, name, binding(budget, achievable), suggested),
+                  next_commands(run_dir, cfg.runs_dir, cfg.env.id, name, binding(budget, achievable), suggested,
+                                cfg.estimator),
                   checkpoint=checkpoint_line(chosen))
 
 
@@ -217,6 +232,10 @@ def main(cfg: DictConfig) -> None:
     from knobgym_cli.guard import hold_run_folder, one_line_errors
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        check_run_folder(run_dir)  # resume=true's folder (resume=<dir> was checked before Hydra wrote to it)
+    except ValueError as exc:
+        fail(str(exc))
     # The folder is locked while this process trains in it; any failure is one line, and a folder
     # this process created is removed when it fails before the first checkpoint.
     with hold_run_folder(run_dir, HydraConfig.get().output_subdir), \

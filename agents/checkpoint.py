@@ -5,7 +5,9 @@ one place it is read (agents' ``save`` / ``load`` and the CLI's run checkpoints 
 them). A checkpoint is one :func:`backends.io.save_tensors` file: the tensors and arrays of the
 agent's state are stored as tensors, everything else (numbers, strings, RNG states, the run's
 config) as JSON metadata, with a checksum over both. It records the agent name and the env id, and
-reading one of another agent or env is a ``ValueError`` naming the file and both ids.
+reading one of another agent or env is a ``ValueError`` naming the file and both ids. Non-finite
+parameters (NaN, inf) are refused at save (:class:`NonFiniteError`) and at load (a
+:class:`~backends.io.CorruptFileError`), naming the tensor.
 """
 
 from __future__ import annotations
@@ -75,10 +77,51 @@ def _decode(obj: Any, tensors: dict, path: Path) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------
+# finite parameters: a diverged policy is an error, never a checkpoint
+# ------------------------------------------------------------------------------------------------
+class NonFiniteError(ValueError):
+    """Floating-point parameters holding NaN or inf (a diverged training)."""
+
+
+def nonfinite_tensors(obj: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the floating-point tensors and arrays in ``obj`` (nested dicts, lists, tuples)
+    that hold NaN or inf."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return [prefix] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    if isinstance(obj, np.ndarray):
+        return [prefix] if obj.dtype.kind in "fc" and not np.isfinite(obj).all() else []
+    if isinstance(obj, dict):
+        return [name for k, v in obj.items() for name in nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [name for i, v in enumerate(obj) for name in nonfinite_tensors(v, f"{prefix}.{i}" if prefix else str(i))]
+    return []
+
+
+def describe_nonfinite(names: list[str]) -> str:
+    """``tensor 'policy.net.0.weight' holds NaN or inf (and 3 more)``."""
+    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+    return f"tensor {names[0]!r} holds NaN or inf{more}"
+
+
+def check_finite(state: Any, what: str) -> None:
+    """:class:`NonFiniteError` naming the first non-finite tensor of ``state`` (``what``: where it was found)."""
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise NonFiniteError(f"{what}: {describe_nonfinite(bad)} (a diverged policy); accepted: finite parameters "
+                             f"(lower the learning rate; the last finite checkpoint is kept)")
+
+
+# ------------------------------------------------------------------------------------------------
 # the one writer and the one reader
 # ------------------------------------------------------------------------------------------------
 def write_checkpoint(path: str | Path, agent: str, env_id: str, state: dict, metadata: dict | None = None) -> Path:
-    """Write ``state`` of an ``agent`` trained on ``env_id`` (plus JSON ``metadata``) atomically."""
+    """Write ``state`` of an ``agent`` trained on ``env_id`` (plus JSON ``metadata``) atomically.
+
+    A state with non-finite parameters is a :class:`NonFiniteError` naming the tensor; nothing is written.
+    """
+    check_finite(state, f"refusing to save checkpoint {str(path)!r}")
     tensors: dict = {}
     skeleton = _encode(state, tensors)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "agent": str(agent), "env_id": str(env_id),
@@ -106,5 +149,9 @@ def read_checkpoint(path: str | Path, *, agent: str | None = None, env_id: str |
     if env_id is not None and meta["env_id"] != env_id:
         raise ValueError(f"checkpoint {str(path)!r} was trained on env {meta['env_id']!r}, not {env_id!r}; "
                          f"accepted: env {meta['env_id']!r} (the env the checkpoint was trained on)")
+    state = _decode(meta["state"], tensors, path)
+    bad = nonfinite_tensors(state)
+    if bad:  # a damaged policy, like a damaged file: a run falls back to its last valid checkpoint
+        raise CorruptFileError(path, f"{describe_nonfinite(bad)} (a diverged policy)")
     return {"agent": meta["agent"], "env_id": meta["env_id"], "metadata": _decode(meta["metadata"], tensors, path),
-            "state": _decode(meta["state"], tensors, path)}
+            "state": state}

@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agents.base import Agent, EnvLayout, EpisodeContext, FitContext
+from agents.checkpoint import check_finite
 from agents.config_checks import (check_budget_jitter, check_epsilon_high, check_flags, check_integers,
                                   check_numbers, config_from_dict, normalize_scale_rewards)
 from agents.registry import register_agent
@@ -127,7 +128,12 @@ class GRPOConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
+        widths = list(self.hidden_sizes) if isinstance(self.hidden_sizes, Sequence) and not isinstance(
+            self.hidden_sizes, str) else [self.hidden_sizes]
+        if not widths or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in widths):
+            raise ValueError(f"hidden_sizes={list(widths)!r} is invalid; accepted: a list of whole positive layer "
+                             f"widths such as [64, 64] (a fractional width is not truncated)")
+        self.hidden_sizes = tuple(widths)
         self.scale_rewards = normalize_scale_rewards(self.scale_rewards)
         check_integers(self, ("num_generations", "num_iterations", "batch_size", "ref_model_sync_steps"))
         if self.num_generations < 2:
@@ -142,8 +148,6 @@ class GRPOConfig:
         check_epsilon_high(self.epsilon_high)
         if not 0 < self.ref_model_mixup_alpha <= 1:
             raise ValueError(f"ref_model_mixup_alpha={self.ref_model_mixup_alpha!r} is invalid; accepted: 0 < a <= 1")
-        if not self.hidden_sizes or any(h < 1 for h in self.hidden_sizes):
-            raise ValueError(f"hidden_sizes={self.hidden_sizes!r} is invalid; accepted: positive layer widths")
 
     @classmethod
     def from_dict(cls, values: dict) -> "GRPOConfig":
@@ -499,6 +503,7 @@ class GRPOAgent(Agent):
                 stats["grad_norm"] = float(nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm))
             self.optimizer.step()
         self.step += 1
+        check_finite({"policy": self.policy.state_dict()}, f"GRPO update {self.step} diverged")
         if self.config.sync_ref_model and self.step % self.config.ref_model_sync_steps == 0:
             alpha = self.config.ref_model_mixup_alpha
             with torch.no_grad():

@@ -68,6 +68,7 @@ import numpy as np
 import torch
 
 from agents.base import Agent, EnvLayout, EpisodeContext, FitContext
+from agents.checkpoint import check_finite
 from agents.config_checks import (check_budget_jitter, check_epsilon_high, check_flags, check_integers,
                                   check_numbers, config_from_dict, normalize_scale_rewards)
 from agents.registry import register_agent
@@ -470,6 +471,7 @@ class GRPOLMAgent(Agent):
 
                 def on_step_end(self, args, state, control, **kwargs):
                     agent.step += 1
+                    check_finite({"model": dict(agent.model.named_parameters())}, f"GRPO-LM update {agent.step} diverged")
                     self.pending = True
 
                 def on_log(self, args, state, control, logs=None, **kwargs):

@@ -15,6 +15,7 @@ CLI can all use it without an upward dependency.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -40,12 +41,40 @@ class CorruptFileError(ValueError):
 # ------------------------------------------------------------------------------------------------
 # atomic writes
 # ------------------------------------------------------------------------------------------------
+class SymlinkRefused(ValueError):
+    """A write aimed at a symbolic link (knobgym never writes through one, nor replaces one)."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        super().__init__(f"refusing to write {str(path)!r}: it is a symbolic link (to {os.readlink(path)!r}); "
+                         f"accepted: a regular file or no file there (remove the link)")
+
+
+def refuse_symlink(path: str | Path) -> Path:
+    """``path``, or :class:`SymlinkRefused` when it is a symbolic link (checked with ``lstat``)."""
+    path = Path(path)
+    if path.is_symlink():
+        raise SymlinkRefused(path)
+    return path
+
+
+def open_no_follow(path: str | Path, flags: int, mode: int = 0o644) -> int:
+    """``os.open(path, flags | O_NOFOLLOW)``: :class:`SymlinkRefused` when ``path`` is a symbolic link."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SymlinkRefused(path) from None
+        raise
+
+
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then move it onto ``path``.
 
-    On any exception the temporary file is removed and ``path`` keeps its previous content.
+    On any exception the temporary file is removed and ``path`` keeps its previous content. A
+    ``path`` that is a symbolic link is refused (:class:`SymlinkRefused`), not replaced.
     """
-    path = Path(path)
+    path = refuse_symlink(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -89,7 +118,7 @@ def write_directory_atomically(target: str | Path, write: Callable[[Path], None]
 
     A write that raises leaves the previous ``target`` untouched and no staging folder behind.
     """
-    target = Path(target)
+    target = refuse_symlink(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp creates it private; a written folder (a checkpoint) is meant to be shared
@@ -180,6 +209,33 @@ def save_tensors(path: str | Path, tensors: dict[str, Any], metadata: Any = None
     return atomic_write_bytes(path, data)
 
 
+#: the largest safetensors header read (a header names tensors and holds the JSON metadata)
+MAX_HEADER_BYTES = 100 << 20
+
+
+def _safetensors_metadata(path: Path) -> dict:
+    """The ``__metadata__`` of a safetensors file, read from its header alone, after checking that
+    the header's length and the tensors' extents add up to the file's size exactly;
+    :class:`CorruptFileError` otherwise (nothing but the header has been read)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= length <= min(MAX_HEADER_BYTES, size - 8):
+            raise CorruptFileError(path, f"not a safetensors file ({size} bytes, header length {length}: cut short "
+                                         f"or of another format)")
+        try:
+            header = json.loads(f.read(length))
+            extents = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError):
+            raise CorruptFileError(path, "not a safetensors file (unreadable header: cut short or of another "
+                                         "format)") from None
+    if 8 + length + max(extents, default=0) != size:
+        raise CorruptFileError(path, f"not a safetensors file ({size} bytes, its header describes "
+                                     f"{8 + length + max(extents, default=0)}: cut short or extended)")
+    return header.get("__metadata__") or {}
+
+
 def load_tensors(path: str | Path) -> tuple[dict[str, Any], Any]:
     """``(tensors, metadata)`` of a :func:`save_tensors` file; :class:`CorruptFileError` otherwise."""
     import torch
@@ -189,13 +245,10 @@ def load_tensors(path: str | Path) -> tuple[dict[str, Any], Any]:
     path = Path(path)
     if not path.is_file():
         raise CorruptFileError(path, "file does not exist")
+    header = _safetensors_metadata(path)  # sizes and header first: a file of another kind is never read whole
     data = path.read_bytes()
     try:
         tensors = load(data)
-        from safetensors import safe_open  # header metadata
-
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
     except (SafetensorError, ValueError, OSError, RuntimeError) as exc:
         raise CorruptFileError(path, f"not a safetensors file ({exc.__class__.__name__}: cut short or "
                                      f"of another format)") from None

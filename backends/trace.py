@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sqlite3
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from backends.base import SPLITS, Sample, check_split
-from backends.io import atomic_write_bytes
+from backends.io import atomic_write_bytes, sha256_bytes
 from backends.knobs import KnobConfig, KnobSpace
 from backends.outcome import Outcome, Stage1State, TokenCounts, expected_token_counts
 from backends.progress import progress as progress_bar
@@ -74,12 +75,34 @@ def trace_grid(space: KnobSpace) -> list[KnobConfig]:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
+    """The trace being recorded at ``path`` (its tables created when missing)."""
     try:
         conn = sqlite3.connect(str(path))
         conn.executescript(_SCHEMA)
     except sqlite3.DatabaseError as exc:
         raise TraceError(f"trace file {str(path)!r} is not a readable trace ({exc}); accepted: a file written by "
                          f"record_trace") from None
+    return conn
+
+
+#: the tables of a trace (what a file must hold before it is read as one)
+TRACE_TABLES = ("meta", "blobs", "samples", "stage1", "outcomes")
+
+
+def _open_read_only(path: Path) -> sqlite3.Connection:
+    """A trace opened for reading only (SQLite ``mode=ro``: the file is never written, nor grown),
+    after checking it holds the trace tables; :class:`TraceError` naming it otherwise."""
+    accepted = "accepted: a file written by record_trace"
+    try:
+        conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as exc:
+        raise TraceError(f"trace file {str(path)!r} is not a readable trace ({exc}); {accepted}") from None
+    missing = [t for t in TRACE_TABLES if t not in tables]
+    if missing:
+        conn.close()
+        raise TraceError(f"trace file {str(path)!r} is not a trace (an SQLite file without the table(s) "
+                         f"{', '.join(missing)}); {accepted}")
     return conn
 
 
@@ -307,7 +330,7 @@ class TraceBackend:
         self.path = Path(path)
         if not self.path.is_file():
             raise TraceError(f"trace file {str(self.path)!r} does not exist; accepted: a file written by record_trace")
-        conn = _connect(self.path)
+        conn = _open_read_only(self.path)
         try:
             self.meta = _meta(conn)
             if self.meta.get("format_version") != TRACE_FORMAT_VERSION:
@@ -361,11 +384,14 @@ class TraceBackend:
         return dict(self._cost_params)
 
     def recorded_estimator_file(self) -> str | None:
-        """The latency estimator recorded with the trace, written next to it (``None`` if none)."""
+        """The latency estimator recorded with the trace, as a file (``None`` if none)."""
         if self._estimator_bytes is None:
             return None
-        target = self.path.with_suffix(self.path.suffix + ".estimator")
-        if not target.exists() or target.read_bytes() != self._estimator_bytes:
+        # in the temporary folder, named by content: a trace is only read, nothing is written beside it
+        target = Path(tempfile.gettempdir()) / f"knobgym-trace-{sha256_bytes(self._estimator_bytes)[:20]}.estimator"
+        if target.is_symlink() or not target.is_file() or target.read_bytes() != self._estimator_bytes:
+            if target.is_symlink():
+                target.unlink()
             atomic_write_bytes(target, self._estimator_bytes)
         return str(target)
 

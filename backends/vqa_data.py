@@ -246,41 +246,49 @@ class VQADataset:
         if spec.max_samples is not None:
             rows = list(rows)[: spec.max_samples]
         out: list[Sample] = []
-        skipped: list[str] = []
+        skipped: dict[str, list[str]] = {}  # why -> the rows skipped for it (a question-less row scores nothing)
         for row_index in rows:
             row = data[row_index]
-            image = None
-            if self.needs_image:
-                image, problem = self._read_image(row.get(image_col), self._base[split])
-                if problem is not None:
-                    skipped.append(problem)
-                    continue
+            where = f"row {row_index} (id {row.get(spec.column('id'), row_index)!r})"
+            question = row.get(spec.column("question"))
             answers = self._answers(row)
+            problem = ("no question" if question is None or not str(question).strip() else
+                       "no reference answer" if not answers else None)
+            image = None
+            if problem is None and self.needs_image:
+                image, unreadable = self._read_image(row.get(image_col), self._base[split])
+                problem, where = ("unreadable image", unreadable) if unreadable is not None else (None, where)
+            if problem is not None:
+                skipped.setdefault(problem, []).append(where)
+                continue
             qtype = row.get(spec.column("type"))
             out.append(Sample(
-                sample_id=len(out), split=split, question=str(row[spec.column("question")]),
-                reference=Counter(answers).most_common(1)[0][0] if answers else None, image=image,
+                sample_id=len(out), split=split, question=str(question),
+                reference=Counter(answers).most_common(1)[0][0], image=image,
                 question_type=self.question_types.index(str(qtype)) if qtype not in (None, "") and
                 str(qtype) in self.question_types else -1,
                 meta={"id": row.get(spec.column("id"), row_index), "answers": answers}))
-        self.skipped[split] = len(skipped)
+        total = sum(len(v) for v in skipped.values())
+        self.skipped[split] = total
+        why = "; ".join(f"{len(v)} with {k} (first: {v[0]})" for k, v in skipped.items())
         if skipped:
-            log.warning("dataset %s split %r: skipped %d of %d samples with an unreadable image (first: %s)",
-                        _describe(spec.path), split, len(skipped), len(skipped) + len(out), skipped[0])
+            log.warning("dataset %s split %r: skipped %d of %d samples: %s", _describe(spec.path), split, total,
+                        total + len(out), why)
         if not out:
             raise DataError(f"split {split!r} of dataset {_describe(spec.path)} is empty"
-                            + (f" ({len(skipped)} samples skipped: unreadable images, first: {skipped[0]})"
-                               if skipped else "")
-                            + "; accepted: a split with at least one readable sample (check split_fractions, "
-                              "splits and max_samples)")
+                            + (f" ({total} samples skipped: {why})" if skipped else "")
+                            + "; accepted: a split with at least one sample with a question, a reference answer "
+                              "and (for a vision model) a readable image (check split_fractions, splits, max_samples "
+                              "and columns)")
         return out
 
     def _answers(self, row: dict) -> list[str]:
         many = row.get(self.spec.column("answers"))
-        if many is not None:
-            return [str(a["answer"] if isinstance(a, Mapping) else a) for a in many]
-        one = row.get(self.spec.column("answer"))
-        return [] if one is None else [str(one)]
+        if many is None:
+            one = row.get(self.spec.column("answer"))
+            many = [] if one is None else [one]
+        values = [a.get("answer") if isinstance(a, Mapping) else a for a in many]
+        return [str(a) for a in values if a is not None and str(a).strip()]  # None is no answer, not "None"
 
     @staticmethod
     def _read_image(value: Any, base: Path) -> tuple[np.ndarray | None, str | None]:
@@ -302,10 +310,33 @@ class VQADataset:
             else:
                 return None, f"image value of type {type(value).__name__}"
             with Image.open(source) as im:
-                return np.asarray(im.convert("RGB"), dtype=np.uint8).copy(), None
+                return to_rgb(im), None
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
             where = str(source) if "source" in locals() and not isinstance(source, io.BytesIO) else "<bytes>"
             return None, f"{where}: {type(exc).__name__}: {exc}"
+
+
+def to_rgb(im) -> np.ndarray:
+    """A PIL image as HxWx3 uint8 with its intensities kept: 16-bit modes (``I;16*``, ``I`` holding
+    16-bit values) are scaled from 0-65535, transparent pixels are composited on white; a mode
+    whose range is unknown (``F``, ``I`` beyond 16 bits) is a ``ValueError`` (the row is skipped,
+    counted and named)."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        values = np.asarray(im, dtype=np.float64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"image mode {im.mode} with values beyond 16 bits ({values.min():g}..{values.max():g}); "
+                             f"accepted: 8- or 16-bit images")
+        gray = np.round(values / 257.0).astype(np.uint8)  # 65535 -> 255
+        return np.repeat(gray[..., None], 3, axis=2).copy()
+    if im.mode == "F":
+        raise ValueError("image mode F (floating point, range unknown); accepted: 8- or 16-bit images")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"), dtype=np.uint8).copy()
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
 def dataset_spec_from_options(dataset: Any, **options: Any) -> DatasetSpec:

@@ -339,7 +339,12 @@ def _parse_kv_cap(cap: Any, original: Any) -> tuple[int | None, int | None]:
     match = _KV_CAP_RE.match(cap)
     if not match:
         raise _bad_kv(original, f"cannot parse the KV cap {cap!r}")
-    number = float(match.group(1)) * (10 ** int(match.group(2)) if match.group(2) else 1)
+    try:
+        number = float(match.group(1)) * (10 ** int(match.group(2)) if match.group(2) else 1)
+    except OverflowError:  # 1e400tok: an exponent beyond what a float holds
+        number = float("inf")
+    if not np.isfinite(number) or number > 2 ** 62:
+        raise _bad_kv(original, f"the KV cap {cap!r} is too large (at most {2 ** 62:.3g})")
     unit = match.group(3).lower()
     if unit in ("tok", "tokens"):
         if number != int(number) or number < 1:

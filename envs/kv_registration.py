@@ -12,7 +12,7 @@ import gymnasium as gym
 from backends.kv.policies import FullCache, KVPolicy, registered_kv_policies
 from backends.kv.policies.base import on_kv_policy_registered
 from envs.kv_grid import kv_action_grid
-from envs.registry import register_env
+from envs.registry import list_envs, register_env, registered_entry_point
 from envs.streaming_kv import StreamingKVEnv
 
 STREAMING_KV_ID = "StreamingKV-v0"
@@ -53,3 +53,8 @@ def _register_default(policy_class: type[KVPolicy]) -> str | None:
         return None
     env_id = kv_env_id(policy_class)
     return env_id if env_id in gym.registry else register_kv_env(policy_class)
+
+
+def kv_env_ids() -> list[str]:
+    """The registered ids whose env streams a KV cache (they accept a KV budget's cache cap)."""
+    return [env_id for env_id in list_envs() if registered_entry_point(env_id) is StreamingKVEnv]

@@ -32,6 +32,12 @@ def list_envs() -> list[str]:
     return sorted(_REGISTERED)
 
 
+def registered_entry_point(env_id: str):
+    """The entry point ``env_id`` was registered with by :func:`register_env` (None for another id)."""
+    entry = _REGISTERED.get(env_id)
+    return None if entry is None else entry["entry_point"]
+
+
 def check_env_id(env_id: str) -> str:
     if env_id not in _REGISTERED:
         raise ValueError(f"unknown env id {env_id!r}; accepted: {', '.join(list_envs()) or '(none registered)'}")

@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from envs.budget import device_budget
-from knobgym_cli.budgets import run_budget
+from envs.budget import KVBudget, device_budget
 from knobgym_cli.usage import UsageError, fail
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -24,9 +23,105 @@ def run_cli(config_name: str, hydra_main, argv: Sequence[str] | None = None) -> 
     argv = sys.argv[1:] if argv is None else argv
     try:
         check_overrides(argv, config_name)
+        if not any(arg.startswith("-") for arg in argv):  # --help, --cfg, -m...: Hydra's own
+            check_composition(argv, config_name)
     except ValueError as exc:
         fail(str(exc))
     hydra_main()
+
+
+def check_composition(argv: Sequence[str], config_name: str) -> None:
+    """Compose ``config_name`` with ``argv`` as Hydra will, and turn what Hydra would report over
+    several lines (exit 1) into one :class:`UsageError`: an unknown key (``eval.nope``,
+    ``baselines.<no such agent>.x``), a missing mandatory value, ``runs_dir`` or ``hydra.run.dir``
+    naming a file, ``resume=true`` finding a run folder that holds a link. Nothing is written.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(argv)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose(config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        key = getattr(exc.__cause__, "full_key", None) or getattr(exc, "full_key", None)
+        if key:
+            parent = key.rsplit(".", 1)[0] if "." in key else ""
+            raise UsageError(f"unknown option {key!r}; accepted: {_keys_below(config_name, parent, argv)} "
+                             f"(+{key}=... adds a new key)") from None
+        first = " ".join(str(exc).strip().split("\n\n")[0].split())
+        raise UsageError(f"{first}; see python {'train' if config_name == 'config' else 'evaluate'}.py --help") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UsageError(f"{missing[0]} is missing; accepted: {missing[0]}=<value> ({_help(config_name, missing[0])})")
+    for key in ("runs_dir", "hydra.run.dir"):
+        value = cfg.get("runs_dir") if key == "runs_dir" else _given(argv, key)
+        if value is not None and "${" not in str(value):
+            _check_folder_path(key, str(value))
+    if config_name == "config":
+        _check_env_kwargs(cfg)
+    if config_name == "config" and str(cfg.get("resume")).lower() == "true":
+        from knobgym_cli.runs import check_run_folder, latest_run_dir
+
+        latest = latest_run_dir(cfg.runs_dir, cfg.env.id, cfg.agent.name)
+        if latest is not None:
+            check_run_folder(latest)
+
+
+def _check_env_kwargs(cfg: Any) -> None:
+    """Every ``env.kwargs`` key is a keyword of the chosen env (checked before a model loads)."""
+    import envs  # noqa: F401  (registers the env ids)
+    from envs.registry import list_envs
+    from knobgym_cli.build import env_keywords
+
+    env_id = str(cfg.env.id)
+    if env_id not in list_envs():
+        return  # make_env names the unknown id
+    accepted = sorted(set(env_keywords(env_id)) - {"budget", "split", "backend", "estimator"})
+    for key in cfg.env.get("kwargs") or {}:
+        if key not in accepted:
+            raise UsageError(f"unknown option env.kwargs.{key} of env {env_id}; accepted: "
+                             f"{', '.join('env.kwargs.' + k for k in accepted)}")
+
+
+def _keys_below(config_name: str, parent: str, argv: Sequence[str]) -> str:
+    """The keys of ``parent`` in ``config_name`` composed with the config-group choices of ``argv``."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import DictConfig, OmegaConf
+
+    groups = [a for a in argv if a.split("=", 1)[0].lstrip("+~") in (*GROUPS, *EXECUTION_GROUPS)
+              or a.startswith("hydra.searchpath=")]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name, overrides=groups)
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig):
+        return "(no keys)"
+    return ", ".join(f"{parent}.{k}" if parent else str(k) for k in node)
+
+
+def _given(argv: Sequence[str], key: str) -> str | None:
+    found = [a.split("=", 1)[1] for a in argv if "=" in a and a.split("=", 1)[0].lstrip("+~") == key]
+    return found[-1] if found else None
+
+
+def _help(config_name: str, key: str) -> str:
+    from knobgym_cli.overrides import SCHEMAS
+
+    option = SCHEMAS.get(config_name, {}).get(key)
+    return option.help if option is not None else "see --help"
+
+
+def _check_folder_path(key: str, value: str) -> None:
+    """``value`` is a folder or can be made one: neither it nor a parent of it is an existing file."""
+    path = Path(value).expanduser()
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            if not candidate.is_dir():
+                what = "is an existing file" if candidate == path else f"lies under the file {str(candidate)!r}"
+                raise UsageError(f"{key}={value} {what}; accepted: a folder (existing, or one that can be created)")
+            return
 
 
 def search_dirs(argv: Sequence[str]) -> list[Path]:
@@ -87,8 +182,8 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
                     if key == "agent" and value in evaluation_only() else ""
                 raise UsageError(f"unknown {key} {value!r}{extra}; accepted: {', '.join(options)}")
         if key == "budget" and value.strip().lower() != "auto":  # auto: knobgym_cli.budgets
-            run_budget(value)  # a KV budget ('20ms+256tok') is a Budget plus a cache cap
-        if key == "budgets" and value.strip().lower() != "auto":
+            check_budget_override(arg, value, argv)
+        if key in ("budgets", "eval.budgets") and value.strip().lower() not in ("auto", "null"):
             for item in parse_budget_list(value):
                 device_budget(item)
     from knobgym_cli.overrides import check_typed_overrides  # typed keys, agent options, resume=<dir>
@@ -96,6 +191,37 @@ def check_overrides(argv: Sequence[str], config_name: str) -> None:
     check_typed_overrides(argv, config_name)
     if config_name == "config":
         check_rollout_workers(argv)
+
+
+def check_budget_override(arg: str, value: str, argv: Sequence[str]) -> None:
+    """``budget=``: a :class:`Budget`, or a KV budget (``20ms+256tok``, ``{tpot:[15ms,25ms],kv:256tok}``)
+    when the chosen env is a KV env; read as Hydra reads it (a mapping is a mapping)."""
+    from knobgym_cli.overrides import parse_override
+
+    parsed = parse_override(arg).value()
+    try:
+        device_budget(parsed if not isinstance(parsed, dict) else value)  # '50%' too: the env resolves it
+        return
+    except ValueError as error:  # a KV budget ('20ms+256tok') is a Budget plus a cache cap
+        try:
+            kv = KVBudget.parse(dict(parsed) if isinstance(parsed, dict) else value)
+        except ValueError as kv_error:
+            raise (kv_error if isinstance(parsed, dict) or "+" in value else error) from None
+    if not kv.has_cap:
+        return
+    import envs  # noqa: F401  (registers the env ids)
+    from envs.kv_registration import kv_env_ids
+
+    env_id = next((a.split("=", 1)[1] for a in argv if a.split("=", 1)[0].lstrip("+") == "env"), None)
+    if env_id is None:
+        from omegaconf import DictConfig, OmegaConf
+
+        env_id = next(str(item["env"]) for item in OmegaConf.load(CONF_DIR / "config.yaml")["defaults"]
+                      if isinstance(item, DictConfig) and "env" in item)
+    if env_id not in kv_env_ids():
+        raise UsageError(f"budget={value} has a KV-cache cap, which env {env_id} has no cache to apply to; "
+                         f"accepted: a latency budget such as {kv.tpot} for {env_id}, or a KV env "
+                         f"({', '.join(kv_env_ids())}) for a KV cap")
 
 
 def check_rollout_workers(argv: Sequence[str]) -> None:

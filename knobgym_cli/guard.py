@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from backends.io import SymlinkRefused
 from knobgym_cli.usage import fail
 from knobgym_cli.lock import RunFolderLocked, RunLock
 from knobgym_cli.logs import warning_line
@@ -35,7 +36,7 @@ def hold_run_folder(run_dir: str | Path, output_subdir: str | None = None) -> It
     lock = RunLock(run_dir)
     try:
         lock.acquire()
-    except RunFolderLocked as exc:
+    except (RunFolderLocked, SymlinkRefused) as exc:
         if output_subdir and Path(output_subdir).name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(run_dir / output_subdir, ignore_errors=True)
         fail(str(exc))

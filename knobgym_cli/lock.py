@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from backends.io import open_no_follow
 from knobgym_cli.usage import UsageError
 
 LOCK_NAME = "run.lock"
@@ -74,7 +75,7 @@ class RunLock:
         """Take the lock or raise :class:`RunFolderLocked` naming the holder."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT)  # a planted link is refused, not followed
             try:
                 locked = self._flock(fd)
                 previous = self._read(fd)

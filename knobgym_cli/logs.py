@@ -44,7 +44,7 @@ def setup_cli_logging(log_file: str | Path | None = None) -> logging.Logger:
     log.addHandler(terminal)
     if log_file is not None:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        to_file = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+        to_file = _AppendNoFollow(log_file)
         to_file.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
         log.addHandler(to_file)
     warnings.showwarning = show_warning
@@ -53,6 +53,24 @@ def setup_cli_logging(log_file: str | Path | None = None) -> logging.Logger:
 
         hf_logging.disable_progress_bar()
     return log
+
+
+class _AppendNoFollow(logging.FileHandler):
+    """A ``FileHandler`` appending to its file, which is opened without following a symbolic link
+    (a planted ``train.log`` link is refused: :class:`~backends.io.SymlinkRefused`)."""
+
+    def __init__(self, path: str | Path):
+        from backends.io import refuse_symlink
+
+        super().__init__(refuse_symlink(path), mode="a", encoding="utf-8", delay=False)
+
+    def _open(self):
+        import os
+
+        from backends.io import open_no_follow
+
+        fd = open_no_follow(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -49,9 +49,9 @@ class Option:
             text = "an integer" if self.kind == "int" else "a finite number"
             bounds = []
             if self.low is not None:
-                bounds.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+                bounds.append(f"{'>' if self.low_open else '>='} {_number(self.low)}")
             if self.high is not None:
-                bounds.append(f"{'<' if self.high_open else '<='} {self.high:g}")
+                bounds.append(f"{'<' if self.high_open else '<='} {_number(self.high)}")
             text += " " + " and ".join(bounds) if bounds else ""
         elif self.kind == "bool":
             text = "true or false"
@@ -95,13 +95,18 @@ class Option:
             raise UsageError(f"{key}={shown} is invalid; accepted: {self.accepted()}")
 
 
+def _number(x: float) -> str:
+    """A bound as written: whole numbers in full (4294967295, not 4.29497e+09)."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
 def _count(help_text: str, low: int = 1, nullable: bool = False) -> Option:
     return Option("int", help_text, low=low, nullable=nullable)
 
 
 _SPLIT = Option("choice", "a data split", choices=SPLITS)
 _THREADS = _count("torch intra-op threads; null: backends.threads.DEFAULT_TORCH_THREADS", nullable=True)
-_SEED = Option("int", "random seed", low=0)
+_SEED = Option("int", "random seed", low=0, high=2**32 - 1)  # numpy and torch both accept this range
 
 #: agent options of the agents without a config dataclass (and ``seed`` of every agent)
 AGENT_OPTIONS: dict[str, dict[str, Option]] = {
@@ -139,6 +144,9 @@ SCHEMAS: dict[str, dict[str, Option]] = {
         "torch_threads": _THREADS,
         "env_id": Option("str", "an env id", nullable=True),
         "out": Option("str", "the output folder", nullable=True),
+        "estimator": Option("str", "a registered estimator name or module:callable", nullable=True),
+        "agent_module": Option("str", "a module to import first (it registers an agent)", nullable=True),
+        "trust_remote_code": Option("bool", "run code shipped with the run's model"),
     },
 }
 
@@ -325,3 +333,6 @@ def check_resume(value: Any, raw: str) -> None:
         raise UsageError(f"resume={raw}: no such run folder {str(path)!r}; {accepted}")
     if run_folder_checkpoint(path) is None:
         raise UsageError(f"resume={raw}: {str(path)!r} holds no checkpoints/latest; {accepted}")
+    from knobgym_cli.runs import check_run_folder
+
+    check_run_folder(path)  # before Hydra writes its record into it

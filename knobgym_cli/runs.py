@@ -39,6 +39,24 @@ def new_run_dir(runs_dir: str | Path, env_id: str, agent: str) -> Path:
     return candidate
 
 
+def check_run_folder(run_dir: str | Path) -> Path:
+    """``run_dir``, or a :class:`~knobgym_cli.errors.UsageError` naming the first symbolic link inside it.
+
+    knobgym never writes a link into a run folder, so one there was planted or added by hand: a
+    lock, log, checkpoint or report written through it would land outside the folder, and a
+    checkpoint read through it would come from elsewhere. Checked before a run folder is used.
+    """
+    from knobgym_cli.errors import UsageError
+
+    run_dir = Path(run_dir)
+    for path in sorted(run_dir.rglob("*")):  # rglob does not descend into linked folders
+        if path.is_symlink():
+            raise UsageError(f"run folder {str(run_dir)!r} holds a symbolic link {str(path.relative_to(run_dir))!r} "
+                             f"(to {os.readlink(path)!r}); knobgym never follows a link in a run folder; accepted: "
+                             f"a run folder of regular files and folders (replace the link by the file it names)")
+    return run_dir
+
+
 def latest_run_dir(runs_dir: str | Path, env_id: str, agent: str) -> Path | None:
     """The newest run of (env, agent) holding ``checkpoints/latest.safetensors``."""
     base = Path(runs_dir) / env_id / agent
@@ -73,7 +91,12 @@ def output_subdir(resume: Any) -> str:
     """Hydra resolver behind ``hydra.output_subdir``: a resumed run keeps its original ``.hydra/``."""
     if not is_resume(resume):
         return ".hydra"
-    return ".hydra/resume-" + _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + f"-{os.getpid()}"
+    # memoised: Hydra resolves it when writing the record and again when asked (a second apart on a
+    # loaded machine), and a folder in use removes exactly the record this process wrote
+    key = ("output_subdir", str(resume), os.getpid())
+    if key not in _RUN_DIRS:
+        _RUN_DIRS[key] = ".hydra/resume-" + _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + f"-{os.getpid()}"
+    return _RUN_DIRS[key]
 
 
 def register_resolvers() -> None:

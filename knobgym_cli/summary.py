@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shutil
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,11 +18,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from agents import evaluation_only
+from backends.io import refuse_symlink
 from knobgym_cli.budgets import binding
 from knobgym_cli.logs import to_log_file_only
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 REPORT_FILES = ("report.md", "report.json", "pareto.png")
+STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
+STAMP = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d")
 # The verdict's measure: the mean score of answers that arrive within the budget (a late answer
 # counts 0), one number that neither ignores violations nor hides accuracy.
 VERDICT_KEY = "score_in_budget"
@@ -101,29 +104,53 @@ def archive_previous_report(run_dir: str | Path) -> Path | None:
     Nothing is ever overwritten: a name already taken gets ``-1``, ``-2``...
     """
     run_dir = Path(run_dir)
-    present = [name for name in REPORT_FILES if (run_dir / name).exists()]
+    present = [name for name in REPORT_FILES if os.path.lexists(run_dir / name)]
     if not present:
         return None
-    stamp = None
-    try:
-        stamp = json.loads((run_dir / "report.json").read_text()).get("finished_at")
-    except (OSError, ValueError):
-        pass
-    if not stamp:
-        mtime = (run_dir / present[0]).stat().st_mtime
-        stamp = _dt.datetime.fromtimestamp(mtime).strftime("%Y-%m-%d_%H-%M-%S")
-    target, n = run_dir / "reports" / stamp, 0
-    while target.exists():
+    stamp = report_stamp(run_dir / "report.json")
+    if stamp is None:  # no readable report.json, or its finished_at is not a timestamp: the file's time
+        mtime = (run_dir / present[0]).lstat().st_mtime
+        stamp = _dt.datetime.fromtimestamp(mtime).strftime(STAMP_FORMAT)
+    reports = refuse_symlink(run_dir / "reports")
+    target, n = reports / stamp, 0
+    while target.exists() or target.is_symlink():
         n += 1
-        target = run_dir / "reports" / f"{stamp}-{n}"
+        target = reports / f"{stamp}-{n}"
     target.mkdir(parents=True)
     for name in present:
-        shutil.move(str(run_dir / name), str(target / name))
+        os.rename(run_dir / name, target / name)  # within the folder: a rename, never a copy through a link
     return target
 
 
+def previous_report_problem(run_dir: str | Path) -> str | None:
+    """Why the ``report.json`` a resumed run will archive is not a valid report (``None`` when it is,
+    or there is none): said at the start of a resume, not found at its end."""
+    from knobgym_cli.report import read_report
+
+    path = Path(run_dir) / "report.json"
+    if not os.path.lexists(path):
+        return None
+    try:
+        read_report(path)
+    except ValueError as exc:
+        return f"{exc}; it will be kept as it is under reports/ (named by its modification time) when this run ends"
+    return None
+
+
+def report_stamp(path: Path) -> str | None:
+    """The ``finished_at`` of a ``report.json`` when it is a timestamp of :data:`STAMP_FORMAT` (a field
+    read from a file never becomes a path component otherwise); ``None`` when there is none."""
+    try:
+        stamp = json.loads(path.read_text()).get("finished_at")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(stamp, str) or not STAMP.fullmatch(stamp):
+        return None
+    return stamp
+
+
 def now_stamp() -> str:
-    return _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return _dt.datetime.now().strftime(STAMP_FORMAT)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,13 +195,18 @@ def verdict_lines(rows: Sequence[dict], main_agent: str, train_budget: Any, achi
 
 
 def next_commands(run_dir: str | Path, runs_dir: str | Path, env_id: str, agent: str, state: str,
-                  suggested_ms: float) -> list[str]:
-    """What to run next: a rerun at a binding budget (when this one does not bind), evaluation, TensorBoard."""
+                  suggested_ms: float, estimator: str | None = None) -> list[str]:
+    """What to run next: a rerun at a binding budget (when this one does not bind), evaluation, TensorBoard.
+
+    ``estimator``: the run's ``module:callable`` estimator, which evaluation must be given again on
+    its command line (a run folder's config is never imported from).
+    """
     run = display_path(run_dir)
     commands = []
     if state != "binds":
         commands.append(f"python train.py env={env_id} agent={agent} budget={suggested_ms:.0f}ms")
-    commands += [f"python evaluate.py run={run}          # budgets=auto: across this device's range",
+    again = f" estimator={estimator}" if estimator and ":" in str(estimator) else ""
+    commands += [f"python evaluate.py run={run}{again}          # budgets=auto: across this device's range",
                  f"tensorboard --logdir {display_path(runs_dir)}"]
     return commands
 

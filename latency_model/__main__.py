@@ -49,6 +49,7 @@ from backends.io import atomic_write_text
 from latency_model.cache import cache_entry, cache_paths
 from latency_model.estimator import AUTO, METHODS, EstimatorFileError, LatencyEstimator, fit_estimator
 from latency_model.profile import ProfileSettings, profile_backend, read_profile
+from latency_model import speed
 from latency_model.report import held_out_report
 
 COMMANDS = ("profile", "fit", "report")
@@ -203,6 +204,12 @@ def _report(options: dict, backend_options: dict) -> int:
             raise ValueError(f"the cached estimator {str(cached_path)!r} has no profile beside it; accepted: "
                              f"`python -m latency_model profile backend=... force=true`")
     print(f"profile: {path} ({len(profile)} rows, sha256 {str(profile.sha256)[:12]}); {_noise_line(profile.noise)}")
+    probe = profile.device.get("speed_probe")
+    now_ms = speed.speed_probe_ms() if probe else None
+    print(speed.describe(probe, now_ms))
+    shift = speed.shift_warning(probe, now_ms, str(profile.backend.get("backend"))) if probe else None
+    if shift:
+        print(f"warning: {shift}", file=sys.stderr)
     if estimator is None:
         print("estimator: none checked (estimator=PATH validates one against this profile)")
     elif estimator.profile_sha256 != profile.sha256:

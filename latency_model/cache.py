@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.io import CorruptFileError
+from latency_model import speed
 from latency_model.estimator import AUTO, EstimatorFileError, LatencyEstimator, fit_estimator
 from latency_model.profile import (FINGERPRINT_KEYS_THAT_MATTER, ProfileData, ProfileSettings, notice,
                                    device_fingerprint, identity_key, profile_backend, read_profile, write_profile)
@@ -33,6 +34,20 @@ CACHE_ENV_VAR = "KNOBGYM_CACHE"
 
 class NoisyProfileWarning(UserWarning):
     """A latency profile whose repeat noise exceeds its bound: used for this process only, not cached."""
+
+
+class SpeedShiftWarning(UserWarning):
+    """This machine's speed probe is beyond the bound from the one recorded with the latency profile."""
+
+
+def _warn_if_speed_moved(estimator: LatencyEstimator, backend) -> None:
+    """Run the speed probe and warn when it moved beyond the bound since the profile was taken."""
+    probe = estimator.fingerprint.get("speed_probe")
+    if not probe:
+        return
+    message = speed.shift_warning(probe, speed.speed_probe_ms(), str(backend.identity().get("backend")))
+    if message:
+        warnings.warn(message, SpeedShiftWarning, stacklevel=3)
 
 
 def default_cache_dir() -> Path:
@@ -111,6 +126,7 @@ def cache_entry(backend, cache_dir: str | os.PathLike | None = None, *, profile_
             notice(f"ignoring the cached latency estimator: {exc}; refitting")
             estimator = None
         if estimator is not None:
+            _warn_if_speed_moved(estimator, backend)
             if not profile_path.exists():
                 return estimator, None
             profile = _cached_profile(profile_path)
@@ -127,17 +143,30 @@ def cache_entry(backend, cache_dir: str | os.PathLike | None = None, *, profile_
                                     f"{str(estimator_path)!r}; run `python -m latency_model profile backend=...` "
                                     f"or pass profile_if_missing=True")
         profile = profile_backend(backend, settings or ProfileSettings(), progress=progress)
-        if profile.noise.exceeds:
-            warnings.warn(f"latency profile of backend {backend.identity().get('backend')!r} is too noisy to cache: "
-                          f"{profile.noise.describe()} (other jobs running?). Its estimator is used for this "
-                          f"process only; re-profile on a quiet machine with `python -m latency_model profile "
-                          f"backend=... force=true`, or accept the noise with max_noise_pct=...",
-                          NoisyProfileWarning, stacklevel=2)
+        why_not = _why_not_cached(profile, str(backend.identity().get("backend")))
+        if why_not is not None:
+            warnings.warn(*why_not, stacklevel=2)
             return fit_estimator(profile, method, source=None), profile
         write_profile(profile, profile_path)
     estimator = fit_estimator(profile, method, source=str(profile_path))
     estimator.save(estimator_path)
     return estimator, profile
+
+
+def _why_not_cached(profile: ProfileData, name: str) -> tuple[str, type] | None:
+    """``(message, warning class)`` when a fresh profile must not be cached: too noisy, or the
+    machine's speed moved while it was measured (the estimator is then for this process only)."""
+    rerun = "re-profile on a quiet machine with `python -m latency_model profile backend=... force=true`"
+    if profile.noise.exceeds:
+        return (f"latency profile of backend {name!r} is too noisy to cache: {profile.noise.describe()} (other jobs "
+                f"running?). Its estimator is used for this process only; {rerun}, or accept the noise with "
+                f"max_noise_pct=...", NoisyProfileWarning)
+    probe = profile.device.get("speed_probe")
+    if probe and speed.moved_during(probe):
+        return (f"latency profile of backend {name!r} is not cached: the machine's speed moved while it was measured "
+                f"({speed.describe(probe)}; other jobs started or stopped?). Its estimator is used for this process "
+                f"only; {rerun}", SpeedShiftWarning)
+    return None
 
 
 def describe(estimator: LatencyEstimator) -> dict[str, Any]:
@@ -146,4 +175,5 @@ def describe(estimator: LatencyEstimator) -> dict[str, Any]:
             "fingerprint": estimator.fingerprint, "identity": estimator.identity, "info": estimator.info,
             "profile_sha256": estimator.profile_sha256, "profile_rows": estimator.profile_rows,
             "noise": None if estimator.noise is None else estimator.noise.as_dict(),
+            "speed_probe": estimator.fingerprint.get("speed_probe"),
             "selection": {k: v for k, v in estimator.selection.items() if k in ("rule", "chosen")}}

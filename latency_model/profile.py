@@ -546,6 +546,9 @@ def profile_backend(backend, settings: ProfileSettings = ProfileSettings(), path
     A noisy profile is still written to an explicit ``path`` (with its noise in the metadata);
     whether to cache it is the caller's decision.
     """
+    from latency_model import speed
+
+    probe_before = speed.speed_probe_ms()  # how fast the machine is, before and after (latency_model.speed)
     space = backend.knob_space
     samples = backend.samples(settings.split)
     points = design(space, samples, settings)
@@ -604,7 +607,8 @@ def profile_backend(backend, settings: ProfileSettings = ProfileSettings(), path
                      "latency_runs_ms": ";".join(f"{r:.4f}" for r in runs),
                      "backend_ms": float(np.median(m.reported[i])), "stage1_ms": float(np.median(m.stage1[i]))})
     noise = ProfileNoise.of_rows(rows, bound, len(remeasured), rounds)
-    data = ProfileData(rows=rows, device=device_fingerprint(device), backend=backend.identity(),
+    probe = speed.record(probe_before, speed.speed_probe_ms())
+    data = ProfileData(rows=rows, device={**device_fingerprint(device), "speed_probe": probe}, backend=backend.identity(),
                        knob_space=space, cost_params=dict(backend.cost_params()), settings=asdict(settings),
                        noise=noise)
     if path is not None:

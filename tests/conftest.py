@@ -24,6 +24,11 @@ from bench._hooks import ComputeProbe as BenchComputeProbe
 PAD_ID, EOS_ID, BOS_ID, UNK_ID = 0, 1, 2, 3
 WORDS = [f"w{i}" for i in range(4, IMAGE_TOKEN_ID)]  # ordinary vocabulary words, ids 4..VOCAB-2
 
+# The speed probe of latency profiles (latency_model.speed) moves with the load of a shared test
+# machine: the suite does not let that decide whether a profile is cached or a warning is printed
+# (tests/test_run_folder_safety.py drives the probe's bound and readings itself).
+os.environ.setdefault("KNOBGYM_SPEED_PROBE_BOUND", "1000")
+
 # The test models are tiny: intra-op parallelism buys nothing and, on busy shared cores, threads
 # spinning for each other make one forward ~100x slower (measured: 2.7 s vs 3 ms for tiny OLMoE).
 torch.set_num_threads(1)

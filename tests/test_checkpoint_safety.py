@@ -194,7 +194,7 @@ def test_evaluate_refuses_a_planted_pickle_with_one_line(trained_run, tmp_path, 
     run = copy_of(trained_run, tmp_path)
     marker = tmp_path / "code-ran"
     path = plant(run / "checkpoints" / "best.safetensors", marker, kind)
-    result = run_cli("evaluate.py", [f"run={run}"], tmp_path)
+    result = run_cli("evaluate.py", [f"run={run}", "estimator=fake_latency:make"], tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = error_lines(result)
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], result.stderr
@@ -205,7 +205,7 @@ def test_evaluate_on_a_cut_short_checkpoint_is_one_error_naming_it(trained_run, 
     run = copy_of(trained_run, tmp_path)
     path = run / "checkpoints" / "latest.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    result = run_cli("evaluate.py", [f"run={run}", "checkpoint=latest"], tmp_path)
+    result = run_cli("evaluate.py", [f"run={run}", "estimator=fake_latency:make", "checkpoint=latest"], tmp_path)
     assert result.returncode == 2
     lines = error_lines(result)
     assert len(lines) == 1 and str(path) in lines[0] and "not a valid knobgym file" in lines[0], result.stderr
@@ -217,7 +217,7 @@ def test_resume_with_a_damaged_latest_and_best_recovers_and_says_so(trained_run,
     latest.write_bytes(latest.read_bytes()[:100])
     best.write_bytes(best.read_bytes()[:-1])
     (run / "report.json").unlink()
-    result = run_cli("train.py", [f"resume={run}", "agent.total_updates=3"], tmp_path)
+    result = run_cli("train.py", [f"resume={run}", "estimator=fake_latency:make", "agent.total_updates=3"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert any(str(latest) in line and "not a valid knobgym file" in line for line in warnings), result.stderr
@@ -232,7 +232,7 @@ def test_evaluate_refuses_a_checkpoint_of_another_agent(trained_run, tmp_path):
     path = run / "checkpoints" / "best.safetensors"
     ckpt = read_checkpoint(path)
     write_checkpoint(path, "bandit", ckpt["env_id"], {"weights": torch.zeros(2)}, ckpt["metadata"])
-    result = run_cli("evaluate.py", [f"run={run}"], tmp_path)
+    result = run_cli("evaluate.py", [f"run={run}", "estimator=fake_latency:make"], tmp_path)
     assert result.returncode == 2
     lines = error_lines(result)
     assert len(lines) == 1 and "holds a 'bandit' agent but the run's config names 'grpo'" in lines[0], result.stderr

@@ -33,5 +33,5 @@ def test_train_and_evaluate_with_backend_hf(tmp_path, random_tiny_checkpoint):
     run = next((tmp_path / "runs" / "MultiKnob-v0" / "grpo").iterdir())
     report = json.loads((run / "report.json").read_text())
     assert report["backend"]["backend"] == "hf" and report["backend"]["content_revision"].startswith("local-")
-    evaluated = run_cli("evaluate.py", [f"run={run}"], tmp_path)
+    evaluated = run_cli("evaluate.py", [f"run={run}", "estimator=fake_latency:make"], tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]

@@ -106,7 +106,7 @@ def test_report_holds_no_absolute_paths_and_the_log_holds_the_run(first_run, wor
 
 def test_resume_keeps_the_first_report_and_shows_the_last_validation(first_run, workdir):
     run, _, first_report = first_run
-    result = run_cli("train.py", [f"resume={run}", "agent.total_updates=3"], workdir)
+    result = run_cli("train.py", [f"resume={run}", "estimator=fake_latency:make", "agent.total_updates=3"], workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     (kept,) = (run / "reports").iterdir()
     assert (kept / "report.json").read_text() == first_report
@@ -120,7 +120,7 @@ def test_resume_keeps_the_first_report_and_shows_the_last_validation(first_run, 
 
 def test_evaluate_budgets_auto_spreads_inside_the_range(first_run, workdir):
     run, _, _ = first_run
-    result = run_cli("evaluate.py", [f"run={run}", "num_samples=2"], workdir)
+    result = run_cli("evaluate.py", [f"run={run}", "estimator=fake_latency:make", "num_samples=2"], workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "budgets=auto: " in result.stderr and "warning" not in result.stderr.lower()
     (out,) = run.glob("eval-*")
@@ -134,7 +134,7 @@ def test_evaluate_budgets_auto_spreads_inside_the_range(first_run, workdir):
 
 def test_evaluate_warns_in_one_line_about_budgets_outside_the_range(first_run, workdir):
     run, _, _ = first_run
-    result = run_cli("evaluate.py", [f"run={run}", "num_samples=1", "budgets=[1ms,100000ms]", "baselines=[greedy]"],
+    result = run_cli("evaluate.py", [f"run={run}", "estimator=fake_latency:make", "num_samples=1", "budgets=[1ms,100000ms]", "baselines=[greedy]"],
                      workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]

@@ -88,7 +88,7 @@ def test_a_second_run_gets_its_own_folder(workdir, trained_run):
 
 
 def test_resume_continues_the_step_count(workdir, trained_run):
-    result = run_cli("train.py", [f"resume={trained_run}", "agent.total_updates=3", "eval.baselines=[greedy]"],
+    result = run_cli("train.py", [f"resume={trained_run}", "estimator=fake_latency:make", "agent.total_updates=3", "eval.baselines=[greedy]"],
                      workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = read_checkpoint(trained_run / "checkpoints" / "latest.safetensors")
@@ -99,7 +99,7 @@ def test_resume_continues_the_step_count(workdir, trained_run):
 
 
 def test_evaluate_writes_its_table(workdir, trained_run):
-    result = run_cli("evaluate.py", [f"run={trained_run}", "budgets=[60ms,80ms]", "baselines=[static,greedy]"],
+    result = run_cli("evaluate.py", [f"run={trained_run}", "estimator=fake_latency:make", "budgets=[60ms,80ms]", "baselines=[static,greedy]"],
                      workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     table = (trained_run / "eval-60-80ms" / "report.md").read_text()
@@ -109,7 +109,7 @@ def test_evaluate_writes_its_table(workdir, trained_run):
 
 
 def test_evaluate_rejects_a_checkpoint_of_another_env(workdir, trained_run):
-    result = run_cli("evaluate.py", [f"run={trained_run}", "env_id=TokenBudget-v0"], workdir)
+    result = run_cli("evaluate.py", [f"run={trained_run}", "estimator=fake_latency:make", "env_id=TokenBudget-v0"], workdir)
     assert result.returncode == 2
     assert "trained on env 'MultiKnob-v0', not 'TokenBudget-v0'" in result.stderr
 
