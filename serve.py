@@ -64,11 +64,10 @@ def parse_args(argv: list[str]) -> dict:
         parse_request_budget(opts["budget"])
     for key, low, high in (("http.port", 0, 65535), ("torch_threads", 1, 1024)):
         if key in opts:
-            try:
-                opts[key] = int(opts[key])
-                assert low <= opts[key] <= high
-            except (ValueError, AssertionError):
-                raise UsageError(f"{key}={opts[key]!r} is invalid; accepted: an integer in {low}..{high}") from None
+            raw = opts[key]
+            opts[key] = int(raw) if raw.strip().lstrip("-").isdigit() else None
+            if opts[key] is None or not low <= opts[key] <= high:
+                raise UsageError(f"{key}={raw} is invalid; accepted: an integer in {low}..{high}")
     if "latency.profile" in opts:
         from latency_model import LatencyEstimator
 

@@ -143,6 +143,7 @@ SCHEMAS: dict[str, dict[str, Option]] = {
         "torch_threads": _THREADS,
         "env_id": Option("str", "an env id", nullable=True),
         "out": Option("str", "the output folder", nullable=True),
+        "latency.profile": Option("str", "another device's latency estimator file", nullable=True),
     },
 }
 
