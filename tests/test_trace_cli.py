@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -82,3 +83,11 @@ def test_train_and_evaluate_on_a_recorded_trace(recorded):
                            module=None)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert list(run.glob("eval-*/report.md"))
+    # another device's latency: its estimator file replaces the recorded one, the policy is not retrained
+    moved = run_module([str(REPO / "evaluate.py"), f"run={run}", "num_samples=1", "baselines=[static]",
+                        f"latency.profile={root / 'estimator.json'}", f"out={root / 'moved'}"], root, module=None)
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    notes = json.loads((root / "moved" / "report.json").read_text())["notes"]
+    assert any(note.startswith("latency.profile=") for note in notes)
+    bad = run_module([str(REPO / "evaluate.py"), f"run={run}", f"latency.profile={path}"], root, module=None)
+    assert bad.returncode == 2 and "latency estimator" in bad.stderr and "Traceback" not in bad.stderr
