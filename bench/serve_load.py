@@ -8,7 +8,7 @@ Prints requests per second of both and their ratio, p50 / p95 client latency, th
 the errors (none expected). The server answers one request at a time (one model), so concurrency
 queues requests: throughput is the model's, and client latency includes the queue.
 
-    python bench/serve_load.py --run runs/MultiKnob-v0/grpo/<timestamp> --requests data/held_out/data.jsonl [--n 200] [--concurrency 4]
+    python -m bench.serve_load --run runs/MultiKnob-v0/grpo/<timestamp> --requests data/held_out/data.jsonl [--n 200] [--concurrency 4]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ and options, drawing from the same training samples: once on the live backend, o
 both policies are evaluated on the same test samples (live, and replayed). Prints the recording
 time, both training times and their ratio, and both policies' test reward and score.
 
-    python bench/trace_training.py [--train 16] [--test 32] [--updates 4] [--batch 8] [--trace runs/traces/bench-tt.trace]
+    python -m bench.trace_training [--train 16] [--test 32] [--updates 4] [--batch 8] [--trace runs/traces/bench-tt.trace]
 """
 
 from __future__ import annotations
