@@ -31,37 +31,19 @@ from __future__ import annotations
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
-
 from backends.base import check_split
 
 KEYS = ("backend", "split", "samples", "out", "estimator", "rollout", "rollout.workers", "rollout.address",
         "threads")
 
 
-def _value(text: str) -> Any:
-    from latency_model.__main__ import _value as parse  # one parser of key=value values for the module CLIs
-
-    return parse(text)
-
-
 def parse_args(argv: list[str]) -> tuple[dict, dict]:
     """``(options, backend_options)`` of ``record`` arguments, checked (no model is loaded)."""
-    options: dict[str, Any] = {"backend": "tiny", "split": "test", "rollout": "local", "rollout.workers": 2,
-                               "rollout.address": "auto"}
-    backend_options: dict[str, Any] = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or not key:
-            raise ValueError(f"argument {arg!r} is invalid; accepted: key=value with key in {', '.join(KEYS)} or "
-                             f"backend.KEY (python -m backends.trace --help)")
-        if key.startswith("backend."):
-            backend_options[key[len("backend."):]] = _value(value)
-        elif key in KEYS:
-            options[key] = value if key in ("backend", "out", "estimator", "split", "rollout") else _value(value)
-        else:
-            raise ValueError(f"unknown option {key!r}; accepted: {', '.join(KEYS)} or backend.KEY "
-                             f"(python -m backends.trace --help)")
+    from latency_model.__main__ import split_key_values  # one key=value parser for the module command lines
+
+    defaults = {"backend": "tiny", "split": "test", "rollout": "local", "rollout.workers": 2, "rollout.address": "auto"}
+    options, backend_options = split_key_values(argv, KEYS, ("backend", "out", "estimator", "split", "rollout"),
+                                                defaults, "python -m backends.trace")
     check_split(options["split"])
     for key in ("samples", "rollout.workers", "threads"):
         value = options.get(key)

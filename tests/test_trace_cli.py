@@ -25,7 +25,7 @@ def run_module(args: list[str], cwd: Path, module: str | None = "backends.trace"
 
 def test_bad_record_options_are_one_line(tmp_path):
     for args, words in ((["split=dev"], "unknown split 'dev'"), (["samples=0"], "samples=0 is invalid"),
-                        (["colour=red"], "unknown option 'colour'"), (["rollout=k8s"], "rollout='k8s' is invalid"),
+                        (["colour=red"], "unknown override 'colour'"), (["rollout=k8s"], "rollout='k8s' is invalid"),
                         ([f"estimator={tmp_path / 'none.json'}"], "latency estimator")):
         with pytest.raises(ValueError, match=words):
             parse_args(args)
