@@ -11,6 +11,10 @@ this device's achievable latency range and adds the run's training budget
 (:func:`knobgym_cli.budgets.auto_budgets`); a given budget outside the range is warned about.
 Writes ``<run>/eval-<budgets>/`` (or ``out=``): ``report.md`` (the table), ``report.json`` and
 ``pareto.png`` (score versus p50 latency, a panel per budget).
+
+``latency.profile=<estimator file>`` evaluates as another device: its latency estimator replaces
+this device's, so a controller trained against one device's latency is evaluated on another's by
+re-profiling only (the policy is not retrained; the budget-fitted baselines are refitted there).
 """
 
 from __future__ import annotations
@@ -52,10 +56,22 @@ def run_evaluation(cfg: DictConfig) -> Path:
     threads = cfg.torch_threads if cfg.torch_threads is not None else run_cfg.get("torch_threads")
     set_torch_threads(resolve_threads(threads))
     estimator = run_cfg.get("estimator")  # this command's estimator= was applied by check_recorded_config
+    device_estimator = None
+    profile = cfg.get("latency", {}).get("profile")
+    if profile is not None:  # another device's latency: the run's estimator setting gives way to it
+        from latency_model import LatencyEstimator
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fitted on another device: that is the point here
+            device_estimator, estimator = LatencyEstimator.load(str(profile)), None
     with phase("loading the model and the latency estimator (profiled once per device when not cached)"):
         env, notes, achievable, suggested = build_run_env(
             env_cfg, with_threads(OmegaConf.to_container(run_cfg.backend, resolve=True), threads), run_cfg.budget,
-            estimator)
+            estimator, estimator_object=device_estimator)
+    if device_estimator is not None:
+        notes = [*notes, f"latency.profile={profile}: latencies, budgets=auto and the refitted baselines are "
+                         f"those of the device this estimator was profiled on "
+                         f"({device_estimator.fingerprint.get('device', device_estimator.fingerprint)})"]
     check_checkpoint_matches(ckpt, env, ckpt_path)
     budgets_ms = evaluation_budgets(cfg, group_env(env).budget, achievable, suggested)
     name = main_class.name

@@ -28,6 +28,7 @@ from backends.knobs import (KnobConfig, KnobError, KnobSpace, apply_knobs, knob_
                             row_top_k)
 from backends.loading import GenerationSettings, LoadedModel
 from backends.outcome import Outcome, Stage1State, TokenCounts, expected_token_counts
+from backends.runner import LRUCache
 from backends.text_features import QUESTION_FEATURE_DIM, hashed_bag_of_words
 
 SUMMARY_DIM = 16
@@ -153,7 +154,7 @@ class HFBackend:
         self._summary_proj = q[:, :SUMMARY_DIM].to(torch.float32)
         self._eos_ids = self._eos_token_ids()
         self._sample_cache: dict[str, Sequence[Sample]] = {}
-        self._prompt_len_cache: dict[tuple, int] = {}
+        self._prompt_len_cache: LRUCache[int] = LRUCache(100_000)
         self._expected_new_tokens: dict | None = None
 
     def _prompt_format(self, prompt_template: str | None, chat_template: bool | str) -> PromptFormat:
@@ -228,12 +229,10 @@ class HFBackend:
         return items[int(sample_id)]
 
     def prompt_tokens(self, sample: Sample) -> int:
-        """Text tokens of the sample's prompt (image placeholders excluded); cached."""
-        key = (sample.split, sample.sample_id)
-        if key not in self._prompt_len_cache:
-            ids = self._prompt_ids(sample)
-            self._prompt_len_cache[key] = sum(1 for i in ids if i != self.parts.image_token_id)
-        return self._prompt_len_cache[key]
+        """Text tokens of the sample's prompt (image placeholders excluded); cached per question (the
+        prompt depends on nothing else), bounded, so a server answering new questions stays flat."""
+        return self._prompt_len_cache.get_or_compute(sample.question, lambda: sum(
+            1 for i in self._prompt_ids(sample) if i != self.parts.image_token_id))
 
     @property
     def expected_new_tokens(self) -> int:

@@ -19,6 +19,7 @@ at once with numpy, for fast agent sweeps.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -324,9 +325,19 @@ class _Stage1Row:
 
 
 class TraceBackend:
-    """A backend that replays a recorded trace (same observations, rewards and infos as live)."""
+    """A backend that replays a recorded trace (same observations, rewards and infos as live).
 
-    def __init__(self, path: str | os.PathLike):
+    Args:
+        path: the trace file.
+        split_fractions: a trace whose outcomes cover one split only (``python -m backends.trace
+            record split=test``) serves it as train / validation / test, divided by a seeded
+            permutation in these proportions (``conf/backend/trace.yaml``: 0.8 / 0.1 / 0.1, as one-file
+            datasets are; sample ids renumbered per split); ``None`` (default) keeps the recorded splits
+            as they are. A trace recorded over several splits is always served as recorded.
+        split_seed: seed of that permutation.
+    """
+
+    def __init__(self, path: str | os.PathLike, split_fractions: Sequence[float] | None = None, split_seed: int = 0):
         self.path = Path(path)
         if not self.path.is_file():
             raise TraceError(f"trace file {str(self.path)!r} does not exist; accepted: a file written by record_trace")
@@ -364,6 +375,36 @@ class TraceBackend:
             raise TraceError(f"trace file {str(self.path)!r} is corrupted or incomplete ({exc!r})") from None
         finally:
             conn.close()
+        recorded = sorted({key[0] for key in self._outcomes})
+        self.source_splits = tuple(recorded)
+        if len(recorded) == 1 and split_fractions is not None:
+            self._divide(recorded[0], split_fractions, split_seed)
+
+    def _divide(self, split: str, fractions: Sequence[float], seed: int) -> None:
+        """Serve the recorded samples of ``split`` (those with outcomes) as train / validation / test."""
+        from backends.vqa_data import seeded_split
+
+        fractions = tuple(float(f) for f in fractions)
+        if len(fractions) != 3 or not all(f > 0 for f in fractions) or not math.isclose(sum(fractions), 1.0):
+            raise TraceError(f"split_fractions={list(fractions)!r} is invalid; accepted: three positive fractions "
+                             f"(train, validation, test) summing to 1")
+        with_outcomes = {key[:2] for key in self._outcomes}
+        recorded = [s for s in self._samples[split] if (split, s.sample_id) in with_outcomes]
+        if len(recorded) < 3:
+            raise TraceError(f"trace file {str(self.path)!r} holds {len(recorded)} sample(s) of split {split!r}; "
+                             f"accepted: at least 3 to serve as train, validation and test (record more samples)")
+        renamed: dict[tuple, tuple] = {}
+        samples: dict[str, list[Sample]] = {s: [] for s in SPLITS}
+        for target, rows in seeded_split(len(recorded), fractions, seed).items():
+            for new_id, row in enumerate(rows):
+                old = recorded[int(row)]
+                renamed[(old.split, old.sample_id)] = (target, new_id)
+                samples[target].append(dataclasses.replace(old, split=target, sample_id=new_id))
+        self._samples = samples
+        self._by_id = {(s.split, s.sample_id): s for items in samples.values() for s in items}
+        self._prompt_tokens = {renamed[k]: v for k, v in self._prompt_tokens.items() if k in renamed}
+        self._stage1 = {(*renamed[k[:2]], *k[2:]): v for k, v in self._stage1.items() if k[:2] in renamed}
+        self._outcomes = {(*renamed[k[:2]], *k[2:]): v for k, v in self._outcomes.items() if k[:2] in renamed}
 
     #: the question text is recorded, so its feature is recomputed exactly as live backends do
     question_feature_dim = QUESTION_FEATURE_DIM
@@ -479,6 +520,16 @@ class TraceTable:
         self.latency_ms = np.asarray(estimator.predict(knobs, counts), np.float64).reshape(self.score.shape)
 
 
-def load_trace_backend(path: str) -> TraceBackend:
-    """``backend=trace`` factory: ``load_backend("trace", path=...)``."""
-    return TraceBackend(path)
+def load_trace_backend(path: str | None = None, split_fractions: Sequence[float] | None = None,
+                       split_seed: int = 0) -> TraceBackend:
+    """``backend=trace`` factory: ``load_backend("trace", path=...)`` (``conf/backend/trace.yaml``)."""
+    if path is None:
+        raise TraceError("backend=trace needs backend.path=<trace file>; record one with "
+                         "`python -m backends.trace record backend=<name> split=<split>`")
+    return TraceBackend(path, split_fractions, split_seed)
+
+
+if __name__ == "__main__":  # python -m backends.trace record ...: the command line lives beside this module
+    from backends.trace_cli import main
+
+    main()

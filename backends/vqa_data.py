@@ -188,12 +188,7 @@ class VQADataset:
 
     # ------------------------------------------------------------------------------- splits
     def _seeded_split(self, n: int) -> dict[str, np.ndarray]:
-        order = np.random.default_rng(self.spec.split_seed).permutation(n)
-        _, f_val, f_test = self.spec.split_fractions
-        n_val, n_test = round(f_val * n), round(f_test * n)
-        n_train = n - n_val - n_test
-        return {"train": np.sort(order[:n_train]), "validation": np.sort(order[n_train:n_train + n_val]),
-                "test": np.sort(order[n_train + n_val:])}
+        return seeded_split(n, self.spec.split_fractions, self.spec.split_seed)
 
     def _check_columns(self) -> None:
         spec = self.spec
@@ -337,6 +332,15 @@ def to_rgb(im) -> np.ndarray:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"), dtype=np.uint8).copy()
     return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+def seeded_split(n: int, fractions: Sequence[float], seed: int) -> dict[str, np.ndarray]:
+    """Row indices ``0..n-1`` divided into train / validation / test by a seeded permutation, in
+    proportions ``fractions`` (each split's indices sorted): one-split data made into three."""
+    order = np.random.default_rng(seed).permutation(n)
+    _, f_val, f_test = fractions
+    n_val, n_test = round(f_val * n), round(f_test * n)
+    n_train = n - n_val - n_test
+    return {"train": np.sort(order[:n_train]), "validation": np.sort(order[n_train:n_train + n_val]),
+            "test": np.sort(order[n_train + n_val:])}
 
 
 def dataset_spec_from_options(dataset: Any, **options: Any) -> DatasetSpec:

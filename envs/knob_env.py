@@ -211,7 +211,10 @@ class KnobEnv(KnobgymEnv):
 
     def estimated_latency_ms(self, sample_id: int, trajectories: Sequence, split: str | None = None) -> np.ndarray:
         """The estimator's latency of each trajectory on this input, from expected token counts."""
-        sample = self.backend.sample(check_split(split or self.split), sample_id)
+        return self.request_latency_ms(self.backend.sample(check_split(split or self.split), sample_id), trajectories)
+
+    def request_latency_ms(self, sample: Sample, trajectories: Sequence) -> np.ndarray:
+        """:meth:`estimated_latency_ms` on any ``sample``, a served request outside the backend's splits too."""
         knobs = [self.space.resolve(self.action_to_knobs(self.check_action(self.to_env_action(t))))
                  for t in trajectories]
         return self.latency.predict_ms(knobs, [self.backend.expected_token_counts(sample, k) for k in knobs])

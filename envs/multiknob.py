@@ -113,12 +113,23 @@ class MultiKnobEnv(KnobEnv):
         Pure: the episode in progress is untouched (stage 1 runs through the memoising runner).
         """
         sample = self.backend.sample(split or self.split, sample_id)
+        if stage != 1:
+            return self.request_observation(sample, budget_ms, stage)
+        if trajectory is None:
+            raise ValueError(f"stage={stage} is invalid for MultiKnob-v0 without a trajectory; accepted: 0, or 1 "
+                             f"with the trajectory whose element 0 chose the tier")
+        tier = self._tiers[int(np.asarray(trajectory).reshape(-1)[0])]
+        return self.request_observation(sample, budget_ms, stage, self._stage1(sample, tier, 1.0))
+
+    def request_observation(self, sample, budget_ms: float, stage: int, state=None) -> np.ndarray:
+        """The observation before ``stage`` of an episode on any ``sample``, a served request outside
+        the backend's splits included (:class:`serving.Controller`); stage 1 reads ``state``, the
+        stage-1 state of the tier stage 0 chose. Pure: nothing runs and nothing is memoised."""
         budget_ms = check_budget_ms(budget_ms)
         input_obs = self._input_features(sample, budget_ms)
         if stage == 0:
             return self.clip_observation([0.0, *input_obs], self.obs_size)
-        if stage != 1 or trajectory is None:
-            raise ValueError(f"stage={stage} is invalid for MultiKnob-v0; accepted: 0, or 1 with the trajectory "
-                             f"whose element 0 chose the tier")
-        tier = self._tiers[int(np.asarray(trajectory).reshape(-1)[0])]
-        return self._stage2_obs(sample, budget_ms, input_obs, self._stage1(sample, tier, 1.0))
+        if stage != 1 or state is None:
+            raise ValueError(f"stage={stage} is invalid for MultiKnob-v0; accepted: 0, or 1 with the stage-1 state "
+                             f"of the tier stage 0 chose")
+        return self._stage2_obs(sample, budget_ms, input_obs, state)

@@ -55,9 +55,14 @@ class TokenBudgetEnv(KnobEnv):
     def stage_observation(self, sample_id: int, budget_ms: float, split: str, stage: int = 0,
                           trajectory=None) -> np.ndarray:
         """The observation of an episode on (sample, budget): its only stage is 0. Pure."""
+        return self.request_observation(self.backend.sample(split or self.split, sample_id), budget_ms, stage)
+
+    def request_observation(self, sample, budget_ms: float, stage: int = 0, state=None) -> np.ndarray:
+        """The observation of an episode on any ``sample`` (a served request too); ``state`` is unused
+        (the one stage comes before the model runs). Pure."""
+        del state
         if stage != 0:
             raise ValueError(f"stage={stage} is invalid for TokenBudget-v0; accepted: 0 (one decision per episode)")
-        sample = self.backend.sample(split or self.split, sample_id)
         return self.clip_observation(self._input_features(sample, check_budget_ms(budget_ms)), self.obs_size)
 
     def step(self, action):

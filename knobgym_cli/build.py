@@ -90,11 +90,13 @@ def check_recorded_config(config: dict, source: str, command_line: dict[str, Any
 
 
 def make_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator_spec: str | None,
-             split: str = "train", log_warnings: bool = True) -> tuple[gym.Env, list[str]]:
+             split: str = "train", log_warnings: bool = True, estimator: Any = None) -> tuple[gym.Env, list[str]]:
     """The env of a run config, and the warnings its construction raised (e.g. a budget that never
     binds; logged unless ``log_warnings`` is false).
 
     Every key of ``backend_cfg`` except ``name`` is a keyword option of the backend's factory.
+    ``estimator`` (an estimator object, e.g. another device's loaded from its file) replaces the
+    cached one; it excludes ``estimator_spec``.
     Envs whose constructor takes no ``backend`` (the KV envs load a causal LM from
     ``env.kwargs.model_path``) get neither a backend nor an estimator: ``backend=`` other than the
     default ``tiny``, or an ``estimator=``, is then a one-line error naming the env.
@@ -112,7 +114,9 @@ def make_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator_spec: str 
     if takes_backend(env_id):
         backend_spec = dict(backend_cfg)
         backend = load_backend(backend_spec)  # cached: the env gets the same object from the same spec
-        estimator = import_callable(estimator_spec)(backend) if estimator_spec else None
+        if estimator_spec and estimator is not None:
+            raise ValueError(f"estimator={estimator_spec!r} and an estimator object were both given; accepted: one")
+        estimator = import_callable(estimator_spec)(backend) if estimator_spec else estimator
         kwargs.update(backend=backend_spec, estimator=estimator)  # the spec: the env pickles without the model
     else:
         if backend_cfg.get("name", "tiny") != "tiny":

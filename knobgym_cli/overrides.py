@@ -147,6 +147,7 @@ SCHEMAS: dict[str, dict[str, Option]] = {
         "estimator": Option("str", "a registered estimator name or module:callable", nullable=True),
         "agent_module": Option("str", "a module to import first (it registers an agent)", nullable=True),
         "trust_remote_code": Option("bool", "run code shipped with the run's model"),
+        "latency.profile": Option("str", "another device's latency estimator file", nullable=True),
     },
 }
 

@@ -21,10 +21,12 @@ from knobgym_cli.progress import cli_progress
 
 
 def build_run_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator: str | None,
-                  split: str = "train") -> tuple[gym.Env, list[str], tuple[float, float], float]:
+                  split: str = "train", estimator_object: Any = None
+                  ) -> tuple[gym.Env, list[str], tuple[float, float], float]:
     """The run's env, the warnings its construction raised, its achievable range and suggested budget
-    (said on the terminal and in the run log)."""
-    env, notes = make_env(env_cfg, backend_cfg, budget, estimator, split=split)
+    (said on the terminal and in the run log). ``estimator_object`` (e.g. another device's estimator,
+    ``latency.profile=``) replaces the cached estimator."""
+    env, notes = make_env(env_cfg, backend_cfg, budget, estimator, split=split, estimator=estimator_object)
     achievable, suggested = env_range(env)
     say(describe_range(achievable, suggested))
     return env, notes, achievable, suggested

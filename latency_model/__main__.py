@@ -71,22 +71,31 @@ def _value(text: str) -> Any:
         return text
 
 
-def parse_overrides(args: list[str]) -> tuple[dict, dict]:
-    """``(options, backend_options)`` from ``key=value`` strings; unknown keys are an error."""
-    options: dict[str, Any] = {"backend": "tiny"}
+def split_key_values(args: list[str], keys: tuple[str, ...], verbatim: tuple[str, ...], defaults: dict,
+                     command: str) -> tuple[dict, dict]:
+    """``(options, backend_options)`` of ``key=value`` arguments of a module command line (``python
+    -m latency_model``, ``python -m backends.trace record``): ``backend.KEY=VALUE`` goes to the
+    backend's options; ``verbatim`` keys (paths, names) stay strings, others are parsed as JSON
+    values; an unknown key is a ``ValueError`` naming it and ``command --help``."""
+    options: dict[str, Any] = dict(defaults)
     backend_options: dict[str, Any] = {}
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or not key:
-            raise ValueError(f"override {arg!r} is invalid; accepted: key=value with key in {', '.join(KEYS)} "
-                             f"or backend.KEY (python -m latency_model --help)")
+            raise ValueError(f"override {arg!r} is invalid; accepted: key=value with key in {', '.join(keys)} "
+                             f"or backend.KEY ({command} --help)")
         if key.startswith("backend."):
             backend_options[key[len("backend."):]] = _value(value)
-        elif key in KEYS:
-            options[key] = value if key in PATH_KEYS else _value(value)
+        elif key in keys:
+            options[key] = value if key in verbatim else _value(value)
         else:
-            raise ValueError(f"unknown override {key!r}; accepted: {', '.join(KEYS)} or backend.KEY "
-                             f"(python -m latency_model --help)")
+            raise ValueError(f"unknown override {key!r}; accepted: {', '.join(keys)} or backend.KEY ({command} --help)")
+    return options, backend_options
+
+
+def parse_overrides(args: list[str]) -> tuple[dict, dict]:
+    """``(options, backend_options)`` from ``key=value`` strings; unknown keys are an error."""
+    options, backend_options = split_key_values(args, KEYS, PATH_KEYS, {"backend": "tiny"}, "python -m latency_model")
     if "method" in options and options["method"] not in (AUTO, *METHODS):
         raise ValueError(f"method={options['method']!r} is invalid; accepted: {AUTO}, {', '.join(METHODS)}")
     if not isinstance(options.get("force", False), bool):
