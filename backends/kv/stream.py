@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from backends.kv.cache import KVPolicyCache, PruneEvent, num_decoder_layers
+from backends.kv.cache import DEFAULT_STORAGE, PruneEvent, make_policy_cache
 from backends.kv.policies import FullCache, KVPolicy
 
 
@@ -76,16 +76,18 @@ class DocumentStreamer:
         policy: initial policy (default :class:`FullCache`).
         threads: torch intra-op threads during forwards (default 1, see the module docstring;
             ``None`` keeps the process setting, e.g. for a large model on many cores).
+        storage: the cache's storage, ``"slots"`` (default) or ``"concat"`` (see :mod:`backends.kv.cache`).
     """
 
-    def __init__(self, model, token_ids, policy: KVPolicy | None = None, threads: int | None = 1):
+    def __init__(self, model, token_ids, policy: KVPolicy | None = None, threads: int | None = 1,
+                 storage: str = DEFAULT_STORAGE):
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         if len(ids) < 2:
             raise ValueError(f"a document needs at least 2 tokens to score one; got {len(ids)}")
         self.model = model
         self.threads = check_threads(threads)
         self.token_ids = ids.to(model.device)
-        self.cache = KVPolicyCache(policy or FullCache(), num_decoder_layers(model))
+        self.cache = make_policy_cache(model, policy or FullCache(), storage)
         self.cursor = 0  # index of the next token to feed
 
     def fork(self) -> "DocumentStreamer":
@@ -113,6 +115,7 @@ class DocumentStreamer:
         first_event = len(self.cache.prune_events)
         with intra_op_threads(self.threads):
             self._feed(steps, nll, step_ms, lengths)
+            self.cache.settle()
         return ChunkTrace(nll, step_ms, lengths, list(self.cache.prune_events[first_event:]))
 
     def _feed(self, steps: int, nll: np.ndarray, step_ms: np.ndarray, lengths: np.ndarray) -> None:
@@ -128,14 +131,15 @@ class DocumentStreamer:
 
 
 @torch.inference_mode()
-def greedy_generate(model, prompt_ids, max_new_tokens: int, policy: KVPolicy | None = None) -> list[int]:
+def greedy_generate(model, prompt_ids, max_new_tokens: int, policy: KVPolicy | None = None,
+                    storage: str = DEFAULT_STORAGE) -> list[int]:
     """Greedy decoding under ``policy``: prefill the prompt in one forward, then one token per step."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} is invalid; accepted: an integer >= 1")
     ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1).to(model.device)
     if ids.shape[1] < 1:
         raise ValueError("prompt_ids is empty; accepted: at least one token")
-    cache = KVPolicyCache(policy or FullCache(), num_decoder_layers(model))
+    cache = make_policy_cache(model, policy or FullCache(), storage)
     generated: list[int] = []
     inputs = ids
     for _ in range(max_new_tokens):
