@@ -27,7 +27,7 @@ import numpy as np
 
 from backends.kv import DocumentStreamer, FullCache, KVPolicy, SinkWindow
 from backends.kv.cache import STORAGES
-from backends.tiny_text import held_out_token_documents, load_tiny_text_model
+from backends.tiny_text import held_out_token_documents, load_causal_lm, load_tiny_text_model
 
 TAIL = 128  # tokens at the end of the full-cache stream whose step time is "TPOT at full cache"
 
@@ -48,9 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--windows", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024])
     parser.add_argument("--compress-every", type=int, default=1)
+    parser.add_argument("--model", default=None, help="a causal LM checkpoint folder (default: the shipped tiny "
+                        "text model), e.g. backends/tiny_text/checkpoint_v2")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    model, tokenizer = load_tiny_text_model()
+    model, tokenizer = load_causal_lm(args.model) if args.model else load_tiny_text_model()
     ids = max(held_out_token_documents(tokenizer).values(), key=len)[:args.tokens + 1]
     policies = [FullCache()] + [SinkWindow(4, window=w, compress_every=args.compress_every) for w in args.windows]
     started = time.time()

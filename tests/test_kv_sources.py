@@ -75,5 +75,19 @@ def test_model_spec_errors_are_one_line(tmp_path):
         sources.load_kv_model(model_spec=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="model_path and model_spec were both given"):
         sources.load_kv_model(model_path="a", model_spec="b")
-    with pytest.raises(ValueError, match="storage='ring' is invalid; accepted: slots, concat"):
+    with pytest.raises(ValueError, match="storage='ring' is invalid; accepted: slots, static, concat"):
         StreamingKVEnv(storage="ring", tpot_model=TPOT)
+
+
+@pytest.mark.slow
+def test_long_episodes_of_2k_tokens_on_held_out_documents():
+    """Episodes of 2048 tokens per document window on the shipped held-out documents, in every split."""
+    env = StreamingKVEnv(episode_tokens=2048, chunk_tokens=512, tpot_model=TPOT, budget="1.1ms")
+    sizes = env.split_sizes()
+    assert all(sizes[split] >= 2 for split in ("train", "validation", "test")), sizes
+    env.reset(seed=0, options={"split": "test", "sample_id": 0})
+    done, steps = False, 0
+    while not done:
+        _, reward, done, _, info = env.step(np.array([1, 2, 0]))  # SinkWindow(4, 64), compress_every=1
+        steps += 1
+    assert steps == 4 and np.isfinite(info["episode_reward"]) and max(info["cache_length"]) == 65

@@ -47,6 +47,9 @@ def test_slots_equal_concat_token_for_token_on_a_random_neox(model, document, po
     np.testing.assert_array_equal(slots.nll, concat.nll)
     np.testing.assert_array_equal(slots.cache_length, concat.cache_length)
     assert slots.prune_events == concat.prune_events
+    static = DocumentStreamer(model, document, policy, storage="static").advance(1000)  # masked unused slots
+    np.testing.assert_allclose(static.nll, slots.nll, atol=1e-5)
+    assert static.prune_events == slots.prune_events
     prompt = document[:5]
     assert greedy_generate(model, prompt, 60, policy, "slots") == greedy_generate(model, prompt, 60, policy, "concat")
 
@@ -183,7 +186,7 @@ def test_cache_positions_need_slots_and_a_rope_model(model):
         make_policy_cache(gpt2, policy)
     with pytest.raises(ValueError, match="rope_positions='middle' is invalid; accepted: original, cache"):
         SinkWindow(4, window=16, rope_positions="middle")
-    with pytest.raises(ValueError, match="storage='ring' is invalid; accepted: slots, concat"):
+    with pytest.raises(ValueError, match="storage='ring' is invalid; accepted: slots, static, concat"):
         KVPolicyCache(policy, 2, "ring")
     assert str(policy) == "SinkWindow(window=16, compress_every=1, rope_positions=cache, n_sink=4)"
     assert str(SinkWindow(4, window=16)) == "SinkWindow(window=16, compress_every=1, n_sink=4)"  # as before the option

@@ -15,6 +15,9 @@ Storage (``KVPolicyCache(storage=...)``, :data:`STORAGES`):
   move) are moved down once, right after the forward that decided the prune. Decoding therefore
   copies nothing per token except on the prunes, ``compress_every`` tokens apart. A full cache grows
   by doubling (amortised O(1) per token).
+* ``"static"`` (:class:`StaticSlotCacheLayer`): the same slots, but every forward attends to the
+  whole storage with the unused slots masked, so shapes stay fixed (for ``torch.compile``) at the
+  cost of attending to the peak cache on every token;
 * ``"concat"`` (:class:`ConcatCacheLayer`): the seed's implementation, kept as the reference the
   slots are tested against: ``torch.cat`` of the whole cache with the new token on every token, and
   a gathered copy of the kept tokens on every prune.
@@ -27,7 +30,7 @@ Positions under RoPE (the policy's ``rope_positions``, :mod:`backends.kv.positio
 * ``"original"`` (default): every cached key stays rotated at the absolute position its token had
   in the document; :meth:`PolicyCacheLayer.get_seq_length` reports the number of tokens *seen*, so
   the model derives the true absolute position ids of new tokens (``arange(q) + seen``);
-* ``"cache"`` (StreamingLLM; ``"slots"`` storage only): the key in slot ``j`` is rotated at ``j``
+* ``"cache"`` (StreamingLLM; ``"slots"`` or ``"static"`` storage): the key in slot ``j`` is rotated at ``j``
   and ``get_seq_length`` reports the tokens *kept*, so a new token gets position ``kept``.
 
 Either way :meth:`PolicyCacheLayer.get_mask_sizes` reports ``kv_length = kept + q`` and
@@ -69,7 +72,7 @@ class PruneEvent:
         return self.length_before - self.length_after
 
 
-STORAGES = ("slots", "concat")
+STORAGES = ("slots", "static", "concat")
 DEFAULT_STORAGE = "slots"
 
 
@@ -194,18 +197,25 @@ class SlotCacheLayer(PolicyCacheLayer):
         self.values = self.value_slots[:, :, :self.length]
         self.positions = self.position_slots[:self.length]
 
-    def _reserve(self, needed: int, like: torch.Tensor, like_values: torch.Tensor) -> None:
-        """Storage for ``needed`` tokens: the policy's peak for a window, doubling for a full cache."""
+    def _capacity_for(self, needed: int) -> int:
+        """Slots the storage has once it holds ``needed`` tokens: the policy's peak for a window,
+        doubling for a full cache (the ``static_capacity`` of the cache at least)."""
         capacity = 0 if self.key_slots is None else self.key_slots.shape[-2]
-        if needed <= capacity and not self.shared:
+        if needed <= capacity:
+            return capacity
+        policy = self._owner.policy
+        peak = policy.window + policy.compress_every if policy.window is not None else 2 * capacity
+        return max(needed, peak, self._owner.static_capacity, 16)
+
+    def _reserve(self, needed: int, like: torch.Tensor, like_values: torch.Tensor) -> None:
+        """Storage for ``needed`` tokens, unshared (see :meth:`_capacity_for`)."""
+        capacity = self._capacity_for(needed)
+        if self.key_slots is not None and capacity == self.key_slots.shape[-2] and not self.shared:
             return
-        if needed > capacity:
-            policy = self._owner.policy
-            peak = policy.window + policy.compress_every if policy.window is not None else 2 * capacity
-            capacity = max(needed, peak, 16)
         b, h, _, d = like.shape
-        keys = like.new_empty((b, h, capacity, d))
-        values = like_values.new_empty((b, h, capacity, like_values.shape[-1]))
+        # Zeros, not empty: a static layer's attention reads unused slots (masked), which must be finite.
+        keys = like.new_zeros((b, h, capacity, d))
+        values = like_values.new_zeros((b, h, capacity, like_values.shape[-1]))
         positions = torch.zeros(capacity, dtype=torch.long, device=like.device)
         if self.length:
             keys[:, :, :self.length] = self.key_slots[:, :, :self.length]
@@ -275,7 +285,33 @@ class SlotCacheLayer(PolicyCacheLayer):
         self.shared = copy.shared = True
 
 
-LAYER_CLASSES = {"slots": SlotCacheLayer, "concat": ConcatCacheLayer}
+class StaticSlotCacheLayer(SlotCacheLayer):
+    """Slots whose attention reads the whole storage, the unused slots masked out: the shapes a
+    forward sees stay fixed while the capacity does (what ``torch.compile`` wants).
+
+    The unused slots sit after the new tokens, at positions later than every query; a forward
+    passes the 2-D ``attention_mask`` of :meth:`KVPolicyCache.attention_mask` (ones up to the
+    newest token), which masks them (without it transformers' SDPA path skips the mask for one query).
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = super().update(key_states, value_states)
+        if self.seen_tokens == key_states.shape[-2]:  # the first forward: see get_mask_sizes
+            return keys, values
+        return self.key_slots, self.value_slots
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        kept = self.cache_length
+        if self.seen_tokens == 0:
+            # transformers drops the mask of a first forward (query offset 0) whose padding mask is all
+            # ones then all zeros, and one query would then attend to every slot: the first forward
+            # attends to its own tokens only.
+            return query_length, 0
+        return self._capacity_for(kept + query_length), self.get_seq_length() - kept
+
+
+LAYER_CLASSES = {"slots": SlotCacheLayer, "static": StaticSlotCacheLayer, "concat": ConcatCacheLayer}
 
 
 class KVPolicyCache(Cache):
@@ -284,18 +320,24 @@ class KVPolicyCache(Cache):
     Args:
         policy: the policy in force.
         num_layers: decoder layers of the model.
-        storage: ``"slots"`` (default, preallocated) or ``"concat"`` (the reference), see the module docstring.
+        storage: ``"slots"`` (default, preallocated), ``"static"`` (slots whose attention reads the whole
+            storage, masked: fixed shapes for ``torch.compile``) or ``"concat"`` (the reference), see
+            the module docstring.
         rotator: the model's :class:`~backends.kv.positions.KeyRotator` (needed by a policy with
             ``rope_positions="cache"``; :func:`make_policy_cache` passes it).
+        static_capacity: slots to allocate at least (``"static"``: a full cache of a stream this long
+            keeps one shape); 0 = as the policy needs.
     """
 
     def __init__(self, policy: KVPolicy, num_layers: int, storage: str = DEFAULT_STORAGE,
-                 rotator: KeyRotator | None = None):
+                 rotator: KeyRotator | None = None, static_capacity: int = 0):
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
             raise ValueError(f"num_layers={num_layers!r} is invalid; accepted: an integer >= 1")
         if storage not in STORAGES:
             raise ValueError(f"storage={storage!r} is invalid; accepted: {', '.join(STORAGES)}")
-        self.storage, self.rotator = storage, rotator
+        if isinstance(static_capacity, bool) or not isinstance(static_capacity, int) or static_capacity < 0:
+            raise ValueError(f"static_capacity={static_capacity!r} is invalid; accepted: an integer >= 0")
+        self.storage, self.rotator, self.static_capacity = storage, rotator, static_capacity
         self._check_policy(policy)
         super().__init__(layers=[LAYER_CLASSES[storage](self, i) for i in range(num_layers)])
         self.policy = policy
@@ -305,12 +347,19 @@ class KVPolicyCache(Cache):
         if not isinstance(policy, KVPolicy):
             raise ValueError(f"policy={policy!r} is invalid; accepted: a KVPolicy instance")
         if policy.rope_positions == "cache":
-            if self.storage != "slots":
-                raise ValueError(f"{policy}: rope_positions='cache' needs storage='slots' (got {self.storage!r}); "
-                                 "accepted: storage='slots' or rope_positions='original'")
+            if self.storage == "concat":
+                raise ValueError(f"{policy}: rope_positions='cache' needs storage='slots' or 'static' (got "
+                                 f"{self.storage!r}); accepted: those, or rope_positions='original'")
             if self.rotator is None:
                 raise ValueError(f"{policy}: rope_positions='cache' needs the model's rotary embedding; accepted: a "
                                  "RoPE model (GPT-NeoX, Llama, ...) and a cache from make_policy_cache(model, ...)")
+
+    def attention_mask(self, query_length: int) -> torch.Tensor | None:
+        """The 2-D mask a forward of ``query_length`` tokens passes with ``"static"`` storage (it masks
+        the unused slots); ``None`` with the other storages (nothing to mask)."""
+        if self.storage != "static":
+            return None
+        return torch.ones((1, self.get_seq_length() + query_length), dtype=torch.long)
 
     def set_policy(self, policy: KVPolicy) -> None:
         """Switch knobs; the next prune uses them (evicted tokens stay evicted)."""
@@ -355,7 +404,7 @@ class KVPolicyCache(Cache):
         Cheap: the stored tensors are shared; concat storage never changes a stored tensor in place,
         and slots storage clones its storage on the first write after a fork (copy-on-write).
         """
-        copy = KVPolicyCache(self.policy, len(self.layers), self.storage, self.rotator)
+        copy = KVPolicyCache(self.policy, len(self.layers), self.storage, self.rotator, self.static_capacity)
         for mine, theirs in zip(copy.layers, self.layers):
             theirs.fork_into(mine)
         copy.prune_events = list(self.prune_events)
@@ -372,9 +421,10 @@ def num_decoder_layers(model) -> int:
     return layers
 
 
-def make_policy_cache(model, policy: KVPolicy, storage: str = DEFAULT_STORAGE) -> KVPolicyCache:
+def make_policy_cache(model, policy: KVPolicy, storage: str = DEFAULT_STORAGE,
+                      static_capacity: int = 0) -> KVPolicyCache:
     """A :class:`KVPolicyCache` for ``model`` (its layer count and, for a RoPE model, its key rotator)."""
-    return KVPolicyCache(policy, num_decoder_layers(model), storage, KeyRotator.from_model(model))
+    return KVPolicyCache(policy, num_decoder_layers(model), storage, KeyRotator.from_model(model), static_capacity)
 
 
 @contextlib.contextmanager
