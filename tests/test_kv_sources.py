@@ -88,6 +88,6 @@ def test_long_episodes_of_2k_tokens_on_held_out_documents():
     env.reset(seed=0, options={"split": "test", "sample_id": 0})
     done, steps = False, 0
     while not done:
-        _, reward, done, _, info = env.step(np.array([1, 2, 0]))  # SinkWindow(4, 64), compress_every=1
+        _, reward, done, _, info = env.step(np.array([1, 2, 0]))  # SinkWindow(4, 128), compress_every=1
         steps += 1
-    assert steps == 4 and np.isfinite(info["episode_reward"]) and max(info["cache_length"]) == 65
+    assert steps == 4 and np.isfinite(info["episode_reward"]) and max(info["cache_length"]) == 129

@@ -190,3 +190,22 @@ def test_cache_positions_need_slots_and_a_rope_model(model):
         KVPolicyCache(policy, 2, "ring")
     assert str(policy) == "SinkWindow(window=16, compress_every=1, rope_positions=cache, n_sink=4)"
     assert str(SinkWindow(4, window=16)) == "SinkWindow(window=16, compress_every=1, n_sink=4)"  # as before the option
+
+
+def test_compile_falls_back_to_the_eager_model_with_one_warning(model, document, monkeypatch):
+    import backends.kv.stream as stream
+
+    def broken_compile(module, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+        return run
+
+    monkeypatch.setattr(stream.torch, "compile", broken_compile)
+    monkeypatch.setattr(stream, "_COMPILED", {})
+    with pytest.warns(UserWarning, match=r"torch.compile failed for GPTNeoXForCausalLM \(RuntimeError: no C\+\+ "
+                                         r"compiler found\); decoding runs on the eager model") as caught:
+        compiled = DocumentStreamer(model, document, SinkWindow(4, window=24), compile=True)
+        DocumentStreamer(model, document, SinkWindow(4, window=24), compile=True)  # cached: no second warning
+    assert len(caught) == 1 and compiled.forward is model
+    np.testing.assert_array_equal(compiled.advance(1000).nll,
+                                  DocumentStreamer(model, document, SinkWindow(4, window=24)).advance(1000).nll)
