@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from backends.kv import DocumentStreamer, FullCache, KeyNormWindow, KVPolicy, SinkWindow, spike_metrics
-from backends.tiny_text import held_out_token_documents, load_tiny_text_model
+from backends.tiny_text import held_out_token_documents, load_causal_lm, load_tiny_text_model
 
 
 def run_policies(model, documents: dict[str, list[int]], policies: list[KVPolicy], repeats: int,
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compress-every", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--peak-cache", type=int, default=128, help="fixed peak cache M of the second sweep")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per document (median per token)")
+    parser.add_argument("--model", default=None, help="a causal LM checkpoint folder (default: the shipped tiny "
+                        "text model), e.g. backends/tiny_text/checkpoint_v2")
     parser.add_argument("--episodes", type=int, default=0, help="time this many episodes per KV env id instead")
     args = parser.parse_args(argv)
     if args.episodes < 0:
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--compress-every values {bad} invalid; accepted: 1 <= R < peak-cache - 4")
 
     torch.set_num_threads(1)
-    model, tokenizer = load_tiny_text_model()
+    model, tokenizer = load_causal_lm(args.model) if args.model else load_tiny_text_model()
     documents = held_out_token_documents(tokenizer, max_tokens=args.tokens)
     print(f"held-out documents: {', '.join(f'{k} ({len(v)} tok)' for k, v in documents.items())}; "
           f"TPOT = median per-token forward over {args.repeats} passes; spikes vs full cache, 32 tokens after each prune")

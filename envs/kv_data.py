@@ -1,4 +1,5 @@
-"""The KV envs' data: the causal LM they stream through and the fixed stream of episode windows.
+"""The KV envs' data: the default documents and the fixed stream of episode windows (the causal LM
+and the user's documents come through :mod:`backends.kv.sources`).
 
 The documents are cut into consecutive, non-overlapping windows of ``episode_tokens + 1`` tokens,
 numbered in document order; window ``i`` belongs to ``SPLIT_OF_WINDOW[i % 5]`` (train, train,
@@ -7,19 +8,11 @@ train, validation, test).
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Sequence
 
-from backends.tiny_text import CHECKPOINT_DIR, held_out_token_documents, load_causal_lm
+from backends.tiny_text import held_out_token_documents
 
 SPLIT_OF_WINDOW = ("train", "train", "train", "validation", "test")  # window i -> SPLIT_OF_WINDOW[i % 5]
-
-
-@lru_cache(maxsize=2)
-def load_kv_model(model_path: str | None):
-    """``(model, tokenizer)`` of a causal LM folder (``None``: the tiny reference model), loaded once
-    per process and path: every env instance shares the weights (read-only use)."""
-    return load_causal_lm(model_path if model_path is not None else CHECKPOINT_DIR)
 
 
 def default_documents(tokenizer) -> list[list[int]]:

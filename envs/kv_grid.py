@@ -29,9 +29,10 @@ def kv_action_grid(policy_class: type[KVPolicy], knob_grid: dict | None = None) 
     (:data:`ACTION_GRIDS`, else :data:`DEFAULT_KNOB_GRID`), then field order, whatever the order
     of ``knob_grid``'s keys (so a grid read back from a saved config gives the same layout).
     """
-    fields = [f for f in dataclasses.fields(policy_class) if f.init]
-    names = [f.name for f in fields]
     given = dict(knob_grid or {})
+    # An option that is not a knob (metadata knob=False, e.g. rope_positions) joins the grid only when named.
+    fields = [f for f in dataclasses.fields(policy_class) if f.init and (f.metadata.get("knob", True) or f.name in given)]
+    names = [f.name for f in fields]
     unknown = sorted(set(given) - set(names))
     if unknown:
         raise ValueError(f"knob_grid names unknown knob(s) {unknown} of {policy_class.__name__}; accepted: {names}")

@@ -89,12 +89,13 @@ from gymnasium import spaces
 
 from backends.base import check_split
 from backends.checks import check_int
-from backends.kv.cache import kv_bytes_per_token
 from backends.kv.policies import FullCache, KVPolicy, kv_policy_class, registered_kv_policies
+from backends.kv.cache import DEFAULT_STORAGE, STORAGES, kv_bytes_per_token
+from backends.kv.sources import load_kv_model, read_text_documents, tokenize_documents
 from backends.kv.stream import DocumentStreamer, check_threads
 from envs.base import KnobgymEnv, LatencyReference
 from envs.budget import Budget, KVBudget, check_budget_ms
-from envs.kv_data import default_documents, episode_windows, load_kv_model
+from envs.kv_data import default_documents, episode_windows
 from envs.kv_grid import kv_action_grid
 from envs.kv_memo import PrefixMemo
 from envs.kv_schedule import simulate_cache, simulate_schedule
@@ -127,6 +128,12 @@ class StreamingKVEnv(KnobgymEnv):
             cached estimator on this device (profiled once when missing).
         threads: torch intra-op threads while streaming (default 1; see :mod:`backends.kv.stream`).
         model_path: checkpoint folder of a causal LM; ``None`` = the tiny reference model.
+        model_spec: instead of ``model_path``, the HF backend's model keys (``model``, ``precision``,
+            ``device``, ``quantization``, ...; :func:`backends.kv.sources.load_kv_model`).
+        dataset, text_column: the user's documents through HF ``datasets`` (a text file, a JSON-lines
+            file or a ``save_to_disk`` folder, and the column holding the text; default ``text``;
+            :func:`backends.kv.sources.read_text_documents`); ``None`` = the held-out documents.
+        storage: KV cache storage, ``"slots"`` (default) or ``"concat"`` (:mod:`backends.kv.cache`).
         model, documents: an already loaded causal LM and its token-id documents (tests, custom
             data); with a custom ``model`` the ``documents`` are required.
         reward_config: coefficients of the shared reward.
@@ -143,7 +150,8 @@ class StreamingKVEnv(KnobgymEnv):
                  episode_tokens: int = 512, split: str = "train", knob_grid: dict | None = None,
                  latency: str = "estimated", tpot_model: TpotEstimator | dict | None = None, threads: int | None = 1,
                  model_path: str | None = None, model=None, documents=None,
-                 reward_config: RewardConfig | dict | None = None):
+                 reward_config: RewardConfig | dict | None = None, model_spec: dict | str | None = None,
+                 dataset: str | None = None, text_column: str = "text", storage: str = DEFAULT_STORAGE):
         super().__init__()
         self.policy_class = kv_policy_class(policy) if isinstance(policy, str) else policy
         if not (isinstance(self.policy_class, type) and issubclass(self.policy_class, KVPolicy)):
@@ -162,10 +170,17 @@ class StreamingKVEnv(KnobgymEnv):
         self.knob_names = list(self.knob_grid)
         self.action_space = spaces.MultiDiscrete([len(v) for v in self.knob_grid.values()])
 
+        if storage not in STORAGES:
+            raise ValueError(f"storage={storage!r} is invalid; accepted: {', '.join(STORAGES)}")
+        self.storage = storage
         if model is None:
-            model, tokenizer = load_kv_model(model_path)
+            texts = read_text_documents(dataset, text_column) if dataset is not None else None  # before the model
+            model, tokenizer = load_kv_model(model_path, model_spec)
             if documents is None:
-                documents = default_documents(tokenizer)
+                documents = tokenize_documents(tokenizer, texts) if texts is not None else default_documents(tokenizer)
+        elif dataset is not None or model_spec is not None:
+            raise ValueError("dataset / model_spec were given with a loaded model; accepted: model and documents, "
+                             "or model_path / model_spec and optionally dataset")
         elif documents is None:
             raise ValueError("documents=None with a custom model; accepted: a list of token-id sequences")
         self.model = model
@@ -272,7 +287,7 @@ class StreamingKVEnv(KnobgymEnv):
     def _new_streamer(self, split: str, sample_id: int) -> DocumentStreamer:
         doc_index, start = self.windows[split][sample_id]
         return DocumentStreamer(self.model, self.documents[doc_index][start:start + self.episode_tokens + 1],
-                                threads=self.threads)
+                                threads=self.threads, storage=self.storage)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         """Start an episode: ``options`` may fix ``sample_id`` (a window of ``split``), ``split`` and ``budget``.

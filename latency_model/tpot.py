@@ -47,7 +47,7 @@ import torch
 
 from backends.checks import check_int
 from backends.io import CorruptFileError, read_checksummed_json, write_checksummed_json
-from backends.kv.cache import KVPolicyCache, num_decoder_layers
+from backends.kv.cache import DEFAULT_STORAGE, KVPolicyCache, num_decoder_layers
 from backends.kv.policies import FullCache, SinkWindow
 from backends.kv.stream import check_threads, intra_op_threads
 from latency_model.cache import cache_key, default_cache_dir
@@ -263,7 +263,9 @@ def tpot_cache_paths(model, cache_dir: str | os.PathLike | None = None,
     with intra_op_threads(threads):
         fingerprint = device_fingerprint(next(model.parameters()).device)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", identity["model"])[:40]
-    stem = f"tpot-{name}-{cache_key(identity, fingerprint)}"
+    # The storage the profile decodes with is part of the key: a profile of the seed's torch.cat
+    # cache (before slots became the default) must not be read as one of the slots.
+    stem = f"tpot-{name}-{cache_key({**identity, 'kv_storage': DEFAULT_STORAGE}, fingerprint)}"
     return directory / f"{stem}.json", directory / f"{stem}.profile.json"
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from backends.checks import check_int
-from backends.kv.cache import KVPolicyCache, PruneEvent, num_decoder_layers
+from backends.kv.cache import DEFAULT_STORAGE, PruneEvent, make_policy_cache
 from backends.kv.policies import FullCache, KVPolicy
 from backends.threads import configured_threads, set_torch_threads
 
@@ -78,16 +79,25 @@ class DocumentStreamer:
         policy: initial policy (default :class:`FullCache`).
         threads: torch intra-op threads during forwards (default 1, see the module docstring;
             ``None`` keeps the process setting, e.g. for a large model on many cores).
+        storage: the cache's storage, ``"slots"`` (default), ``"static"`` (fixed shapes; a full cache is
+            allocated for the whole document) or ``"concat"`` (see :mod:`backends.kv.cache`).
+        compile: decode through ``torch.compile(model)`` (:func:`compiled_forward`; falls back to the
+            eager model with one warning where compiling fails).
     """
 
-    def __init__(self, model, token_ids, policy: KVPolicy | None = None, threads: int | None = 1):
+    def __init__(self, model, token_ids, policy: KVPolicy | None = None, threads: int | None = 1,
+                 storage: str = DEFAULT_STORAGE, compile: bool = False):
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         if len(ids) < 2:
             raise ValueError(f"a document needs at least 2 tokens to score one; got {len(ids)}")
         self.model = model
         self.threads = check_threads(threads)
         self.token_ids = ids.to(model.device)
-        self.cache = KVPolicyCache(policy or FullCache(), num_decoder_layers(model))
+        if not isinstance(compile, bool):
+            raise ValueError(f"compile={compile!r} is invalid; accepted: true or false")
+        self.cache = make_policy_cache(model, policy or FullCache(), storage,
+                                       static_capacity=len(ids) if storage == "static" else 0)
+        self.forward = compiled_forward(model, storage) if compile else model
         self.cursor = 0  # index of the next token to feed
 
     def fork(self) -> "DocumentStreamer":
@@ -95,6 +105,7 @@ class DocumentStreamer:
         evaluate several knob choices for the next chunk from one shared prefix."""
         copy = DocumentStreamer.__new__(DocumentStreamer)
         copy.model, copy.threads, copy.token_ids, copy.cursor = self.model, self.threads, self.token_ids, self.cursor
+        copy.forward = self.forward
         copy.cache = self.cache.fork()
         return copy
 
@@ -114,6 +125,7 @@ class DocumentStreamer:
         first_event = len(self.cache.prune_events)
         with intra_op_threads(self.threads):
             self._feed(steps, nll, step_ms, lengths)
+            self.cache.settle()
         return ChunkTrace(nll, step_ms, lengths, list(self.cache.prune_events[first_event:]))
 
     def _feed(self, steps: int, nll: np.ndarray, step_ms: np.ndarray, lengths: np.ndarray) -> None:
@@ -121,25 +133,55 @@ class DocumentStreamer:
             token = self.token_ids[self.cursor:self.cursor + 1][None]
             lengths[i] = self.cache.cache_length + 1
             start = time.perf_counter()
-            logits = self.model(token, past_key_values=self.cache, use_cache=True).logits[0, -1]
+            logits = self.forward(token, past_key_values=self.cache, use_cache=True,
+                                  attention_mask=self.cache.attention_mask(1)).logits[0, -1]
             step_ms[i] = (time.perf_counter() - start) * 1e3
             target = self.token_ids[self.cursor + 1]
             nll[i] = float(torch.logsumexp(logits.float(), -1) - logits[target].float())
             self.cursor += 1
 
 
+_COMPILED: dict = {}
+
+
+def compiled_forward(model, storage: str = DEFAULT_STORAGE):
+    """``torch.compile(model, dynamic=True)``, compiled once per model and storage in this process and
+    tried on a short throwaway stream first; where that fails (no C++ compiler, an unsupported op,
+    ...) the eager ``model`` with one warning naming the error."""
+    key = (id(model), storage)
+    if key in _COMPILED and _COMPILED[key][0] is model:
+        return _COMPILED[key][1]
+    compiled = torch.compile(model, dynamic=True)
+    try:
+        with torch.inference_mode():
+            cache = make_policy_cache(model, FullCache(), storage, static_capacity=8 if storage == "static" else 0)
+            for token in range(3):
+                compiled(torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True,
+                         attention_mask=cache.attention_mask(1))
+    except Exception as error:  # torch.compile raises many types (BackendCompilerFailed, InductorError, ...)
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"torch.compile failed for {type(model).__name__} ({type(error).__name__}: {first_line}); "
+                      "decoding runs on the eager model", stacklevel=2)
+        compiled = model
+    _COMPILED[key] = (model, compiled)
+    return compiled
+
+
 @torch.inference_mode()
-def greedy_generate(model, prompt_ids, max_new_tokens: int, policy: KVPolicy | None = None) -> list[int]:
+def greedy_generate(model, prompt_ids, max_new_tokens: int, policy: KVPolicy | None = None,
+                    storage: str = DEFAULT_STORAGE) -> list[int]:
     """Greedy decoding under ``policy``: prefill the prompt in one forward, then one token per step."""
     check_int("max_new_tokens", max_new_tokens, 1)
     ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1).to(model.device)
     if ids.shape[1] < 1:
         raise ValueError("prompt_ids is empty; accepted: at least one token")
-    cache = KVPolicyCache(policy or FullCache(), num_decoder_layers(model))
+    cache = make_policy_cache(model, policy or FullCache(), storage,
+                              static_capacity=ids.shape[1] + max_new_tokens if storage == "static" else 0)
     generated: list[int] = []
     inputs = ids
     for _ in range(max_new_tokens):
-        logits = model(inputs, past_key_values=cache, use_cache=True).logits[0, -1]
+        logits = model(inputs, past_key_values=cache, use_cache=True,
+                       attention_mask=cache.attention_mask(inputs.shape[1])).logits[0, -1]
         next_id = int(torch.argmax(logits))
         generated.append(next_id)
         inputs = torch.tensor([[next_id]], device=ids.device)

@@ -20,10 +20,12 @@ A new policy is one small frozen dataclass that overrides ONE method, :meth:`KVP
 Its fields are its knobs; which values an RL env offers for each knob (the action grid) is the
 env's business (:mod:`envs.streaming_kv`), not the policy's.
 
-Positions under RoPE: the cache stores keys already rotated at their ORIGINAL absolute
-positions, and new tokens always get their true absolute position (the cache reports the number
-of tokens seen, not the number kept). Evicted tokens leave gaps; no key is ever re-rotated or
-re-inserted at a new tail position. See :mod:`backends.kv.cache`.
+Positions under RoPE (``rope_positions``, :mod:`backends.kv.positions`): ``"original"`` (default)
+keeps every cached key rotated at its token's absolute position in the document and gives new
+tokens their true positions (evicted tokens leave gaps); ``"cache"`` is StreamingLLM's scheme,
+positions re-numbered within the kept cache. Either way ``score`` sees the tokens' original
+positions, ascending. ``rope_positions`` is an option of the policy, not a knob of the default
+action grid (an env offers it only when its ``knob_grid`` names it). See :mod:`backends.kv.cache`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from backends.checks import check_int
+from backends.kv.positions import ROPE_POSITIONS
 
 
 def require_int(policy: str, name: str, value, minimum: int) -> None:
@@ -52,12 +55,15 @@ class KVPolicy:
         compress_every: eviction schedule; prune only when the cache has grown ``compress_every``
             tokens past ``window`` (an integer >= 1; 1 = prune on every token). The peak cache a
             layer holds is ``window + compress_every - 1`` tokens plus the token being fed.
+        rope_positions: ``"original"`` (default) or ``"cache"`` (StreamingLLM: positions re-numbered
+            within the kept cache), see :mod:`backends.kv.positions`.
 
     Subclasses override :meth:`score`; :meth:`validate` when they add fields with rules.
     """
 
     window: int = field(default=128, kw_only=True)
     compress_every: int = field(default=1, kw_only=True)
+    rope_positions: str = field(default="original", kw_only=True, metadata={"knob": False})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -66,6 +72,9 @@ class KVPolicy:
         """Raise ``ValueError`` naming a bad knob value and what is accepted (extend with ``super()``)."""
         name = type(self).__name__
         require_int(name, "compress_every", self.compress_every, 1)
+        if self.rope_positions not in ROPE_POSITIONS:
+            raise ValueError(f"{name}: rope_positions={self.rope_positions!r} is invalid; accepted: "
+                             f"{', '.join(ROPE_POSITIONS)}")
         if self.window is not None:
             require_int(name, "window", self.window, 1)
 
@@ -119,8 +128,10 @@ class KVPolicy:
         return torch.sort(order).values
 
     def knobs(self) -> dict:
-        """The policy's knob values by field name."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        """The policy's knob values by field name (an option such as ``rope_positions`` only when not
+        at its default, so a policy's text and knobs read as before the option existed)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.init and (f.metadata.get("knob", True) or getattr(self, f.name) != f.default)}
 
     def __str__(self) -> str:
         return f"{self.policy_name()}(" + ", ".join(f"{k}={v}" for k, v in self.knobs().items()) + ")"

@@ -1,0 +1,44 @@
+"""The tiny text LM v2 training script: a run split by an interruption resumes to the same weights."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from backends.tiny_text import train_v2
+
+TINY = ["--hidden", "16", "--layers", "1", "--heads", "2", "--context", "32", "--max-positions", "64",
+        "--vocab-size", "300", "--batch-size", "2", "--steps", "4", "--warmup", "1", "--max-corpus-chars", "1500",
+        "--threads", "1", "--log-every", "1", "--eval-max-tokens", "64"]
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys):
+    assert train_v2.main(TINY + ["--work-dir", str(tmp_path / "straight")]) == 0
+    split = TINY + ["--work-dir", str(tmp_path / "split")]
+    assert train_v2.main(split + ["--max-steps-this-run", "2"]) == 0
+    assert not (tmp_path / "split" / "final").exists()
+    _, metadata = train_v2.load_tensors(tmp_path / "split" / "latest" / train_v2.STATE_FILE)
+    assert metadata["step"] == 2 and metadata["args"]["hidden"] == 16
+    assert train_v2.main(split) == 0
+    assert "resumed from" in capsys.readouterr().out
+    straight = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    resumed = load_file(tmp_path / "split" / "final" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    card = json.loads((tmp_path / "split" / "final" / "training.json").read_text())
+    assert card["context"] == 32 and card["held_out_ppl"] > 1
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "split" / "final")
+    assert tokenizer("x = 1")["input_ids"][0] == tokenizer.convert_tokens_to_ids("<|endoftext|>")  # the sink
+
+
+def test_resuming_with_other_arguments_is_one_error_line(tmp_path, capsys):
+    work = ["--work-dir", str(tmp_path)]
+    assert train_v2.main(TINY + work + ["--max-steps-this-run", "1"]) == 0
+    capsys.readouterr()
+    assert train_v2.main(TINY[:-2] + ["--eval-max-tokens", "64", "--hidden", "32"] + work) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --hidden=32 differs from the checkpoint") and "--fresh" in err and "\n" not in err
+    assert train_v2.main(TINY + work + ["--fresh", "--steps", "1"]) == 0
