@@ -56,6 +56,14 @@ def knob_sweep(space: KnobSpace) -> list[tuple[str, KnobConfig]]:
     return rows
 
 
+def target_configs(space: KnobSpace) -> list[tuple[str, KnobConfig]]:
+    """Full, cheapest, and each knob alone at its cheapest setting (the rows the targets name)."""
+    full, cheap = space.full(), space.cheapest()
+    return [("full", full), ("cheapest", cheap)] + [
+        (f"{knob}={getattr(cheap, knob):g}" if knob == "token_budget" else f"{knob}={getattr(cheap, knob)}",
+         full.replace(**{knob: getattr(cheap, knob)})) for knob in ("tier", "token_budget", "top_k", "depth")]
+
+
 def accuracy_table(model, tokenizer, space, n_test: int | None = None, n_train_baseline: int = 20000,
                    seed: int = 0) -> str:
     """Markdown accuracy table (full vs question-only per type, then the knob sweep)."""
