@@ -25,8 +25,12 @@ def checkpoint_task(path: str | Path) -> ModuleType:
     if not (Path(path) / "config.json").is_file():
         return data
     config = read_json(Path(path) / "config.json")
-    meta = config.get("knobgym") if isinstance(config, dict) else None
-    name = meta.get("task", "v1") if isinstance(meta, dict) else "v1"
+    return task_of(config.get("knobgym") if isinstance(config, dict) else None)
+
+
+def task_of(knobgym: dict | None) -> ModuleType:
+    """The data module a model config's ``knobgym`` dict names (v1 without one)."""
+    name = knobgym.get("task", "v1") if isinstance(knobgym, dict) else "v1"
     if not isinstance(name, str):
-        raise ValueError(f"{path}/config.json: knobgym.task={name!r} is invalid; accepted: {', '.join(TASKS)}")
+        raise ValueError(f"knobgym.task={name!r} is invalid; accepted: {', '.join(TASKS)}")
     return task_module(name)
