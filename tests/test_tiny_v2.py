@@ -61,6 +61,24 @@ def test_a_stopped_and_resumed_run_equals_an_unstopped_one(tmp_path):
     assert [h["step"] for h in log] == [4] and set(log[0]["val"]) >= {"full", "cheapest"}
 
 
+def test_export_to_writes_the_newest_state_as_a_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    main(TINY_RUN + ["--out", out, "--session-steps", "1"])
+    main(TINY_RUN + ["--out", out, "--export-to", str(tmp_path / "look")])
+    state = json.loads((tmp_path / "look" / "training_state.json").read_text())
+    assert state["step"] == 1 and checkpoint_task(tmp_path / "look") is data_v2
+    # it loads as the tiny backend over the v2 task, tiers resizing the image before the tower
+    from backends.tiny.backend import load_tiny_backend
+
+    backend = load_tiny_backend(str(tmp_path / "look"))
+    space = backend.knob_space
+    assert space.tier_mode == "resize" and space.tiers == {"low": 4, "medium": 16, "high": 64}
+    assert space.tier_sizes == {"low": 12, "medium": 24, "high": 48}
+    assert backend.question_types == data_v2.QUESTION_TYPES
+    outcome = backend.run(backend.samples("test")[0], space.cheapest())
+    assert outcome.token_counts.new_tokens >= 1
+
+
 def test_a_state_cut_short_is_skipped_for_the_previous_one(tmp_path):
     out = tmp_path / "run"
     train(parse_args(TINY_RUN + ["--out", str(out), "--session-steps", "1"]))

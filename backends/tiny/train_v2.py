@@ -47,7 +47,7 @@ DEFAULT_OUT = Path("~/.cache/knobgym/train/vlm_v2")
 MAX_CHECKPOINT_MINUTES = 10.0
 #: the options that define what is trained: a resumed run must repeat them
 RUN_DEFINING = ("seed", "steps", "batch_size", "lr", "warmup", "full_share", "patch_loss_weight",
-                "position_loss_weight", "val_every", "val_samples")
+                "position_loss_weight")
 STATES_KEPT = 2
 
 
@@ -174,6 +174,21 @@ def check_run_file(out: Path, args) -> None:
         atomic_write_json(run_file, defining)
 
 
+def export_latest(args) -> Path:
+    """Export the newest training state of ``--out`` to ``--export-to`` (no training): a look at a
+    run in progress without stopping it."""
+    out = Path(args.out).expanduser()
+    check_run_file(out, args)
+    trainer = Trainer(args)
+    path = load_latest_state(trainer, out)
+    if path is None:
+        raise ValueError(f"--out={str(out)!r} holds no training state to export; accepted: a run folder of train_v2")
+    target = Path(args.export_to).expanduser()
+    trainer.export(target, [])
+    print(f"exported {path} (step {trainer.step}) -> {target}", flush=True)
+    return target
+
+
 def train(args) -> Trainer:
     torch.set_num_threads(args.threads)
     out = Path(args.out).expanduser()
@@ -257,6 +272,8 @@ def parse_args(argv=None):
     p.add_argument("--val-every", type=int, default=500, help="validate and export the model every N steps")
     p.add_argument("--val-samples", type=int, default=350)
     p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--export-to", default=None,
+                   help="export the newest state of --out as a from_pretrained checkpoint to this folder and exit")
     p.add_argument("--session-steps", type=int, default=10 ** 9,
                    help="stop this session after N steps, saving the state (the same command resumes)")
     args = p.parse_args(argv)
@@ -280,7 +297,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        train(args)
+        export_latest(args) if args.export_to else train(args)
     except ValueError as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)
