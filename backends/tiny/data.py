@@ -193,13 +193,15 @@ def make_sample(split: str, index: int, seed: int = DEFAULT_SEED) -> Sample:
                   question_type=qtype_id, meta={"objects": objects, "seed": int(seed)})
 
 
-def generate_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED, start: int = 0) -> list[Sample]:
-    """Samples ``start .. start+n-1`` of a split (``n`` defaults to the split's size)."""
+def generate_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED, start: int = 0,
+                   make=None) -> list[Sample]:
+    """Samples ``start .. start+n-1`` of a split (``n`` defaults to the split's size), made by
+    ``make(split, index, seed)`` (default: this task's :func:`make_sample`)."""
     check_split(split)
     n = SPLIT_SIZES[split] if n is None else n
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n={n!r} is invalid; accepted: an integer >= 0")
-    return [make_sample(split, start + i, seed) for i in range(n)]
+    return [(make or make_sample)(split, start + i, seed) for i in range(n)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import numpy as np
 from backends.base import Sample, check_split
 from backends.scoring import normalize_answer, score_answer  # one definition, re-exported here
 from backends.tiny import data as v1
-from backends.tiny.data import COLORS, IMAGE_SIZE, SHAPES, SPLIT_CODES, SPLIT_SIZES, object_mask, render
+from backends.tiny.data import COLORS, IMAGE_SIZE, SHAPES, SPLIT_CODES, object_mask, render
 
 TASK = "v2"
 QUESTION_TYPES = ("big_color", "big_shape", "count_color", "small_shape", "relation", "value", "value_sum")
@@ -196,11 +196,7 @@ def make_sample(split: str, index: int, seed: int = DEFAULT_SEED) -> Sample:
 
 def generate_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED, start: int = 0) -> list[Sample]:
     """Samples ``start .. start+n-1`` of a split (``n`` defaults to the split's size)."""
-    check_split(split)
-    n = SPLIT_SIZES[split] if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n={n!r} is invalid; accepted: an integer >= 0")
-    return [make_sample(split, start + i, seed) for i in range(n)]
+    return v1.generate_split(split, n, seed, start, make=make_sample)
 
 
 def per_type_accuracy(samples: Sequence[Sample], scores: Sequence[float]) -> dict:
