@@ -106,3 +106,37 @@ def test_bad_options_exit_2_with_one_line(option, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and option[0] in err[0]
+
+
+@pytest.mark.slow
+def test_headroom_prints_a_row_per_budget_and_per_type_never_below_best_static_on_test(capsys, monkeypatch):
+    """bench/headroom.py on the default backend with the analytic stand-in estimator."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "tests"))
+    monkeypatch.syspath_prepend(str(root / "bench"))
+    import headroom
+
+    headroom.main(["--samples", "4", "--estimator", "fake_latency:make", "--budgets", "60ms,90ms"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "ms |" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| 60.0 ms", "| 90.0 ms"]
+    for row in rows:
+        static, per_type, oracle, best_static = (float(v) for v in row.split(" | ")[1:5])
+        assert oracle >= max(per_type, best_static) >= 0 and oracle >= static
+    assert "at 90.0 ms: static tier=" in out
+    del sys.modules["headroom"]
+
+
+def test_headroom_rejects_bad_options_in_one_line(capsys):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for bad in (["--samples", "0"], ["--budgets", "fast"]):
+        proc = subprocess.run([sys.executable, str(root / "bench" / "headroom.py"), *bad], capture_output=True,
+                              text=True, cwd=root)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
