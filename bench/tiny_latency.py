@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from backends.knobs import KnobConfig, apply_knobs  # noqa: E402
-from backends.tiny import CHECKPOINT_DIR, generate_split  # noqa: E402
+from backends.tiny import CHECKPOINT_DIR  # noqa: E402
 from backends.tiny.evaluate import knob_sweep, load_checkpoint  # noqa: E402
 from backends.tiny.model import pixel_values, prompt_ids  # noqa: E402
+from backends.tiny.tasks import task_of  # noqa: E402
 
 
 @torch.no_grad()
@@ -55,7 +56,7 @@ def main(argv=None):
         raise ValueError("--samples, --repeats and --threads must be >= 1")
     torch.set_num_threads(args.threads)
     model, tokenizer, space = load_checkpoint(args.model, experts_implementation=args.experts_implementation)
-    samples = generate_split("test", args.samples)
+    samples = task_of(model.config.knobgym).generate_split("test", args.samples)  # the checkpoint's task
     print(f"model {args.model} | experts {model.config.text_config._experts_implementation} | "
           f"threads {args.threads} | {args.samples} samples x {args.repeats} repeats")
     results = {}

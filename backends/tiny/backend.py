@@ -16,6 +16,7 @@ from backends.hf import HFBackend
 from backends.loading import GenerationSettings, ModelSpec, generation_settings_from_dict, load_model
 from backends.threads import DEFAULT_TORCH_THREADS, set_torch_threads
 from backends.tiny import data
+from backends.tiny.tasks import checkpoint_task
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
 
@@ -28,13 +29,13 @@ class LazySplit(Sequence):
     #: rendered samples kept per split
     CACHE_SIZE = 512
 
-    def __init__(self, split: str, seed: int = data.DEFAULT_SEED, size: int | None = None):
-        self.split, self.seed = check_split(split), seed
+    def __init__(self, split: str, seed: int = data.DEFAULT_SEED, size: int | None = None, task=data):
+        self.split, self.seed, self.task = check_split(split), seed, task
         self.size = data.SPLIT_SIZES[split] if size is None else int(size)
         self._get = lru_cache(maxsize=self.CACHE_SIZE)(self._make)
 
     def _make(self, index: int) -> Sample:
-        return data.make_sample(self.split, index, self.seed)
+        return self.task.make_sample(self.split, index, self.seed)
 
     def __len__(self) -> int:
         return self.size
@@ -51,13 +52,12 @@ class LazySplit(Sequence):
 
 
 class TinyVQATask:
-    """The procedural VQA task: splits and exact-match scoring."""
+    """A procedural VQA task (``task``: the data module, v1 by default): splits and exact-match scoring."""
 
-    question_types = data.QUESTION_TYPES
-
-    def __init__(self, seed: int = data.DEFAULT_SEED, split_sizes: dict | None = None):
+    def __init__(self, seed: int = data.DEFAULT_SEED, split_sizes: dict | None = None, task=data):
         sizes = {**data.SPLIT_SIZES, **(split_sizes or {})}
-        self._splits = {s: LazySplit(s, seed, sizes[s]) for s in data.SPLIT_SIZES}
+        self.question_types = task.QUESTION_TYPES
+        self._splits = {s: LazySplit(s, seed, sizes[s], task) for s in data.SPLIT_SIZES}
 
     def samples(self, split: str) -> Sequence[Sample]:
         return self._splits[check_split(split)]
@@ -70,7 +70,8 @@ def load_tiny_backend(checkpoint: str | None = None, generation: dict | Generati
                       device: str = "cpu", precision: str = "fp32", attn_implementation: str = "sdpa",
                       seed: int = data.DEFAULT_SEED, split_sizes: dict | None = None,
                       num_threads: int | None = DEFAULT_TORCH_THREADS) -> HFBackend:
-    """The default backend: the committed tiny model (or ``checkpoint``) on ``device``.
+    """The default backend: the committed tiny model (or ``checkpoint``) on ``device``, over the
+    task its ``config.json`` names (``knobgym.task``: v1 or v2).
 
     ``num_threads`` sets torch's intra-op threads for the process (default
     :data:`backends.threads.DEFAULT_TORCH_THREADS`, as every backend and the CLI): the model's
@@ -84,5 +85,6 @@ def load_tiny_backend(checkpoint: str | None = None, generation: dict | Generati
     spec = ModelSpec(model=str(path), precision=precision, device=device, attn_implementation=attn_implementation)
     if not isinstance(generation, GenerationSettings):
         generation = generation_settings_from_dict(generation)
+    task = checkpoint_task(path)
     loaded = load_model(spec)
-    return HFBackend(loaded, TinyVQATask(seed, split_sizes), generation=generation, name="tiny")
+    return HFBackend(loaded, TinyVQATask(seed, split_sizes, task), generation=generation, name="tiny")

@@ -194,18 +194,21 @@ def make_sample(split: str, index: int, seed: int = DEFAULT_SEED) -> Sample:
                   question_type=qtype_id, meta={"objects": objects, "seed": int(seed)})
 
 
-def generate_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED, start: int = 0) -> list[Sample]:
-    """Samples ``start .. start+n-1`` of a split (``n`` defaults to the split's size)."""
+def generate_split(split: str, n: int | None = None, seed: int = DEFAULT_SEED, start: int = 0,
+                   make=None) -> list[Sample]:
+    """Samples ``start .. start+n-1`` of a split (``n`` defaults to the split's size), made by
+    ``make(split, index, seed)`` (default: this task's :func:`make_sample`)."""
     check_split(split)
     n = SPLIT_SIZES[split] if n is None else n
     check_int("n", n, 0)
-    return [make_sample(split, start + i, seed) for i in range(n)]
+    return [(make or make_sample)(split, start + i, seed) for i in range(n)]
 
 
 # --------------------------------------------------------------------------------------------
 # Scoring
 # --------------------------------------------------------------------------------------------
-def question_only_baseline(train: Sequence[Sample], test: Sequence[Sample]) -> dict:
+def question_only_baseline(train: Sequence[Sample], test: Sequence[Sample],
+                           question_types: Sequence[str] = QUESTION_TYPES) -> dict:
     """The best a model can do without the image: the most frequent train answer per question text.
 
     Unseen question texts fall back to the most frequent answer of their question type. Returns
@@ -222,15 +225,16 @@ def question_only_baseline(train: Sequence[Sample], test: Sequence[Sample]) -> d
         counts = by_question.get(s.question) or by_type.get(s.question_type) or Counter({"": 1})
         scores.append(score_answer(counts.most_common(1)[0][0], s.reference))
     return {"overall": float(np.mean(scores)) if scores else 0.0,
-            "per_type": per_type_accuracy(test, scores), "n": len(test)}
+            "per_type": per_type_accuracy(test, scores, question_types), "n": len(test)}
 
 
-def per_type_accuracy(samples: Sequence[Sample], scores: Sequence[float]) -> dict:
+def per_type_accuracy(samples: Sequence[Sample], scores: Sequence[float],
+                      question_types: Sequence[str] = QUESTION_TYPES) -> dict:
     """Mean score per question type name (types absent from ``samples`` are left out)."""
     groups: dict[str, list] = defaultdict(list)
     for s, v in zip(samples, scores):
-        groups[QUESTION_TYPES[s.question_type]].append(v)
-    return {t: float(np.mean(groups[t])) for t in QUESTION_TYPES if groups[t]}
+        groups[question_types[s.question_type]].append(v)
+    return {t: float(np.mean(groups[t])) for t in question_types if groups[t]}
 
 
 def vocabulary() -> list[str]:

@@ -1,8 +1,12 @@
 """Accuracy table of the tiny reference model: ``python -m backends.tiny.evaluate [--model DIR]``.
 
-Exact match on the held-out test split for the full configuration (overall and per question type,
-next to the question-only baseline), the cheapest configuration, and each knob reduced on its own
-(tier, token budget, top-k, depth). ``--write-card`` puts the table into the checkpoint's README.md.
+Exact match on the held-out test split of the task the checkpoint was trained on (v1 or v2, from
+its ``config.json``) for the full configuration (overall and per question type, next to the
+question-only baseline), the cheapest configuration, and each knob reduced on its own (tier, token
+budget, top-k, depth), then the accuracy targets (full >= 80%, cheapest >= 15 points below full,
+each knob alone at its cheapest >= 3 points below full) with whether each holds, and the full /
+cheapest / each-knob-alone accuracy per question type. ``--write-card`` puts the table into the
+checkpoint's README.md.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from backends.io import atomic_write_text
 from backends.knobs import KnobConfig, KnobSpace, knob_space_from_model
-from backends.tiny.data import QUESTION_TYPES, generate_split, question_only_baseline
+from backends.tiny.tasks import task_of
 from backends.tiny.train import evaluate_config
 
 from backends.tiny import CHECKPOINT_DIR
@@ -56,18 +60,34 @@ def knob_sweep(space: KnobSpace) -> list[tuple[str, KnobConfig]]:
     return rows
 
 
+def target_configs(space: KnobSpace) -> list[tuple[str, KnobConfig]]:
+    """Full, cheapest, and each knob alone at its cheapest setting (the rows the targets name)."""
+    full, cheap = space.full(), space.cheapest()
+    return [("full", full), ("cheapest", cheap)] + [
+        (f"budget={cheap.token_budget:g}" if knob == "token_budget" else f"{knob}={getattr(cheap, knob)}",
+         full.replace(**{knob: getattr(cheap, knob)})) for knob in ("tier", "token_budget", "top_k", "depth")]
+
+
+#: the accuracy targets of a reference checkpoint (points of exact match)
+FULL_TARGET, CHEAPEST_GAP, KNOB_GAP = 80.0, 15.0, 3.0
+
+
 def accuracy_table(model, tokenizer, space, n_test: int | None = None, n_train_baseline: int = 20000,
-                   seed: int = 0) -> str:
-    """Markdown accuracy table (full vs question-only per type, then the knob sweep)."""
-    test = generate_split("test", n_test, seed=seed)
-    baseline = question_only_baseline(generate_split("train", n_train_baseline, seed=seed), test)
-    results = {name: (knobs, evaluate_config(model, tokenizer, test, knobs, space)) for name, knobs in knob_sweep(space)}
+                   seed: int = 0, task=None) -> str:
+    """Markdown accuracy table (full vs question-only per type, the knob sweep, the targets)."""
+    task = task or task_of(getattr(model.config, "knobgym", None))
+    question_types = task.QUESTION_TYPES
+    test = task.generate_split("test", n_test, seed=seed)
+    baseline = task.question_only_baseline(task.generate_split("train", n_train_baseline, seed=seed), test)
+    configs = dict(knob_sweep(space) + target_configs(space))
+    results = {name: (knobs, evaluate_config(model, tokenizer, test, knobs, space, question_types))
+               for name, knobs in configs.items()}
     full = results["full"][1]
     lines = [f"Held-out test split: {len(test)} samples (seed {seed}); exact match after VQA normalisation. "
              f"Question-only baseline: most frequent train answer per question text ({n_train_baseline} train samples).",
              "", "| question type | n | full config | question-only | gap |", "|---|---|---|---|---|"]
-    counts = {t: sum(QUESTION_TYPES[s.question_type] == t for s in test) for t in QUESTION_TYPES}
-    for t in QUESTION_TYPES:
+    counts = {t: sum(question_types[s.question_type] == t for s in test) for t in question_types}
+    for t in question_types:
         f, b = full["per_type"].get(t, float("nan")), baseline["per_type"].get(t, float("nan"))
         lines.append(f"| {t} | {counts[t]} | {100 * f:.1f} | {100 * b:.1f} | {100 * (f - b):+.1f} |")
     lines.append(f"| **overall** | {len(test)} | **{100 * full['overall']:.1f}** | **{100 * baseline['overall']:.1f}** "
@@ -76,7 +96,28 @@ def accuracy_table(model, tokenizer, space, n_test: int | None = None, n_train_b
     for name, (knobs, acc) in results.items():
         lines.append(f"| {name} | {knobs} | {space.vision_tokens(knobs)} | {100 * acc['overall']:.1f} | "
                      f"{100 * (acc['overall'] - full['overall']):+.1f} |")
+    targets = target_configs(space)
+    lines += ["", "| question type | " + " | ".join(name for name, _ in targets) + " |",
+              "|---" * (len(targets) + 1) + "|"]
+    for t in question_types:
+        lines.append(f"| {t} | " + " | ".join(f"{100 * results[name][1]['per_type'].get(t, float('nan')):.1f}"
+                                             for name, _ in targets) + " |")
+    lines += ["", f"Targets ({len(test)} test samples" + ("; the targets are stated on at least 1000" if len(test) < 1000
+                                                      else "") + "):"] + target_lines({name: 100 * results[name][1]["overall"] for name, _ in targets})
     return "\n".join(lines)
+
+
+def target_lines(acc: dict) -> list[str]:
+    """One line per accuracy target, with the measured figure and whether it holds."""
+    full = acc["full"]
+    lines = [f"- full {full:.1f}% >= {FULL_TARGET:g}%: {'met' if full >= FULL_TARGET else 'NOT met'}",
+             f"- cheapest {acc['cheapest']:.1f}% is {full - acc['cheapest']:.1f} points below full "
+             f"(>= {CHEAPEST_GAP:g}): {'met' if full - acc['cheapest'] >= CHEAPEST_GAP else 'NOT met'}"]
+    for name, value in acc.items():
+        if name not in ("full", "cheapest"):
+            lines.append(f"- {name} alone {value:.1f}% is {full - value:.1f} points below full (>= {KNOB_GAP:g}): "
+                         f"{'met' if full - value >= KNOB_GAP else 'NOT met'}")
+    return lines
 
 
 def write_table_into_card(card: Path, table: str) -> None:

@@ -47,6 +47,10 @@ class TinyShape:
     tiers: tuple = (("low", 4), ("medium", 9), ("high", 36))
     top_ks: tuple = (4, 5, 6, 7, 8)
     depths: tuple = (12, 13, 14, 15, 16)
+    # "pool": the tower sees the whole image and its tokens are pooled to the tier's count (v1);
+    # "resize": the tower sees the image resized to sqrt(tier tokens) patches a side (v2)
+    tier_mode: str = "pool"
+    task: str = "v1"  # which procedural task (backends.tiny.tasks) the model is trained on
 
     def __post_init__(self):
         grid = IMAGE_SIZE // self.patch_size
@@ -60,15 +64,18 @@ class TinyShape:
             raise ValueError(f"top_ks={self.top_ks} must end at top_k={self.top_k} <= num_experts={self.num_experts}")
         if max(self.depths) != self.num_layers or min(self.depths) < 1:
             raise ValueError(f"depths={self.depths} must lie in [1, {self.num_layers}] and end at num_layers")
+        if self.tier_mode not in ("pool", "resize"):
+            raise ValueError(f"tier_mode={self.tier_mode!r} is invalid; accepted: pool, resize")
 
     @property
     def native_vision_tokens(self) -> int:
         return (IMAGE_SIZE // self.patch_size) ** 2
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the generator's vocabulary (whitespace / punctuation split, BOS added)."""
-    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + vocabulary())}
+def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over ``words`` (default: the v1 generator's vocabulary), whitespace /
+    punctuation split, BOS added."""
+    vocab = {tok: i for i, tok in enumerate(list(SPECIAL_TOKENS) + (vocabulary() if words is None else list(words)))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(IMAGE, "isolated"), pre_tokenizers.Whitespace()])
     tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
@@ -123,12 +130,16 @@ def build_model(tokenizer: PreTrainedTokenizerFast, shape: TinyShape = TinyShape
 
 def knobgym_metadata(shape: TinyShape) -> dict:
     """The ``config.knobgym`` dict: knob ranges and the prompt format, read by ``knob_space_from_model``."""
-    # tier_mode "pool": the tower sees the whole 48 px image and its 16 tokens are pooled to the
-    # tier's count (the model was trained that way; see the model card).
-    return {"tiers": dict(shape.tiers), "native_vision_tokens": shape.native_vision_tokens, "tier_mode": "pool",
+    # tier_mode "pool" (v1): the tower sees the whole 48 px image and its tokens are pooled to the
+    # tier's count; "resize" (v2): the tower sees the image at the tier's size (model card).
+    meta = {"tiers": dict(shape.tiers), "native_vision_tokens": shape.native_vision_tokens,
+            "tier_mode": shape.tier_mode, "task": shape.task,
             "top_ks": list(shape.top_ks), "depths": list(shape.depths), "prompt_template": PROMPT_TEMPLATE,
             "shape": {k: (list(map(list, v)) if k == "tiers" else list(v) if isinstance(v, tuple) else v)
                       for k, v in asdict(shape).items()}}
+    if shape.tier_mode == "resize":
+        meta["tier_sizes"] = {name: math.isqrt(n) * shape.patch_size for name, n in shape.tiers}
+    return meta
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerFast, question: str, n_vision_tokens: int,

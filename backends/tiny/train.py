@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from backends.knobs import KnobConfig, apply_knobs, knob_space_from_model, model_parts
 from backends.io import atomic_write_json, write_directory_atomically
 from backends.loading import check_checkpoint_out_dir
-from backends.tiny.data import (COLORS, IMAGE_SIZE, SHAPES, generate_split, make_sample, object_mask,
+from backends.tiny.data import (COLORS, IMAGE_SIZE, QUESTION_TYPES, SHAPES, generate_split, make_sample, object_mask,
                                 per_type_accuracy, score_answer)
 from backends.tiny.model import (TinyShape, answer_ids, build_image_processor, build_model, build_tokenizer,
                                  pixel_values, prompt_ids)
@@ -156,11 +156,13 @@ def greedy_answers(model, tokenizer, samples, knobs: KnobConfig, space, max_new_
     return answers
 
 
-def evaluate_config(model, tokenizer, samples, knobs, space) -> dict:
-    """Exact match of greedy answers under ``knobs``: overall and per question type."""
+def evaluate_config(model, tokenizer, samples, knobs, space, question_types=QUESTION_TYPES) -> dict:
+    """Exact match of greedy answers under ``knobs``: overall and per question type (the names
+    ``question_types``, v1's by default), plus the per-sample ``scores``."""
     preds = greedy_answers(model, tokenizer, samples, knobs, space)
     scores = [score_answer(p, s.reference) for p, s in zip(preds, samples)]
-    return {"overall": float(np.mean(scores)), "per_type": per_type_accuracy(samples, scores)}
+    return {"overall": float(np.mean(scores)), "per_type": per_type_accuracy(samples, scores, question_types),
+            "scores": scores}
 
 
 def save_checkpoint(model, tokenizer, image_processor, out_dir: Path, extra: dict) -> None:
@@ -261,7 +263,7 @@ def train(args) -> Path:
             acc = evaluate_config(model, tokenizer, val, space.full(), space)
             model.train()
             log["history"].append({"step": step + 1, "elapsed_s": round(elapsed, 1), "loss": loss.item(),
-                                   "val_full": acc})
+                                   "val_full": {k: acc[k] for k in ("overall", "per_type")}})
             print(f"step {step + 1} val full {acc['overall']:.3f} {acc['per_type']}", flush=True)
             save_checkpoint(model, tokenizer, image_processor, out_dir, log)
         if last:

@@ -1,0 +1,142 @@
+"""The tiny model v2: its task (backends.tiny.data_v2) and its resumable elastic training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from backends.tiny import data_v2
+from backends.tiny.model import answer_ids, build_tokenizer
+from backends.tiny.tasks import checkpoint_task, task_module
+from backends.tiny.train_v2 import main, parse_args, state_paths, train
+
+TINY_RUN = ["--batch-size", "2", "--steps", "4", "--warmup", "1", "--val-every", "1000", "--val-samples", "4",
+            "--threads", "1", "--log-every", "1"]
+
+
+def test_samples_are_pure_functions_of_split_index_seed():
+    a, b = data_v2.make_sample("test", 7), data_v2.make_sample("test", 7)
+    assert a.question == b.question and a.reference == b.reference and (a.image == b.image).all()
+    assert data_v2.make_sample("validation", 7).question != a.question or \
+        not (data_v2.make_sample("validation", 7).image == a.image).all()
+
+
+def test_every_question_type_occurs_and_every_answer_is_one_known_token():
+    tokenizer = build_tokenizer(data_v2.vocabulary())
+    samples = data_v2.generate_split("train", 300)
+    assert {s.question_type for s in samples} == set(range(len(data_v2.QUESTION_TYPES)))
+    for s in samples:
+        assert len(answer_ids(tokenizer, s.reference)) == 2, s.reference  # the answer and <eos>
+        assert tokenizer.unk_token_id not in tokenizer(s.question)["input_ids"], s.question
+
+
+def test_checkpoint_task_reads_the_config(tmp_path):
+    assert checkpoint_task(tmp_path) is task_module("v1")  # no config.json: the loader reports it
+    (tmp_path / "config.json").write_text(json.dumps({"knobgym": {"task": "v2"}}))
+    assert checkpoint_task(tmp_path) is data_v2
+    (tmp_path / "config.json").write_text(json.dumps({"knobgym": {"task": "v9"}}))
+    with pytest.raises(ValueError, match="v9"):
+        checkpoint_task(tmp_path)
+
+
+def _weights(trainer) -> dict:
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_a_stopped_and_resumed_run_equals_an_unstopped_one(tmp_path):
+    straight = train(parse_args(TINY_RUN + ["--out", str(tmp_path / "a")]))
+    assert straight.step == 4
+    first = train(parse_args(TINY_RUN + ["--out", str(tmp_path / "b"), "--session-steps", "2"]))
+    assert first.step == 2 and [p.name for p in state_paths(tmp_path / "b")] == ["step-00000002.pt"]
+    resumed = train(parse_args(TINY_RUN + ["--out", str(tmp_path / "b")]))
+    assert resumed.step == 4
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight.opt.state_dict()["state"][0]["step"] == resumed.opt.state_dict()["state"][0]["step"]
+    # the exported model loads like any checkpoint and names its task
+    assert checkpoint_task(tmp_path / "b" / "model") is data_v2
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in log] == [4] and set(log[0]["val"]) >= {"full", "cheapest"}
+
+
+def test_export_to_writes_the_newest_state_as_a_checkpoint(tmp_path):
+    out = str(tmp_path / "run")
+    main(TINY_RUN + ["--out", out, "--session-steps", "1"])
+    main(TINY_RUN + ["--out", out, "--export-to", str(tmp_path / "look")])
+    state = json.loads((tmp_path / "look" / "training_state.json").read_text())
+    assert state["step"] == 1 and checkpoint_task(tmp_path / "look") is data_v2
+    # it loads as the tiny backend over the v2 task, tiers resizing the image before the tower
+    from backends.tiny.backend import load_tiny_backend
+
+    backend = load_tiny_backend(str(tmp_path / "look"))
+    space = backend.knob_space
+    assert space.tier_mode == "resize" and space.tiers == {"low": 4, "medium": 16, "high": 64}
+    assert space.tier_sizes == {"low": 12, "medium": 24, "high": 48}
+    assert backend.question_types == data_v2.QUESTION_TYPES
+    outcome = backend.run(backend.samples("test")[0], space.cheapest())
+    assert outcome.token_counts.new_tokens >= 1
+
+
+def test_a_state_cut_short_is_skipped_for_the_previous_one(tmp_path):
+    out = tmp_path / "run"
+    train(parse_args(TINY_RUN + ["--out", str(out), "--session-steps", "1"]))
+    train(parse_args(TINY_RUN + ["--out", str(out), "--session-steps", "1"]))
+    older, newest = state_paths(out)
+    newest.write_bytes(newest.read_bytes()[:100])  # a crash that bypassed the atomic write
+    resumed = train(parse_args(TINY_RUN + ["--out", str(out), "--session-steps", "1"]))
+    assert resumed.step == 2  # restarted from step 1, then one step
+
+
+def test_a_resume_with_other_options_is_refused(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    main(TINY_RUN + ["--out", out, "--session-steps", "1"])
+    with pytest.raises(SystemExit) as exc:
+        main(["--batch-size", "3"] + TINY_RUN[2:] + ["--out", out])
+    assert exc.value.code == 2
+    assert "batch_size: saved 2, given 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [["--checkpoint-minutes", "11"], ["--checkpoint-minutes", "0"],
+                                    ["--full-share", "1.5"], ["--steps", "0"]])
+def test_bad_options_exit_2_with_one_line(option, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(option)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and option[0] in err[0]
+
+
+@pytest.mark.slow
+def test_headroom_prints_a_row_per_budget_and_per_type_never_below_best_static_on_test(capsys, monkeypatch):
+    """bench/headroom.py on the default backend with the analytic stand-in estimator."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "tests"))
+    monkeypatch.syspath_prepend(str(root / "bench"))
+    import headroom
+
+    headroom.main(["--samples", "4", "--estimator", "fake_latency:make", "--budgets", "60ms,90ms"])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "ms |" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| 60.0 ms", "| 90.0 ms"]
+    for row in rows:
+        static, per_type, oracle, best_static = (float(v) for v in row.split(" | ")[1:5])
+        assert oracle >= max(per_type, best_static) >= 0 and oracle >= static
+    assert "at 90.0 ms: static tier=" in out
+    del sys.modules["headroom"]
+
+
+def test_headroom_rejects_bad_options_in_one_line(capsys):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for bad in (["--samples", "0"], ["--budgets", "fast"]):
+        proc = subprocess.run([sys.executable, str(root / "bench" / "headroom.py"), *bad], capture_output=True,
+                              text=True, cwd=root)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
