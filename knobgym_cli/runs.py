@@ -73,7 +73,12 @@ def output_subdir(resume: Any) -> str:
     """Hydra resolver behind ``hydra.output_subdir``: a resumed run keeps its original ``.hydra/``."""
     if not is_resume(resume):
         return ".hydra"
-    return ".hydra/resume-" + _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + f"-{os.getpid()}"
+    # Resolved more than once per run (Hydra writes the record, the guard removes it on failure):
+    # one name per process, or a second resolution in a later second names another folder.
+    key = ("resume-subdir", os.getpid())
+    if key not in _RUN_DIRS:
+        _RUN_DIRS[key] = ".hydra/resume-" + _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S") + f"-{os.getpid()}"
+    return _RUN_DIRS[key]
 
 
 def register_resolvers() -> None:
