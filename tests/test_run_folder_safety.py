@@ -94,6 +94,7 @@ def plant_module(folder: Path, marker: Path) -> None:
     ({"agent.module": "planted", "agent.name": "planted_agent"},
      "names agent 'planted_agent', which is not a registered agent (knobgym never imports its module 'planted'"),
     ({"backend.trust_remote_code": True}, "sets backend.trust_remote_code=true; a run folder never turns on code"),
+    ({"env.id": "planted:MultiKnob-v0"}, "names env 'planted:MultiKnob-v0', whose module would be imported"),
 ])
 def test_code_named_in_a_run_folder_is_refused_and_never_run(foreign, tmp_path, script, change, expected):
     marker = tmp_path / "code-ran"
