@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import inspect
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
@@ -28,6 +29,7 @@ from backends.knobs import (KnobConfig, KnobError, KnobSpace, apply_knobs, knob_
                             row_top_k)
 from backends.loading import GenerationSettings, LoadedModel
 from backends.outcome import Outcome, Stage1State, TokenCounts, expected_token_counts
+from backends.quantized import first_nonfinite_module
 from backends.text_features import QUESTION_FEATURE_DIM, hashed_bag_of_words
 
 SUMMARY_DIM = 16
@@ -155,6 +157,8 @@ class HFBackend:
         self._sample_cache: dict[str, Sequence[Sample]] = {}
         self._prompt_len_cache: dict[tuple, int] = {}
         self._expected_new_tokens: dict | None = None
+        self._nonfinite_module: str | None = None  # see _locate_nonfinite
+        self._locating = False
 
     def _prompt_format(self, prompt_template: str | None, chat_template: bool | str) -> PromptFormat:
         if prompt_template is not None:
@@ -312,9 +316,26 @@ class HFBackend:
         answer = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip() if not nonfinite else ""
         score = 0.0 if nonfinite else float(self.task.score(answer, sample))
         counts = TokenCounts(**{**state.token_counts.__dict__, "new_tokens": len(new_ids)})
+        extras = {"nonfinite_module": self._locate_nonfinite(sample, knobs)} if nonfinite else {}
         return Outcome(answer=answer, reference=sample.reference, score=score, token_counts=counts,
                        measured_ms=state.measured_ms + stage2_ms, stage1_ms=state.measured_ms,
-                       knobs=knobs, empty_output=(answer == ""), nonfinite_logits=nonfinite)
+                       knobs=knobs, empty_output=(answer == ""), nonfinite_logits=nonfinite, extras=extras)
+
+    def _locate_nonfinite(self, sample: Sample, knobs: KnobConfig) -> str | None:
+        """The first module whose output went non-finite, found by replaying the run with forward
+        hooks (:func:`backends.quantized.first_nonfinite_module`) the first time a run's logits do,
+        and reported in one warning; later non-finite runs carry that first finding."""
+        if self._nonfinite_module is None and not self._locating:
+            self._locating = True
+            try:
+                found = first_nonfinite_module(self.model, lambda: self.run(sample, knobs))
+            finally:
+                self._locating = False
+            self._nonfinite_module = found or "none (the replay stayed finite)"
+            warnings.warn(f"{type(self.model).__name__}: non-finite logits on sample {sample.sample_id} under "
+                          f"{knobs}; first module whose output went non-finite: {self._nonfinite_module}",
+                          RuntimeWarning, stacklevel=2)
+        return self._nonfinite_module
 
     @torch.no_grad()
     def run_stage2(self, state: Stage1State, knobs: KnobConfig) -> Outcome:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -306,15 +307,26 @@ def test_cuda_without_cuda_is_one_clear_error(checkpoints, jsonl_data):
 
 
 @pytest.mark.parametrize("options, fragment", [
-    ({"quantization": "nf4"}, "quantization needs a CUDA device, got device='cpu'"),
-    ({"quantization": "int8", "device_map": "auto"}, "quantization needs a CUDA device, got device='cpu'"),
     ({"quantization": "fp4", "device": "cuda", "device_map": {"model": 0, "lm_head": "cpu"}},
-     "quantization needs every module on CUDA"),
+     "mixes the CPU with an accelerator"),
     ({"quantization": "q3"}, "quantization='q3' is invalid; accepted: nf4, fp4, int8"),
 ])
-def test_quantization_needs_cuda_as_one_rule(checkpoints, jsonl_data, options, fragment):
+def test_quantization_placement_is_one_rule(checkpoints, jsonl_data, options, fragment):
     with pytest.raises(SpecError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         hf(checkpoints["olmoe"], jsonl_data["text"], **options)
+
+
+def test_quantization_on_a_device_bitsandbytes_does_not_run_names_it(checkpoints, jsonl_data, monkeypatch):
+    """The rule follows what the installed bitsandbytes declares, not a fixed "CUDA only"."""
+    import bitsandbytes
+
+    monkeypatch.setattr(bitsandbytes, "supported_torch_devices", {"cuda"})
+    with pytest.raises(SpecError, match=r"quantization='nf4' cannot run on cpu \(device='cpu'\): bitsandbytes "
+                                        r"\S+ runs it on cuda; accepted"):
+        hf(checkpoints["olmoe"], jsonl_data["text"], quantization="nf4")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(SpecError, match="needs bitsandbytes .* not importable"):
+        hf(checkpoints["olmoe"], jsonl_data["text"], quantization="int8")
 
 
 def test_remote_code_is_off_by_default(checkpoints, jsonl_data, monkeypatch):
