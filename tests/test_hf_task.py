@@ -384,7 +384,9 @@ def test_tiny_checkpoint_through_backend_hf_on_its_exported_dataset(tmp_path):
 @pytest.mark.parametrize("preset, hub_id", [("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf"),
                                             ("idefics2-8b", "HuggingFaceM4/idefics2-8b"),
                                             ("olmoe-1b-7b", "allenai/OLMoE-1B-7B-0924-Instruct"),
-                                            ("pythia-2.8b", "EleutherAI/pythia-2.8b")])
+                                            ("pythia-2.8b", "EleutherAI/pythia-2.8b"),
+                                            ("qwen3-vl-2b", "Qwen/Qwen3-VL-2B-Instruct"),
+                                            ("qwen3-vl-30b-a3b", "Qwen/Qwen3-VL-30B-A3B-Instruct")])
 def test_presets_compose_and_name_their_model(jsonl_data, preset, hub_id):
     from pathlib import Path
 
