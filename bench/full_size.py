@@ -126,23 +126,31 @@ def parse_models(text: str) -> list[str]:
 def _scaled_block(cfg: dict, scale: float) -> dict:
     """Widths and depths times ``scale`` with head counts and head sizes kept consistent."""
     out = dict(cfg)
-    if "num_attention_heads" in cfg:
-        heads = cfg["num_attention_heads"]
-        head_dim = cfg["hidden_size"] // heads
+    heads_key = "num_attention_heads" if "num_attention_heads" in cfg else "num_heads"  # Qwen-VL towers: num_heads
+    if heads_key in cfg:
+        heads = cfg[heads_key]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         new_heads = max(2, round(heads * math.sqrt(scale)))
         new_head_dim = max(16, 8 * round(head_dim * math.sqrt(scale) / 8))
-        out["num_attention_heads"] = new_heads
+        out[heads_key] = new_heads
         out["hidden_size"] = new_heads * new_head_dim
+        if "head_dim" in cfg:
+            out["head_dim"] = new_head_dim
         if "num_key_value_heads" in cfg:  # keep the query heads per key/value head where it divides
             kv_heads = max(1, new_heads // (heads // cfg["num_key_value_heads"]))
             while new_heads % kv_heads:
                 kv_heads -= 1
             out["num_key_value_heads"] = kv_heads
-    for key in ("intermediate_size",):
+    for key in ("intermediate_size", "moe_intermediate_size"):
         if key in cfg:
             out[key] = max(16, 16 * round(cfg[key] * scale / 16))  # grouped_mm needs 16-byte strides
     if "num_hidden_layers" in cfg:
         out["num_hidden_layers"] = max(4, round(cfg["num_hidden_layers"] * scale))
+    if "depth" in cfg:  # Qwen-VL towers; DeepStack taps spread over the remaining blocks
+        out["depth"] = max(4, round(cfg["depth"] * scale))
+        if "deepstack_visual_indexes" in cfg:
+            n = len(cfg["deepstack_visual_indexes"])
+            out["deepstack_visual_indexes"] = [min(out["depth"] - 1, (i + 1) * out["depth"] // (n + 1)) for i in range(n)]
     if "projection_dim" in cfg:
         out["projection_dim"] = out["hidden_size"]
     return out
@@ -156,6 +164,8 @@ def scaled_config(arch: Architecture, scale: float) -> dict:
     if "text_config" in cfg:
         cfg["text_config"] = _scaled_block(cfg["text_config"], scale)
         cfg["vision_config"] = _scaled_block(cfg["vision_config"], scale)
+        if "out_hidden_size" in cfg["vision_config"]:  # Qwen-VL: the merger projects onto the text width
+            cfg["vision_config"]["out_hidden_size"] = cfg["text_config"]["hidden_size"]
         if "perceiver_config" in cfg:
             p = dict(cfg["perceiver_config"])
             p["hidden_size"] = cfg["text_config"]["hidden_size"]
