@@ -17,7 +17,7 @@ import torch
 from conftest import WORDS, build_word_tokenizer, random_image
 from fake_latency import AnalyticEstimator
 from model_factories import make
-from transformers import CLIPImageProcessorPil, Idefics2ImageProcessorPil
+from transformers import CLIPImageProcessorPil, Idefics2ImageProcessorPil, Qwen2VLImageProcessorPil
 
 import envs  # noqa: F401  (registers the env ids)
 from backends.knobs import KnobConfig
@@ -45,20 +45,24 @@ def checkpoints(tmp_path_factory):
     """``{family: directory}``: each tiny random model saved with its tokenizer (with a chat
     template) and, for vision families, its image processor."""
     root = tmp_path_factory.mktemp("hf_checkpoints")
-    out = {}
-    for name in FAMILIES:
-        path = root / name
-        make(name).save_pretrained(path)
-        tokenizer = build_word_tokenizer()
-        tokenizer.chat_template = CHAT_TEMPLATE
-        tokenizer.save_pretrained(path)
-        if name == "idefics2":
-            Idefics2ImageProcessorPil(do_image_splitting=False,
-                                      size={"longest_edge": 32, "shortest_edge": 32}).save_pretrained(path)
-        elif name in VISION:
-            CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-        out[name] = path
-    return out
+    return {name: save_checkpoint(name, root / name) for name in FAMILIES}
+
+
+def save_checkpoint(name: str, path):
+    """The tiny random model ``name`` saved with the word tokenizer (with a chat template) and, for
+    a vision family, its image processor; returns ``path``."""
+    make(name).save_pretrained(path)
+    tokenizer = build_word_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    if name == "idefics2":
+        Idefics2ImageProcessorPil(do_image_splitting=False,
+                                  size={"longest_edge": 32, "shortest_edge": 32}).save_pretrained(path)
+    elif name.startswith("qwen") and name.endswith(("_vl", "_vl_moe")):  # 8 px patches, 2 x 2 merged
+        Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2).save_pretrained(path)
+    elif name in VISION:
+        CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
 
 
 def _rows(with_image: bool) -> list[dict]:

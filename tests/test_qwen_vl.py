@@ -9,10 +9,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import build_word_tokenizer
 from model_factories import IMAGE_TOKEN_ID, make
-from test_hf_task import CHAT_TEMPLATE, hf, jsonl_data, one_episode  # noqa: F401  (module fixture)
-from transformers import Qwen2VLImageProcessorPil
+from test_hf_task import hf, jsonl_data, one_episode, save_checkpoint  # noqa: F401  (module fixture)
 
 from backends import qwen_vl
 from backends.knobs import KnobConfig, KnobError, apply_knobs, knob_space_from_model
@@ -25,16 +23,7 @@ FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 @pytest.fixture(scope="module")
 def qwen_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("qwen_checkpoints")
-    out = {}
-    for name in FAMILIES:
-        path = root / name
-        make(name).save_pretrained(path)
-        tokenizer = build_word_tokenizer()
-        tokenizer.chat_template = CHAT_TEMPLATE
-        tokenizer.save_pretrained(path)
-        Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2).save_pretrained(path)
-        out[name] = path
-    return out
+    return {name: save_checkpoint(name, root / name) for name in FAMILIES}
 
 
 @pytest.mark.parametrize("name", FAMILIES)
