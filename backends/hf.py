@@ -138,7 +138,8 @@ class _Timer:
 
 
 class HFBackend:
-    """Backend over a loaded HF model (LLaVA, IDEFICS2, or a text-only MoE / dense causal LM).
+    """Backend over a loaded HF model (LLaVA, IDEFICS2, Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE, or a
+    text-only MoE / dense causal LM), in any precision or bitsandbytes quantization it loaded with.
 
     Args:
         loaded: the :class:`~backends.loading.LoadedModel`.

@@ -93,7 +93,8 @@ class KnobSpace:
         tier_mode: how a tier reaches its token count. ``"resize"``: the image is resized *before*
             the vision tower to ``tier_sizes[tier]`` pixels (longest edge), so the encoder computes
             fewer patches at lower tiers (LLaVA's CLIP through position-embedding interpolation,
-            IDEFICS2's vision transformer natively). ``"pool"``: the tower always sees the full
+            IDEFICS2's vision transformer natively; Qwen-VL's processor receives a square image of
+            that side, see :mod:`backends.qwen_vl`). ``"pool"``: the tower always sees the full
             image and its output is pooled to the tier's count afterwards (no encoder saving; the
             mode the tiny reference model was trained with).
         tier_sizes: tier name -> the image side (px, longest edge) the encoder sees in resize mode.
