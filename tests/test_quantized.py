@@ -158,3 +158,16 @@ def test_nonfinite_logits_name_the_first_module_that_went_nonfinite(checkpoints,
         outcome = backend.run(sample, KnobConfig())
     assert outcome.nonfinite_logits and outcome.score == 0.0
     assert outcome.extras["nonfinite_module"].startswith("model.language_model.layers.2.post_attention_layernorm")
+
+
+def test_versions_json_records_bitsandbytes_and_accelerate(quantized):
+    import accelerate
+    import bitsandbytes
+
+    from knobgym_cli.versions import versions
+
+    env = gym.make("MultiKnob-v0", backend=quantized["nf4"], budget="[20ms,80ms]", estimator=AnalyticEstimator())
+    record = versions(env)
+    assert record["packages"]["bitsandbytes"] == bitsandbytes.__version__
+    assert record["packages"]["accelerate"] == accelerate.__version__
+    assert record["model"]["quantization"]["quant_type"] == "nf4"
