@@ -15,7 +15,8 @@ from __future__ import annotations
 import copy
 import inspect
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -26,9 +27,11 @@ from transformers.masking_utils import create_causal_mask
 from backends.base import Sample, check_split
 from backends.knobs import (KnobConfig, KnobError, KnobSpace, apply_knobs, knob_space_from_model, model_parts,
                             row_top_k)
+from backends import qwen_vl
 from backends.loading import GenerationSettings, LoadedModel
 from backends.outcome import Outcome, Stage1State, TokenCounts, expected_token_counts
 from backends.runner import LRUCache
+from backends.quantized import first_nonfinite_module
 from backends.text_features import QUESTION_FEATURE_DIM, hashed_bag_of_words
 
 SUMMARY_DIM = 16
@@ -80,11 +83,41 @@ class PromptFormat:
 
 
 @dataclass
+class _Positions:
+    """Where a forward's tokens sit: ``text`` ``[1, T]`` sequence indices (causal mask, cache);
+    ``rope`` the rotary positions when they differ (Qwen-VL's M-RoPE, ``[3, 1, T]``); ``deepstack``
+    block index -> (image mask ``[T]``, features ``[K, d]``) added after that block (Qwen3-VL's
+    DeepStack, prompt only)."""
+
+    text: torch.Tensor
+    rope: torch.Tensor | None = None
+    deepstack: dict = field(default_factory=dict)
+
+    @property
+    def rotary(self) -> torch.Tensor:
+        return self.rope if self.rope is not None else self.text
+
+
+@dataclass
 class _Stage1Payload:
     hidden: torch.Tensor  # [1, T, d] output of block 1 (before the final norm)
     cache: DynamicCache  # holds block 1's keys/values for the prompt
-    position_ids: torch.Tensor
+    positions: _Positions
     prompt_len: int
+    rope_delta: int = 0  # rotary position of generated token i: prompt_len + i + rope_delta
+
+
+@dataclass
+class _ImageFeatures:
+    """One image through the tower under the knobs: ``features`` ``[1, K, d]`` for the K
+    placeholders; ``kept`` ``[1, K]`` which of the tier's tokens the budget kept (``None``: all);
+    ``grid_thw`` the processor's patch grid (Qwen-VL); ``deepstack`` Qwen3-VL's per-level
+    ``[1, K, d]`` features added after the first decoder blocks."""
+
+    features: torch.Tensor
+    kept: torch.Tensor | None = None
+    grid_thw: torch.Tensor | None = None
+    deepstack: list = field(default_factory=list)
 
 
 class _Timer:
@@ -106,7 +139,8 @@ class _Timer:
 
 
 class HFBackend:
-    """Backend over a loaded HF model (LLaVA, IDEFICS2, or a text-only MoE / dense causal LM).
+    """Backend over a loaded HF model (LLaVA, IDEFICS2, Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE, or a
+    text-only MoE / dense causal LM), in any precision or bitsandbytes quantization it loaded with.
 
     Args:
         loaded: the :class:`~backends.loading.LoadedModel`.
@@ -147,6 +181,7 @@ class HFBackend:
         self._embed = self.model.get_input_embeddings()
         self._layer_takes_layer_past = "layer_past" in inspect.signature(self.parts.layers[0].forward).parameters
         self._rotary = getattr(self.parts.text_decoder, "rotary_emb", None)
+        self._mrope = qwen_vl.is_qwen_vl(self.model)  # M-RoPE positions, dynamic resolution, DeepStack
         # A fixed random projection of block 1's pooled output: the stage-2 observation summary.
         gen = torch.Generator().manual_seed(1234)
         hidden = self._embed.weight.shape[1]
@@ -156,6 +191,8 @@ class HFBackend:
         self._sample_cache: dict[str, Sequence[Sample]] = {}
         self._prompt_len_cache: LRUCache[int] = LRUCache(100_000)
         self._expected_new_tokens: dict | None = None
+        self._nonfinite_module: str | None = None  # see _locate_nonfinite
+        self._locating = False
 
     def _prompt_format(self, prompt_template: str | None, chat_template: bool | str) -> PromptFormat:
         if prompt_template is not None:
@@ -210,7 +247,8 @@ class HFBackend:
             "num_experts": float(self.knob_space.num_experts or 0),
             "full_top_k": float(self.knob_space.full_top_k or 0),
             "vocab_size": float(text.vocab_size),
-            "vision_layers": float(getattr(vision, "num_hidden_layers", 0) if vision else 0),
+            "vision_layers": float((getattr(vision, "num_hidden_layers", None) or getattr(vision, "depth", 0)) if vision
+                                   else 0),
             "vision_hidden": float(getattr(vision, "hidden_size", 0) if vision else 0),
             "vision_intermediate_size": float(getattr(vision, "intermediate_size", 0) if vision else 0),
             "native_vision_tokens": float(self.knob_space.native_vision_tokens),
@@ -273,21 +311,26 @@ class HFBackend:
         space = self.knob_space
         tier = space.resolve(KnobConfig(tier=tier, token_budget=token_budget)).tier
         with _Timer(self.device) as timer:
-            ids, image_features, n_full = self._prompt_inputs(sample, tier, token_budget)
+            ids, image, n_full = self._prompt_inputs(sample, tier, token_budget)
             embeds = self._embed(ids)
             n_vision = 0
-            if image_features is not None:
-                mask = (ids == self.parts.image_token_id).unsqueeze(-1)
-                embeds = embeds.masked_scatter(mask, image_features.to(embeds.dtype))
-                n_vision = image_features.shape[1]
+            positions = _Positions(text=torch.arange(ids.shape[1], device=self.device).unsqueeze(0))
+            rope_delta = 0
+            if image is not None:
+                mask = ids[0] == self.parts.image_token_id
+                embeds = embeds.masked_scatter(mask[None, :, None], image.features.to(embeds.dtype))
+                n_vision = image.features.shape[1]
+                if self._mrope:
+                    positions.rope, rope_delta = self._image_rope(mask, image)
+                positions.deepstack = {i: (mask, level[0]) for i, level in enumerate(image.deepstack)}
             cache = DynamicCache(config=self._text_config)
-            position_ids = torch.arange(ids.shape[1], device=self.device).unsqueeze(0)
-            hidden = self._run_blocks(embeds, 0, 1, cache, position_ids)
+            hidden = self._run_blocks(embeds, 0, 1, cache, positions)
         pooled = hidden[0].float().mean(dim=0).cpu()  # the projection lives on the CPU, like the summary
         summary = (pooled / (pooled.norm() + 1e-6)) @ self._summary_proj
         counts = TokenCounts(prompt_tokens=int(ids.shape[1] - n_vision), vision_tokens_full=n_full,
                              vision_tokens=n_vision)
-        payload = _Stage1Payload(hidden=hidden, cache=cache, position_ids=position_ids, prompt_len=int(ids.shape[1]))
+        payload = _Stage1Payload(hidden=hidden, cache=cache, positions=positions, prompt_len=int(ids.shape[1]),
+                                 rope_delta=rope_delta)
         return Stage1State(sample_id=sample.sample_id, tier=tier, token_counts=counts,
                            summary=summary.cpu().numpy().astype(np.float32), measured_ms=timer.ms,
                            payload=(sample, token_budget, payload))
@@ -311,9 +354,26 @@ class HFBackend:
         answer = self.tokenizer.decode(new_ids, skip_special_tokens=True).strip() if not nonfinite else ""
         score = 0.0 if nonfinite else float(self.task.score(answer, sample))
         counts = TokenCounts(**{**state.token_counts.__dict__, "new_tokens": len(new_ids)})
+        extras = {"nonfinite_module": self._locate_nonfinite(sample, knobs)} if nonfinite else {}
         return Outcome(answer=answer, reference=sample.reference, score=score, token_counts=counts,
                        measured_ms=state.measured_ms + stage2_ms, stage1_ms=state.measured_ms,
-                       knobs=knobs, empty_output=(answer == ""), nonfinite_logits=nonfinite)
+                       knobs=knobs, empty_output=(answer == ""), nonfinite_logits=nonfinite, extras=extras)
+
+    def _locate_nonfinite(self, sample: Sample, knobs: KnobConfig) -> str | None:
+        """The first module whose output went non-finite, found by replaying the run with forward
+        hooks (:func:`backends.quantized.first_nonfinite_module`) the first time a run's logits do,
+        and reported in one warning; later non-finite runs carry that first finding."""
+        if self._nonfinite_module is None and not self._locating:
+            self._locating = True
+            try:
+                found = first_nonfinite_module(self.model, lambda: self.run(sample, knobs))
+            finally:
+                self._locating = False
+            self._nonfinite_module = found or "none (the replay stayed finite)"
+            warnings.warn(f"{type(self.model).__name__}: non-finite logits on sample {sample.sample_id} under "
+                          f"{knobs}; first module whose output went non-finite: {self._nonfinite_module}",
+                          RuntimeWarning, stacklevel=2)
+        return self._nonfinite_module
 
     @torch.no_grad()
     def run_stage2(self, state: Stage1State, knobs: KnobConfig) -> Outcome:
@@ -327,7 +387,7 @@ class HFBackend:
         with _Timer(self.device) as timer, apply_knobs(self.model, knobs, self.knob_space):
             cache = copy.deepcopy(payload.cache)  # stage 1's cache is shared by the whole group
             depth = len(self.parts.layers)  # already truncated by apply_knobs
-            hidden = self._run_blocks(payload.hidden, 1, depth, cache, payload.position_ids)
+            hidden = self._run_blocks(payload.hidden, 1, depth, cache, payload.positions)
             logits = self.parts.lm_head(self.parts.final_norm(hidden[:, -1:]))[0, -1]
             position = payload.prompt_len
             for step in range(gen.max_new_tokens):
@@ -340,7 +400,7 @@ class HFBackend:
                 new_ids.append(token)
                 if step + 1 == gen.max_new_tokens:
                     break
-                pos = torch.tensor([[position]], device=self.device)
+                pos = self._decode_positions(position, payload)
                 h = self._run_blocks(self._embed(torch.tensor([[token]], device=self.device)), 0, depth, cache, pos)
                 logits = self.parts.lm_head(self.parts.final_norm(h))[0, -1]
                 position += 1
@@ -390,7 +450,7 @@ class HFBackend:
             cache = copy.deepcopy(payload.cache)  # stage 1's cache is shared by the whole group
             cache.batch_repeat_interleave(n)
             hidden = payload.hidden.repeat(n, 1, 1)
-            hidden = self._run_blocks_rows(hidden, 1, depths, cache, payload.position_ids, routing)
+            hidden = self._run_blocks_rows(hidden, 1, depths, cache, payload.positions, routing)
             logits = self.parts.lm_head(self.parts.final_norm(hidden[:, -1:]))[:, -1]
             position = payload.prompt_len
             for step in range(gen.max_new_tokens):
@@ -413,7 +473,7 @@ class HFBackend:
                     active = [active[j] for j in keep]
                     if routing is not None:
                         routing.set_rows([top_ks[row] for row in active])
-                pos = torch.tensor([[position]], device=self.device)
+                pos = self._decode_positions(position, payload)
                 embeds = self._embed(torch.tensor(tokens, device=self.device).unsqueeze(1))
                 h = self._run_blocks_rows(embeds, 0, [depths[row] for row in active], cache, pos, routing)
                 logits = self.parts.lm_head(self.parts.final_norm(h))[:, -1]
@@ -454,18 +514,22 @@ class HFBackend:
         return int(torch.multinomial(probs / probs.sum(), 1, generator=rng))
 
     def _prompt_inputs(self, sample: Sample, tier: str | None, token_budget: float):
-        """Prompt ids with exactly K image placeholders, the K image features for them, and the
-        tokens the tower emitted (before the budget)."""
+        """Prompt ids with exactly K image placeholders, the image's :class:`_ImageFeatures` (the K
+        features for them; ``None`` for a text-only model), and the tokens the tower emitted
+        (before the budget)."""
         ids = torch.tensor(self._prompt_ids(sample), dtype=torch.long)
         if not self.knob_space.has_vision:
             return ids.unsqueeze(0).to(self.device), None, 0
         if sample.image is None:
             raise ValueError(f"sample {sample.sample_id} has no image but {type(self.model).__name__} needs one")
-        image_inputs = self.image_processor(images=[sample.image], return_tensors="pt", **self._processor_kwargs)
+        if self._mrope:  # dynamic resolution: the tier is the image size given to the processor
+            image_inputs = qwen_vl.image_inputs(self.image_processor, sample.image, self.knob_space.tier_sizes[tier])
+        else:
+            image_inputs = self.image_processor(images=[sample.image], return_tensors="pt", **self._processor_kwargs)
         # The tier and budget act through apply_knobs: resize before the tower, or pool after it,
         # then budgeted selection (one implementation, backends.knobs.transform_vision_features).
         with apply_knobs(self.model, KnobConfig(tier=tier, token_budget=token_budget), self.knob_space):
-            features = self._image_features(image_inputs)
+            image = self._image_features(image_inputs)
         image_id = self.parts.image_token_id
         positions = (ids == image_id).nonzero().flatten()
         if len(positions) == 0:
@@ -473,32 +537,52 @@ class HFBackend:
                              f"accepted: a prompt_template or chat template that places the image token once")
         # Collapse whatever run of placeholders the tokenizer produced into exactly K of them.
         start, end = int(positions[0]), int(positions[-1]) + 1
-        k = features.shape[1]
+        k = image.features.shape[1]
         ids = torch.cat([ids[:start], torch.full((k,), image_id, dtype=ids.dtype), ids[end:]])
-        return ids.unsqueeze(0).to(self.device), features, self.knob_space.tower_tokens(tier)
+        return ids.unsqueeze(0).to(self.device), image, self.knob_space.tower_tokens(tier)
 
     @property
     def _processor_kwargs(self) -> dict:
         # IDEFICS2 may split an image into 4 crops + the whole: one image per prompt here.
         return {"do_image_splitting": False} if getattr(self.image_processor, "do_image_splitting", False) else {}
 
-    def _image_features(self, image_inputs) -> torch.Tensor:
+    def _image_features(self, image_inputs) -> "_ImageFeatures":
         mm = self.parts.multimodal
         accepted = inspect.signature(mm.get_image_features).parameters
         kwargs = {k: v.to(self.device) for k, v in image_inputs.items() if k in accepted and torch.is_tensor(v)}
         if "pixel_values" in kwargs:
             kwargs["pixel_values"] = kwargs["pixel_values"].to(self.model.dtype)
         out = mm.get_image_features(**kwargs, return_dict=True)
-        feats = out.pooler_output
-        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+        def stacked(feats):
+            return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
+        return _ImageFeatures(features=stacked(out.pooler_output), kept=getattr(out, "kept_token_indices", None),
+                              grid_thw=kwargs.get("image_grid_thw"),
+                              deepstack=[stacked(level) for level in (getattr(out, "deepstack_features", None) or [])])
+
+    def _image_rope(self, mask: torch.Tensor, image: "_ImageFeatures") -> tuple[torch.Tensor, int]:
+        """M-RoPE positions of a prompt with one image (``mask``: its placeholders), and the delta."""
+        where = mask.nonzero().flatten()
+        n_prefix, n_suffix = int(where[0]), int(mask.shape[0] - where[-1] - 1)
+        merge = int(self.model.config.vision_config.spatial_merge_size)
+        rope, delta = qwen_vl.mrope_positions(n_prefix, n_suffix, image.grid_thw[0], merge,
+                                              image.kept[0] if image.kept is not None else None)
+        return rope.to(self.device), delta
+
+    def _decode_positions(self, position: int, payload: _Stage1Payload) -> _Positions:
+        text = torch.tensor([[position]], device=self.device)
+        if not self._mrope:
+            return _Positions(text=text)
+        return _Positions(text=text, rope=qwen_vl.decode_positions(position, payload.rope_delta, self.device))
 
     def _run_blocks_rows(self, hidden: torch.Tensor, start: int, depths: Sequence[int], cache: DynamicCache,
-                         position_ids: torch.Tensor, routing) -> torch.Tensor:
+                         positions: _Positions, routing) -> torch.Tensor:
         """Blocks ``start..`` on a batch whose row ``r`` stops after block ``depths[r]``.
 
         ``depths`` is non-increasing (deepest row first), so block ``i`` runs on the leading rows
         whose depth exceeds ``i``, and cache layer ``i`` holds those rows only. All rows share the
-        positions ``position_ids`` (one prompt, no padding). Returns each row's output after its
+        ``positions`` (one prompt, no padding). Returns each row's output after its
         own last block (the input for a row whose depth is at most ``start``).
         """
         counts = [sum(d > i for d in depths) for i in range(start, max(depths[0], start) + 1)]
@@ -511,14 +595,16 @@ class HFBackend:
             routing.tokens_per_row = hidden.shape[1]
         # every row sees the same causal mask and rotary embedding: computed for one row, broadcast
         mask = create_causal_mask(config=self._text_config, inputs_embeds=hidden[:1], attention_mask=None,
-                                  past_key_values=cache, position_ids=position_ids, layer_idx=start)
-        pos_emb = self._rotary(hidden[:1], position_ids) if self._rotary is not None else None
+                                  past_key_values=cache, position_ids=positions.text, layer_idx=start)
+        pos_emb = self._rotary(hidden[:1], positions.rotary) if self._rotary is not None else None
         cache_kw = "layer_past" if self._layer_takes_layer_past else "past_key_values"
         h = hidden[:counts[0]]
         for offset, layer in enumerate(list(self.parts.layers)[start:depths[0]]):
-            out = layer(h, attention_mask=mask, position_ids=position_ids, use_cache=True,
+            out = layer(h, attention_mask=mask, position_ids=positions.text, use_cache=True,
                         position_embeddings=pos_emb, **{cache_kw: cache})
             h = out[0] if isinstance(out, tuple) else out
+            if start + offset in positions.deepstack:
+                h = qwen_vl.add_deepstack(h, *positions.deepstack[start + offset])
             n_next = counts[offset + 1]
             if n_next < h.shape[0]:  # rows whose depth is this block's: their output is final
                 pieces.append(h[n_next:])
@@ -534,19 +620,21 @@ class HFBackend:
                                                     device=self.device))
 
     def _run_blocks(self, hidden: torch.Tensor, start: int, end: int, cache: DynamicCache,
-                    position_ids: torch.Tensor) -> torch.Tensor:
-        """Run decoder blocks ``start..end-1`` on ``hidden`` at ``position_ids``, updating ``cache``."""
+                    positions: _Positions) -> torch.Tensor:
+        """Run decoder blocks ``start..end-1`` on ``hidden`` at ``positions``, updating ``cache``."""
         if start >= end:
             return hidden
         # In stage 2 block 1's cache already holds the prompt while later blocks' do not: size the
         # mask from the first block being run.
         mask = create_causal_mask(config=self._text_config, inputs_embeds=hidden, attention_mask=None,
-                                  past_key_values=cache, position_ids=position_ids, layer_idx=start)
-        pos_emb = self._rotary(hidden, position_ids) if self._rotary is not None else None
+                                  past_key_values=cache, position_ids=positions.text, layer_idx=start)
+        pos_emb = self._rotary(hidden, positions.rotary) if self._rotary is not None else None
         cache_kw = "layer_past" if self._layer_takes_layer_past else "past_key_values"
-        for layer in list(self.parts.layers)[start:end]:
-            out = layer(hidden, attention_mask=mask, position_ids=position_ids, use_cache=True,
-                        position_embeddings=pos_emb, **{cache_kw: cache})
+        for index in range(start, min(end, len(self.parts.layers))):
+            out = self.parts.layers[index](hidden, attention_mask=mask, position_ids=positions.text, use_cache=True,
+                                           position_embeddings=pos_emb, **{cache_kw: cache})
             hidden = out[0] if isinstance(out, tuple) else out
+            if index in positions.deepstack:
+                hidden = qwen_vl.add_deepstack(hidden, *positions.deepstack[index])
         return hidden
 

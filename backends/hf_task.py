@@ -3,7 +3,7 @@
 From the CLI::
 
     python train.py backend=hf backend.model=llava-hf/llava-1.5-7b-hf backend.dataset=data/vqa.jsonl \\
-        backend.device=cuda backend.quantization=nf4
+        backend.quantization=nf4
 
 or ``gym.make("MultiKnob-v0", backend={"name": "hf", "model": ..., "dataset": ...})``. Every key of
 ``conf/backend/hf.yaml`` is a keyword argument of :func:`load_hf_backend`; the presets in
@@ -16,26 +16,12 @@ from typing import Any, Mapping
 
 from backends.hf import HFBackend
 from backends.knobs import knob_space_from_model
-from backends.loading import (QUANT_TYPES, GenerationSettings, SpecError, generation_settings_from_dict, load_model,
-                              model_spec_from_dict)
+from backends.loading import (GenerationSettings, SpecError, generation_settings_from_dict, load_model,
+                              model_spec_from_dict, quantization_options)
 from backends.threads import DEFAULT_TORCH_THREADS, check_num_threads, set_torch_threads
 from backends.vqa_data import DataError, VQADataset, dataset_spec_from_options
 
 KNOB_KEYS = ("tiers", "tier_sizes", "top_ks", "depths", "token_budgets")
-
-
-def _quantization(value: Any) -> dict:
-    """``nf4`` / ``fp4`` / ``int8`` / null, or a dict of :class:`~backends.loading.QuantizationSpec` fields."""
-    if value is None or value is False:
-        return {}
-    if isinstance(value, str):
-        if value not in QUANT_TYPES:
-            raise SpecError(f"quantization={value!r} is invalid; accepted: {', '.join(QUANT_TYPES)} or null")
-        return {"enabled": True, "quant_type": value}
-    if isinstance(value, Mapping):
-        return {"enabled": True, **dict(value)}
-    raise SpecError(f"quantization={value!r} is invalid; accepted: {', '.join(QUANT_TYPES)}, null, or a dict "
-                    f"(quant_type, compute_dtype, double_quant)")
 
 
 def load_hf_backend(model: str | None = None, dataset: Any = None, *, revision: str = "main",
@@ -56,7 +42,8 @@ def load_hf_backend(model: str | None = None, dataset: Any = None, *, revision: 
         revision: branch, tag or commit of a hub id (default ``main``).
         precision: ``fp32`` (default) / ``fp16`` / ``bf16``.
         device: ``cpu`` (default), ``cuda``, ``cuda:N``; ``device_map``: null, ``auto`` or a dict.
-        quantization: ``nf4``, ``fp4``, ``int8`` (bitsandbytes, CUDA only) or null.
+        quantization: ``nf4``, ``fp4``, ``int8`` (bitsandbytes, on any device it runs on: CUDA, the
+            CPU) or null.
         attn_implementation: ``sdpa`` (default), ``eager``, ``flash_attention_2``, ...
         trust_remote_code: run code shipped with a checkpoint (default False).
         generation: decoding settings (:class:`~backends.loading.GenerationSettings` fields).
@@ -97,7 +84,7 @@ def load_hf_backend(model: str | None = None, dataset: Any = None, *, revision: 
     spec = model_spec_from_dict({"model": str(model), "revision": revision, "precision": precision,
                                  "device": device, "device_map": device_map,
                                  "attn_implementation": attn_implementation, "trust_remote_code": trust_remote_code,
-                                 "quantization": _quantization(quantization)})
+                                 "quantization": quantization_options(quantization)})
     settings = generation if isinstance(generation, GenerationSettings) else generation_settings_from_dict(generation)
     data_options = {"columns": columns, "splits": splits, "split_fractions": split_fractions,
                     "split_seed": split_seed, "max_samples": max_samples}

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backends import qwen_vl
+
 TIER_NAMES = ("low", "medium", "high")
 TIER_MODES = ("resize", "pool")
 
@@ -91,7 +93,8 @@ class KnobSpace:
         tier_mode: how a tier reaches its token count. ``"resize"``: the image is resized *before*
             the vision tower to ``tier_sizes[tier]`` pixels (longest edge), so the encoder computes
             fewer patches at lower tiers (LLaVA's CLIP through position-embedding interpolation,
-            IDEFICS2's vision transformer natively). ``"pool"``: the tower always sees the full
+            IDEFICS2's vision transformer natively; Qwen-VL's processor receives a square image of
+            that side, see :mod:`backends.qwen_vl`). ``"pool"``: the tower always sees the full
             image and its output is pooled to the tier's count afterwards (no encoder saving; the
             mode the tiny reference model was trained with).
         tier_sizes: tier name -> the image side (px, longest edge) the encoder sees in resize mode.
@@ -311,13 +314,15 @@ def select_vision_tokens(features: torch.Tensor, k: int) -> tuple[torch.Tensor, 
     return features.gather(1, idx.unsqueeze(-1).expand(b, k, d)), idx
 
 
-def transform_vision_features(features: torch.Tensor, space: "KnobSpace", knobs: KnobConfig) -> torch.Tensor:
+def transform_vision_features(features: torch.Tensor, space: "KnobSpace", knobs: KnobConfig, *,
+                              return_indices: bool = False):
     """The tower's features under ``knobs``: ``[B, N, d] -> [B, space.vision_tokens(knobs), d]``.
 
     Pool mode pools the full image's ``N`` tokens to the tier's count; in resize mode the tower
     already ran at the tier's resolution, so ``N`` is the tier's count. Then the token budget
     keeps the most informative ``K`` (:func:`select_vision_tokens`). The one implementation of
-    this step: :func:`apply_knobs` and the HF backend's stage 1 both go through it.
+    this step: :func:`apply_knobs` and the HF backend's stage 1 both go through it. With
+    ``return_indices``: also the kept tokens' indices ``[B, K]`` among the tier's tokens.
     """
     n_tier = space.tiers[knobs.tier] if knobs.tier is not None else features.shape[1]
     if space.tier_mode == "resize":
@@ -327,7 +332,8 @@ def transform_vision_features(features: torch.Tensor, space: "KnobSpace", knobs:
                             f"image size (tier_sizes)")
     else:
         features = pool_vision_tokens(features, n_tier)
-    return select_vision_tokens(features, kept_tokens(n_tier, knobs.token_budget))[0]
+    kept, indices = select_vision_tokens(features, kept_tokens(n_tier, knobs.token_budget))
+    return (kept, indices) if return_indices else kept
 
 
 def resize_for_tier(pixel_values: torch.Tensor, side: int, patch_size: int) -> torch.Tensor:
@@ -359,11 +365,11 @@ _TEXT_DECODER_PATHS = [
     "model",  # OLMoE, Qwen2-MoE, Mixtral, Llama causal LMs
 ]
 _LM_HEAD_NAMES = ["lm_head", "embed_out"]
-_VISION_ENCODER_NAMES = ["vision_tower", "vision_model"]  # LLaVA, IDEFICS2
+_VISION_ENCODER_NAMES = ["vision_tower", "vision_model", "visual"]  # LLaVA, IDEFICS2, Qwen-VL
 _FINAL_NORM_NAMES = ["norm", "final_layer_norm"]
 SUPPORTED_FAMILIES = ["LlavaForConditionalGeneration", "Idefics2ForConditionalGeneration",
                       "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM",
-                      "GPTNeoXForCausalLM", "LlamaForCausalLM"]
+                      "GPTNeoXForCausalLM", "LlamaForCausalLM", *qwen_vl.FAMILY_CLASSES]
 
 
 def register_model_family(class_name: str, *, decoder: str | None = None, lm_head: str | None = None,
@@ -498,7 +504,13 @@ def knob_space_from_model(model: nn.Module, *, tiers: dict | None = None, top_ks
             raise KnobError(f"tier_mode={mode!r} is invalid; accepted: {', '.join(TIER_MODES)}")
         if tiers is None and tier_sizes is None:
             tiers, tier_sizes = saved.get("tiers"), saved.get("tier_sizes")
-        if mode == "resize":
+        if qwen_vl.is_qwen_vl(model):
+            if mode != "resize":
+                raise KnobError(f"tier_mode={mode!r} is invalid for {type(model).__name__}; accepted: resize (the "
+                                f"tier is the image resolution given to the processor)")
+            tiers, sizes = qwen_vl.resize_tiers(model, tiers, tier_sizes)
+            native = max(native, *tiers.values())
+        elif mode == "resize":
             tiers, sizes = _resize_tiers(model, parts, native, tiers, tier_sizes)
         elif tiers is None:
             tiers = {"low": max(1, native // 16), "medium": max(1, native // 4), "high": native}
@@ -565,6 +577,8 @@ def _resize_tiers(model: nn.Module, parts: ModelParts, native: int, tiers: dict 
 
 def _native_vision_tokens(model: nn.Module) -> int:
     cfg = model.config
+    if qwen_vl.is_qwen_vl(model):  # dynamic resolution: the highest default tier
+        return qwen_vl.tokens_at(model, qwen_vl.DEFAULT_TIER_UNITS["high"] * qwen_vl.token_side(model))
     if hasattr(cfg, "perceiver_config"):  # IDEFICS2: the resampler's latents
         return int(cfg.perceiver_config.resampler_n_latents)
     vc = cfg.vision_config
@@ -621,8 +635,11 @@ def apply_knobs(model: nn.Module, knobs: KnobConfig, space: KnobSpace | None = N
                 out = original(*args, **kwargs)
                 feats = out.pooler_output
                 stacked = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
-                reduced = transform_vision_features(stacked, space, knobs)
+                reduced, kept = transform_vision_features(stacked, space, knobs, return_indices=True)
                 out.pooler_output = list(reduced) if isinstance(feats, (list, tuple)) else reduced
+                out.kept_token_indices = kept  # [images, K]: which of the tier's tokens the budget kept
+                if getattr(out, "deepstack_features", None):  # Qwen3-VL: the same tokens of every level
+                    out.deepstack_features = [_take_tokens(level, kept) for level in out.deepstack_features]
                 return out
 
             restore.append((mm, "get_image_features", original if had_instance_attr else _DELETE))
@@ -633,6 +650,13 @@ def apply_knobs(model: nn.Module, knobs: KnobConfig, space: KnobSpace | None = N
 
 
 _DELETE = object()
+
+
+def _take_tokens(features, kept: torch.Tensor):
+    """``features`` (``[B, N, d]``, or per image ``[N, d]``) at the kept token indices ``[B, K]``."""
+    if isinstance(features, (list, tuple)):
+        return [f[idx] for f, idx in zip(features, kept)]
+    return features.gather(1, kept.unsqueeze(-1).expand(*kept.shape, features.shape[-1]))
 
 
 def _restore(patches: list) -> None:
@@ -649,7 +673,8 @@ def _restore(patches: list) -> None:
 #: back to the logits' dtype), as their transformers classes compute them
 _SOFTMAX_TOP_K_ROUTERS = {"OlmoeTopKRouter": ("norm_topk_prob", True),
                           "Qwen2MoeTopKRouter": ("norm_topk_prob", True),
-                          "MixtralTopKRouter": (None, False)}
+                          "MixtralTopKRouter": (None, False),
+                          "Qwen3VLMoeTextTopKRouter": (None, True)}
 
 
 class RowTopK:
@@ -804,8 +829,8 @@ def row_top_k(model: nn.Module, space: KnobSpace) -> Iterator[RowTopK | None]:
 
 def _tier_inputs(parts: ModelParts, space: KnobSpace, tier: str | None, args: tuple, kwargs: dict):
     """The ``get_image_features`` arguments with the pixels at the tier's size (resize mode only)."""
-    if space.tier_mode != "resize" or tier is None:
-        return args, kwargs
+    if space.tier_mode != "resize" or tier is None or qwen_vl.is_qwen_vl(parts.model):
+        return args, kwargs  # Qwen-VL: the processor already received the tier's resolution
     kwargs = dict(kwargs)
     pixels = args[0] if args else kwargs.pop("pixel_values")
     resized = resize_for_tier(pixels, space.tier_sizes[tier], parts.patch_size)

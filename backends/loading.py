@@ -40,7 +40,8 @@ def _check_choice(name: str, value: Any, accepted) -> Any:
 
 @dataclass(frozen=True)
 class QuantizationSpec:
-    """bitsandbytes quantization (needs CUDA).
+    """bitsandbytes quantization, on any device the installed bitsandbytes runs it on
+    (:func:`bitsandbytes_devices`: CUDA, and the CPU since bitsandbytes 0.49).
 
     Args:
         enabled: quantize on load (default False).
@@ -156,22 +157,80 @@ class GenerationSettings:
             raise SpecError(f"top_p={self.top_p!r} is invalid; accepted: 0 < top_p <= 1")
 
 
+#: the bitsandbytes operators a 4-bit or 8-bit ``nn.Linear`` replacement calls in a forward pass
+_BNB_OPS = {"4bit": ("quantize_4bit", "dequantize_4bit"),
+            "int8": ("int8_vectorwise_quant", "int8_linear_matmul", "int8_mm_dequant")}
+
+
+def bitsandbytes_devices(quant_type: str = "nf4") -> tuple[str, ...]:
+    """Device types (``cpu``, ``cuda``, ...) on which the installed bitsandbytes runs ``quant_type``.
+
+    Decided from what bitsandbytes itself declares, never from a fixed list: a device type is
+    accepted when it is in ``bitsandbytes.supported_torch_devices`` (what transformers checks at
+    load) and every operator the quantized layer calls has a kernel for that device's dispatch
+    key or a device-generic (``CompositeExplicitAutograd``: plain torch) implementation. Empty when
+    bitsandbytes (or accelerate, which transformers needs to quantize) is not importable.
+    """
+    try:
+        import accelerate  # noqa: F401  transformers' bitsandbytes loading needs it
+        import bitsandbytes
+    except Exception:  # an ImportError, or a broken native library
+        return ()
+    declared = set(getattr(bitsandbytes, "supported_torch_devices", ()) or ())
+    names = _BNB_OPS["int8" if quant_type == "int8" else "4bit"]
+    accepted = []
+    for device_type in sorted(declared):
+        key = "CUDA" if device_type == "cuda" else device_type.upper()
+        try:
+            ops = [getattr(torch.ops.bitsandbytes, n).default.name() for n in names]
+            ok = all(torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+                     or torch._C._dispatch_has_kernel_for_dispatch_key(op, "CompositeExplicitAutograd") for op in ops)
+        except (AttributeError, RuntimeError):  # an operator this bitsandbytes does not define, or no such key
+            ok = False
+        if ok:
+            accepted.append(device_type)
+    return tuple(accepted)
+
+
+def _device_type(place: Any) -> str:
+    """``cuda`` for ``cuda:1`` or an integer index, else the string's device type."""
+    if isinstance(place, int) and not isinstance(place, bool):
+        return "cuda"
+    return str(place).split(":")[0]
+
+
 def _quantization_placement_error(spec: ModelSpec) -> str | None:
-    """The one rule for quantization: bitsandbytes layers run on CUDA only, so a quantized model
-    is placed on a CUDA device (``device=cuda[:N]``) and a ``device_map`` may not send any part of
-    it elsewhere. ``None`` when the rule holds."""
+    """The one rule for quantization: every module of a quantized model is placed on a device
+    type the installed bitsandbytes runs its quant type on (:func:`bitsandbytes_devices`), and
+    (as transformers requires without fp32 offload) a ``device_map`` does not mix the CPU with an
+    accelerator. ``None`` when the rule holds."""
     if not spec.quantization.enabled:
         return None
-    if not str(spec.device).startswith("cuda"):
-        return (f"quantization needs a CUDA device, got device={spec.device!r}; accepted: cuda, cuda:N "
-                f"(with device_map null or 'auto' or a map onto CUDA devices), or quantization null")
+    quant_type = spec.quantization.quant_type
+    accepted = bitsandbytes_devices(quant_type)
+    if not accepted:
+        return (f"quantization={quant_type!r} needs bitsandbytes (and accelerate), which are not importable here; "
+                f"accepted: pip install bitsandbytes accelerate, or quantization null")
+    wanted = {str(spec.device)}
     if isinstance(spec.device_map, Mapping):
-        off = {k: v for k, v in spec.device_map.items()
-               if not (isinstance(v, int) and not isinstance(v, bool)) and not str(v).startswith("cuda")}
-        if off:
-            return (f"quantization needs every module on CUDA, but device_map places {off}; accepted: CUDA "
-                    f"devices only (cuda, cuda:N or an index), or quantization null")
+        wanted = {str(v) if not isinstance(v, int) or isinstance(v, bool) else f"cuda:{v}"
+                  for v in spec.device_map.values()}
+    off = sorted(w for w in wanted if _device_type(w) not in accepted)
+    if off:
+        where = f"device={spec.device!r}" if not isinstance(spec.device_map, Mapping) else f"device_map places {off}"
+        return (f"quantization={quant_type!r} cannot run on {', '.join(off)} ({where}): bitsandbytes "
+                f"{_bnb_version()} runs it on {', '.join(accepted)}; accepted: a device of those types, or "
+                f"quantization null")
+    if len({_device_type(w) for w in wanted}) > 1 and "cpu" in {_device_type(w) for w in wanted}:
+        return (f"quantization={quant_type!r} with device_map {dict(spec.device_map)} mixes the CPU with an "
+                f"accelerator; accepted: every module on one kind of device, or quantization null")
     return None
+
+
+def _bnb_version() -> str:
+    import bitsandbytes
+
+    return bitsandbytes.__version__
 
 
 def check_device_available(spec: ModelSpec) -> None:
@@ -182,9 +241,8 @@ def check_device_available(spec: ModelSpec) -> None:
                   for v in spec.device_map.values()}
     if any(w.startswith("cuda") for w in wants):
         if not torch.cuda.is_available():
-            what = "quantization" if spec.quantization.enabled else f"device={spec.device!r}"
-            raise SpecError(f"{what} needs CUDA, but torch.cuda.is_available() is False on this machine "
-                            f"(torch {torch.__version__}); accepted: device=cpu (and quantization null), or run "
+            raise SpecError(f"device={spec.device!r} needs CUDA, but torch.cuda.is_available() is False on this "
+                            f"machine (torch {torch.__version__}); accepted: device=cpu, or run "
                             f"on a machine with a GPU and a CUDA build of torch")
         count = torch.cuda.device_count()
         for w in wants:
@@ -268,6 +326,21 @@ def model_spec_from_dict(options: Mapping[str, Any]) -> ModelSpec:
     if "precision" in opts:
         opts["precision"] = _normalise_dtype(opts["precision"])
     return ModelSpec(quantization=QuantizationSpec(**quant), **opts)
+
+
+def quantization_options(value: Any) -> dict:
+    """A backend option ``quantization`` (``nf4`` / ``fp4`` / ``int8`` / null, or a dict of
+    :class:`QuantizationSpec` fields) as the ``quantization`` dict of a model spec."""
+    if value is None or value is False:
+        return {}
+    if isinstance(value, str):
+        if value not in QUANT_TYPES:
+            raise SpecError(f"quantization={value!r} is invalid; accepted: {', '.join(QUANT_TYPES)} or null")
+        return {"enabled": True, "quant_type": value}
+    if isinstance(value, Mapping):
+        return {"enabled": True, **dict(value)}
+    raise SpecError(f"quantization={value!r} is invalid; accepted: {', '.join(QUANT_TYPES)}, null, or a dict "
+                    f"(quant_type, compute_dtype, double_quant)")
 
 
 def generation_settings_from_dict(options: Mapping[str, Any] | None) -> GenerationSettings:
@@ -455,6 +528,10 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         kwargs["dtype"] = PRECISIONS[spec.precision]
     model = model_cls.from_pretrained(path, **kwargs)
     model.eval()
+    if qconfig is not None:
+        from backends.quantized import bitsandbytes_messages_once
+
+        bitsandbytes_messages_once()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=spec.trust_remote_code)
     image_processor = None
     if hasattr(config, "vision_config"):

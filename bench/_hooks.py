@@ -21,9 +21,13 @@ def _is_experts(module: nn.Module) -> bool:
     return type(module).__name__.endswith("Experts") and isinstance(getattr(module, "num_experts", None), int)
 
 
-def patch_embeddings(model: nn.Module) -> list[nn.Conv2d]:
-    """The vision encoders' patch-embedding convolutions (one per tower; none for text-only models)."""
-    return [m for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and name.endswith("patch_embedding")]
+def patch_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The vision encoders' patch-embedding convolutions (one per tower; none for text-only models):
+    CLIP / SigLIP's ``patch_embedding`` (2-D), Qwen-VL's ``patch_embed.proj`` (3-D, over a batch of
+    flattened patches, so its output has one row per patch)."""
+    return [m for name, m in model.named_modules()
+            if (isinstance(m, nn.Conv2d) and name.endswith("patch_embedding"))
+            or (isinstance(m, nn.Conv3d) and name.endswith("patch_embed.proj"))]
 
 
 class ComputeProbe:

@@ -52,7 +52,9 @@ from torch import nn
 from backends.knobs import KnobConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "full_size_configs"
-MODELS = ("llava-1.5-7b", "idefics2-8b", "olmoe-1b-7b", "pythia-2.8b")
+MODELS = ("llava-1.5-7b", "idefics2-8b", "olmoe-1b-7b", "pythia-2.8b", "llava-1.5-7b-nf4", "qwen3-vl-2b",
+          "qwen3-vl-30b-a3b-nf4")
+DEFAULT_MODELS = MODELS[:4]
 SHARD_BYTES = 2 << 30
 WEIGHT_STD = 0.02
 KV_CHUNK_TOKENS = 17  # two chunks: 34 tokens, past the smallest KV window (32) plus one
@@ -89,6 +91,8 @@ class Architecture:
     image_processor: dict | None
     image_px: int | None
     envs: tuple[str, ...]
+    quantization: str | None = None  # bitsandbytes 4-bit type the checkpoint is written in (nf4, fp4)
+    max_peak_gb: float | None = None  # build as many decoder blocks as keep the peak RSS under this
 
     @property
     def has_vision(self) -> bool:
@@ -100,10 +104,13 @@ def load_architecture(name: str) -> Architecture:
     if name not in MODELS or not path.is_file():
         raise FullSizeError(f"unknown model {name!r}; accepted: {', '.join(MODELS)}")
     raw = json.loads(path.read_text())
+    if "base" in raw:  # a variant: the base model's file with some keys replaced (e.g. quantization)
+        raw = {**json.loads((CONFIG_DIR / f"{raw['base']}.json").read_text()), **raw}
     return Architecture(name=name, source=raw["_source"], model_class=raw["model_class"],
                         config_class=raw["config_class"], config=raw["config"], tokens=raw["tokens"],
                         image_processor=raw["image_processor"], image_px=raw.get("image_px"),
-                        envs=tuple(raw["envs"]))
+                        envs=tuple(raw["envs"]), quantization=raw.get("quantization"),
+                        max_peak_gb=raw.get("max_peak_gb"))
 
 
 def parse_models(text: str) -> list[str]:
@@ -120,23 +127,31 @@ def parse_models(text: str) -> list[str]:
 def _scaled_block(cfg: dict, scale: float) -> dict:
     """Widths and depths times ``scale`` with head counts and head sizes kept consistent."""
     out = dict(cfg)
-    if "num_attention_heads" in cfg:
-        heads = cfg["num_attention_heads"]
-        head_dim = cfg["hidden_size"] // heads
+    heads_key = "num_attention_heads" if "num_attention_heads" in cfg else "num_heads"  # Qwen-VL towers: num_heads
+    if heads_key in cfg:
+        heads = cfg[heads_key]
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
         new_heads = max(2, round(heads * math.sqrt(scale)))
         new_head_dim = max(16, 8 * round(head_dim * math.sqrt(scale) / 8))
-        out["num_attention_heads"] = new_heads
+        out[heads_key] = new_heads
         out["hidden_size"] = new_heads * new_head_dim
+        if "head_dim" in cfg:
+            out["head_dim"] = new_head_dim
         if "num_key_value_heads" in cfg:  # keep the query heads per key/value head where it divides
             kv_heads = max(1, new_heads // (heads // cfg["num_key_value_heads"]))
             while new_heads % kv_heads:
                 kv_heads -= 1
             out["num_key_value_heads"] = kv_heads
-    for key in ("intermediate_size",):
+    for key in ("intermediate_size", "moe_intermediate_size"):
         if key in cfg:
             out[key] = max(16, 16 * round(cfg[key] * scale / 16))  # grouped_mm needs 16-byte strides
     if "num_hidden_layers" in cfg:
         out["num_hidden_layers"] = max(4, round(cfg["num_hidden_layers"] * scale))
+    if "depth" in cfg:  # Qwen-VL towers; DeepStack taps spread over the remaining blocks
+        out["depth"] = max(4, round(cfg["depth"] * scale))
+        if "deepstack_visual_indexes" in cfg:
+            n = len(cfg["deepstack_visual_indexes"])
+            out["deepstack_visual_indexes"] = [min(out["depth"] - 1, (i + 1) * out["depth"] // (n + 1)) for i in range(n)]
     if "projection_dim" in cfg:
         out["projection_dim"] = out["hidden_size"]
     return out
@@ -150,6 +165,8 @@ def scaled_config(arch: Architecture, scale: float) -> dict:
     if "text_config" in cfg:
         cfg["text_config"] = _scaled_block(cfg["text_config"], scale)
         cfg["vision_config"] = _scaled_block(cfg["vision_config"], scale)
+        if "out_hidden_size" in cfg["vision_config"]:  # Qwen-VL: the merger projects onto the text width
+            cfg["vision_config"]["out_hidden_size"] = cfg["text_config"]["hidden_size"]
         if "perceiver_config" in cfg:
             p = dict(cfg["perceiver_config"])
             p["hidden_size"] = cfg["text_config"]["hidden_size"]
@@ -163,21 +180,23 @@ def scaled_config(arch: Architecture, scale: float) -> dict:
     return _scaled_block(cfg, scale)
 
 
-def build_config(arch: Architecture, scale: float = 1.0):
+def build_config(arch: Architecture, scale: float = 1.0, blocks: int | None = None):
     import transformers
 
     cfg = scaled_config(arch, scale)
+    if blocks is not None:  # fewer decoder blocks than published (a memory cap; said in the table)
+        (cfg["text_config"] if "text_config" in cfg else cfg)["num_hidden_layers"] = int(blocks)
     config = getattr(transformers, arch.config_class)(**cfg)
     config.architectures = [arch.model_class]
     config.dtype = torch.bfloat16
     return config
 
 
-def meta_model(arch: Architecture, scale: float = 1.0) -> nn.Module:
+def meta_model(arch: Architecture, scale: float = 1.0, blocks: int | None = None) -> nn.Module:
     """The model on the ``meta`` device: names, shapes and module types, no storage."""
     import transformers
 
-    config = build_config(arch, scale)
+    config = build_config(arch, scale, blocks)
     with torch.device("meta"):
         return getattr(transformers, arch.model_class)(config)
 
@@ -230,18 +249,42 @@ def _init_kinds(model: nn.Module) -> dict[str, str]:
     return kinds
 
 
-def write_random_weights(model: nn.Module, out_dir: Path, seed: int = 0, shard_bytes: int = SHARD_BYTES) -> int:
+def quantized_weight_names(model: nn.Module) -> set[str]:
+    """The ``nn.Linear`` weights transformers' bitsandbytes loading quantizes in ``model`` (every
+    linear layer except the output embeddings, tied and last modules: ``get_keys_to_not_convert``)."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    keep = get_keys_to_not_convert(model)
+    return {f"{name}.weight" for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not any(name == k or name.startswith(k + ".") for k in keep)}
+
+
+def _quantized_entries(name: str, weight: torch.Tensor, quant_type: str) -> dict[str, torch.Tensor]:
+    """One linear weight as a pre-quantized bitsandbytes checkpoint stores it (packed 4-bit values
+    and the quantization state, double-quantized), as ``save_pretrained`` of a 4-bit model writes it."""
+    import bitsandbytes.functional as bnb_functional
+
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type=quant_type)
+    return {name: packed, **{f"{name}.{k}": v for k, v in state.as_dict(packed=True).items()}}
+
+
+def write_random_weights(model: nn.Module, out_dir: Path, seed: int = 0, shard_bytes: int = SHARD_BYTES,
+                         quantization: str | None = None) -> int:
     """Write random bf16 weights for every entry of ``model.state_dict()`` (a meta model) as
-    sharded safetensors plus their index; returns the bytes written."""
+    sharded safetensors plus their index; returns the bytes written. With ``quantization`` (nf4,
+    fp4) the linear weights transformers would quantize are written pre-quantized, one tensor at a
+    time, so neither the bf16 model nor its bf16 checkpoint ever exists."""
     from safetensors.torch import save_file
 
     state = model.state_dict()
     kinds = _init_kinds(model)
     names = list(state)
+    quantized = quantized_weight_names(model) if quantization else set()
     shards: list[list[str]] = [[]]
     size = 0
     for name in names:
         nbytes = state[name].numel() * (2 if state[name].is_floating_point() else state[name].element_size())
+        nbytes = nbytes // 4 if name in quantized else nbytes
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0
@@ -259,11 +302,14 @@ def write_random_weights(model: nn.Module, out_dir: Path, seed: int = 0, shard_b
                 raise FullSizeError(f"state_dict entry {name!r} is a buffer the bench cannot make up; "
                                     f"accepted: models whose state_dict holds parameters only")
             if kind == "noise":
-                tensors[name] = pool.tensor(meta.shape)
+                value = pool.tensor(meta.shape)
             else:
-                tensors[name] = (torch.ones if kind == "ones" else torch.zeros)(meta.shape, dtype=torch.bfloat16)
-            weight_map[name] = filename
-            total += tensors[name].numel() * 2
+                value = (torch.ones if kind == "ones" else torch.zeros)(meta.shape, dtype=torch.bfloat16)
+            entries = _quantized_entries(name, value, quantization) if name in quantized else {name: value}
+            for key, tensor in entries.items():
+                tensors[key] = tensor
+                weight_map[key] = filename
+                total += tensor.numel() * tensor.element_size()
         save_file(tensors, str(out_dir / filename), metadata={"format": "pt"})
         del tensors
         gc.collect()
@@ -313,17 +359,22 @@ def build_image_processor(arch: Architecture):
     return getattr(transformers, spec["class"])(**spec["kwargs"])
 
 
-def write_checkpoint(arch: Architecture, out_dir: Path, scale: float = 1.0, seed: int = 0) -> dict:
+def write_checkpoint(arch: Architecture, out_dir: Path, scale: float = 1.0, seed: int = 0,
+                     blocks: int | None = None) -> dict:
     """Random-weight checkpoint of ``arch`` in ``out_dir`` (config, sharded weights, tokenizer,
     image processor); returns ``{"parameters", "bytes", "build_s"}``."""
     from transformers import GenerationConfig
 
     start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = meta_model(arch, scale)
+    model = meta_model(arch, scale, blocks)
     n_params = count_parameters(model)
-    written = write_random_weights(model, out_dir, seed)
+    written = write_random_weights(model, out_dir, seed, quantization=arch.quantization)
     config = model.config
+    if arch.quantization:
+        from backends.loading import QuantizationSpec
+
+        config.quantization_config = QuantizationSpec(enabled=True, quant_type=arch.quantization).to_bitsandbytes_config()
     config.save_pretrained(out_dir)
     t = arch.tokens
     GenerationConfig(eos_token_id=t["eos"], pad_token_id=t["pad"], bos_token_id=t["bos"]).save_pretrained(out_dir)
@@ -411,7 +462,12 @@ def _timed(fn, *args, **kwargs):
 
 def expected_encoder_patches(backend, sample) -> int:
     """Patches of the image at the processor's output size: images x (H / patch) x (W / patch)."""
+    from backends import qwen_vl
+
     cfg = backend.model.config.vision_config
+    if qwen_vl.is_qwen_vl(backend.model):  # flattened patches: the grid of the top tier's square image
+        top = backend.knob_space.tier_sizes[backend.knob_space.tier_names[-1]]
+        return int(qwen_vl.image_inputs(backend.image_processor, sample.image, top)["image_grid_thw"].prod())
     pixels = backend.image_processor(images=[sample.image], return_tensors="pt")["pixel_values"]
     h, w = pixels.shape[-2:]
     images = math.prod(pixels.shape[:-3])
@@ -671,6 +727,12 @@ def kv_env_episode(env_id: str, backend) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # One model, end to end
 # ---------------------------------------------------------------------------------------------
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    from backends.knobs import model_parts
+
+    return model_parts(model).layers
+
+
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
@@ -697,6 +759,34 @@ def wait_for_memory(needed_gb: float, timeout_s: float = 600.0, log=print) -> No
         time.sleep(15)
 
 
+def checkpoint_gb(model: nn.Module, quantization: str | None) -> tuple[float, float]:
+    """``(whole checkpoint, one decoder block)`` in GB as :func:`write_random_weights` writes them
+    (bf16, a quantized linear weight at about a quarter of that)."""
+    from backends.knobs import model_parts
+
+    quantized = quantized_weight_names(model) if quantization else set()
+    sizes = {n: p.numel() * 2 / (4 if n in quantized else 1) / 2**30 for n, p in model.named_parameters()}
+    layers = model_parts(model).layers
+    prefix = next(n for n, m in model.named_modules() if m is layers[0]) + "."
+    return sum(sizes.values()), sum(v for n, v in sizes.items() if n.startswith(prefix))
+
+
+def blocks_under(arch: Architecture, scale: float, cap_gb: float, log=print) -> int | None:
+    """Decoder blocks to build so the peak RSS (about the mapped checkpoint plus 3 GB of work
+    memory) stays under ``cap_gb`` and the memory available now; ``None``: all of them fit."""
+    meta = meta_model(arch, scale)
+    total, block = checkpoint_gb(meta, arch.quantization)
+    layers = meta.config.get_text_config(decoder=True).num_hidden_layers
+    cap = min(cap_gb, mem_available_gb() - 1.0)
+    fit = int((cap - 3.0 - (total - layers * block)) // block)
+    log(f"[{arch.name}] {total:.1f} GB checkpoint at {layers} blocks ({block:.2f} GB each); "
+        f"{min(fit, layers)} blocks fit under {cap:.1f} GB")
+    if fit < 1:
+        raise FullSizeError(f"{arch.name}: not one decoder block fits under {cap:.1f} GB; accepted: run when "
+                            f"more memory is available")
+    return None if fit >= layers else fit
+
+
 def run_model(name: str, work_dir: Path, *, scale: float = 1.0, keep: bool = False, max_new_tokens: int = 2,
               log=print) -> dict:
     """Build, save, load, check and run envs for one model; returns its table entry."""
@@ -705,16 +795,20 @@ def run_model(name: str, work_dir: Path, *, scale: float = 1.0, keep: bool = Fal
     result: dict[str, Any] = {"model": name, "scale": scale, "source": arch.source, "rows": []}
     start = time.perf_counter()
     try:
-        meta = meta_model(arch, scale)
-        needed = count_parameters(meta) * 2 / 2**30 * 1.1 + 1.0
+        blocks = blocks_under(arch, scale, arch.max_peak_gb, log) if arch.max_peak_gb else None
+        meta = meta_model(arch, scale, blocks)
+        needed = checkpoint_gb(meta, arch.quantization)[0] * 1.1 + 1.0
+        result.update(blocks=len(_decoder_layers(meta)),
+                      published_blocks=build_config(arch, scale).get_text_config(decoder=True).num_hidden_layers)
         del meta
         wait_for_memory(needed, log=log)
-        log(f"[{name}] building ({needed - 1.0:.1f} GB of bf16 weights) in {ckpt}")
-        built = write_checkpoint(arch, ckpt, scale)
+        log(f"[{name}] building ({needed - 1.0:.1f} GB of {arch.quantization or 'bf16'} weights) in {ckpt}")
+        built = write_checkpoint(arch, ckpt, scale, blocks=blocks)
         result.update(parameters=built["parameters"], build_s=built["build_s"], checkpoint_gb=built["bytes"] / 2**30)
         dataset = write_dataset(arch, data_dir)
         log(f"[{name}] built in {built['build_s']:.0f} s; loading through the backend")
-        backend, result["load_s"] = _timed(load_through_backend_hf, ckpt, dataset, max_new_tokens=max_new_tokens)
+        backend, result["load_s"] = _timed(load_through_backend_hf, ckpt, dataset, max_new_tokens=max_new_tokens,
+                                           quantization=arch.quantization)
         check_loaded_weights(backend.model, ckpt)
         space = backend.knob_space
         result["knob_space"] = space.as_dict()
@@ -763,7 +857,9 @@ def format_table(results: list[dict]) -> str:
         if not r.get("ok"):
             rows = rows + [{"setting": "FAILED", "seconds": None, "checks": r.get("error", "")}]
         for row in rows:
-            cells = [r["model"] + ("" if r.get("scale", 1.0) == 1.0 else f" x{r['scale']:g}"),
+            blocks = ("" if r.get("blocks", 0) == r.get("published_blocks", 0)
+                      else f" ({r['blocks']} of {r['published_blocks']} blocks)")
+            cells = [r["model"] + ("" if r.get("scale", 1.0) == 1.0 else f" x{r['scale']:g}") + blocks,
                      f"{r['parameters'] / 1e9:.2f} B" if "parameters" in r else "-",
                      f"{r['total_s']:.0f}" if "total_s" in r else "-",
                      f"{r['build_s']:.0f}" if "build_s" in r else "-",
@@ -785,7 +881,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = OneLineParser(prog="python -m bench.full_size", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help=f"comma-separated subset of {', '.join(MODELS)} (default: the first four)")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and datasets in --work-dir")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="width/depth factor in (0, 1] (1.0: published sizes; e.g. 0.05 for a smoke run)")

@@ -1,6 +1,7 @@
-"""GPU check: the four full-size architectures on one CUDA GPU, in bf16 and bitsandbytes nf4 / int8.
+"""GPU check: the full-size architectures on one CUDA GPU, in bf16 and bitsandbytes nf4 / int8.
 
-    python -m bench.gpu_check [--models llava-1.5-7b,idefics2-8b,olmoe-1b-7b,pythia-2.8b]
+    python -m bench.gpu_check [--models llava-1.5-7b,idefics2-8b,olmoe-1b-7b,pythia-2.8b,qwen3-vl-2b,
+                                        qwen3-vl-30b-a3b-nf4]
                               [--quantizations bf16,nf4,int8] [--out runs/gpu_check/<time>]
                               [--profile-points 24] [--profile-repeats 3] [--work-dir DIR]
 
@@ -11,6 +12,8 @@ at a time, checkpoint deleted after it) and each precision:
   loads it on ``cuda`` through the same loading function, and runs the same knob checks at the
   real shapes (vision tokens and encoder patches per tier, blocks per depth, experts per token,
   non-empty generation), timed with CUDA synchronisation;
+- a model written pre-quantized (``qwen3-vl-30b-a3b-nf4``: nf4, as many of its 48 blocks as
+  ``bench.full_size`` builds under its host-memory cap) runs in its own quantization only;
 - LLaVA-1.5-7B under nf4: one ``MultiKnob-v0`` episode per vision tier (the other knobs at their
   highest), and ``TokenBudget-v0`` at both ends of its action space;
 - LLaVA-1.5-7B nf4 and OLMoE-1B-7B bf16: a latency profile of the knob grid
@@ -49,6 +52,7 @@ import torch
 from bench import full_size as fs
 
 QUANTIZATIONS = ("bf16", "nf4", "int8")
+GPU_MODELS = (*fs.DEFAULT_MODELS, "qwen3-vl-2b", "qwen3-vl-30b-a3b-nf4")
 PROFILED = (("llava-1.5-7b", "nf4"), ("olmoe-1b-7b", "bf16"))
 TIER_EPISODES = ("llava-1.5-7b", "nf4")
 NEEDS_CUDA_EXIT = 3
@@ -64,7 +68,7 @@ class NeedsCuda(RuntimeError):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = fs.OneLineParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(fs.MODELS), help=f"comma-separated subset of {', '.join(fs.MODELS)}")
+    parser.add_argument("--models", default=",".join(GPU_MODELS), help=f"comma-separated subset of {', '.join(fs.MODELS)}")
     parser.add_argument("--quantizations", default=",".join(QUANTIZATIONS),
                         help=f"comma-separated subset of {', '.join(QUANTIZATIONS)}")
     parser.add_argument("--out", default=None, help="results folder (default runs/gpu_check/<UTC time>); must not exist")
@@ -116,18 +120,26 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
+def quantizations_of(arch: fs.Architecture, asked: list[str]) -> list[str]:
+    """A checkpoint written pre-quantized runs in its own quantization only; others in every one asked."""
+    return [arch.quantization] if arch.quantization else asked
+
+
 def plan(args: argparse.Namespace) -> list[str]:
     """What the check will run, with each model's parameter count (from the meta-device build)."""
     lines = []
     for name in args.model_list:
         arch = fs.load_architecture(name)
         params = fs.count_parameters(fs.meta_model(arch))
+        quants = quantizations_of(arch, args.quant_list)
         extras = []
-        if (name, "nf4") == TIER_EPISODES and "nf4" in args.quant_list:
+        if (name, "nf4") == TIER_EPISODES and "nf4" in quants:
             extras.append("MultiKnob-v0 episode per tier, TokenBudget-v0 extremes")
         extras += [f"latency profile ({q}, {args.profile_points} points x {args.profile_repeats} repeats)"
-                   for q in args.quant_list if (name, q) in PROFILED]
-        lines.append(f"{name}: {params / 1e9:.2f} B parameters; {', '.join(args.quant_list)}"
+                   for q in quants if (name, q) in PROFILED]
+        if arch.max_peak_gb:
+            extras.append(f"decoder blocks capped by {arch.max_peak_gb:g} GB of host memory")
+        lines.append(f"{name}: {params / 1e9:.2f} B parameters; {', '.join(quants)}"
                      + (f"; {'; '.join(extras)}" if extras else ""))
     return lines
 
@@ -221,7 +233,7 @@ def run_one(name: str, quant: str, ckpt: Path, dataset: Path, args, device, out_
                                                  device=str(device), max_new_tokens=args.max_new_tokens)
             torch.cuda.synchronize(device)
             result["load_s"] = time.perf_counter() - start
-            if quant == "bf16":
+            if quant == "bf16" or quant == fs.load_architecture(name).quantization:
                 fs.check_loaded_weights(backend.model, ckpt)
             sample = backend.samples("validation")[0]
             with ComputeProbe(backend.model) as probe:
@@ -277,9 +289,10 @@ def run(args: argparse.Namespace) -> int:
             arch = fs.load_architecture(name)
             ckpt, data_dir = work_dir / name, work_dir / f"{name}-data"
             print(f"[{name}] building the checkpoint", file=sys.stderr, flush=True)
-            built = fs.write_checkpoint(arch, ckpt)
+            blocks = fs.blocks_under(arch, 1.0, arch.max_peak_gb, fs._log) if arch.max_peak_gb else None
+            built = fs.write_checkpoint(arch, ckpt, blocks=blocks)
             dataset = fs.write_dataset(arch, data_dir, n_questions=8)
-            for quant in args.quant_list:
+            for quant in quantizations_of(arch, args.quant_list):
                 print(f"[{name}] {quant}", file=sys.stderr, flush=True)
                 result = run_one(name, quant, ckpt, dataset, args, device, out_dir)
                 result.update(parameters=built["parameters"], build_s=built["build_s"])

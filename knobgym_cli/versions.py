@@ -16,7 +16,7 @@ import numpy as np
 from envs.protocols import group_env
 
 PACKAGES = ("torch", "transformers", "gymnasium", "numpy", "hydra-core", "omegaconf", "stable-baselines3", "trl",
-            "scikit-learn", "tensorboard", "matplotlib")
+            "scikit-learn", "tensorboard", "matplotlib", "bitsandbytes", "accelerate")
 
 
 def versions(env: gym.Env) -> dict:

@@ -6,7 +6,9 @@ import torch
 from transformers import (CLIPVisionConfig, GPTNeoXConfig, GPTNeoXForCausalLM, Idefics2Config,
                           Idefics2ForConditionalGeneration, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, MixtralConfig, MixtralForCausalLM, OlmoeConfig,
-                          OlmoeForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM)
+                          OlmoeForCausalLM, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2MoeConfig,
+                          Qwen2MoeForCausalLM, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLMoeConfig,
+                          Qwen3VLMoeForConditionalGeneration)
 
 VOCAB = 96
 IMAGE_TOKEN_ID = VOCAB - 1
@@ -73,9 +75,48 @@ def tiny_idefics2():
     return Idefics2ForConditionalGeneration(cfg)
 
 
+_QWEN_TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=256, pad_token_id=0, eos_token_id=1,
+                  tie_word_embeddings=False)
+
+
+def _qwen_vision(**kw):
+    # patch 8, merge 2: one language-model token per 16 x 16 px
+    return dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=8, spatial_merge_size=2,
+                temporal_patch_size=2, out_hidden_size=32, **kw)
+
+
+def tiny_qwen2_5_vl():
+    cfg = Qwen2_5_VLConfig(text_config={**_QWEN_TEXT, "rope_parameters": {
+                               "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}},
+                           vision_config=_qwen_vision(window_size=32, fullatt_block_indexes=[1]),
+                           image_token_id=IMAGE_TOKEN_ID, vision_start_token_id=93, vision_end_token_id=94)
+    return Qwen2_5_VLForConditionalGeneration(cfg)
+
+
+def tiny_qwen3_vl():
+    cfg = Qwen3VLConfig(text_config={**_QWEN_TEXT, "rope_parameters": {
+                            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+                            "mrope_interleaved": True}},
+                        vision_config=_qwen_vision(num_position_embeddings=64, deepstack_visual_indexes=[0, 1]),
+                        image_token_id=IMAGE_TOKEN_ID, vision_start_token_id=93, vision_end_token_id=94)
+    return Qwen3VLForConditionalGeneration(cfg)
+
+
+def tiny_qwen3_vl_moe():
+    cfg = Qwen3VLMoeConfig(text_config={**_QWEN_TEXT, "moe_intermediate_size": 16, "num_experts": 8,
+                                        "num_experts_per_tok": 4, "decoder_sparse_step": 1, "rope_parameters": {
+                                            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2],
+                                            "mrope_interleaved": True}},
+                           vision_config=_qwen_vision(num_position_embeddings=64, deepstack_visual_indexes=[0, 1]),
+                           image_token_id=IMAGE_TOKEN_ID, vision_start_token_id=93, vision_end_token_id=94)
+    return Qwen3VLMoeForConditionalGeneration(cfg)
+
+
 def make(name: str):
     torch.manual_seed(0)
     model = {"olmoe": tiny_olmoe, "qwen2_moe": tiny_qwen2_moe, "mixtral": tiny_mixtral, "gpt_neox": tiny_gpt_neox,
              "llava_olmoe": lambda: tiny_llava("olmoe"), "llava_llama": lambda: tiny_llava("llama"),
-             "idefics2": tiny_idefics2}[name]()
+             "idefics2": tiny_idefics2, "qwen2_5_vl": tiny_qwen2_5_vl, "qwen3_vl": tiny_qwen3_vl,
+             "qwen3_vl_moe": tiny_qwen3_vl_moe}[name]()
     return model.eval()

@@ -17,7 +17,8 @@ def test_published_configurations_name_their_source_and_build_on_meta(name):
     assert arch.source.split(",")[0].count("/") == 1, arch.source  # a Hugging Face repo id first
     model = fs.meta_model(arch)
     params = fs.count_parameters(model)
-    expected = {"llava-1.5-7b": 7.06e9, "idefics2-8b": 8.40e9, "olmoe-1b-7b": 6.92e9, "pythia-2.8b": 2.78e9}[name]
+    expected = {"llava-1.5-7b": 7.06e9, "idefics2-8b": 8.40e9, "olmoe-1b-7b": 6.92e9, "pythia-2.8b": 2.78e9,
+                "llava-1.5-7b-nf4": 7.06e9, "qwen3-vl-2b": 2.13e9, "qwen3-vl-30b-a3b-nf4": 31.07e9}[name]
     assert abs(params - expected) / expected < 0.01
     small = fs.meta_model(arch, scale=0.05)  # the smoke mode's shapes stay consistent
     assert fs.count_parameters(small) < params / 50
@@ -57,6 +58,21 @@ def test_smoke_run_text_moe_gets_top_k_and_depth(tmp_path, capsys):
     settings = [row["setting"] for row in result["rows"]]
     assert result["ok"] and result["knob_space"]["tiers"] == {}
     assert "MultiKnob-v0 lowest (top_k=4 depth=3)" in settings and "MultiKnob-v0 highest (top_k=8 depth=4)" in settings
+
+
+def test_smoke_run_qwen3_vl_moe_nf4_prequantized(tmp_path, capsys):
+    """Qwen3-VL-MoE written pre-quantized in nf4 (experts stay bf16): loads through backend=hf and
+    passes the tier (square image side -> tokens and tower patches), top-k and depth checks."""
+    out = tmp_path / "results.json"
+    rc = fs.main(["--models", "qwen3-vl-30b-a3b-nf4", "--scale", "0.05", "--in-process", "--work-dir",
+                  str(tmp_path / "work"), "--json", str(out)])
+    assert rc == 0, capsys.readouterr().out
+    (result,) = json.loads(out.read_text())
+    assert result["ok"] and result["knob_space"]["tiers"] == {"low": 64, "medium": 144, "high": 256}
+    assert [row["checks"] for row in result["rows"][:3]] == [
+        f"{n} vision tokens, {4 * n} encoder patches" for n in (64, 144, 256)]
+    assert any(s.startswith("MultiKnob-v0 lowest (tier=low top_k=4") for s in [r["setting"] for r in result["rows"]])
+    assert fs.quantized_weight_names(fs.meta_model(fs.load_architecture("qwen3-vl-30b-a3b-nf4"), 0.05))
 
 
 def test_keep_leaves_a_loadable_checkpoint_and_dataset(tmp_path):

@@ -17,9 +17,11 @@ def test_without_cuda_it_validates_plans_and_stops_with_one_line(tmp_path, capsy
     captured = capsys.readouterr()
     assert captured.err.count("\n") == 1 and "needs CUDA" in captured.err and "Traceback" not in captured.err
     plan = captured.out.splitlines()
-    assert [line.split(":")[0] for line in plan] == list(gpu_check.fs.MODELS)
+    assert [line.split(":")[0] for line in plan] == list(gpu_check.GPU_MODELS)
     assert "7.06 B parameters; bf16, nf4, int8; MultiKnob-v0 episode per tier" in plan[0]
     assert "latency profile (nf4" in plan[0] and "latency profile (bf16" in plan[2]
+    assert plan[4].startswith("qwen3-vl-2b: ") and plan[4].endswith("; bf16, nf4, int8")
+    assert plan[5].startswith("qwen3-vl-30b-a3b-nf4: ") and "; nf4; decoder blocks capped by 20 GB" in plan[5]
     assert not out.exists()  # nothing half-made
 
 
@@ -56,7 +58,8 @@ def test_the_gpu_path_runs_end_to_end_with_cuda_calls_on_the_cpu(tmp_path, monke
     from bench import full_size as fs
 
     write = fs.write_checkpoint
-    monkeypatch.setattr(fs, "write_checkpoint", lambda arch, out, scale=1.0, seed=0: write(arch, out, 0.05, seed))
+    monkeypatch.setattr(fs, "write_checkpoint", lambda arch, out, scale=1.0, seed=0, blocks=None: write(arch, out, 0.05, seed,
+                                                                                              blocks))
     monkeypatch.setattr(gpu_check, "require_cuda", lambda: torch.device("cpu"))
     for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)

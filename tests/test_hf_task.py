@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from conftest import WORDS, build_word_tokenizer, random_image
 from fake_latency import AnalyticEstimator
 from model_factories import make
-from transformers import CLIPImageProcessorPil, Idefics2ImageProcessorPil
+from transformers import CLIPImageProcessorPil, Idefics2ImageProcessorPil, Qwen2VLImageProcessorPil
 
 import envs  # noqa: F401  (registers the env ids)
 from backends.knobs import KnobConfig
@@ -44,20 +45,24 @@ def checkpoints(tmp_path_factory):
     """``{family: directory}``: each tiny random model saved with its tokenizer (with a chat
     template) and, for vision families, its image processor."""
     root = tmp_path_factory.mktemp("hf_checkpoints")
-    out = {}
-    for name in FAMILIES:
-        path = root / name
-        make(name).save_pretrained(path)
-        tokenizer = build_word_tokenizer()
-        tokenizer.chat_template = CHAT_TEMPLATE
-        tokenizer.save_pretrained(path)
-        if name == "idefics2":
-            Idefics2ImageProcessorPil(do_image_splitting=False,
-                                      size={"longest_edge": 32, "shortest_edge": 32}).save_pretrained(path)
-        elif name in VISION:
-            CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
-        out[name] = path
-    return out
+    return {name: save_checkpoint(name, root / name) for name in FAMILIES}
+
+
+def save_checkpoint(name: str, path):
+    """The tiny random model ``name`` saved with the word tokenizer (with a chat template) and, for
+    a vision family, its image processor; returns ``path``."""
+    make(name).save_pretrained(path)
+    tokenizer = build_word_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    if name == "idefics2":
+        Idefics2ImageProcessorPil(do_image_splitting=False,
+                                  size={"longest_edge": 32, "shortest_edge": 32}).save_pretrained(path)
+    elif name.startswith("qwen") and name.endswith(("_vl", "_vl_moe")):  # 8 px patches, 2 x 2 merged
+        Qwen2VLImageProcessorPil(patch_size=8, merge_size=2, temporal_patch_size=2).save_pretrained(path)
+    elif name in VISION:
+        CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return path
 
 
 def _rows(with_image: bool) -> list[dict]:
@@ -306,15 +311,26 @@ def test_cuda_without_cuda_is_one_clear_error(checkpoints, jsonl_data):
 
 
 @pytest.mark.parametrize("options, fragment", [
-    ({"quantization": "nf4"}, "quantization needs a CUDA device, got device='cpu'"),
-    ({"quantization": "int8", "device_map": "auto"}, "quantization needs a CUDA device, got device='cpu'"),
     ({"quantization": "fp4", "device": "cuda", "device_map": {"model": 0, "lm_head": "cpu"}},
-     "quantization needs every module on CUDA"),
+     "mixes the CPU with an accelerator"),
     ({"quantization": "q3"}, "quantization='q3' is invalid; accepted: nf4, fp4, int8"),
 ])
-def test_quantization_needs_cuda_as_one_rule(checkpoints, jsonl_data, options, fragment):
+def test_quantization_placement_is_one_rule(checkpoints, jsonl_data, options, fragment):
     with pytest.raises(SpecError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         hf(checkpoints["olmoe"], jsonl_data["text"], **options)
+
+
+def test_quantization_on_a_device_bitsandbytes_does_not_run_names_it(checkpoints, jsonl_data, monkeypatch):
+    """The rule follows what the installed bitsandbytes declares, not a fixed "CUDA only"."""
+    import bitsandbytes
+
+    monkeypatch.setattr(bitsandbytes, "supported_torch_devices", {"cuda"})
+    with pytest.raises(SpecError, match=r"quantization='nf4' cannot run on cpu \(device='cpu'\): bitsandbytes "
+                                        r"\S+ runs it on cuda; accepted"):
+        hf(checkpoints["olmoe"], jsonl_data["text"], quantization="nf4")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(SpecError, match="needs bitsandbytes .* not importable"):
+        hf(checkpoints["olmoe"], jsonl_data["text"], quantization="int8")
 
 
 def test_remote_code_is_off_by_default(checkpoints, jsonl_data, monkeypatch):
@@ -372,7 +388,9 @@ def test_tiny_checkpoint_through_backend_hf_on_its_exported_dataset(tmp_path):
 @pytest.mark.parametrize("preset, hub_id", [("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf"),
                                             ("idefics2-8b", "HuggingFaceM4/idefics2-8b"),
                                             ("olmoe-1b-7b", "allenai/OLMoE-1B-7B-0924-Instruct"),
-                                            ("pythia-2.8b", "EleutherAI/pythia-2.8b")])
+                                            ("pythia-2.8b", "EleutherAI/pythia-2.8b"),
+                                            ("qwen3-vl-2b", "Qwen/Qwen3-VL-2B-Instruct"),
+                                            ("qwen3-vl-30b-a3b", "Qwen/Qwen3-VL-30B-A3B-Instruct")])
 def test_presets_compose_and_name_their_model(jsonl_data, preset, hub_id):
     from pathlib import Path
 

@@ -117,7 +117,8 @@ def test_conflicting_legacy_quantization_keys_are_an_error():
     ({"attn_implementation": "flash"}, ["attn_implementation='flash'", "sdpa"]),
     ({"device": "tpu"}, ["device='tpu'", "cuda:N"]),
     ({"device_map": "balanced"}, ["device_map='balanced'", "'auto'"]),
-    ({"quantization": QuantizationSpec(enabled=True)}, ["device='cpu'", "cuda"]),
+    ({"quantization": QuantizationSpec(enabled=True), "device": "cuda", "device_map": {"a": "cpu", "b": 0}},
+     ["mixes the CPU", "one kind of device"]),
     ({"model": ""}, ["model=''", "hub id"]),
 ])
 def test_bad_model_spec_values_name_the_value_and_what_is_accepted(kwargs, fragments):

@@ -345,11 +345,13 @@ def check_same_tokenizer(target_tokenizer, draft_tokenizer, draft_name: str = "d
 # ------------------------------------------------------------------------------------------------
 # loading
 # ------------------------------------------------------------------------------------------------
-def _load(model: str, revision: str, precision: str, device: str, attn_implementation: str):
-    from backends.loading import ModelSpec, load_model
+def _load(model: str, revision: str, precision: str, device: str, attn_implementation: str, quantization: dict):
+    from backends.loading import load_model, model_spec_from_dict
 
-    loaded = load_model(ModelSpec(model=model, revision=revision, local_files_only=True, precision=precision,
-                                  device=device, attn_implementation=attn_implementation))
+    loaded = load_model(model_spec_from_dict({"model": model, "revision": revision, "local_files_only": True,
+                                              "precision": precision, "device": device,
+                                              "attn_implementation": attn_implementation,
+                                              "quantization": quantization}))
     return loaded.model, loaded.tokenizer, loaded.revision_loaded
 
 
@@ -358,7 +360,8 @@ def load_decoding_backend(target: str | None = None, draft: str | None = "defaul
                           attn_implementation: str = "sdpa", dataset: str | None = None, max_new_tokens: int = 10,
                           beams: Sequence[int] = (2, 4), temperatures: Sequence[float] = (0.5, 1.0),
                           lookaheads: Sequence[int] = (2, 4, 8), max_beams: int = 4,
-                          instruction: str = "", num_threads: int | None = DEFAULT_TORCH_THREADS) -> HFDecodingBackend:
+                          instruction: str = "", num_threads: int | None = DEFAULT_TORCH_THREADS,
+                          quantization: Any = None) -> HFDecodingBackend:
     """``backend=decoding``: load a target (and draft) offline, with QA data.
 
     Args:
@@ -371,6 +374,7 @@ def load_decoding_backend(target: str | None = None, draft: str | None = "defaul
         num_threads: torch intra-op threads for the process (default
             :data:`backends.threads.DEFAULT_TORCH_THREADS`, as every backend and the CLI; the
             profile's CPU-time clock sums all threads); ``None`` leaves torch's setting alone.
+        quantization: ``nf4``, ``fp4``, ``int8`` (bitsandbytes, target and draft alike) or null.
         Other arguments: see :class:`HFDecodingBackend` and :class:`backends.loading.ModelSpec`.
     """
     if num_threads is not None:
@@ -378,18 +382,22 @@ def load_decoding_backend(target: str | None = None, draft: str | None = "defaul
     options = dict(target=target, draft=draft, revision=revision, draft_revision=draft_revision, precision=precision,
                    device=device, attn_implementation=attn_implementation, dataset=dataset,
                    max_new_tokens=max_new_tokens, beams=list(beams), temperatures=list(temperatures),
-                   lookaheads=list(lookaheads), max_beams=max_beams, instruction=instruction)
+                   lookaheads=list(lookaheads), max_beams=max_beams, instruction=instruction,
+                   quantization=quantization)
+    from backends.loading import quantization_options
+
+    quant = quantization_options(quantization)
     tiny = target is None
     target_path = str(TINY_DIR / "target") if tiny else str(target)
     if draft == "default":
         draft = str(TINY_DIR / "draft") if tiny else None
-    model, tokenizer, target_rev = _load(target_path, revision, precision, device, attn_implementation)
+    model, tokenizer, target_rev = _load(target_path, revision, precision, device, attn_implementation, quant)
     pair = None
     identity = {"name": "tiny-decoding" if tiny else "decoding", "target": target_path if not tiny else "tiny_lm/target",
                 "target_revision": target_rev, "precision": precision, "device": device,
-                "max_new_tokens": int(max_new_tokens)}
+                "max_new_tokens": int(max_new_tokens), "quantization": quant or None}
     if draft is not None:
-        d_model, d_tokenizer, draft_rev = _load(str(draft), draft_revision, precision, device, attn_implementation)
+        d_model, d_tokenizer, draft_rev = _load(str(draft), draft_revision, precision, device, attn_implementation, quant)
         pair = (d_model, d_tokenizer)
         identity.update(draft=str(draft) if not tiny else "tiny_lm/draft", draft_revision=draft_rev)
     data = QAData.procedural() if dataset is None else QAData.from_json_lines(dataset)
