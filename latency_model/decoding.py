@@ -29,6 +29,7 @@ bit-identical predictions, and nothing is unpickled.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,6 +39,7 @@ import numpy as np
 from backends.checks import check_int
 from backends.io import read_checksummed_json, write_checksummed_json
 from latency_model.cache import cache_key, default_cache_dir
+from latency_model import speed
 from latency_model.estimator import AnalyticModel, AnalyticTreeModel
 from latency_model.profile import FINGERPRINT_KEYS_THAT_MATTER, RunTimer, device_fingerprint
 from latency_model.report import Accuracy, accuracy
@@ -322,10 +324,18 @@ def get_decoding_estimator(backend, cache_dir: str | Path | None = None, *, prof
         fingerprint = device_fingerprint(backend.device)
         if any(profile["device"].get(k) != fingerprint.get(k) for k in FINGERPRINT_KEYS_THAT_MATTER):
             raise ValueError(f"decoding profile {str(path)!r} was measured on another device; delete it to re-profile")
+        speed.warn_if_shifted(profile["device"].get("speed_probe"), f"decoding of {backend.identity().get('name')}",
+                              f"rm {path} and rerun", UserWarning)
         return DecodingLatencyEstimator(profile)
     if not profile_if_missing:
         raise FileNotFoundError(f"no decoding latency profile cached for {backend.identity().get('name')!r} on this "
                                 f"device at {str(path)!r}; run `python bench/decoding.py` or pass profile_if_missing=True")
-    profile = profile_decoding(backend, settings, progress=progress)
+    profile, probe = speed.probed(lambda: profile_decoding(backend, settings, progress=progress))
+    profile["device"] = {**profile["device"], "speed_probe": probe}  # how fast the machine was
+    if speed.moved_during(probe):
+        warnings.warn(f"decoding latency profile not cached: the machine's speed moved while it was measured "
+                      f"({speed.describe(probe)}; other jobs started or stopped?); using it in this process only",
+                      UserWarning, stacklevel=2)
+        return DecodingLatencyEstimator(profile)
     write_checksummed_json(path, profile)
     return DecodingLatencyEstimator(read_checksummed_json(path))

@@ -82,16 +82,35 @@ def describe(probe: dict | None, now_ms: float | None = None) -> str:
     return text + f"; bound {shift_bound():g}x"
 
 
-def shift_warning(probe: dict | None, now_ms: float, backend_name: str) -> str | None:
+def shift_warning(probe: dict | None, now_ms: float, backend_name: str, rerun: str | None = None) -> str | None:
     """The warning when this machine now runs the probe beyond the bound from the profile's
-    recorded speed (``None`` when within it, or when the profile recorded no probe)."""
+    recorded speed (``None`` when within it, or when the profile recorded no probe). ``rerun``: the
+    command that re-profiles (default: the knob envs' ``python -m latency_model profile``)."""
     if not probe:
         return None
     then = reference_ms(probe)
     if ratio(then, now_ms) <= shift_bound():
         return None
     slower = "slower" if now_ms > then else "faster"
+    rerun = rerun or f"python -m latency_model profile backend={backend_name} force=true"
     return (f"this machine runs the speed probe in {now_ms:.2f} ms, {ratio(then, now_ms):.2f}x {slower} than when the "
-            f"latency profile of backend {backend_name!r} was taken ({then:.2f} ms; bound {shift_bound():g}x): its "
-            f"estimated latencies may not hold here; re-profile with `python -m latency_model profile "
-            f"backend={backend_name} force=true` (on a quiet machine)")
+            f"latency profile of {backend_name!r} was taken ({then:.2f} ms; bound {shift_bound():g}x): its "
+            f"estimated latencies may not hold here; re-profile with `{rerun}` (on a quiet machine)")
+
+
+def probed(measure):
+    """``(measure(), probe record)``: the speed probe run before and after ``measure`` (a profiling
+    function), for profiles other than the knob envs' (TPOT, decoding)."""
+    before = speed_probe_ms()
+    result = measure()
+    return result, record(before, speed_probe_ms())
+
+
+def warn_if_shifted(probe: dict | None, name: str, rerun: str, category: type[Warning], stacklevel: int = 3) -> None:
+    """Run the probe now and warn (``category``) when it moved beyond the bound since ``probe``."""
+    if probe:
+        message = shift_warning(probe, speed_probe_ms(), name, rerun)
+        if message:
+            import warnings
+
+            warnings.warn(message, category, stacklevel=stacklevel)

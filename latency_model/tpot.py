@@ -51,6 +51,7 @@ from backends.kv.cache import DEFAULT_STORAGE, KVPolicyCache, num_decoder_layers
 from backends.kv.policies import FullCache, SinkWindow
 from backends.kv.stream import check_threads, intra_op_threads
 from latency_model.cache import cache_key, default_cache_dir
+from latency_model import speed
 from latency_model.profile import device_fingerprint
 
 TPOT_FORMAT = "knobgym-tpot-estimator/1"
@@ -289,14 +290,24 @@ def get_tpot_estimator(model, cache_dir: str | os.PathLike | None = None, *,
     estimator_path, profile_path = tpot_cache_paths(model, cache_dir, settings.threads)
     if estimator_path.exists() and not force:
         try:
-            return TpotEstimator.load(estimator_path)
+            estimator = TpotEstimator.load(estimator_path)
         except CorruptFileError as error:
             warnings.warn(f"{error}; re-profiling TPOT", TpotNoiseWarning, stacklevel=2)
+        else:
+            speed.warn_if_shifted(estimator.fingerprint.get("speed_probe"), f"TPOT of {estimator_path.name}",
+                                  f"rm {estimator_path} and rerun", TpotNoiseWarning)
+            return estimator
     if not profile_if_missing:
         raise FileNotFoundError(f"no TPOT estimator cached for {model_identity(model)['model']} on this device at "
                                 f"{str(estimator_path)!r}; accepted: profile_if_missing=True")
-    profile = profile_tpot(model, settings)
+    profile, probe = speed.probed(lambda: profile_tpot(model, settings))
+    profile["fingerprint"] = {**profile["fingerprint"], "speed_probe": probe}  # how fast the machine was
     estimator = fit_tpot(profile)
+    if speed.moved_during(probe):
+        warnings.warn(f"TPOT profile not cached: the machine's speed moved while it was measured "
+                      f"({speed.describe(probe)}; other jobs started or stopped?); using it in this process only",
+                      TpotNoiseWarning, stacklevel=2)
+        return estimator
     if profile["noise_pct"] > settings.max_noise_pct:
         warnings.warn(f"TPOT profile noise {profile['noise_pct']:.1f}% exceeds the bound "
                       f"{settings.max_noise_pct:g}% after re-measuring {profile['remeasured_points']} noisy "

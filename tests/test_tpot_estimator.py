@@ -129,3 +129,22 @@ def test_an_estimated_episode_gives_identical_rewards_in_two_processes(model, tm
         outputs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     assert outputs[0] == outputs[1]
     assert outputs[0]["coefficients"] == cached.coefficients and all(np.isfinite(outputs[0]["rewards"]))
+
+
+def test_the_tpot_profile_records_the_speed_probe_and_is_compared_when_used(model, tmp_path, monkeypatch):
+    """A TPOT profile carries the machine-speed probe as the knob envs' does (issue #29): not cached
+    when the probe moved while profiling, a warning naming the cache file when it moved since."""
+    from latency_model import speed
+
+    readings = [10.0, 24.0, 10.0, 11.0, 10.5, 30.0]  # moved during; then cached; then two uses
+    monkeypatch.setattr(speed, "speed_probe_ms", lambda repeats=speed.REPEATS: readings.pop(0))
+    monkeypatch.setenv(speed.BOUND_ENV_VAR, "1.5")
+    with pytest.warns(TpotNoiseWarning, match="speed moved while it was measured"):
+        get_tpot_estimator(model, tmp_path, settings=QUICK)
+    assert not any(p.exists() for p in tpot_cache_paths(model, tmp_path, QUICK.threads))
+    fitted = get_tpot_estimator(model, tmp_path, settings=QUICK)
+    assert fitted.fingerprint["speed_probe"] == {"before_ms": 10.0, "after_ms": 11.0, "bound": 1.5}
+    get_tpot_estimator(model, tmp_path, settings=QUICK)  # 10.5 ms: within the bound, no warning
+    with pytest.warns(TpotNoiseWarning, match=r"runs the speed probe in 30.00 ms.*rm .* and rerun"):
+        get_tpot_estimator(model, tmp_path, settings=QUICK)
+    assert not readings
