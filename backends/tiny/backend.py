@@ -16,7 +16,7 @@ from backends.hf import HFBackend
 from backends.loading import GenerationSettings, ModelSpec, generation_settings_from_dict, load_model
 from backends.threads import DEFAULT_TORCH_THREADS, set_torch_threads
 from backends.tiny import data
-from backends.tiny.tasks import checkpoint_task
+from backends.tiny.tasks import checkpoint_task, task_module, task_name
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
 
@@ -36,6 +36,13 @@ class LazySplit(Sequence):
 
     def _make(self, index: int) -> Sample:
         return self.task.make_sample(self.split, index, self.seed)
+
+    # A split is data: pickled and copied (gym's spec, vector envs) by its task's name, not its module.
+    def __getstate__(self) -> dict:
+        return {"split": self.split, "seed": self.seed, "size": self.size, "task": task_name(self.task)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["split"], state["seed"], state["size"], task_module(state["task"]))
 
     def __len__(self) -> int:
         return self.size

@@ -19,6 +19,11 @@ def task_module(name: str) -> ModuleType:
     return TASKS[name]
 
 
+def task_name(module: ModuleType) -> str:
+    """The name :data:`TASKS` gives ``module`` (what a pickled or copied split records)."""
+    return next(name for name, task in TASKS.items() if task is module)
+
+
 def checkpoint_task(path: str | Path) -> ModuleType:
     """The data module of the task the checkpoint at ``path`` was trained on (read from its
     config.json; v1 when there is none, so the model loader reports the missing checkpoint)."""
