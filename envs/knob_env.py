@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import gymnasium as gym
 import numpy as np
 
+from backends.checks import is_int
 from backends.base import Backend, Sample, check_split
 from backends.knobs import KnobConfig
 from backends.outcome import Outcome, Stage1State
@@ -173,6 +174,20 @@ class KnobEnv(KnobgymEnv):
     def num_samples(self, split: str) -> int:
         """Samples in ``split`` (ids ``0 .. n-1``)."""
         return len(self.backend.samples(check_split(split)))
+
+    def check_sample_id(self, sample_id: Any, split: str) -> int:
+        """:meth:`envs.base.KnobgymEnv.check_sample_id`, also accepting an id the backend holds outside
+        ``0 .. n-1`` (a trace's recorded ids are the original split's)."""
+        try:
+            return super().check_sample_id(sample_id, split)
+        except ValueError as error:
+            if not is_int(sample_id):
+                raise
+            try:
+                self.backend.sample(check_split(split), int(sample_id))
+            except (ValueError, KeyError):
+                raise error from None
+            return int(sample_id)
 
     def to_env_action(self, trajectory: Sequence[int], stage: int = 0):
         """The Gymnasium action of ``trajectory`` (the same at every stage; a stage reads its elements)."""

@@ -133,6 +133,14 @@ class _RequestView(gym.Env):
     def provenance(self) -> dict:
         return self.env.provenance()
 
+    @property
+    def achievable_range_ms(self) -> tuple[float, float]:
+        return self.env.achievable_range_ms
+
+    @property
+    def suggested_budget_ms(self) -> float:
+        return self.env.suggested_budget_ms
+
 
 class Controller:
     """A frozen policy and the backend it configures, answering requests under latency budgets.

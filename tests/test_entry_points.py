@@ -20,6 +20,7 @@ profile's minutes.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -99,10 +100,19 @@ def test_gym_make_and_train_py_read_one_latency_cache_and_pipe_clean_output(tmp_
 # ------------------------------------------------------------------------------------------------
 # async vector envs: fork and spawn, after the parent ran the env with two torch threads
 # ------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def shipped_ids() -> tuple[str, ...]:
+    """The ids ``import envs`` registers in a fresh process (test modules register more, e.g. a KV
+    policy defined in a test file, which the probe's own process does not import)."""
+    out = subprocess.run([sys.executable, "-c", "import envs; print(' '.join(envs.list_envs()))"], cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    return tuple(out.stdout.split())
+
+
 def families() -> dict[str, list[str]]:
-    """Registered ids grouped by entry point (MultiKnobEnv, TokenBudgetEnv, DecodingEnv, StreamingKVEnv)."""
+    """Shipped ids grouped by entry point (MultiKnobEnv, TokenBudgetEnv, DecodingEnv, StreamingKVEnv)."""
     grouped: dict[str, list[str]] = {}
-    for env_id in envs.list_envs():
+    for env_id in shipped_ids():
         entry = gym.spec(env_id).entry_point
         grouped.setdefault(getattr(entry, "__name__", str(entry)), []).append(env_id)
     return grouped

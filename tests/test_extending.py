@@ -142,7 +142,7 @@ def test_new_env_and_agent_through_train_and_evaluate(tmp_path, random_tiny_chec
     assert (run / "checkpoints" / "best.safetensors").is_file()
     out = tmp_path / "eval"
     monkeypatch.setattr(sys, "argv", ["evaluate.py", f"run={run}", "env_id=test_extending:DepthOnly-v0",
-                                      "budgets=[80ms]", "baselines=[greedy]", f"out={out}"])
+                                      "budgets=[80ms]", "baselines=[greedy]", f"out={out}", "estimator=fake_latency:make"])
     evaluate.cli()
     rows = json.loads((out / "report.json").read_text())["rows"]
     assert {r["agent"] for r in rows} == {"cheapest", "greedy"}

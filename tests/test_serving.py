@@ -144,8 +144,13 @@ def test_a_run_folder_is_data(runs, tmp_path, env, run_config):
     assert "serving_must_not_import_this" not in sys.modules
     with torch.no_grad():
         next(agent.policy.parameters()).fill_(float("nan"))
-    save_run_checkpoint(run / "checkpoints" / "best.safetensors", agent, env, config, step=2)
-    with pytest.raises(ControllerError, match="non-finite"):
+    import agents.checkpoint
+
+    # a diverged checkpoint written by something else (knobgym itself refuses to save one)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(agents.checkpoint, "check_finite", lambda state, what: None)
+        save_run_checkpoint(run / "checkpoints" / "best.safetensors", agent, env, config, step=2)
+    with pytest.raises(ValueError, match="non-finite|NaN or inf"):  # ControllerError or the loader's CorruptFileError
         Controller.from_run(run, estimator=AnalyticEstimator())
 
 

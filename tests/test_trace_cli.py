@@ -24,14 +24,14 @@ def run_module(args: list[str], cwd: Path, module: str | None = "backends.trace"
 
 
 def test_bad_record_options_are_one_line(tmp_path):
-    for args, words in ((["split=dev"], "unknown split 'dev'"), (["samples=0"], "samples=0 is invalid"),
+    for args, words in ((["split=dev"], "split='dev' is unknown"), (["samples=0"], "samples=0 is invalid"),
                         (["colour=red"], "unknown override 'colour'"), (["rollout=k8s"], "rollout='k8s' is invalid"),
                         ([f"estimator={tmp_path / 'none.json'}"], "latency estimator")):
         with pytest.raises(ValueError, match=words):
             parse_args(args)
     result = run_module(["record", "split=dev"], tmp_path)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        "error: unknown split 'dev'; accepted: train, validation, test"]
+        "error: split='dev' is unknown; accepted: train, validation, test"]
     assert run_module(["replay"], tmp_path).returncode == 2
 
 
