@@ -333,21 +333,14 @@ def build_env(config: dict, *, backend: Any = None, estimator: Any = None) -> gy
 
 
 def _check_finite(state: Any, path: Path) -> None:
-    """Refuse a checkpoint whose weights hold a NaN or an infinity (a policy that cannot act sensibly)."""
-    import torch
+    """Refuse a checkpoint whose weights hold a NaN or an infinity (a policy that cannot act sensibly):
+    the checkpoint format's own check (:func:`agents.checkpoint.check_finite`), as a ControllerError."""
+    from agents.checkpoint import NonFiniteError, check_finite
 
-    stack = [state]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            stack.extend(item)
-        elif isinstance(item, torch.Tensor) and item.is_floating_point() and not bool(torch.isfinite(item).all()):
-            raise ControllerError(f"checkpoint {str(path)!r} holds non-finite weights; accepted: a checkpoint "
-                                  f"of finite weights (use checkpoint=latest or retrain)")
-        elif isinstance(item, np.ndarray) and item.dtype.kind == "f" and not np.isfinite(item).all():
-            raise ControllerError(f"checkpoint {str(path)!r} holds non-finite values; accepted: finite ones")
+    try:
+        check_finite(state, f"checkpoint {str(path)!r} holds non-finite weights")
+    except NonFiniteError as error:
+        raise ControllerError(str(error)) from None
 
 
 def calibrated_static(controller: Controller, run: str | Path, budgets_ms: Iterable[float]) -> tuple[Controller, list[str]]:
