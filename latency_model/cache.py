@@ -97,7 +97,9 @@ def get_estimator(backend, cache_dir: str | os.PathLike | None = None, *, profil
     A noisy profile (repeat noise above ``settings.max_noise_pct`` after re-measuring its noisy
     points) is **not cached**: the estimator fitted on it is returned for this process only, with
     ``estimator.noise.exceeds`` true, and a :class:`NoisyProfileWarning` says how to re-profile.
-    The next process profiles again, so a quiet machine replaces it.
+    Later calls in the same process with the same settings reuse it without measuring again (one
+    profile per command, however many envs it builds); the next process profiles again, so a
+    quiet machine replaces it.
 
     Args:
         backend: any :class:`~backends.base.Backend`.
@@ -110,6 +112,13 @@ def get_estimator(backend, cache_dir: str | os.PathLike | None = None, *, profil
     """
     return cache_entry(backend, cache_dir, profile_if_missing=profile_if_missing, settings=settings, method=method,
                        progress=progress, force=force)[0]
+
+
+#: (estimator path, settings, method) -> (estimator, profile) of profiles not cached on disk (noisy, or
+#: the machine's speed moved): used for the rest of the process, so a command that builds several envs
+#: of one backend (train.py: the budget=auto probe, the training env, the evaluation envs) profiles
+#: once, not once per env. A later process finds nothing on disk and profiles again.
+_PROCESS_ONLY: dict[tuple, tuple[LatencyEstimator, ProfileData]] = {}
 
 
 def cache_entry(backend, cache_dir: str | os.PathLike | None = None, *, profile_if_missing: bool = True,
@@ -136,17 +145,22 @@ def cache_entry(backend, cache_dir: str | os.PathLike | None = None, *, profile_
                 notice(f"cached latency estimator {str(estimator_path)!r} was fitted on another profile than "
                      f"{str(profile_path)!r} (re-profiled since); refitting")
     profile = None if force else _cached_profile(profile_path)
+    settings = settings or ProfileSettings()
+    process_key = (str(estimator_path), settings, method)
+    if profile is None and not force and process_key in _PROCESS_ONLY:
+        return _PROCESS_ONLY[process_key]  # profiled earlier in this process but not cached: not measured again
     if profile is None:
         if not profile_if_missing:
             raise FileNotFoundError(f"no valid latency estimator cached for backend "
                                     f"{backend.identity().get('backend')!r} on this device at "
                                     f"{str(estimator_path)!r}; run `python -m latency_model profile backend=...` "
                                     f"or pass profile_if_missing=True")
-        profile = profile_backend(backend, settings or ProfileSettings(), progress=progress)
+        profile = profile_backend(backend, settings, progress=progress)
         why_not = _why_not_cached(profile, str(backend.identity().get("backend")))
         if why_not is not None:
             warnings.warn(*why_not, stacklevel=2)
-            return fit_estimator(profile, method, source=None), profile
+            _PROCESS_ONLY[process_key] = fit_estimator(profile, method, source=None), profile
+            return _PROCESS_ONLY[process_key]
         write_profile(profile, profile_path)
     estimator = fit_estimator(profile, method, source=str(profile_path))
     estimator.save(estimator_path)

@@ -526,6 +526,10 @@ def test_noisy_profile_is_not_cached(tmp_path):
     assert estimator.noise.exceeds and estimator.noise.spread_pct > settings.max_noise_pct
     assert estimator.noise.rounds == 1  # re-measured a bounded number of times
     assert not any(p.exists() for p in cache_paths(backend, tmp_path))
+    # The rest of the process reuses it (a command building several envs profiles once), uncached still.
+    runs = backend.runs
+    assert get_estimator(backend, tmp_path, settings=settings, progress=False) is estimator
+    assert backend.runs == runs and not any(p.exists() for p in cache_paths(backend, tmp_path))
     # Accepting more noise explicitly caches it.
     relaxed = ProfileSettings(**{**settings.__dict__, "max_noise_pct": 10_000.0})
     assert not get_estimator(backend, tmp_path, settings=relaxed, progress=False).noise.exceeds
