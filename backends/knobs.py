@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backends import qwen_vl
-
 TIER_NAMES = ("low", "medium", "high")
 TIER_MODES = ("resize", "pool")
 
@@ -365,11 +363,13 @@ _TEXT_DECODER_PATHS = [
     "model",  # OLMoE, Qwen2-MoE, Mixtral, Llama causal LMs
 ]
 _LM_HEAD_NAMES = ["lm_head", "embed_out"]
-_VISION_ENCODER_NAMES = ["vision_tower", "vision_model", "visual"]  # LLaVA, IDEFICS2, Qwen-VL
+_VISION_ENCODER_NAMES = ["vision_tower", "vision_model"]  # LLaVA, IDEFICS2
 _FINAL_NORM_NAMES = ["norm", "final_layer_norm"]
+# Families whose parts sit where these lists look; a family in a file of its own (backends/qwen_vl.py,
+# a user's module) adds itself through register_model_family.
 SUPPORTED_FAMILIES = ["LlavaForConditionalGeneration", "Idefics2ForConditionalGeneration",
                       "OlmoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM",
-                      "GPTNeoXForCausalLM", "LlamaForCausalLM", *qwen_vl.FAMILY_CLASSES]
+                      "GPTNeoXForCausalLM", "LlamaForCausalLM"]
 
 
 def register_model_family(class_name: str, *, decoder: str | None = None, lm_head: str | None = None,
@@ -842,3 +842,8 @@ def _tier_inputs(parts: ModelParts, space: KnobSpace, tier: str | None, args: tu
     if parts.encoder_interpolates:
         kwargs["interpolate_pos_encoding"] = True
     return (resized, *args[1:]), kwargs
+
+
+# The shipped families kept in files of their own register themselves here (register_model_family),
+# as a user's family does; imported last because that file uses this module's definitions.
+from backends import qwen_vl  # noqa: E402

@@ -124,3 +124,15 @@ def add_deepstack(hidden: torch.Tensor, image_mask: torch.Tensor, features: torc
     hidden = hidden.clone()
     hidden[:, image_mask] = hidden[:, image_mask] + features.to(hidden.dtype).unsqueeze(0)
     return hidden
+
+
+def _register() -> None:
+    """Where the Qwen-VL models keep their parts, through the same call a user's family makes:
+    the text decoder at ``model.language_model`` (as LLaVA), the vision tower at ``model.visual``."""
+    from backends.knobs import register_model_family
+
+    for class_name in FAMILY_CLASSES:
+        register_model_family(class_name, decoder="model.language_model", vision_encoder="visual")
+
+
+_register()

@@ -99,6 +99,22 @@ def test_qwen3_vl_moe_in_nf4_runs_the_envs_and_reports_unquantized_experts(qwen_
     assert report.quantized["attention"] > 0
 
 
+def test_the_family_is_registered_from_its_own_file_like_a_users():
+    """Qwen-VL is not in knobs.py's shipped lists: backends/qwen_vl.py registers it through
+    register_model_family, and model_parts then finds its decoder and its tower (``model.visual``)."""
+    import inspect
+
+    from backends import knobs
+
+    shipped = inspect.getsource(knobs).split("def register_model_family")[0]
+    assert not any(name in shipped for name in qwen_vl.FAMILY_CLASSES) and '"visual"' not in shipped
+    assert set(qwen_vl.FAMILY_CLASSES) <= set(knobs.SUPPORTED_FAMILIES)
+    for name in FAMILIES:
+        model = make(name)
+        parts = knobs.model_parts(model)
+        assert parts.vision_encoder is model.model.visual and parts.layers is model.model.language_model.layers
+
+
 def test_qwen_tiers_are_checked_against_the_token_grid():
     model = make("qwen3_vl")
     space = knob_space_from_model(model, tier_sizes={"small": 64, "big": 160})
