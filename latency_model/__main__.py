@@ -158,6 +158,11 @@ def _profile(options: dict, backend_options: dict) -> int:
         print(f"profile NOT cached: its noise exceeds the bound; the cache keeps its previous entry, if any. "
               f"Re-profile on a quiet machine, or raise max_noise_pct=", file=sys.stderr)
         return 1
+    if profile.sha256 is None:  # never written: the speed moved while profiling (warned above)
+        print(f"profile NOT cached: the machine's speed moved while it was measured; the cache keeps its previous "
+              f"entry, if any. Re-profile on a quiet machine, or raise {speed.BOUND_ENV_VAR}= (now "
+              f"{speed.shift_bound():g})", file=sys.stderr)
+        return 1
     print(f"wrote {len(profile)} measurements ({int(profile.holdout.sum())} held out) to {profile_path}")
     print(f"refitted the estimator ({estimator.method}) on it: {estimator_path}")
     return 0
