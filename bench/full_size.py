@@ -249,6 +249,14 @@ def _init_kinds(model: nn.Module) -> dict[str, str]:
     return kinds
 
 
+def tied_aliases(model: nn.Module) -> set[str]:
+    """Names of parameters that are another parameter under a second name (an LM head tied to the
+    input embeddings, ``tie_word_embeddings``): a checkpoint stores the tensor once, as
+    ``save_pretrained`` does, and loading ties them again."""
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return every - {name for name, _ in model.named_parameters()}
+
+
 def quantized_weight_names(model: nn.Module) -> set[str]:
     """The ``nn.Linear`` weights transformers' bitsandbytes loading quantizes in ``model`` (every
     linear layer except the output embeddings, tied and last modules: ``get_keys_to_not_convert``)."""
@@ -324,7 +332,8 @@ def write_random_weights(model: nn.Module, out_dir: Path, seed: int = 0, shard_b
 
     state = model.state_dict()
     kinds = _init_kinds(model)
-    names = list(state)
+    tied = tied_aliases(model)
+    names = [name for name in state if name not in tied]
     quantized = quantized_weight_names(model) if quantization else set()
     shards: list[list[str]] = [[]]
     size = 0
@@ -490,7 +499,9 @@ def check_loaded_weights(model: nn.Module, checkpoint_dir: Path) -> None:
     from safetensors import safe_open
 
     index = json.loads((checkpoint_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    state = model.state_dict()
+    tied = tied_aliases(model)
+    expect(all(name not in index for name in tied), f"tied parameters {sorted(tied)} were not tied on loading")
+    state = {name: value for name, value in model.state_dict().items() if name not in tied}
     expect(set(state) == set(index), f"loaded model and checkpoint differ in tensor names: only loaded "
                                      f"{sorted(set(state) - set(index))[:3]}, only saved {sorted(set(index) - set(state))[:3]}")
     for shard in sorted(set(index.values())):
