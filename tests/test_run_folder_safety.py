@@ -427,6 +427,19 @@ def test_the_speed_probe_is_recorded_compared_and_shown(tmp_path, monkeypatch):
     assert describe(estimator)["speed_probe"]["before_ms"] == 10.0  # what versions.json shows
 
 
+def test_the_profile_command_does_not_say_it_cached_what_the_speed_shift_refused(tmp_path, monkeypatch, capsys):
+    from latency_model import SpeedShiftWarning
+    from latency_model.__main__ import main
+
+    scripted_probe(monkeypatch, [10.0, 24.0, 24.0, 24.0])
+    with pytest.warns(SpeedShiftWarning, match="is not cached"):
+        rc = main(["profile", "backend=tiny", f"cache_dir={tmp_path}", "points=6", "repeats=2", "warmup=0",
+                   "samples=3", "remeasure_rounds=0", "max_noise_pct=100000"])
+    out = capsys.readouterr()
+    assert rc == 1 and "profile NOT cached: the machine's speed moved" in out.err and "wrote" not in out.out
+    assert not list(tmp_path.iterdir())
+
+
 def test_a_profile_whose_speed_moved_while_it_was_taken_is_not_cached(tmp_path, monkeypatch):
     from test_latency_model import FAST, FakeBackend
 
