@@ -335,6 +335,8 @@ def test_serve_bad_inputs_are_one_line_before_loading(runs, requests_file, tmp_p
              ([f"run={run}", f"requests={tmp_path / 'none.jsonl'}"], "does not exist"),
              ([f"run={run}", f"requests={bad_line}"], "line 2: image 'images/nope.png' cannot be read"),
              ([f"run={run}", "http.port=99999"], "http.port=99999 is invalid"),
+             ([f"run={run}", f"requests={requests_file}", "guard=strict"],
+              "guard='strict' is invalid; accepted: expected, every, off"),
              ([f"run={run}", f"requests={requests_file}", f"latency.profile={bad_line}"], "latency estimator")]
     for args, words in cases:
         with pytest.raises(ValueError) as caught:
@@ -362,4 +364,6 @@ def test_serve_answers_a_requests_file_with_an_slo_report(runs, requests_file, t
     assert len(rows) == 2 and all(r["requests"] == 6 and 0 <= r["within_budget"] <= 1 for r in rows)
     assert all(r["mean_score"] is not None and r["latency_p95_ms"] >= r["latency_p50_ms"] for r in rows)
     assert "| static (calibrated by the run) | 6 |" in (out / "report.md").read_text()
+    guard = report["rows"][next(iter(report["rows"]))]["guard"]  # the controller's row: guarded by default
+    assert sum(guard.values()) == 6 and all(a["guard"] in ("kept", "replaced", "fallback") for a in answers)
     assert "static calibrated here at 80ms" in (out / "report.md").read_text()  # the in-process run has none
