@@ -25,6 +25,7 @@ from agents.checkpoint import env_id_of, read_checkpoint, write_checkpoint
 from backends.base import check_split
 from envs.budget import check_budget_ms
 from envs.protocols import GroupEnv, group_env
+from backends.checks import check_int
 
 
 @dataclass(frozen=True)
@@ -211,9 +212,8 @@ def eval_sample_ids(env: gym.Env, split: str, num_samples: int | None) -> list[i
     """The first ``num_samples`` sample ids of ``split`` (all when ``None``): a fixed evaluation set."""
     check_split(split)
     total = group_env(env).num_samples(split)
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer))
-                                    or num_samples < 1):
-        raise ValueError(f"num_samples={num_samples!r} is invalid; accepted: a positive integer or None (all)")
+    if num_samples is not None:
+        check_int("num_samples", num_samples, 1, where="or None: all")
     return list(range(total if num_samples is None else min(int(num_samples), total)))
 
 

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backends.checks import is_int
 from agents.base import Agent, EnvLayout, EpisodeContext, FitContext
 from agents.checkpoint import check_finite
 from agents.config_checks import (check_budget_jitter, check_epsilon_high, check_flags, check_integers,
@@ -130,7 +131,7 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         widths = list(self.hidden_sizes) if isinstance(self.hidden_sizes, Sequence) and not isinstance(
             self.hidden_sizes, str) else [self.hidden_sizes]
-        if not widths or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in widths):
+        if not widths or any(not is_int(h) or h < 1 for h in widths):
             raise ValueError(f"hidden_sizes={list(widths)!r} is invalid; accepted: a list of whole positive layer "
                              f"widths such as [64, 64] (a fractional width is not truncated)")
         self.hidden_sizes = tuple(widths)
