@@ -39,7 +39,6 @@ import copy
 import functools
 import itertools
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
@@ -51,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backends.checks import is_int
-from agents.base import Agent, EnvLayout, EpisodeContext, FitContext
+from agents.base import TrajectoryPolicyAgent, EnvLayout, EpisodeContext, FitContext
 from agents.checkpoint import check_finite
 from agents.config_checks import (check_budget_jitter, check_epsilon_high, check_flags, check_integers,
                                   check_numbers, config_from_dict, normalize_scale_rewards)
@@ -267,7 +266,7 @@ class Rollout:
 
 
 @register_agent
-class GRPOAgent(Agent):
+class GRPOAgent(TrajectoryPolicyAgent):
     """The GRPO controller: sampling groups, the clipped update, acting greedily at evaluation.
 
     Acting reads the env's latency predictions for each option (``needs_context``): run it through
@@ -276,15 +275,10 @@ class GRPOAgent(Agent):
 
     name = "grpo"
     config_class = GRPOConfig
-    seeded = True
-    resumable = True
-    needs_context = True
 
     def __init__(self, obs_dim: int, nvec: Sequence[int], stage_heads: Sequence[Sequence[int]],
                  config: GRPOConfig | None = None):
-        self.config = config or GRPOConfig()
-        self.obs_dim, self.nvec = int(obs_dim), [int(n) for n in nvec]
-        self.stage_heads = [list(h) for h in stage_heads]
+        self._set_shapes(obs_dim, nvec, stage_heads, config)
         # stage -> its joint options, rows of head values in the order of ``stage_heads[stage]``
         self.stage_options = [np.array(list(itertools.product(*[range(self.nvec[h]) for h in heads])),
                                        dtype=np.int64).reshape(-1, len(heads)) for heads in self.stage_heads]
@@ -296,15 +290,6 @@ class GRPOAgent(Agent):
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.config.learning_rate)
         self.rng = np.random.default_rng(self.config.seed)
         self.step = 0
-
-    @classmethod
-    def from_env(cls, env: gym.Env, config: GRPOConfig | dict | None = None, **options: Any) -> "GRPOAgent":
-        if isinstance(config, dict):
-            config = GRPOConfig.from_dict(config)
-        elif config is None:
-            config = GRPOConfig.from_dict(options)
-        layout = EnvLayout(env)
-        return cls(layout.obs_dim, layout.nvec, layout.stage_heads, config)
 
     # ------------------------------------------------------------------------------- options
     def option_index(self, stage: int, trajectories: np.ndarray) -> np.ndarray:
@@ -533,39 +518,13 @@ class GRPOAgent(Agent):
         return self
 
     def state_dict(self) -> dict:
-        return {
-            "config": self.config.as_dict(), "obs_dim": self.obs_dim, "nvec": self.nvec,
-            "stage_heads": self.stage_heads, "step": self.step,
-            "policy": self.policy.state_dict(), "ref_policy": self.ref_policy.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": {"numpy": self.rng.bit_generator.state, "torch_global": torch.get_rng_state(),
-                    "python": random.getstate()},  # group sampling is seeded per group (agents.rollout.group_seed)
-        }
+        # group sampling is seeded per group (agents.rollout.group_seed); the random states are in common_state
+        return {**self.common_state(), "policy": self.policy.state_dict(), "ref_policy": self.ref_policy.state_dict(),
+                "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["obs_dim"] != self.obs_dim or [int(n) for n in state["nvec"]] != self.nvec:
-            raise ValueError(f"checkpoint policy has observation size {state['obs_dim']} and action heads "
-                             f"{list(state['nvec'])}; this env has {self.obs_dim} and {self.nvec}")
+        self._check_shapes(state, self.obs_dim, self.nvec)
         self.policy.load_state_dict(state["policy"])
         self.ref_policy.load_state_dict(state["ref_policy"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.rng.bit_generator.state = state["rng"]["numpy"]
-        torch.set_rng_state(state["rng"]["torch_global"])
-        random.setstate(state["rng"]["python"])
-
-    @classmethod
-    def from_state(cls, state: dict) -> "GRPOAgent":
-        """Rebuild an agent (config, shapes, weights, optimizer, RNGs) from :meth:`state_dict`."""
-        agent = cls(state["obs_dim"], state["nvec"], state["stage_heads"], GRPOConfig.from_dict(state["config"]))
-        agent.load_state_dict(state)
-        return agent
-
-    @classmethod
-    def restore(cls, env: gym.Env, state: dict) -> "GRPOAgent":
-        layout = EnvLayout(env)
-        if state["obs_dim"] != layout.obs_dim or [int(n) for n in state["nvec"]] != layout.nvec:
-            raise ValueError(f"checkpoint policy has observation size {state['obs_dim']} and action heads "
-                             f"{list(state['nvec'])}; this env has {layout.obs_dim} and {layout.nvec}; accepted: "
-                             f"the env and backend the checkpoint was trained on")
-        return cls.from_state(state)
+        self.load_step_and_rng(state)

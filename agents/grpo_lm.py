@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -67,7 +66,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from agents.base import Agent, EnvLayout, EpisodeContext, FitContext
+from agents.base import TrajectoryPolicyAgent, EnvLayout, EpisodeContext, FitContext
 from agents.checkpoint import check_finite
 from agents.config_checks import (check_budget_jitter, check_epsilon_high, check_flags, check_integers,
                                   check_numbers, config_from_dict, normalize_scale_rewards)
@@ -246,8 +245,43 @@ def build_lm(vocab: ControllerVocab, config: GRPOLMConfig, max_positions: int):
 # ------------------------------------------------------------------------------------------------
 # The agent
 # ------------------------------------------------------------------------------------------------
+def update_callback(agent: "GRPOLMAgent", hooks, infos: list[dict], tally: dict):
+    """The ``TrainerCallback`` reporting each optimizer step to ``hooks`` (the caller's training hooks);
+    ``infos`` / ``tally`` are filled by the reward function as it scores completions."""
+    from transformers import TrainerCallback
+
+    class Hooks(TrainerCallback):
+        """After each optimizer step: the caller's ``on_update`` with the episodes that step trained
+        on (a step reusing a generated batch, ``num_iterations > 1``, reports that batch again) and
+        TRL's logged statistics."""
+
+        pending = False
+        batch: list = []
+        invalid = 0.0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            agent.step += 1
+            check_finite({"model": dict(agent.model.named_parameters())}, f"GRPO-LM update {agent.step} diverged")
+            self.pending = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not self.pending:
+                return
+            self.pending = False
+            stats = {k: float(v) for k, v in (logs or {}).items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            if tally["scored"]:  # this step generated and scored a new batch
+                self.batch, self.invalid = list(infos), 1.0 - len(infos) / tally["scored"]
+                infos.clear()
+                tally["scored"] = 0
+            stats["invalid_fraction"] = self.invalid
+            hooks.on_update(agent, agent.step, self.batch, stats)
+
+    return Hooks()
+
+
 @register_agent
-class GRPOLMAgent(Agent):
+class GRPOLMAgent(TrajectoryPolicyAgent):
     """The LM controller: prompts from the stage-0 observation, completions as knob tokens.
 
     Acting reads the stage-0 observation of the episode at later stages (``needs_context``): run it
@@ -256,15 +290,11 @@ class GRPOLMAgent(Agent):
 
     name = "grpo_lm"
     config_class = GRPOLMConfig
-    seeded = True
-    resumable = True
-    needs_context = True
+    checkpoint_noun = "controller"
 
     def __init__(self, obs_dim: int, nvec: Sequence[int], stage_heads: Sequence[Sequence[int]],
                  config: GRPOLMConfig | None = None):
-        self.config = config or GRPOLMConfig()
-        self.obs_dim, self.nvec = int(obs_dim), [int(n) for n in nvec]
-        self.stage_heads = [list(h) for h in stage_heads]
+        self._set_shapes(obs_dim, nvec, stage_heads, config)
         self.vocab = ControllerVocab(self.obs_dim, max(self.nvec))
         self.tokenizer = self.vocab.tokenizer()
         # budget digits (at most 7: MAX_BUDGET_MS) + words + observation + completion + slack
@@ -274,15 +304,6 @@ class GRPOLMAgent(Agent):
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.learning_rate)
         self.rng = np.random.default_rng(self.config.seed)
         self.step = 0
-
-    @classmethod
-    def from_env(cls, env: gym.Env, config: GRPOLMConfig | dict | None = None, **options: Any) -> "GRPOLMAgent":
-        if isinstance(config, dict):
-            config = GRPOLMConfig.from_dict(config)
-        elif config is None:
-            config = GRPOLMConfig.from_dict(options)
-        layout = EnvLayout(env)
-        return cls(layout.obs_dim, layout.nvec, layout.stage_heads, config)
 
     def configure(self, **options: Any) -> None:
         """New options for a resumed run (e.g. a larger ``total_updates``); the model's size stays the checkpoint's."""
@@ -444,7 +465,6 @@ class GRPOLMAgent(Agent):
     def fit(self, env: gym.Env, context: FitContext | None = None) -> dict:
         """Train until ``config.total_updates`` updates (continuing from ``self.step``) with ``GRPOTrainer``."""
         from datasets import Dataset
-        from transformers import TrainerCallback
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
         from trl import GRPOTrainer
 
@@ -458,35 +478,6 @@ class GRPOLMAgent(Agent):
             rows = self.training_rows(layout, budgets, context.split, context.sample_pool, remaining)
             infos: list[dict] = []
             tally = {"scored": 0}
-            agent, hooks = self, context.hooks
-
-            class Hooks(TrainerCallback):
-                """After each optimizer step: the caller's ``on_update`` with the episodes that step trained
-                on (a step reusing a generated batch, ``num_iterations > 1``, reports that batch again) and
-                TRL's logged statistics."""
-
-                pending = False
-                batch: list = []
-                invalid = 0.0
-
-                def on_step_end(self, args, state, control, **kwargs):
-                    agent.step += 1
-                    check_finite({"model": dict(agent.model.named_parameters())}, f"GRPO-LM update {agent.step} diverged")
-                    self.pending = True
-
-                def on_log(self, args, state, control, logs=None, **kwargs):
-                    if not self.pending:
-                        return
-                    self.pending = False
-                    stats = {k: float(v) for k, v in (logs or {}).items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-                    if tally["scored"]:  # this step generated and scored a new batch
-                        self.batch, self.invalid = list(infos), 1.0 - len(infos) / tally["scored"]
-                        infos.clear()
-                        tally["scored"] = 0
-                    stats["invalid_fraction"] = self.invalid
-                    hooks.on_update(agent, agent.step, self.batch, stats)
-
             with tempfile.TemporaryDirectory(prefix="grpo_lm-") as tmp, warnings.catch_warnings():
                 # TRL 1.16 reads transformers' renamed gradient-checkpointing attributes: the library's
                 # deprecation notice, not the user's to act on (the CLI shows every warning)
@@ -494,7 +485,8 @@ class GRPOLMAgent(Agent):
                 reward = self.reward_function(layout, context.split, infos, tally)
                 trainer = GRPOTrainer(model=self.model, reward_funcs=reward,
                                       args=self.trl_config(tmp, remaining), train_dataset=Dataset.from_dict(rows),
-                                      processing_class=self.tokenizer, callbacks=[Hooks()],
+                                      processing_class=self.tokenizer,
+                                      callbacks=[update_callback(self, context.hooks, infos, tally)],
                                       optimizers=(self.optimizer, None))
                 for cb in (PrinterCallback, ProgressCallback):
                     trainer.remove_callback(cb)
@@ -510,40 +502,19 @@ class GRPOLMAgent(Agent):
         return self
 
     def state_dict(self) -> dict:
-        return {
-            "config": self.config.as_dict(), "obs_dim": self.obs_dim, "nvec": self.nvec,
-            "stage_heads": self.stage_heads, "step": self.step, "vocab": list(self.vocab.tokens),
-            "lm_config": json.loads(self.model.config.to_json_string()),
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "rng": {"numpy": self.rng.bit_generator.state, "torch_global": torch.get_rng_state(),
-                    "python": random.getstate()},
-        }
+        return {**self.common_state(), "vocab": list(self.vocab.tokens),
+                "lm_config": json.loads(self.model.config.to_json_string()),
+                "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["obs_dim"] != self.obs_dim or [int(n) for n in state["nvec"]] != self.nvec:
-            raise ValueError(f"checkpoint controller has observation size {state['obs_dim']} and action heads "
-                             f"{list(state['nvec'])}; this env has {self.obs_dim} and {self.nvec}")
+        self._check_shapes(state, self.obs_dim, self.nvec)
         if list(state["vocab"]) != self.vocab.tokens:
             raise ValueError("checkpoint controller has another vocabulary; accepted: a checkpoint of this "
                              "knobgym version's grpo_lm agent")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.rng.bit_generator.state = state["rng"]["numpy"]
-        torch.set_rng_state(state["rng"]["torch_global"])
-        random.setstate(state["rng"]["python"])
-
-    @classmethod
-    def restore(cls, env: gym.Env, state: dict) -> "GRPOLMAgent":
-        layout = EnvLayout(env)
-        if state["obs_dim"] != layout.obs_dim or [int(n) for n in state["nvec"]] != layout.nvec:
-            raise ValueError(f"checkpoint controller has observation size {state['obs_dim']} and action heads "
-                             f"{list(state['nvec'])}; this env has {layout.obs_dim} and {layout.nvec}; accepted: "
-                             f"the env and backend the checkpoint was trained on")
-        agent = cls(state["obs_dim"], state["nvec"], state["stage_heads"], GRPOLMConfig.from_dict(state["config"]))
-        agent.load_state_dict(state)
-        return agent
+        self.load_step_and_rng(state)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """The controller LM and its tokenizer in the Hugging Face layout (``model.safetensors``,
