@@ -22,7 +22,7 @@ import numpy as np
 
 from backends.base import SPLITS
 from agents.base import Agent, EnvLayout, EpisodeContext, FitContext, eval_sample_ids
-from agents.config_checks import DeclaredOptions, option
+from agents.config_checks import JITTER_BOUNDS, JITTER_HELP, SEED_BOUNDS, SEED_HELP, DeclaredOptions, option
 from agents.registry import register_agent
 from envs.budget import check_budget_ms
 
@@ -53,12 +53,6 @@ def search_space(layout: EnvLayout) -> np.ndarray:
     for heads in layout.stage_heads:
         out[:, heads] = options
     return out
-
-
-SEED_HELP = "random seed"
-SEED_BOUNDS = {"low": 0, "high": 2**32 - 1}  # numpy and torch both accept this range
-JITTER_HELP = "fixed budgets are widened by this fraction on each side while fitting"
-JITTER_BOUNDS = {"low": 0, "high": 1, "high_open": True}  # a budget widened by 100% would reach 0
 
 
 @dataclass

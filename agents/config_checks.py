@@ -2,36 +2,22 @@
 
 A field declared with :func:`option` carries its help and bounds in its metadata (as TRL's config
 dataclasses carry ``metadata={"help": ...}``); :func:`check_options` checks every such field, so
-an agent's options are declared once, on its config, and the CLI reads them from there. Each check raises a ``ValueError`` naming the option, its value and what is accepted (the CLI
-turns it into one line and exit 2). Booleans are not numbers here: ``learning_rate=true`` is an
+an agent's options are declared once, on its config, and the CLI reads them from there. A field
+with a check of its own (:func:`described`) carries its help only. Each check raises a
+``ValueError`` naming the option, its value and what is accepted (the CLI turns it into one line
+and exit 2). Booleans are not numbers here: ``learning_rate=true`` is an
 error, not 1.0.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import field, fields
+from dataclasses import MISSING, field, fields
 from typing import Any, TypeVar
 
-from backends.checks import check_int, is_int
+from backends.checks import is_int
 
 C = TypeVar("C")
-
-
-def check_integers(config: Any, names: tuple[str, ...], low: int = 1) -> None:
-    """Each named field an integer >= ``low``."""
-    for name in names:
-        v = vars(config)[name]
-        check_int(name, v, low)
-
-
-def check_numbers(config: Any, names: tuple[str, ...], *, positive: bool) -> None:
-    """Each named field a finite number, > 0 (``positive``) or >= 0."""
-    for name in names:
-        v = vars(config)[name]
-        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-        if not (ok and (v > 0 if positive else v >= 0)):
-            raise ValueError(f"{name}={v!r} is invalid; accepted: a finite number {'>' if positive else '>='} 0")
 
 
 def check_flags(config: Any, names: tuple[str, ...]) -> None:
@@ -39,12 +25,6 @@ def check_flags(config: Any, names: tuple[str, ...]) -> None:
     for name in names:
         if not isinstance(vars(config)[name], bool):
             raise ValueError(f"{name}={vars(config)[name]!r} is invalid; accepted: true or false")
-
-
-def check_budget_jitter(value: float) -> None:
-    """A relative jitter below 1 (a budget widened by 100% would reach 0); >= 0 via :func:`check_numbers`."""
-    if value >= 1:
-        raise ValueError(f"budget_jitter={value} is invalid; accepted: 0 <= jitter < 1")
 
 
 def check_epsilon_high(value: Any) -> None:
@@ -71,6 +51,17 @@ def config_from_dict(cls: type[C], values: dict, label: str) -> C:
     if unknown:
         raise ValueError(f"unknown {label} option(s) {unknown}; accepted: {', '.join(sorted(names))}")
     return cls(**values)
+
+
+SEED_HELP = "random seed"
+SEED_BOUNDS = {"low": 0, "high": 2**32 - 1}  # numpy and torch both accept this range
+JITTER_HELP = "fixed budgets are widened by this fraction on each side for training"
+JITTER_BOUNDS = {"low": 0, "high": 1, "high_open": True}  # a budget widened by 100% would reach 0
+
+
+def described(help: str, default: Any = MISSING, default_factory: Any = MISSING) -> Any:
+    """A config field with its ``help`` only (its own check is in the config's ``__post_init__``)."""
+    return field(default=default, default_factory=default_factory, metadata={"help": help})
 
 
 def option(default: Any, help: str, *, low: float | None = None, high: float | None = None,

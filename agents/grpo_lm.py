@@ -68,8 +68,8 @@ import torch
 
 from agents.base import TrajectoryPolicyAgent, EnvLayout, EpisodeContext, FitContext
 from agents.checkpoint import check_finite
-from agents.config_checks import (check_budget_jitter, check_epsilon_high, check_flags, check_integers,
-                                  check_numbers, config_from_dict, normalize_scale_rewards)
+from agents.config_checks import (JITTER_BOUNDS, JITTER_HELP, SEED_BOUNDS, SEED_HELP, check_epsilon_high, check_flags,
+                                  check_options, config_from_dict, described, normalize_scale_rewards, option)
 from agents.registry import register_agent
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]")
@@ -103,49 +103,35 @@ class GRPOLMConfig:
     ``seed`` (model initialisation, sample and budget draws, TRL's seed).
     """
 
-    num_generations: int = 8
-    learning_rate: float = 3e-3
-    temperature: float = 1.0
-    beta: float = 0.0
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    num_iterations: int = 1
-    scale_rewards: Any = "group"
-    loss_type: str = "dapo"
-    max_grad_norm: float = 1.0
-    entropy_coef: float = 0.0
-    batch_size: int = 4
-    total_updates: int = 100
-    budget_jitter: float = 0.2
-    invalid_reward: float = -2.0
-    budget_constrained: bool = True
-    hidden_size: int = 64
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    intermediate_size: int = 128
-    seed: int = 0
+    num_generations: int = option(8, "completions sampled per prompt; a group needs two to compare", low=2)
+    learning_rate: float = option(3e-3, "AdamW step size", low=0, low_open=True)
+    temperature: float = option(1.0, "sampling temperature", low=0, low_open=True)
+    beta: float = option(0.0, "weight of the KL term to the reference model", low=0)
+    epsilon: float = option(0.2, "lower clip of the probability ratio", low=0, low_open=True)
+    epsilon_high: float | None = described("upper clip of the ratio; None: epsilon", None)
+    num_iterations: int = option(1, "optimizer steps per generated batch", low=1)
+    scale_rewards: Any = described("advantage scaling: group (or true), batch, none (or false)", "group")
+    loss_type: str = option("dapo", "TRL's loss normalisation", choices=("grpo", "dr_grpo", "dapo", "bnpo"))
+    max_grad_norm: float = option(1.0, "gradient clipping norm", low=0)
+    entropy_coef: float = option(0.0, "entropy bonus", low=0)
+    batch_size: int = option(4, "prompts per update, each with its own group", low=1)
+    total_updates: int = option(100, "updates of the whole run (TRL max_steps)", low=0)
+    budget_jitter: float = option(0.2, JITTER_HELP, **JITTER_BOUNDS)
+    invalid_reward: float = option(-2.0, "reward of an unparsable completion")
+    budget_constrained: bool = described("act only among trajectories predicted to fit the budget", True)
+    hidden_size: int = option(64, "LM width", low=1)
+    num_hidden_layers: int = option(2, "LM blocks", low=1)
+    num_attention_heads: int = option(4, "attention heads; hidden_size is a multiple", low=1)
+    intermediate_size: int = option(128, "LM MLP width", low=1)
+    seed: int = option(0, SEED_HELP, **SEED_BOUNDS)
 
     def __post_init__(self) -> None:
-        check_integers(self, ("num_generations", "num_iterations", "batch_size", "hidden_size", "num_hidden_layers",
-                              "num_attention_heads", "intermediate_size"))
-        if self.num_generations < 2:
-            raise ValueError(f"num_generations={self.num_generations} is invalid; accepted: >= 2 (a group needs two "
-                             f"completions to compare)")
-        check_integers(self, ("total_updates",), low=0)
+        check_options(self)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is invalid with num_attention_heads="
                              f"{self.num_attention_heads}; accepted: a multiple of num_attention_heads")
-        check_numbers(self, ("learning_rate", "temperature", "epsilon"), positive=True)
-        check_numbers(self, ("beta", "max_grad_norm", "entropy_coef", "budget_jitter"), positive=False)
-        check_budget_jitter(self.budget_jitter)
-        if isinstance(self.invalid_reward, bool) or not (isinstance(self.invalid_reward, (int, float))
-                                                         and math.isfinite(self.invalid_reward)):
-            raise ValueError(f"invalid_reward={self.invalid_reward!r} is invalid; accepted: a finite number")
         check_epsilon_high(self.epsilon_high)
         self.scale_rewards = normalize_scale_rewards(self.scale_rewards)
-        accepted_loss = ("grpo", "dr_grpo", "dapo", "bnpo")
-        if self.loss_type not in accepted_loss:
-            raise ValueError(f"loss_type={self.loss_type!r} is invalid; accepted: {', '.join(accepted_loss)}")
         check_flags(self, ("budget_constrained",))
 
     @classmethod

@@ -17,8 +17,8 @@ import gymnasium as gym
 import numpy as np
 
 from agents.base import Agent, FitContext
-from agents.baselines import JITTER_BOUNDS, JITTER_HELP, RandomConfig
-from agents.config_checks import option
+from agents.baselines import RandomConfig
+from agents.config_checks import JITTER_BOUNDS, JITTER_HELP, option
 from agents.registry import register_agent
 from envs.budget import Budget
 from envs.protocols import group_env
