@@ -17,5 +17,5 @@ register_backend_type(DecodingBackend)
 
 __all__ = ["DecodingBackend", "HFDecodingBackend", "DecodingOutcome", "DecodingTokenCounts",
            "DraftTokenizerMismatchError", "QAData", "beam_sources", "check_same_tokenizer", "load_decoding_backend",
-           "STRATEGIES", "DecodingKnobError", "DecodingKnobs", "DecodingSpace", "DECODING_STRATEGIES", "DecodingStrategy",
-           "strategy"]
+           "STRATEGIES", "DecodingKnobError", "DecodingKnobs", "DecodingSpace", "DECODING_STRATEGIES",
+           "DecodingStrategy", "strategy"]

@@ -133,7 +133,8 @@ class DecodingSpace:
         self.validate(knobs)
         decoding = strategy(knobs.strategy)
         own = {} if decoding.knob is None else {decoding.knob: decoding.cast(getattr(knobs, decoding.knob))}
-        return DecodingKnobs(strategy=decoding.name, chat_template=bool(knobs.chat_template), **{**NEUTRAL_KNOBS, **own})
+        return DecodingKnobs(strategy=decoding.name, chat_template=bool(knobs.chat_template),
+                             **{**NEUTRAL_KNOBS, **own})
 
     def configurations(self) -> list[DecodingKnobs]:
         """Every distinct resolved configuration, in a fixed order."""
