@@ -180,10 +180,10 @@ class StreamingKVEnv(KnobgymEnv):
             raise ValueError(f"no {split} episode of episode_tokens+1={episode_tokens + 1} tokens in the documents "
                              f"(split sizes {self.split_sizes()}); accepted: longer documents or a smaller "
                              "episode_tokens")
-        self.vocab_size = model.config.get_text_config(decoder=True).vocab_size
-        self.bytes_per_token = kv_bytes_per_token(model)
+        self.vocab_size = self.model.config.get_text_config(decoder=True).vocab_size
+        self.bytes_per_token = kv_bytes_per_token(self.model)
         self.latency = TpotLatency(latency, tpot_model, default=lambda: get_tpot_estimator(
-            model, settings=TpotSettings(threads=self.threads)))
+            self.model, settings=TpotSettings(threads=self.threads)))
         self._chunk_tpot, self._smallest_peak = self._simulate_grid()
         self._reference = self._grid_reference()
         self.kv_budget = (KVBudget.parse(budget) if budget is not None
