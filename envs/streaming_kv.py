@@ -173,27 +173,17 @@ class StreamingKVEnv(KnobgymEnv):
         if storage not in STORAGES:
             raise ValueError(f"storage={storage!r} is invalid; accepted: {', '.join(STORAGES)}")
         self.storage = storage
-        if model is None:
-            texts = read_text_documents(dataset, text_column) if dataset is not None else None  # before the model
-            model, tokenizer = load_kv_model(model_path, model_spec)
-            if documents is None:
-                documents = tokenize_documents(tokenizer, texts) if texts is not None else default_documents(tokenizer)
-        elif dataset is not None or model_spec is not None:
-            raise ValueError("dataset / model_spec were given with a loaded model; accepted: model and documents, "
-                             "or model_path / model_spec and optionally dataset")
-        elif documents is None:
-            raise ValueError("documents=None with a custom model; accepted: a list of token-id sequences")
-        self.model = model
-        self.documents = [list(map(int, doc)) for doc in documents]
+        self.model, self.documents = self._model_and_documents(model, documents, model_path, model_spec, dataset,
+                                                               text_column)
         self.windows = episode_windows(self.documents, episode_tokens)
         if not self.windows[split]:
             raise ValueError(f"no {split} episode of episode_tokens+1={episode_tokens + 1} tokens in the documents "
                              f"(split sizes {self.split_sizes()}); accepted: longer documents or a smaller "
                              "episode_tokens")
-        self.vocab_size = model.config.get_text_config(decoder=True).vocab_size
-        self.bytes_per_token = kv_bytes_per_token(model)
+        self.vocab_size = self.model.config.get_text_config(decoder=True).vocab_size
+        self.bytes_per_token = kv_bytes_per_token(self.model)
         self.latency = TpotLatency(latency, tpot_model, default=lambda: get_tpot_estimator(
-            model, settings=TpotSettings(threads=self.threads)))
+            self.model, settings=TpotSettings(threads=self.threads)))
         self._chunk_tpot, self._smallest_peak = self._simulate_grid()
         self._reference = self._grid_reference()
         self.kv_budget = (KVBudget.parse(budget) if budget is not None
@@ -213,6 +203,21 @@ class StreamingKVEnv(KnobgymEnv):
                         dtype=np.float32)
         self.observation_space = spaces.Box(low=np.zeros_like(high), high=high, dtype=np.float32)
         self._streamer: DocumentStreamer | None = None
+
+    @staticmethod
+    def _model_and_documents(model, documents, model_path, model_spec, dataset, text_column) -> tuple[Any, list]:
+        """The model and the token-id documents: given, or loaded (the dataset read before the model)."""
+        if model is None:
+            texts = read_text_documents(dataset, text_column) if dataset is not None else None
+            model, tokenizer = load_kv_model(model_path, model_spec)
+            if documents is None:
+                documents = tokenize_documents(tokenizer, texts) if texts is not None else default_documents(tokenizer)
+        elif dataset is not None or model_spec is not None:
+            raise ValueError("dataset / model_spec were given with a loaded model; accepted: model and documents, "
+                             "or model_path / model_spec and optionally dataset")
+        elif documents is None:
+            raise ValueError("documents=None with a custom model; accepted: a list of token-id sequences")
+        return model, [list(map(int, doc)) for doc in documents]
 
     # --- latency ----------------------------------------------------------------------------
     @property
