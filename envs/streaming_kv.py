@@ -289,11 +289,14 @@ class StreamingKVEnv(KnobgymEnv):
 
     def _episode_budget(self, value: Any) -> KVBudget:
         """A budget given at reset or to a group (``auto`` and fractions too): a form without a KV cap
-        keeps the env's cap (warned about once when it cannot be met)."""
+        keeps the env's cap and is not warned about (as on the knob envs: agents draw episode budgets
+        around the env's range on purpose, ``budget_jitter``, and every drawn value would warn); a
+        form with a cap is warned about once when it cannot be met."""
         parsed = self._resolve_budget(value)
-        budget = parsed if parsed.has_cap else self.kv_budget.with_tpot(parsed.tpot)
-        self._warn_if_budget_unreachable(budget)
-        return budget
+        if not parsed.has_cap:
+            return self.kv_budget.with_tpot(parsed.tpot)
+        self._warn_if_budget_unreachable(parsed)
+        return parsed
 
     def _new_streamer(self, split: str, sample_id: int) -> DocumentStreamer:
         doc_index, start = self.windows[split][sample_id]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -260,6 +261,18 @@ def test_device_relative_budgets_resolve_once_against_the_achievable_tpot_range(
     made = gym.make(STREAMING_KV_ID, model=model, documents=documents, chunk_tokens=8, episode_tokens=64,
                     tpot_model=TPOT, budget="50%").unwrapped
     assert made.kv_budget == half.kv_budget
+
+
+def test_an_episode_budget_is_warned_about_only_for_its_cap(model, documents):
+    """Agents draw episode budgets around the env's range (budget_jitter): a TPOT budget at reset is
+    not warned about, as on the knob envs; a cap given at reset that no configuration meets is."""
+    env = small_env(model, documents)
+    lo, _ = env.achievable_range_ms
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        env.reset(seed=0, options={"budget": lo / 2})
+    with pytest.warns(UserWarning, match="KV cap 9 tokens is below the smallest peak cache"):
+        env.reset(seed=0, options={"budget": f"{lo}ms+9tok"})
 
 
 @pytest.mark.parametrize("budget, message", [("150%", "between 0% and 100%"), ("[80%,20%]+40tok", "low must be <= high"),
