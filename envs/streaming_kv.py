@@ -291,11 +291,13 @@ class StreamingKVEnv(KnobgymEnv):
         """A budget given at reset or to a group (``auto`` and fractions too): a form without a KV cap
         keeps the env's cap and is not warned about (as on the knob envs: agents draw episode budgets
         around the env's range on purpose, ``budget_jitter``, and every drawn value would warn); a
-        form with a cap is warned about once when it cannot be met."""
+        cap other than the env's (warned about when the env was made) is warned about once when it
+        cannot be met."""
         parsed = self._resolve_budget(value)
         if not parsed.has_cap:
             return self.kv_budget.with_tpot(parsed.tpot)
-        self._warn_if_budget_unreachable(parsed)
+        if parsed.cap_tokens(self.bytes_per_token) != self.kv_budget.cap_tokens(self.bytes_per_token):
+            self._warn_if_budget_unreachable(parsed)
         return parsed
 
     def _new_streamer(self, split: str, sample_id: int) -> DocumentStreamer:
