@@ -112,8 +112,8 @@ def shipped_ids() -> list[str]:
 
 def test_async_vector_envs_fork_and_spawn_every_id_after_the_parent_ran_it(tmp_path):
     """Every shipped id under ``fork`` and ``spawn``, in one probe process: ids run one after the
-    other and share only its Python start-up; each spawned worker starts afresh (imports, the env's
-    model), about 8 CPU-seconds each, so the 9 ids' 18 spawned workers dominate this test's cost."""
+    other and share only its Python start-up; each spawned worker starts afresh (torch, transformers,
+    the env's model), so the spawned workers (two per id) are most of this test's cost."""
     ids = shipped_ids()
     assert {gym.spec(env_id).entry_point.__name__ for env_id in ids} >= {
         "MultiKnobEnv", "TokenBudgetEnv", "DecodingEnv", "StreamingKVEnv"}, ids  # every family is probed
