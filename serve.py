@@ -12,6 +12,10 @@ Options (``key=value``):
   out=<folder>              where answers.jsonl and the report go (default <run>/serve-<file>-<budget>)
   latency.profile=<file>    another device's latency estimator (JSON from latency_model): serve and
                             report as that device (default: this device's cached estimator)
+  guard=expected|every|off  the budget guard (serving/guard.py; default expected): a choice the estimator
+                            predicts over the budget (with the expected answer length; every: with
+                            every answer length up to the generation cap) is replaced by the dearest
+                            one within it, the run's calibrated static when none is; off: unguarded
   http.port=<port>          serve over HTTP on this port instead of a requests file (0: any free port)
   http.host=<host>          the address to listen on (default 127.0.0.1)
   torch_threads=<n>         torch intra-op threads (default 1)
@@ -31,8 +35,9 @@ import sys
 import time
 from pathlib import Path
 
-OPTIONS = ("run", "checkpoint", "requests", "budget", "out", "latency.profile", "http.port", "http.host",
+OPTIONS = ("run", "checkpoint", "requests", "budget", "out", "latency.profile", "guard", "http.port", "http.host",
            "torch_threads")
+GUARDS = ("expected", "every", "off")
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -43,7 +48,7 @@ def parse_args(argv: list[str]) -> dict:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         sys.exit(0)
-    opts: dict = {"checkpoint": "best", "http.host": "127.0.0.1", "torch_threads": "1"}
+    opts: dict = {"checkpoint": "best", "http.host": "127.0.0.1", "torch_threads": "1", "guard": "expected"}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in OPTIONS:
@@ -62,6 +67,8 @@ def parse_args(argv: list[str]) -> dict:
                          "http.port=<port> (serve over HTTP)")
     if "budget" in opts:
         parse_request_budget(opts["budget"])
+    if opts["guard"] not in GUARDS:
+        raise UsageError(f"guard={opts['guard']!r} is invalid; accepted: {', '.join(GUARDS)}")
     for key, low, high in (("http.port", 0, 65535), ("torch_threads", 1, 1024)):
         if key in opts:
             raw = opts[key]
@@ -112,7 +119,12 @@ def answer_file(controller, static, requests, opts: dict) -> Path:
              f"{controller.source.get('step')}); budget(s) {', '.join(f'{b:g}ms' for b in budgets)}",
              "within budget (measured): the wall clock of the whole request (policy and model) <= the budget; "
              "within budget (estimated): the latency estimator's prediction with the run's actual token counts "
-             "(what the env charges) <= the budget",
+             "(what the env charges) <= the budget; within budget (predicted): the estimator before the run, "
+             "with the expected answer length",
+             f"budget guard: {opts['guard']} (serving/guard.py): kept = the policy's choice predicted within "
+             f"budget, replaced = the dearest configuration predicted within budget served instead, fallback = "
+             f"none predicted within budget, the calibrated static's configuration served; the static is served "
+             f"unguarded",
              f"requests answered one at a time, controller and static alternating; load average {load:.1f} "
              f"when the report was written ({time.strftime('%Y-%m-%d %H:%M:%S %Z')})"]
     target = out_dir(opts, controller.budget_ms)
@@ -153,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(opts["torch_threads"])
         with phase("loading the controller (the policy, the model and the latency estimator)"):
             controller = Controller.from_run(opts["run"], opts["checkpoint"], estimator=opts.get("latency.profile"),
-                                             budget=opts.get("budget"))
+                                             budget=opts.get("budget"),
+                                             guard=None if opts["guard"] == "off" else opts["guard"])
         lo, hi = controller.achievable_range_ms
         say(f"achievable latency on this device: {lo:.1f}ms..{hi:.1f}ms; default budget {controller.budget_ms:g}ms")
         if "requests" not in opts:
@@ -174,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
         budgets = {controller.budget_ms if r.budget is None else parse_request_budget(r.budget) for r in requests}
         with phase("loading the static configuration the run calibrated"):
             static, opts["notes"] = calibrated_static(controller, opts["run"], budgets)
+        if controller.guard is not None:  # the guard falls back on the very static the report compares with
+            controller.guard.fallback = static.agent
         answer_file(controller, static, requests, opts)
 
 

@@ -32,7 +32,7 @@ from backends.registry import with_threads
 from backends.threads import resolve_threads, set_torch_threads
 from envs.budget import is_device_relative
 from envs.protocols import group_env
-from knobgym_cli.budgets import is_auto, probe_suggested_budget, run_budget
+from knobgym_cli.budgets import is_auto, probe_suggested_budget, recorded_budget, run_budget
 from knobgym_cli.build import agent_class_of, agent_options, build_agent, check_recorded_config, eval_budgets
 from knobgym_cli.checkpoints import checkpoint_file, load_run_checkpoint, read_with_fallback
 from knobgym_cli.errors import CONF_DIR, GROUPS, run_cli
@@ -106,7 +106,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> None:
     if resume_ckpt is not None and resume_ckpt["env_id"] != cfg.env.id:
         raise UsageError(f"run {str(run_dir)!r} was trained on {resume_ckpt['env_id']}, not {cfg.env.id}")
     if is_device_relative(cfg.budget):  # '50%', [25%,75%]: resolved once, here, and recorded like budget=auto
-        cfg.budget = str(group_env(env).budget)
+        cfg.budget = recorded_budget(env)
         say(f"budget={requested_budget} -> budget={cfg.budget} (recorded in the checkpoint's config and the report)")
     budgets_ms = eval_budgets(group_env(env).budget, cfg.eval.budgets, achievable, suggested)
     agent, train_stats, hooks = train_agent(cfg, run_dir, env, cls, resume_ckpt, budgets_ms)

@@ -25,6 +25,7 @@ from agents.checkpoint import env_id_of, read_checkpoint, write_checkpoint
 from backends.base import check_split
 from envs.budget import check_budget_ms
 from envs.protocols import GroupEnv, group_env
+from backends.checks import check_int
 
 
 @dataclass(frozen=True)
@@ -211,9 +212,8 @@ def eval_sample_ids(env: gym.Env, split: str, num_samples: int | None) -> list[i
     """The first ``num_samples`` sample ids of ``split`` (all when ``None``): a fixed evaluation set."""
     check_split(split)
     total = group_env(env).num_samples(split)
-    if num_samples is not None and (isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer))
-                                    or num_samples < 1):
-        raise ValueError(f"num_samples={num_samples!r} is invalid; accepted: a positive integer or None (all)")
+    if num_samples is not None:
+        check_int("num_samples", num_samples, 1, where="or None: all")
     return list(range(total if num_samples is None else min(int(num_samples), total)))
 
 
@@ -277,3 +277,78 @@ def evaluate_agent(env: gym.Env, agent: Agent, sample_ids: Sequence[int], budget
     budget_ms = check_budget_ms(budget_ms)
     infos = [run_episode(env, agent, sid, budget_ms, check_split(split)) for sid in sample_ids]
     return {**summarize(infos), "budget_ms": budget_ms, "infos": infos}
+
+
+class TrajectoryPolicyAgent(Agent):
+    """Base of the agents that learn a policy over whole trajectories (``grpo``, ``grpo_lm``): built
+    from the env's layout and a config (:attr:`config_class`), resumable, checkpointed with their
+    shapes, update step and random states, restored only onto an env of the same shapes.
+
+    A subclass's ``__init__(obs_dim, nvec, stage_heads, config)`` calls :meth:`_set_shapes` first.
+    """
+
+    seeded = True
+    resumable = True
+    needs_context = True
+    #: what the checkpoint holds, in error messages ("policy", "controller")
+    checkpoint_noun = "policy"
+
+    def _set_shapes(self, obs_dim: int, nvec: Sequence[int], stage_heads: Sequence[Sequence[int]], config) -> None:
+        self.config = config or self.config_class()
+        self.obs_dim, self.nvec = int(obs_dim), [int(n) for n in nvec]
+        self.stage_heads = [list(h) for h in stage_heads]
+
+    @classmethod
+    def from_env(cls, env: gym.Env, config=None, **options: Any) -> "TrajectoryPolicyAgent":
+        """An agent for ``env`` with ``config`` (a config, a mapping, or ``None``: built from ``options``)."""
+        if isinstance(config, dict):
+            config = cls.config_class.from_dict(config)
+        elif config is None:
+            config = cls.config_class.from_dict(options)
+        layout = EnvLayout(env)
+        return cls(layout.obs_dim, layout.nvec, layout.stage_heads, config)
+
+    @classmethod
+    def _check_shapes(cls, state: dict, obs_dim: int, nvec: list[int], accepted: str = "") -> None:
+        if state["obs_dim"] != obs_dim or [int(n) for n in state["nvec"]] != nvec:
+            raise ValueError(f"checkpoint {cls.checkpoint_noun} has observation size {state['obs_dim']} and action "
+                             f"heads {list(state['nvec'])}; this env has {obs_dim} and {nvec}{accepted}")
+
+    def common_state(self) -> dict:
+        """The part of :meth:`state_dict` every trajectory-policy agent has: config, shapes, step, random states."""
+        return {"config": self.config.as_dict(), "obs_dim": self.obs_dim, "nvec": self.nvec,
+                "stage_heads": self.stage_heads, "step": self.step, "rng": self.rng_state()}
+
+    def rng_state(self) -> dict:
+        """The numpy, torch and Python random states (saved so a resumed run draws what it would have)."""
+        import random
+
+        import torch
+
+        return {"numpy": self.rng.bit_generator.state, "torch_global": torch.get_rng_state(),
+                "python": random.getstate()}
+
+    def load_step_and_rng(self, state: dict) -> None:
+        """The update step and random states of :meth:`state_dict`."""
+        import random
+
+        import torch
+
+        self.step = int(state["step"])
+        self.rng.bit_generator.state = state["rng"]["numpy"]
+        torch.set_rng_state(state["rng"]["torch_global"])
+        random.setstate(state["rng"]["python"])
+
+    @classmethod
+    def from_state(cls, state: dict) -> "TrajectoryPolicyAgent":
+        """Rebuild an agent (config, shapes, weights, optimizer, RNGs) from :meth:`state_dict`."""
+        agent = cls(state["obs_dim"], state["nvec"], state["stage_heads"], cls.config_class.from_dict(state["config"]))
+        agent.load_state_dict(state)
+        return agent
+
+    @classmethod
+    def restore(cls, env: gym.Env, state: dict) -> "TrajectoryPolicyAgent":
+        layout = EnvLayout(env)
+        cls._check_shapes(state, layout.obs_dim, layout.nvec,
+                          "; accepted: the env and backend the checkpoint was trained on")
+        return cls.from_state(state)

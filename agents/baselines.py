@@ -14,13 +14,15 @@ per-episode settings of a many-stage one (a KV env's 16 per-chunk decisions).
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import gymnasium as gym
 import numpy as np
 
-from backends.checks import check_int
+from backends.base import SPLITS
 from agents.base import Agent, EnvLayout, EpisodeContext, FitContext, eval_sample_ids
+from agents.config_checks import JITTER_BOUNDS, JITTER_HELP, SEED_BOUNDS, SEED_HELP, DeclaredOptions, option
 from agents.registry import register_agent
 from envs.budget import check_budget_ms
 
@@ -53,6 +55,31 @@ def search_space(layout: EnvLayout) -> np.ndarray:
     return out
 
 
+@dataclass
+class RandomConfig(DeclaredOptions):
+    """Options of ``random``."""
+
+    seed: int = option(0, SEED_HELP, **SEED_BOUNDS)
+
+
+@dataclass
+class StaticConfig(DeclaredOptions):
+    """Options of ``static`` (no seed: calibration tries every configuration)."""
+
+    calibration_split: str = option("validation", "the split the configurations are scored on", choices=SPLITS)
+    calibration_samples: int = option(24, "calibration samples", low=1)
+
+
+@dataclass
+class BanditConfig(RandomConfig):
+    """Options of ``bandit`` (LinUCB)."""
+
+    alpha: float = option(0.5, "exploration bonus", low=0)
+    ridge: float = option(1.0, "ridge regulariser", low=0, low_open=True)
+    rounds: int = option(256, "fit episodes", low=1)
+    budget_jitter: float = option(0.2, JITTER_HELP, **JITTER_BOUNDS)
+
+
 def _need_context(agent: Agent, context: EpisodeContext | None) -> EpisodeContext:
     if context is None:
         raise ValueError(f"the {agent.name} agent needs an EpisodeContext (sample, budget, split) to act; "
@@ -66,16 +93,15 @@ class RandomAgent(Agent):
 
     name = "random"
     seeded = True
+    config_class = RandomConfig
 
     def __init__(self, nvec: Sequence[int], seed: int = 0):
         self.nvec, self.seed = [int(n) for n in nvec], int(seed)
         self.rng = np.random.default_rng(self.seed)
 
     @classmethod
-    def from_env(cls, env: gym.Env, seed: int = 0, **options: Any) -> "RandomAgent":
-        if options:
-            raise ValueError(f"unknown random-agent option(s) {sorted(options)}; accepted: seed")
-        return cls(EnvLayout(env).nvec, seed)
+    def from_env(cls, env: gym.Env, **options: Any) -> "RandomAgent":
+        return cls(EnvLayout(env).nvec, RandomConfig.from_dict(options).seed)
 
     def act(self, obs, context=None) -> np.ndarray:
         return np.array([self.rng.integers(n) for n in self.nvec], dtype=np.int64)
@@ -99,21 +125,18 @@ class StaticAgent(Agent):
     """
 
     name = "static"
+    config_class = StaticConfig
     needs_context = True
     fits_budgets = True
 
-    def __init__(self, calibration_split: str = "validation", calibration_samples: int = 24):
-        self.calibration_split, self.calibration_samples = calibration_split, calibration_samples
+    def __init__(self, config: StaticConfig = StaticConfig()):
+        self.calibration_split, self.calibration_samples = config.calibration_split, config.calibration_samples
         self.table: dict[float, list[int]] = {}
         self.calibration: dict[str, Any] = {}
 
     @classmethod
     def from_env(cls, env: gym.Env, **options: Any) -> "StaticAgent":
-        unknown = set(options) - {"calibration_split", "calibration_samples"}
-        if unknown:
-            raise ValueError(f"unknown static-agent option(s) {sorted(unknown)}; accepted: calibration_split, "
-                             f"calibration_samples")
-        return cls(**options)
+        return cls(StaticConfig.from_dict(options))
 
     def fit(self, env: gym.Env, context: FitContext | None = None) -> dict:
         """Calibrate at ``context.budgets_ms`` (default: the env budget's evaluation budgets)."""
@@ -210,15 +233,12 @@ class BanditAgent(Agent):
 
     name = "bandit"
     seeded = True
+    config_class = BanditConfig
 
-    def __init__(self, n_features: int, actions: np.ndarray, alpha: float = 0.5, ridge: float = 1.0, seed: int = 0,
-                 rounds: int = 256, budget_jitter: float = 0.2):
-        if not (alpha >= 0 and ridge > 0):
-            raise ValueError(f"alpha={alpha!r}, ridge={ridge!r} are invalid; accepted: alpha >= 0, ridge > 0")
-        check_int("rounds", rounds, 1)  # the CLI and the class agree: at least one fit episode
+    def __init__(self, n_features: int, actions: np.ndarray, config: BanditConfig = BanditConfig()):
         self.actions = np.asarray(actions, dtype=np.int64)
-        self.alpha, self.ridge, self.seed = float(alpha), float(ridge), int(seed)
-        self.rounds, self.budget_jitter = rounds, float(budget_jitter)
+        self.alpha, self.ridge, self.seed = float(config.alpha), float(config.ridge), int(config.seed)
+        self.rounds, self.budget_jitter = config.rounds, float(config.budget_jitter)
         d, n_arms = n_features + 1, len(self.actions)
         self.A = np.repeat(np.eye(d)[None] * self.ridge, n_arms, axis=0)
         self.b = np.zeros((n_arms, d))
@@ -226,13 +246,9 @@ class BanditAgent(Agent):
         self._last_choice: np.ndarray | None = None
 
     @classmethod
-    def from_env(cls, env: gym.Env, alpha: float = 0.5, ridge: float = 1.0, seed: int = 0, rounds: int = 256,
-                 budget_jitter: float = 0.2, **options: Any) -> "BanditAgent":
-        if options:
-            raise ValueError(f"unknown bandit option(s) {sorted(options)}; accepted: alpha, budget_jitter, ridge, "
-                             f"rounds, seed")
+    def from_env(cls, env: gym.Env, **options: Any) -> "BanditAgent":
         layout = EnvLayout(env)
-        return cls(layout.obs_dim, search_space(layout), alpha, ridge, seed, rounds, budget_jitter)
+        return cls(layout.obs_dim, search_space(layout), BanditConfig.from_dict(options))
 
     @staticmethod
     def _features(obs: np.ndarray) -> np.ndarray:

@@ -39,9 +39,8 @@ import copy
 import functools
 import itertools
 import math
-import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
 import gymnasium as gym
@@ -50,10 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from agents.base import Agent, EnvLayout, EpisodeContext, FitContext
+from backends.checks import is_int
+from agents.base import TrajectoryPolicyAgent, EnvLayout, EpisodeContext, FitContext
 from agents.checkpoint import check_finite
-from agents.config_checks import (check_budget_jitter, check_epsilon_high, check_flags, check_integers,
-                                  check_numbers, config_from_dict, normalize_scale_rewards)
+from agents.config_checks import (JITTER_BOUNDS, JITTER_HELP, SEED_BOUNDS, SEED_HELP, check_epsilon_high, check_flags,
+                                  check_options, config_from_dict, described, normalize_scale_rewards, option)
 from agents.registry import register_agent
 from agents.rollout import (GroupCollector, GroupRequest, GroupResult, LocalGroupCollector, group_collector,
                             group_seed)
@@ -106,48 +106,39 @@ class GRPOConfig:
     categorical KL is cheap for these stages, and has no variance).
     """
 
-    num_generations: int = 8
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    beta: float = 0.0
-    scale_rewards: Any = "group"
-    learning_rate: float = 1e-3
-    num_iterations: int = 4
-    temperature: float = 1.0
-    entropy_coef: float = 0.03
-    max_grad_norm: float = 1.0
-    sync_ref_model: bool = False
-    ref_model_sync_steps: int = 512
-    ref_model_mixup_alpha: float = 0.6
-    batch_size: int = 32
-    total_updates: int = 100
-    hidden_sizes: Sequence[int] = field(default_factory=lambda: (64, 64))
-    budget_jitter: float = 0.2
-    latency_features: bool = True
-    feasibility_prior: float = 50.0
-    seed: int = 0
+    num_generations: int = option(8, "actions sampled per group; a group needs two to compare", low=2)
+    epsilon: float = option(0.2, "lower clip of the probability ratio", low=0, low_open=True)
+    epsilon_high: float | None = described("upper clip of the ratio; None: epsilon", None)
+    beta: float = option(0.0, "weight of the KL term to the reference policy", low=0)
+    scale_rewards: Any = described("advantage scaling: group (or true), batch, none (or false)", "group")
+    learning_rate: float = option(1e-3, "AdamW step size", low=0, low_open=True)
+    num_iterations: int = option(4, "clipped steps per collected batch", low=1)
+    temperature: float = option(1.0, "sampling temperature", low=0, low_open=True)
+    entropy_coef: float = option(0.03, "entropy bonus", low=0)
+    max_grad_norm: float = option(1.0, "gradient clipping norm", low=0)
+    sync_ref_model: bool = described("refresh the reference policy (TR-DPO)", False)
+    ref_model_sync_steps: int = option(512, "updates between reference refreshes", low=1)
+    ref_model_mixup_alpha: float = option(0.6, "reference refresh weight of the policy", low=0, low_open=True,
+                                          high=1)
+    batch_size: int = option(32, "samples per update, each with its own group", low=1)
+    total_updates: int = option(100, "updates of the whole run", low=0)
+    hidden_sizes: Sequence[int] = described("policy MLP widths", default_factory=lambda: (64, 64))
+    budget_jitter: float = option(0.2, JITTER_HELP, **JITTER_BOUNDS)
+    latency_features: bool = described("options also read their estimated latency relative to the budget", True)
+    feasibility_prior: float = option(50.0, "initial logit penalty per log-overshoot of an option", low=0)
+    seed: int = option(0, SEED_HELP, **SEED_BOUNDS)
 
     def __post_init__(self) -> None:
+        check_options(self)
         widths = list(self.hidden_sizes) if isinstance(self.hidden_sizes, Sequence) and not isinstance(
             self.hidden_sizes, str) else [self.hidden_sizes]
-        if not widths or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in widths):
+        if not widths or any(not is_int(h) or h < 1 for h in widths):
             raise ValueError(f"hidden_sizes={list(widths)!r} is invalid; accepted: a list of whole positive layer "
                              f"widths such as [64, 64] (a fractional width is not truncated)")
         self.hidden_sizes = tuple(widths)
         self.scale_rewards = normalize_scale_rewards(self.scale_rewards)
-        check_integers(self, ("num_generations", "num_iterations", "batch_size", "ref_model_sync_steps"))
-        if self.num_generations < 2:
-            raise ValueError(f"num_generations={self.num_generations} is invalid; accepted: >= 2 (a group "
-                             f"needs two actions to compare)")
-        check_integers(self, ("total_updates",), low=0)
-        check_numbers(self, ("epsilon", "learning_rate", "temperature"), positive=True)
-        check_numbers(self, ("beta", "entropy_coef", "max_grad_norm", "budget_jitter", "feasibility_prior"),
-                      positive=False)
         check_flags(self, ("latency_features",))
-        check_budget_jitter(self.budget_jitter)
         check_epsilon_high(self.epsilon_high)
-        if not 0 < self.ref_model_mixup_alpha <= 1:
-            raise ValueError(f"ref_model_mixup_alpha={self.ref_model_mixup_alpha!r} is invalid; accepted: 0 < a <= 1")
 
     @classmethod
     def from_dict(cls, values: dict) -> "GRPOConfig":
@@ -266,7 +257,7 @@ class Rollout:
 
 
 @register_agent
-class GRPOAgent(Agent):
+class GRPOAgent(TrajectoryPolicyAgent):
     """The GRPO controller: sampling groups, the clipped update, acting greedily at evaluation.
 
     Acting reads the env's latency predictions for each option (``needs_context``): run it through
@@ -275,15 +266,10 @@ class GRPOAgent(Agent):
 
     name = "grpo"
     config_class = GRPOConfig
-    seeded = True
-    resumable = True
-    needs_context = True
 
     def __init__(self, obs_dim: int, nvec: Sequence[int], stage_heads: Sequence[Sequence[int]],
                  config: GRPOConfig | None = None):
-        self.config = config or GRPOConfig()
-        self.obs_dim, self.nvec = int(obs_dim), [int(n) for n in nvec]
-        self.stage_heads = [list(h) for h in stage_heads]
+        self._set_shapes(obs_dim, nvec, stage_heads, config)
         # stage -> its joint options, rows of head values in the order of ``stage_heads[stage]``
         self.stage_options = [np.array(list(itertools.product(*[range(self.nvec[h]) for h in heads])),
                                        dtype=np.int64).reshape(-1, len(heads)) for heads in self.stage_heads]
@@ -295,15 +281,6 @@ class GRPOAgent(Agent):
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=self.config.learning_rate)
         self.rng = np.random.default_rng(self.config.seed)
         self.step = 0
-
-    @classmethod
-    def from_env(cls, env: gym.Env, config: GRPOConfig | dict | None = None, **options: Any) -> "GRPOAgent":
-        if isinstance(config, dict):
-            config = GRPOConfig.from_dict(config)
-        elif config is None:
-            config = GRPOConfig.from_dict(options)
-        layout = EnvLayout(env)
-        return cls(layout.obs_dim, layout.nvec, layout.stage_heads, config)
 
     # ------------------------------------------------------------------------------- options
     def option_index(self, stage: int, trajectories: np.ndarray) -> np.ndarray:
@@ -532,39 +509,13 @@ class GRPOAgent(Agent):
         return self
 
     def state_dict(self) -> dict:
-        return {
-            "config": self.config.as_dict(), "obs_dim": self.obs_dim, "nvec": self.nvec,
-            "stage_heads": self.stage_heads, "step": self.step,
-            "policy": self.policy.state_dict(), "ref_policy": self.ref_policy.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rng": {"numpy": self.rng.bit_generator.state, "torch_global": torch.get_rng_state(),
-                    "python": random.getstate()},  # group sampling is seeded per group (agents.rollout.group_seed)
-        }
+        # group sampling is seeded per group (agents.rollout.group_seed); the random states are in common_state
+        return {**self.common_state(), "policy": self.policy.state_dict(), "ref_policy": self.ref_policy.state_dict(),
+                "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["obs_dim"] != self.obs_dim or [int(n) for n in state["nvec"]] != self.nvec:
-            raise ValueError(f"checkpoint policy has observation size {state['obs_dim']} and action heads "
-                             f"{list(state['nvec'])}; this env has {self.obs_dim} and {self.nvec}")
+        self._check_shapes(state, self.obs_dim, self.nvec)
         self.policy.load_state_dict(state["policy"])
         self.ref_policy.load_state_dict(state["ref_policy"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.rng.bit_generator.state = state["rng"]["numpy"]
-        torch.set_rng_state(state["rng"]["torch_global"])
-        random.setstate(state["rng"]["python"])
-
-    @classmethod
-    def from_state(cls, state: dict) -> "GRPOAgent":
-        """Rebuild an agent (config, shapes, weights, optimizer, RNGs) from :meth:`state_dict`."""
-        agent = cls(state["obs_dim"], state["nvec"], state["stage_heads"], GRPOConfig.from_dict(state["config"]))
-        agent.load_state_dict(state)
-        return agent
-
-    @classmethod
-    def restore(cls, env: gym.Env, state: dict) -> "GRPOAgent":
-        layout = EnvLayout(env)
-        if state["obs_dim"] != layout.obs_dim or [int(n) for n in state["nvec"]] != layout.nvec:
-            raise ValueError(f"checkpoint policy has observation size {state['obs_dim']} and action heads "
-                             f"{list(state['nvec'])}; this env has {layout.obs_dim} and {layout.nvec}; accepted: "
-                             f"the env and backend the checkpoint was trained on")
-        return cls.from_state(state)
+        self.load_step_and_rng(state)

@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -67,10 +66,10 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from agents.base import Agent, EnvLayout, EpisodeContext, FitContext
+from agents.base import TrajectoryPolicyAgent, EnvLayout, EpisodeContext, FitContext
 from agents.checkpoint import check_finite
-from agents.config_checks import (check_budget_jitter, check_epsilon_high, check_flags, check_integers,
-                                  check_numbers, config_from_dict, normalize_scale_rewards)
+from agents.config_checks import (JITTER_BOUNDS, JITTER_HELP, SEED_BOUNDS, SEED_HELP, check_epsilon_high, check_flags,
+                                  check_options, config_from_dict, described, normalize_scale_rewards, option)
 from agents.registry import register_agent
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[EOS]")
@@ -104,49 +103,35 @@ class GRPOLMConfig:
     ``seed`` (model initialisation, sample and budget draws, TRL's seed).
     """
 
-    num_generations: int = 8
-    learning_rate: float = 3e-3
-    temperature: float = 1.0
-    beta: float = 0.0
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    num_iterations: int = 1
-    scale_rewards: Any = "group"
-    loss_type: str = "dapo"
-    max_grad_norm: float = 1.0
-    entropy_coef: float = 0.0
-    batch_size: int = 4
-    total_updates: int = 100
-    budget_jitter: float = 0.2
-    invalid_reward: float = -2.0
-    budget_constrained: bool = True
-    hidden_size: int = 64
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    intermediate_size: int = 128
-    seed: int = 0
+    num_generations: int = option(8, "completions sampled per prompt; a group needs two to compare", low=2)
+    learning_rate: float = option(3e-3, "AdamW step size", low=0, low_open=True)
+    temperature: float = option(1.0, "sampling temperature", low=0, low_open=True)
+    beta: float = option(0.0, "weight of the KL term to the reference model", low=0)
+    epsilon: float = option(0.2, "lower clip of the probability ratio", low=0, low_open=True)
+    epsilon_high: float | None = described("upper clip of the ratio; None: epsilon", None)
+    num_iterations: int = option(1, "optimizer steps per generated batch", low=1)
+    scale_rewards: Any = described("advantage scaling: group (or true), batch, none (or false)", "group")
+    loss_type: str = option("dapo", "TRL's loss normalisation", choices=("grpo", "dr_grpo", "dapo", "bnpo"))
+    max_grad_norm: float = option(1.0, "gradient clipping norm", low=0)
+    entropy_coef: float = option(0.0, "entropy bonus", low=0)
+    batch_size: int = option(4, "prompts per update, each with its own group", low=1)
+    total_updates: int = option(100, "updates of the whole run (TRL max_steps)", low=0)
+    budget_jitter: float = option(0.2, JITTER_HELP, **JITTER_BOUNDS)
+    invalid_reward: float = option(-2.0, "reward of an unparsable completion")
+    budget_constrained: bool = described("act only among trajectories predicted to fit the budget", True)
+    hidden_size: int = option(64, "LM width", low=1)
+    num_hidden_layers: int = option(2, "LM blocks", low=1)
+    num_attention_heads: int = option(4, "attention heads; hidden_size is a multiple", low=1)
+    intermediate_size: int = option(128, "LM MLP width", low=1)
+    seed: int = option(0, SEED_HELP, **SEED_BOUNDS)
 
     def __post_init__(self) -> None:
-        check_integers(self, ("num_generations", "num_iterations", "batch_size", "hidden_size", "num_hidden_layers",
-                              "num_attention_heads", "intermediate_size"))
-        if self.num_generations < 2:
-            raise ValueError(f"num_generations={self.num_generations} is invalid; accepted: >= 2 (a group needs two "
-                             f"completions to compare)")
-        check_integers(self, ("total_updates",), low=0)
+        check_options(self)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size={self.hidden_size} is invalid with num_attention_heads="
                              f"{self.num_attention_heads}; accepted: a multiple of num_attention_heads")
-        check_numbers(self, ("learning_rate", "temperature", "epsilon"), positive=True)
-        check_numbers(self, ("beta", "max_grad_norm", "entropy_coef", "budget_jitter"), positive=False)
-        check_budget_jitter(self.budget_jitter)
-        if isinstance(self.invalid_reward, bool) or not (isinstance(self.invalid_reward, (int, float))
-                                                         and math.isfinite(self.invalid_reward)):
-            raise ValueError(f"invalid_reward={self.invalid_reward!r} is invalid; accepted: a finite number")
         check_epsilon_high(self.epsilon_high)
         self.scale_rewards = normalize_scale_rewards(self.scale_rewards)
-        accepted_loss = ("grpo", "dr_grpo", "dapo", "bnpo")
-        if self.loss_type not in accepted_loss:
-            raise ValueError(f"loss_type={self.loss_type!r} is invalid; accepted: {', '.join(accepted_loss)}")
         check_flags(self, ("budget_constrained",))
 
     @classmethod
@@ -246,8 +231,43 @@ def build_lm(vocab: ControllerVocab, config: GRPOLMConfig, max_positions: int):
 # ------------------------------------------------------------------------------------------------
 # The agent
 # ------------------------------------------------------------------------------------------------
+def update_callback(agent: "GRPOLMAgent", hooks, infos: list[dict], tally: dict):
+    """The ``TrainerCallback`` reporting each optimizer step to ``hooks`` (the caller's training hooks);
+    ``infos`` / ``tally`` are filled by the reward function as it scores completions."""
+    from transformers import TrainerCallback
+
+    class Hooks(TrainerCallback):
+        """After each optimizer step: the caller's ``on_update`` with the episodes that step trained
+        on (a step reusing a generated batch, ``num_iterations > 1``, reports that batch again) and
+        TRL's logged statistics."""
+
+        pending = False
+        batch: list = []
+        invalid = 0.0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            agent.step += 1
+            check_finite({"model": dict(agent.model.named_parameters())}, f"GRPO-LM update {agent.step} diverged")
+            self.pending = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not self.pending:
+                return
+            self.pending = False
+            stats = {k: float(v) for k, v in (logs or {}).items()
+                     if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            if tally["scored"]:  # this step generated and scored a new batch
+                self.batch, self.invalid = list(infos), 1.0 - len(infos) / tally["scored"]
+                infos.clear()
+                tally["scored"] = 0
+            stats["invalid_fraction"] = self.invalid
+            hooks.on_update(agent, agent.step, self.batch, stats)
+
+    return Hooks()
+
+
 @register_agent
-class GRPOLMAgent(Agent):
+class GRPOLMAgent(TrajectoryPolicyAgent):
     """The LM controller: prompts from the stage-0 observation, completions as knob tokens.
 
     Acting reads the stage-0 observation of the episode at later stages (``needs_context``): run it
@@ -256,15 +276,11 @@ class GRPOLMAgent(Agent):
 
     name = "grpo_lm"
     config_class = GRPOLMConfig
-    seeded = True
-    resumable = True
-    needs_context = True
+    checkpoint_noun = "controller"
 
     def __init__(self, obs_dim: int, nvec: Sequence[int], stage_heads: Sequence[Sequence[int]],
                  config: GRPOLMConfig | None = None):
-        self.config = config or GRPOLMConfig()
-        self.obs_dim, self.nvec = int(obs_dim), [int(n) for n in nvec]
-        self.stage_heads = [list(h) for h in stage_heads]
+        self._set_shapes(obs_dim, nvec, stage_heads, config)
         self.vocab = ControllerVocab(self.obs_dim, max(self.nvec))
         self.tokenizer = self.vocab.tokenizer()
         # budget digits (at most 7: MAX_BUDGET_MS) + words + observation + completion + slack
@@ -274,15 +290,6 @@ class GRPOLMAgent(Agent):
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.config.learning_rate)
         self.rng = np.random.default_rng(self.config.seed)
         self.step = 0
-
-    @classmethod
-    def from_env(cls, env: gym.Env, config: GRPOLMConfig | dict | None = None, **options: Any) -> "GRPOLMAgent":
-        if isinstance(config, dict):
-            config = GRPOLMConfig.from_dict(config)
-        elif config is None:
-            config = GRPOLMConfig.from_dict(options)
-        layout = EnvLayout(env)
-        return cls(layout.obs_dim, layout.nvec, layout.stage_heads, config)
 
     def configure(self, **options: Any) -> None:
         """New options for a resumed run (e.g. a larger ``total_updates``); the model's size stays the checkpoint's."""
@@ -444,7 +451,6 @@ class GRPOLMAgent(Agent):
     def fit(self, env: gym.Env, context: FitContext | None = None) -> dict:
         """Train until ``config.total_updates`` updates (continuing from ``self.step``) with ``GRPOTrainer``."""
         from datasets import Dataset
-        from transformers import TrainerCallback
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
         from trl import GRPOTrainer
 
@@ -458,35 +464,6 @@ class GRPOLMAgent(Agent):
             rows = self.training_rows(layout, budgets, context.split, context.sample_pool, remaining)
             infos: list[dict] = []
             tally = {"scored": 0}
-            agent, hooks = self, context.hooks
-
-            class Hooks(TrainerCallback):
-                """After each optimizer step: the caller's ``on_update`` with the episodes that step trained
-                on (a step reusing a generated batch, ``num_iterations > 1``, reports that batch again) and
-                TRL's logged statistics."""
-
-                pending = False
-                batch: list = []
-                invalid = 0.0
-
-                def on_step_end(self, args, state, control, **kwargs):
-                    agent.step += 1
-                    check_finite({"model": dict(agent.model.named_parameters())}, f"GRPO-LM update {agent.step} diverged")
-                    self.pending = True
-
-                def on_log(self, args, state, control, logs=None, **kwargs):
-                    if not self.pending:
-                        return
-                    self.pending = False
-                    stats = {k: float(v) for k, v in (logs or {}).items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-                    if tally["scored"]:  # this step generated and scored a new batch
-                        self.batch, self.invalid = list(infos), 1.0 - len(infos) / tally["scored"]
-                        infos.clear()
-                        tally["scored"] = 0
-                    stats["invalid_fraction"] = self.invalid
-                    hooks.on_update(agent, agent.step, self.batch, stats)
-
             with tempfile.TemporaryDirectory(prefix="grpo_lm-") as tmp, warnings.catch_warnings():
                 # TRL 1.16 reads transformers' renamed gradient-checkpointing attributes: the library's
                 # deprecation notice, not the user's to act on (the CLI shows every warning)
@@ -494,7 +471,8 @@ class GRPOLMAgent(Agent):
                 reward = self.reward_function(layout, context.split, infos, tally)
                 trainer = GRPOTrainer(model=self.model, reward_funcs=reward,
                                       args=self.trl_config(tmp, remaining), train_dataset=Dataset.from_dict(rows),
-                                      processing_class=self.tokenizer, callbacks=[Hooks()],
+                                      processing_class=self.tokenizer,
+                                      callbacks=[update_callback(self, context.hooks, infos, tally)],
                                       optimizers=(self.optimizer, None))
                 for cb in (PrinterCallback, ProgressCallback):
                     trainer.remove_callback(cb)
@@ -510,40 +488,19 @@ class GRPOLMAgent(Agent):
         return self
 
     def state_dict(self) -> dict:
-        return {
-            "config": self.config.as_dict(), "obs_dim": self.obs_dim, "nvec": self.nvec,
-            "stage_heads": self.stage_heads, "step": self.step, "vocab": list(self.vocab.tokens),
-            "lm_config": json.loads(self.model.config.to_json_string()),
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "rng": {"numpy": self.rng.bit_generator.state, "torch_global": torch.get_rng_state(),
-                    "python": random.getstate()},
-        }
+        return {**self.common_state(), "vocab": list(self.vocab.tokens),
+                "lm_config": json.loads(self.model.config.to_json_string()),
+                "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["obs_dim"] != self.obs_dim or [int(n) for n in state["nvec"]] != self.nvec:
-            raise ValueError(f"checkpoint controller has observation size {state['obs_dim']} and action heads "
-                             f"{list(state['nvec'])}; this env has {self.obs_dim} and {self.nvec}")
+        self._check_shapes(state, self.obs_dim, self.nvec)
         if list(state["vocab"]) != self.vocab.tokens:
             raise ValueError("checkpoint controller has another vocabulary; accepted: a checkpoint of this "
                              "knobgym version's grpo_lm agent")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.rng.bit_generator.state = state["rng"]["numpy"]
-        torch.set_rng_state(state["rng"]["torch_global"])
-        random.setstate(state["rng"]["python"])
-
-    @classmethod
-    def restore(cls, env: gym.Env, state: dict) -> "GRPOLMAgent":
-        layout = EnvLayout(env)
-        if state["obs_dim"] != layout.obs_dim or [int(n) for n in state["nvec"]] != layout.nvec:
-            raise ValueError(f"checkpoint controller has observation size {state['obs_dim']} and action heads "
-                             f"{list(state['nvec'])}; this env has {layout.obs_dim} and {layout.nvec}; accepted: "
-                             f"the env and backend the checkpoint was trained on")
-        agent = cls(state["obs_dim"], state["nvec"], state["stage_heads"], GRPOLMConfig.from_dict(state["config"]))
-        agent.load_state_dict(state)
-        return agent
+        self.load_step_and_rng(state)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """The controller LM and its tokenizer in the Hugging Face layout (``model.safetensors``,

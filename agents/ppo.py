@@ -10,12 +10,15 @@ SB3 model for the env and loads the weights (SB3's own zip format unpickles, so 
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
 from agents.base import Agent, FitContext
+from agents.baselines import RandomConfig
+from agents.config_checks import JITTER_BOUNDS, JITTER_HELP, option
 from agents.registry import register_agent
 from envs.budget import Budget
 from envs.protocols import group_env
@@ -36,31 +39,34 @@ class BudgetJitter(gym.Wrapper):
         return self.env.reset(options={**(options or {}), "budget": budget, "sample_id": info["sample_id"]})
 
 
+@dataclass
+class PPOConfig(RandomConfig):
+    """Options of ``ppo`` (SB3's names and meanings)."""
+
+    total_timesteps: int = option(2048, "environment steps", low=1)
+    n_steps: int = option(256, "steps per rollout", low=2)
+    batch_size: int = option(64, "minibatch size", low=1)
+    learning_rate: float = option(3e-4, "Adam step size", low=0, low_open=True)
+    budget_jitter: float = option(0.2, JITTER_HELP, **JITTER_BOUNDS)
+
+
 @register_agent
 class PPOAgent(Agent):
     """SB3 PPO (``MlpPolicy``) over the env's observation and ``MultiDiscrete`` / ``Discrete`` action."""
 
     name = "ppo"
     seeded = True
-    OPTIONS = ("batch_size", "budget_jitter", "learning_rate", "n_steps", "seed", "total_timesteps")
+    config_class = PPOConfig
+    OPTIONS = tuple(sorted(f.name for f in fields(PPOConfig)))
 
-    def __init__(self, env: gym.Env, total_timesteps: int = 2048, n_steps: int = 256, batch_size: int = 64,
-                 learning_rate: float = 3e-4, budget_jitter: float = 0.2, seed: int = 0):
-        if int(total_timesteps) < 1 or int(n_steps) < 2 or int(batch_size) < 1:
-            raise ValueError(f"total_timesteps={total_timesteps}, n_steps={n_steps}, batch_size={batch_size} are "
-                             f"invalid; accepted: total_timesteps >= 1, n_steps >= 2, batch_size >= 1")
+    def __init__(self, env: gym.Env, config: PPOConfig = PPOConfig()):
         self.env = env
-        self.options = {"total_timesteps": int(total_timesteps), "n_steps": int(n_steps),
-                        "batch_size": int(batch_size), "learning_rate": float(learning_rate),
-                        "budget_jitter": float(budget_jitter), "seed": int(seed)}
+        self.options = asdict(config)
         self.model = None
 
     @classmethod
     def from_env(cls, env: gym.Env, **options: Any) -> "PPOAgent":
-        unknown = set(options) - set(cls.OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown ppo option(s) {sorted(unknown)}; accepted: {', '.join(cls.OPTIONS)}")
-        return cls(env, **options)
+        return cls(env, PPOConfig.from_dict(options))
 
     def _build(self):
         """The SB3 model on the env with budgets drawn from its training range."""

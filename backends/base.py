@@ -110,3 +110,15 @@ class Backend(Protocol):
 
     def run(self, sample: Sample, knobs: KnobConfig) -> Outcome:
         """Both stages."""
+
+
+@runtime_checkable
+class BoundedGeneration(Protocol):
+    """A backend that declares the most tokens one run generates (its generation cap), so a run's
+    latency can be bounded before it runs, whatever the answer's length turns out to be
+    (:class:`serving.guard.BudgetGuard`). Live model backends declare it; :class:`Backend` does not
+    require it (a replay or a stand-in need not)."""
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The most tokens one run generates."""

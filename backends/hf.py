@@ -273,6 +273,11 @@ class HFBackend:
             1 for i in self._prompt_ids(sample) if i != self.parts.image_token_id))
 
     @property
+    def max_new_tokens(self) -> int:
+        """The most tokens one run generates (:class:`backends.base.BoundedGeneration`)."""
+        return self.generation.max_new_tokens
+
+    @property
     def expected_new_tokens(self) -> int:
         """Mean answer length of the training split (what a run is expected to generate)."""
         return self.expected_new_tokens_by_type[None]

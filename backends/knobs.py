@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backends.checks import is_int
+
 TIER_NAMES = ("low", "medium", "high")
 TIER_MODES = ("resize", "pool")
 
@@ -162,12 +164,12 @@ class KnobSpace:
         if knobs.top_k is not None:
             if not self.has_moe:
                 raise KnobError(f"{cls} has no MoE blocks: knob 'top_k'={knobs.top_k!r} is not supported")
-            if isinstance(knobs.top_k, bool) or not isinstance(knobs.top_k, int) or not (
+            if not is_int(knobs.top_k) or not (
                     1 <= knobs.top_k <= self.num_experts):
                 raise KnobError(f"top_k={knobs.top_k!r} is invalid for {cls}; accepted: an integer in "
                                 f"[1, {self.num_experts}] (the number of experts)")
         if knobs.depth is not None:
-            if isinstance(knobs.depth, bool) or not isinstance(knobs.depth, int) or not (
+            if not is_int(knobs.depth) or not (
                     1 <= knobs.depth <= self.num_layers):
                 raise KnobError(f"depth={knobs.depth!r} is invalid for {cls}; accepted: an integer in "
                                 f"[1, {self.num_layers}] (the number of decoder blocks)")

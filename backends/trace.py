@@ -41,6 +41,7 @@ from backends.progress import progress as progress_bar
 from backends.registry import load_backend
 from backends.text_features import QUESTION_FEATURE_DIM, hashed_bag_of_words
 from executors import LocalExecutor
+from backends.checks import is_int
 
 TRACE_FORMAT_VERSION = 1
 _SCHEMA = """
@@ -289,7 +290,7 @@ def check_outcome_row(path: Path, row: tuple) -> tuple:
     for column, value in (("score", score), ("measured_ms", measured_ms)):
         if not _finite_number(value):
             raise _bad_row(path, "outcomes", key, column, value, "a finite number")
-    if not isinstance(new_tokens, (int, np.integer)) or isinstance(new_tokens, bool) or new_tokens < 0:
+    if not is_int(new_tokens) or new_tokens < 0:
         raise _bad_row(path, "outcomes", key, "new_tokens", new_tokens, "an integer >= 0")
     if answer is None:
         raise _bad_row(path, "outcomes", key, "answer", answer, "a string")
@@ -304,7 +305,7 @@ def check_stage1_row(path: Path, row: tuple) -> tuple:
     if not _finite_number(stage1_ms):
         raise _bad_row(path, "stage1", key, "stage1_ms", stage1_ms, "a finite number")
     for column, value in (("vision_tokens", vision_tokens), ("vision_tokens_full", vision_tokens_full)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+        if not is_int(value) or value < 0:
             raise _bad_row(path, "stage1", key, column, value, "an integer >= 0")
     if not isinstance(summary, (bytes, bytearray, memoryview)) or len(summary) % 4:
         raise _bad_row(path, "stage1", key, "summary", summary, "float32 bytes",

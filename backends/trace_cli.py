@@ -32,6 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 from backends.base import check_split
+from backends.checks import check_int
 
 KEYS = ("backend", "split", "samples", "out", "estimator", "rollout", "rollout.workers", "rollout.address",
         "threads")
@@ -47,8 +48,8 @@ def parse_args(argv: list[str]) -> tuple[dict, dict]:
     check_split(options["split"])
     for key in ("samples", "rollout.workers", "threads"):
         value = options.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{key}={value!r} is invalid; accepted: an integer >= 1")
+        if value is not None:
+            check_int(key, value, 1)
     if options["rollout"] not in ("local", "ray"):
         raise ValueError(f"rollout={options['rollout']!r} is invalid; accepted: local, ray")
     if options["rollout"] == "ray":

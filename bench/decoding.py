@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from backends.decoding import DecodingBackend
     from backends.registry import load_backend
-    from backends.tiny_lm.evaluate import label
+    from backends.tiny_lm.evaluate import label, uses_draft
     from latency_model.decoding import get_decoding_estimator, held_out_report
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         row = {"config": label(k), "accuracy": np.mean([o.score for o in outs]),
                "wall_ms": np.median([t[0] for t in timed]), "cpu_ms": np.median([t[1] for t in timed]),
                "new_tokens": np.mean([o.new_tokens for o in outs]), "target_passes": np.mean([o.target_passes for o in outs])}
-        if k.strategy == "speculative":
+        if uses_draft(k):
             row["acceptance"] = np.mean([o.acceptance_rate for o in outs])
             row["accepted_per_pass"] = np.mean([o.accepted_per_pass for o in outs])
         rows.append(row)

@@ -4,7 +4,9 @@ Records a trace of the first ``--train`` training samples and ``--test`` test sa
 knob grid, with this device's cached latency estimator), then trains GRPO twice with the same seed
 and options, drawing from the same training samples: once on the live backend, once on the trace;
 both policies are evaluated on the same test samples (live, and replayed). Prints the recording
-time, both training times and their ratio, and both policies' test reward and score.
+time, both training times and their ratio, both policies' test reward and score, and a paired
+bootstrap 95% interval of the reward difference (trace minus online, resampling test samples):
+an interval holding 0 means the two policies are equal within the test set's noise.
 
     python -m bench.trace_training [--train 16] [--test 32] [--updates 4] [--batch 8] [--trace runs/traces/bench-tt.trace]
 """
@@ -32,6 +34,14 @@ def train_and_test(env, options: dict, pool: int, test_ids: list[int], budget_ms
     agent.fit(env, FitContext(split="train", sample_pool=pool))
     seconds = time.perf_counter() - start
     return seconds, evaluate_agent(env, agent.freeze(), test_ids, budget_ms, "test")
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, draws: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """The 95% interval of ``mean(b - a)`` over resamplings of the paired samples."""
+    diff = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(len(diff), size=(draws, len(diff)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def main() -> None:
@@ -74,6 +84,10 @@ def main() -> None:
         print(f"{name:7s} policy on the test samples: reward {result['reward']:.3f}, score {result['score']:.3f}, "
               f"violations {result['violation_rate']:.1%}")
     print(f"same test-sample knobs chosen by both policies: {np.mean(same):.0%}")
+    rewards = [np.array([i["reward"] for i in result["infos"]]) for result in (live_result, trace_result)]
+    low, high = paired_bootstrap(*rewards)
+    print(f"test reward, trace minus online: {np.mean(rewards[1] - rewards[0]):+.3f}, paired bootstrap 95% interval "
+          f"[{low:+.3f}, {high:+.3f}] ({'holds 0: equal within noise' if low <= 0 <= high else 'excludes 0'})")
 
 
 if __name__ == "__main__":

@@ -194,7 +194,12 @@ def _fraction(part: Any, original: Any) -> float | None:
 
 
 def is_device_relative(value: Any) -> bool:
-    """Whether ``value`` is ``None``, ``'auto'`` or holds a percentage: a budget only an env can resolve."""
+    """Whether ``value`` is ``None``, ``'auto'`` or holds a percentage: a budget only an env can resolve
+    (for a KV budget, :func:`device_kv_budget`, its TPOT part)."""
+    try:
+        value = split_kv_budget(value)[0]
+    except ValueError:  # a malformed KV mapping: not device-relative; parsing it says what is wrong
+        return False
     if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
         return True
     parts = value.strip()[1:-1].split(",") if isinstance(value, str) and value.strip()[:1] in "[(" else (
@@ -229,6 +234,8 @@ def device_budget(value: Any, achievable_ms: tuple[float, float] | None = None,
                 _parse_scalar_ms(part.strip() if isinstance(part, str) else part, value)
             except ValueError:
                 raise ValueError(f"invalid budget {value!r}: cannot parse {part!r}; accepted: {DEVICE_FORMS}") from None
+    if len(fractions) == 2 and None not in fractions and fractions[0] > fractions[1]:  # wrong on any device
+        raise ValueError(f"invalid budget {value!r}: range low must be <= high; accepted: {DEVICE_FORMS}")
     if achievable_ms is None:
         return None
     low, high = achievable_ms
@@ -247,9 +254,10 @@ def device_budget(value: Any, achievable_ms: tuple[float, float] | None = None,
 # KV budgets: a per-token latency (TPOT) budget, optionally with a cap on the KV cache
 # ================================================================================================
 KV_ACCEPTED_FORMS = (
-    "a TPOT budget in any Budget form ('20ms', '[15ms,25ms]'), optionally followed by '+' and a KV-cache cap "
+    "a TPOT budget in any Budget form ('20ms', '[15ms,25ms]') or relative to this device's achievable TPOT range "
+    "('auto', '50%', '[25%,75%]'), optionally followed by '+' and a KV-cache cap "
     "in tokens ('20ms+256tok') or bytes ('20ms+4MB'; units B, KB, MB, GB (powers of 1000), KiB, MiB, GiB "
-    "(powers of 1024)), or a mapping {tpot: ..., kv: ...} (e.g. budget={tpot:[15ms,25ms],kv:256tok})"
+    "(powers of 1024)), or a mapping {tpot: ..., kv: ...} (e.g. budget={tpot:[25%,75%],kv:256tok})"
 )
 _KV_BYTE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 _KV_CAP_RE = re.compile(r"^\s*(\d+\.?\d*|\.\d+)(?:[eE]([+]?\d+))?\s*(tok|tokens|b|kb|mb|gb|kib|mib|gib)\s*$", re.I)
@@ -284,28 +292,9 @@ class KVBudget:
 
     @classmethod
     def parse(cls, value: Any) -> "KVBudget":
-        """Parse any accepted KV budget form (boundary only); a ``ValueError`` naming the input otherwise."""
-        if isinstance(value, KVBudget):
-            return value
-        if isinstance(value, Budget):
-            return cls(value)
-        if isinstance(value, Mapping):
-            unknown = sorted(set(value) - {"tpot", "kv"})
-            if unknown or "tpot" not in value:
-                raise _bad_kv(dict(value), f"mapping keys must be 'tpot' and optionally 'kv' (got {sorted(value)})")
-            tpot, cap = value["tpot"], value.get("kv")
-        elif isinstance(value, str) and "+" in value.strip().lstrip("+"):
-            tpot, cap = value.rsplit("+", 1)
-        else:
-            tpot, cap = value, None
-        try:
-            budget = Budget.parse(tpot.strip() if isinstance(tpot, str) else tpot)
-        except ValueError as error:
-            why = str(error).split("; accepted:")[0]  # the TPOT forms are part of KV_ACCEPTED_FORMS
-            raise _bad_kv(value, f"its TPOT part is not a budget ({why})") from None
-        if cap is None:
-            return cls(budget)
-        return cls(budget, *_parse_kv_cap(cap, value))
+        """Parse a KV budget form with a fixed TPOT part (boundary only; a device-relative one needs the
+        env's range: :func:`device_kv_budget`); a ``ValueError`` naming the input otherwise."""
+        return device_kv_budget(value, fixed_only=True)
 
     @property
     def has_cap(self) -> bool:
@@ -330,6 +319,45 @@ class KVBudget:
         if self.kv_bytes is not None:
             return f"{self.tpot}+{self.kv_bytes}B"
         return str(self.tpot)
+
+
+def split_kv_budget(value: Any) -> tuple[Any, Any]:
+    """``(tpot, cap)`` of a KV budget form (``cap`` is ``None`` without one): a mapping's ``tpot`` and
+    ``kv``, or the two sides of a string's last ``+``; any other value is all TPOT."""
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {"tpot", "kv"})
+        if unknown or "tpot" not in value:
+            raise _bad_kv(dict(value), f"mapping keys must be 'tpot' and optionally 'kv' (got {sorted(value)})")
+        return value["tpot"], value.get("kv")
+    if isinstance(value, str) and "+" in value.strip().lstrip("+"):
+        tpot, cap = value.rsplit("+", 1)
+        return tpot.strip(), cap
+    return value, None
+
+
+def device_kv_budget(value: Any, achievable_ms: tuple[float, float] | None = None, suggested_ms: float | None = None,
+                     *, fixed_only: bool = False) -> KVBudget | None:
+    """Parse ``value`` in any :data:`KV_ACCEPTED_FORMS` (the KV env constructor's and reset's boundary).
+
+    The TPOT part is :func:`device_budget`'s: ``auto``, ``'50%'`` and ``'[25%,75%]'`` are resolved
+    against ``achievable_ms`` (the env's achievable TPOT range) and ``suggested_ms``, the same one
+    definition the knob envs use; the cap is kept as given. Without ``achievable_ms`` a
+    device-relative TPOT part is only checked and ``None`` is returned. ``fixed_only``
+    (:meth:`KVBudget.parse`) refuses the device-relative forms.
+    """
+    if isinstance(value, KVBudget):
+        return value
+    tpot, cap = split_kv_budget(value)
+    try:
+        if fixed_only:
+            budget = Budget.parse(tpot)
+        else:
+            budget = device_budget(tpot, achievable_ms, suggested_ms)
+    except ValueError as error:
+        why = str(error).split("; accepted:")[0]  # the TPOT forms are part of KV_ACCEPTED_FORMS
+        raise _bad_kv(value, f"its TPOT part is not a budget ({why})") from None
+    limit = (None, None) if cap is None else _parse_kv_cap(cap, value)
+    return None if budget is None else KVBudget(budget, *limit)
 
 
 def _parse_kv_cap(cap: Any, original: Any) -> tuple[int | None, int | None]:

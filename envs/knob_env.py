@@ -68,6 +68,7 @@ class KnobEnv(KnobgymEnv):
         self._warn_if_budget_unreachable(self.budget)
         self._sample: Sample | None = None
         self._budget_ms: float = self.budget.low_ms
+        self._knobs_memo: dict[tuple, KnobConfig] = {}  # trajectory -> resolved knobs (trajectory_knobs)
 
     # ---------------------------------------------------------------- latency references
     def _typical_samples(self, n: int = 16) -> Sequence[Sample]:
@@ -230,9 +231,28 @@ class KnobEnv(KnobgymEnv):
 
     def request_latency_ms(self, sample: Sample, trajectories: Sequence) -> np.ndarray:
         """:meth:`estimated_latency_ms` on any ``sample``, a served request outside the backend's splits too."""
-        knobs = [self.space.resolve(self.action_to_knobs(self.check_action(self.to_env_action(t))))
-                 for t in trajectories]
+        knobs = self.trajectory_knobs(trajectories)
         return self.latency.predict_ms(knobs, [self.backend.expected_token_counts(sample, k) for k in knobs])
+
+    def trajectory_knobs(self, trajectories: Sequence) -> list[KnobConfig]:
+        """The resolved knobs of each trajectory (a ``ValueError`` names one outside the action space).
+
+        Each distinct integer trajectory is checked and resolved once, then looked up (the action
+        space is finite): GRPO's latency features and a served request's guard ask for every
+        option's latency at each stage, and checking each row again cost more than the estimator
+        (BENCHMARKS.md, "Serving").
+        """
+        out = []
+        for trajectory in trajectories:
+            arr = np.asarray(trajectory)
+            key = tuple(arr.reshape(-1).tolist()) if arr.dtype.kind in "iu" else None
+            knobs = self._knobs_memo.get(key) if key is not None else None
+            if knobs is None:
+                knobs = self.space.resolve(self.action_to_knobs(self.check_action(self.to_env_action(trajectory))))
+                if key is not None:
+                    self._knobs_memo[key] = knobs
+            out.append(knobs)
+        return out
 
     def provenance(self) -> dict:
         """Backend identity, latency source and knob space, for run records."""

@@ -41,9 +41,13 @@ Latency modes (:data:`latency_model.modes.LATENCY_MODES`):
 * ``measured``: the wall-clock median forward time of the chunk (nondeterministic); the
   estimator still gives the achievable range and the suggested budget.
 
-Budget: ``budget=None`` (default) uses :attr:`StreamingKVEnv.suggested_budget_ms`, a TPOT budget
-that binds on this device. A fixed budget outside the achievable TPOT range is warned about once,
-with the range and the suggestion.
+Budget: ``budget=None`` (default) or ``"auto"`` uses :attr:`StreamingKVEnv.suggested_budget_ms`, a
+TPOT budget that binds on this device; ``"50%"`` is the point halfway across the achievable TPOT
+range (0% the cheapest configuration, 100% the most expensive), ``"[25%,75%]"`` a range of two such
+points; the same forms as the knob envs (:func:`envs.budget.device_budget`), resolved once when the
+env is made (``env.kv_budget`` records the result) or at ``reset``, and a KV cap can follow any of
+them (``"50%+256tok"``). A fixed budget outside the achievable TPOT range is warned about once, with
+the range and the suggestion.
 
 Groups (:class:`envs.protocols.GroupEnv`, what GRPO and the baselines use; deterministic in
 estimated mode): an episode of ``C = episode_steps`` chunks with ``H`` knobs is ``C`` stages over
@@ -94,7 +98,7 @@ from backends.kv.cache import DEFAULT_STORAGE, STORAGES, kv_bytes_per_token
 from backends.kv.sources import load_kv_model, read_text_documents, tokenize_documents
 from backends.kv.stream import DocumentStreamer, check_threads
 from envs.base import KnobgymEnv, LatencyReference
-from envs.budget import Budget, KVBudget, check_budget_ms
+from envs.budget import Budget, KVBudget, check_budget_ms, device_kv_budget
 from envs.kv_data import default_documents, episode_windows
 from envs.kv_grid import kv_action_grid
 from envs.kv_memo import PrefixMemo
@@ -115,9 +119,10 @@ class StreamingKVEnv(KnobgymEnv):
 
     Args:
         policy: registered policy name or class (default ``"SinkWindow"``).
-        budget: a :class:`~envs.budget.KVBudget` form: TPOT budget, optionally ``+`` a KV cap
-            (``"20ms"``, ``"[15ms,25ms]"``, ``"20ms+256tok"``, ``"20ms+4MB"``); ``None`` = the
-            suggested binding TPOT budget of this device.
+        budget: a KV budget form (:func:`envs.budget.device_kv_budget`): TPOT budget, optionally ``+``
+            a KV cap (``"20ms"``, ``"[15ms,25ms]"``, ``"20ms+256tok"``, ``"20ms+4MB"``), the TPOT part
+            also relative to this device (``"auto"``, ``"50%"``, ``"[25%,75%]+256tok"``); ``None`` or
+            ``"auto"`` = the suggested binding TPOT budget of this device.
         chunk_tokens: tokens decoded per step.
         episode_tokens: tokens predicted per episode.
         split: the split episodes are drawn from when ``reset`` names none (default ``train``).
@@ -162,6 +167,7 @@ class StreamingKVEnv(KnobgymEnv):
         self.chunk_tokens = check_int("chunk_tokens", chunk_tokens, 1)
         self.episode_tokens = check_int("episode_tokens", episode_tokens, 1)
         check_latency_mode(latency)  # before the model loads; self.latency is made once it has
+        device_kv_budget(budget)  # checked before the model loads; a device-relative one is resolved below
         self.split = check_split(split)
         self.threads = check_threads(threads)
         self.reward_config = (RewardConfig(**reward_config) if isinstance(reward_config, dict)
@@ -173,31 +179,20 @@ class StreamingKVEnv(KnobgymEnv):
         if storage not in STORAGES:
             raise ValueError(f"storage={storage!r} is invalid; accepted: {', '.join(STORAGES)}")
         self.storage = storage
-        if model is None:
-            texts = read_text_documents(dataset, text_column) if dataset is not None else None  # before the model
-            model, tokenizer = load_kv_model(model_path, model_spec)
-            if documents is None:
-                documents = tokenize_documents(tokenizer, texts) if texts is not None else default_documents(tokenizer)
-        elif dataset is not None or model_spec is not None:
-            raise ValueError("dataset / model_spec were given with a loaded model; accepted: model and documents, "
-                             "or model_path / model_spec and optionally dataset")
-        elif documents is None:
-            raise ValueError("documents=None with a custom model; accepted: a list of token-id sequences")
-        self.model = model
-        self.documents = [list(map(int, doc)) for doc in documents]
+        self.model, self.documents = self._model_and_documents(model, documents, model_path, model_spec, dataset,
+                                                               text_column)
         self.windows = episode_windows(self.documents, episode_tokens)
         if not self.windows[split]:
             raise ValueError(f"no {split} episode of episode_tokens+1={episode_tokens + 1} tokens in the documents "
                              f"(split sizes {self.split_sizes()}); accepted: longer documents or a smaller "
                              "episode_tokens")
-        self.vocab_size = model.config.get_text_config(decoder=True).vocab_size
-        self.bytes_per_token = kv_bytes_per_token(model)
+        self.vocab_size = self.model.config.get_text_config(decoder=True).vocab_size
+        self.bytes_per_token = kv_bytes_per_token(self.model)
         self.latency = TpotLatency(latency, tpot_model, default=lambda: get_tpot_estimator(
-            model, settings=TpotSettings(threads=self.threads)))
+            self.model, settings=TpotSettings(threads=self.threads)))
         self._chunk_tpot, self._smallest_peak = self._simulate_grid()
         self._reference = self._grid_reference()
-        self.kv_budget = (KVBudget.parse(budget) if budget is not None
-                          else KVBudget(tpot=Budget.fixed(float(f"{self.suggested_budget_ms:.6g}"))))
+        self.kv_budget = self._resolve_budget(budget)
         self.budget = self.kv_budget.tpot  # envs.protocols.GroupEnv: the TPOT budget agents draw from
         self._warn_if_budget_unreachable(self.kv_budget)
         self.trajectory_nvec = tuple(int(n) for n in self.action_space.nvec) * self.episode_steps
@@ -213,6 +208,21 @@ class StreamingKVEnv(KnobgymEnv):
                         dtype=np.float32)
         self.observation_space = spaces.Box(low=np.zeros_like(high), high=high, dtype=np.float32)
         self._streamer: DocumentStreamer | None = None
+
+    @staticmethod
+    def _model_and_documents(model, documents, model_path, model_spec, dataset, text_column) -> tuple[Any, list]:
+        """The model and the token-id documents: given, or loaded (the dataset read before the model)."""
+        if model is None:
+            texts = read_text_documents(dataset, text_column) if dataset is not None else None
+            model, tokenizer = load_kv_model(model_path, model_spec)
+            if documents is None:
+                documents = tokenize_documents(tokenizer, texts) if texts is not None else default_documents(tokenizer)
+        elif dataset is not None or model_spec is not None:
+            raise ValueError("dataset / model_spec were given with a loaded model; accepted: model and documents, "
+                             "or model_path / model_spec and optionally dataset")
+        elif documents is None:
+            raise ValueError("documents=None with a custom model; accepted: a list of token-id sequences")
+        return model, [list(map(int, doc)) for doc in documents]
 
     # --- latency ----------------------------------------------------------------------------
     @property
@@ -276,13 +286,24 @@ class StreamingKVEnv(KnobgymEnv):
         """Episodes (document windows) in ``split`` (default: the env's split); ``sample_id`` ranges over them."""
         return len(self.windows[check_split(self.split if split is None else split)])
 
+    def _resolve_budget(self, value: Any) -> KVBudget:
+        """``value`` in any KV budget form, its device-relative TPOT part resolved against this env's
+        achievable TPOT range; the suggested budget is written to 6 significant digits, so the budget
+        a run records (``str``) reads back as the same one."""
+        return device_kv_budget(value, self.achievable_range_ms, float(f"{self.suggested_budget_ms:.6g}"))
+
     def _episode_budget(self, value: Any) -> KVBudget:
-        """A budget given at reset or to a group: a form without a KV cap keeps the env's cap (warned
-        about once when it cannot be met)."""
-        parsed = KVBudget.parse(value)
-        budget = parsed if parsed.has_cap else self.kv_budget.with_tpot(parsed.tpot)
-        self._warn_if_budget_unreachable(budget)
-        return budget
+        """A budget given at reset or to a group (``auto`` and fractions too): a form without a KV cap
+        keeps the env's cap and is not warned about (as on the knob envs: agents draw episode budgets
+        around the env's range on purpose, ``budget_jitter``, and every drawn value would warn); a
+        cap other than the env's (warned about when the env was made) is warned about once when it
+        cannot be met."""
+        parsed = self._resolve_budget(value)
+        if not parsed.has_cap:
+            return self.kv_budget.with_tpot(parsed.tpot)
+        if parsed.cap_tokens(self.bytes_per_token) != self.kv_budget.cap_tokens(self.bytes_per_token):
+            self._warn_if_budget_unreachable(parsed)
+        return parsed
 
     def _new_streamer(self, split: str, sample_id: int) -> DocumentStreamer:
         doc_index, start = self.windows[split][sample_id]

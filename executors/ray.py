@@ -21,6 +21,7 @@ import logging
 from collections import deque
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Sequence
+from backends.checks import check_int
 
 INSTALL_HINT = "install with pip install -e '.[ray]'"
 
@@ -193,8 +194,7 @@ class RayExecutor:
     in_process = False
 
     def __init__(self, workers: int = 2, threads: int = 1, max_retries: int = 3):
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"rollout.workers={workers!r} is invalid; accepted: an integer >= 1")
+        check_int("rollout.workers", workers, 1)
         self.workers, self.threads, self.max_retries = workers, int(threads), int(max_retries)
         self.pools: list[RayPool] = []
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from envs.budget import Budget, KVBudget, device_budget, is_device_relative
+from envs.budget import Budget, device_budget, device_kv_budget
 from envs.protocols import group_env
 
 AUTO = "auto"
@@ -61,21 +61,27 @@ def probe_suggested_budget(env_cfg: dict, backend_cfg: dict, estimator_spec: str
     return round_budget_ms(suggested)
 
 
-def run_budget(value: Any) -> Budget | KVBudget:
+def run_budget(value: Any) -> Any:
     """A ``budget=`` value parsed once, at the CLI's boundary: a :class:`Budget`, or a
     :class:`KVBudget` for a form with a KV cap (``20ms+256tok``); the env receives the object.
-    A device-relative form (``auto``, ``50%``, ``[25%,75%]``) is checked here and returned as given:
-    only the env knows its device's achievable range (:func:`envs.budget.device_budget`)."""
-    if is_device_relative(value):
-        device_budget(value)
-        return value
+    A device-relative form (``auto``, ``50%``, ``[25%,75%]``, ``50%+256tok``) is checked here and
+    returned as given: only the env knows its device's achievable range
+    (:func:`envs.budget.device_budget`, :func:`envs.budget.device_kv_budget`)."""
     try:
-        return Budget.parse(value)
+        budget = device_budget(value)
     except ValueError as error:
         try:
-            return KVBudget.parse(value)
+            budget = device_kv_budget(value)
         except ValueError:
             raise error from None
+    return value if budget is None else budget
+
+
+def recorded_budget(env) -> str:
+    """The budget an env resolved, as a run records it: a KV env's whole budget (TPOT and cache cap,
+    ``env.kv_budget``), any other env's latency budget."""
+    base = group_env(env)
+    return str(getattr(base, "kv_budget", base.budget))
 
 
 def round_budget_ms(ms: float) -> float:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from envs.budget import KVBudget, device_budget
+from envs.budget import device_budget, device_kv_budget, split_kv_budget
 from knobgym_cli.usage import UsageError, fail
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -199,15 +199,17 @@ def check_budget_override(arg: str, value: str, argv: Sequence[str]) -> None:
     from knobgym_cli.overrides import parse_override
 
     parsed = parse_override(arg).value()
+    form = dict(parsed) if isinstance(parsed, dict) else value
     try:
         device_budget(parsed if not isinstance(parsed, dict) else value)  # '50%' too: the env resolves it
         return
-    except ValueError as error:  # a KV budget ('20ms+256tok') is a Budget plus a cache cap
+    except ValueError as error:  # a KV budget ('20ms+256tok', '50%+256tok') is a budget plus a cache cap
         try:
-            kv = KVBudget.parse(dict(parsed) if isinstance(parsed, dict) else value)
+            device_kv_budget(form)
         except ValueError as kv_error:
             raise (kv_error if isinstance(parsed, dict) or "+" in value else error) from None
-    if not kv.has_cap:
+    tpot, cap = split_kv_budget(form)
+    if cap is None:
         return
     import envs  # noqa: F401  (registers the env ids)
     from envs.kv_registration import kv_env_ids
@@ -220,7 +222,7 @@ def check_budget_override(arg: str, value: str, argv: Sequence[str]) -> None:
                       if isinstance(item, DictConfig) and "env" in item)
     if env_id not in kv_env_ids():
         raise UsageError(f"budget={value} has a KV-cache cap, which env {env_id} has no cache to apply to; "
-                         f"accepted: a latency budget such as {kv.tpot} for {env_id}, or a KV env "
+                         f"accepted: a latency budget such as {tpot} for {env_id}, or a KV env "
                          f"({', '.join(kv_env_ids())}) for a KV cap")
 
 

@@ -5,7 +5,8 @@ Every command-line override is parsed the way Hydra parses it (so ``seed=3`` is 
 :class:`UsageError` naming the key, the value and what is accepted, raised before Hydra creates a
 run folder. Agent options (``agent.<option>=...``, and the baselines' ``baselines.<agent>.<option>``)
 are checked against the type of their default in ``conf/agent/<agent>.yaml``, then through the
-config dataclass the agent declares (``Agent.config_class``), else against :data:`AGENT_OPTIONS`.
+config dataclass the agent declares (``Agent.config_class``: help and bounds per field); the CLI
+lists no agent's options itself.
 
 ``resume=<dir>`` must name a run folder that holds a checkpoint (:func:`check_resume`).
 
@@ -16,12 +17,13 @@ the env and the backend check their own arguments.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Sequence
 
 from knobgym_cli.usage import UsageError
 from backends.base import SPLITS
+from backends.checks import is_int
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -69,7 +71,7 @@ class Option:
         if value is None:
             return self.nullable
         if self.kind == "int":
-            return isinstance(value, int) and not isinstance(value, bool) and self._in_range(value)
+            return is_int(value) and self._in_range(value)
         if self.kind == "float":
             return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
                     and self._in_range(value))
@@ -107,17 +109,6 @@ def _count(help_text: str, low: int = 1, nullable: bool = False) -> Option:
 _SPLIT = Option("choice", "a data split", choices=SPLITS)
 _THREADS = _count("torch intra-op threads; null: backends.threads.DEFAULT_TORCH_THREADS", nullable=True)
 _SEED = Option("int", "random seed", low=0, high=2**32 - 1)  # numpy and torch both accept this range
-
-#: agent options of the agents without a config dataclass (and ``seed`` of every agent)
-AGENT_OPTIONS: dict[str, dict[str, Option]] = {
-    "bandit": {"rounds": _count("fit episodes"), "alpha": Option("float", "exploration bonus", low=0),
-               "ridge": Option("float", "ridge regulariser", low=0, low_open=True)},
-    "static": {"calibration_samples": _count("calibration samples"), "calibration_split": _SPLIT},
-    "ppo": {"total_timesteps": _count("environment steps"), "n_steps": _count("steps per rollout", low=2),
-            "batch_size": _count("minibatch size"),
-            "learning_rate": Option("float", "Adam step size", low=0, low_open=True),
-            "budget_jitter": Option("float", "relative budget jitter", low=0, high=1, high_open=True)},
-}
 
 #: the typed options of each CLI config (``config`` = train.py, ``evaluate`` = evaluate.py)
 SCHEMAS: dict[str, dict[str, Option]] = {
@@ -256,17 +247,20 @@ def check_agent_options(agent: str, options: dict[str, tuple[Any, str]], prefix:
 
     Unknown options are an error listing the agent's options; each value must have the type of
     its default in ``conf/agent/<agent>.yaml``; then the agent's declared config dataclass
-    (``Agent.config_class``) validates the whole set, or :data:`AGENT_OPTIONS` each value.
+    (``Agent.config_class``) validates the whole set.
     """
     from omegaconf import OmegaConf
 
     path = CONF_DIR / "agent" / f"{agent}.yaml"
     if not path.exists():  # an agent configured outside conf/ (hydra.searchpath) checks its own options
         return
+    from agents import agent_class, list_agents
+
     defaults = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     defaults.pop("name", None)
-    declared = AGENT_OPTIONS.get(agent, {})
-    known = set(defaults) | set(declared) | {"seed"}
+    config_class = agent_class(agent).config_class if agent in list_agents() else None
+    declared = {f.name for f in fields(config_class)} if config_class is not None else set()
+    known = set(defaults) | declared | {"seed"}
     for option, (value, raw) in options.items():
         key = f"{prefix}.{option}"
         if option not in known:
@@ -274,16 +268,11 @@ def check_agent_options(agent: str, options: dict[str, tuple[Any, str]], prefix:
                              f"{', '.join(sorted(known)) or '(none)'}")
         if option == "seed":
             _SEED.check(key, value, raw)
-        elif option in declared:
-            declared[option].check(key, value, raw)
         else:
             _check_like_default(key, value, raw, defaults.get(option))
-    from agents import agent_class, list_agents
-
-    config_class = agent_class(agent).config_class if agent in list_agents() else None
     if config_class is not None:
         merged = {k: v for k, v in defaults.items() if not (isinstance(v, str) and v.startswith("${"))}
-        merged.update({k: v for k, (v, _) in options.items()})
+        merged.update({k: v for k, (v, _) in options.items() if k in declared})
         try:
             config_class.from_dict(merged)
         except (ValueError, TypeError) as exc:

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from backends.checks import check_int
+from backends.decoding.strategies import DECODING_STRATEGIES, strategy
 from backends.io import read_checksummed_json, write_checksummed_json
 from latency_model.cache import cache_key, default_cache_dir
 from latency_model import speed
@@ -45,8 +46,8 @@ from latency_model.profile import FINGERPRINT_KEYS_THAT_MATTER, RunTimer, device
 from latency_model.report import Accuracy, accuracy
 
 PROFILE_FORMAT = "knobgym-decoding-profile/1"
-STRATEGY_NAMES = ("greedy", "beam", "sampling", "speculative")
-FEATURE_NAMES = ("is_greedy", "is_beam", "is_sampling", "is_speculative", "num_beams", "temperature", "lookahead",
+STRATEGY_NAMES = tuple(DECODING_STRATEGIES)
+FEATURE_NAMES = (*(f"is_{name}" for name in STRATEGY_NAMES), "num_beams", "temperature", "lookahead",
                  "expected_acceptance", "chat_template", "prompt_tokens", "new_tokens", "target_passes",
                  "draft_passes", "beam_token_work", "prompt_work", "speculative_rounds")
 #: cost terms of the non-negative linear part (plus a constant)
@@ -155,13 +156,13 @@ class DecodingLatencyEstimator:
             raise ValueError(f"cannot fit a decoding latency estimator on {len(rows)} rows; accepted: >= 4")
         groups: dict[tuple, list[float]] = {}
         for r in rows:
-            if r["strategy"] == "speculative":
+            if strategy(r["strategy"]).uses_draft:
                 groups.setdefault((int(r["num_assistant_tokens"]), bool(r["chat_template"])), []).append(
                     float(r["accepted_per_pass"]))
         self.acceptance = {k: float(np.mean(v)) for k, v in sorted(groups.items())}
         X = self._features([_Knobs(**{k: r[k] for k in _Knobs.__annotations__}) for r in rows],
                            [(r["prompt_tokens"], r["new_tokens"],
-                             r["accepted_per_pass"] if r["strategy"] == "speculative" else None) for r in rows])
+                             r["accepted_per_pass"] if strategy(r["strategy"]).uses_draft else None) for r in rows])
         y = np.array([r["latency_ms"] for r in rows], dtype=np.float64)
         self.model = AnalyticTreeModel(FEATURE_NAMES, ANALYTIC_COLUMNS, self.seed).fit(X, y)
         self.baseline = AnalyticModel(FEATURE_NAMES, ("new_tokens",)).fit(X, y)
@@ -194,26 +195,18 @@ class DecodingLatencyEstimator:
         for i, (k, c) in enumerate(zip(configs, counts)):
             prompt, new, given = (*c, None)[:3] if isinstance(c, tuple) else (
                 c.prompt_tokens, c.new_tokens, getattr(c, "accepted_per_pass", None))
-            s = k.strategy
-            X[i, col[f"is_{s}"]] = 1.0
-            beams = int(k.num_beams) if s == "beam" else 1
-            look = int(k.num_assistant_tokens) if s == "speculative" else 0
+            decoding = strategy(k.strategy)
+            X[i, col[f"is_{decoding.name}"]] = 1.0
             acc = 0.0
-            if s == "speculative":
+            if decoding.uses_draft:
+                look = int(getattr(k, decoding.knob))
                 acc = float(given) if given is not None else self.expected_acceptance(look, k.chat_template)
-            passes = new / (1.0 + acc) if s == "speculative" else float(new)
-            X[i, col["num_beams"]] = beams
-            X[i, col["temperature"]] = float(k.temperature) if s == "sampling" else 0.0
-            X[i, col["lookahead"]] = look
+            for name, value in decoding.cost(k, prompt, new, acc).items():
+                X[i, col[name]] = value
             X[i, col["expected_acceptance"]] = acc
             X[i, col["chat_template"]] = float(bool(k.chat_template))
             X[i, col["prompt_tokens"]] = prompt
             X[i, col["new_tokens"]] = new
-            X[i, col["target_passes"]] = passes
-            X[i, col["draft_passes"]] = passes * look
-            X[i, col["beam_token_work"]] = beams * new if s == "beam" else 0.0
-            X[i, col["prompt_work"]] = prompt * beams
-            X[i, col["speculative_rounds"]] = passes if s == "speculative" else 0.0
         return X
 
     def predict(self, configs: Sequence, token_counts: Sequence) -> np.ndarray:
@@ -286,7 +279,7 @@ def held_out_report(profile: dict, seed: int = 0) -> DecodingHeldOutReport:
     rows = [r for r, h in zip(profile["rows"], hold) if h]
     configs = [_Knobs(**{k: r[k] for k in _Knobs.__annotations__}) for r in rows]
     counts = [(r["prompt_tokens"], r["new_tokens"]) for r in rows]
-    acc = [r["accepted_per_pass"] if r["strategy"] == "speculative" else None for r in rows]
+    acc = [r["accepted_per_pass"] if strategy(r["strategy"]).uses_draft else None for r in rows]
     measured = np.array([r["latency_ms"] for r in rows])
     predicted = est.predict(configs, [(*c, a) for c, a in zip(counts, acc)])
     per = {}

@@ -27,17 +27,20 @@ import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-from scipy.optimize import nnls
-from sklearn.ensemble import GradientBoostingRegressor
 
 from backends.io import CorruptFileError, read_checksummed_json, write_checksummed_json
 from backends.knobs import KnobConfig
 from latency_model.features import FEATURE_NAMES, STAGE1_FEATURE_NAMES, CostFeatures
 from latency_model.profile import (FINGERPRINT_KEYS_THAT_MATTER, ProfileData, ProfileNoise, identity_key,
                                    knob_space_from_dict)
+
+# scipy and scikit-learn only fit estimators, so they are imported where a fit happens: a process
+# that reads a saved estimator (every env, every vector-env worker) does without them.
+if TYPE_CHECKING:
+    from sklearn.ensemble import GradientBoostingRegressor
 
 ESTIMATOR_FORMAT = "knobgym-latency-estimator/2"
 METHODS = ("analytic_gbt", "gbt", "analytic", "flops_linear")
@@ -105,6 +108,8 @@ class AnalyticModel:
         A = self._design(X)
         scale = np.abs(A).max(axis=0)
         scale[scale == 0] = 1.0
+        from scipy.optimize import nnls
+
         # Dividing each row by y turns squared error into squared relative error.
         coef, _ = nnls((A / scale) / y[:, None], np.ones(len(y)), maxiter=50 * A.shape[1])
         self.coef = coef / scale
@@ -213,6 +218,8 @@ def _fit_trees(X: np.ndarray, target: np.ndarray, seed: int) -> BoostedTrees:
     # Small profiles (a few hundred rows): shallow trees, shrinkage and Huber loss so that one
     # point hit by a burst of load from other processes does not bend the fit. The tree count
     # bounds prediction cost (BENCHMARKS.md: prediction speed).
+    from sklearn.ensemble import GradientBoostingRegressor
+
     model = GradientBoostingRegressor(loss="huber", n_estimators=100, max_depth=3, learning_rate=0.1,
                                       subsample=0.8, min_samples_leaf=3, random_state=seed)
     return BoostedTrees.from_sklearn(model.fit(X, target))

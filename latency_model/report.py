@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from latency_model.estimator import METHODS, fit_regressors, select_method
 from latency_model.profile import ProfileData, parse_runs, run_spread
@@ -46,6 +45,8 @@ def accuracy(predicted: np.ndarray, measured: np.ndarray) -> Accuracy:
         raise ValueError("measured latencies must be > 0")
     rel = np.abs(predicted - measured) / measured
     defined = len(measured) > 1 and np.ptp(predicted) > 0 and np.ptp(measured) > 0
+    from scipy.stats import spearmanr  # here, not at import: an env reading its estimator needs no scipy
+
     rho = spearmanr(predicted, measured).statistic if defined else float("nan")
     return Accuracy(mape=float(100 * rel.mean()), within_5=float((rel <= 0.05).mean()),
                     within_10=float((rel <= 0.10).mean()), spearman=float(rho), n=len(measured))

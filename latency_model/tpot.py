@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from backends.checks import check_int
+from backends.checks import check_int, is_int
 from backends.io import CorruptFileError, read_checksummed_json, write_checksummed_json
 from backends.kv.cache import DEFAULT_STORAGE, KVPolicyCache, num_decoder_layers
 from backends.kv.policies import FullCache, SinkWindow
@@ -88,7 +88,7 @@ class TpotSettings:
     def __post_init__(self) -> None:
         lengths = tuple(self.lengths)
         object.__setattr__(self, "lengths", lengths)
-        if (len(lengths) < 2 or any(isinstance(n, bool) or not isinstance(n, int) for n in lengths)
+        if (len(lengths) < 2 or any(not is_int(n) for n in lengths)
                 or lengths[0] < 2 or any(b <= a for a, b in zip(lengths, lengths[1:]))):
             raise ValueError(f"lengths={lengths!r} is invalid; accepted: at least two increasing integers >= 2")
         for name, low in (("steps", 1), ("repeats", 1), ("remeasure", 0), ("seed", 0)):

@@ -4,7 +4,8 @@ Per request it does what one episode does, without labels or reward: the policy 
 knobs (the vision tier) from the input and the budget, stage 1 runs, the policy picks the rest (MoE
 top-k, depth) from what stage 1 produced, the rest of the model runs, and the answer comes back
 with the knobs, the latency the estimator predicted for them on this input and the measured wall
-clock (:class:`Answer`).
+clock (:class:`Answer`). Each stage's choice passes the budget guard (:mod:`serving.guard`): a
+configuration the estimator bounds over the budget is replaced when one within it exists.
 
 >>> from serving import Controller
 >>> controller = Controller.from_run("runs/MultiKnob-v0/grpo/<timestamp>")   # checkpoint="best"
@@ -33,10 +34,12 @@ import numpy as np
 from agents import Agent, EpisodeContext, agent_class, read_checkpoint
 from backends.base import Sample
 from envs.budget import Budget
+from serving.guard import BudgetGuard
 
 #: the ``Sample.split`` of served requests (never a data split: memos keyed by split cannot collide)
 REQUEST_SPLIT = "request"
 CHECKPOINTS = ("best", "latest")
+STATIC_FILE = "static.safetensors"  #: the run's calibrated static, under baselines/
 
 
 class ControllerError(ValueError):
@@ -74,6 +77,8 @@ class Answer:
     counts (what an env charges); ``measured_ms``: the wall clock of the whole request (policy and
     model); ``model_ms``: the backend's own timing of the model stages. ``within_budget`` compares
     ``measured_ms`` with the budget. ``score`` is ``None`` unless the request carried answers.
+    ``guard`` is what the budget guard did (:mod:`serving.guard`: ``kept``, ``replaced`` or
+    ``fallback``; ``None`` when the controller serves unguarded).
     """
 
     id: Any
@@ -87,6 +92,7 @@ class Answer:
     within_budget: bool
     score: float | None = None
     warning: str | None = None
+    guard: str | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None or k in ("score",)}
@@ -113,6 +119,10 @@ class _RequestView(gym.Env):
         self.trajectory_nvec, self.stage_heads = env.trajectory_nvec, env.stage_heads
         self.requests: dict[int, Sample] = {}
         self.states: dict[int, Any] = {}
+        # Fixed per env; attributes, not properties: agents check the GroupEnv protocol on every act,
+        # and that check reads every member (BENCHMARKS.md, "Serving").
+        self.achievable_range_ms: tuple[float, float] = env.achievable_range_ms
+        self.suggested_budget_ms: float = env.suggested_budget_ms
 
     def num_samples(self, split: str) -> int:
         return len(self.requests)
@@ -133,13 +143,6 @@ class _RequestView(gym.Env):
     def provenance(self) -> dict:
         return self.env.provenance()
 
-    @property
-    def achievable_range_ms(self) -> tuple[float, float]:
-        return self.env.achievable_range_ms
-
-    @property
-    def suggested_budget_ms(self) -> float:
-        return self.env.suggested_budget_ms
 
 
 class Controller:
@@ -155,9 +158,14 @@ class Controller:
         agent: the frozen agent (any trainable agent: grpo, grpo_lm, ppo, bandit, static, greedy).
         budget: the default budget of requests that give none (default: the env's budget, its
             middle for a range).
+        guard: the budget guard (:class:`serving.guard.BudgetGuard`): ``True`` (default) one whose
+            fallback is the configuration with the lowest bound, or a guard (e.g. with the run's
+            calibrated static as fallback, as :meth:`from_run` builds), or ``None`` to serve the
+            policy's choices as they are. Settable (:attr:`guard`).
     """
 
-    def __init__(self, env: gym.Env, agent: Agent, budget: Any = None, *, source: dict | None = None):
+    def __init__(self, env: gym.Env, agent: Agent, budget: Any = None, *, source: dict | None = None,
+                 guard: BudgetGuard | bool | None = True):
         base = env.unwrapped
         if not hasattr(base, "request_observation"):
             raise ControllerError(f"env {type(base).__name__} cannot serve requests; accepted: MultiKnob-v0, "
@@ -171,6 +179,7 @@ class Controller:
         b = base.budget
         self.budget_ms = parse_request_budget(budget) if budget is not None else 0.5 * (b.low_ms + b.high_ms)
         self.source = dict(source or {})
+        self.guard = BudgetGuard(base) if guard is True else (guard or None)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._warned: set[float] = set()
@@ -178,7 +187,7 @@ class Controller:
     # ------------------------------------------------------------------------------ loading
     @classmethod
     def from_run(cls, run: str | Path, checkpoint: str = "best", *, backend: Any = None, estimator: Any = None,
-                 budget: Any = None, agent: Agent | None = None) -> "Controller":
+                 budget: Any = None, agent: Agent | None = None, guard: str | None = "expected") -> "Controller":
         """The controller of run folder ``run`` (``runs/<env>/<agent>/<timestamp>``).
 
         Args:
@@ -190,6 +199,10 @@ class Controller:
                 cached estimator (see "Moving a controller to another device" in the README).
             budget: the default budget (default: the run's).
             agent: a fitted agent to serve instead of the checkpoint's (the run's env is still used).
+            guard: serve through the budget guard, bounding answers with their ``expected`` length
+                (default) or ``every`` length up to the generation cap (:class:`serving.guard.BudgetGuard`),
+                with the static configuration the run calibrated (``baselines/static.safetensors``) as
+                its fallback when the run has one; ``None``: unguarded.
         """
         run_dir = Path(run)
         if checkpoint not in CHECKPOINTS:
@@ -216,7 +229,9 @@ class Controller:
             agent = cls_.restore(env, ckpt["state"]).freeze()
         source = {"run": str(run_dir), "checkpoint": ckpt_path.name, "agent": agent.name, "env": ckpt["env_id"],
                   "step": ckpt["metadata"].get("step"), "run_budget": str(config.get("budget"))}
-        return cls(env, agent, budget, source=source)
+        if guard is not None:
+            guard = BudgetGuard(env.unwrapped, run_static(env, run_dir), answer_lengths=guard)
+        return cls(env, agent, budget, source=source, guard=guard)
 
     # ------------------------------------------------------------------------------ serving
     @property
@@ -260,14 +275,14 @@ class Controller:
         sample = self._sample(request)
         with self._lock:
             start = time.perf_counter()
-            knobs, trajectory, outcome = self._run(sample, budget_ms)
+            knobs, trajectory, outcome, guarded = self._run(sample, budget_ms)
             measured_ms = (time.perf_counter() - start) * 1e3
             predicted = float(self.env.request_latency_ms(sample, [trajectory])[0])
             estimated = float(self.env.latency.predict_ms([outcome.knobs], [outcome.token_counts])[0])
         return Answer(id=request.id, answer=outcome.answer, knobs=outcome.knobs.as_dict(), budget_ms=budget_ms,
                       predicted_ms=predicted, estimated_ms=estimated, measured_ms=measured_ms,
                       model_ms=float(outcome.measured_ms), within_budget=measured_ms <= budget_ms,
-                      score=float(outcome.score) if request.answers else None, warning=warning)
+                      score=float(outcome.score) if request.answers else None, warning=warning, guard=guarded)
 
     def _sample(self, request: Request) -> Sample:
         space = self.env.space
@@ -287,25 +302,34 @@ class Controller:
                       image=image, question_type=qtype, meta={"answers": answers})
 
     def _run(self, sample: Sample, budget_ms: float):
-        """One episode's decisions and model runs on ``sample``: ``(knobs, trajectory, outcome)``."""
+        """One episode's decisions and model runs on ``sample``: ``(knobs, trajectory, outcome, guard)``
+        (``guard``: what the budget guard did, ``None`` unguarded)."""
         env, view, rid = self.env, self.view, sample.sample_id
+        plan = self.guard.plan(sample, budget_ms) if self.guard is not None else None
         view.requests[rid] = sample
         try:
             trajectory = np.zeros(len(env.trajectory_nvec), dtype=np.int64)
+            if plan is not None and plan.fallback is not None:  # nothing admissible: the policy is not asked
+                trajectory[:], plan.outcome = plan.fallback, "fallback"
             state = None
             for stage, heads in enumerate(env.stage_heads):
                 if stage > 0 and state is None:  # the earlier stages chose the tier (and token budget): stage 1 runs
                     chosen = env.action_to_knobs(env.to_env_action(trajectory))
                     state = view.states[rid] = self.backend.run_stage1(sample, chosen.tier, chosen.token_budget)
+                if plan is not None and plan.fallback is not None:
+                    continue
                 obs = env.request_observation(sample, budget_ms, stage, state)
                 context = EpisodeContext(view, rid, budget_ms, REQUEST_SPLIT, stage,
                                          None if stage == 0 else tuple(int(v) for v in trajectory))
                 action = np.asarray(self.agent.act(obs, context), dtype=np.int64).reshape(-1)
                 trajectory[list(heads)] = action[list(heads)]  # agents return whole trajectory vectors
+                if plan is not None:
+                    earlier = [h for s in env.stage_heads[:stage] for h in s]
+                    trajectory = plan.check(trajectory, list(heads), earlier)
             knobs = env.space.resolve(env.action_to_knobs(env.to_env_action(trajectory)))
             if state is None:  # a one-stage env (TokenBudget-v0): both model stages run now
                 state = self.backend.run_stage1(sample, knobs.tier, knobs.token_budget)
-            return knobs, trajectory, self.backend.run_stage2(state, knobs)
+            return knobs, trajectory, self.backend.run_stage2(state, knobs), None if plan is None else plan.outcome
         finally:
             view.requests.pop(rid, None)
             view.states.pop(rid, None)
@@ -352,14 +376,11 @@ def calibrated_static(controller: Controller, run: str | Path, budgets_ms: Itera
     controller and notes saying which budgets were calibrated where.
     """
     env = controller.env
-    cls_ = agent_class("static")
-    path = Path(run) / "baselines" / "static.safetensors"
     notes = []
-    if path.is_file():
-        static = cls_.restore(env, read_checkpoint(path, agent="static")["state"])
-    else:
-        static = cls_.from_env(env)
-        notes.append(f"the run has no {path.name}: static calibrated here")
+    static = run_static(env, run)
+    if static is None:
+        static = agent_class("static").from_env(env)
+        notes.append(f"the run has no baselines/{STATIC_FILE}: static calibrated here")
     budgets = sorted({float(b) for b in budgets_ms})
     missing = [b for b in budgets if not any(abs(np.log(c / b)) < 0.01 for c in static.table)]
     if missing:
@@ -372,4 +393,13 @@ def calibrated_static(controller: Controller, run: str | Path, budgets_ms: Itera
                      f"{', '.join(f'{b:g}ms' for b in sorted(static.table) if b not in missing) or 'no budget'})")
     else:
         notes.append(f"static: the run's calibration at {', '.join(f'{b:g}ms' for b in budgets)}")
-    return Controller(env, static, controller.budget_ms, source={**controller.source, "agent": "static"}), notes
+    return Controller(env, static, controller.budget_ms, source={**controller.source, "agent": "static"},
+                      guard=None), notes
+
+
+def run_static(env: gym.Env, run: str | Path) -> Agent | None:
+    """The static agent the run calibrated (``baselines/static.safetensors``, read as data), or ``None``."""
+    path = Path(run) / "baselines" / STATIC_FILE
+    if not path.is_file():
+        return None
+    return agent_class("static").restore(env, read_checkpoint(path, agent="static")["state"])

@@ -69,7 +69,7 @@ def dead_pid() -> int:
     ("config", ["agent.total_updates=-1"], "agent.total_updates=-1 is invalid; accepted: an integer >= 0"),
     ("config", ["agent.learning_rate=abc"], "agent.learning_rate=abc is invalid; accepted: a finite number"),
     ("config", ["agent.learning_rate=0"], "agent.learning_rate=0 is invalid; accepted: a finite number > 0"),
-    ("config", ["agent.num_generations=1"], "agent.num_generations=1 is invalid; accepted: >= 2"),
+    ("config", ["agent.num_generations=1"], "agent.num_generations=1 is invalid; accepted: an integer >= 2"),
     ("config", ["agent.hidden_sizes=64"], "agent.hidden_sizes=64 is invalid; accepted: a list like [64, 64]"),
     ("config", ["agent.seed=x"], "agent.seed=x is invalid; accepted: an integer >= 0"),
     ("config", ["agent.nope=1"], "unknown option 'agent.nope' of agent grpo; accepted: batch_size"),

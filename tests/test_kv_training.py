@@ -181,3 +181,32 @@ def test_budget_auto_builds_a_kv_env_as_the_run_does_and_keeps_sub_millisecond_b
     assert round_budget_ms(0.72149) == 0.721 and round_budget_ms(28.47) == 28.0
     points = auto_budgets((0.63, 0.81))
     assert len(set(points)) == len(points) and all(0.63 <= p <= 0.81 for p in points)
+
+
+def test_cli_budget_fractions_reach_a_kv_env_and_are_recorded_resolved():
+    """train.py's ``budget=`` on a KV env: a fraction of the TPOT range (and a cap after it, also as a
+    Hydra mapping) passes the CLI's boundary as given, the env resolves it once, and the run records
+    the resolved budget, cap included (:func:`knobgym_cli.budgets.recorded_budget`)."""
+    from omegaconf import OmegaConf
+
+    from knobgym_cli.budgets import recorded_budget, run_budget
+    from knobgym_cli.phases import build_run_env
+
+    env_cfg = {"id": "StreamingKV-v0", "kwargs": {"episode_tokens": 16, "chunk_tokens": 8, "knob_grid": GRID,
+                                                  "tpot_model": TPOT}}
+    recorded = {}
+    for given in ("[25%,75%]+40tok", OmegaConf.create({"tpot": "[25%,75%]", "kv": "40tok"}), "50%"):
+        assert run_budget(given) is given  # device-relative: only the env knows its range
+        env, _, (lo, hi), _ = build_run_env(env_cfg, {"name": "tiny"}, run_budget(given), None)
+        recorded[str(given)] = recorded_budget(env)
+    quarter, three_quarters = (f"{lo + f * (hi - lo):g}ms" for f in (0.25, 0.75))
+    assert list(recorded.values()) == [f"[{quarter[:-2]}ms,{three_quarters[:-2]}ms]+40tok"] * 2 + [
+        f"{lo + 0.5 * (hi - lo):g}ms"]
+    assert str(run_budget(recorded["50%"])) == recorded["50%"]  # a resumed run reads the record back
+
+
+def test_train_cli_bad_kv_budget_fraction_is_one_line_before_any_work(tmp_path):
+    result = run_cli(["env=StreamingKV-v0", "budget=150%+40tok"], tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "150%" in result.stderr and "between 0% and 100%" in result.stderr
+    assert not (tmp_path / "runs").exists()

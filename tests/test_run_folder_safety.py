@@ -304,6 +304,7 @@ def test_backend_trace_never_writes_to_a_file_that_is_not_a_trace(tmp_path, kind
     ("config", ["hydra.run.dir={file}/x"], "hydra.run.dir={file}/x lies under the file '{file}'"),
     ("config", ["+env.kwargs.nope=1"], "unknown option env.kwargs.nope of env MultiKnob-v0; accepted: "),
     ("config", ["budget=20ms+256tok"], "budget=20ms+256tok has a KV-cache cap, which env MultiKnob-v0 has no cache"),
+    ("config", ["budget=50%+256tok"], "budget=50%+256tok has a KV-cache cap, which env MultiKnob-v0 has no cache"),
     ("config", ["env=StreamingKV-v0", "budget=20ms+1e400tok"], "the KV cap '1e400tok' is too large"),
     ("config", ["eval.budgets=4x5ms"], "invalid budget '4x5ms': cannot parse"),
     ("config", ["agent.hidden_sizes=[64.5,3]"], "agent.hidden_sizes=[64.5, 3] is invalid; accepted: a list of whole"),
@@ -325,6 +326,8 @@ def test_bad_input_is_one_line_naming_the_key_before_any_work(tmp_path, config, 
 
 @pytest.mark.parametrize("args", [["env=StreamingKV-v0", "budget={tpot:[15ms,25ms],kv:256tok}"],
                                   ["env=StreamingKV-v0", "budget=20ms+256tok"], ["eval.budgets=45ms"],
+                                  ["env=StreamingKV-v0", "budget={tpot:[25%,75%],kv:256tok}"],
+                                  ["env=StreamingKV-v0", "budget={tpot:50%,kv:256tok}"],
                                   ["budget=[35ms,55ms]"]])
 def test_documented_budget_forms_pass(args):
     from knobgym_cli.build import eval_budgets

@@ -80,6 +80,19 @@ def test_budget_auto_resolves_to_the_suggested_budget_and_is_recorded(first_run)
     assert "warning" not in result.stderr.lower()  # auto never picks a budget out of range
 
 
+def test_tensorboard_test_scalars_sit_at_the_step_training_ended(first_run):
+    """``test/<agent>/*`` beside the run's last training and validation points, not at step 0."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _, _ = first_run
+    events = EventAccumulator(str(run)).Reload()
+    tags = events.Tags()["scalars"]
+    last = max(e.step for tag in tags if tag.startswith("train/") for e in events.Scalars(tag))
+    test_tags = [tag for tag in tags if tag.startswith("test/")]
+    assert last == 2 and {"test/grpo/score", "test/greedy/violation_rate"} <= set(test_tags)  # agent.total_updates=2
+    assert {e.step for tag in test_tags for e in events.Scalars(tag)} == {last}
+
+
 def test_report_names_the_chosen_checkpoint_and_why(first_run):
     run, _, _ = first_run
     report = json.loads((run / "report.json").read_text())

@@ -77,8 +77,9 @@ def request_of(split: str, index: int, budget=BUDGET) -> Request:
 @pytest.mark.parametrize("name", AGENTS)
 def test_every_trainable_agent_serves_the_env_episode_choice(runs, env, name):
     """The controller's knobs, answer and score equal the env episode's on the same input and budget:
-    the served observation path is the env's, with no labels or reward involved in choosing."""
-    controller = Controller.from_run(runs[name], estimator=AnalyticEstimator())
+    the served observation path is the env's, with no labels or reward involved in choosing (the
+    policy's own choices: unguarded)."""
+    controller = Controller.from_run(runs[name], estimator=AnalyticEstimator(), guard=None)
     assert controller.agent.name == name and controller.budget_ms == 80.0
     reference = Controller.from_run(runs[name], estimator=AnalyticEstimator()).agent  # a fresh copy for the env
     for index in range(2):
@@ -90,6 +91,61 @@ def test_every_trainable_agent_serves_the_env_episode_choice(runs, env, name):
         assert answer.estimated_ms == pytest.approx(info["latency_ms"])
         assert answer.predicted_ms > 0 and answer.measured_ms > 0 and answer.model_ms > 0
         assert answer.within_budget == (answer.measured_ms <= 80.0) and answer.id == f"test-{index}"
+
+
+@pytest.mark.parametrize("name", ["greedy", "grpo"])
+def test_the_budget_guard_serves_what_the_estimator_fits_else_the_static(runs, env, name):
+    """Guarded: a policy's choice predicted within budget stands; one predicted over is replaced by the
+    dearest configuration predicted within budget; with none, the calibrated static's configuration is
+    served. Per request the guarded controller is within budget (predicted) whenever the static is."""
+    from serving.controller import calibrated_static
+    from serving.guard import BudgetGuard
+
+    guarded = Controller.from_run(runs[name], estimator=AnalyticEstimator())
+    unguarded = Controller.from_run(runs[name], estimator=AnalyticEstimator(), guard=None)
+    static, _ = calibrated_static(guarded, runs[name], [40.0, 80.0])
+    guarded.guard.fallback = static.agent
+    assert static.guard is None and guarded.guard.lengths == ()
+    seen = set()
+    lo, hi = guarded.achievable_range_ms
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # budgets outside the range, on purpose
+        for budget in (lo / 2, 40.0, (lo + hi) / 2, 80.0):
+            for index in range(3):
+                request = request_of("test", index, budget=f"{budget}ms")
+                one, free, base = guarded.answer(request), unguarded.answer(request), static.answer(request)
+                seen.add(one.guard)
+                if one.guard == "kept":
+                    assert one.knobs == free.knobs and one.predicted_ms <= budget
+                elif one.guard == "replaced":
+                    assert free.predicted_ms > budget >= one.predicted_ms
+                else:
+                    assert one.guard == "fallback" and one.knobs == base.knobs
+                assert one.predicted_ms <= budget or base.predicted_ms > budget
+    assert {"kept", "fallback"} <= seen
+    # a policy that always asks for the full model, at a budget between the cheapest and the dearest
+    # prediction: replaced by the dearest configuration predicted within budget, the greedy rule
+    from agents import agent_class
+
+    full = agent_class("static")()
+    full.table = {80.0: [int(n) - 1 for n in guarded.env.trajectory_nvec]}
+    dear = Controller(guarded.env, full, guard=BudgetGuard(guarded.env, static.agent))
+    greedy = Controller.from_run(runs["greedy"], estimator=AnalyticEstimator(), guard=None)
+    request = request_of("test", 0)
+    expected, _ = dear.guard.latencies(guarded._sample(request))
+    middle = f"{(expected.min() + expected.max()) / 2}ms"
+    one = dear.answer(request_of("test", 0, budget=middle))
+    other = greedy.answer(request_of("test", 0, budget=middle))  # ties may pick other knobs of the same latency
+    assert one.guard == "replaced" and one.predicted_ms == pytest.approx(other.predicted_ms)
+    assert one.predicted_ms <= one.budget_ms
+    # with every answer length up to the generation cap, the bound holds on what the run is charged
+    strict = Controller(guarded.env, guarded.agent, guard=BudgetGuard(guarded.env, static.agent, "every"))
+    assert strict.guard.lengths == tuple(range(guarded.backend.max_new_tokens + 1))
+    for index in range(2):
+        one = strict.answer(request_of("test", index, budget=f"{hi}ms"))
+        assert one.guard == "fallback" or one.estimated_ms <= hi
+    with pytest.raises(ValueError, match="answer_lengths='longest' is invalid; accepted: expected, every"):
+        BudgetGuard(guarded.env, answer_lengths="longest")
 
 
 def test_call_and_batch_forms(runs):
@@ -279,6 +335,8 @@ def test_serve_bad_inputs_are_one_line_before_loading(runs, requests_file, tmp_p
              ([f"run={run}", f"requests={tmp_path / 'none.jsonl'}"], "does not exist"),
              ([f"run={run}", f"requests={bad_line}"], "line 2: image 'images/nope.png' cannot be read"),
              ([f"run={run}", "http.port=99999"], "http.port=99999 is invalid"),
+             ([f"run={run}", f"requests={requests_file}", "guard=strict"],
+              "guard='strict' is invalid; accepted: expected, every, off"),
              ([f"run={run}", f"requests={requests_file}", f"latency.profile={bad_line}"], "latency estimator")]
     for args, words in cases:
         with pytest.raises(ValueError) as caught:
@@ -306,4 +364,6 @@ def test_serve_answers_a_requests_file_with_an_slo_report(runs, requests_file, t
     assert len(rows) == 2 and all(r["requests"] == 6 and 0 <= r["within_budget"] <= 1 for r in rows)
     assert all(r["mean_score"] is not None and r["latency_p95_ms"] >= r["latency_p50_ms"] for r in rows)
     assert "| static (calibrated by the run) | 6 |" in (out / "report.md").read_text()
+    guard = report["rows"][next(iter(report["rows"]))]["guard"]  # the controller's row: guarded by default
+    assert sum(guard.values()) == 6 and all(a["guard"] in ("kept", "replaced", "fallback") for a in answers)
     assert "static calibrated here at 80ms" in (out / "report.md").read_text()  # the in-process run has none

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -236,6 +238,48 @@ def test_unreachable_budget_warns_once_with_a_budget_that_binds(model, documents
         small_env(model, documents, budget=f"{hi}ms+10tok")
     default = small_env(model, documents, budget=None)
     assert default.kv_budget.tpot.low_ms == default.budget.low_ms == pytest.approx(env.suggested_budget_ms, rel=1e-5)
+
+
+def test_device_relative_budgets_resolve_once_against_the_achievable_tpot_range(model, documents):
+    """'auto', '50%' and '[25%,75%]' (with or without a KV cap, as a string or a mapping) mean on a KV
+    env what they mean on the knob envs (envs.budget.device_budget), against its TPOT range."""
+    reference = small_env(model, documents)
+    lo, hi = reference.achievable_range_ms
+    at = lambda fraction: lo + fraction * (hi - lo)  # noqa: E731
+    half = small_env(model, documents, budget="50%")
+    assert half.budget.fixed_ms == pytest.approx(at(0.5)) and not half.kv_budget.has_cap
+    capped = small_env(model, documents, budget="[25%,75%]+40tok")
+    assert (capped.budget.low_ms, capped.budget.high_ms) == (pytest.approx(at(0.25)), pytest.approx(at(0.75)))
+    assert capped.kv_budget.kv_tokens == 40
+    assert small_env(model, documents, budget={"tpot": "[25%,75%]", "kv": "40tok"}).kv_budget == capped.kv_budget
+    assert small_env(model, documents, budget="auto").kv_budget == small_env(model, documents, budget=None).kv_budget
+    assert small_env(model, documents, budget="auto+40tok").kv_budget.kv_tokens == 40
+    # at reset too: a fraction of the same range; a form without a cap keeps the env's
+    _, info = capped.reset(seed=0, options={"budget": "100%"})
+    assert info["budget_ms"] == pytest.approx(hi) and info["kv_cap_tokens"] == 40
+    assert capped.kv_budget.tpot.low_ms == pytest.approx(at(0.25))  # the env's own budget is unchanged
+    made = gym.make(STREAMING_KV_ID, model=model, documents=documents, chunk_tokens=8, episode_tokens=64,
+                    tpot_model=TPOT, budget="50%").unwrapped
+    assert made.kv_budget == half.kv_budget
+
+
+def test_an_episode_budget_is_warned_about_only_for_its_cap(model, documents):
+    """Agents draw episode budgets around the env's range (budget_jitter): a TPOT budget at reset is
+    not warned about, as on the knob envs; a cap given at reset that no configuration meets is."""
+    env = small_env(model, documents)
+    lo, _ = env.achievable_range_ms
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        env.reset(seed=0, options={"budget": lo / 2})
+    with pytest.warns(UserWarning, match="KV cap 9 tokens is below the smallest peak cache"):
+        env.reset(seed=0, options={"budget": f"{lo}ms+9tok"})
+
+
+@pytest.mark.parametrize("budget, message", [("150%", "between 0% and 100%"), ("[80%,20%]+40tok", "low must be <= high"),
+                                             ("50%+40", "cannot parse the KV cap '40'")])
+def test_a_bad_device_relative_kv_budget_is_refused_before_the_model_loads(budget, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        StreamingKVEnv(budget=budget, model_path="/nonexistent/checkpoint")  # the path is never read
 
 
 def test_extreme_budgets_are_a_clear_error_and_rewards_stay_bounded(model, documents):

@@ -4,20 +4,9 @@
 procedural QA task by default; ``conf/backend/*-decoding.yaml`` name real pairs (Qwen2.5-3B with
 a 0.5B draft), loaded offline from a local directory or the local Hugging Face cache only.
 
-Every answer is decoded by ``transformers`` ``generate``:
-
-- ``greedy``: ``do_sample=False, num_beams=1``;
-- ``beam``: ``num_beams=b`` (length penalty 1, ``early_stopping=False``: the library defaults);
-  the outcome carries the source beam of every returned token, read from the search's own
-  back-pointers (``beam_indices`` of ``return_dict_in_generate``), checked for length and range;
-- ``sampling``: ``do_sample=True, temperature=t``, ``top_k=0``, ``top_p=1``; the random stream is
-  seeded from (split, sample id, knobs), so a configuration on a sample always gives the same answer;
-- ``speculative``: ``assistant_model=draft`` with the draft decoding greedily and a fixed lookahead
-  (``num_assistant_tokens``, schedule ``constant``, confidence cut-off off). The target
-  verifies greedily, so the output is the target's greedy output; the outcome carries the
-  acceptance rate and the accepted draft tokens per target pass, counted with forward hooks
-  (target passes ``R``, draft passes ``D``, new tokens ``N``: every target pass adds one token of
-  its own, so ``accepted = N - R``, ``acceptance = accepted / D``).
+Every answer is decoded by ``transformers`` ``generate`` with the keyword arguments of its strategy
+(:mod:`backends.decoding.strategies`: greedy, beam, sampling, speculative; each says what it sets
+up before ``generate`` and what it reads from the output after).
 
 The draft sees the same token ids as the target (one shared tokenizer). The chat-template switch
 is offered only when the target's tokenizer has one (``tokenizer.chat_template is not None``).
@@ -25,8 +14,6 @@ is offered only when the target's tokenizer has one (``tokenizer.chat_template i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +24,8 @@ import numpy as np
 from backends.base import SPLITS, Sample
 from backends.threads import DEFAULT_TORCH_THREADS, set_torch_threads
 from backends.decoding.knobs import STRATEGIES, DecodingKnobError, DecodingKnobs, DecodingSpace
+from backends.decoding.strategies import strategy
+from backends.checks import check_int
 
 TINY_DIR = Path(__file__).resolve().parent.parent / "tiny_lm"
 
@@ -138,10 +127,6 @@ def _normalise(text: str) -> str:
     return " ".join(text.strip().lower().rstrip(".").split())
 
 
-def _stable_seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256(json.dumps(parts, default=str).encode()).digest()[:8], "little") >> 1
-
-
 class HFDecodingBackend:
     """The :class:`~backends.decoding.base.DecodingBackend` of ``transformers`` models: a target, an
     optional draft sharing its tokenizer, QA data, and ``run(sample, knobs)`` through ``generate``.
@@ -176,7 +161,7 @@ class HFDecodingBackend:
         self._identity = {"backend": "decoding", **(identity or {})}
         self.options = dict(options or {})
         self.knob_space = DecodingSpace(
-            strategies=tuple(s for s in STRATEGIES if s != "speculative" or self.draft_model is not None),
+            strategies=tuple(s for s in STRATEGIES if not strategy(s).uses_draft or self.draft_model is not None),
             beams=tuple(int(b) for b in beams), temperatures=tuple(float(t) for t in temperatures),
             lookaheads=tuple(int(k) for k in lookaheads),
             chat_options=(False, True) if self.tokenizer.chat_template is not None else (False,),
@@ -203,9 +188,7 @@ class HFDecodingBackend:
 
     def sample(self, split: str, sample_id: int) -> Sample:
         items = self.samples(split)
-        if isinstance(sample_id, bool) or not isinstance(sample_id, (int, np.integer)) or not 0 <= sample_id < len(items):
-            raise ValueError(f"sample_id={sample_id!r} is invalid for split {split!r}; accepted: 0..{len(items) - 1}")
-        return items[int(sample_id)]
+        return items[check_int("sample_id", sample_id, 0, len(items), where=f"samples of split {split!r}")]
 
     # ---------------------------------------------------------------- prompts and token counts
     def prompt_ids(self, sample: Sample, chat_template: bool) -> list[int]:
@@ -242,23 +225,8 @@ class HFDecodingBackend:
         """The ``generate`` keyword arguments of a resolved configuration."""
         kw: dict[str, Any] = dict(max_new_tokens=self.max_new_tokens, return_dict_in_generate=True,
                                   eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-        if knobs.strategy == "greedy":
-            kw.update(do_sample=False, num_beams=1)
-        elif knobs.strategy == "beam":
-            kw.update(do_sample=False, num_beams=knobs.num_beams, output_scores=True, length_penalty=1.0,
-                      early_stopping=False)
-        elif knobs.strategy == "sampling":
-            kw.update(do_sample=True, num_beams=1, temperature=knobs.temperature, top_k=0, top_p=1.0)
-        else:
-            kw.update(do_sample=False, num_beams=1, assistant_model=self.draft_model)
+        kw.update(strategy(knobs.strategy).generate_kwargs(knobs, self.draft_model))
         return kw
-
-    def _configure_draft(self, lookahead: int) -> None:
-        config = self.draft_model.generation_config
-        config.num_assistant_tokens = int(lookahead)
-        config.num_assistant_tokens_schedule = "constant"
-        config.assistant_confidence_threshold = 0.0
-        config.do_sample = False
 
     def run(self, sample: Sample, knobs: DecodingKnobs) -> DecodingOutcome:
         """Decode one answer under ``knobs`` (validated first), score it, and time it."""
@@ -267,8 +235,7 @@ class HFDecodingBackend:
         knobs = self.knob_space.resolve(knobs)
         ids = self.prompt_ids(sample, knobs.chat_template)
         kwargs = self.generate_kwargs(knobs)
-        if knobs.strategy == "speculative":
-            self._configure_draft(knobs.num_assistant_tokens)
+        decoding = strategy(knobs.strategy)
         counts = {"target": 0, "draft": 0}
         hooks = [self.model.register_forward_hook(lambda *a: counts.__setitem__("target", counts["target"] + 1))]
         if self.draft_model is not None:
@@ -277,8 +244,7 @@ class HFDecodingBackend:
         rng = torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
         try:
             with rng, torch.inference_mode():
-                if knobs.strategy == "sampling":
-                    torch.manual_seed(_stable_seed(sample.split, sample.sample_id, knobs.as_dict()))
+                decoding.prepare(self, sample, knobs)
                 input_ids = torch.tensor([ids], device=self.device)
                 attention_mask = torch.ones_like(input_ids)
                 self._synchronize()
@@ -295,41 +261,17 @@ class HFDecodingBackend:
         new_tokens = len(answer_ids) + (1 if eos in generated else 0)
         answer = self.tokenizer.decode(answer_ids, skip_special_tokens=True).strip()
         score = float(sample.reference is not None and _normalise(answer) == _normalise(str(sample.reference)))
-        extra: dict[str, Any] = {}
-        if knobs.strategy == "beam":
-            extra["beam_sources"] = beam_sources(out, len(generated), knobs.num_beams)
-        if knobs.strategy == "speculative":
-            accepted = max(0, len(generated) - counts["target"])
-            extra.update(accepted_tokens=accepted,
-                         acceptance_rate=accepted / counts["draft"] if counts["draft"] else 0.0,
-                         accepted_per_pass=accepted / max(1, counts["target"]))
         return DecodingOutcome(answer=answer, reference=sample.reference, score=score, knobs=knobs,
                                token_counts=DecodingTokenCounts(len(ids), new_tokens), measured_ms=elapsed_ms,
                                sequence=tuple(generated), target_passes=counts["target"],
-                               draft_passes=counts["draft"], **extra)
+                               draft_passes=counts["draft"],
+                               **decoding.outcome_extras(out, generated, counts, knobs))
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             import torch
 
             torch.cuda.synchronize(self.device)
-
-
-def beam_sources(out, generated_len: int, num_beams: int) -> tuple[int, ...]:
-    """Source beam of each generated token of the returned sequence, from the search's ``beam_indices``.
-
-    Raises ``RuntimeError`` when the library did not return a usable trace (missing, shorter than
-    the sequence, or out of range): a trace reconstructed from ``scores`` would only be a guess.
-    """
-    indices = getattr(out, "beam_indices", None)
-    if indices is None:
-        raise RuntimeError("generate returned no beam_indices for a beam search; this transformers version "
-                           "cannot trace source beams (accepted: transformers >= 4.50 beam search)")
-    row = [int(i) for i in indices[0].tolist() if int(i) >= 0]
-    if len(row) != generated_len or any(not 0 <= i < num_beams for i in row):
-        raise RuntimeError(f"generate returned a beam_indices trace of {len(row)} steps for {generated_len} generated "
-                           f"tokens (or beams outside 0..{num_beams - 1}); refusing to guess the trace from scores")
-    return tuple(row)
 
 
 def check_same_tokenizer(target_tokenizer, draft_tokenizer, draft_name: str = "draft") -> None:

@@ -14,7 +14,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
-STRATEGIES = ("greedy", "beam", "sampling", "speculative")
+from backends.decoding.strategies import DECODING_STRATEGIES, NEUTRAL_KNOBS, strategy
+
+STRATEGIES = tuple(DECODING_STRATEGIES)
 
 
 class DecodingKnobError(ValueError):
@@ -93,8 +95,8 @@ class DecodingSpace:
     @property
     def fields(self) -> tuple[tuple[str, tuple], ...]:
         """``(name, values)`` of each action field, in action order (chat only where offered)."""
-        out = [("strategy", self.strategies), ("num_beams", self.beams), ("temperature", self.temperatures),
-               ("num_assistant_tokens", self.lookaheads)]
+        out = [("strategy", self.strategies)] + [(s.knob, getattr(self, s.offered))
+                                                 for s in DECODING_STRATEGIES.values() if s.knob is not None]
         if self.has_chat_template:
             out.append(("chat_template", self.chat_options))
         return tuple(out)
@@ -115,14 +117,10 @@ class DecodingSpace:
         if knobs.strategy not in self.strategies:
             raise DecodingKnobError(f"strategy={knobs.strategy!r} needs a draft model and {self.model} was loaded "
                                     f"without one; accepted: {', '.join(self.strategies)}")
-        if knobs.strategy == "beam" and not 2 <= int(knobs.num_beams) <= self.max_beams:
-            raise DecodingKnobError(f"num_beams={knobs.num_beams} is outside the model's limit; accepted: beam "
-                                    f"widths 2..{self.max_beams}")
-        if knobs.strategy == "sampling" and not (math.isfinite(knobs.temperature) and knobs.temperature > 0):
-            raise DecodingKnobError(f"temperature={knobs.temperature!r} is invalid for sampling; accepted: > 0")
-        if knobs.strategy == "speculative" and int(knobs.num_assistant_tokens) < 1:
-            raise DecodingKnobError(f"num_assistant_tokens={knobs.num_assistant_tokens!r} is invalid for "
-                                    f"speculative decoding; accepted: an integer >= 1")
+        decoding = strategy(knobs.strategy)
+        problem = decoding.invalid(getattr(knobs, decoding.knob), self) if decoding.knob is not None else None
+        if problem is not None:
+            raise DecodingKnobError(problem)
         if knobs.chat_template and not self.has_chat_template:
             raise DecodingKnobError(f"chat_template=True is invalid: {self.model} has no chat template "
                                     f"(tokenizer.chat_template is None); accepted: chat_template=False")
@@ -133,26 +131,20 @@ class DecodingSpace:
         So two actions that decode identically are one configuration (one run, one latency row).
         """
         self.validate(knobs)
-        s = knobs.strategy
-        return DecodingKnobs(strategy=s, num_beams=int(knobs.num_beams) if s == "beam" else 1,
-                             temperature=float(knobs.temperature) if s == "sampling" else 0.0,
-                             num_assistant_tokens=int(knobs.num_assistant_tokens) if s == "speculative" else 0,
-                             chat_template=bool(knobs.chat_template))
+        decoding = strategy(knobs.strategy)
+        own = {} if decoding.knob is None else {decoding.knob: decoding.cast(getattr(knobs, decoding.knob))}
+        return DecodingKnobs(strategy=decoding.name, chat_template=bool(knobs.chat_template),
+                             **{**NEUTRAL_KNOBS, **own})
 
     def configurations(self) -> list[DecodingKnobs]:
         """Every distinct resolved configuration, in a fixed order."""
         out = []
         for chat in self.chat_options:
-            for s in self.strategies:
-                if s == "greedy":
-                    out.append(DecodingKnobs("greedy", chat_template=chat))
-                elif s == "beam":
-                    out += [DecodingKnobs("beam", num_beams=b, chat_template=chat) for b in self.beams]
-                elif s == "sampling":
-                    out += [DecodingKnobs("sampling", temperature=t, chat_template=chat) for t in self.temperatures]
+            for s in map(strategy, self.strategies):
+                if s.knob is None:
+                    out.append(DecodingKnobs(s.name, chat_template=chat))
                 else:
-                    out += [DecodingKnobs("speculative", num_assistant_tokens=k, chat_template=chat)
-                            for k in self.lookaheads]
+                    out += [DecodingKnobs(s.name, chat_template=chat, **{s.knob: v}) for v in getattr(self, s.offered)]
         return out
 
     def cheapest(self) -> DecodingKnobs:

@@ -30,8 +30,8 @@ from backends.threads import configured_threads, set_torch_threads
 
 def check_threads(threads: int | None) -> int | None:
     """``threads`` if it is ``None`` or an integer >= 1; a ``ValueError`` naming it otherwise."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads={threads!r} is invalid; accepted: None or an integer >= 1")
+    if threads is not None:
+        check_int("threads", threads, 1, where="or None: the process's default")
     return threads
 
 

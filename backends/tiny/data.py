@@ -99,24 +99,24 @@ def _area(obj: dict) -> int:
 # --------------------------------------------------------------------------------------------
 # Questions: each builder returns (question, answer) or None when the scene does not fit
 # --------------------------------------------------------------------------------------------
-def _q_color(objs, rng):
-    counts = Counter(o["shape"] for o in objs)
-    unique = [s for s in SHAPES if counts[s] == 1]
+def _unique_object(objs, rng, key: str, values) -> dict | None:
+    """A random object among those whose ``key`` (shape or color) no other object shares, or None."""
+    counts = Counter(o[key] for o in objs)
+    unique = [v for v in values if counts[v] == 1]
     if not unique:
         return None
-    shape = unique[rng.integers(len(unique))]
-    obj = next(o for o in objs if o["shape"] == shape)
-    return f"what color is the {shape}?", obj["color"]
+    value = unique[rng.integers(len(unique))]
+    return next(o for o in objs if o[key] == value)
+
+
+def _q_color(objs, rng):
+    obj = _unique_object(objs, rng, "shape", SHAPES)
+    return None if obj is None else (f"what color is the {obj['shape']}?", obj["color"])
 
 
 def _q_shape(objs, rng):
-    counts = Counter(o["color"] for o in objs)
-    unique = [c for c in COLORS if counts[c] == 1]
-    if not unique:
-        return None
-    colour = unique[rng.integers(len(unique))]
-    obj = next(o for o in objs if o["color"] == colour)
-    return f"what shape is the {colour} object?", obj["shape"]
+    obj = _unique_object(objs, rng, "color", COLORS)
+    return None if obj is None else (f"what shape is the {obj['color']} object?", obj["shape"])
 
 
 def _q_count(objs, rng):

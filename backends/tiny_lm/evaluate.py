@@ -16,16 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
+from backends.decoding.strategies import strategy
 from backends.io import atomic_write_text
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def label(k) -> str:
-    s = k.strategy
-    extra = {"beam": f" {k.num_beams}", "sampling": f" T={k.temperature:g}",
-             "speculative": f" k={k.num_assistant_tokens}"}.get(s, "")
-    return f"{s}{extra}{' +chat' if k.chat_template else ''}"
+    """A configuration's short name in tables: its strategy's label, ``+chat`` with the chat template."""
+    return f"{strategy(k.strategy).label(k)}{' +chat' if k.chat_template else ''}"
+
+
+def uses_draft(k) -> bool:
+    """Whether a configuration decodes with the draft (its rows report acceptance)."""
+    return strategy(k.strategy).uses_draft
 
 
 def accuracy_table(backend, n: int) -> list[dict]:
@@ -36,7 +40,7 @@ def accuracy_table(backend, n: int) -> list[dict]:
         outs = [backend.run(s, k) for s in samples]
         row = {"configuration": label(k), "accuracy": float(np.mean([o.score for o in outs])),
                "new_tokens": float(np.mean([o.new_tokens for o in outs]))}
-        if k.strategy == "speculative":
+        if uses_draft(k):
             row["acceptance_rate"] = float(np.mean([o.acceptance_rate for o in outs]))
             row["accepted_per_pass"] = float(np.mean([o.accepted_per_pass for o in outs]))
         rows.append(row)

@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from backends.progress import quiet_library_bars
 from backends.tiny_text.corpus import held_out_documents
+from backends.checks import check_int
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoint"
 
@@ -43,8 +44,8 @@ def load_tiny_text_model(device: str = "cpu"):
 
 def held_out_token_documents(tokenizer, max_tokens: int | None = None) -> dict[str, list[int]]:
     """Held-out documents tokenized (name -> ids), optionally truncated to ``max_tokens``."""
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2):
-        raise ValueError(f"max_tokens={max_tokens!r} is invalid; accepted: None or an integer >= 2")
+    if max_tokens is not None:
+        check_int("max_tokens", max_tokens, 2, where="or None: whole documents")
     docs = {}
     for name, text in held_out_documents().items():
         ids = tokenizer(text)["input_ids"]
