@@ -12,10 +12,12 @@ Options (``key=value``):
   out=<folder>              where answers.jsonl and the report go (default <run>/serve-<file>-<budget>)
   latency.profile=<file>    another device's latency estimator (JSON from latency_model): serve and
                             report as that device (default: this device's cached estimator)
-  guard=expected|every|off  the budget guard (serving/guard.py; default expected): a choice the estimator
-                            predicts over the budget (with the expected answer length; every: with
-                            every answer length up to the generation cap) is replaced by the dearest
-                            one within it, the run's calibrated static when none is; off: unguarded
+  guard=truncate|expected|every|off
+                            the budget guard (serving/guard.py; default truncate): a choice the
+                            estimator predicts over the budget (with the expected answer length;
+                            every: with every length up to the generation cap) is replaced by the
+                            dearest one within it, the run's calibrated static when none is;
+                            truncate also cuts the answer where the budget ends; off: unguarded
   http.port=<port>          serve over HTTP on this port instead of a requests file (0: any free port)
   http.host=<host>          the address to listen on (default 127.0.0.1)
   torch_threads=<n>         torch intra-op threads (default 1)
@@ -37,7 +39,7 @@ from pathlib import Path
 
 OPTIONS = ("run", "checkpoint", "requests", "budget", "out", "latency.profile", "guard", "http.port", "http.host",
            "torch_threads")
-GUARDS = ("expected", "every", "off")
+GUARDS = ("truncate", "expected", "every", "off")
 
 
 def parse_args(argv: list[str]) -> dict:
@@ -48,7 +50,7 @@ def parse_args(argv: list[str]) -> dict:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         sys.exit(0)
-    opts: dict = {"checkpoint": "best", "http.host": "127.0.0.1", "torch_threads": "1", "guard": "expected"}
+    opts: dict = {"checkpoint": "best", "http.host": "127.0.0.1", "torch_threads": "1", "guard": "truncate"}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep or key not in OPTIONS:
@@ -123,8 +125,9 @@ def answer_file(controller, static, requests, opts: dict) -> Path:
              "with the expected answer length",
              f"budget guard: {opts['guard']} (serving/guard.py): kept = the policy's choice predicted within "
              f"budget, replaced = the dearest configuration predicted within budget served instead, fallback = "
-             f"none predicted within budget, the calibrated static's configuration served; the static is served "
-             f"unguarded",
+             f"none predicted within budget, the calibrated static's configuration served"
+             + ("; truncate: every guarded answer is cut at the longest length the budget affords" if opts["guard"]
+                == "truncate" else "") + "; the static is served unguarded",
              f"requests answered one at a time, controller and static alternating; load average {load:.1f} "
              f"when the report was written ({time.strftime('%Y-%m-%d %H:%M:%S %Z')})"]
     target = out_dir(opts, controller.budget_ms)

@@ -8,7 +8,7 @@ trace backend that replays recorded outcomes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, ContextManager, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -122,3 +122,8 @@ class BoundedGeneration(Protocol):
     @property
     def max_new_tokens(self) -> int:
         """The most tokens one run generates."""
+
+    def generation_capped(self, max_new_tokens: int) -> ContextManager[None]:
+        """Within the block, a run generates at most ``max_new_tokens`` tokens (clamped to the
+        backend's ``min_new_tokens .. max_new_tokens``): a serving deadline cuts the answer, not the
+        configuration. Not thread-safe: callers serialise runs (the controller holds a lock)."""

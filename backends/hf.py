@@ -12,11 +12,12 @@ several knob configurations on one stage-1 state as one batch (per-row top-k, de
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -276,6 +277,19 @@ class HFBackend:
     def max_new_tokens(self) -> int:
         """The most tokens one run generates (:class:`backends.base.BoundedGeneration`)."""
         return self.generation.max_new_tokens
+
+    @contextlib.contextmanager
+    def generation_capped(self, max_new_tokens: int):
+        """Within the block a run generates at most ``max_new_tokens`` (clamped to ``min_new_tokens ..
+        max_new_tokens``; :class:`backends.base.BoundedGeneration`)."""
+        settings = self.generation
+        cap = min(settings.max_new_tokens, max(settings.min_new_tokens, int(max_new_tokens)))
+        self.generation = replace(settings, max_new_tokens=cap,
+                                  min_new_tokens=min(settings.min_new_tokens, cap))
+        try:
+            yield
+        finally:
+            self.generation = settings
 
     @property
     def expected_new_tokens(self) -> int:

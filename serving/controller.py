@@ -187,7 +187,7 @@ class Controller:
     # ------------------------------------------------------------------------------ loading
     @classmethod
     def from_run(cls, run: str | Path, checkpoint: str = "best", *, backend: Any = None, estimator: Any = None,
-                 budget: Any = None, agent: Agent | None = None, guard: str | None = "expected") -> "Controller":
+                 budget: Any = None, agent: Agent | None = None, guard: str | None = "truncate") -> "Controller":
         """The controller of run folder ``run`` (``runs/<env>/<agent>/<timestamp>``).
 
         Args:
@@ -199,10 +199,11 @@ class Controller:
                 cached estimator (see "Moving a controller to another device" in the README).
             budget: the default budget (default: the run's).
             agent: a fitted agent to serve instead of the checkpoint's (the run's env is still used).
-            guard: serve through the budget guard, bounding answers with their ``expected`` length
-                (default) or ``every`` length up to the generation cap (:class:`serving.guard.BudgetGuard`),
-                with the static configuration the run calibrated (``baselines/static.safetensors``) as
-                its fallback when the run has one; ``None``: unguarded.
+            guard: serve through the budget guard (:class:`serving.guard.BudgetGuard`) reading the
+                answer's unknown length as ``truncate`` (default: priced at the expected length, cut
+                where the budget ends), ``expected`` or ``every`` (up to the generation cap), with the
+                static configuration the run calibrated (``baselines/static.safetensors``) as its
+                fallback when the run has one; ``None``: unguarded.
         """
         run_dir = Path(run)
         if checkpoint not in CHECKPOINTS:
@@ -329,7 +330,11 @@ class Controller:
             knobs = env.space.resolve(env.action_to_knobs(env.to_env_action(trajectory)))
             if state is None:  # a one-stage env (TokenBudget-v0): both model stages run now
                 state = self.backend.run_stage1(sample, knobs.tier, knobs.token_budget)
-            return knobs, trajectory, self.backend.run_stage2(state, knobs), None if plan is None else plan.outcome
+            cap = None if plan is None else plan.answer_cap(trajectory)
+            if cap is None:
+                return knobs, trajectory, self.backend.run_stage2(state, knobs), None if plan is None else plan.outcome
+            with self.backend.generation_capped(cap):  # the budget ends the answer, not the configuration
+                return knobs, trajectory, self.backend.run_stage2(state, knobs), plan.outcome
         finally:
             view.requests.pop(rid, None)
             view.states.pop(rid, None)

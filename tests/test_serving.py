@@ -101,11 +101,11 @@ def test_the_budget_guard_serves_what_the_estimator_fits_else_the_static(runs, e
     from serving.controller import calibrated_static
     from serving.guard import BudgetGuard
 
-    guarded = Controller.from_run(runs[name], estimator=AnalyticEstimator())
+    guarded = Controller.from_run(runs[name], estimator=AnalyticEstimator(), guard="expected")
     unguarded = Controller.from_run(runs[name], estimator=AnalyticEstimator(), guard=None)
     static, _ = calibrated_static(guarded, runs[name], [40.0, 80.0])
     guarded.guard.fallback = static.agent
-    assert static.guard is None and guarded.guard.lengths == ()
+    assert static.guard is None and guarded.guard.lengths == () and not guarded.guard.truncates
     seen = set()
     lo, hi = guarded.achievable_range_ms
     with warnings.catch_warnings():
@@ -132,7 +132,7 @@ def test_the_budget_guard_serves_what_the_estimator_fits_else_the_static(runs, e
     dear = Controller(guarded.env, full, guard=BudgetGuard(guarded.env, static.agent))
     greedy = Controller.from_run(runs["greedy"], estimator=AnalyticEstimator(), guard=None)
     request = request_of("test", 0)
-    expected, _ = dear.guard.latencies(guarded._sample(request))
+    expected, _, _ = dear.guard.latencies(guarded._sample(request))
     middle = f"{(expected.min() + expected.max()) / 2}ms"
     one = dear.answer(request_of("test", 0, budget=middle))
     other = greedy.answer(request_of("test", 0, budget=middle))  # ties may pick other knobs of the same latency
@@ -144,8 +144,56 @@ def test_the_budget_guard_serves_what_the_estimator_fits_else_the_static(runs, e
     for index in range(2):
         one = strict.answer(request_of("test", index, budget=f"{hi}ms"))
         assert one.guard == "fallback" or one.estimated_ms <= hi
-    with pytest.raises(ValueError, match="answer_lengths='longest' is invalid; accepted: expected, every"):
+    with pytest.raises(ValueError, match="answer_lengths='longest' is invalid; accepted: truncate, expected, every"):
         BudgetGuard(guarded.env, answer_lengths="longest")
+
+
+def test_the_default_guard_cuts_the_answer_where_the_budget_ends(runs, env):
+    """``truncate`` (the default): a configuration priced within budget at the expected answer length is
+    served, and its answer is cut at the longest length the budget affords, so what the run is charged
+    (the estimator with its actual tokens) is within budget, where the ``expected`` guard serving the
+    same configuration goes over when the model rambles. Per request the truncating controller is
+    within budget (charged) whenever the calibrated static is."""
+    from agents import agent_class
+    from serving.controller import calibrated_static
+    from serving.guard import BudgetGuard
+
+    default = Controller.from_run(runs["grpo"], estimator=AnalyticEstimator())
+    assert default.guard.truncates and default.guard.lengths == tuple(range(default.backend.max_new_tokens + 1))
+    full = agent_class("static")()
+    full.table = {80.0: [int(n) - 1 for n in default.env.trajectory_nvec]}  # always the full model
+    cutting = Controller(default.env, full, guard=BudgetGuard(default.env))
+    trusting = Controller(default.env, full, guard=BudgetGuard(default.env, answer_lengths="expected"))
+    cut_seen = 0
+    for index in range(4):
+        request = request_of("test", index)
+        sample = default._sample(request)
+        expected, by_length, lengths = cutting.guard.latencies(sample)
+        row = len(expected) - 1  # the full model: the last trajectory row
+        n = int(lengths[row])
+        if n >= default.backend.max_new_tokens:
+            continue
+        # a budget the expected length fits and one more token does not
+        budget = float((np.maximum.accumulate(by_length[row])[n] + by_length[row, n + 1:].max()) / 2)
+        if by_length[row, n + 1:].max() <= np.maximum.accumulate(by_length[row])[n]:
+            continue
+        one = cutting.answer(request_of("test", index, budget=f"{budget}ms"))
+        other = trusting.answer(request_of("test", index, budget=f"{budget}ms"))
+        assert one.guard == other.guard == "kept" and one.knobs == other.knobs
+        assert one.estimated_ms <= budget
+        assert other.answer.startswith(one.answer)  # the same greedy tokens, cut
+        cut_seen += other.estimated_ms > budget
+    assert cut_seen >= 1  # a random model rambles to the generation cap
+    static, _ = calibrated_static(default, runs["grpo"], [40.0, 80.0])
+    default.guard.fallback = static.agent
+    lo, hi = default.achievable_range_ms
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for budget in (lo / 2, 40.0, (lo + hi) / 2, 80.0):
+            for index in range(3):
+                request = request_of("test", index, budget=f"{budget}ms")
+                one, base = default.answer(request), static.answer(request)
+                assert one.estimated_ms <= budget or base.estimated_ms > budget
 
 
 def test_call_and_batch_forms(runs):

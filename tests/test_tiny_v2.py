@@ -140,3 +140,29 @@ def test_headroom_rejects_bad_options_in_one_line(capsys):
         proc = subprocess.run([sys.executable, str(root / "bench" / "headroom.py"), *bad], capture_output=True,
                               text=True, cwd=root)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_the_two_training_stages_draw_what_the_model_card_says():
+    """Stage 1 (the reference run's first 7158 steps): the first 7 question types, exits from depth 3,
+    top-k uniform; stage 2: every type, the depth-2 exit, top-k drawn in proportion to k."""
+    import numpy as np
+
+    from backends.tiny.train_v2 import V2_SHAPE, draw_knobs, parse_args, Trainer
+
+    stage1 = {data_v2.make_sample("train", i, n_types=data_v2.FIRST_STAGE_TYPES).question_type for i in range(400)}
+    assert stage1 == set(range(data_v2.FIRST_STAGE_TYPES))
+    assert data_v2.QUESTION_TYPES[data_v2.FIRST_STAGE_TYPES:] == ("relation_value",)
+    trainer = Trainer.__new__(Trainer)
+    trainer.args = parse_args(["--stage2-at", "10"])
+    trainer.space = type("Space", (), {"depths": V2_SHAPE.depths})()
+    assert trainer.stage(9) == 1 and trainer.stage(10) == 2
+    assert trainer.exit_depths(1) == (3, 4, 5, 6, 7, 8) and trainer.exit_depths(2) == V2_SHAPE.depths
+    from backends.knobs import KnobSpace
+
+    space = KnobSpace(model_class="tiny", tiers={"low": 4, "medium": 16, "high": 64}, top_ks=(1, 2, 3, 4), full_top_k=4,
+                      num_experts=8, depths=V2_SHAPE.depths, num_layers=8)
+    draws = [draw_knobs(np.random.default_rng([0, s]), space, 0.0, stage=2).top_k for s in range(4000)]
+    share = np.bincount(draws, minlength=5)[1:] / len(draws)
+    assert np.allclose(share, [0.1, 0.2, 0.3, 0.4], atol=0.03)
+    uniform = [draw_knobs(np.random.default_rng([0, s]), space, 0.0, stage=1).top_k for s in range(4000)]
+    assert np.allclose(np.bincount(uniform, minlength=5)[1:] / 4000, 0.25, atol=0.03)

@@ -11,11 +11,12 @@ one of three scene families chosen so that the knobs a question needs differ, an
 - **small** (``count_color``, ``small_shape``): 2-6 small objects (3-6 px), one per cell of a 6x6
   grid aligned with the high tier's 8 px patches. At 16 px an object is 1-2 px and sizes vary, so
   neither shape nor count survives; these need the high tier.
-- **quad** (``relation``, ``value``, ``value_sum``): 2-4 medium objects (11-15 px), one per
-  quadrant, so each low-tier token sees one object. Questions compose several steps: find an
-  anchor, move to a neighbouring quadrant, read a colour; or look up each object's value in a
-  fixed (colour, shape) -> 0..4 table (``VALUES``) and add two of them. Cheap in vision tokens,
-  they are meant to need the depth and the experts.
+- **quad** (``relation``, ``value``, ``value_sum``, ``relation_value``): 2-4 medium objects
+  (11-15 px), one per quadrant, so each low-tier token sees one object. Questions compose several
+  steps: find an anchor, move to a neighbouring quadrant, read a colour; or look up each object's
+  value in a fixed (colour, shape) -> 0..5 table (``VALUES``) and add two of them; or both (find
+  the anchor, move, look the neighbour's value up). Cheap in vision tokens, they are meant to need
+  the depth and the experts.
 
 Every answer is one token, so generation is one prefill and one decode step (the ``<eos>``).
 """
@@ -33,10 +34,14 @@ from backends.tiny import data as v1
 from backends.tiny.data import COLORS, IMAGE_SIZE, SHAPES, SPLIT_CODES, object_mask, render
 
 TASK = "v2"
-QUESTION_TYPES = ("big_color", "big_shape", "count_color", "small_shape", "relation", "value", "value_sum")
+QUESTION_TYPES = ("big_color", "big_shape", "count_color", "small_shape", "relation", "value", "value_sum",
+                  "relation_value")
 """Question types, indexed by ``Sample.question_type`` (all answers are one token)."""
+FIRST_STAGE_TYPES = 7
+"""The reference model's first training stage drew its questions from the first 7 types only
+(``relation_value`` came with the second; see ``backends/tiny/MODEL_CARD_v2.md``)."""
 FAMILY = {"big_color": "big", "big_shape": "big", "count_color": "small", "small_shape": "small",
-          "relation": "quad", "value": "quad", "value_sum": "quad"}
+          "relation": "quad", "value": "quad", "value_sum": "quad", "relation_value": "quad"}
 DEFAULT_SEED = 0
 SMALL_GRID = 6  # 8 px cells = the high tier's patches
 SMALL_CELL = IMAGE_SIZE // SMALL_GRID
@@ -138,8 +143,8 @@ def _q_small_shape(rng):
     return objs, f"what shape is the {colour} object?", next(o for o in objs if o["color"] == colour)["shape"]
 
 
-def _q_relation(rng):
-    objs = _quad_scene(rng, int(rng.integers(2, 5)))
+def _neighbours(objs) -> list[tuple[str, str, dict]]:
+    """``(anchor shape, direction, neighbour)`` for every anchor whose shape is unique in the scene."""
     counts = Counter(o["shape"] for o in objs)
     by_quad = {o["quad"]: o for o in objs}
     options = []
@@ -149,11 +154,28 @@ def _q_relation(rng):
         for name, (dr, dc) in DIRECTIONS.items():
             target = by_quad.get((o["quad"][0] + dr, o["quad"][1] + dc))
             if target is not None:
-                options.append((o["shape"], name, target["color"]))
+                options.append((o["shape"], name, target))
+    return options
+
+
+def _q_relation(rng):
+    objs = _quad_scene(rng, int(rng.integers(2, 5)))
+    options = _neighbours(objs)
     if not options:
         return None
-    shape, direction, colour = options[rng.integers(len(options))]
-    return objs, f"what color is the object {direction} the {shape}?", colour
+    shape, direction, target = options[rng.integers(len(options))]
+    return objs, f"what color is the object {direction} the {shape}?", target["color"]
+
+
+def _q_relation_value(rng):
+    # three steps: the anchor (unique shape), its neighbour, the neighbour's (colour, shape) value
+    objs = _quad_scene(rng, int(rng.integers(2, 5)))
+    options = _neighbours(objs)
+    if not options:
+        return None
+    shape, direction, target = options[rng.integers(len(options))]
+    value = VALUES[(target["color"], target["shape"])]
+    return objs, f"what is the value of the object {direction} the {shape}?", str(value)
 
 
 def _q_value(rng):
@@ -172,17 +194,19 @@ def _q_value_sum(rng):
 
 
 _BUILDERS = {"big_color": _q_big_color, "big_shape": _q_big_shape, "count_color": _q_count_color,
-             "small_shape": _q_small_shape, "relation": _q_relation, "value": _q_value, "value_sum": _q_value_sum}
+             "small_shape": _q_small_shape, "relation": _q_relation, "value": _q_value, "value_sum": _q_value_sum,
+             "relation_value": _q_relation_value}
 
 
-def make_sample(split: str, index: int, seed: int = DEFAULT_SEED) -> Sample:
-    """The sample at ``index`` of ``split`` (pure function of ``(split, index, seed)``)."""
+def make_sample(split: str, index: int, seed: int = DEFAULT_SEED, n_types: int = len(QUESTION_TYPES)) -> Sample:
+    """The sample at ``index`` of ``split`` (pure function of ``(split, index, seed, n_types)``), its
+    question type drawn among the first ``n_types`` of :data:`QUESTION_TYPES`."""
     check_split(split)
     if index < 0:
         raise ValueError(f"sample index {index!r} is invalid; accepted: an integer >= 0")
     # a stream of its own (the 100 tags v2), disjoint from v1's samples of the same index
     rng = np.random.default_rng([100 + SPLIT_CODES[split], int(index), int(seed)])
-    qtype_id = int(rng.integers(len(QUESTION_TYPES)))
+    qtype_id = int(rng.integers(n_types))
     qtype = QUESTION_TYPES[qtype_id]
     while True:  # rejection sampling until the scene supports the question (a few tries at most)
         built = _BUILDERS[qtype](rng)

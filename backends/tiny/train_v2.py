@@ -3,8 +3,17 @@
 The v2 model (:data:`V2_SHAPE`: CLIP tower in ``tier_mode=resize``, LLaVA projector, OLMoE text
 model) on the v2 task (:mod:`backends.tiny.data_v2`). Every batch runs under one knob
 configuration drawn at random (the full one with probability ``--full-share``, else a uniform
-tier, token budget and top-k), and the answer loss is put on every exit depth from one forward
-pass, so every configuration of the action space is a usable model (elastic training).
+tier and token budget and a top-k drawn in proportion to k), and the answer loss is put on every
+exit depth from one forward pass, so every configuration of the action space is a usable model
+(elastic training), the full one trained most.
+
+Two stages, switched at step ``--stage2-at`` (default 0: the whole run is stage 2). Stage 1 is the
+recipe the reference model's first 7158 steps followed: the first
+:data:`~backends.tiny.data_v2.FIRST_STAGE_TYPES` question types, exits at depths 3..8, top-k
+uniform. Stage 2 adds ``relation_value`` (a three-step question: anchor, neighbour, value), the
+exit at depth 2 and the top-k draw in proportion to k (a lower top-k is trained less often, as a
+MoE served mostly at its native top-k). The reference run: ``--stage2-at 7158``
+(``backends/tiny/MODEL_CARD_v2.md`` says why).
 
 Resumable and deterministic: the batch of step ``s`` is train samples ``s*B .. s*B+B-1``, its knobs
 are drawn from ``default_rng([seed, s])`` and the learning rate is a function of ``s``, so a run
@@ -41,24 +50,31 @@ from backends.tiny.train import (PATCH_CLASSES, evaluate_config, exit_losses, lr
 
 V2_SHAPE = TinyShape(hidden_size=128, expert_size=192, num_layers=8, num_heads=4, num_experts=8, top_k=4,
                      vision_hidden=96, vision_layers=3, vision_heads=4, patch_size=6,
-                     tiers=(("low", 4), ("medium", 16), ("high", 64)), top_ks=(1, 2, 3, 4), depths=(3, 4, 5, 6, 7, 8),
+                     tiers=(("low", 4), ("medium", 16), ("high", 64)), top_ks=(1, 2, 3, 4), depths=(2, 3, 4, 5, 6, 7, 8),
                      tier_mode="resize", task="v2")
 DEFAULT_OUT = Path("~/.cache/knobgym/train/vlm_v2")
 MAX_CHECKPOINT_MINUTES = 10.0
 #: the options that define what is trained: a resumed run must repeat them
 RUN_DEFINING = ("seed", "steps", "batch_size", "lr", "warmup", "full_share", "patch_loss_weight",
-                "position_loss_weight")
+                "position_loss_weight", "stage2_at")
+STAGE1_MIN_DEPTH = 3  #: stage 1 had no exit below depth 3
 STATES_KEPT = 2
 
 
-def draw_knobs(step_rng: np.random.Generator, space, full_share: float) -> KnobConfig:
-    """One training configuration: the full one with probability ``full_share``, else uniform
-    tier, token budget and top-k (every depth is trained at once through the exits)."""
+def draw_knobs(step_rng: np.random.Generator, space, full_share: float, stage: int = 2) -> KnobConfig:
+    """One training configuration: the full one with probability ``full_share``, else a uniform tier
+    and token budget and a top-k drawn in proportion to k (stage 1: uniform). Every depth is trained
+    at once through the exits."""
     if step_rng.random() < full_share:
         return space.full().replace(depth=None)
-    return KnobConfig(tier=space.tier_names[step_rng.integers(len(space.tiers))],
-                      token_budget=float(space.token_budgets[step_rng.integers(len(space.token_budgets))]),
-                      top_k=int(space.top_ks[step_rng.integers(len(space.top_ks))]))
+    tier = space.tier_names[step_rng.integers(len(space.tiers))]
+    budget = float(space.token_budgets[step_rng.integers(len(space.token_budgets))])
+    top_ks = np.asarray(space.top_ks)
+    if stage == 1:
+        top_k = top_ks[step_rng.integers(len(top_ks))]
+    else:
+        top_k = step_rng.choice(top_ks, p=top_ks / top_ks.sum())
+    return KnobConfig(tier=tier, token_budget=budget, top_k=int(top_k))
 
 
 class Trainer:
@@ -77,25 +93,34 @@ class Trainer:
         self.patch_head = torch.nn.Linear(V2_SHAPE.hidden_size, PATCH_CLASSES + 2 * self.grid)
         self.opt = torch.optim.AdamW(list(self.model.parameters()) + list(self.patch_head.parameters()),
                                      lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-        weights = torch.tensor([1.0] * (len(self.space.depths) - 1) + [2.0])
-        self.exit_weights = weights / weights.sum()
         self.step = 0
         self.elapsed_s = 0.0  # training wall time over all sessions
 
     # ------------------------------------------------------------------ one step
+    def stage(self, step: int) -> int:
+        return 1 if step < self.args.stage2_at else 2
+
+    def exit_depths(self, stage: int) -> tuple[int, ...]:
+        return tuple(d for d in self.space.depths if stage == 2 or d >= STAGE1_MIN_DEPTH)
+
     def train_step(self) -> dict:
         a, step = self.args, self.step
+        stage = self.stage(step)
         for group in self.opt.param_groups:
             group["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
-        samples = [data_v2.make_sample("train", step * a.batch_size + i, seed=a.seed) for i in range(a.batch_size)]
-        knobs = draw_knobs(np.random.default_rng([a.seed, step]), self.space, a.full_share)
+        n_types = data_v2.FIRST_STAGE_TYPES if stage == 1 else len(data_v2.QUESTION_TYPES)
+        samples = [data_v2.make_sample("train", step * a.batch_size + i, seed=a.seed, n_types=n_types)
+                   for i in range(a.batch_size)]
+        knobs = draw_knobs(np.random.default_rng([a.seed, step]), self.space, a.full_share, stage)
         batch = make_batch(samples, self.tokenizer, self.space.vision_tokens(knobs))
+        depths = self.exit_depths(stage)
+        weights = torch.tensor([1.0] * (len(depths) - 1) + [2.0])  # the full depth counts twice
         self.model.train()
         with apply_knobs(self.model, knobs, self.space):
-            losses = exit_losses(self.model, self.parts, *batch, self.space.depths)
+            losses = exit_losses(self.model, self.parts, *batch, depths)
         labels = torch.from_numpy(np.stack([patch_labels(x, self.grid) for x in samples]))
         aux = patch_loss(self.model, self.patch_head, batch[2], labels, a.position_loss_weight)
-        loss = (torch.stack(losses) * self.exit_weights).sum() + a.patch_loss_weight * aux
+        loss = (torch.stack(losses) * weights / weights.sum()).sum() + a.patch_loss_weight * aux
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -262,7 +287,11 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--full-share", type=float, default=0.3,
-                   help="share of batches at the full configuration (the rest: uniform tier, budget, top-k)")
+                   help="share of batches at the full configuration (the rest: uniform tier and budget, "
+                        "top-k in proportion to k)")
+    p.add_argument("--stage2-at", type=int, default=0,
+                   help="the step stage 2 starts at (before it: stage 1, the reference run's first recipe; "
+                        "the reference run used 7158)")
     p.add_argument("--patch-loss-weight", type=float, default=0.5, help="weight of the auxiliary patch loss")
     p.add_argument("--position-loss-weight", type=float, default=0.5,
                    help="weight of the patch row/column targets inside the auxiliary loss")
@@ -289,8 +318,9 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
             p.exit(2, f"--{name.replace('_', '-')}={value} is invalid; accepted: a finite number >= 0\n")
-    if args.warmup < 0:
-        p.exit(2, f"--warmup={args.warmup} is invalid; accepted: an integer >= 0\n")
+    for name in ("warmup", "stage2_at"):
+        if getattr(args, name) < 0:
+            p.exit(2, f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; accepted: an integer >= 0\n")
     return args
 
 
