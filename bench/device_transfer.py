@@ -17,7 +17,7 @@ range (its low end, middle and high end), on ``--test`` test samples:
 Prints each one's reward, score and violations per budget, and transferred / trained-on-target reward.
 Both envs share one stage runner (the same model, so the same outcomes): no model run is repeated.
 
-    python -m bench.device_transfer [--test 300] [--updates 10] [--batch 16] [--pool 64] [--target-precision bf16]
+    python -m bench.device_transfer [--test 300] [--updates 40] [--batch 16] [--pool 128] [--target-precision bf16]
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ def trajectory_of(env, knobs: dict) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--test", type=int, default=300, help="test samples per budget")
-    parser.add_argument("--updates", type=int, default=10, help="GRPO updates per training")
+    parser.add_argument("--updates", type=int, default=40, help="GRPO updates per training")
     parser.add_argument("--batch", type=int, default=16, help="groups per update")
-    parser.add_argument("--pool", type=int, default=64, help="training samples (the train split's first N)")
+    parser.add_argument("--pool", type=int, default=128, help="training samples (the train split's first N)")
     parser.add_argument("--target-precision", default="bf16")
     args = parser.parse_args()
 

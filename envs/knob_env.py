@@ -76,10 +76,16 @@ class KnobEnv(KnobgymEnv):
         # exactly these, so live and replayed envs share the latency normaliser.
         return list(self.backend.samples("validation")[:n])
 
+    def _reference_knobs(self) -> tuple[KnobConfig, KnobConfig]:
+        """The cheapest and the full configuration among this env's actions (the achievable range
+        and the suggested budgets are measured on them): the knob space's own by default; an env
+        whose actions fix a knob (MultiKnob-v0 keeps every vision token) overrides it."""
+        return self.space.cheapest(), self.space.full()
+
     def _typical_latencies(self) -> LatencyReference:
         """Estimated latency of the cheapest and of the full configuration on each typical input."""
         samples = self._typical_samples()
-        cheap, full = self.space.cheapest(), self.space.full()
+        cheap, full = self._reference_knobs()
         lo = self.latency.predict_ms([cheap] * len(samples),
                                      [self.backend.expected_token_counts(s, cheap) for s in samples])
         hi = self.latency.predict_ms([full] * len(samples),

@@ -57,6 +57,9 @@ class MultiKnobEnv(KnobEnv):
         self._state = None
         self._input_obs: list[float] = []
 
+    def _reference_knobs(self) -> tuple[KnobConfig, KnobConfig]:
+        return self.space.cheapest().replace(token_budget=1.0), self.space.full()  # no token-budget head
+
     def _action_help(self) -> str:
         heads = [f"tier index into {list(self._tiers)}"] + [f"{n} index into {list(v)}" for n, v in self._stage2_knobs]
         return f"MultiDiscrete{list(self.action_space.nvec)}: [{', '.join(heads)}]"

@@ -33,9 +33,9 @@ class TokenBudgetEnv(KnobEnv):
         fractions = tuple(float(f) for f in (backend.knob_space.token_budgets if fractions is None else fractions))
         if not fractions or any(not (math.isfinite(f) and 0 < f <= 1) for f in fractions):
             raise ValueError(f"fractions={fractions!r} is invalid; accepted: a non-empty list of fractions 0 < f <= 1")
+        self.fractions = fractions  # before the base class: its latency references read the actions
         # the spec as given (load_backend caches, so this is the same object): the env pickles by it
         super().__init__(**kwargs)
-        self.fractions = fractions
         self.action_space = gym.spaces.Discrete(len(fractions))
         self.trajectory_nvec, self.stage_heads = (len(fractions),), ((0,),)
         self.obs_size = self.input_feature_dim
@@ -46,6 +46,11 @@ class TokenBudgetEnv(KnobEnv):
 
     def action_to_knobs(self, action) -> KnobConfig:
         return KnobConfig(tier=self.space.tier_names[-1], token_budget=self.fractions[int(action)])
+
+    def _reference_knobs(self) -> tuple[KnobConfig, KnobConfig]:
+        top = self.space.tier_names[-1]
+        return (KnobConfig(tier=top, token_budget=min(self.fractions)),
+                KnobConfig(tier=top, token_budget=max(self.fractions)))
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         self._begin_episode(seed, options)

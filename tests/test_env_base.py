@@ -120,6 +120,19 @@ def test_every_family_declares_its_budget_range_and_checks_actions_alike(make, e
         env.step(bad)
 
 
+@pytest.mark.parametrize("env_id", ("MultiKnob-v0", "TokenBudget-v0"))
+def test_the_achievable_range_is_measured_on_the_env_s_own_actions(make, env_id):
+    """Its low end is the cheapest action's latency and its top the dearest action's, on the typical
+    inputs: not a knob-space configuration the env cannot choose (MultiKnob-v0 has no token-budget
+    head, TokenBudget-v0 keeps the top tier)."""
+    env = make(env_id)
+    rows = np.indices(env.trajectory_nvec).reshape(len(env.trajectory_nvec), -1).T
+    knobs = env.trajectory_knobs(rows)
+    latencies = np.array([env.latency.predict_ms(knobs, [env.backend.expected_token_counts(s, k) for k in knobs])
+                          for s in env._typical_samples()])
+    assert env.achievable_range_ms == pytest.approx((latencies.min(), latencies.max()))
+
+
 @pytest.mark.parametrize("env_id", envs.list_envs())
 def test_every_registered_id_declares_gymnasium_metadata(env_id):
     metadata = gym.spec(env_id).entry_point.metadata

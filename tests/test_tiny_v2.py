@@ -143,26 +143,55 @@ def test_headroom_rejects_bad_options_in_one_line(capsys):
 
 
 def test_the_two_training_stages_draw_what_the_model_card_says():
-    """Stage 1 (the reference run's first 7158 steps): the first 7 question types, exits from depth 3,
-    top-k uniform; stage 2: every type, the depth-2 exit, top-k drawn in proportion to k."""
+    """Stage 1 (the reference run's first 7158 steps): the first 7 question types, 8 experts of 192
+    units, exits from depth 3, top-k uniform; stage 2: every type, 16 experts of 96, the depth-2 exit,
+    top-k drawn in proportion to k."""
     import numpy as np
 
-    from backends.tiny.train_v2 import V2_SHAPE, draw_knobs, parse_args, Trainer
+    from backends.knobs import KnobSpace
+    from backends.tiny.train_v2 import V2_SHAPE, V2_STAGE1_SHAPE, Trainer, draw_knobs, parse_args
 
     stage1 = {data_v2.make_sample("train", i, n_types=data_v2.FIRST_STAGE_TYPES).question_type for i in range(400)}
     assert stage1 == set(range(data_v2.FIRST_STAGE_TYPES))
     assert data_v2.QUESTION_TYPES[data_v2.FIRST_STAGE_TYPES:] == ("relation_value",)
     trainer = Trainer.__new__(Trainer)
     trainer.args = parse_args(["--stage2-at", "10"])
-    trainer.space = type("Space", (), {"depths": V2_SHAPE.depths})()
     assert trainer.stage(9) == 1 and trainer.stage(10) == 2
-    assert trainer.exit_depths(1) == (3, 4, 5, 6, 7, 8) and trainer.exit_depths(2) == V2_SHAPE.depths
-    from backends.knobs import KnobSpace
-
-    space = KnobSpace(model_class="tiny", tiers={"low": 4, "medium": 16, "high": 64}, top_ks=(1, 2, 3, 4), full_top_k=4,
-                      num_experts=8, depths=V2_SHAPE.depths, num_layers=8)
+    assert V2_STAGE1_SHAPE.depths == (3, 4, 5, 6, 7, 8) and V2_SHAPE.depths == (2, 3, 4, 5, 6, 7, 8)
+    assert V2_STAGE1_SHAPE.num_experts * V2_STAGE1_SHAPE.expert_size == V2_SHAPE.num_experts * V2_SHAPE.expert_size
+    space = KnobSpace(model_class="tiny", tiers={"low": 4, "medium": 16, "high": 64}, top_ks=V2_SHAPE.top_ks,
+                      full_top_k=8, num_experts=16, depths=V2_SHAPE.depths, num_layers=8)
     draws = [draw_knobs(np.random.default_rng([0, s]), space, 0.0, stage=2).top_k for s in range(4000)]
-    share = np.bincount(draws, minlength=5)[1:] / len(draws)
-    assert np.allclose(share, [0.1, 0.2, 0.3, 0.4], atol=0.03)
+    share = np.array([np.mean(np.array(draws) == k) for k in V2_SHAPE.top_ks])
+    assert np.allclose(share, np.array(V2_SHAPE.top_ks) / sum(V2_SHAPE.top_ks), atol=0.03)
     uniform = [draw_knobs(np.random.default_rng([0, s]), space, 0.0, stage=1).top_k for s in range(4000)]
-    assert np.allclose(np.bincount(uniform, minlength=5)[1:] / 4000, 0.25, atol=0.03)
+    assert np.allclose([np.mean(np.array(uniform) == k) for k in V2_SHAPE.top_ks], 0.25, atol=0.03)
+
+
+def test_upcycling_to_fine_grained_experts_keeps_the_function(tmp_path):
+    """split_experts: the stage-2 model at top-2k computes what the stage-1 model did at top-k
+    (every exit's loss equal), and a run that crosses the switch resumes across it exactly."""
+    import torch
+
+    from backends.knobs import KnobConfig, apply_knobs
+    from backends.tiny.train import exit_losses, make_batch
+    from backends.tiny.train_v2 import V2_SHAPE, V2_STAGE1_SHAPE, Trainer, parse_args
+
+    trainer = Trainer(parse_args(["--stage2-at", "1", "--batch-size", "4", "--out", str(tmp_path)]))
+    assert trainer.shape is V2_STAGE1_SHAPE
+    trainer.train_step()  # one stage-1 step: the AdamW moments are not empty
+    samples = [data_v2.make_sample("validation", i) for i in range(6)]
+    batch = make_batch(samples, trainer.tokenizer, 64)
+    trainer.model.eval()
+    with torch.no_grad(), apply_knobs(trainer.model, KnobConfig(tier="high", top_k=2), trainer.space):
+        before = exit_losses(trainer.model, trainer.parts, *batch, V2_STAGE1_SHAPE.depths)
+    trainer.upcycle()
+    assert trainer.shape is V2_SHAPE and trainer.space.top_ks == V2_SHAPE.top_ks
+    trainer.model.eval()
+    with torch.no_grad(), apply_knobs(trainer.model, KnobConfig(tier="high", top_k=4), trainer.space):
+        after = exit_losses(trainer.model, trainer.parts, *batch, V2_STAGE1_SHAPE.depths)
+    assert torch.allclose(torch.stack(before), torch.stack(after), atol=1e-5)
+    moments = trainer.opt.state_dict()["state"]
+    params = list(trainer.model.parameters()) + list(trainer.patch_head.parameters())
+    assert moments and all(st["exp_avg"].shape == st["exp_avg_sq"].shape == params[i].shape for i, st in moments.items())
+    trainer.train_step()  # and stage 2 trains on from there

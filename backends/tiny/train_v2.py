@@ -8,12 +8,15 @@ exit depth from one forward pass, so every configuration of the action space is 
 (elastic training), the full one trained most.
 
 Two stages, switched at step ``--stage2-at`` (default 0: the whole run is stage 2). Stage 1 is the
-recipe the reference model's first 7158 steps followed: the first
-:data:`~backends.tiny.data_v2.FIRST_STAGE_TYPES` question types, exits at depths 3..8, top-k
-uniform. Stage 2 adds ``relation_value`` (a three-step question: anchor, neighbour, value), the
-exit at depth 2 and the top-k draw in proportion to k (a lower top-k is trained less often, as a
-MoE served mostly at its native top-k). The reference run: ``--stage2-at 7158``
-(``backends/tiny/MODEL_CARD_v2.md`` says why).
+recipe the reference model's first 7158 steps followed (:data:`V2_STAGE1_SHAPE`: 8 experts of
+192 units, top-4, exits at depths 3..8; the first :data:`~backends.tiny.data_v2.FIRST_STAGE_TYPES`
+question types; top-k drawn uniformly). At the switch the model is upcycled to fine-grained
+experts (:func:`split_experts`, OLMoE's design: 16 experts of 96 units, top-8; the same function,
+so top-2/4/8 of the new model compute what top-1/2/4 did, and top-1, half an expert, is new), and
+stage 2 adds ``relation_value`` (a three-step question: anchor, neighbour, value), the exit at
+depth 2 and the top-k draw in proportion to k (a lower top-k is trained less often, as a MoE served
+mostly at its native top-k). Why (``backends/tiny/MODEL_CARD_v2.md``): after stage 1 a lower
+top-k or depth cost the full model under 2 points. The reference run: ``--stage2-at 7158``.
 
 Resumable and deterministic: the batch of step ``s`` is train samples ``s*B .. s*B+B-1``, its knobs
 are drawn from ``default_rng([seed, s])`` and the learning rate is a function of ``s``, so a run
@@ -30,6 +33,7 @@ configuration and each knob alone at its cheapest (``<out>/log.jsonl``) and expo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import signal
@@ -48,16 +52,18 @@ from backends.tiny.model import TinyShape, build_image_processor, build_model, b
 from backends.tiny.train import (PATCH_CLASSES, evaluate_config, exit_losses, lr_at, make_batch, patch_labels,
                                  patch_loss, save_checkpoint)
 
-V2_SHAPE = TinyShape(hidden_size=128, expert_size=192, num_layers=8, num_heads=4, num_experts=8, top_k=4,
+V2_SHAPE = TinyShape(hidden_size=128, expert_size=96, num_layers=8, num_heads=4, num_experts=16, top_k=8,
                      vision_hidden=96, vision_layers=3, vision_heads=4, patch_size=6,
-                     tiers=(("low", 4), ("medium", 16), ("high", 64)), top_ks=(1, 2, 3, 4), depths=(2, 3, 4, 5, 6, 7, 8),
+                     tiers=(("low", 4), ("medium", 16), ("high", 64)), top_ks=(1, 2, 4, 8), depths=(2, 3, 4, 5, 6, 7, 8),
                      tier_mode="resize", task="v2")
+#: the shape of the first training stage (see the module docstring): upcycled to :data:`V2_SHAPE`
+V2_STAGE1_SHAPE = dataclasses.replace(V2_SHAPE, expert_size=192, num_experts=8, top_k=4, top_ks=(1, 2, 3, 4),
+                                      depths=(3, 4, 5, 6, 7, 8))
 DEFAULT_OUT = Path("~/.cache/knobgym/train/vlm_v2")
 MAX_CHECKPOINT_MINUTES = 10.0
 #: the options that define what is trained: a resumed run must repeat them
 RUN_DEFINING = ("seed", "steps", "batch_size", "lr", "warmup", "full_share", "patch_loss_weight",
                 "position_loss_weight", "stage2_at")
-STAGE1_MIN_DEPTH = 3  #: stage 1 had no exit below depth 3
 STATES_KEPT = 2
 
 
@@ -77,6 +83,29 @@ def draw_knobs(step_rng: np.random.Generator, space, full_share: float, stage: i
     return KnobConfig(tier=tier, token_budget=budget, top_k=int(top_k))
 
 
+def split_experts(tensors: dict, moment: int = 1) -> dict:
+    """Upcycle OLMoE blocks to fine-grained experts, computing the same function: every expert is
+    split into two of half its intermediate size (SwiGLU's units are independent, so the halves'
+    outputs add up to the expert's), each half's router row is the expert's (the two tie, so top-2k
+    of the new experts selects the k old ones whole, and the renormalised top-k weights halve), and
+    the down projections double (making up the halved weights). ``tensors`` maps parameter names to
+    weights, or to an AdamW moment of them: ``moment`` 1 (weights, first moments) or 2 (second
+    moments: the doubling squares). Other entries pass through."""
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("mlp.gate.weight"):  # [E, H] router rows
+            out[name] = t.repeat_interleave(2, dim=0)
+        elif name.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H]: gate rows, then up rows
+            gate, up = t.chunk(2, dim=1)
+            halves = [torch.cat([g, u], dim=1) for g, u in zip(gate.chunk(2, dim=1), up.chunk(2, dim=1))]
+            out[name] = torch.stack(halves, dim=1).flatten(0, 1)
+        elif name.endswith("mlp.experts.down_proj"):  # [E, H, I]
+            out[name] = torch.stack(t.chunk(2, dim=2), dim=1).flatten(0, 1) * (2.0 ** moment)
+        else:
+            out[name] = t
+    return out
+
+
 class Trainer:
     """The model, its optimiser and the step counter, with save / restore of all three."""
 
@@ -85,35 +114,60 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.tokenizer = build_tokenizer(data_v2.vocabulary())
         self.image_processor = build_image_processor()
-        self.model = build_model(self.tokenizer, V2_SHAPE, seed=args.seed)
-        self.space = knob_space_from_model(self.model, tiers=dict(V2_SHAPE.tiers))
-        self.parts = model_parts(self.model)
+        self.shape = V2_STAGE1_SHAPE if args.stage2_at > 0 else V2_SHAPE
+        model = build_model(self.tokenizer, self.shape, seed=args.seed)
         self.grid = data_v2.IMAGE_SIZE // V2_SHAPE.patch_size
         torch.manual_seed(args.seed + 1)
         self.patch_head = torch.nn.Linear(V2_SHAPE.hidden_size, PATCH_CLASSES + 2 * self.grid)
-        self.opt = torch.optim.AdamW(list(self.model.parameters()) + list(self.patch_head.parameters()),
-                                     lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+        self._attach(model)
         self.step = 0
         self.elapsed_s = 0.0  # training wall time over all sessions
+
+    def _attach(self, model) -> None:
+        """Make ``model`` the trained one: its knob space, parts and a fresh optimiser."""
+        self.model = model
+        self.space = knob_space_from_model(model, tiers=dict(self.shape.tiers))
+        self.parts = model_parts(model)
+        self.opt = torch.optim.AdamW(list(model.parameters()) + list(self.patch_head.parameters()),
+                                     lr=self.args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+    def param_names(self) -> list[str]:
+        """The optimiser's parameters by name, in its order."""
+        return [n for n, _ in self.model.named_parameters()] + [f"patch_head.{n}" for n, _ in
+                                                                 self.patch_head.named_parameters()]
+
+    def upcycle(self) -> None:
+        """Stage 1 -> stage 2 (:func:`split_experts`): the weights and the AdamW moments, carried over."""
+        names = self.param_names()
+        optimizer = self.opt.state_dict()
+        weights = split_experts(self.model.state_dict())
+        moments = {key: split_experts({names[i]: st[key] for i, st in optimizer["state"].items()}, moment)
+                   for key, moment in (("exp_avg", 1), ("exp_avg_sq", 2))}
+        self.shape = V2_SHAPE
+        model = build_model(self.tokenizer, V2_SHAPE, seed=self.args.seed)
+        model.load_state_dict(weights)
+        self._attach(model)
+        for i, st in optimizer["state"].items():
+            st["exp_avg"], st["exp_avg_sq"] = moments["exp_avg"][names[i]], moments["exp_avg_sq"][names[i]]
+        self.opt.load_state_dict(optimizer)
 
     # ------------------------------------------------------------------ one step
     def stage(self, step: int) -> int:
         return 1 if step < self.args.stage2_at else 2
-
-    def exit_depths(self, stage: int) -> tuple[int, ...]:
-        return tuple(d for d in self.space.depths if stage == 2 or d >= STAGE1_MIN_DEPTH)
 
     def train_step(self) -> dict:
         a, step = self.args, self.step
         stage = self.stage(step)
         for group in self.opt.param_groups:
             group["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
+        if stage == 2 and self.shape is V2_STAGE1_SHAPE:
+            self.upcycle()
         n_types = data_v2.FIRST_STAGE_TYPES if stage == 1 else len(data_v2.QUESTION_TYPES)
         samples = [data_v2.make_sample("train", step * a.batch_size + i, seed=a.seed, n_types=n_types)
                    for i in range(a.batch_size)]
         knobs = draw_knobs(np.random.default_rng([a.seed, step]), self.space, a.full_share, stage)
         batch = make_batch(samples, self.tokenizer, self.space.vision_tokens(knobs))
-        depths = self.exit_depths(stage)
+        depths = self.space.depths
         weights = torch.tensor([1.0] * (len(depths) - 1) + [2.0])  # the full depth counts twice
         self.model.train()
         with apply_knobs(self.model, knobs, self.space):
@@ -147,6 +201,14 @@ class Trainer:
                 "optimizer": self.opt.state_dict(), "step": self.step, "elapsed_s": self.elapsed_s}
 
     def load_state_dict(self, state: dict) -> None:
+        experts = next(t.shape[0] for n, t in state["model"].items() if n.endswith("mlp.gate.weight"))
+        shape = {V2_STAGE1_SHAPE.num_experts: V2_STAGE1_SHAPE, V2_SHAPE.num_experts: V2_SHAPE}.get(experts)
+        if shape is None:
+            raise ValueError(f"a training state with {experts} experts per block; accepted: "
+                             f"{V2_STAGE1_SHAPE.num_experts} (stage 1) or {V2_SHAPE.num_experts} (stage 2)")
+        if shape is not self.shape:  # a state of the other stage's shape
+            self.shape = shape
+            self._attach(build_model(self.tokenizer, shape, seed=self.args.seed))
         self.model.load_state_dict(state["model"])
         self.patch_head.load_state_dict(state["patch_head"])
         self.opt.load_state_dict(state["optimizer"])
