@@ -9,8 +9,10 @@ env, backend and estimator come from the run's config; a checkpoint of another e
 another observation shape, is an error. ``budgets=auto`` (the default) spreads the budgets across
 this device's achievable latency range and adds the run's training budget
 (:func:`knobgym_cli.budgets.auto_budgets`); a given budget outside the range is warned about.
-Writes ``<run>/eval-<budgets>/`` (or ``out=``): ``report.md`` (the table), ``report.json`` and
-``pareto.png`` (score versus p50 latency, a panel per budget).
+Writes ``<run>/eval-<budgets>/`` (or ``out=``): ``report.md`` (the table and, per budget, the
+trained agent's margin over the best baseline with its 95% paired bootstrap interval), ``report.json``
+and ``pareto.png`` (score versus p50 latency, a panel per budget); prints the table and a verdict
+line per budget (:func:`knobgym_cli.summary.margin_lines`).
 
 ``latency.profile=<estimator file>`` evaluates as another device: its latency estimator replaces
 this device's, so a controller trained against one device's latency is evaluated on another's by
@@ -39,7 +41,8 @@ from knobgym_cli.logs import say, setup_cli_logging
 from knobgym_cli.phases import baseline_agents, baseline_options, build_run_env, compare_on_test
 from knobgym_cli.progress import phase
 from knobgym_cli.runs import check_run_folder
-from knobgym_cli.summary import display_path, portable
+from knobgym_cli.margin import margins
+from knobgym_cli.summary import display_path, margin_lines, portable
 from knobgym_cli.usage import UsageError
 from knobgym_cli.versions import to_jsonable
 
@@ -89,6 +92,8 @@ def run_evaluation(cfg: DictConfig) -> Path:
             "suggested_budget_ms": suggested, "seconds": round(time.perf_counter() - start, 1), "notes": notes}
     write_report(out_dir, to_jsonable(rows), portable(meta), main_agent=name)
     print(markdown_table(rows))
+    for line in margin_lines(margins(rows, name), cfg.split):
+        print(f"verdict: {line}")
     say(f"wrote {display_path(out_dir / 'report.md')}, {display_path(out_dir / 'report.json')}, "
         f"{display_path(out_dir / 'pareto.png')}")
     return out_dir

@@ -219,7 +219,7 @@ def write_run_report(cfg: DictConfig, run_dir: Path, rows: list[dict], facts: di
             display_path(previous, run_dir) + ")"
     write_report(run_dir, rows, portable(meta), main_agent=name)
     print(markdown_table(rows), file=sys.stdout)
-    print_summary(verdict_lines(rows, name, budget, achievable, suggested), run_files(run_dir),
+    print_summary(verdict_lines(rows, name, budget, achievable, suggested, cfg.eval.split), run_files(run_dir),
                   next_commands(run_dir, cfg.runs_dir, cfg.env.id, name, binding(budget, achievable), suggested,
                                 cfg.estimator),
                   checkpoint=checkpoint_line(chosen))

@@ -15,7 +15,7 @@ import importlib
 import pkgutil
 
 from agents.base import (Agent, EnvLayout, EpisodeContext, FitContext, FitHooks, eval_sample_ids, evaluate_agent,
-                         run_episode, summarize)
+                         run_episode, score_in_budget, summarize)
 from agents.checkpoint import read_checkpoint, write_checkpoint
 from agents.registry import (agent_class, check_agent_name, evaluation_only, list_agents, load_agent, make_agent,
                              register_agent)
@@ -25,4 +25,4 @@ for _module in pkgutil.iter_modules(__path__):
 
 __all__ = ["Agent", "EnvLayout", "EpisodeContext", "FitContext", "FitHooks", "agent_class", "check_agent_name",
            "eval_sample_ids", "evaluate_agent", "evaluation_only", "list_agents", "load_agent", "make_agent",
-           "read_checkpoint", "register_agent", "run_episode", "summarize", "write_checkpoint"]
+           "read_checkpoint", "register_agent", "run_episode", "score_in_budget", "summarize", "write_checkpoint"]

@@ -245,6 +245,12 @@ def run_episode(env: gym.Env, agent: Agent, sample_id: int, budget_ms: float, sp
     return {**info, "reward": episode_return}
 
 
+def score_in_budget(info: dict) -> float:
+    """An episode's score within budget: its score, or 0 when its answer arrived after the budget
+    (an answer that arrives late is of no use to a latency-bound caller)."""
+    return 0.0 if info["violated"] else float(info["score"])
+
+
 def summarize(infos: Sequence[dict]) -> dict:
     """Mean reward and score, latency p50 / p95, violation rate and mean knobs of episode infos."""
     if not infos:
@@ -254,8 +260,7 @@ def summarize(infos: Sequence[dict]) -> dict:
         "episodes": len(infos),
         "reward": float(np.mean([i["reward"] for i in infos])),
         "score": float(np.mean([i["score"] for i in infos])),
-        # an answer that arrives after the budget is of no use to a latency-bound caller
-        "score_in_budget": float(np.mean([0.0 if i["violated"] else i["score"] for i in infos])),
+        "score_in_budget": float(np.mean([score_in_budget(i) for i in infos])),
         "latency_p50_ms": float(np.percentile(lat, 50)),
         "latency_p95_ms": float(np.percentile(lat, 95)),
         "violation_rate": float(np.mean([bool(i["violated"]) for i in infos])),

@@ -14,6 +14,8 @@
 - :mod:`knobgym_cli.progress`: the CLI's progress displays (tqdm on a terminal, plain lines otherwise)
   and phase messages.
 - :mod:`knobgym_cli.plots`: ``pareto.png``, a panel per budget.
-- :mod:`knobgym_cli.summary`: the closing summary, the chosen-checkpoint record, report history and
+- :mod:`knobgym_cli.margin`: the trained agent's margin over the best baseline with its paired
+  bootstrap 95% interval, the figures the verdict says.
+- :mod:`knobgym_cli.summary`: the closing summary (the verdict's words), the chosen-checkpoint record, report history and
   relative paths.
 """

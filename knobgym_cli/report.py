@@ -12,8 +12,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 import gymnasium as gym
 
-from agents import Agent, evaluate_agent, evaluation_only, summarize
+from agents import Agent, evaluate_agent, evaluation_only, score_in_budget, summarize
 from backends.io import CHECKSUM_KEY, CorruptFileError, atomic_write_text, read_json, sha256_bytes
+from knobgym_cli.margin import PER_SAMPLE_KEY, margins
 
 COLUMNS = (("reward", "reward", "{:.3f}"), ("score", "score", "{:.3f}"), ("score_in_budget", "score in budget", "{:.3f}"),
            ("latency_p50_ms", "p50 ms", "{:.1f}"),
@@ -22,7 +23,9 @@ COLUMNS = (("reward", "reward", "{:.3f}"), ("score", "score", "{:.3f}"), ("score
 
 def compare_agents(env: gym.Env, agents: Mapping[str, Agent], budgets_ms: Sequence[float], sample_ids: Sequence[int],
                    split: str, progress: Callable[..., Any] | None = None) -> list[dict]:
-    """Evaluate every agent at every budget on the same samples; one row per (agent, budget).
+    """Evaluate every agent at every budget on the same samples; one row per (agent, budget): the
+    :func:`~agents.summarize` figures plus each sample's score within budget, in ``sample_ids`` order
+    (:data:`~knobgym_cli.margin.PER_SAMPLE_KEY`, what the verdict's paired bootstrap pairs).
 
     Evaluation-only agents (the oracle), when present, run first: the oracle runs every
     configuration of each sample once, and the env memoises those runs, so every other agent's
@@ -48,7 +51,8 @@ def compare_agents(env: gym.Env, agents: Mapping[str, Agent], budgets_ms: Sequen
                 infos += evaluate_agent(env, agents[name], [sample_id], budget_ms, split)["infos"]
                 if bar is not None:
                     bar.update(1)
-            rows.append({"agent": name, **summarize(infos), "budget_ms": float(budget_ms)})
+            rows.append({"agent": name, **summarize(infos), "budget_ms": float(budget_ms),
+                         PER_SAMPLE_KEY: [score_in_budget(i) for i in infos]})
         if bar is not None:
             bar.close()
     position = {name: i for i, name in enumerate(agents)}
@@ -103,13 +107,21 @@ def read_report(path: str | Path) -> dict:
 def write_report(out_dir: str | Path, rows: Sequence[dict], meta: dict[str, Any], main_agent: str | None = None,
                  stem: str = "report", plot_name: str = "pareto.png") -> dict:
     """Write ``<stem>.json``, ``<stem>.md`` and the plot (:func:`knobgym_cli.plots.budget_panels`)
-    into ``out_dir``; returns the JSON payload."""
+    into ``out_dir``; returns the JSON payload.
+
+    With ``main_agent``, both files carry its margin over the best baseline per budget
+    (:func:`knobgym_cli.margin.margins`: the margin, its 95% paired bootstrap interval, the verdict
+    word, the p50 latencies); the rows' per-sample values stay out of the files.
+    """
     from knobgym_cli.plots import budget_panels
-    from knobgym_cli.summary import checkpoint_line
+    from knobgym_cli.summary import checkpoint_line, margin_lines
 
     out_dir = Path(out_dir)
     gaps = oracle_gaps(rows, main_agent) if main_agent else {}
-    payload = {**meta, "rows": list(rows), "oracle_gap": {f"{b:g}ms": g for b, g in gaps.items()}}
+    by_budget = margins(rows, main_agent) if main_agent else {}
+    payload = {**meta, "rows": [{k: v for k, v in r.items() if k != PER_SAMPLE_KEY} for r in rows],
+               "oracle_gap": {f"{b:g}ms": g for b, g in gaps.items()},
+               "margin": {f"{b:g}ms": m for b, m in by_budget.items()}}
     write_report_json(out_dir / f"{stem}.json", payload)
     lines = [f"# {meta.get('title', 'Evaluation')}", ""]
     for key in ("env", "agent", "budget", "budget_requested", "achievable_range_ms", "suggested_budget_ms", "split",
@@ -123,6 +135,10 @@ def write_report(out_dir: str | Path, rows: Sequence[dict], meta: dict[str, Any]
     for budget, gap in gaps.items():
         lines.append(f"Gap of {main_agent} to oracle at {budget:g}ms: reward {gap['reward']:.3f}, "
                      f"score {gap['score']:.3f}, score in budget {gap['score_in_budget']:.3f}.")
+    if by_budget:
+        lines += ["", f"Margin of {main_agent} over the best baseline (95% paired bootstrap interval over the test "
+                      f"samples):", ""]
+        lines += [f"- {line}" for line in margin_lines(by_budget, meta.get("split", "test"))]
     lines.append("")
     lines.append(f"![score vs latency]({plot_name})")
     atomic_write_text(out_dir / f"{stem}.md", "\n".join(lines) + "\n")

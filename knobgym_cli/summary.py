@@ -17,18 +17,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from agents import evaluation_only
 from backends.io import refuse_symlink
 from knobgym_cli.budgets import binding
 from knobgym_cli.logs import to_log_file_only
+from knobgym_cli.margin import margins
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 REPORT_FILES = ("report.md", "report.json", "pareto.png")
 STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
 STAMP = re.compile(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d")
-# The verdict's measure: the mean score of answers that arrive within the budget (a late answer
-# counts 0), one number that neither ignores violations nor hides accuracy.
-VERDICT_KEY = "score_in_budget"
 
 
 def display_path(path: str | Path, base: str | Path | None = None) -> str:
@@ -157,13 +154,12 @@ def now_stamp() -> str:
 # the verdict
 # ------------------------------------------------------------------------------------------------
 def verdict_lines(rows: Sequence[dict], main_agent: str, train_budget: Any, achievable: tuple[float, float],
-                  suggested_ms: float) -> list[str]:
+                  suggested_ms: float, split: str = "test") -> list[str]:
     """The run's outcome in one line per evaluation budget (or one line when the budget does not bind).
 
     A training budget above the full configuration's latency leaves nothing to learn; one below
     the cheapest configuration's leaves nothing to win; both say which budget to rerun with.
-    Otherwise: the trained agent's score within budget against the best baseline's (the oracle,
-    which sees the outcome it is scored on, is shown as the ceiling, not as a baseline).
+    Otherwise :func:`margin_lines`.
     """
     state = binding(train_budget, achievable)
     lo, hi = achievable
@@ -174,23 +170,31 @@ def verdict_lines(rows: Sequence[dict], main_agent: str, train_budget: Any, achi
     if state == "unreachable":
         return [f"budget {train_budget} is below the cheapest configuration here ({lo:.1f}ms on this device): "
                 f"every agent violates it; {rerun}"]
+    return margin_lines(margins(rows, main_agent), split)
+
+
+def margin_lines(by_budget: dict[float, dict], split: str = "test") -> list[str]:
+    """One line per budget of :func:`knobgym_cli.margin.margins`: the trained agent's score within
+    budget against the best baseline's, the margin with its 95% paired bootstrap interval and the
+    word it supports (the oracle, which sees the outcome it is scored on, is shown as the ceiling,
+    not as a baseline); on a tie, what the trained agent's p50 latency is at that score against the
+    baseline's."""
     lines = []
-    for budget in sorted({r["budget_ms"] for r in rows}):
-        at = {r["agent"]: r for r in rows if r["budget_ms"] == budget}
-        mine = at.get(main_agent)
-        if mine is None:
-            continue
-        bounds = [name for name in at if name in evaluation_only()]  # the oracle: an upper bound, not a rival
-        others = [r for name, r in at.items() if name != main_agent and name not in bounds]
-        text = f"{main_agent} {mine[VERDICT_KEY]:.3f}"
-        if others:
-            best = max(others, key=lambda r: r[VERDICT_KEY])
-            diff = mine[VERDICT_KEY] - best[VERDICT_KEY]
-            word = "beats" if diff > 5e-4 else ("ties" if diff > -5e-4 else "trails")
-            text += f" {word} best baseline {best['agent']} {best[VERDICT_KEY]:.3f}"
-        text += f" at {budget:g}ms, {mine['violation_rate']:.0%} violations"
-        text += "".join(f" ({name} {at[name][VERDICT_KEY]:.3f})" for name in bounds)
-        lines.append(text + "; score within budget, test split")
+    for budget, m in by_budget.items():
+        text = f"{m['agent']} {m['score_in_budget']:.3f}"
+        if "baseline" in m:
+            low, high = m["ci95"]
+            text += (f" {m['verdict']} best baseline {m['baseline']} {m['baseline_score_in_budget']:.3f} by "
+                     f"{m['margin']:+.3f} [95% CI {low:+.3f}, {high:+.3f}]")
+        text += f" at {budget:g}ms, {m['violation_rate']:.0%} violations"
+        text += "".join(f" ({name} {score:.3f})" for name, score in m["bounds"].items())
+        text += f"; score within budget, {m['samples']} {split} samples"
+        if m.get("verdict") == "ties":
+            mine, theirs = m["latency_p50_ms"], m["baseline_latency_p50_ms"]
+            change = f" ({(mine - theirs) / theirs:+.0%})" if theirs > 0 else ""
+            text += (f"; at that score its p50 latency is {mine:.3g}ms against {m['baseline']}'s "
+                     f"{theirs:.3g}ms{change}")
+        lines.append(text)
     return lines
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from agents import read_checkpoint
 from knobgym_cli.budgets import auto_budgets, binding, out_of_range_warnings
+from knobgym_cli.margin import PER_SAMPLE_KEY
 from knobgym_cli.plots import best_within_budget, budget_panels
 from knobgym_cli.progress import PlainProgress
 from knobgym_cli.summary import archive_previous_report, portable, verdict_lines
@@ -60,6 +61,15 @@ def test_run_ends_with_verdict_files_and_next_commands(first_run):
     verdicts = [line for line in summary if line.startswith("verdict: ")]
     assert len(verdicts) == 1 and verdicts[0].startswith("verdict: grpo ")
     assert "best baseline greedy" in verdicts[0] and "violations" in verdicts[0] and "(oracle " in verdicts[0]
+    tail = "; score within budget, 2 test samples"  # then, on a tie, what grpo's p50 latency is at that score
+    assert "[95% CI " in verdicts[0] and (verdicts[0].endswith(tail) or f"{tail}; at that score its p50 " in verdicts[0])
+    report = json.loads((run / "report.json").read_text())
+    assert not any(PER_SAMPLE_KEY in r for r in report["rows"])
+    margin = report["margin"]
+    (entry,) = margin.values()  # the training budget
+    assert entry["agent"] == "grpo" and entry["baseline"] == "greedy" and entry["samples"] == 2
+    assert entry["ci95"][0] <= entry["margin"] <= entry["ci95"][1] and "bootstrap" in entry
+    assert "Margin of grpo over the best baseline" in (run / "report.md").read_text()
     rel = f"runs/MultiKnob-v0/grpo/{run.name}"
     assert f"  {rel}/report.md: results table and the chosen checkpoint" in summary
     assert f"  {rel}/train.log: this output" in summary
@@ -179,15 +189,21 @@ def test_auto_budgets_lie_inside_the_range_and_keep_the_training_budget():
     assert len(messages) == 2 and "10ms" in messages[0] and "200ms" in messages[1]
 
 
-def row(agent, budget, score, violations, p50=10.0):
-    return {"agent": agent, "budget_ms": budget, "score": score, "score_in_budget": score * (1 - violations),
-            "reward": score, "violation_rate": violations, "latency_p50_ms": p50, "latency_p95_ms": p50}
+def row(agent, budget, score, violations, p50=10.0, samples=100):
+    """A report row whose per-sample scores within budget are 1 on its first samples, 0 on the rest
+    (so two rows' samples pair as nested sets)."""
+    in_budget = score * (1 - violations)
+    hits = round(in_budget * samples)
+    return {"agent": agent, "budget_ms": budget, "score": score, "score_in_budget": in_budget,
+            "reward": score, "violation_rate": violations, "latency_p50_ms": p50, "latency_p95_ms": p50,
+            PER_SAMPLE_KEY: [1.0] * hits + [0.0] * (samples - hits)}
 
 
 def test_verdict_names_the_best_baseline_or_says_the_budget_does_not_bind():
     rows = [row("grpo", 50.0, 0.8, 0.0), row("greedy", 50.0, 0.75, 0.0), row("oracle", 50.0, 0.9, 0.0)]
     (line,) = verdict_lines(rows, "grpo", "50ms", (30.0, 70.0), 50.0)
-    assert line.startswith("grpo 0.800 beats best baseline greedy 0.750 at 50ms, 0% violations (oracle 0.900)")
+    assert line.startswith("grpo 0.800 beats best baseline greedy 0.750 by +0.050 [95% CI +0.0")
+    assert line.endswith("] at 50ms, 0% violations (oracle 0.900); score within budget, 100 test samples")
     (line,) = verdict_lines(rows, "grpo", "120ms", (30.0, 70.0), 50.0)
     assert "never binds here" in line and "nothing to learn" in line and "rerun with budget=50ms" in line
     (line,) = verdict_lines(rows, "grpo", "5ms", (30.0, 70.0), 50.0)

@@ -106,6 +106,10 @@ def test_evaluate_writes_its_table(workdir, trained_run):
     for row in ("| grpo | 60ms |", "| grpo | 80ms |", "| static | 60ms |", "| greedy | 80ms |"):
         assert row in table
     assert (trained_run / "eval-60-80ms" / "pareto.png").stat().st_size > 0
+    verdicts = [line for line in result.stdout.splitlines() if line.startswith("verdict: grpo ")]
+    assert [v.split(" at ")[1].split(",")[0] for v in verdicts] == ["60ms", "80ms"]  # one per budget
+    assert all("best baseline " in v and "[95% CI " in v for v in verdicts)
+    assert "Margin of grpo over the best baseline" in table
 
 
 def test_evaluate_rejects_a_checkpoint_of_another_env(workdir, trained_run):
