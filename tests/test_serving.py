@@ -384,7 +384,7 @@ def test_serve_bad_inputs_are_one_line_before_loading(runs, requests_file, tmp_p
              ([f"run={run}", f"requests={bad_line}"], "line 2: image 'images/nope.png' cannot be read"),
              ([f"run={run}", "http.port=99999"], "http.port=99999 is invalid"),
              ([f"run={run}", f"requests={requests_file}", "guard=strict"],
-              "guard='strict' is invalid; accepted: expected, every, off"),
+              "guard='strict' is invalid; accepted: truncate, expected, every, off"),
              ([f"run={run}", f"requests={requests_file}", f"latency.profile={bad_line}"], "latency estimator")]
     for args, words in cases:
         with pytest.raises(ValueError) as caught:
