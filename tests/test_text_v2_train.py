@@ -12,7 +12,7 @@ from backends.tiny_text import train_v2
 
 TINY = ["--hidden", "16", "--layers", "1", "--heads", "2", "--context", "32", "--max-positions", "64",
         "--vocab-size", "300", "--batch-size", "2", "--steps", "4", "--warmup", "1", "--max-corpus-chars", "1500",
-        "--threads", "1", "--log-every", "1", "--eval-max-tokens", "64"]
+        "--threads", "1", "--log-every", "1", "--corpus", "listed", "--eval-max-tokens", "64"]
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, capsys):
@@ -42,3 +42,14 @@ def test_resuming_with_other_arguments_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --hidden=32 differs from the checkpoint") and "--fresh" in err and "\n" not in err
     assert train_v2.main(TINY + work + ["--fresh", "--steps", "1"]) == 0
+
+
+def test_the_v2_corpus_is_the_whole_standard_library_without_its_tests():
+    from backends.tiny_text import corpus
+
+    listed, everything = corpus.training_documents(), corpus.training_documents(all_stdlib=True)
+    assert sum(map(len, everything)) > 5 * sum(map(len, listed)) and len(everything) > len(listed)
+    assert sum(map(len, everything)) <= corpus.STDLIB_CHAR_CAP + sum(map(len, corpus.PYDOC_TOPICS.values()))
+    held_out = set(corpus.held_out_documents().values())
+    assert not held_out & set(everything)
+    assert not any("import unittest" in d and "class Test" in d and "support" in d[:2000] for d in everything[-50:])

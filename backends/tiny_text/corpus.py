@@ -7,7 +7,10 @@ standard library's own sources. Documents are split deterministically:
 * held-out documents: the longest documentation topics, every ``HELD_OUT_STRIDE``-th of them
   by length rank (long enough to exceed a KV window several times);
 * training documents: every other documentation topic plus the standard-library modules in
-  :data:`STDLIB_MODULES`.
+  :data:`STDLIB_MODULES` (the v1 model), or plus every standard-library source file up to
+  :data:`STDLIB_CHAR_CAP` characters (``all_stdlib=True``, the v2 model: long-context training
+  needs millions of tokens, and the listed modules hold about 0.4 M). The standard library is
+  the installed CPython's, so the training text follows the Python version (a model card names it).
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ STDLIB_MODULES = (
     "tempfile", "threading", "timeit", "tokenize", "trace", "typing", "uuid", "warnings", "zipfile",
 )
 
+# Package folders whose files are not prose-and-code of the library itself (tests, demos, GUI tools).
+STDLIB_SKIPPED_DIRS = ("test", "tests", "idle_test", "idlelib", "turtledemo", "site-packages", "dist-packages",
+                       "__pycache__", "lib2to3", "tkinter", "ensurepip", "config-3")
+STDLIB_CHAR_CAP = 16_000_000
 MIN_HELD_OUT_CHARS = 8000  # a held-out document must span thousands of tokens
 HELD_OUT_STRIDE = 3  # every third long topic (by length rank) is held out
 
@@ -45,10 +52,33 @@ def held_out_documents() -> dict[str, str]:
     return {name: PYDOC_TOPICS[name] for name in held_out_topic_names()}
 
 
-def training_documents() -> list[str]:
-    """Training documents in a fixed order: documentation topics, then standard-library sources."""
+def stdlib_sources(cap: int = STDLIB_CHAR_CAP) -> list[str]:
+    """Every standard-library ``.py`` file outside :data:`STDLIB_SKIPPED_DIRS`, in path order, until
+    ``cap`` characters."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    docs, total = [], 0
+    for path in sorted(stdlib.rglob("*.py")):
+        parts = path.relative_to(stdlib).parts
+        if any(p in STDLIB_SKIPPED_DIRS or p.startswith("config-3") for p in parts[:-1]) or path.is_symlink():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        if total + len(text) > cap:
+            break
+        docs.append(text)
+        total += len(text)
+    return docs
+
+
+def training_documents(all_stdlib: bool = False) -> list[str]:
+    """Training documents in a fixed order: documentation topics, then standard-library sources
+    (the :data:`STDLIB_MODULES`, or every file with ``all_stdlib``)."""
     held_out = set(held_out_topic_names())
     docs = [PYDOC_TOPICS[name] for name in sorted(PYDOC_TOPICS) if name not in held_out]
+    if all_stdlib:
+        return docs + stdlib_sources()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     for module in STDLIB_MODULES:
         path = stdlib / f"{module}.py"
