@@ -52,8 +52,8 @@ from torch import nn
 from backends.knobs import KnobConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "full_size_configs"
-MODELS = ("llava-1.5-7b", "idefics2-8b", "olmoe-1b-7b", "pythia-2.8b", "llava-1.5-7b-nf4", "qwen3-vl-2b",
-          "qwen3-vl-30b-a3b-nf4")
+MODELS = ("llava-1.5-7b", "idefics2-8b", "olmoe-1b-7b", "pythia-2.8b", "llava-1.5-7b-nf4", "idefics2-8b-nf4",
+          "qwen3-vl-2b", "qwen3-vl-30b-a3b-nf4")
 DEFAULT_MODELS = MODELS[:4]
 SHARD_BYTES = 2 << 30
 WEIGHT_STD = 0.02

@@ -18,7 +18,8 @@ def test_published_configurations_name_their_source_and_build_on_meta(name):
     model = fs.meta_model(arch)
     params = fs.count_parameters(model)
     expected = {"llava-1.5-7b": 7.06e9, "idefics2-8b": 8.40e9, "olmoe-1b-7b": 6.92e9, "pythia-2.8b": 2.78e9,
-                "llava-1.5-7b-nf4": 7.06e9, "qwen3-vl-2b": 2.13e9, "qwen3-vl-30b-a3b-nf4": 31.07e9}[name]
+                "llava-1.5-7b-nf4": 7.06e9, "idefics2-8b-nf4": 8.40e9, "qwen3-vl-2b": 2.13e9,
+                "qwen3-vl-30b-a3b-nf4": 31.07e9}[name]
     assert abs(params - expected) / expected < 0.01
     small = fs.meta_model(arch, scale=0.05)  # the smoke mode's shapes stay consistent
     assert fs.count_parameters(small) < params / 50

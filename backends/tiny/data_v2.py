@@ -158,22 +158,30 @@ def _neighbours(objs) -> list[tuple[str, str, dict]]:
     return options
 
 
-def _q_relation(rng):
+def _anchor_and_neighbour(rng):
+    """A quadrant scene, an anchor of unique shape and one of its neighbours: ``(objects, anchor shape,
+    direction, neighbour)``, or ``None`` when the scene has no such pair (the caller retries)."""
     objs = _quad_scene(rng, int(rng.integers(2, 5)))
     options = _neighbours(objs)
     if not options:
         return None
-    shape, direction, target = options[rng.integers(len(options))]
+    return (objs, *options[rng.integers(len(options))])
+
+
+def _q_relation(rng):
+    picked = _anchor_and_neighbour(rng)
+    if picked is None:
+        return None
+    objs, shape, direction, target = picked
     return objs, f"what color is the object {direction} the {shape}?", target["color"]
 
 
 def _q_relation_value(rng):
     # three steps: the anchor (unique shape), its neighbour, the neighbour's (colour, shape) value
-    objs = _quad_scene(rng, int(rng.integers(2, 5)))
-    options = _neighbours(objs)
-    if not options:
+    picked = _anchor_and_neighbour(rng)
+    if picked is None:
         return None
-    shape, direction, target = options[rng.integers(len(options))]
+    objs, shape, direction, target = picked
     value = VALUES[(target["color"], target["shape"])]
     return objs, f"what is the value of the object {direction} the {shape}?", str(value)
 
