@@ -85,7 +85,7 @@ class KnobEnv(KnobgymEnv):
     def _typical_latencies(self) -> LatencyReference:
         """Estimated latency of the cheapest and of the full configuration on each typical input."""
         samples = self._typical_samples()
-        cheap, full = self._reference_knobs()
+        cheap, full = (self.space.resolve(k) for k in self._reference_knobs())
         lo = self.latency.predict_ms([cheap] * len(samples),
                                      [self.backend.expected_token_counts(s, cheap) for s in samples])
         hi = self.latency.predict_ms([full] * len(samples),
