@@ -48,9 +48,8 @@ class TokenBudgetEnv(KnobEnv):
         return KnobConfig(tier=self.space.tier_names[-1], token_budget=self.fractions[int(action)])
 
     def _reference_knobs(self) -> tuple[KnobConfig, KnobConfig]:
-        top = self.space.tier_names[-1]
-        return (KnobConfig(tier=top, token_budget=min(self.fractions)),
-                KnobConfig(tier=top, token_budget=max(self.fractions)))
+        return (self.action_to_knobs(int(np.argmin(self.fractions))),
+                self.action_to_knobs(int(np.argmax(self.fractions))))
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         self._begin_episode(seed, options)

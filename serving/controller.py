@@ -20,6 +20,8 @@ latency comes from the cached estimator of (backend, this device), or the one gi
 
 from __future__ import annotations
 
+import contextlib
+
 import itertools
 import threading
 import time
@@ -331,10 +333,10 @@ class Controller:
             if state is None:  # a one-stage env (TokenBudget-v0): both model stages run now
                 state = self.backend.run_stage1(sample, knobs.tier, knobs.token_budget)
             cap = None if plan is None else plan.answer_cap(trajectory)
-            if cap is None:
-                return knobs, trajectory, self.backend.run_stage2(state, knobs), None if plan is None else plan.outcome
-            with self.backend.generation_capped(cap):  # the budget ends the answer, not the configuration
-                return knobs, trajectory, self.backend.run_stage2(state, knobs), plan.outcome
+            # the budget ends the answer, not the configuration
+            with contextlib.nullcontext() if cap is None else self.backend.generation_capped(cap):
+                outcome = self.backend.run_stage2(state, knobs)
+            return knobs, trajectory, outcome, None if plan is None else plan.outcome
         finally:
             view.requests.pop(rid, None)
             view.states.pop(rid, None)

@@ -128,6 +128,8 @@ class Trainer:
         self.model = model
         self.space = knob_space_from_model(model, tiers=dict(self.shape.tiers))
         self.parts = model_parts(model)
+        weights = torch.tensor([1.0] * (len(self.space.depths) - 1) + [2.0])  # the full depth counts twice
+        self.exit_weights = weights / weights.sum()
         self.opt = torch.optim.AdamW(list(model.parameters()) + list(self.patch_head.parameters()),
                                      lr=self.args.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
@@ -167,14 +169,12 @@ class Trainer:
                    for i in range(a.batch_size)]
         knobs = draw_knobs(np.random.default_rng([a.seed, step]), self.space, a.full_share, stage)
         batch = make_batch(samples, self.tokenizer, self.space.vision_tokens(knobs))
-        depths = self.space.depths
-        weights = torch.tensor([1.0] * (len(depths) - 1) + [2.0])  # the full depth counts twice
         self.model.train()
         with apply_knobs(self.model, knobs, self.space):
-            losses = exit_losses(self.model, self.parts, *batch, depths)
+            losses = exit_losses(self.model, self.parts, *batch, self.space.depths)
         labels = torch.from_numpy(np.stack([patch_labels(x, self.grid) for x in samples]))
         aux = patch_loss(self.model, self.patch_head, batch[2], labels, a.position_loss_weight)
-        loss = (torch.stack(losses) * weights / weights.sum()).sum() + a.patch_loss_weight * aux
+        loss = (torch.stack(losses) * self.exit_weights).sum() + a.patch_loss_weight * aux
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
