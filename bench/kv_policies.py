@@ -30,8 +30,13 @@ from backends.tiny_text import held_out_token_documents, load_causal_lm, load_ti
 
 
 def run_policies(model, documents: dict[str, list[int]], policies: list[KVPolicy], repeats: int,
-                 baseline=None) -> list[dict]:
+                 baseline=None, after: int = 0) -> list[dict]:
     """Stream every document under each policy; per policy: PPL, median TPOT, mean cache, prunes, spikes.
+
+    ``ppl_after`` is the PPL of the tokens predicted from position ``after`` on (the same tokens for
+    every policy: with ``after`` past every window, every windowed policy has evicted by then, so
+    the column compares policies after their first eviction, which is where StreamingLLM's
+    window-only collapse shows; the whole-document PPL dilutes it with the tokens before).
 
     Passes are interleaved (repeat -> document -> policy) so that background load on a shared
     machine hits every policy alike; each token's time is the median over ``repeats`` passes.
@@ -53,9 +58,11 @@ def run_policies(model, documents: dict[str, list[int]], policies: list[KVPolicy
             for name, trace in zip(documents, doc_traces):
                 spikes += spike_metrics(trace.nll, trace.prune_events, baseline[name], before=8, after=32)
         all_nll = np.concatenate([t.nll for t in doc_traces])
+        nll_after = np.concatenate([t.nll[after:] for t in doc_traces])
         step_ms = np.concatenate([np.median(np.stack(times[i, name]), axis=0) for name in documents])
         results.append({
-            "ppl": float(np.exp(all_nll.mean())), "tpot_ms": float(np.median(step_ms)),
+            "ppl": float(np.exp(all_nll.mean())), "ppl_after": float(np.exp(nll_after.mean())),
+            "tpot_ms": float(np.median(step_ms)),
             "mean_cache": float(np.concatenate([t.cache_length for t in doc_traces]).mean()),
             "prunes": sum(len(t.prune_events) for t in doc_traces),
             "peak": float(np.mean([s.peak for s in spikes])) if spikes else float("nan"),
@@ -67,13 +74,14 @@ def run_policies(model, documents: dict[str, list[int]], policies: list[KVPolicy
 
 
 def print_row(label: str, result: dict, reference_tpot: float) -> None:
-    print(f"| {label:<40} | {result['ppl']:8.2f} | {result['tpot_ms']:7.3f} | {result['tpot_ms'] / reference_tpot:5.2f} "
+    print(f"| {label:<40} | {result['ppl']:8.2f} | {result['ppl_after']:9.2f} | {result['tpot_ms']:7.3f} "
+          f"| {result['tpot_ms'] / reference_tpot:5.2f} "
           f"| {result['mean_cache']:7.1f} | {result['prunes']:6d} | {result['peak']:5.2f} | {result['area']:6.2f} "
           f"| {result['width']:5.1f} |")
 
 
-HEADER = ("| policy                                   |      PPL | TPOT ms | ratio | mean KV | prunes |  peak |   area | width |\n"
-          "|------------------------------------------|----------|---------|-------|---------|--------|-------|--------|-------|")
+HEADER = ("| policy                                   |      PPL | PPL after | TPOT ms | ratio | mean KV | prunes |  peak |   area | width |\n"
+          "|------------------------------------------|----------|-----------|---------|-------|---------|--------|-------|--------|-------|")
 
 
 def time_episodes(episodes: int) -> None:
@@ -126,15 +134,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     model, tokenizer = load_causal_lm(args.model) if args.model else load_tiny_text_model()
     documents = held_out_token_documents(tokenizer, max_tokens=args.tokens)
+    after = max(args.windows[-1], args.peak_cache) + max(args.compress_every)
     print(f"held-out documents: {', '.join(f'{k} ({len(v)} tok)' for k, v in documents.items())}; "
-          f"TPOT = median per-token forward over {args.repeats} passes; spikes vs full cache, 32 tokens after each prune")
+          f"TPOT = median per-token forward over {args.repeats} passes; spikes vs full cache, 32 tokens after each prune; "
+          f"'PPL after' = the tokens from position {after} on (every windowed policy has evicted by then)")
 
     full_policy = FullCache()
     policies = [p for w in args.windows
                 for p in (SinkWindow(4, window=w), SinkWindow(0, window=w), KeyNormWindow(w // 4, window=w))]
     # The full cache runs alone first: its per-token NLL is the spike baseline of the others.
     (full,) = run_policies(model, documents, [full_policy], 1)
-    results = run_policies(model, documents, [full_policy] + policies, args.repeats, full["nll"])
+    results = run_policies(model, documents, [full_policy] + policies, args.repeats, full["nll"], after)
     reference_tpot = results[0]["tpot_ms"]
     print("\n## Policies at two windows\n")
     print(HEADER)
@@ -144,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     window = args.windows[0]
     fixed_window = [SinkWindow(4, window=window, compress_every=every) for every in args.compress_every]
     fixed_peak = [SinkWindow(4, window=args.peak_cache - every, compress_every=every) for every in args.compress_every]
-    results = run_policies(model, documents, [full_policy] + fixed_window + fixed_peak, args.repeats, full["nll"])
+    results = run_policies(model, documents, [full_policy] + fixed_window + fixed_peak, args.repeats, full["nll"], after)
     reference_tpot = results[0]["tpot_ms"]
     print(f"\n## compress_every at a fixed window (SinkWindow(4, {window}); cache grows to {window} + R)\n")
     print(HEADER)

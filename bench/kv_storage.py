@@ -6,7 +6,8 @@ value, with both storages, passes interleaved (repeat -> policy -> storage) so b
 both alike. Each token's time is its median over ``--repeats`` passes; a policy's TPOT is the median
 over the tokens after its cache first filled (``W + compress_every`` tokens), the full cache's over all
 tokens. Prints per policy: TPOT with each storage, their ratio, the slots TPOT relative to the full
-cache's, and whether slots TPOT falls monotonically with the cache size.
+cache's, whether slots TPOT grows with the window at every step, and the full cache's TPOT over the
+stream (its mean step, and its step once the cache holds ``--tokens`` tokens) against each window's.
 
 Attention's share at full cache: in the same full-cache passes, the median step time of the last
 128 tokens (cache about ``--tokens``) against that of tokens 16..143 (cache < 144): the part of a step
@@ -14,7 +15,7 @@ that grows with the cache (attention over it, plus, for concat, copying it) is
 ``1 - short / long``.
 
 Usage: ``python -m bench.kv_storage [--tokens 2048] [--windows 32 64 128 256 512 1024] [--compress-every 1]
-[--repeats 3]``.
+[--repeats 3] [--storages slots static concat]``.
 """
 
 from __future__ import annotations
@@ -51,28 +52,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default=None, help="a causal LM checkpoint folder (default: the shipped tiny "
                         "text model), e.g. backends/tiny_text/checkpoint_v2")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--storages", nargs="+", choices=STORAGES, default=list(STORAGES),
+                        help="storages to time (default all; 'slots' alone for the policies' TPOT)")
     args = parser.parse_args(argv)
     model, tokenizer = load_causal_lm(args.model) if args.model else load_tiny_text_model()
     ids = max(held_out_token_documents(tokenizer).values(), key=len)[:args.tokens + 1]
     policies = [FullCache()] + [SinkWindow(4, window=w, compress_every=args.compress_every) for w in args.windows]
+    storages = [s for s in STORAGES if s in args.storages]
     started = time.time()
     load = os.getloadavg()[0]
-    times = stream_times(model, ids, policies, STORAGES, args.repeats)
+    times = stream_times(model, ids, policies, storages, args.repeats)
     print(f"{len(ids) - 1} tokens, {args.repeats} interleaved repeats, 1 thread, load average {load:.1f} -> "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, {time.time() - started:.0f}s")
-    print(f"{'policy':44s} {'concat ms':>10s} {'slots ms':>9s} {'concat/slots':>13s} {'slots/full':>11s}")
-    full_slots = float(np.median(times[0, "slots"]))
-    slots_tpot = []
+    both = "concat" in storages and "slots" in storages
+    print(f"{'policy':52s}" + "".join(f" {s + ' ms':>10s}" for s in storages)
+          + (f" {'concat/slots':>13s}" if both else "") + f" {'/ full':>7s}")
+    main_storage = "slots" if "slots" in storages else storages[0]
+    full_mean = float(np.mean(times[0, main_storage]))
+    windowed = {}
     for i, policy in enumerate(policies):
         start = 0 if policy.window is None else policy.window + policy.compress_every
-        row = {s: float(np.median(times[i, s][start:])) for s in STORAGES}
+        row = {s: float(np.median(times[i, s][start:])) for s in storages}
         if i:
-            slots_tpot.append(row["slots"])
-        print(f"{str(policy):44s} {row['concat']:10.3f} {row['slots']:9.3f} {row['concat'] / row['slots']:13.2f} "
-              f"{row['slots'] / full_slots:11.2f}")
-    falls = all(a < b for a, b in zip(slots_tpot, slots_tpot[1:]))
-    print(f"slots TPOT rises with the window (falls with cache size) monotonically: {falls}")
-    for storage in STORAGES:
+            windowed[policy.window] = row[main_storage]
+        print(f"{str(policy):52s}" + "".join(f" {row[s]:10.3f}" for s in storages)
+              + (f" {row['concat'] / row['slots']:13.2f}" if both else "")
+              + f" {row[main_storage] / float(np.median(times[0, main_storage])):7.2f}")
+    values = list(windowed.values())
+    rises = all(a < b for a, b in zip(values, values[1:]))
+    print(f"{main_storage} TPOT grows with the window at every step (a smaller cache decodes faster): {rises}")
+    full_tail = float(np.median(times[0, main_storage][-TAIL:]))
+    for window, tpot in windowed.items():
+        print(f"full cache ({main_storage}) over {len(ids) - 1} tokens: mean step {full_mean:.3f} ms = "
+              f"{full_mean / tpot:.2f}x, at cache ~{len(ids) - 1} {full_tail:.3f} ms = {full_tail / tpot:.2f}x "
+              f"SinkWindow(4, {window})'s {tpot:.3f} ms")
+    for storage in storages:
         short = float(np.median(times[0, storage][16:16 + TAIL]))
         long = float(np.median(times[0, storage][-TAIL:]))
         print(f"full cache ({storage}): step at cache < {16 + TAIL} {short:.3f} ms, at cache ~{len(ids) - 1} "

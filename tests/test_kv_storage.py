@@ -209,3 +209,40 @@ def test_compile_falls_back_to_the_eager_model_with_one_warning(model, document,
     assert len(caught) == 1 and compiled.forward is model
     np.testing.assert_array_equal(compiled.advance(1000).nll,
                                   DocumentStreamer(model, document, SinkWindow(4, window=24)).advance(1000).nll)
+
+
+def test_a_recency_policy_chooses_one_keep_per_prune_for_every_layer(model, document):
+    """SinkWindow's keep depends only on the cache length (``scores_read_cache = False``): the cache asks
+    the policy once per prune, not once per layer, and moves the window down as one slice; a policy
+    that reads the keys (KeyNormWindow) is asked in every layer, its keep moved by indices."""
+    calls = []
+
+    class CountingSinkWindow(SinkWindow):
+        def keep_indices(self, positions, keys, values):
+            calls.append(len(positions))
+            return super().keep_indices(positions, keys, values)
+
+    policy = CountingSinkWindow(2, window=9, compress_every=3)
+    layers = model.config.num_hidden_layers
+    streamer = DocumentStreamer(model, document, policy)
+    trace = streamer.advance(60)
+    assert len(trace.prune_events) > 3 and len(calls) == len(trace.prune_events)
+    reference = DocumentStreamer(model, document, SinkWindow(2, window=9, compress_every=3), storage="concat")
+    np.testing.assert_array_equal(trace.nll, reference.advance(60).nll)
+
+    cache = KVPolicyCache(SinkWindow(2, window=9), layers)
+    start, source = cache.compaction_plan(torch.tensor([0, 1, 5, 6, 7, 8, 9, 10, 11]))
+    assert (start, source) == (2, slice(5, 12))
+    start, source = cache.compaction_plan(torch.tensor([0, 3, 4, 9]))
+    assert start == 1 and source.tolist() == [3, 4, 9]
+    assert cache.compaction_plan(torch.arange(5))[0] == 5  # nothing moves
+
+    key_calls = []
+
+    class CountingKeyNorm(KeyNormWindow):
+        def keep_indices(self, positions, keys, values):
+            key_calls.append(len(positions))
+            return super().keep_indices(positions, keys, values)
+
+    trace = DocumentStreamer(model, document, CountingKeyNorm(4, window=16, compress_every=4)).advance(60)
+    assert len(key_calls) == layers * len(trace.prune_events)

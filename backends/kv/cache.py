@@ -99,7 +99,11 @@ class PolicyCacheLayer(DynamicLayer):
         policy = self._owner.policy
         if not policy.should_prune(keys.shape[-2]):
             return None
-        keep = policy.keep_indices(positions, keys, values)
+        keep = self._owner.shared_keep(policy, keys.shape[-2], positions.device)
+        if keep is None:
+            keep = policy.keep_indices(positions, keys, values)
+            if not policy.scores_read_cache:
+                self._owner.remember_keep(policy, keys.shape[-2], keep)
         if self.layer_idx == 0:
             self._owner.record_prune(PruneEvent(self.seen_tokens, keys.shape[-2], len(keep)))
         return keep
@@ -233,16 +237,20 @@ class SlotCacheLayer(PolicyCacheLayer):
         if self.shared:
             self._reserve(self.length, self.key_slots, self.value_slots)
         kept = len(keep)
-        in_place = keep == torch.arange(kept, device=keep.device)
-        if not bool(in_place.all()):
-            start = int((~in_place).int().argmax())  # slots below start keep their token (sinks)
-            source = keep[start:]
+        start, source = self._owner.compaction_plan(keep)
+        if start < kept:
             keys = self.key_slots[:, :, source]
             if self.cache_rotated:  # a moved key's slot, hence its position, drops by the tokens evicted below it
-                keys = self._owner.rotator.rotate(keys, torch.arange(start, kept, device=source.device) - source)
+                moved = torch.arange(source.start, source.stop, device=keep.device) if isinstance(source, slice) \
+                    else source
+                keys = self._owner.rotator.rotate(keys, torch.arange(start, kept, device=keep.device) - moved)
+            elif isinstance(source, slice):
+                keys = keys.clone()  # the source and target slices overlap
             self.key_slots[:, :, start:kept] = keys
-            self.value_slots[:, :, start:kept] = self.value_slots[:, :, source]
-            self.position_slots[start:kept] = self.position_slots[source]
+            values = self.value_slots[:, :, source]
+            self.value_slots[:, :, start:kept] = values.clone() if isinstance(source, slice) else values
+            positions = self.position_slots[source]
+            self.position_slots[start:kept] = positions.clone() if isinstance(source, slice) else positions
         self.length = kept
         self._views()
 
@@ -341,6 +349,38 @@ class KVPolicyCache(Cache):
         super().__init__(layers=[LAYER_CLASSES[storage](self, i) for i in range(num_layers)])
         self.policy = policy
         self.prune_events: list[PruneEvent] = []
+        self._keep_memo: tuple | None = None  # (policy, cache length, seen tokens, keep) of the last shared keep
+        self._plan_memo: tuple | None = None  # (keep, plan) of the last compaction plan
+
+    def shared_keep(self, policy: KVPolicy, length: int, device: torch.device) -> torch.Tensor | None:
+        """The keep a content-independent policy (``scores_read_cache = False``) chose at this prune in
+        an earlier layer of the same forward on the same device, else ``None``."""
+        memo = self._keep_memo
+        if (memo is not None and memo[0] is policy and memo[1] == length and memo[2] == self.layers[0].seen_tokens
+                and memo[3].device == device):
+            return memo[3]
+        return None
+
+    def remember_keep(self, policy: KVPolicy, length: int, keep: torch.Tensor) -> None:
+        self._keep_memo = (policy, length, self.layers[0].seen_tokens, keep)
+
+    def compaction_plan(self, keep: torch.Tensor) -> tuple[int, "torch.Tensor | slice"]:
+        """``(start, source)`` for moving the kept slots down: slots below ``start`` already hold their
+        token (the sinks); slots ``start..len(keep)-1`` take ``source`` (a slice when the kept tokens
+        above ``start`` are contiguous, as a window's are, else the indices). Computed once per keep
+        tensor, which every layer shares under a content-independent policy."""
+        if self._plan_memo is not None and self._plan_memo[0] is keep:
+            return self._plan_memo[1]
+        kept = len(keep)
+        in_place = keep == torch.arange(kept, device=keep.device)
+        start = kept if bool(in_place.all()) else int((~in_place).int().argmax())
+        source: torch.Tensor | slice = keep[start:]
+        if start < kept:
+            first, last = int(source[0]), int(source[-1])
+            if last - first == kept - 1 - start:  # ascending and distinct, so contiguous
+                source = slice(first, last + 1)
+        self._plan_memo = (keep, (start, source))
+        return start, source
 
     def _check_policy(self, policy: KVPolicy) -> None:
         if not isinstance(policy, KVPolicy):

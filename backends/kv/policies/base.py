@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -58,8 +59,13 @@ class KVPolicy:
         rope_positions: ``"original"`` (default) or ``"cache"`` (StreamingLLM: positions re-numbered
             within the kept cache), see :mod:`backends.kv.positions`.
 
-    Subclasses override :meth:`score`; :meth:`validate` when they add fields with rules.
+    Subclasses override :meth:`score`; :meth:`validate` when they add fields with rules. A subclass
+    whose scores depend only on the number of cached tokens (not on positions, keys or values) sets
+    ``scores_read_cache = False``: the cache then computes one keep per prune for all layers instead
+    of one per layer (a prune's cost is mostly per-op overhead on small models).
     """
+
+    scores_read_cache: ClassVar[bool] = True
 
     window: int = field(default=128, kw_only=True)
     compress_every: int = field(default=1, kw_only=True)

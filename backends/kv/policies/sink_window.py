@@ -25,6 +25,8 @@ class SinkWindow(KVPolicy):
     evicted token never comes back.
     """
 
+    scores_read_cache = False  # recency by slot: one keep per prune serves every layer
+
     n_sink: int = 4
 
     def validate(self) -> None:
