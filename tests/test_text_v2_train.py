@@ -44,6 +44,22 @@ def test_resuming_with_other_arguments_is_one_error_line(tmp_path, capsys):
     assert train_v2.main(TINY + work + ["--fresh", "--steps", "1"]) == 0
 
 
+def test_a_later_stage_starts_from_the_previous_final_weights(tmp_path, capsys):
+    assert train_v2.main(TINY + ["--work-dir", str(tmp_path / "one")]) == 0
+    first = tmp_path / "one" / "final"
+    two = TINY + ["--work-dir", str(tmp_path / "two"), "--init-from", str(first), "--seed", "1", "--lr", "1e-9"]
+    assert train_v2.main(two) == 0
+    before, after = load_file(first / "model.safetensors"), load_file(tmp_path / "two" / "final" / "model.safetensors")
+    assert all(torch.allclose(before[k], after[k], atol=1e-6) for k in before)  # a vanishing lr: the same weights
+    card = json.loads((tmp_path / "two" / "final" / "training.json").read_text())
+    assert card["init_from"] == str(first) and card["seed"] == 1
+    assert train_v2.main(TINY + ["--work-dir", str(tmp_path / "three"), "--hidden", "32",
+                                 "--init-from", str(first)]) == 2
+    assert "does not fit this run's shape" in capsys.readouterr().err
+    assert train_v2.main(TINY + ["--work-dir", str(tmp_path / "four"), "--init-from", str(tmp_path)]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
 def test_the_v2_corpus_is_the_whole_standard_library_without_its_tests():
     from backends.tiny_text import corpus
 

@@ -239,18 +239,17 @@ class SlotCacheLayer(PolicyCacheLayer):
         kept = len(keep)
         start, source = self._owner.compaction_plan(keep)
         if start < kept:
+            overlapping = isinstance(source, slice)  # a slice is a view of the storage it is written back to
             keys = self.key_slots[:, :, source]
             if self.cache_rotated:  # a moved key's slot, hence its position, drops by the tokens evicted below it
-                moved = torch.arange(source.start, source.stop, device=keep.device) if isinstance(source, slice) \
-                    else source
+                moved = torch.arange(source.start, source.stop, device=keep.device) if overlapping else source
                 keys = self._owner.rotator.rotate(keys, torch.arange(start, kept, device=keep.device) - moved)
-            elif isinstance(source, slice):
-                keys = keys.clone()  # the source and target slices overlap
+            values, positions = self.value_slots[:, :, source], self.position_slots[source]
+            if overlapping:
+                keys, values, positions = keys.clone(), values.clone(), positions.clone()
             self.key_slots[:, :, start:kept] = keys
-            values = self.value_slots[:, :, source]
-            self.value_slots[:, :, start:kept] = values.clone() if isinstance(source, slice) else values
-            positions = self.position_slots[source]
-            self.position_slots[start:kept] = positions.clone() if isinstance(source, slice) else positions
+            self.value_slots[:, :, start:kept] = values
+            self.position_slots[start:kept] = positions
         self.length = kept
         self._views()
 

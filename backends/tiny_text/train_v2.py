@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import processors
-from transformers import GPTNeoXForCausalLM
+from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from backends.io import CorruptFileError, load_tensors, save_tensors, write_directory_atomically
 from backends.loading import check_checkpoint_out_dir
@@ -58,7 +58,7 @@ WORK_DIR = Path("~/.cache/knobgym/train/text_v2").expanduser()
 STATE_FILE = "state.safetensors"
 # Arguments a resumed run must share with its checkpoint (the rest only steer this process).
 RUN_ARGS = ("seed", "vocab_size", "hidden", "layers", "heads", "context", "max_positions", "batch_size", "steps",
-            "lr", "warmup", "weight_decay", "max_corpus_chars", "corpus")
+            "lr", "warmup", "weight_decay", "max_corpus_chars", "corpus", "init_from")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,6 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-max-tokens", type=int, default=0, help="held-out tokens scored per document at the "
                    "end (0: all)")
     p.add_argument("--work-dir", type=Path, default=WORK_DIR)
+    p.add_argument("--init-from", default="", help="a later stage: start from this save_pretrained folder's "
+                   "weights (a previous run's final model, same shape and tokenizer) with a fresh optimiser and "
+                   "schedule; a different --work-dir and --seed keep the stages apart")
     p.add_argument("--fresh", action="store_true", help="discard <work-dir>/latest instead of resuming from it")
     p.add_argument("--out", type=Path, default=None, help="final save_pretrained folder (default <work-dir>/final)")
     p.add_argument("--overwrite", action="store_true", help="allow --out to name an existing folder")
@@ -192,6 +195,28 @@ def load_latest(work_dir: Path, model, optimizer, args) -> tuple[int, float]:
     return int(metadata["step"]), float(metadata.get("elapsed_s", 0.0))
 
 
+def load_stage_weights(model, tokenizer, folder: Path) -> None:
+    """Copy the weights of ``folder`` (a previous stage's ``save_pretrained`` output) into ``model``; a
+    ``ValueError`` naming the folder when its shapes or tokenizer differ from this run's."""
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--init-from={str(folder)!r} has no config.json; accepted: a previous run's final folder")
+    try:
+        previous = GPTNeoXForCausalLM.from_pretrained(folder, local_files_only=True)
+        previous_vocab = PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True).get_vocab()
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--init-from={str(folder)!r} is not a loadable GPT-NeoX folder ({error}); accepted: a "
+                         "previous run's final folder") from None
+    if previous_vocab != tokenizer.get_vocab():
+        raise ValueError(f"--init-from={str(folder)!r} has another tokenizer than this run's corpus builds; "
+                         "accepted: a stage of a run with the same --vocab-size, --corpus and --max-corpus-chars")
+    try:
+        model.load_state_dict(previous.state_dict())
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0][:200]
+        raise ValueError(f"--init-from={str(folder)!r} does not fit this run's shape ({first}); accepted: the "
+                         "same --hidden, --layers, --heads, --max-positions") from None
+
+
 @torch.no_grad()
 def held_out_perplexity(model, tokenizer, context: int, max_tokens: int = 0) -> float:
     """Token-weighted perplexity of the held-out documents in non-overlapping ``context`` blocks, each
@@ -222,6 +247,8 @@ def train(args) -> Path | None:
         shutil.rmtree(args.work_dir / "latest", ignore_errors=True)
     tokenizer, data, bos_id = corpus(args)
     model = GPTNeoXForCausalLM(build_config(len(tokenizer), bos_id, args))
+    if args.init_from:
+        load_stage_weights(model, tokenizer, Path(args.init_from))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     step, elapsed = 0, 0.0
     if (args.work_dir / "latest" / STATE_FILE).is_file():
