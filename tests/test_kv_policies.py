@@ -293,3 +293,16 @@ def test_text_model_training_never_replaces_the_shipped_checkpoint_by_accident()
 
     with pytest.raises(ValueError, match="already holds files.*--overwrite"):
         train_text([])  # the default --out is the shipped checkpoint
+
+
+def test_the_policies_bench_scores_the_same_tokens_after_every_window_s_first_eviction(model, document):
+    from bench.kv_policies import run_policies
+
+    documents = {"a": document[:80].tolist(), "b": document[10:90].tolist()}
+    policies = [FullCache(), SinkWindow(4, window=16), SinkWindow(0, window=16)]
+    results = run_policies(model, documents, policies, repeats=1, after=24)
+    for policy, result in zip(policies, results):
+        nll = [DocumentStreamer(model, ids, policy).advance(1000).nll for ids in documents.values()]
+        assert result["ppl"] == pytest.approx(float(np.exp(np.concatenate(nll).mean())))
+        assert result["ppl_after"] == pytest.approx(float(np.exp(np.concatenate([n[24:] for n in nll]).mean())))
+    assert results[0]["ppl_after"] != results[0]["ppl"]
