@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     model, tokenizer = load_causal_lm(args.model) if args.model else load_tiny_text_model()
     documents = held_out_token_documents(tokenizer, max_tokens=args.tokens)
-    after = max(args.windows[-1], args.peak_cache) + max(args.compress_every)
+    after = max(*args.windows, args.peak_cache) + max(args.compress_every)
     print(f"held-out documents: {', '.join(f'{k} ({len(v)} tok)' for k, v in documents.items())}; "
           f"TPOT = median per-token forward over {args.repeats} passes; spikes vs full cache, 32 tokens after each prune; "
           f"'PPL after' = the tokens from position {after} on (every windowed policy has evicted by then)")

@@ -21,7 +21,6 @@ latency comes from the cached estimator of (backend, this device), or the one gi
 from __future__ import annotations
 
 import contextlib
-
 import itertools
 import threading
 import time

@@ -10,8 +10,8 @@ from bench import attention_sink
 
 def test_the_attention_sink_bench_prints_one_row_per_layer_against_uniform(capsys):
     attention_sink.main(["--tokens", "64", "--from-position", "16"])
-    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line[:3] == "| " + line[2:3]
-            and line[2:3].isdigit()]
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and line[2:3].isdigit()]
     assert len(rows) == load_tiny_text_model()[0].config.num_hidden_layers
     uniform = sum(1 / (p + 1) for p in range(16, 64)) / 48
     for row in rows:

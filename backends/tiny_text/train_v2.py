@@ -201,10 +201,11 @@ def load_stage_weights(model, tokenizer, folder: Path) -> None:
     if not (folder / "config.json").is_file():
         raise ValueError(f"--init-from={str(folder)!r} has no config.json; accepted: a previous run's final folder")
     try:
-        previous = GPTNeoXForCausalLM.from_pretrained(folder, local_files_only=True)
+        previous = GPTNeoXForCausalLM.from_pretrained(folder, local_files_only=True, use_safetensors=True)
         previous_vocab = PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True).get_vocab()
     except (OSError, ValueError) as error:
-        raise ValueError(f"--init-from={str(folder)!r} is not a loadable GPT-NeoX folder ({error}); accepted: a "
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"--init-from={str(folder)!r} is not a loadable GPT-NeoX folder ({first}); accepted: a "
                          "previous run's final folder") from None
     if previous_vocab != tokenizer.get_vocab():
         raise ValueError(f"--init-from={str(folder)!r} has another tokenizer than this run's corpus builds; "
