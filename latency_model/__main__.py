@@ -29,8 +29,9 @@ options (key=value, as in train.py):
                          backend's, backends.threads.DEFAULT_TORCH_THREADS = 1, as gym.make and train.py)
   points=240 repeats=9 warmup=6 samples=30 split=validation holdout_fraction=0.2 clock=wall seed=0
                          how much to profile (clock: wall, cpu or outcome)
+  holdout_repeats=N      timed runs per held-out point, the report's ground truth (default 3 x repeats)
   max_noise_pct=40       bound on a profile's repeat noise, (slowest - fastest repeat) / median, in %
-  remeasure_rounds=2     times the points above the bound are measured again
+  remeasure_rounds=2     times a profile above the bound is taken again as a whole (the quietest kept)
 
 examples:
   python -m latency_model report backend=tiny

@@ -94,8 +94,8 @@ def get_estimator(backend, cache_dir: str | os.PathLike | None = None, *, profil
     checksum); otherwise it is refitted on the cached profile, or the backend is profiled again
     when the profile is missing or corrupt (each said on stderr).
 
-    A noisy profile (repeat noise above ``settings.max_noise_pct`` after re-measuring its noisy
-    points) is **not cached**: the estimator fitted on it is returned for this process only, with
+    A noisy profile (repeat noise above ``settings.max_noise_pct`` in its quietest take) is
+    **not cached**: the estimator fitted on it is returned for this process only, with
     ``estimator.noise.exceeds`` true, and a :class:`NoisyProfileWarning` says how to re-profile.
     Later calls in the same process with the same settings reuse it without measuring again (one
     profile per command, however many envs it builds); the next process profiles again, so a

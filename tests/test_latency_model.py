@@ -246,15 +246,28 @@ def test_profile_csv_round_trip(fake_profile):
     assert again.knob_space == SPACE and again.cost_params == COST_PARAMS
     assert again.device == json.loads(json.dumps({**device_fingerprint(), "speed_probe": profile.device["speed_probe"]}))
     assert path.read_text().startswith("# format: ")
-    assert all(len(r["latency_runs_ms"].split(";")) == FAST.repeats for r in again.rows)
+    # held-out points, the report's ground truth, are timed 3 x repeats times (the default)
+    assert all(len(r["latency_runs_ms"].split(";")) == (3 if r["holdout"] else 1) * FAST.repeats for r in again.rows)
 
 
 def test_wall_clock_profile_times_each_run(tmp_path):
     backend = FakeBackend(sleep=True)
     settings = ProfileSettings(points=6, repeats=2, warmup=1, samples=6, clock="wall", remeasure_rounds=0)
     profile = profile_backend(backend, settings, tmp_path / "p.csv", progress=False)
-    assert backend.runs == settings.warmup + settings.points * settings.repeats
+    held_out = int(profile.holdout.sum())
+    assert 0 < held_out < settings.points
+    assert backend.runs == settings.warmup + (settings.points - held_out) * settings.repeats + held_out * 3 * settings.repeats
     assert all(r["latency_ms"] > 0 and r["backend_ms"] > 0 for r in profile.rows)
+
+
+def test_held_out_points_get_their_own_repeats(tmp_path):
+    settings = ProfileSettings(points=10, repeats=2, holdout_repeats=5, warmup=0, samples=6, clock="outcome",
+                               remeasure_rounds=0)
+    profile = profile_backend(FakeBackend(), settings, progress=False)
+    runs = {bool(r["holdout"]): len(r["latency_runs_ms"].split(";")) for r in profile.rows}
+    assert runs == {True: 5, False: 2}
+    with pytest.raises(ValueError, match="holdout_repeats=0 is invalid"):
+        ProfileSettings(holdout_repeats=0)
 
 
 @pytest.mark.parametrize("cpu_time", [False, True])
@@ -513,8 +526,9 @@ def test_profile_records_noise_and_estimator_carries_it(fake_profile, fitted):
 def test_noisy_points_are_measured_again_and_then_cached(tmp_path, capsys):
     backend = NoisyFirstBackend(noisy_runs=SMALL.points * SMALL.repeats)  # the whole first pass is noisy
     estimator = get_estimator(backend, tmp_path, settings=SMALL, progress=True)
-    assert "re-measuring" in capsys.readouterr().err
-    assert estimator.noise.remeasured_points > 0 and estimator.noise.rounds >= 1 and not estimator.noise.exceeds
+    assert "taking the profile again as a whole" in capsys.readouterr().err
+    assert estimator.noise.remeasured_points == SMALL.points and estimator.noise.rounds == 1
+    assert not estimator.noise.exceeds and "the quietest of 2 takes" in estimator.noise.describe()
     assert all(p.exists() for p in cache_paths(backend, tmp_path))
 
 

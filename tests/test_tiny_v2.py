@@ -98,8 +98,28 @@ def test_a_resume_with_other_options_is_refused(tmp_path, capsys):
     assert "batch_size: saved 2, given 3" in capsys.readouterr().err
 
 
+def test_a_later_stage_starts_from_another_runs_weights_with_its_own_schedule(tmp_path, capsys):
+    first = train(parse_args(TINY_RUN + ["--out", str(tmp_path / "a")]))
+    later = train(parse_args(TINY_RUN + ["--out", str(tmp_path / "b"), "--init-from", str(tmp_path / "a"),
+                                         "--steps", "1", "--full-share", "1", "--full-depth-weight", "4"]))
+    assert later.step == 1 and later.opt.state_dict()["state"][0]["step"] == 1  # fresh optimiser and step count
+    assert later.exit_weights[-1] == pytest.approx(4 / (len(later.space.depths) - 1 + 4))
+    # one step away from the first run's weights, not from a fresh initialisation
+    a, b = _weights(first), _weights(later)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 0.05
+    # resuming the later stage continues its own state (the init is not applied again)
+    again = train(parse_args(TINY_RUN + ["--out", str(tmp_path / "b"), "--init-from", str(tmp_path / "a"),
+                                         "--steps", "1", "--full-share", "1", "--full-depth-weight", "4"]))
+    assert again.step == 1 and all(torch.equal(v, _weights(again)[k]) for k, v in b.items())
+    with pytest.raises(SystemExit) as exc:
+        main(TINY_RUN + ["--out", str(tmp_path / "c"), "--init-from", str(tmp_path / "nothing")])
+    assert exc.value.code == 2 and "--init-from=" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("option", [["--checkpoint-minutes", "11"], ["--checkpoint-minutes", "0"],
-                                    ["--full-share", "1.5"], ["--steps", "0"]])
+                                    ["--full-share", "1.5"], ["--steps", "0"], ["--full-depth-weight", "-1"],
+                                    ["--init-from", "x", "--stage2-at", "5"], ["--min-top-k", "9"],
+                                    ["--min-top-k", "0"]])
 def test_bad_options_exit_2_with_one_line(option, capsys):
     with pytest.raises(SystemExit) as exc:
         parse_args(option)
@@ -166,6 +186,9 @@ def test_the_two_training_stages_draw_what_the_model_card_says():
     assert np.allclose(share, np.array(V2_SHAPE.top_ks) / sum(V2_SHAPE.top_ks), atol=0.03)
     uniform = [draw_knobs(np.random.default_rng([0, s]), space, 0.0, stage=1).top_k for s in range(4000)]
     assert np.allclose([np.mean(np.array(uniform) == k) for k in V2_SHAPE.top_ks], 0.25, atol=0.03)
+    # a later stage may leave the low top-k untrained: only 4 and 8, still in proportion to k
+    high = [draw_knobs(np.random.default_rng([0, s]), space, 0.0, stage=2, min_top_k=4).top_k for s in range(3000)]
+    assert set(high) == {4, 8} and abs(np.mean(np.array(high) == 8) - 2 / 3) < 0.03
 
 
 def test_upcycling_to_fine_grained_experts_keeps_the_function(tmp_path):

@@ -18,6 +18,12 @@ depth 2 and the top-k draw in proportion to k (a lower top-k is trained less oft
 mostly at its native top-k). Why (``backends/tiny/MODEL_CARD_v2.md``): after stage 1 a lower
 top-k or depth cost the full model under 2 points. The reference run: ``--stage2-at 7158``.
 
+A later stage is a new run folder started from another run's newest training state
+(``--init-from RUN``: its weights and auxiliary head; a fresh optimiser, step count and schedule):
+for example a fine-tune that draws the full configuration more often (``--full-share``) and weighs
+the full depth's answer loss more (``--full-depth-weight``), so that the computation a question
+type needs is trained where it is served (model card, stage 3).
+
 Resumable and deterministic: the batch of step ``s`` is train samples ``s*B .. s*B+B-1``, its knobs
 are drawn from ``default_rng([seed, s])`` and the learning rate is a function of ``s``, so a run
 stopped anywhere and resumed from its last training state computes what an unstopped run does.
@@ -63,14 +69,17 @@ DEFAULT_OUT = Path("~/.cache/knobgym/train/vlm_v2")
 MAX_CHECKPOINT_MINUTES = 10.0
 #: the options that define what is trained: a resumed run must repeat them
 RUN_DEFINING = ("seed", "steps", "batch_size", "lr", "warmup", "full_share", "patch_loss_weight",
-                "position_loss_weight", "stage2_at")
+                "position_loss_weight", "stage2_at", "full_depth_weight", "init_from", "min_top_k")
+#: values of run-defining options added after the reference run started (its run.json lacks them)
+LATER_DEFAULTS = {"full_depth_weight": 2.0, "init_from": "", "min_top_k": 1}
 STATES_KEPT = 2
 
 
-def draw_knobs(step_rng: np.random.Generator, space, full_share: float, stage: int = 2) -> KnobConfig:
+def draw_knobs(step_rng: np.random.Generator, space, full_share: float, stage: int = 2,
+               min_top_k: int = 1) -> KnobConfig:
     """One training configuration: the full one with probability ``full_share``, else a uniform tier
-    and token budget and a top-k drawn in proportion to k (stage 1: uniform). Every depth is trained
-    at once through the exits."""
+    and token budget and a top-k drawn in proportion to k among those >= ``min_top_k`` (stage 1:
+    uniform). Every depth is trained at once through the exits."""
     if step_rng.random() < full_share:
         return space.full().replace(depth=None)
     tier = space.tier_names[step_rng.integers(len(space.tiers))]
@@ -79,6 +88,7 @@ def draw_knobs(step_rng: np.random.Generator, space, full_share: float, stage: i
     if stage == 1:
         top_k = top_ks[step_rng.integers(len(top_ks))]
     else:
+        top_ks = top_ks[top_ks >= min_top_k]
         top_k = step_rng.choice(top_ks, p=top_ks / top_ks.sum())
     return KnobConfig(tier=tier, token_budget=budget, top_k=int(top_k))
 
@@ -128,7 +138,7 @@ class Trainer:
         self.model = model
         self.space = knob_space_from_model(model, tiers=dict(self.shape.tiers))
         self.parts = model_parts(model)
-        weights = torch.tensor([1.0] * (len(self.space.depths) - 1) + [2.0])  # the full depth counts twice
+        weights = torch.tensor([1.0] * (len(self.space.depths) - 1) + [self.args.full_depth_weight])
         self.exit_weights = weights / weights.sum()
         self.opt = torch.optim.AdamW(list(model.parameters()) + list(self.patch_head.parameters()),
                                      lr=self.args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -167,7 +177,7 @@ class Trainer:
         n_types = data_v2.FIRST_STAGE_TYPES if stage == 1 else len(data_v2.QUESTION_TYPES)
         samples = [data_v2.make_sample("train", step * a.batch_size + i, seed=a.seed, n_types=n_types)
                    for i in range(a.batch_size)]
-        knobs = draw_knobs(np.random.default_rng([a.seed, step]), self.space, a.full_share, stage)
+        knobs = draw_knobs(np.random.default_rng([a.seed, step]), self.space, a.full_share, stage, a.min_top_k)
         batch = make_batch(samples, self.tokenizer, self.space.vision_tokens(knobs))
         self.model.train()
         with apply_knobs(self.model, knobs, self.space):
@@ -245,12 +255,30 @@ def load_latest_state(trainer: Trainer, out: Path) -> Path | None:
     return None
 
 
+def init_from(trainer: Trainer, run: Path) -> None:
+    """A later stage: the model and auxiliary head of the newest training state of another train_v2
+    run folder, with a fresh optimiser, step 0 and this run's own schedule and knob draws."""
+    if not run.is_dir() or not state_paths(run):
+        raise ValueError(f"--init-from={str(run)!r} holds no training state; accepted: a train_v2 run folder "
+                         f"(with state/step-*.pt)")
+    source = Trainer(trainer.args)
+    if load_latest_state(source, run) is None:
+        raise ValueError(f"--init-from={str(run)!r}: no readable training state; accepted: a train_v2 run folder")
+    if source.shape is not V2_SHAPE:
+        raise ValueError(f"--init-from={str(run)!r} holds a stage-1 state; accepted: a run past its stage 2")
+    trainer.shape = V2_SHAPE
+    trainer.patch_head.load_state_dict(source.patch_head.state_dict())
+    trainer._attach(source.model)
+    print(f"initialised from {run} (its step {source.step}); fresh optimiser, step 0", flush=True)
+
+
 def check_run_file(out: Path, args) -> None:
     """First start: record the run-defining options; a resume must repeat them."""
     run_file = out / "run.json"
     defining = {k: getattr(args, k) for k in RUN_DEFINING}
     if run_file.exists():
         saved = read_json(run_file)
+        saved = {**LATER_DEFAULTS, **saved}
         diff = {k: (saved.get(k), v) for k, v in defining.items() if saved.get(k) != v}
         if diff:
             raise ValueError(f"--out={str(out)!r} holds a run started with other options "
@@ -282,6 +310,8 @@ def train(args) -> Trainer:
     check_run_file(out, args)
     trainer = Trainer(args)
     resumed = load_latest_state(trainer, out)
+    if resumed is None and args.init_from:
+        init_from(trainer, Path(args.init_from).expanduser())
     print(f"{'resumed from ' + str(resumed) if resumed else 'new run'} at step {trainer.step}/{args.steps} "
           f"-> {out}", flush=True)
     val = data_v2.generate_split("validation", args.val_samples, seed=args.seed)
@@ -354,6 +384,14 @@ def parse_args(argv=None):
     p.add_argument("--stage2-at", type=int, default=0,
                    help="the step stage 2 starts at (before it: stage 1, the reference run's first recipe; "
                         "the reference run used 7158)")
+    p.add_argument("--full-depth-weight", type=float, default=2.0,
+                   help="weight of the full depth's answer loss (every other exit weighs 1)")
+    p.add_argument("--min-top-k", type=int, default=1,
+                   help="stage 2: the lowest top-k drawn for the non-full batches (lower ones are served untrained, "
+                        "as a MoE served below the top-k it was trained at)")
+    p.add_argument("--init-from", default="",
+                   help="a later stage: start from the newest training state of this train_v2 run folder (weights "
+                        "and auxiliary head; fresh optimiser and schedule; needs --stage2-at 0)")
     p.add_argument("--patch-loss-weight", type=float, default=0.5, help="weight of the auxiliary patch loss")
     p.add_argument("--position-loss-weight", type=float, default=0.5,
                    help="weight of the patch row/column targets inside the auxiliary loss")
@@ -368,7 +406,7 @@ def parse_args(argv=None):
     p.add_argument("--session-steps", type=int, default=10 ** 9,
                    help="stop this session after N steps, saving the state (the same command resumes)")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "threads", "val_every", "val_samples", "log_every", "session_steps"):
+    for name in ("steps", "batch_size", "threads", "val_every", "val_samples", "log_every", "session_steps", "min_top_k"):
         if getattr(args, name) < 1:
             p.exit(2, f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; accepted: an integer >= 1\n")
     if not 0 < args.checkpoint_minutes <= MAX_CHECKPOINT_MINUTES:
@@ -376,7 +414,12 @@ def parse_args(argv=None):
                   f"{MAX_CHECKPOINT_MINUTES:g}\n")
     if not 0.0 <= args.full_share <= 1.0:
         p.exit(2, f"--full-share={args.full_share} is invalid; accepted: a fraction in [0, 1]\n")
-    for name in ("lr", "patch_loss_weight", "position_loss_weight"):
+    if args.min_top_k > max(V2_SHAPE.top_ks):
+        p.exit(2, f"--min-top-k={args.min_top_k} is invalid; accepted: an integer in [1, {max(V2_SHAPE.top_ks)}]\n")
+    if args.init_from and args.stage2_at:
+        p.exit(2, f"--init-from with --stage2-at={args.stage2_at} is invalid; accepted: --stage2-at 0 (the "
+                  f"initial weights are past stage 2)\n")
+    for name in ("lr", "patch_loss_weight", "position_loss_weight", "full_depth_weight"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
             p.exit(2, f"--{name.replace('_', '-')}={value} is invalid; accepted: a finite number >= 0\n")
