@@ -10,17 +10,19 @@ accuracy report can score unseen configurations on unseen inputs.
 Timing: a few warm-up runs, then ``repeats`` rounds over all points in a fresh random order each
 round (so a burst of load from other processes hits different points in different rounds), and
 the median per point; held-out points, the report's ground truth, are timed ``holdout_repeats``
-times (default three times as often), spread over the same rounds. Each run is timed around ``backend.run`` with ``time.perf_counter_ns`` on
-CPU, or CUDA events after a synchronize on GPU, with Python's garbage collector paused; stage 1
-is timed the same way around ``backend.run_stage1`` right after (``stage1_ms``).
+times (default three times as often), spread over the same rounds. Each run is timed around
+``backend.run`` with ``time.perf_counter_ns`` on CPU, or CUDA events after a synchronize on GPU,
+with Python's garbage collector paused; stage 1 is timed the same way around
+``backend.run_stage1`` right after (``stage1_ms``).
 
 Noise: a point's *spread* is (slowest - fastest repeat) / median repeat; the profile's noise is
 the median spread over its fitting points (held-out points have more runs, and a spread grows
 with them). A profile whose noise exceeds ``max_noise_pct`` is taken again as a whole (at most
 ``remeasure_rounds`` times, while a take comes out quieter than the best so far) and the
 quietest take is kept (re-timing only the noisy points biased them against the rest;
-:class:`ProfileNoise`). A profile whose noise still exceeds the bound is *noisy*: :func:`latency_model.get_estimator` uses it for
-the current process only and never caches it (see its docstring).
+:class:`ProfileNoise`). A profile whose noise still exceeds the bound is *noisy*:
+:func:`latency_model.get_estimator` uses it for the current process only and never caches it
+(see its docstring).
 
 File: a CSV with ``#`` metadata lines (format, device, backend, knob space, settings, noise,
 row count), the rows, and a last line ``# sha256: <digest of every byte before it>``. Reading
@@ -141,7 +143,7 @@ class ProfileSettings:
             CPU device) or ``outcome`` (the backend's own ``Outcome.measured_ms``).
         seed: seed of the design and the run order (default 0).
         max_noise_pct: bound on the repeat spread, in % (default 40; BENCHMARKS.md has the profiles
-            that set it): points above it are measured again, and a profile whose median spread
+            that set it): a profile whose median spread is above it is taken again, and one that
             stays above it is noisy (never cached).
         remeasure_rounds: at most how many times a noisy profile is taken again as a whole (default 2;
             a take no quieter than the best so far ends the retaking; the quietest take is kept).

@@ -256,7 +256,8 @@ def test_wall_clock_profile_times_each_run(tmp_path):
     profile = profile_backend(backend, settings, tmp_path / "p.csv", progress=False)
     held_out = int(profile.holdout.sum())
     assert 0 < held_out < settings.points
-    assert backend.runs == settings.warmup + (settings.points - held_out) * settings.repeats + held_out * 3 * settings.repeats
+    fitting = settings.points - held_out
+    assert backend.runs == settings.warmup + fitting * settings.repeats + held_out * 3 * settings.repeats
     assert all(r["latency_ms"] > 0 and r["backend_ms"] > 0 for r in profile.rows)
 
 

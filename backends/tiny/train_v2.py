@@ -406,7 +406,8 @@ def parse_args(argv=None):
     p.add_argument("--session-steps", type=int, default=10 ** 9,
                    help="stop this session after N steps, saving the state (the same command resumes)")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "threads", "val_every", "val_samples", "log_every", "session_steps", "min_top_k"):
+    for name in ("steps", "batch_size", "threads", "val_every", "val_samples", "log_every", "session_steps",
+                 "min_top_k"):
         if getattr(args, name) < 1:
             p.exit(2, f"--{name.replace('_', '-')}={getattr(args, name)} is invalid; accepted: an integer >= 1\n")
     if not 0 < args.checkpoint_minutes <= MAX_CHECKPOINT_MINUTES:
