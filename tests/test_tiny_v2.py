@@ -114,6 +114,7 @@ def test_a_later_stage_starts_from_another_runs_weights_with_its_own_schedule(tm
     with pytest.raises(SystemExit) as exc:
         main(TINY_RUN + ["--out", str(tmp_path / "c"), "--init-from", str(tmp_path / "nothing")])
     assert exc.value.code == 2 and "--init-from=" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("option", [["--checkpoint-minutes", "11"], ["--checkpoint-minutes", "0"],

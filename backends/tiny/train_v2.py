@@ -255,12 +255,17 @@ def load_latest_state(trainer: Trainer, out: Path) -> Path | None:
     return None
 
 
-def init_from(trainer: Trainer, run: Path) -> None:
-    """A later stage: the model and auxiliary head of the newest training state of another train_v2
-    run folder, with a fresh optimiser, step 0 and this run's own schedule and knob draws."""
+def check_init_from(run: Path) -> None:
+    """``--init-from`` names a train_v2 run folder with a saved state (checked before anything is written)."""
     if not run.is_dir() or not state_paths(run):
         raise ValueError(f"--init-from={str(run)!r} holds no training state; accepted: a train_v2 run folder "
                          f"(with state/step-*.pt)")
+
+
+def init_from(trainer: Trainer, run: Path) -> None:
+    """A later stage: the model and auxiliary head of the newest training state of another train_v2
+    run folder, with a fresh optimiser, step 0 and this run's own schedule and knob draws."""
+    check_init_from(run)
     source = Trainer(trainer.args)
     if load_latest_state(source, run) is None:
         raise ValueError(f"--init-from={str(run)!r}: no readable training state; accepted: a train_v2 run folder")
@@ -307,6 +312,8 @@ def export_latest(args) -> Path:
 def train(args) -> Trainer:
     torch.set_num_threads(args.threads)
     out = Path(args.out).expanduser()
+    if args.init_from and not state_paths(out):  # a resume continues its own state, whatever became of the source
+        check_init_from(Path(args.init_from).expanduser())
     check_run_file(out, args)
     trainer = Trainer(args)
     resumed = load_latest_state(trainer, out)
