@@ -44,7 +44,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -304,6 +304,11 @@ def run_spread(runs: Sequence[float]) -> float | None:
     return float((runs.max() - runs.min()) / np.median(runs))
 
 
+def spreads_of(runs_per_point: Iterable[Sequence[float]]) -> list[float]:
+    """:func:`run_spread` of every point that has one (points run once have none)."""
+    return [s for s in map(run_spread, runs_per_point) if s is not None]
+
+
 def parse_runs(text: str) -> list[float]:
     """The repeats of a profile row's ``latency_runs_ms`` column (``;``-separated milliseconds)."""
     return [float(x) for x in str(text).split(";") if x]
@@ -357,7 +362,7 @@ class ProfileNoise:
     @classmethod
     def of_rows(cls, rows: Sequence[dict], bound_pct: float, remeasured_points: int = 0,
                 rounds: int = 0) -> "ProfileNoise":
-        spreads = [s for s in (run_spread(parse_runs(r["latency_runs_ms"])) for r in rows) if s is not None]
+        spreads = spreads_of(parse_runs(r["latency_runs_ms"]) for r in rows)
         median = 100.0 * float(np.median(spreads)) if spreads else None
         noisy = sum(100.0 * s > bound_pct for s in spreads)
         return cls(median, float(bound_pct), int(noisy), len(rows), remeasured_points, rounds)
@@ -598,8 +603,7 @@ def profile_backend(backend, settings: ProfileSettings = ProfileSettings(), path
 
     def noise_of(m: _Measurements) -> float:
         # over the fitting points: they all have `repeats` runs (a spread grows with the number of runs)
-        spreads = [run_spread(m.runs(i, settings.clock)) for i, p in enumerate(points) if not p.holdout]
-        spreads = [s for s in spreads if s is not None]
+        spreads = spreads_of(m.runs(i, settings.clock) for i, p in enumerate(points) if not p.holdout)
         return 100.0 * float(np.median(spreads)) if spreads else 0.0
 
     with progress_bar(settings.warmup, "latency profile warm-up", unit="run",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from latency_model.estimator import METHODS, fit_regressors, select_method
-from latency_model.profile import ProfileData, parse_runs, run_spread
+from latency_model.profile import ProfileData, parse_runs, spreads_of
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,7 @@ def accuracy(predicted: np.ndarray, measured: np.ndarray) -> Accuracy:
 
 def repeat_spread(profile: ProfileData, mask: np.ndarray) -> float:
     """Median over points of (slowest - fastest run) / median run: how noisy the measurements are."""
-    spreads = [run_spread(parse_runs(r["latency_runs_ms"])) for r, keep in zip(profile.rows, mask) if keep]
-    spreads = [s for s in spreads if s is not None]
+    spreads = spreads_of(parse_runs(r["latency_runs_ms"]) for r, keep in zip(profile.rows, mask) if keep)
     return float(np.median(spreads)) if spreads else float("nan")
 
 

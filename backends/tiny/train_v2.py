@@ -265,7 +265,6 @@ def check_init_from(run: Path) -> None:
 def init_from(trainer: Trainer, run: Path) -> None:
     """A later stage: the model and auxiliary head of the newest training state of another train_v2
     run folder, with a fresh optimiser, step 0 and this run's own schedule and knob draws."""
-    check_init_from(run)
     source = Trainer(trainer.args)
     if load_latest_state(source, run) is None:
         raise ValueError(f"--init-from={str(run)!r}: no readable training state; accepted: a train_v2 run folder")
@@ -282,8 +281,7 @@ def check_run_file(out: Path, args) -> None:
     run_file = out / "run.json"
     defining = {k: getattr(args, k) for k in RUN_DEFINING}
     if run_file.exists():
-        saved = read_json(run_file)
-        saved = {**LATER_DEFAULTS, **saved}
+        saved = {**LATER_DEFAULTS, **read_json(run_file)}
         diff = {k: (saved.get(k), v) for k, v in defining.items() if saved.get(k) != v}
         if diff:
             raise ValueError(f"--out={str(out)!r} holds a run started with other options "
