@@ -520,9 +520,11 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     kwargs: dict[str, Any] = dict(local_files_only=True, trust_remote_code=spec.trust_remote_code,
                                   attn_implementation=spec.attn_implementation,
                                   device_map=spec.resolved_device_map)
+    stored = stored_quantization(config, spec)
     qconfig = spec.quantization.to_bitsandbytes_config()
     if qconfig is not None:
-        kwargs["quantization_config"] = qconfig
+        if stored is None:  # a stored checkpoint's own config is what transformers applies
+            kwargs["quantization_config"] = qconfig
         kwargs["dtype"] = PRECISIONS[spec.quantization.compute_dtype]
     else:
         kwargs["dtype"] = PRECISIONS[spec.precision]
@@ -541,6 +543,47 @@ def load_model(spec: ModelSpec) -> LoadedModel:
                                                              trust_remote_code=spec.trust_remote_code)
     chat_template = tokenizer.chat_template if tokenizer.chat_template is not None else _processor_chat_template(path)
     return LoadedModel(model, tokenizer, image_processor, spec, revision, chat_template)
+
+
+def stored_quantization(config, spec: ModelSpec) -> QuantizationSpec | None:
+    """The bitsandbytes quantization a checkpoint was saved in (its ``config.json``'s
+    ``quantization_config``), checked against the one ``spec`` asks for; ``None`` when it is stored
+    unquantized.
+
+    transformers loads a pre-quantized checkpoint as stored, whatever quantization the caller passes
+    (with a warning), so a spec that disagrees would label, cache and profile a model it is not: that
+    is a :class:`SpecError` naming both. A quantization scheme other than bitsandbytes is accepted
+    only when the spec asks for none (it loads as stored, through transformers' own support for it).
+    """
+    stored = getattr(config, "quantization_config", None)
+    if stored is None:
+        return None
+    stored = stored if isinstance(stored, Mapping) else stored.to_dict()
+    method = str(stored.get("quant_method", "unknown"))
+    asked = spec.quantization
+    if method != "bitsandbytes":
+        if asked.enabled:
+            raise SpecError(f"model {str(spec.model)!r} is stored quantized with {method!r}, not bitsandbytes; "
+                            f"accepted: quantization=null for it (it loads as stored)")
+        return None
+    if stored.get("load_in_8bit"):
+        found = QuantizationSpec(enabled=True, quant_type="int8", compute_dtype=asked.compute_dtype,
+                                 double_quant=asked.double_quant)
+    else:
+        dtype = str(stored.get("bnb_4bit_compute_dtype", "float32")).replace("torch.", "")
+        found = QuantizationSpec(enabled=True, quant_type=str(stored.get("bnb_4bit_quant_type", "fp4")),
+                                 compute_dtype=_normalise_dtype(dtype),
+                                 double_quant=bool(stored.get("bnb_4bit_use_double_quant", False)))
+    if asked != found:
+        described = (found.quant_type if found.quant_type == "int8" else
+                     f"{found.quant_type}, compute_dtype={found.compute_dtype}, double_quant={found.double_quant}")
+        raise SpecError(f"model {str(spec.model)!r} is stored quantized by bitsandbytes ({described}), and "
+                        f"transformers loads it as stored; asked: "
+                        f"{'no quantization' if not asked.enabled else dataclasses.asdict(asked)}; accepted: "
+                        f"quantization={found.quant_type}"
+                        + ("" if found.quant_type == "int8" else
+                           f" with compute_dtype={found.compute_dtype} and double_quant={found.double_quant}"))
+    return found
 
 
 def _model_class_for(config, transformers):

@@ -171,3 +171,33 @@ def test_versions_json_records_bitsandbytes_and_accelerate(quantized):
     assert record["packages"]["bitsandbytes"] == bitsandbytes.__version__
     assert record["packages"]["accelerate"] == accelerate.__version__
     assert record["model"]["quantization"]["quant_type"] == "nf4"
+
+
+@pytest.mark.parametrize("stored_as", ["nf4", "int8"])
+def test_a_checkpoint_stored_quantized_loads_only_under_its_own_quantization(checkpoints, tmp_path, stored_as, recwarn):  # noqa: F811
+    """transformers applies a stored checkpoint's own quantization whatever it is asked for, so a spec
+    that disagrees (another type, or none) is one error naming both, before the weights load; the
+    stored one loads as stored, without transformers' "already has a quantization_config" warning."""
+    from backends.loading import SpecError
+
+    source = checkpoints["gpt_neox"]
+    loaded = load_model(ModelSpec(model=str(source),
+                                  quantization=QuantizationSpec(enabled=True, quant_type=stored_as)))
+    folder = tmp_path / f"stored-{stored_as}"
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    recwarn.clear()
+    again = load_model(ModelSpec(model=str(folder), quantization=QuantizationSpec(enabled=True, quant_type=stored_as)))
+    assert any(type(m).__name__ == LINEAR[stored_as] for m in again.model.modules())
+    assert not [w for w in recwarn if "quantization_config" in str(w.message)]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.inference_mode():
+        assert torch.equal(again.model(ids).logits, loaded.model(ids).logits)
+    other = "int8" if stored_as == "nf4" else "fp4"
+    for asked in (QuantizationSpec(), QuantizationSpec(enabled=True, quant_type=other)):
+        with pytest.raises(SpecError, match=rf"stored quantized by bitsandbytes \({stored_as}.*accepted: "
+                                            rf"quantization={stored_as}"):
+            load_model(ModelSpec(model=str(folder), quantization=asked))
+    if stored_as == "nf4":  # the 4-bit settings are part of what is stored
+        with pytest.raises(SpecError, match="double_quant=True"):
+            load_model(ModelSpec(model=str(folder), quantization=QuantizationSpec(enabled=True, double_quant=False)))
