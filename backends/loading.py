@@ -575,15 +575,19 @@ def stored_quantization(config, spec: ModelSpec) -> QuantizationSpec | None:
                                  compute_dtype=_normalise_dtype(dtype),
                                  double_quant=bool(stored.get("bnb_4bit_use_double_quant", False)))
     if asked != found:
-        described = (found.quant_type if found.quant_type == "int8" else
-                     f"{found.quant_type}, compute_dtype={found.compute_dtype}, double_quant={found.double_quant}")
-        raise SpecError(f"model {str(spec.model)!r} is stored quantized by bitsandbytes ({described}), and "
-                        f"transformers loads it as stored; asked: "
-                        f"{'no quantization' if not asked.enabled else dataclasses.asdict(asked)}; accepted: "
-                        f"quantization={found.quant_type}"
-                        + ("" if found.quant_type == "int8" else
-                           f" with compute_dtype={found.compute_dtype} and double_quant={found.double_quant}"))
+        raise SpecError(f"model {str(spec.model)!r} is stored quantized by bitsandbytes ({_described(found)}), and "
+                        f"transformers loads it as stored; asked: {_described(asked)}; accepted: "
+                        f"quantization={_described(found)}")
     return found
+
+
+def _described(quantization: QuantizationSpec) -> str:
+    if not quantization.enabled:
+        return "none"
+    if quantization.quant_type == "int8":
+        return "int8"
+    return (f"{quantization.quant_type} with compute_dtype={quantization.compute_dtype}, "
+            f"double_quant={quantization.double_quant}")
 
 
 def _model_class_for(config, transformers):

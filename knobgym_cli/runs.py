@@ -17,6 +17,7 @@ LATEST = checkpoint_file("latest")
 # ------------------------------------------------------------------------------------------------
 _RUN_DIRS: dict[tuple, str] = {}
 _CREATED_BY_US: set[str] = set()
+_PARENTS_CREATED: dict[str, list[Path]] = {}  # run folder -> the folders above it its mkdir created, deepest first
 
 
 def is_resume(value: Any) -> bool:
@@ -26,6 +27,7 @@ def is_resume(value: Any) -> bool:
 def new_run_dir(runs_dir: str | Path, env_id: str, agent: str) -> Path:
     """``<runs_dir>/<env>/<agent>/<timestamp>``, with ``-1``, ``-2``... when that already exists (created here)."""
     base = Path(runs_dir) / env_id / agent
+    new_parents = [p for p in (base, *base.parents) if not p.exists()]  # removed with a failed run's folder
     stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     candidate, n = base / stamp, 0
     while True:  # mkdir is the atomic claim: two runs started in the same second get two folders
@@ -36,6 +38,7 @@ def new_run_dir(runs_dir: str | Path, env_id: str, agent: str) -> Path:
             n += 1
             candidate = base / f"{stamp}-{n}"
     _CREATED_BY_US.add(str(candidate.resolve()))
+    _PARENTS_CREATED[str(candidate.resolve())] = [p.resolve() for p in new_parents]
     return candidate
 
 
@@ -107,7 +110,14 @@ def register_resolvers() -> None:
 
 
 def discard_failed_run_dir(run_dir: Path) -> None:
-    """Remove a run folder this process created when it fails before writing any checkpoint."""
+    """Remove a run folder this process created when it fails before writing any checkpoint, and the
+    folders above it that creating it made (``runs/<env>/<agent>/`` of a first run) while they are empty."""
     run_dir = Path(run_dir)
-    if str(run_dir.resolve()) in _CREATED_BY_US and not (run_dir / "checkpoints").exists():
+    key = str(run_dir.resolve())
+    if key in _CREATED_BY_US and not (run_dir / "checkpoints").exists():
         shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in _PARENTS_CREATED.get(key, []):  # e.g. runs/<env>/<agent>/ of a first run, while empty
+            try:
+                parent.rmdir()
+            except OSError:  # another run's folder is in it now, or it is gone already
+                break

@@ -145,8 +145,7 @@ def test_cli_unexpected_error_before_first_checkpoint_is_one_line_and_removes_th
     line = one_error_line(result)
     assert "unexpected ModuleNotFoundError" in line and "no_such_module_xyz" in line
     assert "HYDRA_FULL_ERROR=1" in line
-    assert not list((tmp_path / "runs").rglob("*.yaml")), "the run folder was left behind"
-    assert not [p for p in (tmp_path / "runs").glob("*/*/*")]
+    assert not (tmp_path / "runs").exists(), "the run folder (or the folders above it) was left behind"
 
 
 def test_cli_bad_value_found_late_removes_the_folder(tmp_path, random_tiny_checkpoint):
@@ -155,7 +154,7 @@ def test_cli_bad_value_found_late_removes_the_folder(tmp_path, random_tiny_check
             "+env.kwargs.latency=wallclock"]
     result = run_cli("train.py", args, tmp_path)
     assert result.returncode == 2 and "wallclock" in one_error_line(result)
-    assert not [p for p in (tmp_path / "runs").glob("*/*/*")]
+    assert not (tmp_path / "runs").exists()
 
 
 def test_cli_missing_model_is_one_line_exit_2(tmp_path):
@@ -163,7 +162,24 @@ def test_cli_missing_model_is_one_line_exit_2(tmp_path):
     result = run_cli("train.py", [f"backend.checkpoint={tmp_path / 'no-model'}"], tmp_path)
     assert result.returncode == 2
     assert f"local model path '{tmp_path / 'no-model'}' does not exist" in one_error_line(result)
-    assert not [p for p in (tmp_path / "runs").glob("*/*/*")]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_discarded_run_folder_removes_only_the_empty_folders_its_creation_made(tmp_path):
+    from knobgym_cli.runs import discard_failed_run_dir, new_run_dir
+
+    (tmp_path / "runs").mkdir()
+    first = new_run_dir(tmp_path / "runs", "MultiKnob-v0", "grpo")  # makes MultiKnob-v0/ and grpo/ too
+    other = first.parent / "2026-01-01_00-00-00"  # another process's run, started meanwhile
+    other.mkdir()
+    discard_failed_run_dir(first)
+    assert not first.exists() and other.is_dir()  # grpo/ is not empty: it stays, and so does all above it
+    other.rmdir()
+    second = new_run_dir(tmp_path / "runs", "TokenBudget-v0", "static")
+    discard_failed_run_dir(second)
+    assert not (tmp_path / "runs" / "TokenBudget-v0").exists()  # made for it, empty again: removed
+    assert (tmp_path / "runs" / "MultiKnob-v0" / "grpo").is_dir()  # not made for it: left
+    assert (tmp_path / "runs").is_dir()  # there before: left
 
 
 # ------------------------------------------------------------------------------------------------

@@ -174,7 +174,8 @@ def test_versions_json_records_bitsandbytes_and_accelerate(quantized):
 
 
 @pytest.mark.parametrize("stored_as", ["nf4", "int8"])
-def test_a_checkpoint_stored_quantized_loads_only_under_its_own_quantization(checkpoints, tmp_path, stored_as, recwarn):  # noqa: F811
+def test_a_checkpoint_stored_quantized_loads_only_under_its_own_quantization(checkpoints, tmp_path,  # noqa: F811
+                                                                             stored_as, recwarn):
     """transformers applies a stored checkpoint's own quantization whatever it is asked for, so a spec
     that disagrees (another type, or none) is one error naming both, before the weights load; the
     stored one loads as stored, without transformers' "already has a quantization_config" warning."""
@@ -195,9 +196,11 @@ def test_a_checkpoint_stored_quantized_loads_only_under_its_own_quantization(che
         assert torch.equal(again.model(ids).logits, loaded.model(ids).logits)
     other = "int8" if stored_as == "nf4" else "fp4"
     for asked in (QuantizationSpec(), QuantizationSpec(enabled=True, quant_type=other)):
-        with pytest.raises(SpecError, match=rf"stored quantized by bitsandbytes \({stored_as}.*accepted: "
-                                            rf"quantization={stored_as}"):
+        named = "none" if not asked.enabled else other
+        with pytest.raises(SpecError, match=rf"stored quantized by bitsandbytes \({stored_as}.*asked: {named}.*"
+                                            rf"accepted: quantization={stored_as}"):
             load_model(ModelSpec(model=str(folder), quantization=asked))
     if stored_as == "nf4":  # the 4-bit settings are part of what is stored
-        with pytest.raises(SpecError, match="double_quant=True"):
+        with pytest.raises(SpecError, match="asked: nf4 with compute_dtype=bf16, double_quant=False; accepted: "
+                                            "quantization=nf4 with compute_dtype=bf16, double_quant=True"):
             load_model(ModelSpec(model=str(folder), quantization=QuantizationSpec(enabled=True, double_quant=False)))
