@@ -480,14 +480,15 @@ def load_through_backend_hf(checkpoint_dir: str | Path, dataset_file: str | Path
     (:func:`backends.knobs.knob_space_from_model`: tier before the tower, top-k ``full/2 .. full``,
     depth ``ceil(0.75 L) .. L``), which are the presets' ranges at the published sizes. The
     backend is released from the registry's cache (:func:`backends.registry.release_backend`) so
-    that dropping it frees the model when the caller is done.
+    that dropping it frees the model when the caller is done. The backend runs with this process's
+    torch thread count (the bench's ``--threads``), not the backends' default of one thread.
     """
     from backends.registry import load_backend, release_backend
 
     data = str(dataset_file)
     backend = load_backend("hf", model=str(checkpoint_dir), dataset={"train": data, "validation": data, "test": data},
                            precision=precision, quantization=quantization, device=device,
-                           generation={"max_new_tokens": int(max_new_tokens)})
+                           generation={"max_new_tokens": int(max_new_tokens)}, num_threads=torch.get_num_threads())
     release_backend(backend)
     return backend
 

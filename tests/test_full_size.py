@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from bench import full_size as fs
 
@@ -161,3 +162,20 @@ def test_a_killed_run_removes_its_temporary_folder(signum, tmp_path):
     assert proc.returncode != 0
     assert not list(tmp_path.glob("knobgym-full-size-*")), sorted(p.name for p in tmp_path.rglob("*"))
     assert not list(tmp_path.glob("*.json")), "the child's result file was left behind"
+
+
+def test_the_backend_runs_with_the_bench_threads(monkeypatch):
+    """The hf backend's factory applies its own thread count (default one) when it loads, so the
+    bench passes its ``--threads`` on: a full-size run asked for two threads ran on one."""
+    import backends.registry as registry
+
+    seen = {}
+    monkeypatch.setattr(registry, "load_backend", lambda name, **options: seen.update(options) or object())
+    monkeypatch.setattr(registry, "release_backend", lambda backend: None)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fs.load_through_backend_hf("ckpt", "data.jsonl")
+    finally:
+        torch.set_num_threads(before)
+    assert seen["num_threads"] == 2
