@@ -570,9 +570,8 @@ def stored_quantization(config, spec: ModelSpec) -> QuantizationSpec | None:
         found = QuantizationSpec(enabled=True, quant_type="int8", compute_dtype=asked.compute_dtype,
                                  double_quant=asked.double_quant)
     else:
-        dtype = str(stored.get("bnb_4bit_compute_dtype", "float32")).replace("torch.", "")
         found = QuantizationSpec(enabled=True, quant_type=str(stored.get("bnb_4bit_quant_type", "fp4")),
-                                 compute_dtype=_normalise_dtype(dtype),
+                                 compute_dtype=_normalise_dtype(stored.get("bnb_4bit_compute_dtype", "float32")),
                                  double_quant=bool(stored.get("bnb_4bit_use_double_quant", False)))
     if asked != found:
         raise SpecError(f"model {str(spec.model)!r} is stored quantized by bitsandbytes ({_described(found)}), and "
