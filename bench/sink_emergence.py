@@ -151,10 +151,7 @@ def parse_args(argv: list[str] | None):
     train_argv = ["--hidden", "128", "--layers", "4", "--heads", "4", "--context", "512", "--batch-size", "4",
                   "--steps", "600", "--warmup", "50"]
     args, rest = p.parse_known_args(argv)
-    try:
-        model_args = train_v2.parse_args(train_argv + rest)
-    except SystemExit as exit_:
-        raise SystemExit(exit_.code) from None
+    model_args = train_v2.parse_args(train_argv + rest)  # its own checks: one line, exit 2
     for name in ("steps", "context", "hidden", "layers", "heads", "batch_size", "lr", "warmup", "weight_decay",
                  "threads", "seed", "max_corpus_chars", "vocab_size", "max_positions", "corpus"):
         setattr(args, name, getattr(model_args, name))
@@ -188,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     natural = [ids for ids in held_out_token_documents(tokenizer, max_tokens=args.eval_tokens).values()
                if len(ids) == args.eval_tokens]
+    if not natural:
+        print(f"error: --eval-tokens={args.eval_tokens} is longer than every held-out document; accepted: at most "
+              f"{max(len(ids) for ids in held_out_token_documents(tokenizer).values())}", file=sys.stderr)
+        return 2
     rng = np.random.default_rng(EVAL_SEED)
     synthetic = [task.row(rng, args.eval_tokens) for _ in range(4)]
     print(f"{len(data)} corpus tokens; synthetic rows: {args.share:.0%} of each batch, chain of {len(task.vocab)} "

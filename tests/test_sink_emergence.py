@@ -43,3 +43,10 @@ def test_a_bad_option_is_one_line_and_exit_2(bad, named, capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert named in err
+
+
+def test_eval_tokens_longer_than_every_held_out_document_is_one_line(capsys):
+    args = TINY[:TINY.index("--eval-tokens")] + ["--eval-tokens", "100000"] + TINY[TINY.index("--eval-tokens") + 2:]
+    assert sink_emergence.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --eval-tokens=100000 is longer than every held-out document") and "\n" not in err
