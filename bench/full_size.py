@@ -998,7 +998,9 @@ def _run_child(name: str, args: argparse.Namespace, work_dir: Path) -> dict:
 
 
 def _exit_on_signal(signum, frame) -> None:
-    """SIGTERM / SIGHUP as ``SystemExit``: the ``finally`` blocks stop the child and remove the temporary folder."""
+    """SIGTERM / SIGHUP / Ctrl-C as ``SystemExit``: the ``finally`` blocks stop the child and remove the
+    temporary folder, and the run ends with one line instead of a traceback."""
+    print(f"interrupted ({signal.Signals(signum).name}): stopped; temporary files removed", file=sys.stderr, flush=True)
     raise SystemExit(128 + signum)
 
 
@@ -1010,6 +1012,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _exit_on_signal)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (a background job)
+        signal.signal(signal.SIGINT, _exit_on_signal)
     threads = args.threads or (1 if args.scale < 1 else None)
     if threads:
         # Tiny shapes gain nothing from intra-op threads, and on busy shared cores threads waiting
