@@ -33,7 +33,7 @@ from backends.registry import with_threads
 from backends.threads import resolve_threads, set_torch_threads
 from envs.protocols import group_env
 from knobgym_cli.budgets import auto_budgets, fixed_budgets_ms, is_auto, out_of_range_warnings
-from knobgym_cli.build import agent_class_of, check_recorded_config, eval_budgets
+from knobgym_cli.build import agent_class_of, check_recorded_config, check_run_backend, eval_budgets
 from knobgym_cli.checkpoints import CHECKPOINT_NAMES, check_checkpoint_matches, checkpoint_file, load_run_checkpoint
 from knobgym_cli.errors import CONF_DIR, run_cli
 from knobgym_cli.group_configs import resolve_env_id
@@ -67,10 +67,11 @@ def run_evaluation(cfg: DictConfig) -> Path:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fitted on another device: that is the point here
             device_estimator, estimator = LatencyEstimator.load(str(profile)), None
+    backend_cfg = with_threads(OmegaConf.to_container(run_cfg.backend, resolve=True), threads)
+    check_run_backend(env_cfg["id"], backend_cfg)  # the run's model or dataset missing here: one line
     with phase("loading the model and the latency estimator (profiled once per device when not cached)"):
-        env, notes, achievable, suggested = build_run_env(
-            env_cfg, with_threads(OmegaConf.to_container(run_cfg.backend, resolve=True), threads), run_cfg.budget,
-            estimator, estimator_object=device_estimator)
+        env, notes, achievable, suggested = build_run_env(env_cfg, backend_cfg, run_cfg.budget, estimator,
+                                                          estimator_object=device_estimator)
     if device_estimator is not None:
         notes = [*notes, f"latency.profile={profile}: latencies, budgets=auto and the refitted baselines are "
                          f"those of the device this estimator was profiled on "

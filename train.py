@@ -33,7 +33,8 @@ from backends.threads import resolve_threads, set_torch_threads
 from envs.budget import is_device_relative
 from envs.protocols import group_env
 from knobgym_cli.budgets import is_auto, probe_suggested_budget, recorded_budget, run_budget
-from knobgym_cli.build import agent_class_of, agent_options, build_agent, check_recorded_config, eval_budgets
+from knobgym_cli.build import (agent_class_of, agent_options, build_agent, check_recorded_config, check_run_backend,
+                              eval_budgets)
 from knobgym_cli.checkpoints import checkpoint_file, load_run_checkpoint, read_with_fallback
 from knobgym_cli.errors import CONF_DIR, GROUPS, run_cli
 from knobgym_cli.logs import say, setup_cli_logging, warning_line
@@ -143,6 +144,7 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, dict | None
     if cls.evaluation_only:
         raise UsageError(f"agent={cls.name} is evaluation only; accepted: "
                          f"{', '.join(a for a in list_agents() if a not in evaluation_only())}")
+    check_run_backend(cfg.env.id, run_backend_config(cfg))  # a missing model or dataset: one line, now
     set_torch_threads(resolve_threads(cfg.torch_threads))  # null: the default gym.make's backends use too
     requested_budget = str(cfg.budget)
     if is_auto(cfg.budget):

@@ -17,9 +17,9 @@ from typing import Any, Mapping
 from backends.hf import HFBackend
 from backends.knobs import knob_space_from_model
 from backends.loading import (GenerationSettings, SpecError, generation_settings_from_dict, load_model,
-                              model_spec_from_dict, quantization_options)
+                              local_model_dir, model_spec_from_dict, quantization_options)
 from backends.threads import DEFAULT_TORCH_THREADS, check_num_threads, set_torch_threads
-from backends.vqa_data import DataError, VQADataset, dataset_spec_from_options
+from backends.vqa_data import DataError, VQADataset, check_dataset_paths, dataset_spec_from_options
 
 KNOB_KEYS = ("tiers", "tier_sizes", "top_ks", "depths", "token_budgets")
 
@@ -31,7 +31,8 @@ def load_hf_backend(model: str | None = None, dataset: Any = None, *, revision: 
                     prompt_template: str | None = None, tier_mode: str | None = None,
                     knobs: Mapping | None = None, columns: Mapping | None = None, splits: Mapping | None = None,
                     split_fractions: Any = None, split_seed: int = 0, max_samples: int | None = None,
-                    num_threads: int | None = DEFAULT_TORCH_THREADS, hub_id: str | None = None, **unknown: Any) -> HFBackend:
+                    num_threads: int | None = DEFAULT_TORCH_THREADS, hub_id: str | None = None,
+                    check_only: bool = False, **unknown: Any) -> HFBackend | None:
     """Load ``model`` and ``dataset`` into an :class:`~backends.hf.HFBackend`.
 
     Args:
@@ -61,11 +62,13 @@ def load_hf_backend(model: str | None = None, dataset: Any = None, *, revision: 
             :data:`backends.threads.DEFAULT_TORCH_THREADS`, as every backend and the CLI, so the
             latency cache entry is shared); null leaves torch's setting alone.
         hub_id: informational: the hub id a preset expects (``model`` may point at a local copy of it).
+        check_only: validate every option and that the model and dataset paths exist, load nothing,
+            return ``None`` (:func:`check_hf_backend`).
     """
     if unknown:
         import inspect
 
-        accepted = [p for p in inspect.signature(load_hf_backend).parameters if p != "unknown"]
+        accepted = [p for p in inspect.signature(load_hf_backend).parameters if p not in ("unknown", "check_only")]
         raise SpecError(f"unknown backend=hf option(s) {sorted(unknown)}; accepted: {', '.join(accepted)}")
     if model is None or (isinstance(model, str) and not model.strip()):
         raise SpecError("backend=hf needs model=<a local directory or a hub id in the local Hugging Face cache>; "
@@ -78,7 +81,9 @@ def load_hf_backend(model: str | None = None, dataset: Any = None, *, revision: 
     if unknown:
         raise SpecError(f"unknown knobs key(s) {unknown}; accepted: {', '.join(KNOB_KEYS)}")
     if num_threads is not None:
-        set_torch_threads(check_num_threads(num_threads, SpecError))
+        threads = check_num_threads(num_threads, SpecError)
+        if not check_only:
+            set_torch_threads(threads)
     if not isinstance(chat_template, (bool, str)):
         raise SpecError(f"chat_template={chat_template!r} is invalid; accepted: true, false or a Jinja template string")
     spec = model_spec_from_dict({"model": str(model), "revision": revision, "precision": precision,
@@ -89,6 +94,10 @@ def load_hf_backend(model: str | None = None, dataset: Any = None, *, revision: 
     data_options = {"columns": columns, "splits": splits, "split_fractions": split_fractions,
                     "split_seed": split_seed, "max_samples": max_samples}
     data_spec = dataset_spec_from_options(dataset, **data_options)  # bad options fail before the model loads
+    local_model_dir(spec)  # a missing model or dataset path, too
+    check_dataset_paths(data_spec)
+    if check_only:
+        return None
     loaded = load_model(spec)
     space_kwargs = {k: (tuple(v) if k in ("top_ks", "depths", "token_budgets") else dict(v))
                     for k, v in knobs.items() if v is not None}
@@ -96,3 +105,10 @@ def load_hf_backend(model: str | None = None, dataset: Any = None, *, revision: 
     task = VQADataset(data_spec, needs_image=space.has_vision)
     return HFBackend(loaded, task, generation=settings, prompt_template=prompt_template, knob_space=space,
                      name="hf", chat_template=chat_template)
+
+
+def check_hf_backend(**options: Any) -> None:
+    """Every ``backend=hf`` option checked and the model and dataset paths found, nothing loaded: the
+    same checks :func:`load_hf_backend` makes first, so a command says a bad option in one line
+    before any work (registered with :func:`backends.registry.register_backend`)."""
+    load_hf_backend(**options, check_only=True)

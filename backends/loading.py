@@ -425,21 +425,31 @@ class LoadedModel:
                 "quantization": dataclasses.asdict(self.spec.quantization)}
 
 
+def local_model_dir(spec: ModelSpec) -> Path | None:
+    """The checkpoint directory of a local ``spec.model`` (``None`` for a hub id); a local path that is
+    missing or holds no ``config.json`` is a :class:`ModelNotAvailableError`. Cheap: reads no weights, so
+    a command checks it before any work (:func:`backends.registry.check_backend`)."""
+    path = Path(str(spec.model)).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotAvailableError(f"local model directory {str(path)!r} has no config.json; accepted: a "
+                                         f"directory written by save_pretrained()")
+        return path
+    if spec.is_local:
+        raise ModelNotAvailableError(f"local model path {str(path)!r} does not exist; pass an existing directory "
+                                     f"written by save_pretrained(), or a hub id already in the Hugging Face cache")
+    return None
+
+
 def resolve_model_path(spec: ModelSpec) -> tuple[Path, str]:
     """Local directory holding the checkpoint, and the revision it represents.
 
     Hub ids are resolved from the local Hugging Face cache only; a miss is one clear error that
     says how to make the model available (this package never downloads at run time).
     """
-    path = Path(str(spec.model)).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotAvailableError(f"local model directory {str(path)!r} has no config.json; accepted: a "
-                                         f"directory written by save_pretrained()")
+    path = local_model_dir(spec)
+    if path is not None:
         return path, _local_revision(path)
-    if spec.is_local:
-        raise ModelNotAvailableError(f"local model path {str(path)!r} does not exist; pass an existing directory "
-                                     f"written by save_pretrained(), or a hub id already in the Hugging Face cache")
     from huggingface_hub import snapshot_download
 
     try:

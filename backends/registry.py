@@ -26,6 +26,10 @@ _FACTORIES: dict[str, str | Callable[..., Backend]] = {
     "trace": "backends.trace:load_trace_backend",
     "decoding": "backends.decoding.backend:load_decoding_backend",
 }
+#: a backend's cheap check of its options (no loading), run by the CLIs before any work
+_CHECKS: dict[str, str | Callable[..., None]] = {
+    "hf": "backends.hf_task:check_hf_backend",
+}
 _LOADED: dict[str, Any] = {}
 #: the declared backend contracts (runtime-checkable protocols) a loaded backend may implement
 _BACKEND_TYPES: list[type] = [Backend]
@@ -46,9 +50,34 @@ def _type_names() -> str:
     return ", ".join(t.__name__ for t in _BACKEND_TYPES)
 
 
-def register_backend(name: str, factory: Callable[..., Any]) -> None:
-    """Make ``backend=<name>`` resolve to ``factory(**options)``."""
+def register_backend(name: str, factory: Callable[..., Any], check: Callable[..., None] | None = None) -> None:
+    """Make ``backend=<name>`` resolve to ``factory(**options)``; ``check(**options)``, when given, validates
+    the options without loading anything (raising what the factory would) for :func:`check_backend`."""
     _FACTORIES[name] = factory
+    _CHECKS.pop(name, None)
+    if check is not None:
+        _CHECKS[name] = check
+
+
+def _resolve(target: str | Callable[..., Any]) -> Callable[..., Any]:
+    if callable(target):
+        return target
+    module, attr = target.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def check_backend(backend: Any) -> None:
+    """Run the cheap option check of ``backend`` (a name or a dict with ``name``) where its backend
+    registered one (``backend=hf``: every option, and that the model and dataset paths exist);
+    nothing is loaded. Unknown names are left to :func:`load_backend`."""
+    if isinstance(backend, dict):
+        name, options = backend.get("name", "tiny"), {k: v for k, v in backend.items() if k != "name"}
+    elif isinstance(backend, str):
+        name, options = backend, {}
+    else:
+        return
+    if name in _CHECKS:
+        _resolve(_CHECKS[name])(**options)
 
 
 def available_backends() -> list[str]:
@@ -58,11 +87,7 @@ def available_backends() -> list[str]:
 def _factory(name: str) -> Callable[..., Any]:
     if name not in _FACTORIES:
         raise ValueError(f"unknown backend {name!r}; accepted: {', '.join(available_backends())}")
-    target = _FACTORIES[name]
-    if callable(target):
-        return target
-    module, attr = target.split(":")
-    return getattr(importlib.import_module(module), attr)
+    return _resolve(_FACTORIES[name])
 
 
 def load_backend(backend: Any = "tiny", **options: Any) -> Any:

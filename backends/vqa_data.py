@@ -103,14 +103,40 @@ def _describe(path: Any) -> str:
     return str(dict(path)) if isinstance(path, Mapping) else repr(str(path))
 
 
-def _load_json_files(files: Mapping[str, Path]):
-    """A ``DatasetDict`` of JSON-lines files, one split each."""
-    import datasets
+#: what ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` write at the top of their directory
+SAVE_TO_DISK_MARKERS = ("state.json", "dataset_dict.json")
 
+
+def check_dataset_paths(spec: DatasetSpec) -> None:
+    """A :class:`DataError` naming the first path of ``spec`` that is missing or of a kind no reader
+    takes. Cheap (no file is read), so a command checks it before any work."""
+    if isinstance(spec.path, Mapping):
+        files = {str(k): Path(str(v)).expanduser() for k, v in spec.path.items()}
+    else:
+        path = Path(str(spec.path)).expanduser()
+        if path.is_dir():
+            if not any((path / marker).is_file() for marker in SAVE_TO_DISK_MARKERS):
+                raise DataError(f"dataset directory {str(path)!r} is not a save_to_disk dataset (no "
+                                f"{' or '.join(SAVE_TO_DISK_MARKERS)}); accepted: a directory written by "
+                                f"Dataset.save_to_disk or DatasetDict.save_to_disk, or a JSON-lines file")
+            return
+        if path.suffix not in (".jsonl", ".json"):
+            if not path.exists():
+                raise DataError(f"dataset {str(path)!r} does not exist; accepted: a JSON-lines file (.jsonl), a "
+                                f"{{train: file, validation: file, test: file}} mapping, or a save_to_disk directory")
+            raise DataError(f"dataset {str(path)!r} is neither a JSON-lines file (.jsonl / .json) nor a "
+                            f"save_to_disk directory; accepted: one of those")
+        files = {"train": path}
     for split, f in files.items():
         if not f.is_file():
             raise DataError(f"dataset file {str(f)!r} (split {split!r}) does not exist; accepted: an existing "
                             f"JSON-lines file")
+
+
+def _load_json_files(files: Mapping[str, Path]):
+    """A ``DatasetDict`` of JSON-lines files (checked by :func:`check_dataset_paths`), one split each."""
+    import datasets
+
     try:
         return datasets.load_dataset("json", data_files={k: str(v) for k, v in files.items()})
     except Exception as exc:  # the json builder raises several types for a malformed file
@@ -124,7 +150,7 @@ def _open_raw(spec: DatasetSpec) -> tuple[dict, dict]:
     import datasets
 
     quiet_library_bars("datasets")  # no "Generating ... split" bar states in a piped log
-
+    check_dataset_paths(spec)
     if isinstance(spec.path, Mapping):
         files = {str(k): Path(str(v)).expanduser() for k, v in spec.path.items()}
         return dict(_load_json_files(files)), {k: f.parent for k, f in files.items()}
@@ -138,13 +164,7 @@ def _open_raw(spec: DatasetSpec) -> tuple[dict, dict]:
                             f"JSON-lines file") from None
         raw = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
         return raw, {k: path for k in raw}
-    if path.suffix in (".jsonl", ".json"):
-        return {"train": _load_json_files({"train": path})["train"]}, {"train": path.parent}
-    if not path.exists():
-        raise DataError(f"dataset {str(path)!r} does not exist; accepted: a JSON-lines file (.jsonl), a "
-                        f"{{train: file, validation: file, test: file}} mapping, or a save_to_disk directory")
-    raise DataError(f"dataset {str(path)!r} is neither a JSON-lines file (.jsonl / .json) nor a save_to_disk "
-                    f"directory; accepted: one of those")
+    return {"train": _load_json_files({"train": path})["train"]}, {"train": path.parent}
 
 
 def _data_split_name(raw: dict, spec: DatasetSpec, split: str) -> str | None:

@@ -119,9 +119,7 @@ def make_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator_spec: str 
         estimator = import_callable(estimator_spec)(backend) if estimator_spec else estimator
         kwargs.update(backend=backend_spec, estimator=estimator)  # the spec: the env pickles without the model
     else:
-        if backend_cfg.get("name", "tiny") != "tiny":
-            raise ValueError(f"backend={backend_cfg.get('name')!r} is invalid for env {env_id} (it takes no backend); "
-                             f"accepted: the default, with the model chosen by env.kwargs.model_path=<checkpoint dir>")
+        check_run_backend(env_id, backend_cfg)
         if estimator_spec:
             raise ValueError(f"estimator={estimator_spec!r} is invalid for env {env_id} (it profiles its own TPOT "
                              f"estimator); accepted: null")
@@ -165,6 +163,22 @@ def _entry_point(env_id: str) -> Any:
         module, attr = entry.split(":", 1)
         entry = vars(importlib.import_module(module))[attr]
     return entry
+
+
+def check_run_backend(env_id: str, backend_cfg: dict) -> None:
+    """The backend's cheap option check (:func:`backends.registry.check_backend`: for ``backend=hf``
+    every option, and that the model and dataset paths exist) for an env that takes a backend, and
+    for one that takes none, that no backend other than the default was named. A command calls it
+    before anything loads, so a bad value is one line, not a line after a phase."""
+    import envs  # noqa: F401  (registers the env ids)
+    from backends.registry import check_backend
+    from envs.registry import check_env_id
+
+    if takes_backend(check_env_id(env_id)):
+        check_backend(backend_cfg)
+    elif backend_cfg.get("name", "tiny") != "tiny":
+        raise ValueError(f"backend={backend_cfg.get('name')!r} is invalid for env {env_id} (it takes no backend); "
+                         f"accepted: the default, with the model chosen by env.kwargs.model_path=<checkpoint dir>")
 
 
 def takes_backend(env_id: str) -> bool:

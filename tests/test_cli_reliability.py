@@ -280,3 +280,41 @@ def test_cli_takes_over_a_stale_lock_and_says_so(tmp_path):
     assert f"warning: took over the stale lock of run folder {str(run)!r} left by pid {pid}" in result.stderr
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert not (run / LOCK_NAME).exists() and (run / "checkpoints" / "latest.safetensors").exists()
+
+
+@pytest.mark.parametrize("case", ["model missing", "model without config.json", "dataset missing",
+                                  "dataset folder not save_to_disk", "dataset of another kind"])
+def test_backend_hf_paths_are_checked_in_one_line_before_any_loading(tmp_path, case):
+    """A bad ``backend=hf`` path is the only line on stderr (no "loading the model" phase line before
+    it), exit 2, no run folder: ``check_backend`` runs before ``budget=auto`` loads anything."""
+    model, dataset = REPO / "backends" / "tiny" / "checkpoint", tmp_path / "data.jsonl"
+    dataset.write_text('{"question": "q", "answer": "a"}\n')
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("x")
+    model, dataset, expected = {
+        "model missing": (tmp_path / "no-model", dataset, "does not exist"),
+        "model without config.json": (tmp_path / "empty", dataset, "has no config.json"),
+        "dataset missing": (model, tmp_path / "no.jsonl", "does not exist"),
+        "dataset folder not save_to_disk": (model, tmp_path / "empty", "is not a save_to_disk dataset"),
+        "dataset of another kind": (model, tmp_path / "notes.txt", "is neither a JSON-lines file"),
+    }[case]
+    result = run_cli("train.py", ["backend=hf", f"backend.model={model}", f"backend.dataset={dataset}"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_check_backend_runs_a_registered_check_and_loads_nothing():
+    from backends import registry
+
+    seen = {}
+    registry.register_backend("checked-tiny", lambda **options: pytest.fail("loaded"),
+                              check=lambda **options: seen.update(options))
+    try:
+        registry.check_backend({"name": "checked-tiny", "model": "m"})
+        registry.check_backend("tiny")  # no check registered: nothing to do
+    finally:
+        registry._FACTORIES.pop("checked-tiny")
+        registry._CHECKS.pop("checked-tiny", None)
+    assert seen == {"model": "m"}
