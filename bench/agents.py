@@ -23,6 +23,7 @@ from pathlib import Path
 import gymnasium as gym
 
 import envs  # noqa: F401
+from backends.script_args import OneLineArgumentParser, at_least
 
 
 def latency_references() -> tuple[float, float, float]:
@@ -44,9 +45,9 @@ def run(cmd: list[str]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=None, help="a train.py run folder to evaluate (default: train one)")
-    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--num-samples", type=at_least(1), default=64)
     parser.add_argument("--runs-dir", default="runs/bench")
     args = parser.parse_args()
 

@@ -17,6 +17,7 @@ import argparse
 import numpy as np
 import torch
 
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.checks import check_int
 from backends.tiny_text import held_out_token_documents, load_causal_lm, load_tiny_text_model
 
@@ -29,11 +30,11 @@ def first_token_attention(model, ids: list[int], from_position: int) -> np.ndarr
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="a causal LM checkpoint folder (default: the shipped tiny "
                         "text model)")
-    parser.add_argument("--tokens", type=int, default=1024, help="tokens per held-out document (its first ones)")
-    parser.add_argument("--from-position", type=int, default=128, help="first query position averaged")
+    parser.add_argument("--tokens", type=at_least(2), default=1024, help="tokens per held-out document (its first ones)")
+    parser.add_argument("--from-position", type=at_least(0), default=128, help="first query position averaged")
     args = parser.parse_args(argv)
     try:
         check_int("--tokens", args.tokens, 2)

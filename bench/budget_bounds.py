@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import envs  # noqa: E402,F401
 from envs.budget import Budget  # noqa: E402
 from envs.reward import compute_rewards  # noqa: E402
+from backends.script_args import OneLineArgumentParser, at_least
 
 
 def outcome_table(env, num_samples: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,8 +70,8 @@ def bounds(scores: np.ndarray, latencies: np.ndarray, estimates: np.ndarray, bud
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-samples", type=int, default=96)
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-samples", type=at_least(1), default=96)
     parser.add_argument("--budget", default=None, help="a range; default: the env warning's suggested range")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from backends.script_args import OneLineArgumentParser, at_least
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -42,10 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     from backends.tiny_lm.evaluate import label, uses_draft
     from latency_model.decoding import get_decoding_estimator, held_out_report
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=at_least(1), default=64)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
+    parser.add_argument("--threads", type=at_least(1), default=1)
     parser.add_argument("--backend-preset", default="tiny-decoding", help="a conf/backend/*decoding*.yaml name")
     args = parser.parse_args(argv)
     for name in ("samples", "repeats", "threads"):

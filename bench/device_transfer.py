@@ -31,6 +31,7 @@ import numpy as np
 
 import envs  # noqa: F401
 from agents import FitContext, evaluate_agent, make_agent, run_episode
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.registry import load_backend
 from latency_model import get_estimator
 
@@ -42,11 +43,11 @@ def trajectory_of(env, knobs: dict) -> list[int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--test", type=int, default=300, help="test samples per budget")
-    parser.add_argument("--updates", type=int, default=40, help="GRPO updates per training")
-    parser.add_argument("--batch", type=int, default=16, help="groups per update")
-    parser.add_argument("--pool", type=int, default=128, help="training samples (the train split's first N)")
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--test", type=at_least(1), default=300, help="test samples per budget")
+    parser.add_argument("--updates", type=at_least(1), default=40, help="GRPO updates per training")
+    parser.add_argument("--batch", type=at_least(1), default=16, help="groups per update")
+    parser.add_argument("--pool", type=at_least(1), default=128, help="training samples (the train split's first N)")
     parser.add_argument("--target-precision", default="bf16")
     args = parser.parse_args()
 

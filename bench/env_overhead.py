@@ -22,13 +22,14 @@ import gymnasium as gym
 import numpy as np
 
 import envs  # noqa: F401  (registers the ids)
+from backends.script_args import OneLineArgumentParser, at_least
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--episodes", type=int, default=40)
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--episodes", type=at_least(0), default=40)
     parser.add_argument("--budget", default="120ms")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=at_least(0), default=0)
     args = parser.parse_args()
 
     env = gym.make("MultiKnob-v0", budget=args.budget, split="test").unwrapped

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from backends.script_args import OneLineArgumentParser, at_least
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -202,12 +203,12 @@ def compare_batched(backend, *, inputs: int = 40, rows: int = 8, seed: int = 0) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--group", type=int, default=8)
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=at_least(1), default=15)
+    parser.add_argument("--group", type=at_least(1), default=8)
     parser.add_argument("--budget", default="120ms")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--compare", type=int, default=0, metavar="N",
+    parser.add_argument("--seed", type=at_least(0), default=0)
+    parser.add_argument("--compare", type=at_least(0), default=0, metavar="N",
                         help="also compare batched and unbatched outcomes and logits on N test inputs")
     args = parser.parse_args()
     if args.compare:

@@ -22,6 +22,7 @@ import envs  # noqa: F401  (registers the env ids)
 from agents import evaluate_agent
 from envs.protocols import group_env
 from table_backend import TableBackend, TableLatency
+from backends.script_args import OneLineArgumentParser, at_least
 
 SETTINGS = (  # (budget, agent, updates)
     ("35ms", "grpo", 100), ("35ms", "grpo_lm", 60),
@@ -30,8 +31,8 @@ SETTINGS = (  # (budget, agent, updates)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=at_least(0), nargs="+", default=[0])
     args = parser.parse_args()
     torch.set_num_threads(1)
     ids = list(range(96))

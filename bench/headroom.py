@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 from agents.base import EnvLayout  # noqa: E402
 from agents.baselines import search_space  # noqa: E402
 from envs.budget import Budget  # noqa: E402
+from backends.script_args import OneLineArgumentParser, at_least
 
 
 def score_matrix(layout: EnvLayout, actions: np.ndarray, split: str, n: int, budgets: list[float]) -> dict:
@@ -72,11 +73,11 @@ def headroom(val: np.ndarray, test: np.ndarray, val_types: np.ndarray, test_type
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--env", default="MultiKnob-v0")
     p.add_argument("--backend", default="tiny")
     p.add_argument("--checkpoint", default=None, help="the backend's checkpoint (default: its own)")
-    p.add_argument("--samples", type=int, default=150, help="validation and test samples each")
+    p.add_argument("--samples", type=at_least(1), default=150, help="validation and test samples each")
     p.add_argument("--estimator", default=None,
                    help="'module:callable' returning the latency estimator for the backend (default: the cached "
                         "one of this checkpoint and device, profiled when missing)")

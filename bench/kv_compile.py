@@ -21,6 +21,7 @@ import warnings
 import numpy as np
 import torch
 
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.kv import DocumentStreamer, FullCache, SinkWindow
 from backends.kv.stream import compiled_forward, intra_op_threads
 from backends.tiny_text import held_out_token_documents, load_causal_lm, load_tiny_text_model
@@ -29,10 +30,10 @@ VARIANTS = (("slots", False), ("static", False), ("slots", True), ("static", Tru
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=512)
-    parser.add_argument("--window", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=at_least(2), default=512)
+    parser.add_argument("--window", type=at_least(1), default=128)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--model", default=None, help="a causal LM checkpoint folder (default: the tiny text model)")
     args = parser.parse_args(argv)
     model, tokenizer = load_causal_lm(args.model) if args.model else load_tiny_text_model()

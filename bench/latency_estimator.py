@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.knobs import KnobConfig  # noqa: E402
 from backends.outcome import TokenCounts  # noqa: E402
 from latency_model import cache_entry, fit_estimator, held_out_report, read_profile  # noqa: E402
@@ -59,13 +60,13 @@ def median_ms(fn, repeats: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--csv", help="profile CSV to fit on (skips loading a backend)")
     parser.add_argument("--backend", default="tiny", help="backend name when no --csv is given")
     parser.add_argument("--cache-dir", default=None, help="estimator cache directory")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads while profiling a backend")
-    parser.add_argument("--rows", type=int, default=10_000, help="configurations per predict call")
-    parser.add_argument("--repeats", type=int, default=21, help="timed predict calls")
+    parser.add_argument("--threads", type=at_least(1), default=None, help="torch threads while profiling a backend")
+    parser.add_argument("--rows", type=at_least(1), default=10_000, help="configurations per predict call")
+    parser.add_argument("--repeats", type=at_least(1), default=21, help="timed predict calls")
     args = parser.parse_args()
 
     if args.csv:

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 import gymnasium as gym  # noqa: E402
 
 import envs  # noqa: E402,F401  (registers the ids)
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.base import Sample  # noqa: E402
 from backends.knobs import KnobConfig  # noqa: E402
 from backends.outcome import Outcome, Stage1State, TokenCounts  # noqa: E402
@@ -158,13 +159,13 @@ def measure(steps: int = 20_000, warmup: int = 2_000, every: int = 1_000, checkp
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20_000)
-    parser.add_argument("--warmup", type=int, default=2_000)
-    parser.add_argument("--every", type=int, default=1_000)
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=at_least(1), default=20_000)
+    parser.add_argument("--warmup", type=at_least(0), default=2_000)
+    parser.add_argument("--every", type=at_least(1), default=1_000)
     parser.add_argument("--max-growth-mb", type=float, default=50.0)
     parser.add_argument("--checkpoint", default=None, help="tiny model folder (default: the shipped one)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=at_least(0), default=0)
     parser.add_argument("--json", default=None, help="also write the result here")
     args = parser.parse_args()
     if not (1 <= args.warmup <= args.steps):

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.tiny import CHECKPOINT_DIR  # noqa: E402
 from backends.tiny.evaluate import load_checkpoint  # noqa: E402
 from backends.tiny.tasks import task_of  # noqa: E402
@@ -50,10 +51,10 @@ def ablation_rows(model, tokenizer, space, samples, question_types) -> list[tupl
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(CHECKPOINT_DIR), help="a tiny checkpoint folder")
-    p.add_argument("--samples", type=int, default=400, help="test samples (>= 1)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (>= 1)")
+    p.add_argument("--samples", type=at_least(1), default=400, help="test samples (>= 1)")
+    p.add_argument("--threads", type=at_least(1), default=1, help="torch CPU threads (>= 1)")
     args = p.parse_args(argv)
     for name in ("samples", "threads"):
         if getattr(args, name) < 1:

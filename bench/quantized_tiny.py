@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from backends.script_args import OneLineArgumentParser, at_least
 
 PRECISIONS = (("fp32", {"precision": "fp32"}), ("bf16", {"precision": "bf16"}),
               ("nf4", {"quantization": "nf4"}), ("int8", {"quantization": "int8"}))
@@ -37,9 +38,9 @@ def load(data: Path, options: dict):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.quantized_tiny", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=40, help="test samples exported and run (default 40)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser = OneLineArgumentParser(prog="python -m bench.quantized_tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=at_least(1), default=40, help="test samples exported and run (default 40)")
+    parser.add_argument("--threads", type=at_least(1), default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--data", default=None, help="export folder (default: a temporary one)")
     args = parser.parse_args(argv)
     if args.samples < 1 or args.threads < 1:

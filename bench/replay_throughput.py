@@ -20,6 +20,7 @@ import gymnasium as gym
 import numpy as np
 
 import envs  # noqa: F401
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.registry import load_backend
 from backends.trace import TraceBackend, record_trace
 from envs.replay import BatchedReplay
@@ -27,10 +28,10 @@ from latency_model import get_estimator
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=24)
-    parser.add_argument("--batch", type=int, default=100_000)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=at_least(1), default=24)
+    parser.add_argument("--batch", type=at_least(1), default=100_000)
+    parser.add_argument("--repeats", type=at_least(1), default=15)
     parser.add_argument("--trace", default="runs/traces/tiny-test.trace")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):

@@ -23,6 +23,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from backends.script_args import OneLineArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["agent.total_updates=2", "agent.batch_size=2", "agent.num_generations=4", "eval.every=1",
@@ -75,7 +76,7 @@ def rows(tree: Path, env_id: str, runs_dir: Path, cache: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ref", default="main", help="the reference commit (default: main)")
     parser.add_argument("--env", nargs="*", default=list(RUNS), choices=list(RUNS), help="env families to run")
     parser.add_argument("--keep", type=Path, default=None, help="keep the trees and run folders here")

@@ -38,6 +38,7 @@ import agents  # noqa: E402
 import envs  # noqa: E402,F401
 from agents.base import EnvLayout  # noqa: E402
 from agents.rollout import GroupRequest, LocalGroupCollector, RayGroupCollector, group_seed  # noqa: E402
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.registry import load_backend  # noqa: E402
 from bench.group_sharing import measure_group_sharing  # noqa: E402
 from backends.trace import _DescribeTask, _SampleTask, _trace_work, trace_grid  # noqa: E402
@@ -110,13 +111,13 @@ def parallel_capacity(n: int = 20_000_000) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=12)
-    parser.add_argument("--configs", type=int, default=12)
-    parser.add_argument("--groups", type=int, default=16)
-    parser.add_argument("--group", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=at_least(1), default=12)
+    parser.add_argument("--configs", type=at_least(1), default=12)
+    parser.add_argument("--groups", type=at_least(1), default=16)
+    parser.add_argument("--group", type=at_least(1), default=8)
+    parser.add_argument("--repeats", type=at_least(1), default=5)
+    parser.add_argument("--rounds", type=at_least(1), default=15)
     args = parser.parse_args()
     ray = require_ray()
     torch.set_num_threads(1)

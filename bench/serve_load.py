@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from backends.script_args import OneLineArgumentParser, at_least
 
 
 def png(image: np.ndarray) -> bytes:
@@ -36,11 +37,11 @@ def png(image: np.ndarray) -> bytes:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="a run folder written by train.py")
     parser.add_argument("--requests", required=True, help="a requests file (datasets format)")
-    parser.add_argument("--n", type=int, default=200, help="requests to send (default 200)")
-    parser.add_argument("--concurrency", type=int, default=4, help="client threads (default 4)")
+    parser.add_argument("--n", type=at_least(1), default=200, help="requests to send (default 200)")
+    parser.add_argument("--concurrency", type=at_least(1), default=4, help="client threads (default 4)")
     parser.add_argument("--budget", default=None, help="the requests' budget (default: the run's)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds each request may take")
     args = parser.parse_args()

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from transformers import GPTNeoXForCausalLM
 
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.kv import DocumentStreamer, FullCache, SinkWindow
 from backends.tiny_text import held_out_token_documents
 from backends.tiny_text import train_v2
@@ -136,17 +137,17 @@ def perplexities(model, documents: list[list[int]], windows: list[int], from_pos
 
 
 def parse_args(argv: list[str] | None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--share", type=float, default=0.5, help="share of each batch's rows that are Bigram-Backcopy "
                    "rows (0: the corpus only)")
-    p.add_argument("--bb-vocab", type=int, default=64, help="tokens of the synthetic bigram chain")
-    p.add_argument("--triggers", type=int, default=3, help="trigger tokens")
+    p.add_argument("--bb-vocab", type=at_least(1), default=64, help="tokens of the synthetic bigram chain")
+    p.add_argument("--triggers", type=at_least(1), default=3, help="trigger tokens")
     p.add_argument("--trigger-rate", type=float, default=0.1, help="chance of a trigger at each position")
-    p.add_argument("--windows", type=int, nargs="+", default=[64, 128], help="cache sizes W compared")
-    p.add_argument("--eval-tokens", type=int, default=512, help="tokens per held-out document and synthetic row")
-    p.add_argument("--from-position", type=int, default=192, help="first predicted position scored in the PPL")
-    p.add_argument("--attention-from", type=int, default=128, help="first query position of the attention table")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--windows", type=at_least(1), nargs="+", default=[64, 128], help="cache sizes W compared")
+    p.add_argument("--eval-tokens", type=at_least(2), default=512, help="tokens per held-out document and synthetic row")
+    p.add_argument("--from-position", type=at_least(0), default=192, help="first predicted position scored in the PPL")
+    p.add_argument("--attention-from", type=at_least(0), default=128, help="first query position of the attention table")
+    p.add_argument("--log-every", type=at_least(1), default=50)
     # the model and training: train_v2's options, small-scale defaults
     train_argv = ["--hidden", "128", "--layers", "4", "--heads", "4", "--context", "512", "--batch-size", "4",
                   "--steps", "600", "--warmup", "50"]

@@ -19,14 +19,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.hf import HFBackend  # noqa: E402
 from backends.knobs import KnobConfig, knob_space_from_model  # noqa: E402
 from backends.registry import load_backend  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=200, help="first N test samples (default 200)")
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=at_least(1), default=200, help="first N test samples (default 200)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pool = load_backend("tiny")

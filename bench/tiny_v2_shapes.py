@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.tiny import data_v2  # noqa: E402
 from backends.tiny.backend import load_tiny_backend  # noqa: E402
 from backends.tiny.evaluate import target_configs  # noqa: E402
@@ -41,10 +42,10 @@ def save_untrained(shape, out: Path, experts_implementation: str) -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--samples", type=int, default=6)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1)
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--samples", type=at_least(1), default=6)
+    p.add_argument("--repeats", type=at_least(1), default=5)
+    p.add_argument("--threads", type=at_least(1), default=1)
     p.add_argument("--experts-implementation", default="grouped_mm")
     args = p.parse_args(argv)
     if min(args.samples, args.repeats, args.threads) < 1:

@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.knobs import resize_for_tier  # noqa: E402
 from backends.tiny import data_v2  # noqa: E402
 from backends.tiny.data import _RGB, COLORS  # noqa: E402
@@ -98,8 +99,8 @@ def answer(sample, image: np.ndarray) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--samples", type=int, default=700)
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--samples", type=at_least(1), default=700)
     args = p.parse_args(argv)
     if args.samples < 1:
         p.exit(2, f"--samples={args.samples} is invalid; accepted: an integer >= 1\n")

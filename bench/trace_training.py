@@ -23,6 +23,7 @@ import numpy as np
 
 import envs  # noqa: F401
 from agents import FitContext, evaluate_agent, make_agent
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.registry import load_backend
 from backends.trace import TraceBackend, record_trace
 from latency_model import get_estimator
@@ -45,11 +46,11 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, draws: int = 10_000, seed: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=16, help="training samples (the split's first N)")
-    parser.add_argument("--test", type=int, default=32, help="test samples")
-    parser.add_argument("--updates", type=int, default=4, help="GRPO updates")
-    parser.add_argument("--batch", type=int, default=8, help="groups per update")
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train", type=at_least(1), default=16, help="training samples (the split's first N)")
+    parser.add_argument("--test", type=at_least(1), default=32, help="test samples")
+    parser.add_argument("--updates", type=at_least(1), default=4, help="GRPO updates")
+    parser.add_argument("--batch", type=at_least(1), default=8, help="groups per update")
     parser.add_argument("--trace", default="runs/traces/bench-trace-training.trace")
     args = parser.parse_args()
 

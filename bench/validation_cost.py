@@ -29,11 +29,12 @@ import envs  # noqa: E402,F401
 from agents import eval_sample_ids, evaluate_agent  # noqa: E402
 from agents.grpo import GRPOAgent  # noqa: E402
 from fake_latency import AnalyticEstimator  # noqa: E402
+from backends.script_args import OneLineArgumentParser, at_least
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, nargs="+", default=[24, 96])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=at_least(1), nargs="+", default=[24, 96])
     args = parser.parse_args()
     torch.set_num_threads(1)
     with warnings.catch_warnings():

@@ -125,3 +125,15 @@ def test_training_never_writes_over_an_existing_checkpoint_unless_told(tmp_path)
         parse_args(["--smoke", "--out", str(tmp_path)])
     assert parse_args(["--smoke", "--out", str(tmp_path), "--overwrite"]).overwrite
     assert "backends/tiny/checkpoint" not in parse_args(["--smoke"]).out  # the shipped model is opt-in
+
+
+@pytest.mark.parametrize("bad, named", [(["--n-test", "0"], "--n-test=0"), (["--threads", "0"], "--threads=0"),
+                                        (["--model", "no-such-folder"], "--model='no-such-folder'")])
+def test_evaluate_rejects_bad_options_in_one_line(bad, named, capsys):
+    """``python -m backends.tiny.evaluate --n-test 0`` printed a table of NaN and exited 0."""
+    from backends.tiny import evaluate
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(bad)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith(f"error: {named}"), err

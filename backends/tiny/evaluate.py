@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.io import atomic_write_text
 from backends.knobs import KnobConfig, KnobSpace, knob_space_from_model
 from backends.tiny.tasks import task_of
@@ -131,12 +132,19 @@ def write_table_into_card(card: Path, table: str) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(CHECKPOINT_DIR))
-    p.add_argument("--n-test", type=int, default=None, help="test samples (default: the whole split)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--n-test", type=at_least(1), default=None, help="test samples (default: the whole split)")
+    p.add_argument("--threads", type=at_least(1), default=1)
     p.add_argument("--write-card", action="store_true", help="write the table into <model>/README.md")
     args = p.parse_args(argv)
+    if args.n_test is not None and args.n_test < 1:
+        p.exit(2, f"error: --n-test={args.n_test} is invalid; accepted: an integer >= 1 (or omit it: the whole split)\n")
+    if args.threads < 1:
+        p.exit(2, f"error: --threads={args.threads} is invalid; accepted: an integer >= 1\n")
+    if not (Path(args.model) / "config.json").is_file():
+        p.exit(2, f"error: --model={args.model!r} is not a checkpoint folder; accepted: a folder with config.json "
+                  f"written by the tiny model's training (default {CHECKPOINT_DIR})\n")
     torch.set_num_threads(args.threads)
     model, tokenizer, space = load_checkpoint(args.model)
     table = accuracy_table(model, tokenizer, space, n_test=args.n_test)

@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.checks import check_int
 from backends.base import check_split
 from backends.tiny import data
@@ -40,11 +41,11 @@ def export_dataset(out_dir: str | Path, n: int = 40, split: str = "test", seed: 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--n", type=int, default=40, help="samples to write (default 40)")
+    parser.add_argument("--n", type=at_least(1), default=40, help="samples to write (default 40)")
     parser.add_argument("--split", default="test", help="generator split to draw from (default test)")
-    parser.add_argument("--seed", type=int, default=data.DEFAULT_SEED)
+    parser.add_argument("--seed", type=at_least(0), default=data.DEFAULT_SEED)
     args = parser.parse_args(argv)
     try:
         path = export_dataset(args.out_dir, args.n, args.split, args.seed)

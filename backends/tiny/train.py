@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.knobs import KnobConfig, apply_knobs, knob_space_from_model, model_parts
 from backends.io import atomic_write_json, write_directory_atomically
 from backends.loading import check_checkpoint_out_dir
@@ -273,16 +274,16 @@ def train(args) -> Path:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps (the LR schedule spans them)")
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--steps", type=at_least(1), default=3000, help="optimizer steps (the LR schedule spans them)")
     p.add_argument("--minutes", type=float, default=float("inf"), help="stop early after this wall time")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=at_least(1), default=64)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--hidden", type=int, default=TinyShape.hidden_size)
-    p.add_argument("--expert-size", type=int, default=TinyShape.expert_size)
-    p.add_argument("--patch-size", type=int, default=TinyShape.patch_size,
+    p.add_argument("--warmup", type=at_least(0), default=100)
+    p.add_argument("--hidden", type=at_least(1), default=TinyShape.hidden_size)
+    p.add_argument("--expert-size", type=at_least(1), default=TinyShape.expert_size)
+    p.add_argument("--patch-size", type=at_least(1), default=TinyShape.patch_size,
                    help="vision patch size in pixels (12 = one patch per layout cell of the generator)")
     p.add_argument("--patch-loss-weight", type=float, default=0.5, help="weight of the auxiliary patch loss")
     p.add_argument("--position-loss-weight", type=float, default=0.5,
@@ -290,12 +291,12 @@ def parse_args(argv=None):
     p.add_argument("--full-share", type=float, default=FULL_CONFIG_SHARE,
                    help="share of batches trained at the full configuration (the rest: uniform knobs)")
     p.add_argument("--init-from", default=None, help="checkpoint directory of the same shape to continue from")
-    p.add_argument("--first-sample", type=int, default=0,
+    p.add_argument("--first-sample", type=at_least(0), default=0,
                    help="index of the first train sample (a continuation passes the samples already seen)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--save-every", type=int, default=250)
-    p.add_argument("--log-every", type=int, default=25)
-    p.add_argument("--val-samples", type=int, default=300)
+    p.add_argument("--threads", type=at_least(1), default=1, help="torch CPU threads")
+    p.add_argument("--save-every", type=at_least(1), default=250)
+    p.add_argument("--log-every", type=at_least(1), default=25)
+    p.add_argument("--val-samples", type=at_least(1), default=300)
     p.add_argument("--out", default=None,
                    help="checkpoint directory (default: runs/tiny-train/<time>); the shipped model is "
                         "backends/tiny/checkpoint, replaced only with --overwrite")

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.io import atomic_write, atomic_write_json, atomic_write_text, read_json
 from backends.knobs import KnobConfig, apply_knobs, knob_space_from_model, model_parts
 from backends.tiny import data_v2
@@ -375,23 +376,23 @@ def _run(trainer: Trainer, args, out: Path, val, history: list, stop: dict) -> N
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(DEFAULT_OUT),
                    help="run folder: training states, log, exported model (resumed when it holds a state)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=12000, help="optimizer steps (the LR schedule spans them)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--steps", type=at_least(1), default=12000, help="optimizer steps (the LR schedule spans them)")
+    p.add_argument("--batch-size", type=at_least(1), default=32)
     p.add_argument("--lr", type=float, default=1.5e-3)
-    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--warmup", type=at_least(0), default=200)
     p.add_argument("--full-share", type=float, default=0.3,
                    help="share of batches at the full configuration (the rest: uniform tier and budget, "
                         "top-k in proportion to k)")
-    p.add_argument("--stage2-at", type=int, default=0,
+    p.add_argument("--stage2-at", type=at_least(0), default=0,
                    help="the step stage 2 starts at (before it: stage 1, the reference run's first recipe; "
                         "the reference run used 7158)")
     p.add_argument("--full-depth-weight", type=float, default=2.0,
                    help="weight of the full depth's answer loss (every other exit weighs 1)")
-    p.add_argument("--min-top-k", type=int, default=1,
+    p.add_argument("--min-top-k", type=at_least(1), default=1,
                    help="stage 2: the lowest top-k drawn for the non-full batches (lower ones are served untrained, "
                         "as a MoE served below the top-k it was trained at)")
     p.add_argument("--init-from", default="",
@@ -400,15 +401,15 @@ def parse_args(argv=None):
     p.add_argument("--patch-loss-weight", type=float, default=0.5, help="weight of the auxiliary patch loss")
     p.add_argument("--position-loss-weight", type=float, default=0.5,
                    help="weight of the patch row/column targets inside the auxiliary loss")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=at_least(1), default=2, help="torch CPU threads")
     p.add_argument("--checkpoint-minutes", type=float, default=MAX_CHECKPOINT_MINUTES,
                    help=f"save the training state at most this often (0 < m <= {MAX_CHECKPOINT_MINUTES:g})")
-    p.add_argument("--val-every", type=int, default=500, help="validate and export the model every N steps")
-    p.add_argument("--val-samples", type=int, default=350)
-    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--val-every", type=at_least(1), default=500, help="validate and export the model every N steps")
+    p.add_argument("--val-samples", type=at_least(1), default=350)
+    p.add_argument("--log-every", type=at_least(1), default=25)
     p.add_argument("--export-to", default=None,
                    help="export the newest state of --out as a from_pretrained checkpoint to this folder and exit")
-    p.add_argument("--session-steps", type=int, default=10 ** 9,
+    p.add_argument("--session-steps", type=at_least(1), default=10 ** 9,
                    help="stop this session after N steps, saving the state (the same command resumes)")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "threads", "val_every", "val_samples", "log_every", "session_steps",

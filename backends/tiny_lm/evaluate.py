@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.decoding.strategies import strategy
 from backends.io import atomic_write_text
 
@@ -82,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from backends.decoding import load_decoding_backend
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=128)
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=at_least(1), default=128)
     args = parser.parse_args(argv)
     if args.samples < 1:
         raise ValueError(f"--samples={args.samples} is invalid; accepted: an integer >= 1")

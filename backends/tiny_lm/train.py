@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.io import write_directory_atomically
 from backends.tiny_lm.task import (CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, build_tokenizer, chat_prompt, make_item,
                                    plain_prompt)
@@ -103,14 +104,14 @@ def save_final(model, tokenizer, role: str, metadata: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(ARCHITECTURES), required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="default: 2000 (target) / 1500 (draft)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=at_least(0), default=0)
+    parser.add_argument("--steps", type=at_least(1), default=None, help="default: 2000 (target) / 1500 (draft)")
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--save-every", type=int, default=200)
+    parser.add_argument("--threads", type=at_least(1), default=1)
+    parser.add_argument("--save-every", type=at_least(1), default=200)
     parser.add_argument("--work-dir", type=Path, default=None, help="resumable training state (default: "
                         "$KNOBGYM_CACHE/tiny_lm_train or ~/.cache/knobgym/tiny_lm_train)")
     parser.add_argument("--out", type=Path, default=None, help="default: backends/tiny_lm/<model>")

@@ -18,6 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.io import atomic_write_json, write_directory_atomically
 from backends.loading import check_checkpoint_out_dir
 from backends.tiny_text.corpus import held_out_documents, training_documents
@@ -77,18 +78,18 @@ def save_atomically(model, tokenizer, metadata: dict, target: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vocab-size", type=int, default=2048)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--context", type=int, default=512, help="training sequence length")
-    parser.add_argument("--max-positions", type=int, default=4096)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=1200)
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=at_least(0), default=0)
+    parser.add_argument("--vocab-size", type=at_least(1), default=2048)
+    parser.add_argument("--hidden", type=at_least(1), default=128)
+    parser.add_argument("--layers", type=at_least(1), default=4)
+    parser.add_argument("--heads", type=at_least(1), default=4)
+    parser.add_argument("--context", type=at_least(1), default=512, help="training sequence length")
+    parser.add_argument("--max-positions", type=at_least(1), default=4096)
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--steps", type=at_least(1), default=1200)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 keeps the run deterministic)")
+    parser.add_argument("--threads", type=at_least(1), default=1, help="CPU threads (1 keeps the run deterministic)")
     parser.add_argument("--out", type=Path, default=CHECKPOINT_DIR)
     parser.add_argument("--overwrite", action="store_true", help="allow --out to name an existing checkpoint")
     args = parser.parse_args(argv)

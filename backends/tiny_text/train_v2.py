@@ -49,6 +49,7 @@ import torch
 from tokenizers import processors
 from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
+from backends.script_args import OneLineArgumentParser, at_least
 from backends.io import CorruptFileError, load_tensors, save_tensors, write_directory_atomically
 from backends.loading import check_checkpoint_out_dir
 from backends.tiny_text.corpus import held_out_documents, training_documents
@@ -62,30 +63,30 @@ RUN_ARGS = ("seed", "vocab_size", "hidden", "layers", "heads", "context", "max_p
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vocab-size", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=192)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--heads", type=int, default=6)
-    p.add_argument("--context", type=int, default=2048, help="training sequence length (>= 1024 for a real run)")
-    p.add_argument("--max-positions", type=int, default=4096)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3000, help="total optimiser steps (the schedule's length)")
+    p = OneLineArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--vocab-size", type=at_least(1), default=4096)
+    p.add_argument("--hidden", type=at_least(1), default=192)
+    p.add_argument("--layers", type=at_least(1), default=6)
+    p.add_argument("--heads", type=at_least(1), default=6)
+    p.add_argument("--context", type=at_least(1), default=2048, help="training sequence length (>= 1024 for a real run)")
+    p.add_argument("--max-positions", type=at_least(1), default=4096)
+    p.add_argument("--batch-size", type=at_least(1), default=2)
+    p.add_argument("--steps", type=at_least(1), default=3000, help="total optimiser steps (the schedule's length)")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=100, help="linear warmup steps")
+    p.add_argument("--warmup", type=at_least(0), default=100, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--corpus", choices=("stdlib", "listed"), default="stdlib",
                    help="training text besides the documentation topics: every standard-library source file "
                         "(about 4 M tokens) or the v1 model's listed modules (about 0.4 M)")
-    p.add_argument("--max-corpus-chars", type=int, default=0, help="use only the first N characters of each "
+    p.add_argument("--max-corpus-chars", type=at_least(0), default=0, help="use only the first N characters of each "
                    "training document (0: all); for smoke runs and tests")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--threads", type=at_least(1), default=2, help="torch CPU threads")
     p.add_argument("--checkpoint-minutes", type=float, default=10.0, help="rewrite latest/ at least this often")
-    p.add_argument("--max-steps-this-run", type=int, default=0, help="stop (after a checkpoint) once this many "
+    p.add_argument("--max-steps-this-run", type=at_least(0), default=0, help="stop (after a checkpoint) once this many "
                    "steps ran in this process; 0: run to --steps")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-max-tokens", type=int, default=0, help="held-out tokens scored per document at the "
+    p.add_argument("--log-every", type=at_least(1), default=10)
+    p.add_argument("--eval-max-tokens", type=at_least(0), default=0, help="held-out tokens scored per document at the "
                    "end (0: all)")
     p.add_argument("--work-dir", type=Path, default=WORK_DIR)
     p.add_argument("--init-from", default="", help="a later stage: start from this save_pretrained folder's "

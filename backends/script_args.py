@@ -1,0 +1,38 @@
+"""The argument parser of every ``python -m bench.*`` / ``python -m backends.*`` script.
+
+A bad option is one line on stderr, ``error: <what is wrong>; accepted: ...``, and exit code 2, before
+the script does any work: no usage block, no traceback. Counts are parsed with :func:`at_least`, so
+``--repeats 0`` is refused at the boundary instead of failing later inside a median or a stack.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors (and :meth:`fail`) print one line and exit 2."""
+
+    def error(self, message: str):  # argparse's own errors: unknown option, missing value, bad type
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+    def fail(self, message: str):
+        """A check made after parsing: ``message`` names the value and what is accepted."""
+        self.exit(2, f"error: {message}\n")
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer ``>= minimum``, else one line naming the text and the bound."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} is invalid; accepted: an integer >= {minimum}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
