@@ -8,11 +8,24 @@ the script does any work: no usage block, no traceback. Counts are parsed with :
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 from typing import Callable
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` whose errors (and :meth:`fail`) print one line and exit 2."""
+    """``argparse.ArgumentParser`` whose errors (and :meth:`fail`) print one line and exit 2; its
+    default ``prog`` is the command as typed for a script of this repository
+    (``python -m bench.kv_policies``), not the file's name."""
+
+    def __init__(self, *args, **kwargs):
+        if "prog" not in kwargs and sys.argv and sys.argv[0]:
+            script = Path(sys.argv[0]).resolve()
+            if script.suffix == ".py" and script.is_relative_to(REPO):
+                kwargs["prog"] = "python -m " + ".".join(script.relative_to(REPO).with_suffix("").parts)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # argparse's own errors: unknown option, missing value, bad type
         self.exit(2, f"error: {message}; see {self.prog} --help\n")

@@ -127,7 +127,8 @@ def test_training_never_writes_over_an_existing_checkpoint_unless_told(tmp_path)
     assert "backends/tiny/checkpoint" not in parse_args(["--smoke"]).out  # the shipped model is opt-in
 
 
-@pytest.mark.parametrize("bad, named", [(["--n-test", "0"], "--n-test=0"), (["--threads", "0"], "--threads=0"),
+@pytest.mark.parametrize("bad, named", [(["--n-test", "0"], "argument --n-test: '0' is invalid"),
+                                        (["--threads", "0"], "argument --threads: '0' is invalid"),
                                         (["--model", "no-such-folder"], "--model='no-such-folder'")])
 def test_evaluate_rejects_bad_options_in_one_line(bad, named, capsys):
     """``python -m backends.tiny.evaluate --n-test 0`` printed a table of NaN and exited 0."""
