@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-from backends.script_args import OneLineArgumentParser, at_least
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backends.script_args import OneLineArgumentParser, at_least  # noqa: E402  (after the path insert: run as a file)
 
 
 def time_run(backend, sample, knobs, repeats: int):

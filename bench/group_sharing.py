@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from backends.script_args import OneLineArgumentParser, at_least
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backends.script_args import OneLineArgumentParser, at_least  # noqa: E402  (after the path insert: run as a file)
 
 
 @dataclass

@@ -23,9 +23,12 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
-from backends.script_args import OneLineArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from backends.script_args import OneLineArgumentParser  # noqa: E402  (after the path insert: run as a file)
+
 COMMON = ["agent.total_updates=2", "agent.batch_size=2", "agent.num_generations=4", "eval.every=1",
           "eval.num_samples=6", "eval.validation_samples=4", "baselines.static.calibration_samples=2",
           "baselines.bandit.rounds=8", "seed=0"]
