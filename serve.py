@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         from serving.controller import Controller, calibrated_static, parse_request_budget
 
         torch.set_num_threads(opts["torch_threads"])
+        Controller.check_run(opts["run"], opts["checkpoint"])  # a bad run folder: one line, before the phase line
         with phase("loading the controller (the policy, the model and the latency estimator)"):
             controller = Controller.from_run(opts["run"], opts["checkpoint"], estimator=opts.get("latency.profile"),
                                              budget=opts.get("budget"),

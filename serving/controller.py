@@ -186,6 +186,33 @@ class Controller:
         self._warned: set[float] = set()
 
     # ------------------------------------------------------------------------------ loading
+    @staticmethod
+    def check_run(run: str | Path, checkpoint: str = "best", *, backend: Any = None
+                  ) -> tuple[Path, Path, dict, dict]:
+        """The run folder, checkpoint path, checkpoint and run config :meth:`from_run` serves, checked
+        without loading a model: the checkpoint exists, is finite and records its run config, and the
+        run's backend options pass the backend's cheap check (a model or dataset path missing on this
+        machine), unless ``backend`` replaces it. A command calls it first, so a bad run is one line."""
+        run_dir = Path(run)
+        if checkpoint not in CHECKPOINTS:
+            raise ControllerError(f"checkpoint={checkpoint!r} is invalid; accepted: {', '.join(CHECKPOINTS)}")
+        ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.safetensors"
+        if not run_dir.is_dir() or not ckpt_path.is_file():
+            raise ControllerError(f"run {str(run_dir)!r} has no checkpoints/{ckpt_path.name}; accepted: a run folder "
+                                  f"written by train.py (runs/<env>/<agent>/<timestamp>)")
+        ckpt = read_checkpoint(ckpt_path)
+        _check_finite(ckpt["state"], ckpt_path)
+        config = ckpt["metadata"].get("config")
+        if not isinstance(config, dict) or not isinstance(config.get("env"), dict) \
+                or not isinstance(config.get("backend"), dict):
+            raise ControllerError(f"checkpoint {str(ckpt_path)!r} records no run config (env, backend); accepted: a "
+                                  f"checkpoint written by train.py")
+        if backend is None:
+            from knobgym_cli.build import check_run_backend
+
+            check_run_backend(str(config["env"].get("id")), config["backend"])
+        return run_dir, ckpt_path, ckpt, config
+
     @classmethod
     def from_run(cls, run: str | Path, checkpoint: str = "best", *, backend: Any = None, estimator: Any = None,
                  budget: Any = None, agent: Agent | None = None, guard: str | None = "truncate") -> "Controller":
@@ -206,20 +233,7 @@ class Controller:
                 static configuration the run calibrated (``baselines/static.safetensors``) as its
                 fallback when the run has one; ``None``: unguarded.
         """
-        run_dir = Path(run)
-        if checkpoint not in CHECKPOINTS:
-            raise ControllerError(f"checkpoint={checkpoint!r} is invalid; accepted: {', '.join(CHECKPOINTS)}")
-        ckpt_path = run_dir / "checkpoints" / f"{checkpoint}.safetensors"
-        if not run_dir.is_dir() or not ckpt_path.is_file():
-            raise ControllerError(f"run {str(run_dir)!r} has no checkpoints/{ckpt_path.name}; accepted: a run folder "
-                                  f"written by train.py (runs/<env>/<agent>/<timestamp>)")
-        ckpt = read_checkpoint(ckpt_path)
-        _check_finite(ckpt["state"], ckpt_path)
-        config = ckpt["metadata"].get("config")
-        if not isinstance(config, dict) or not isinstance(config.get("env"), dict) \
-                or not isinstance(config.get("backend"), dict):
-            raise ControllerError(f"checkpoint {str(ckpt_path)!r} records no run config (env, backend); accepted: a "
-                                  f"checkpoint written by train.py")
+        run_dir, ckpt_path, ckpt, config = cls.check_run(run, checkpoint, backend=backend)
         env = build_env(config, backend=backend, estimator=estimator)
         from knobgym_cli.checkpoints import check_checkpoint_matches
 

@@ -415,3 +415,29 @@ def test_serve_answers_a_requests_file_with_an_slo_report(runs, requests_file, t
     guard = report["rows"][next(iter(report["rows"]))]["guard"]  # the controller's row: guarded by default
     assert sum(guard.values()) == 6 and all(a["guard"] in ("kept", "replaced", "fallback") for a in answers)
     assert "static calibrated here at 80ms" in (out / "report.md").read_text()  # the in-process run has none
+
+
+@pytest.mark.parametrize("script", ["serve.py", "evaluate.py"])
+def test_a_run_whose_hf_model_is_missing_here_is_one_line_before_loading(tmp_path, script):
+    """A foreign run folder recording ``backend=hf`` with a model this machine lacks: one error line,
+    exit 2, and no 'loading ...' phase line before it (the backend's cheap check runs first)."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from agents.checkpoint import write_checkpoint
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "data.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    config = {"env": {"id": "MultiKnob-v0"}, "budget": "80ms", "agent": {"name": "static"},
+              "backend": {"name": "hf", "model": str(tmp_path / "gone-model"), "dataset": str(tmp_path / "data.jsonl")}}
+    run = tmp_path / "run"
+    write_checkpoint(run / "checkpoints" / "best.safetensors", "static", "MultiKnob-v0",
+                     {"w": torch.zeros(1)}, {"config": config})
+    args = [f"run={run}"] + (["requests=" + str(tmp_path / "data.jsonl")] if script == "serve.py" else [])
+    proc = subprocess.run([sys.executable, str(repo / script), *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "gone-model' does not exist" in lines[0], lines
