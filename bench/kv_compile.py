@@ -3,7 +3,9 @@
 Streams the first ``--tokens`` tokens of the longest held-out document of the tiny reference model
 (or ``--model``) token by token on one CPU thread, under the full cache and ``SinkWindow(4, W)``,
 with each of: ``slots`` eager, ``static`` eager, ``slots`` compiled, ``static`` compiled
-(``DocumentStreamer(storage=..., compile=...)``). Compiling happens once per storage before the
+(``DocumentStreamer(storage=..., compile=..., decode_step="model")``: the model's forward, which is
+what compiling applies to), and, for reference, ``slots`` with the fused step
+(``decode_step="fused"``, :mod:`backends.kv.decode_step`). Compiling happens once per storage before the
 timed passes (its wall time is printed); passes are interleaved (repeat -> policy -> variant) and
 each token's time is its median over ``--repeats`` passes; a variant's TPOT is the median over the
 tokens after the cache first filled. Prints TPOT per variant and its ratio to ``slots`` eager.
@@ -26,7 +28,9 @@ from backends.kv import DocumentStreamer, FullCache, SinkWindow
 from backends.kv.stream import compiled_forward, intra_op_threads
 from backends.tiny_text import held_out_token_documents, load_causal_lm, load_tiny_text_model
 
-VARIANTS = (("slots", False), ("static", False), ("slots", True), ("static", True))
+# (storage, compile, decode step)
+VARIANTS = (("slots", False, "model"), ("static", False, "model"), ("slots", True, "model"), ("static", True, "model"),
+            ("slots", False, "fused"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,16 +54,17 @@ def main(argv: list[str] | None = None) -> None:
     times = {(p, v): [] for p in range(len(policies)) for v in VARIANTS}
     for _ in range(args.repeats):
         for p, policy in enumerate(policies):
-            for storage, compile_ in VARIANTS:
-                streamer = DocumentStreamer(model, ids, policy, storage=storage, compile=compile_)
-                times[p, (storage, compile_)].append(streamer.advance(streamer.remaining).step_ms)
+            for storage, compile_, step in VARIANTS:
+                streamer = DocumentStreamer(model, ids, policy, storage=storage, compile=compile_, decode_step=step)
+                times[p, (storage, compile_, step)].append(streamer.advance(streamer.remaining).step_ms)
     print(f"{len(ids) - 1} tokens, {args.repeats} interleaved repeats, 1 thread, torch {torch.__version__}, load "
           f"average {load:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for p, policy in enumerate(policies):
         start = 0 if policy.window is None else policy.window + policy.compress_every
         tpot = {v: float(np.median(np.median(np.stack(times[p, v]), axis=0)[start:])) for v in VARIANTS}
-        base = tpot[("slots", False)]
-        cells = ", ".join(f"{s}{' compiled' if c else ''} {t:.3f} ms ({t / base:.2f}x)" for (s, c), t in tpot.items())
+        base = tpot[VARIANTS[0]]
+        cells = ", ".join(f"{s}{' compiled' if c else ''}{' fused' if d == 'fused' else ''} {t:.3f} ms ({t / base:.2f}x)"
+                          for (s, c, d), t in tpot.items())
         print(f"{policy}: {cells}")
 
 

@@ -48,6 +48,7 @@ import torch
 from backends.checks import check_int, is_int
 from backends.io import CorruptFileError, read_checksummed_json, write_checksummed_json
 from backends.kv.cache import DEFAULT_STORAGE, KVPolicyCache, num_decoder_layers
+from backends.kv.decode_step import check_decode_step, decode_step_for, resolve_decode_step
 from backends.kv.policies import FullCache, SinkWindow
 from backends.kv.stream import check_threads, intra_op_threads
 from latency_model.cache import cache_key, default_cache_dir
@@ -75,6 +76,8 @@ class TpotSettings:
         remeasure: extra rounds at most for the points noisier than ``max_noise_pct``.
         threads: torch intra-op threads while timing (``None``: the process setting).
         seed: seed of the random tokens fed and of the round order.
+        decode_step: the one-token step timed (:mod:`backends.kv.decode_step`; ``"auto"``, the
+            streams' default: the fused step where the model's family has one); part of the cache key.
     """
 
     lengths: tuple = (32, 128, 256, 512)
@@ -84,8 +87,10 @@ class TpotSettings:
     remeasure: int = 3
     threads: int | None = 1
     seed: int = 0
+    decode_step: str = "auto"
 
     def __post_init__(self) -> None:
+        check_decode_step(self.decode_step)
         lengths = tuple(self.lengths)
         object.__setattr__(self, "lengths", lengths)
         if (len(lengths) < 2 or any(not is_int(n) for n in lengths)
@@ -184,8 +189,9 @@ def model_identity(model) -> dict:
 
 
 @torch.inference_mode()
-def _time_point(model, schedule: str, length: int, steps: int, vocab: int, generator: torch.Generator) -> float:
-    """Median ms of ``steps`` one-token forwards at cache length ``length`` under ``schedule``."""
+def _time_point(model, forward, schedule: str, length: int, steps: int, vocab: int,
+                generator: torch.Generator) -> float:
+    """Median ms of ``steps`` one-token ``forward`` calls at cache length ``length`` under ``schedule``."""
     # SinkWindow(0, length - 1) with compress_every=1 prunes on every step at cache length `length`.
     policy = FullCache() if schedule == "full" else SinkWindow(0, window=length - 1)
     cache = KVPolicyCache(policy, num_decoder_layers(model))
@@ -195,7 +201,7 @@ def _time_point(model, schedule: str, length: int, steps: int, vocab: int, gener
     for _ in range(steps):
         token = torch.randint(0, vocab, (1, 1), generator=generator).to(device)
         start = time.perf_counter()
-        model(token, past_key_values=cache, use_cache=True)
+        forward(token, past_key_values=cache, use_cache=True)
         times.append((time.perf_counter() - start) * 1e3)
     return float(np.median(times))
 
@@ -211,13 +217,14 @@ def profile_tpot(model, settings: TpotSettings = TpotSettings()) -> dict:
     generator = torch.Generator().manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     points = [(schedule, n) for schedule in SCHEDULES for n in settings.lengths]
+    forward = decode_step_for(model, settings.decode_step)
     rounds: dict[tuple, list[float]] = {p: [] for p in points}
     with intra_op_threads(settings.threads):
         fingerprint = device_fingerprint(next(model.parameters()).device)
-        _time_point(model, "full", settings.lengths[0], settings.steps, vocab, generator)  # warm-up
+        _time_point(model, forward, "full", settings.lengths[0], settings.steps, vocab, generator)  # warm-up
         for _ in range(settings.repeats):
             for i in rng.permutation(len(points)):
-                rounds[points[i]].append(_time_point(model, *points[i], settings.steps, vocab, generator))
+                rounds[points[i]].append(_time_point(model, forward, *points[i], settings.steps, vocab, generator))
         remeasured = 0
         for _ in range(settings.remeasure):
             noisy = [p for p in points if _spread(rounds[p]) > settings.max_noise_pct]
@@ -225,7 +232,7 @@ def profile_tpot(model, settings: TpotSettings = TpotSettings()) -> dict:
                 break
             remeasured += len(noisy)
             for i in rng.permutation(len(noisy)):
-                rounds[noisy[i]].append(_time_point(model, *noisy[i], settings.steps, vocab, generator))
+                rounds[noisy[i]].append(_time_point(model, forward, *noisy[i], settings.steps, vocab, generator))
     rows = [{"schedule": s, "length": n, "rounds_ms": rounds[s, n], "median_ms": float(np.median(rounds[s, n])),
              "spread_pct": _spread(rounds[s, n])} for s, n in points]
     return {"format": TPOT_PROFILE_FORMAT, "settings": asdict(settings), "fingerprint": fingerprint,
@@ -257,8 +264,9 @@ def fit_tpot(profile: dict) -> TpotEstimator:
 # The cache
 # --------------------------------------------------------------------------------------------
 def tpot_cache_paths(model, cache_dir: str | os.PathLike | None = None,
-                     threads: int | None = 1) -> tuple[Path, Path]:
-    """``(estimator_path, profile_path)`` of ``model`` on this device when timed with ``threads`` threads."""
+                     threads: int | None = 1, decode_step: str = "auto") -> tuple[Path, Path]:
+    """``(estimator_path, profile_path)`` of ``model`` on this device when timed with ``threads`` threads
+    and ``decode_step``."""
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     identity = model_identity(model)
     with intra_op_threads(threads):
@@ -266,7 +274,9 @@ def tpot_cache_paths(model, cache_dir: str | os.PathLike | None = None,
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", identity["model"])[:40]
     # The storage the profile decodes with is part of the key: a profile of the seed's torch.cat
     # cache (before slots became the default) must not be read as one of the slots.
-    stem = f"tpot-{name}-{cache_key({**identity, 'kv_storage': DEFAULT_STORAGE}, fingerprint)}"
+    # So is the decode step it times (a profile of the model's forward is not one of the fused step).
+    key = {**identity, "kv_storage": DEFAULT_STORAGE, "decode_step": resolve_decode_step(model, decode_step)}
+    stem = f"tpot-{name}-{cache_key(key, fingerprint)}"
     return directory / f"{stem}.json", directory / f"{stem}.profile.json"
 
 
@@ -287,7 +297,7 @@ def get_tpot_estimator(model, cache_dir: str | os.PathLike | None = None, *,
     A profile noisier than ``settings.max_noise_pct`` is used but not cached (:class:`TpotNoiseWarning`).
     """
     settings = settings or TpotSettings()
-    estimator_path, profile_path = tpot_cache_paths(model, cache_dir, settings.threads)
+    estimator_path, profile_path = tpot_cache_paths(model, cache_dir, settings.threads, settings.decode_step)
     if estimator_path.exists() and not force:
         try:
             estimator = TpotEstimator.load(estimator_path)

@@ -154,17 +154,23 @@ def test_a_stream_past_the_models_positions_stays_finite_with_cache_positions(do
     hook = model.gpt_neox.rotary_emb.register_forward_hook(
         lambda m, args, kwargs, out: seen.append(int(kwargs["position_ids"].max())), with_kwargs=True)
     try:
-        trace = DocumentStreamer(model, long_doc, SinkWindow(4, window=24, compress_every=4,
-                                                             rope_positions="cache")).advance(1000)
+        # The model's own forward, whose rotary module the hook watches (the fused step, equal below,
+        # takes its position from the cache without calling that module).
+        trace = DocumentStreamer(model, long_doc, SinkWindow(4, window=24, compress_every=4, rope_positions="cache"),
+                                 decode_step="model").advance(1000)
         assert max(seen) < 24 + 4 <= model.config.max_position_embeddings
         seen.clear()
-        original = DocumentStreamer(model, long_doc, SinkWindow(4, window=24, compress_every=4)).advance(1000)
+        original = DocumentStreamer(model, long_doc, SinkWindow(4, window=24, compress_every=4),
+                                    decode_step="model").advance(1000)
         assert max(seen) == len(long_doc) - 2  # original positions run far past the model's 32
     finally:
         hook.remove()
     assert trace.num_tokens == len(long_doc) - 1 and np.all(np.isfinite(trace.nll))
     # Sensible: about as good as a uniform guess or better (a random model), and not identical to original.
     assert trace.nll.mean() < np.log(VOCAB) + 1.0 and not np.allclose(trace.nll, original.nll)
+    fused = DocumentStreamer(model, long_doc, SinkWindow(4, window=24, compress_every=4, rope_positions="cache"),
+                             decode_step="fused").advance(1000)
+    np.testing.assert_allclose(fused.nll, trace.nll, atol=1e-4)
 
 
 def test_switching_rope_positions_mid_stream_realigns_the_keys(model, document):
@@ -207,8 +213,8 @@ def test_compile_falls_back_to_the_eager_model_with_one_warning(model, document,
         compiled = DocumentStreamer(model, document, SinkWindow(4, window=24), compile=True)
         DocumentStreamer(model, document, SinkWindow(4, window=24), compile=True)  # cached: no second warning
     assert len(caught) == 1 and compiled.forward is model
-    np.testing.assert_array_equal(compiled.advance(1000).nll,
-                                  DocumentStreamer(model, document, SinkWindow(4, window=24)).advance(1000).nll)
+    np.testing.assert_array_equal(compiled.advance(1000).nll, DocumentStreamer(
+        model, document, SinkWindow(4, window=24), decode_step="model").advance(1000).nll)
 
 
 def test_a_recency_policy_chooses_one_keep_per_prune_for_every_layer(model, document):

@@ -6,7 +6,8 @@ A policy is a frozen dataclass whose fields are its knobs and which overrides on
 stream a document with :class:`DocumentStreamer`. Storage: preallocated slots compacted in place
 on prunes (default) or the seed's ``torch.cat`` per token (:mod:`backends.kv.cache`). Positions
 under RoPE: original (default) or re-numbered inside the cache, StreamingLLM's scheme
-(:mod:`backends.kv.positions`). The per-token latency model is
+(:mod:`backends.kv.positions`). Decode step: a fused one-token step for GPT-NeoX, the model's own
+forward otherwise (:mod:`backends.kv.decode_step`). The per-token latency model is
 :mod:`latency_model.tpot`.
 """
 

@@ -24,6 +24,7 @@ import torch
 
 from backends.checks import check_int
 from backends.kv.cache import DEFAULT_STORAGE, PruneEvent, make_policy_cache
+from backends.kv.decode_step import check_decode_step, decode_step_for
 from backends.kv.policies import FullCache, KVPolicy
 from backends.threads import configured_threads, set_torch_threads
 
@@ -82,11 +83,14 @@ class DocumentStreamer:
         storage: the cache's storage, ``"slots"`` (default), ``"static"`` (fixed shapes; a full cache is
             allocated for the whole document) or ``"concat"`` (see :mod:`backends.kv.cache`).
         compile: decode through ``torch.compile(model)`` (:func:`compiled_forward`; falls back to the
-            eager model with one warning where compiling fails).
+            eager model with one warning where compiling fails); it compiles the model's own forward,
+            so it runs with ``decode_step`` ``"auto"`` or ``"model"``.
+        decode_step: ``"auto"`` (default: the fused step where the model's family has one), ``"fused"``
+            or ``"model"`` (:mod:`backends.kv.decode_step`; equal outputs, the fused one faster).
     """
 
     def __init__(self, model, token_ids, policy: KVPolicy | None = None, threads: int | None = 1,
-                 storage: str = DEFAULT_STORAGE, compile: bool = False):
+                 storage: str = DEFAULT_STORAGE, compile: bool = False, decode_step: str = "auto"):
         ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
         if len(ids) < 2:
             raise ValueError(f"a document needs at least 2 tokens to score one; got {len(ids)}")
@@ -95,9 +99,13 @@ class DocumentStreamer:
         self.token_ids = ids.to(model.device)
         if not isinstance(compile, bool):
             raise ValueError(f"compile={compile!r} is invalid; accepted: true or false")
+        check_decode_step(decode_step)
+        if compile and decode_step == "fused":
+            raise ValueError("compile=true with decode_step='fused' is invalid (compiling applies to the model's "
+                             "forward); accepted: decode_step='auto' or 'model' with compile=true")
         self.cache = make_policy_cache(model, policy or FullCache(), storage,
                                        static_capacity=len(ids) if storage == "static" else 0)
-        self.forward = compiled_forward(model, storage) if compile else model
+        self.forward = compiled_forward(model, storage) if compile else decode_step_for(model, decode_step)
         self.cursor = 0  # index of the next token to feed
 
     def fork(self) -> "DocumentStreamer":
@@ -169,18 +177,20 @@ def compiled_forward(model, storage: str = DEFAULT_STORAGE):
 
 @torch.inference_mode()
 def greedy_generate(model, prompt_ids, max_new_tokens: int, policy: KVPolicy | None = None,
-                    storage: str = DEFAULT_STORAGE) -> list[int]:
-    """Greedy decoding under ``policy``: prefill the prompt in one forward, then one token per step."""
+                    storage: str = DEFAULT_STORAGE, decode_step: str = "auto") -> list[int]:
+    """Greedy decoding under ``policy``: prefill the prompt in one forward, then one token per step
+    (``decode_step`` as in :class:`DocumentStreamer`)."""
     check_int("max_new_tokens", max_new_tokens, 1)
     ids = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1).to(model.device)
     if ids.shape[1] < 1:
         raise ValueError("prompt_ids is empty; accepted: at least one token")
     cache = make_policy_cache(model, policy or FullCache(), storage,
                               static_capacity=ids.shape[1] + max_new_tokens if storage == "static" else 0)
+    step = decode_step_for(model, decode_step)
     generated: list[int] = []
     inputs = ids
     for _ in range(max_new_tokens):
-        logits = model(inputs, past_key_values=cache, use_cache=True,
+        logits = step(inputs, past_key_values=cache, use_cache=True,
                        attention_mask=cache.attention_mask(inputs.shape[1])).logits[0, -1]
         next_id = int(torch.argmax(logits))
         generated.append(next_id)
