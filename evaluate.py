@@ -68,7 +68,7 @@ def run_evaluation(cfg: DictConfig) -> Path:
             warnings.simplefilter("ignore")  # fitted on another device: that is the point here
             device_estimator, estimator = LatencyEstimator.load(str(profile)), None
     backend_cfg = with_threads(OmegaConf.to_container(run_cfg.backend, resolve=True), threads)
-    check_run_backend(env_cfg["id"], backend_cfg)  # the run's model or dataset missing here: one line
+    check_run_backend(env_cfg["id"], backend_cfg, env_cfg.get("kwargs"))  # the run's model or dataset missing here
     with phase("loading the model and the latency estimator (profiled once per device when not cached)"):
         env, notes, achievable, suggested = build_run_env(env_cfg, backend_cfg, run_cfg.budget, estimator,
                                                           estimator_object=device_estimator)

@@ -95,7 +95,7 @@ from backends.base import check_split
 from backends.checks import check_int
 from backends.kv.policies import FullCache, KVPolicy, kv_policy_class, registered_kv_policies
 from backends.kv.cache import DEFAULT_STORAGE, STORAGES, kv_bytes_per_token
-from backends.kv.sources import load_kv_model, read_text_documents, tokenize_documents
+from backends.kv.sources import check_kv_sources, load_kv_model, read_text_documents, tokenize_documents
 from backends.kv.stream import DocumentStreamer, check_threads
 from envs.base import KnobgymEnv, LatencyReference
 from envs.budget import Budget, KVBudget, check_budget_ms, device_kv_budget
@@ -208,6 +208,14 @@ class StreamingKVEnv(KnobgymEnv):
                         dtype=np.float32)
         self.observation_space = spaces.Box(low=np.zeros_like(high), high=high, dtype=np.float32)
         self._streamer: DocumentStreamer | None = None
+
+    @classmethod
+    def check_options(cls, kwargs: dict) -> None:
+        """The cheap checks of the options that name files (``model_path``, ``model_spec``, ``dataset``,
+        ``text_column``; nothing loaded), the same the constructor makes before loading: a command runs
+        them first (:func:`knobgym_cli.build.check_run_backend`), so a missing folder is one line."""
+        check_kv_sources(kwargs.get("model_path"), kwargs.get("model_spec"), kwargs.get("dataset"),
+                         kwargs.get("text_column", "text"))
 
     @staticmethod
     def _model_and_documents(model, documents, model_path, model_spec, dataset, text_column) -> tuple[Any, list]:

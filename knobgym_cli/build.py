@@ -119,7 +119,7 @@ def make_env(env_cfg: dict, backend_cfg: dict, budget: Any, estimator_spec: str 
         estimator = import_callable(estimator_spec)(backend) if estimator_spec else estimator
         kwargs.update(backend=backend_spec, estimator=estimator)  # the spec: the env pickles without the model
     else:
-        check_run_backend(env_id, backend_cfg)
+        check_run_backend(env_id, backend_cfg, kwargs)
         if estimator_spec:
             raise ValueError(f"estimator={estimator_spec!r} is invalid for env {env_id} (it profiles its own TPOT "
                              f"estimator); accepted: null")
@@ -165,11 +165,13 @@ def _entry_point(env_id: str) -> Any:
     return entry
 
 
-def check_run_backend(env_id: str, backend_cfg: dict) -> None:
+def check_run_backend(env_id: str, backend_cfg: dict, env_kwargs: dict | None = None) -> None:
     """The backend's cheap option check (:func:`backends.registry.check_backend`: for ``backend=hf``
     every option, and that the model and dataset paths exist) for an env that takes a backend, and
-    for one that takes none, that no backend other than the default was named. A command calls it
-    before anything loads, so a bad value is one line, not a line after a phase."""
+    for one that takes none, that no backend other than the default was named; then the env's own
+    cheap check of ``env_kwargs`` where its class has one (``check_options(kwargs)``: the KV envs'
+    ``model_path`` / ``model_spec`` / ``dataset``). A command calls it before anything loads, so a bad
+    value is one line, not a line after a phase."""
     import envs  # noqa: F401  (registers the env ids)
     from backends.registry import check_backend
     from envs.registry import check_env_id
@@ -179,6 +181,9 @@ def check_run_backend(env_id: str, backend_cfg: dict) -> None:
     elif backend_cfg.get("name", "tiny") != "tiny":
         raise ValueError(f"backend={backend_cfg.get('name')!r} is invalid for env {env_id} (it takes no backend); "
                          f"accepted: the default, with the model chosen by env.kwargs.model_path=<checkpoint dir>")
+    check_options = getattr(_entry_point(env_id), "check_options", None)
+    if env_kwargs and callable(check_options):
+        check_options(dict(env_kwargs))
 
 
 def takes_backend(env_id: str) -> bool:

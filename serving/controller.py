@@ -210,7 +210,7 @@ class Controller:
         if backend is None:
             from knobgym_cli.build import check_run_backend
 
-            check_run_backend(str(config["env"].get("id")), config["backend"])
+            check_run_backend(str(config["env"].get("id")), config["backend"], config["env"].get("kwargs"))
         return run_dir, ckpt_path, ckpt, config
 
     @classmethod

@@ -318,3 +318,24 @@ def test_check_backend_runs_a_registered_check_and_loads_nothing():
         registry._FACTORIES.pop("checked-tiny")
         registry._CHECKS.pop("checked-tiny", None)
     assert seen == {"model": "m"}
+
+
+@pytest.mark.parametrize("case", ["model_path missing", "model_path without config.json", "model_spec missing",
+                                  "dataset missing", "dataset of another kind"])
+def test_kv_env_paths_are_checked_in_one_line_before_any_loading(tmp_path, case):
+    """The KV envs name their files in ``env.kwargs``: a bad one is the only line on stderr (no
+    "loading the model" phase before it, no "unexpected OSError"), exit 2, no run folder."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.csv").write_text("x")
+    option, expected = {
+        "model_path missing": (f"+env.kwargs.model_path={tmp_path / 'no-model'}", "is not a folder"),
+        "model_path without config.json": (f"+env.kwargs.model_path={tmp_path / 'empty'}", "has no config.json"),
+        "model_spec missing": (f"+env.kwargs.model_spec={tmp_path / 'no-model'}", "does not exist"),
+        "dataset missing": (f"+env.kwargs.dataset={tmp_path / 'no.jsonl'}", "does not exist"),
+        "dataset of another kind": (f"+env.kwargs.dataset={tmp_path / 'notes.csv'}", "is none of a text file"),
+    }[case]
+    result = run_cli("train.py", ["env=StreamingKV-v0", "budget=auto", option], tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert not (tmp_path / "runs").exists()

@@ -36,31 +36,18 @@ def read_text_documents(dataset: Any, column: str = "text") -> list[str]:
     """The documents of ``dataset`` (see the module docstring), in file / row order."""
     import datasets
 
-    if not isinstance(dataset, (str, Path)) or not str(dataset).strip():
-        raise DataError(f"dataset={dataset!r} is invalid; accepted: a text file, a JSON-lines file or a "
-                        "save_to_disk directory")
-    if not isinstance(column, str) or not column:
-        raise DataError(f"text_column={column!r} is invalid; accepted: a column name")
-    path = Path(str(dataset)).expanduser()
-    if path.suffix in TEXT_SUFFIXES:
-        if not path.is_file():
-            raise DataError(f"dataset file {str(path)!r} does not exist; accepted: an existing text file")
+    path, kind = dataset_kind(dataset, column)
+    if kind == "text":
         return _non_empty([path.read_text(encoding="utf-8", errors="replace")], path)
-    if path.is_dir():
+    if kind == "save_to_disk":
         try:
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError as exc:
             raise DataError(f"dataset directory {str(path)!r} is not a save_to_disk dataset ({exc}); accepted: a "
                             "directory written by Dataset.save_to_disk or DatasetDict.save_to_disk") from None
         parts = list(loaded.values()) if isinstance(loaded, datasets.DatasetDict) else [loaded]
-    elif path.suffix in JSON_SUFFIXES:
-        parts = [_load_json_files({"train": path})["train"]]
-    elif not path.exists():
-        raise DataError(f"dataset {str(path)!r} does not exist; accepted: a text file ({', '.join(TEXT_SUFFIXES)}), "
-                        f"a JSON-lines file ({', '.join(JSON_SUFFIXES)}) or a save_to_disk directory")
     else:
-        raise DataError(f"dataset {str(path)!r} is none of a text file ({', '.join(TEXT_SUFFIXES)}), a JSON-lines "
-                        f"file ({', '.join(JSON_SUFFIXES)}) or a save_to_disk directory; accepted: one of those")
+        parts = [_load_json_files({"train": path})["train"]]
     texts = []
     for part in parts:
         if column not in part.column_names:
@@ -72,6 +59,30 @@ def read_text_documents(dataset: Any, column: str = "text") -> list[str]:
                                 "not text; accepted: a string per row")
             texts.append(value)
     return _non_empty(texts, path)
+
+
+def dataset_kind(dataset: Any, column: str = "text") -> tuple[Path, str]:
+    """``(path, kind)`` of ``dataset``, kind ``"text"``, ``"jsonl"`` or ``"save_to_disk"``, from the path
+    alone (no text read): a bad value, a missing path or a file of another kind is a :class:`DataError`."""
+    if not isinstance(dataset, (str, Path)) or not str(dataset).strip():
+        raise DataError(f"dataset={dataset!r} is invalid; accepted: a text file, a JSON-lines file or a "
+                        "save_to_disk directory")
+    if not isinstance(column, str) or not column:
+        raise DataError(f"text_column={column!r} is invalid; accepted: a column name")
+    path = Path(str(dataset)).expanduser()
+    if path.suffix in TEXT_SUFFIXES:
+        if not path.is_file():
+            raise DataError(f"dataset file {str(path)!r} does not exist; accepted: an existing text file")
+        return path, "text"
+    if path.is_dir():
+        return path, "save_to_disk"
+    if path.suffix in JSON_SUFFIXES and path.is_file():
+        return path, "jsonl"
+    if not path.exists():
+        raise DataError(f"dataset {str(path)!r} does not exist; accepted: a text file ({', '.join(TEXT_SUFFIXES)}), "
+                        f"a JSON-lines file ({', '.join(JSON_SUFFIXES)}) or a save_to_disk directory")
+    raise DataError(f"dataset {str(path)!r} is none of a text file ({', '.join(TEXT_SUFFIXES)}), a JSON-lines "
+                    f"file ({', '.join(JSON_SUFFIXES)}) or a save_to_disk directory; accepted: one of those")
 
 
 def _non_empty(texts: list[str], path: Path) -> list[str]:
@@ -86,15 +97,43 @@ def tokenize_documents(tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(tokenizer(text)["input_ids"]) for text in texts]
 
 
-def load_kv_model(model_path: str | None = None, model_spec: Mapping | str | None = None):
-    """``(model, tokenizer)`` of a KV env (see the module docstring); a bad spec is a one-line ``ValueError``."""
-    if model_path is not None and model_spec is not None:
-        raise ValueError("model_path and model_spec were both given; accepted: one of them (model_spec takes the "
-                         "HF backend's keys: model, precision, device, quantization, ...)")
-    if model_spec is None:
-        return _load_path(model_path)
+def check_kv_sources(model_path: Any = None, model_spec: Mapping | str | None = None, dataset: Any = None,
+                     text_column: str = "text") -> None:
+    """The cheap checks of a KV env's sources (no weights or text read), which loading makes too: a
+    command runs them before any work, so a missing model folder or dataset is one line. A
+    ``ValueError`` (``DataError``, ``ModelNotAvailableError``) naming the value and what is accepted."""
+    if model_spec is not None:
+        from backends.loading import resolve_model_path
+
+        resolve_model_path(_model_spec(model_path, model_spec))  # a local folder, or a hub id in the cache
+    elif model_path is not None:
+        model_folder(model_path)
+    if dataset is not None:
+        dataset_kind(dataset, text_column)
+
+
+def model_folder(model_path: Any) -> Path:
+    """``model_path`` as an existing checkpoint folder (holding ``config.json``); a ``ValueError`` otherwise."""
+    if not isinstance(model_path, (str, Path)) or not str(model_path).strip():
+        raise ValueError(f"model_path={model_path!r} is invalid; accepted: a checkpoint folder written by "
+                         "save_pretrained()")
+    path = Path(str(model_path)).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"model_path {str(path)!r} is not a folder; accepted: a checkpoint folder written by "
+                         "save_pretrained() (a hub id goes in model_spec=<id>)")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model_path {str(path)!r} has no config.json; accepted: a checkpoint folder written by "
+                         "save_pretrained()")
+    return path
+
+
+def _model_spec(model_path: Any, model_spec: Mapping | str):
+    """The :class:`~backends.loading.ModelSpec` of ``model_spec`` (validated; no file read)."""
     from backends.loading import model_spec_from_dict
 
+    if model_path is not None:
+        raise ValueError("model_path and model_spec were both given; accepted: one of them (model_spec takes the "
+                         "HF backend's keys: model, precision, device, quantization, ...)")
     options = {"model": model_spec} if isinstance(model_spec, (str, Path)) else model_spec
     if not isinstance(options, Mapping):
         raise ValueError(f"model_spec={model_spec!r} is invalid; accepted: a model string or a dict of the HF "
@@ -102,7 +141,14 @@ def load_kv_model(model_path: str | None = None, model_spec: Mapping | str | Non
     options = dict(options)
     if isinstance(options.get("quantization"), str):  # the CLI's short form: quantization=nf4
         options["quantization"] = {"enabled": True, "quant_type": options["quantization"]}
-    spec = model_spec_from_dict(options)  # checked here, before any loading
+    return model_spec_from_dict(options)
+
+
+def load_kv_model(model_path: str | None = None, model_spec: Mapping | str | None = None):
+    """``(model, tokenizer)`` of a KV env (see the module docstring); a bad spec is a one-line ``ValueError``."""
+    if model_spec is None:
+        return _load_path(None if model_path is None else str(model_folder(model_path)))
+    spec = _model_spec(model_path, model_spec)  # checked here, before any loading
     return _load_spec(json.dumps(spec.as_dict(), sort_keys=True, default=str))
 
 
