@@ -1,4 +1,5 @@
-"""The one integer check: a value that must be a whole number in a range, or one line naming it.
+"""The one integer check (a value that must be a whole number in a range, or one line naming it),
+and the one check of a checkpoint folder named by a user.
 
 Every layer (backends, latency models, envs, agents, the CLI) checks integer options through
 :func:`check_int`, so a boolean is never taken as 0 or 1, a numpy integer is accepted as the
@@ -7,6 +8,7 @@ integer it holds, and the message always names the option and what is accepted.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,3 +38,18 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
             accepted = "an integer"
         raise ValueError(f"{name}={value!r} is invalid; accepted: {accepted}" + (f" ({where})" if where else ""))
     return int(value)
+
+
+def checkpoint_folder(name: str, value: Any) -> Path:
+    """``value`` as an existing folder holding ``config.json`` (a ``save_pretrained`` checkpoint), else a
+    ``ValueError`` naming ``name`` and the value. Cheap (reads no file): commands check with it first."""
+    if not isinstance(value, (str, Path)) or not str(value).strip():
+        raise ValueError(f"{name}={value!r} is invalid; accepted: a checkpoint folder written by save_pretrained()")
+    path = Path(str(value)).expanduser()
+    if not path.is_dir():
+        raise ValueError(f"{name} {str(path)!r} is not a folder; accepted: a checkpoint folder written by "
+                         "save_pretrained()")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{name} {str(path)!r} has no config.json; accepted: a checkpoint folder written by "
+                         "save_pretrained()")
+    return path

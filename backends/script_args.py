@@ -49,3 +49,16 @@ def at_least(minimum: int) -> Callable[[str], int]:
 
     parse.__name__ = f"integer >= {minimum}"
     return parse
+
+
+def checkpoint_folder_arg(text: str) -> Path:
+    """An argparse ``type``: an existing checkpoint folder (holding ``config.json``), else one line."""
+    from backends.checks import checkpoint_folder
+
+    try:
+        return checkpoint_folder("--model", text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).replace("--model ", "", 1)) from None
+
+
+checkpoint_folder_arg.__name__ = "checkpoint folder"

@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 import torch
 
-from backends.script_args import OneLineArgumentParser, at_least
+from backends.script_args import OneLineArgumentParser, at_least, checkpoint_folder_arg
 from backends.checks import check_int
 from backends.tiny_text import held_out_token_documents, load_causal_lm, load_tiny_text_model
 
@@ -31,7 +31,7 @@ def first_token_attention(model, ids: list[int], from_position: int) -> np.ndarr
 
 def main(argv: list[str] | None = None) -> None:
     parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="a causal LM checkpoint folder (default: the shipped tiny "
+    parser.add_argument("--model", default=None, type=checkpoint_folder_arg, help="a causal LM checkpoint folder (default: the shipped tiny "
                         "text model)")
     parser.add_argument("--tokens", type=at_least(2), default=1024, help="tokens per held-out document (its first ones)")
     parser.add_argument("--from-position", type=at_least(0), default=128, help="first query position averaged")

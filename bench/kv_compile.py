@@ -23,7 +23,7 @@ import warnings
 import numpy as np
 import torch
 
-from backends.script_args import OneLineArgumentParser, at_least
+from backends.script_args import OneLineArgumentParser, at_least, checkpoint_folder_arg
 from backends.kv import DocumentStreamer, FullCache, SinkWindow
 from backends.kv.stream import compiled_forward, intra_op_threads
 from backends.tiny_text import held_out_token_documents, load_causal_lm, load_tiny_text_model
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=at_least(2), default=512)
     parser.add_argument("--window", type=at_least(1), default=128)
     parser.add_argument("--repeats", type=at_least(1), default=3)
-    parser.add_argument("--model", default=None, help="a causal LM checkpoint folder (default: the tiny text model)")
+    parser.add_argument("--model", default=None, type=checkpoint_folder_arg, help="a causal LM checkpoint folder (default: the tiny text model)")
     args = parser.parse_args(argv)
     model, tokenizer = load_causal_lm(args.model) if args.model else load_tiny_text_model()
     ids = max(held_out_token_documents(tokenizer).values(), key=len)[:args.tokens + 1]

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from backends.script_args import OneLineArgumentParser, at_least
+from backends.script_args import OneLineArgumentParser, at_least, checkpoint_folder_arg
 from backends.kv import DocumentStreamer, FullCache, SinkWindow
 
 STEPS = ("model", "fused")
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", type=at_least(2), nargs="+", default=[64, 128, 256], help="SinkWindow(4, W) caches")
     parser.add_argument("--compress-every", type=at_least(1), default=16)
     parser.add_argument("--repeats", type=at_least(1), default=3)
-    parser.add_argument("--model", default=None, help="a causal LM checkpoint folder (default: random weights at "
+    parser.add_argument("--model", default=None, type=checkpoint_folder_arg, help="a causal LM checkpoint folder (default: random weights at "
                         "the tiny text LM v2 shape)")
     args = parser.parse_args(argv)
     if args.model:

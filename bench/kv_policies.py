@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from backends.script_args import OneLineArgumentParser, at_least
+from backends.script_args import OneLineArgumentParser, at_least, checkpoint_folder_arg
 from backends.kv import DocumentStreamer, FullCache, KeyNormWindow, KVPolicy, SinkWindow, spike_metrics
 from backends.tiny_text import held_out_token_documents, load_causal_lm, load_tiny_text_model
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compress-every", type=at_least(1), nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--peak-cache", type=at_least(1), default=128, help="fixed peak cache M of the second sweep")
     parser.add_argument("--repeats", type=at_least(1), default=3, help="timed passes per document (median per token)")
-    parser.add_argument("--model", default=None, help="a causal LM checkpoint folder (default: the shipped tiny "
+    parser.add_argument("--model", default=None, type=checkpoint_folder_arg, help="a causal LM checkpoint folder (default: the shipped tiny "
                         "text model), e.g. backends/tiny_text/checkpoint_v2")
     parser.add_argument("--episodes", type=at_least(0), default=0, help="time this many episodes per KV env id instead")
     args = parser.parse_args(argv)

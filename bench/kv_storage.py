@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from backends.script_args import OneLineArgumentParser, at_least
+from backends.script_args import OneLineArgumentParser, at_least, checkpoint_folder_arg
 from backends.kv import DocumentStreamer, FullCache, KVPolicy, SinkWindow
 from backends.kv.cache import STORAGES
 from backends.tiny_text import held_out_token_documents, load_causal_lm, load_tiny_text_model
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=at_least(2), default=2048)
     parser.add_argument("--windows", type=at_least(1), nargs="+", default=[32, 64, 128, 256, 512, 1024])
     parser.add_argument("--compress-every", type=at_least(1), default=1)
-    parser.add_argument("--model", default=None, help="a causal LM checkpoint folder (default: the shipped tiny "
+    parser.add_argument("--model", default=None, type=checkpoint_folder_arg, help="a causal LM checkpoint folder (default: the shipped tiny "
                         "text model), e.g. backends/tiny_text/checkpoint_v2")
     parser.add_argument("--repeats", type=at_least(1), default=3)
     parser.add_argument("--storages", nargs="+", choices=STORAGES, default=list(STORAGES),

@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     try:
         model, tokenizer, space = load_checkpoint(args.model)
     except (OSError, ValueError) as exc:
-        p.exit(2, f"--model={args.model!r} is not a loadable tiny checkpoint ({str(exc).splitlines()[0]}); "
+        p.exit(2, f"error: --model={args.model!r} is not a loadable tiny checkpoint ({str(exc).splitlines()[0]}); "
                   f"accepted: a folder written by backends.tiny.train or train_v2\n")
     task = task_of(getattr(model.config, "knobgym", None))
     samples = task.generate_split("test", args.samples, seed=0)

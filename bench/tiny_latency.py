@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from backends.script_args import OneLineArgumentParser, at_least
+from backends.script_args import OneLineArgumentParser, at_least, checkpoint_folder_arg
 from backends.knobs import KnobConfig, apply_knobs  # noqa: E402
 from backends.tiny import CHECKPOINT_DIR  # noqa: E402
 from backends.tiny.evaluate import knob_sweep, load_checkpoint  # noqa: E402
@@ -44,7 +44,7 @@ def generate_ms(model, tokenizer, space, sample, knobs: KnobConfig, max_new_toke
 
 def main(argv=None):
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default=str(CHECKPOINT_DIR))
+    p.add_argument("--model", default=str(CHECKPOINT_DIR), type=checkpoint_folder_arg)
     p.add_argument("--samples", type=at_least(1), default=20, help="test samples timed per configuration")
     p.add_argument("--repeats", type=at_least(1), default=3, help="timed repeats per sample (after one warm-up)")
     p.add_argument("--threads", type=at_least(1), default=1)

@@ -30,6 +30,8 @@ def test_every_script_parses_with_the_one_line_parser():
     ("bench.kv_storage", ["--tokens", "1"], "argument --tokens: '1' is invalid; accepted: an integer >= 2"),
     ("bench.scale", ["--samples", "x"], "argument --samples: 'x' is invalid; accepted: an integer >= 1"),
     ("backends.tiny_text.train_v2", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("bench.kv_decode_step", ["--model", "/no/such/model"], "argument --model: '/no/such/model' is not a folder"),
+    ("bench.tiny_latency", ["--model", "bench"], "argument --model: 'bench' has no config.json"),
 ])
 def test_a_bad_option_is_one_line_and_exit_2(module, args, says):
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,

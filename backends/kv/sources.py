@@ -26,6 +26,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+from backends.checks import checkpoint_folder
 from backends.vqa_data import DataError, _load_json_files
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -113,18 +114,14 @@ def check_kv_sources(model_path: Any = None, model_spec: Mapping | str | None = 
 
 
 def model_folder(model_path: Any) -> Path:
-    """``model_path`` as an existing checkpoint folder (holding ``config.json``); a ``ValueError`` otherwise."""
-    if not isinstance(model_path, (str, Path)) or not str(model_path).strip():
-        raise ValueError(f"model_path={model_path!r} is invalid; accepted: a checkpoint folder written by "
-                         "save_pretrained()")
-    path = Path(str(model_path)).expanduser()
-    if not path.is_dir():
-        raise ValueError(f"model_path {str(path)!r} is not a folder; accepted: a checkpoint folder written by "
-                         "save_pretrained() (a hub id goes in model_spec=<id>)")
-    if not (path / "config.json").is_file():
-        raise ValueError(f"model_path {str(path)!r} has no config.json; accepted: a checkpoint folder written by "
-                         "save_pretrained()")
-    return path
+    """``model_path`` as an existing checkpoint folder (:func:`backends.checks.checkpoint_folder`); a hub id
+    is refused with a pointer to ``model_spec``."""
+    try:
+        return checkpoint_folder("model_path", model_path)
+    except ValueError as error:
+        if "is not a folder" in str(error):
+            raise ValueError(f"{error} (a hub id goes in model_spec=<id>)") from None
+        raise
 
 
 def _model_spec(model_path: Any, model_spec: Mapping | str):
