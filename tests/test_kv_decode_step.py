@@ -86,18 +86,25 @@ def test_a_prefill_and_a_call_without_a_policy_cache_go_to_the_model():
         np.testing.assert_array_equal(step(ids).logits, model(ids).logits)  # no cache: the model's forward
 
 
-def test_a_hooked_linear_is_called_as_its_module():
+@pytest.mark.parametrize("where", ["dense", "attention", "rotary"])
+def test_a_hook_registered_at_any_time_sees_every_token(where):
+    """The fused step skips the attention and rotary modules: while any module has a hook, every
+    step goes through the model's forward, so the hook runs, even one registered after the step was made."""
     model = neox()
+    module = {"dense": model.gpt_neox.layers[1].attention.dense, "attention": model.gpt_neox.layers[0].attention,
+              "rotary": model.gpt_neox.rotary_emb}[where]
+    reference = DocumentStreamer(model, DOCUMENT, FullCache(), decode_step="model").advance(20)
+    streamer = DocumentStreamer(model, DOCUMENT, FullCache(), decode_step="fused")
+    streamer.advance(5)
     calls = []
-    handle = model.gpt_neox.layers[1].attention.dense.register_forward_hook(lambda *args: calls.append(1))
+    handle = module.register_forward_hook(lambda *args: calls.append(1))
     try:
-        reference = DocumentStreamer(model, DOCUMENT, FullCache(), decode_step="model").advance(20)
-        calls.clear()
-        fused = DocumentStreamer(model, DOCUMENT, FullCache(), decode_step="fused").advance(20)
+        hooked = streamer.advance(10)
     finally:
         handle.remove()
-    assert len(calls) == 20  # one call per token: the hook saw every fused step
-    np.testing.assert_allclose(fused.nll, reference.nll, atol=1e-5)
+    rest = streamer.advance(5)
+    assert len(calls) == 10  # one per token while the hook was there
+    np.testing.assert_allclose(np.concatenate([hooked.nll, rest.nll]), reference.nll[5:], atol=1e-5)
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "int8"])

@@ -20,7 +20,9 @@ model's forward up to float rounding (tested token for token under every storage
 ``rope_positions``), and the same cache updates (it calls each cache layer's ``update``, so
 pruning, positions inside the cache and storage behave exactly as under the model's forward).
 Anything but one new token on a :class:`~backends.kv.cache.KVPolicyCache` (a prefill, no cache)
-goes to the model's forward. Linear layers and norms are called as the model's modules, so
+goes to the model's forward, and so does every call while any module of the model has a forward
+hook or pre-hook (or a global one is registered): the fused step skips modules (the attention, the
+rotary embedding, the decoder layers) whose hooks would otherwise not run. Linear layers and norms are called as the model's modules, so
 quantized (bitsandbytes) and dispatched models keep their own kernels and hooks.
 
 A new family is one class here with a ``supports(model)`` that names what it cannot run, and an
@@ -40,10 +42,11 @@ DECODE_STEPS = ("auto", "fused", "model")
 
 
 def direct_call(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``module`` as a function: a plain ``nn.Linear`` / ``nn.LayerNorm`` without hooks goes straight to
-    its functional op (a module call costs microseconds of dispatch, dozens of times per token);
-    anything else (a bitsandbytes layer, a dispatched module with hooks) is called as the module."""
-    if module._forward_hooks or module._forward_pre_hooks or nn.modules.module._global_forward_hooks:
+    """``module`` as a function: a plain ``nn.Linear`` / ``nn.LayerNorm`` goes straight to its functional
+    op (a module call costs microseconds of dispatch, dozens of times per token); anything else (a
+    bitsandbytes layer, a module whose ``forward`` was wrapped, as accelerate's device hooks do) is
+    called as the module."""
+    if "forward" in vars(module) or hasattr(module, "_hf_hook"):
         return module
     if type(module) is nn.Linear:
         return lambda x: F.linear(x, module.weight, module.bias)
@@ -104,6 +107,14 @@ class GPTNeoXDecodeStep:
                        for layer in self.body.layers]
         self.final_norm = direct_call(self.body.final_layer_norm)
         self.head_call = direct_call(self.head)
+        # Hook registries are dicts changed in place: checking them on every call is cheap.
+        self.hook_dicts = [hooks for module in model.modules()
+                           for hooks in (module._forward_hooks, module._forward_pre_hooks)]
+
+    def hooked(self) -> bool:
+        """Whether a forward hook is registered on any module of the model, or globally."""
+        return (any(self.hook_dicts) or bool(nn.modules.module._global_forward_hooks)
+                or bool(nn.modules.module._global_forward_pre_hooks))
 
     def __reduce__(self):  # pickled as its model (an env pickles its streamer mid-episode); rebuilt on load
         return type(self), (self.model,)
@@ -112,7 +123,7 @@ class GPTNeoXDecodeStep:
         from backends.kv.cache import KVPolicyCache  # the cache module imports nothing of this one
 
         if (input_ids.shape[-1] != 1 or not isinstance(past_key_values, KVPolicyCache) or not use_cache
-                or kwargs or self.model.training):
+                or kwargs or self.model.training or self.hooked()):
             return self.model(input_ids, past_key_values=past_key_values, use_cache=use_cache,
                               attention_mask=attention_mask, **kwargs)
         return StepOutput(self._step(input_ids, past_key_values))
