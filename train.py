@@ -144,8 +144,9 @@ def prepare_run(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, dict | None
     if cls.evaluation_only:
         raise UsageError(f"agent={cls.name} is evaluation only; accepted: "
                          f"{', '.join(a for a in list_agents() if a not in evaluation_only())}")
+    env_kwargs = cfg.env.get("kwargs")  # an env config may have none
     check_run_backend(cfg.env.id, run_backend_config(cfg),  # a missing model or dataset: one line, now
-                      OmegaConf.to_container(cfg.env.get("kwargs") or {}, resolve=True))
+                      OmegaConf.to_container(env_kwargs, resolve=True) if env_kwargs is not None else None)
     set_torch_threads(resolve_threads(cfg.torch_threads))  # null: the default gym.make's backends use too
     requested_budget = str(cfg.budget)
     if is_auto(cfg.budget):
