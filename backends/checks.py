@@ -40,15 +40,16 @@ def check_int(name: str, value: Any, low: int | None = None, high: int | None = 
     return int(value)
 
 
-def checkpoint_folder(name: str, value: Any) -> Path:
+def checkpoint_folder(name: str, value: Any, not_a_folder_hint: str = "") -> Path:
     """``value`` as an existing folder holding ``config.json`` (a ``save_pretrained`` checkpoint), else a
-    ``ValueError`` naming ``name`` and the value. Cheap (reads no file): commands check with it first."""
+    ``ValueError`` naming ``name`` and the value (``not_a_folder_hint`` ends the message when the path is
+    no folder). Cheap (reads no file): commands check with it first."""
     if not isinstance(value, (str, Path)) or not str(value).strip():
         raise ValueError(f"{name}={value!r} is invalid; accepted: a checkpoint folder written by save_pretrained()")
     path = Path(str(value)).expanduser()
     if not path.is_dir():
         raise ValueError(f"{name} {str(path)!r} is not a folder; accepted: a checkpoint folder written by "
-                         "save_pretrained()")
+                         f"save_pretrained(){not_a_folder_hint}")
     if not (path / "config.json").is_file():
         raise ValueError(f"{name} {str(path)!r} has no config.json; accepted: a checkpoint folder written by "
                          "save_pretrained()")

@@ -116,12 +116,7 @@ def check_kv_sources(model_path: Any = None, model_spec: Mapping | str | None = 
 def model_folder(model_path: Any) -> Path:
     """``model_path`` as an existing checkpoint folder (:func:`backends.checks.checkpoint_folder`); a hub id
     is refused with a pointer to ``model_spec``."""
-    try:
-        return checkpoint_folder("model_path", model_path)
-    except ValueError as error:
-        if "is not a folder" in str(error):
-            raise ValueError(f"{error} (a hub id goes in model_spec=<id>)") from None
-        raise
+    return checkpoint_folder("model_path", model_path, not_a_folder_hint=" (a hub id goes in model_spec=<id>)")
 
 
 def _model_spec(model_path: Any, model_spec: Mapping | str):
