@@ -17,10 +17,14 @@ then prints, on the held-out documents and on fresh synthetic rows:
   cache, ``SinkWindow(4, W)`` and window-only ``SinkWindow(0, W)`` for each ``--windows`` W (every
   window has evicted by then), and window-only / sink (StreamingLLM's collapse is a ratio >> 1).
 
+``--sink-logit L`` seeds the sink at initialisation instead of waiting for it
+(:func:`backends.tiny_text.train_v2.seed_attention_sink`: every head's logit on the BOS about ``L``
+nats above a typical token's, the BOS's value zero); training then keeps or dismantles it.
+
 Deterministic for its arguments (seeded batches, synthetic rows and initialisation); one thread per
 ``--threads``. It trains, so it takes minutes (defaults: about 0.55 s a step on two threads here).
 
-Usage: ``python -m bench.sink_emergence [--share 0.5] [--steps 3000] [--lr 2e-3]``
+Usage: ``python -m bench.sink_emergence [--share 0.5] [--steps 3000] [--lr 2e-3] [--sink-logit 24]``
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ def synthetic_task(data: torch.Tensor, vocab_size: int, bos_id: int, args) -> Bi
 def train(args, data: torch.Tensor, bos_id: int, config, task: BigramBackcopy | None) -> GPTNeoXForCausalLM:
     torch.manual_seed(args.seed)
     model = GPTNeoXForCausalLM(config)
+    train_v2.seed_attention_sink(model, bos_id, args.sink_logit)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     synthetic_rows = int(round(args.share * args.batch_size))
     started = time.perf_counter()
@@ -154,7 +159,7 @@ def parse_args(argv: list[str] | None):
     args, rest = p.parse_known_args(argv)
     model_args = train_v2.parse_args(train_argv + rest)  # its own checks: one line, exit 2
     for name in ("steps", "context", "hidden", "layers", "heads", "batch_size", "lr", "warmup", "weight_decay",
-                 "threads", "seed", "max_corpus_chars", "vocab_size", "max_positions", "corpus"):
+                 "threads", "seed", "max_corpus_chars", "vocab_size", "max_positions", "corpus", "sink_logit"):
         setattr(args, name, getattr(model_args, name))
     problems = []
     if not 0 <= args.share <= 1:

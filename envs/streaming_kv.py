@@ -8,6 +8,10 @@ Episodes (a fixed document stream): the documents are cut into consecutive, non-
 windows of ``episode_tokens + 1`` tokens, numbered in document order; window ``i`` belongs to
 ``validation`` if ``i % 5 == 3``, to ``test`` if ``i % 5 == 4``, else to ``train``. ``sample_id``
 is the window's index within its split (:meth:`StreamingKVEnv.num_samples` per split).
+When the model's tokenizer puts a BOS before every text (Llama's ``<s>``, the text LM v2's
+``<|endoftext|>``), every episode starts with it, as a new document's stream does (the attention
+sink a ``SinkWindow`` keeps), followed by ``episode_tokens`` document tokens
+(:mod:`envs.kv_data`, ``env.stream_prefix``).
 
 Action: ``MultiDiscrete``, one entry per knob of the env's action grid
 (:func:`envs.kv_grid.kv_action_grid`: field name -> the values offered; the grid lives with the
@@ -99,7 +103,7 @@ from backends.kv.sources import check_kv_sources, load_kv_model, read_text_docum
 from backends.kv.stream import DocumentStreamer, check_threads
 from envs.base import KnobgymEnv, LatencyReference
 from envs.budget import Budget, KVBudget, check_budget_ms, device_kv_budget
-from envs.kv_data import default_documents, episode_windows
+from envs.kv_data import default_documents, episode_ids, episode_windows, split_stream_prefix, stream_prefix
 from envs.kv_grid import kv_action_grid
 from envs.kv_memo import PrefixMemo
 from envs.kv_schedule import simulate_cache, simulate_schedule
@@ -179,9 +183,9 @@ class StreamingKVEnv(KnobgymEnv):
         if storage not in STORAGES:
             raise ValueError(f"storage={storage!r} is invalid; accepted: {', '.join(STORAGES)}")
         self.storage = storage
-        self.model, self.documents = self._model_and_documents(model, documents, model_path, model_spec, dataset,
-                                                               text_column)
-        self.windows = episode_windows(self.documents, episode_tokens)
+        self.model, self.documents, self.stream_prefix = self._model_and_documents(
+            model, documents, model_path, model_spec, dataset, text_column)
+        self.windows = episode_windows(self.documents, episode_tokens, len(self.stream_prefix))
         if not self.windows[split]:
             raise ValueError(f"no {split} episode of episode_tokens+1={episode_tokens + 1} tokens in the documents "
                              f"(split sizes {self.split_sizes()}); accepted: longer documents or a smaller "
@@ -218,19 +222,24 @@ class StreamingKVEnv(KnobgymEnv):
                          kwargs.get("text_column", "text"))
 
     @staticmethod
-    def _model_and_documents(model, documents, model_path, model_spec, dataset, text_column) -> tuple[Any, list]:
-        """The model and the token-id documents: given, or loaded (the dataset read before the model)."""
+    def _model_and_documents(model, documents, model_path, model_spec, dataset,
+                             text_column) -> tuple[Any, list[list[int]], list[int]]:
+        """The model, the token-id documents and the stream prefix (:mod:`envs.kv_data`): given (no
+        prefix: the documents stream as they are), or loaded (the dataset read before the model)."""
+        prefix: list[int] = []
         if model is None:
             texts = read_text_documents(dataset, text_column) if dataset is not None else None
             model, tokenizer = load_kv_model(model_path, model_spec)
             if documents is None:
                 documents = tokenize_documents(tokenizer, texts) if texts is not None else default_documents(tokenizer)
+                prefix = stream_prefix(tokenizer)
+                documents = split_stream_prefix(documents, prefix)
         elif dataset is not None or model_spec is not None:
             raise ValueError("dataset / model_spec were given with a loaded model; accepted: model and documents, "
                              "or model_path / model_spec and optionally dataset")
         elif documents is None:
             raise ValueError("documents=None with a custom model; accepted: a list of token-id sequences")
-        return model, [list(map(int, doc)) for doc in documents]
+        return model, [list(map(int, doc)) for doc in documents], prefix
 
     # --- latency ----------------------------------------------------------------------------
     @property
@@ -315,7 +324,8 @@ class StreamingKVEnv(KnobgymEnv):
 
     def _new_streamer(self, split: str, sample_id: int) -> DocumentStreamer:
         doc_index, start = self.windows[split][sample_id]
-        return DocumentStreamer(self.model, self.documents[doc_index][start:start + self.episode_tokens + 1],
+        return DocumentStreamer(self.model, episode_ids(self.documents[doc_index], start, self.episode_tokens,
+                                                        self.stream_prefix),
                                 threads=self.threads, storage=self.storage)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):

@@ -91,3 +91,44 @@ def test_long_episodes_of_2k_tokens_on_held_out_documents():
         _, reward, done, _, info = env.step(np.array([1, 2, 0]))  # SinkWindow(4, 128), compress_every=1
         steps += 1
     assert steps == 4 and np.isfinite(info["episode_reward"]) and max(info["cache_length"]) == 129
+
+
+def test_every_episode_starts_with_the_tokenizers_bos(tmp_path):
+    """A tokenizer that puts a BOS before every text (Llama's <s>, the text LM v2's <|endoftext|>): each
+    episode streams that BOS, then document tokens, as a new document's stream would (the sink
+    StreamingLLM keeps); windows still tile the document without overlap and predict episode_tokens."""
+    import shutil
+
+    from transformers import PreTrainedTokenizerFast
+
+    from backends.tiny_text.train import EOS_TOKEN
+    from backends.tiny_text.train_v2 import with_bos
+    from envs.kv_data import stream_prefix
+
+    folder = tmp_path / "bos_model"
+    shutil.copytree(CHECKPOINT_DIR, folder)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    bos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    with_bos(tokenizer, bos).save_pretrained(folder)
+    (tmp_path / "notes.txt").write_text(TEXT * 3)
+    env = StreamingKVEnv(model_path=str(folder), dataset=str(tmp_path / "notes.txt"), episode_tokens=64,
+                         chunk_tokens=32, tpot_model=TPOT, budget="1.06ms")
+    assert env.stream_prefix == [bos] == stream_prefix(PreTrainedTokenizerFast.from_pretrained(folder))
+    plain = StreamingKVEnv(dataset=str(tmp_path / "notes.txt"), episode_tokens=64, chunk_tokens=32,
+                           tpot_model=TPOT, budget="1.06ms")
+    assert plain.stream_prefix == []  # the shipped tokenizer adds nothing: episodes as before
+    document = env.documents[0]
+    assert document[0] != bos  # the prefix is taken off the document and put before every window
+    starts = [start for split in ("train", "validation", "test") for _, start in env.windows[split]]
+    assert sorted(starts)[:3] == [0, 64, 128]  # 64 document tokens after the BOS: 65 ids, 64 predictions
+    for split in ("train", "test"):
+        for sample_id in range(env.num_samples(split)):
+            ids = env._new_streamer(split, sample_id).token_ids.tolist()
+            start = env.windows[split][sample_id][1]
+            assert ids[0] == bos and ids[1:] == document[start:start + 64] and len(ids) == 65
+    env.reset(seed=0, options={"split": "test", "sample_id": 0})
+    done, predicted = False, 0
+    while not done:
+        _, reward, done, _, info = env.step(np.zeros(len(env.knob_names), dtype=np.int64))
+        predicted += 32
+    assert predicted == 64 and np.isfinite(info["episode_reward"]) and env._streamer.cursor == 64

@@ -69,3 +69,46 @@ def test_the_v2_corpus_is_the_whole_standard_library_without_its_tests():
     held_out = set(corpus.held_out_documents().values())
     assert not held_out & set(everything)
     assert not any("import unittest" in d and "class Test" in d and "support" in d[:2000] for d in everything[-50:])
+
+
+def test_seeded_sink_takes_the_attention_and_gives_a_zero_value():
+    """seed_attention_sink: at initialisation every head of every layer puts most of its attention on
+    the BOS at any distance, the BOS's value is the value bias, and logit 0 changes nothing."""
+    from transformers import GPTNeoXForCausalLM
+
+    from backends.tiny_text.train import build_config
+
+    args = train_v2.parse_args(["--hidden", "64", "--layers", "3", "--heads", "2", "--context", "512"])
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(build_config(300, 0, args))
+    untouched = {k: v.clone() for k, v in model.state_dict().items()}
+    train_v2.seed_attention_sink(model, 0, 0.0)
+    assert all(torch.equal(untouched[k], v) for k, v in model.state_dict().items())
+    train_v2.seed_attention_sink(model, 0, 16.0)
+    model.set_attn_implementation("eager")
+    ids = torch.cat([torch.zeros(1, 1, dtype=torch.long), torch.randint(1, 300, (1, 511))], dim=1)
+    with torch.no_grad():
+        output = model(ids, output_attentions=True, output_hidden_states=True)
+    on_bos = torch.stack([layer[0, :, 1:, 0] for layer in output.attentions])  # (layers, heads, queries)
+    assert on_bos.min() > 0.5 and on_bos[:, :, -1].mean() > 0.9, on_bos.mean(-1)
+    hidden, head_dim = 64, 32
+    for layer in model.gpt_neox.layers:
+        weight = layer.attention.query_key_value.weight.view(2, 3, head_dim, hidden)
+        assert torch.all(weight[:, 2, :, hidden - 1] == 0)  # values do not read the sink dimension
+    first_token = model.get_input_embeddings().weight[0]
+    assert first_token[-1] == train_v2.SINK_ACTIVATION and torch.all(first_token[:-1] == 0)
+
+
+def test_a_checkpoint_from_before_sink_logit_resumes_as_unseeded(tmp_path, capsys):
+    work = ["--work-dir", str(tmp_path)]
+    assert train_v2.main(TINY + work + ["--max-steps-this-run", "1"]) == 0
+    path = tmp_path / "latest" / train_v2.STATE_FILE
+    tensors, metadata = train_v2.load_tensors(path)
+    del metadata["args"]["sink_logit"]  # a checkpoint written before the option existed
+    train_v2.save_tensors(path, tensors, metadata)
+    assert train_v2.main(TINY + work) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert train_v2.main(TINY + work + ["--fresh", "--max-steps-this-run", "1", "--sink-logit", "8",
+                                        "--overwrite"]) == 0
+    assert train_v2.main(TINY + work + ["--overwrite"]) == 2  # the seeded checkpoint is not resumed unseeded
+    assert "--sink-logit=0.0 differs from the checkpoint" in capsys.readouterr().err

@@ -8,6 +8,8 @@ token before every document, so every stream begins with the same first token: t
 StreamingLLM describes (a model trained like this dumps attention on it; evicting it is what makes
 window-only attention collapse). Training at the streams' length also keeps the full-cache
 reference inside the positions the model was trained on.
+At this scale the sink does not grow by itself (MODEL_CARD_V2.md); ``--sink-logit L`` seeds it at
+initialisation (:func:`seed_attention_sink`) and lets training keep or dismantle it.
 
 Corpus: :mod:`backends.tiny_text.corpus` (CPython's bundled documentation topics and, by default, every standard
 library source file (`--corpus stdlib`); nothing to download), held-out topics never trained on.
@@ -59,7 +61,12 @@ WORK_DIR = Path("~/.cache/knobgym/train/text_v2").expanduser()
 STATE_FILE = "state.safetensors"
 # Arguments a resumed run must share with its checkpoint (the rest only steer this process).
 RUN_ARGS = ("seed", "vocab_size", "hidden", "layers", "heads", "context", "max_positions", "batch_size", "steps",
-            "lr", "warmup", "weight_decay", "max_corpus_chars", "corpus", "init_from")
+            "lr", "warmup", "weight_decay", "max_corpus_chars", "corpus", "init_from", "sink_logit")
+# The seeded sink's massive activation: the BOS's residual value in the sink dimension. Blocks add O(1)
+# to every residual stream, so 30 keeps the BOS's normalised state on that dimension in every layer.
+SINK_ACTIVATION = 30.0
+# Run arguments added after checkpoints existed: the value a checkpoint without them was trained with.
+RUN_ARG_DEFAULTS = {"sink_logit": 0.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=at_least(0), default=100, help="linear warmup steps")
     p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--sink-logit", type=float, default=0.0, help="seed an attention sink at initialisation "
+                   "(seed_attention_sink): every head's attention logit on the BOS, in nats above a typical token's; "
+                   "0 = off (the sink must emerge by itself)")
     p.add_argument("--corpus", choices=("stdlib", "listed"), default="stdlib",
                    help="training text besides the documentation topics: every standard-library source file "
                         "(about 4 M tokens) or the v1 model's listed modules (about 0.4 M)")
@@ -108,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--hidden={args.hidden} is not a multiple of --heads={args.heads}; accepted: hidden = heads * head_dim")
     if args.context >= args.max_positions:
         p.error(f"--context={args.context} must be < --max-positions={args.max_positions}")
+    if not (0 <= args.sink_logit <= 64):
+        p.error(f"--sink-logit={args.sink_logit} is invalid; accepted: a number in [0, 64] (0 = off)")
     if not (args.lr > 0 and math.isfinite(args.lr)) or not args.checkpoint_minutes > 0:
         p.error("--lr and --checkpoint-minutes must be positive numbers")
     args.out = args.out if args.out is not None else args.work_dir / "final"
@@ -128,6 +140,51 @@ def batch_at(data: torch.Tensor, step: int, args, bos_id: int) -> torch.Tensor:
     starts = torch.randint(0, len(data) - args.context, (args.batch_size,), generator=generator).tolist()
     body = torch.stack([data[s:s + args.context - 1] for s in starts])
     return torch.cat([torch.full((args.batch_size, 1), bos_id, dtype=torch.long), body], dim=1)
+
+
+@torch.no_grad()
+def seed_attention_sink(model: GPTNeoXForCausalLM, bos_id: int, logit: float, activation: float = SINK_ACTIVATION) -> None:
+    """Give a freshly initialised GPT-NeoX the attention sink that billion-token LMs grow by themselves.
+
+    Large LMs park most of the attention of most heads on the first token, whose residual stream carries
+    a "massive activation" in a few dimensions (Sun et al. 2024) and whose value is close to zero, so
+    attending to it is a no-op; evicting it is what makes StreamingLLM's window-only attention collapse.
+    A 4 M-parameter model trained for an hour on this CPU does not grow one (MODEL_CARD_V2.md, sink
+    experiments), so this writes that state into the initial weights and lets training build on it:
+
+    * one residual dimension (the last) is reserved for the sink: the BOS embedding is a massive
+      activation there and zero elsewhere, every other token's embedding is zero there;
+    * in every layer and head, the first non-rotary key dimension reads that residual dimension and the
+      query bias of the same dimension points at it, so every query's logit on the BOS is about
+      ``logit`` nats above a typical token's at any distance (non-rotary: no position dependence);
+    * the value projections do not read it, so the BOS's value is the value bias (zero at init).
+
+    Training may keep, strengthen or drop the sink; whether evicting it hurts is measured afterwards
+    (``bench.attention_sink``, ``bench.kv_policies``). ``logit`` 0 leaves the model unchanged."""
+    if logit <= 0:
+        return
+    config = model.config
+    hidden, heads = config.hidden_size, config.num_attention_heads
+    head_dim = hidden // heads
+    rotary = 2 * len(model.gpt_neox.rotary_emb.inv_freq)  # the rotated dimensions of each head (rotary_pct)
+    if rotary >= head_dim:
+        raise ValueError("seed_attention_sink needs non-rotary head dimensions (rotary_pct < 1)")
+    sink_dim = hidden - 1
+    embedding = model.get_input_embeddings().weight
+    embedding[:, sink_dim] = 0.0
+    embedding[bos_id] = 0.0
+    # after every input LayerNorm about sqrt(hidden) in sink_dim and ~0 elsewhere, as long as the
+    # activation dwarfs what the blocks add to the BOS's residual stream (they add O(1))
+    embedding[bos_id, sink_dim] = activation
+    # q_j * k_j / sqrt(head_dim) = logit with k_j = weight * sqrt(hidden) and q_j = bias = weight
+    weight = math.sqrt(logit * math.sqrt(head_dim / hidden))
+    for layer in model.gpt_neox.layers:
+        projection = layer.attention.query_key_value
+        for head in range(heads):
+            query, key, value = (head * 3 * head_dim + part * head_dim for part in range(3))
+            projection.weight[value:value + head_dim, sink_dim] = 0.0
+            projection.weight[key + rotary, sink_dim] = weight
+            projection.bias[query + rotary] = weight
 
 
 def with_bos(tokenizer, bos_id: int):
@@ -182,7 +239,7 @@ def load_latest(work_dir: Path, model, optimizer, args) -> tuple[int, float]:
         raise CorruptFileError(path, "no training metadata (step, args)")
     saved = metadata["args"]
     for name in RUN_ARGS:
-        if saved.get(name) != getattr(args, name):
+        if saved.get(name, RUN_ARG_DEFAULTS.get(name)) != getattr(args, name):
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)!r} differs from the checkpoint in "
                              f"{str(work_dir / 'latest')!r} ({saved.get(name)!r}); accepted: the same value to "
                              "resume, or --fresh to start over")
@@ -249,6 +306,7 @@ def train(args) -> Path | None:
         shutil.rmtree(args.work_dir / "latest", ignore_errors=True)
     tokenizer, data, bos_id = corpus(args)
     model = GPTNeoXForCausalLM(build_config(len(tokenizer), bos_id, args))
+    seed_attention_sink(model, bos_id, args.sink_logit)
     if args.init_from:
         load_stage_weights(model, tokenizer, Path(args.init_from))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
