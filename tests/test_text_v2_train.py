@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
@@ -111,4 +112,8 @@ def test_a_checkpoint_from_before_sink_logit_resumes_as_unseeded(tmp_path, capsy
     assert train_v2.main(TINY + work + ["--fresh", "--max-steps-this-run", "1", "--sink-logit", "8",
                                         "--overwrite"]) == 0
     assert train_v2.main(TINY + work + ["--overwrite"]) == 2  # the seeded checkpoint is not resumed unseeded
-    assert "--sink-logit=0.0 differs from the checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--sink-logit=0.0 differs from the checkpoint" in err and "(8.0); accepted" in err
+    with pytest.raises(SystemExit) as exit_info:  # a seed that the stage's weights would overwrite
+        train_v2.main(TINY + work + ["--init-from", str(tmp_path / "final"), "--sink-logit", "8"])
+    assert exit_info.value.code == 2 and "--init-from would overwrite it" in capsys.readouterr().err

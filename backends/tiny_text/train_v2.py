@@ -120,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--context={args.context} must be < --max-positions={args.max_positions}")
     if not (0 <= args.sink_logit <= 64):
         p.error(f"--sink-logit={args.sink_logit} is invalid; accepted: a number in [0, 64] (0 = off)")
+    if args.sink_logit and args.init_from:
+        p.error(f"--sink-logit={args.sink_logit} seeds a fresh model and --init-from would overwrite it; accepted: "
+                "--sink-logit 0 with --init-from")
     if not (args.lr > 0 and math.isfinite(args.lr)) or not args.checkpoint_minutes > 0:
         p.error("--lr and --checkpoint-minutes must be positive numbers")
     args.out = args.out if args.out is not None else args.work_dir / "final"
@@ -143,7 +146,8 @@ def batch_at(data: torch.Tensor, step: int, args, bos_id: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def seed_attention_sink(model: GPTNeoXForCausalLM, bos_id: int, logit: float, activation: float = SINK_ACTIVATION) -> None:
+def seed_attention_sink(model: GPTNeoXForCausalLM, bos_id: int, logit: float,
+                        activation: float = SINK_ACTIVATION) -> None:
     """Give a freshly initialised GPT-NeoX the attention sink that billion-token LMs grow by themselves.
 
     Large LMs park most of the attention of most heads on the first token, whose residual stream carries
@@ -239,9 +243,10 @@ def load_latest(work_dir: Path, model, optimizer, args) -> tuple[int, float]:
         raise CorruptFileError(path, "no training metadata (step, args)")
     saved = metadata["args"]
     for name in RUN_ARGS:
-        if saved.get(name, RUN_ARG_DEFAULTS.get(name)) != getattr(args, name):
+        saved_value = saved.get(name, RUN_ARG_DEFAULTS.get(name))
+        if saved_value != getattr(args, name):
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)!r} differs from the checkpoint in "
-                             f"{str(work_dir / 'latest')!r} ({saved.get(name)!r}); accepted: the same value to "
+                             f"{str(work_dir / 'latest')!r} ({saved_value!r}); accepted: the same value to "
                              "resume, or --fresh to start over")
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     moments: dict[int, dict] = {}
