@@ -19,12 +19,13 @@ then prints, on the held-out documents and on fresh synthetic rows:
 
 ``--sink-logit L`` seeds the sink at initialisation instead of waiting for it
 (:func:`backends.tiny_text.train_v2.seed_attention_sink`: every head's logit on the BOS about ``L``
-nats above a typical token's, the BOS's value zero); training then keeps or dismantles it.
+nats above a typical token's, the BOS's value zero); training then keeps or dismantles it;
+``--pin-sink`` keeps it as seeded through training (``seed_attention_sink(pinned=True)`` after every step).
 
 Deterministic for its arguments (seeded batches, synthetic rows and initialisation); one thread per
 ``--threads``. It trains, so it takes minutes (defaults: about 0.55 s a step on two threads here).
 
-Usage: ``python -m bench.sink_emergence [--share 0.5] [--steps 3000] [--lr 2e-3] [--sink-logit 24]``
+Usage: ``python -m bench.sink_emergence [--share 0.5] [--steps 3000] [--lr 2e-3] [--sink-logit 24 [--pin-sink]]``
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def synthetic_task(data: torch.Tensor, vocab_size: int, bos_id: int, args) -> Bi
 def train(args, data: torch.Tensor, bos_id: int, config, task: BigramBackcopy | None) -> GPTNeoXForCausalLM:
     torch.manual_seed(args.seed)
     model = GPTNeoXForCausalLM(config)
-    train_v2.seed_attention_sink(model, bos_id, args.sink_logit)
+    train_v2.seed_attention_sink(model, bos_id, args.sink_logit, pinned=args.pin_sink)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     synthetic_rows = int(round(args.share * args.batch_size))
     started = time.perf_counter()
@@ -108,6 +109,8 @@ def train(args, data: torch.Tensor, bos_id: int, config, task: BigramBackcopy | 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if args.pin_sink:
+            train_v2.seed_attention_sink(model, bos_id, args.sink_logit, pinned=True)
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             print(f"step {step + 1}/{args.steps} loss {loss.item():.3f} "
                   f"{(time.perf_counter() - started) / (step + 1):.2f}s/step", flush=True)
@@ -159,7 +162,8 @@ def parse_args(argv: list[str] | None):
     args, rest = p.parse_known_args(argv)
     model_args = train_v2.parse_args(train_argv + rest)  # its own checks: one line, exit 2
     for name in ("steps", "context", "hidden", "layers", "heads", "batch_size", "lr", "warmup", "weight_decay",
-                 "threads", "seed", "max_corpus_chars", "vocab_size", "max_positions", "corpus", "sink_logit"):
+                 "threads", "seed", "max_corpus_chars", "vocab_size", "max_positions", "corpus", "sink_logit",
+                 "pin_sink"):
         setattr(args, name, getattr(model_args, name))
     problems = []
     if not 0 <= args.share <= 1:

@@ -28,8 +28,9 @@ def test_every_trigger_is_followed_by_the_token_before_it():
     assert 0.08 < n_triggers / (5 * 300) < 0.2  # about rate / (1 + rate) of the tokens are triggers
 
 
-def test_the_bench_trains_and_prints_both_tables(capsys):
-    assert sink_emergence.main(TINY) == 0
+@pytest.mark.parametrize("sink", [[], ["--sink-logit", "8", "--pin-sink"]])
+def test_the_bench_trains_and_prints_both_tables(sink, capsys):
+    assert sink_emergence.main(TINY + sink) == 0
     out = capsys.readouterr().out
     assert "held-out documents (5 x 64 tokens)" in out and "synthetic rows (4 x 64 tokens)" in out
     assert out.count("window only / SinkWindow: W=8 ") == 2 and "| 0 | " in out

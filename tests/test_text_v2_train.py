@@ -117,3 +117,26 @@ def test_a_checkpoint_from_before_sink_logit_resumes_as_unseeded(tmp_path, capsy
     with pytest.raises(SystemExit) as exit_info:  # a seed that the stage's weights would overwrite
         train_v2.main(TINY + work + ["--init-from", str(tmp_path / "final"), "--sink-logit", "8"])
     assert exit_info.value.code == 2 and "--init-from would overwrite it" in capsys.readouterr().err
+
+
+def test_a_pinned_sink_is_as_seeded_after_training(tmp_path):
+    """--pin-sink: after training steps every entry the seed writes is back to its seeded value, the sink
+    dimension is the BOS's alone (no block writes to it)."""
+    work, out = tmp_path / "work", tmp_path / "final"
+    args = TINY + ["--work-dir", str(work), "--out", str(out), "--sink-logit", "8", "--pin-sink"]
+    assert train_v2.main(args) == 0
+    from transformers import GPTNeoXForCausalLM
+
+    trained = GPTNeoXForCausalLM.from_pretrained(out)
+    bos = trained.config.bos_token_id
+    reference = {k: v.clone() for k, v in trained.state_dict().items()}
+    train_v2.seed_attention_sink(trained, bos, 8.0, pinned=True)
+    assert all(torch.equal(reference[k], v) for k, v in trained.state_dict().items())  # nothing to put back
+    for layer in trained.gpt_neox.layers:
+        assert torch.all(layer.attention.dense.weight[-1] == 0) and torch.all(layer.mlp.dense_4h_to_h.weight[-1] == 0)
+
+
+def test_pin_sink_without_a_seed_is_one_error_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_v2.parse_args(TINY + ["--pin-sink"])
+    assert exit_info.value.code == 2 and "--pin-sink keeps a seeded sink and --sink-logit is 0" in capsys.readouterr().err

@@ -61,12 +61,12 @@ WORK_DIR = Path("~/.cache/knobgym/train/text_v2").expanduser()
 STATE_FILE = "state.safetensors"
 # Arguments a resumed run must share with its checkpoint (the rest only steer this process).
 RUN_ARGS = ("seed", "vocab_size", "hidden", "layers", "heads", "context", "max_positions", "batch_size", "steps",
-            "lr", "warmup", "weight_decay", "max_corpus_chars", "corpus", "init_from", "sink_logit")
+            "lr", "warmup", "weight_decay", "max_corpus_chars", "corpus", "init_from", "sink_logit", "pin_sink")
 # The seeded sink's massive activation: the BOS's residual value in the sink dimension. Blocks add O(1)
 # to every residual stream, so 30 keeps the BOS's normalised state on that dimension in every layer.
 SINK_ACTIVATION = 30.0
 # Run arguments added after checkpoints existed: the value a checkpoint without them was trained with.
-RUN_ARG_DEFAULTS = {"sink_logit": 0.0}
+RUN_ARG_DEFAULTS = {"sink_logit": 0.0, "pin_sink": False}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sink-logit", type=float, default=0.0, help="seed an attention sink at initialisation "
                    "(seed_attention_sink): every head's attention logit on the BOS, in nats above a typical token's; "
                    "0 = off (the sink must emerge by itself)")
+    p.add_argument("--pin-sink", action="store_true", help="keep the seeded sink as seeded through training "
+                   "(seed_attention_sink(pinned=True) after every step): training learns around it and cannot "
+                   "dismantle it; needs --sink-logit > 0")
     p.add_argument("--corpus", choices=("stdlib", "listed"), default="stdlib",
                    help="training text besides the documentation topics: every standard-library source file "
                         "(about 4 M tokens) or the v1 model's listed modules (about 0.4 M)")
@@ -123,6 +126,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.sink_logit and args.init_from:
         p.error(f"--sink-logit={args.sink_logit} seeds a fresh model and --init-from would overwrite it; accepted: "
                 "--sink-logit 0 with --init-from")
+    if args.pin_sink and not args.sink_logit:
+        p.error("--pin-sink keeps a seeded sink and --sink-logit is 0; accepted: --pin-sink with --sink-logit > 0")
     if not (args.lr > 0 and math.isfinite(args.lr)) or not args.checkpoint_minutes > 0:
         p.error("--lr and --checkpoint-minutes must be positive numbers")
     args.out = args.out if args.out is not None else args.work_dir / "final"
@@ -147,7 +152,7 @@ def batch_at(data: torch.Tensor, step: int, args, bos_id: int) -> torch.Tensor:
 
 @torch.no_grad()
 def seed_attention_sink(model: GPTNeoXForCausalLM, bos_id: int, logit: float,
-                        activation: float = SINK_ACTIVATION) -> None:
+                        activation: float = SINK_ACTIVATION, pinned: bool = False) -> None:
     """Give a freshly initialised GPT-NeoX the attention sink that billion-token LMs grow by themselves.
 
     Large LMs park most of the attention of most heads on the first token, whose residual stream carries
@@ -164,7 +169,12 @@ def seed_attention_sink(model: GPTNeoXForCausalLM, bos_id: int, logit: float,
     * the value projections do not read it, so the BOS's value is the value bias (zero at init).
 
     Training may keep, strengthen or drop the sink; whether evicting it hurts is measured afterwards
-    (``bench.attention_sink``, ``bench.kv_policies``). ``logit`` 0 leaves the model unchanged."""
+    (``bench.attention_sink``, ``bench.kv_policies``). ``logit`` 0 leaves the model unchanged.
+
+    ``pinned`` also makes the sink dimension the BOS's alone in every layer (no block writes to it; every
+    input LayerNorm passes it with gain 1, shift 0). Called after every optimiser step with the same
+    arguments, it puts back every entry it writes, so training learns around a sink it cannot remove
+    (queries may still learn to look away from it: their other weights train)."""
     if logit <= 0:
         return
     config = model.config
@@ -189,6 +199,12 @@ def seed_attention_sink(model: GPTNeoXForCausalLM, bos_id: int, logit: float,
             projection.weight[value:value + head_dim, sink_dim] = 0.0
             projection.weight[key + rotary, sink_dim] = weight
             projection.bias[query + rotary] = weight
+        if pinned:
+            layer.input_layernorm.weight[sink_dim] = 1.0
+            layer.input_layernorm.bias[sink_dim] = 0.0
+            for writer in (layer.attention.dense, layer.mlp.dense_4h_to_h):
+                writer.weight[sink_dim] = 0.0
+                writer.bias[sink_dim] = 0.0
 
 
 def with_bos(tokenizer, bos_id: int):
@@ -311,7 +327,7 @@ def train(args) -> Path | None:
         shutil.rmtree(args.work_dir / "latest", ignore_errors=True)
     tokenizer, data, bos_id = corpus(args)
     model = GPTNeoXForCausalLM(build_config(len(tokenizer), bos_id, args))
-    seed_attention_sink(model, bos_id, args.sink_logit)
+    seed_attention_sink(model, bos_id, args.sink_logit, pinned=args.pin_sink)
     if args.init_from:
         load_stage_weights(model, tokenizer, Path(args.init_from))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
@@ -332,6 +348,8 @@ def train(args) -> Path | None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        if args.pin_sink:
+            seed_attention_sink(model, bos_id, args.sink_logit, pinned=True)
         step, ran = step + 1, ran + 1
         now = time.perf_counter()
         if step % args.log_every == 0 or step == args.steps:
