@@ -41,7 +41,9 @@ def _check_choice(name: str, value: Any, accepted) -> Any:
 @dataclass(frozen=True)
 class QuantizationSpec:
     """bitsandbytes quantization, on any device the installed bitsandbytes runs it on
-    (:func:`bitsandbytes_devices`: CUDA, and the CPU since bitsandbytes 0.49).
+    (:func:`bitsandbytes_devices`: CUDA, and the CPU since bitsandbytes 0.49). On a CPU with
+    AVX512-BF16, 4-bit layers whose shapes bitsandbytes' fast kernel cannot take run on its generic
+    path (:func:`backends.quantized.keep_cpu_4bit_layers_runnable`, applied by :func:`load_model`).
 
     Args:
         enabled: quantize on load (default False).
@@ -541,9 +543,10 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     model = model_cls.from_pretrained(path, **kwargs)
     model.eval()
     if qconfig is not None:
-        from backends.quantized import bitsandbytes_messages_once
+        from backends.quantized import bitsandbytes_messages_once, keep_cpu_4bit_layers_runnable
 
         bitsandbytes_messages_once()
+        keep_cpu_4bit_layers_runnable(model)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=spec.trust_remote_code)
     image_processor = None
     if hasattr(config, "vision_config"):

@@ -135,3 +135,30 @@ def bitsandbytes_messages_once() -> None:
             logger = logging.getLogger(name)
             if _ONCE not in logger.filters:
                 logger.addFilter(_ONCE)
+
+
+#: bitsandbytes' CPU repacking groups output rows in blocks of this many (``block_n`` of
+#: ``bitsandbytes.functional._convert_weight_packed_for_cpu``)
+_CPU_PACK_ROWS = 32
+
+
+def keep_cpu_4bit_layers_runnable(model: nn.Module) -> list[str]:
+    """Send the 4-bit layers that bitsandbytes' AVX512-BF16 CPU kernel cannot take to its generic CPU path.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit`` weight for its fast kernel
+    at the layer's first inference forward; the repacking needs ``in_features`` divisible by the
+    quantization block size and ``out_features`` by 32, and raises inside bitsandbytes for any other
+    shape (``shape '[32, 0]' is invalid``). Real models' widths are multiples of 64; small or custom
+    ones are not. Those layers get the repacking turned off and run on the path AVX2 CPUs use (same
+    results, slower); every other layer keeps the fast kernel. Returns the names of the layers switched
+    (none on CPUs without AVX512-BF16, where bitsandbytes never repacks)."""
+    switched = []
+    for name, module in model.named_modules():
+        if type(module).__name__ != "Linear4bit" or not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        state = getattr(module.weight, "quant_state", None)
+        blocksize = int(getattr(state, "blocksize", 64) or 64)
+        if module.in_features % blocksize or module.in_features % 2 or module.out_features % _CPU_PACK_ROWS:
+            module.support_avx512bf16_for_cpu = False
+            switched.append(name)
+    return switched

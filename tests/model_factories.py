@@ -44,6 +44,16 @@ def tiny_gpt_neox():
         max_position_embeddings=256, pad_token_id=0, eos_token_id=1))
 
 
+def tiny_kv_stream(vocab: int = 53) -> tuple[GPTNeoXForCausalLM, list[list[int]]]:
+    """A small random GPT-NeoX and two random documents (400 and 300 tokens): a fast StreamingKV env's inputs."""
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=256)
+    generator = torch.Generator().manual_seed(3)
+    documents = [torch.randint(0, vocab, (n,), generator=generator).tolist() for n in (400, 300)]
+    return GPTNeoXForCausalLM(config).eval(), documents
+
+
 def _clip_cfg():
     return CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                             image_size=32, patch_size=8, projection_dim=32)

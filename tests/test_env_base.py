@@ -11,7 +11,6 @@ import warnings
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 from fake_latency import AnalyticEstimator
 from gymnasium.vector import AutoresetMode
 
@@ -34,14 +33,9 @@ class DecodingStandIn:
 
 @pytest.fixture(scope="module")
 def kv_model_and_documents():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from model_factories import tiny_kv_stream
 
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=53, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=256)
-    generator = torch.Generator().manual_seed(3)
-    documents = [torch.randint(0, 53, (n,), generator=generator).tolist() for n in (400, 300)]
-    return GPTNeoXForCausalLM(config).eval(), documents
+    return tiny_kv_stream()
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from model_factories import tiny_kv_stream
 
 from bench import kv_headroom
 from latency_model.tpot import TpotEstimator
@@ -14,12 +13,8 @@ from latency_model.tpot import TpotEstimator
 
 @pytest.fixture(scope="module")
 def env_kwargs():
-    torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=53, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=256)
-    generator = torch.Generator().manual_seed(3)
-    documents = [torch.randint(0, 53, (n,), generator=generator).tolist() for n in (400, 300)]
-    return {"model": GPTNeoXForCausalLM(config).eval(), "documents": documents,
+    model, documents = tiny_kv_stream()
+    return {"model": model, "documents": documents,
             "tpot_model": TpotEstimator(base_ms=2.0, per_slot_ms=0.01, per_prune_ms=0.5),
             "knob_grid": {"n_sink": (0, 4), "window": (8, 32), "compress_every": (1, 8)}}
 

@@ -204,3 +204,21 @@ def test_a_checkpoint_stored_quantized_loads_only_under_its_own_quantization(che
         with pytest.raises(SpecError, match="asked: nf4 with compute_dtype=bf16, double_quant=False; accepted: "
                                             "quantization=nf4 with compute_dtype=bf16, double_quant=True"):
             load_model(ModelSpec(model=str(folder), quantization=QuantizationSpec(enabled=True, double_quant=False)))
+
+
+def test_4bit_layers_the_avx512_bf16_kernel_cannot_take_run_on_the_generic_path():
+    """bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel only when in_features is a multiple
+    of the block size and out_features of 32 (other shapes raise inside it); keep_cpu_4bit_layers_runnable
+    sends only the other shapes to the generic path. The CPU's flag is forced on, so this runs anywhere."""
+    import bitsandbytes as bnb
+
+    from backends.quantized import keep_cpu_4bit_layers_runnable
+
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(32, 48, quant_type="nf4"),
+                                bnb.nn.Linear4bit(64, 64, quant_type="nf4")).to("cpu").eval()
+    for layer in model:
+        layer.support_avx512bf16_for_cpu = True  # as on a CPU with AVX512-BF16
+    assert keep_cpu_4bit_layers_runnable(model) == ["0"]
+    assert [layer.support_avx512bf16_for_cpu for layer in model] == [False, True]
+    with torch.no_grad():
+        assert torch.isfinite(model[0](torch.randn(2, 32))).all()  # the generic path
