@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None, env_kwargs: dict | None = None) -> int:
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if env.kv_budget.tpot.is_range:
+        print(f"error: --budget={args.budget} is a range; accepted: one TPOT budget (auto, 2.7ms, 50%)", file=sys.stderr)
+        return 2
     budget_ms = float(env.kv_budget.tpot.low_ms)
     grid = list(itertools.product(*[range(n) for n in env.action_space.nvec]))
     steps = env.episode_steps

@@ -34,7 +34,8 @@ def test_the_schemes_are_ordered_as_their_definitions_say(env_kwargs, capsys):
     assert "| static | " in out and "+0.0000 [+0.0000, +0.0000]" in out  # static against itself
 
 
-def test_a_budget_it_cannot_read_is_one_line(env_kwargs, capsys):
-    assert kv_headroom.main(["--budget", "fast", "--episode-tokens", "48"], env_kwargs) == 2
+@pytest.mark.parametrize("budget", ["fast", "[2ms,3ms]"])
+def test_a_budget_it_cannot_use_is_one_line(budget, env_kwargs, capsys):
+    assert kv_headroom.main(["--budget", budget, "--episode-tokens", "48"], env_kwargs) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "fast" in err[0]
+    assert len(err) == 1 and budget in err[0]
