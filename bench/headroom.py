@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from agents.base import EnvLayout  # noqa: E402
+from agents.base import EnvLayout, score_in_budget  # noqa: E402
 from agents.baselines import search_space  # noqa: E402
 from envs.budget import Budget  # noqa: E402
 from backends.script_args import OneLineArgumentParser, at_least
@@ -45,7 +45,7 @@ def score_matrix(layout: EnvLayout, actions: np.ndarray, split: str, n: int, bud
     for sid in range(min(n, layout.num_samples(split))):
         for b in budgets:  # outcomes are memoised by the env: later budgets cost no model runs
             _, infos = layout.evaluate(sid, b, actions, split)
-            out[b].append([0.0 if i["violated"] else float(i["score"]) for i in infos])
+            out[b].append([score_in_budget(i) for i in infos])
     return {b: np.asarray(rows) for b, rows in out.items()}
 
 

@@ -49,17 +49,12 @@ def parse_args(argv: list[str] | None):
     return p.parse_args(argv)
 
 
-def episode_outcome(info: dict) -> tuple[float, float]:
-    """(score, score within budget) of an episode from its last chunk's info (the episode summary)."""
-    score = float(info["score"])
-    return score, 0.0 if info["violated"] else score
-
-
 def main(argv: list[str] | None = None, env_kwargs: dict | None = None) -> int:
     """``env_kwargs``: more ``StreamingKVEnv`` arguments (a model object, documents, a TPOT estimator)."""
     args = parse_args(argv)
     import torch
 
+    from agents.base import score_in_budget
     from envs.streaming_kv import StreamingKVEnv
     from knobgym_cli.margin import paired_bootstrap
 
@@ -82,6 +77,7 @@ def main(argv: list[str] | None = None, env_kwargs: dict | None = None) -> int:
         return 2
     budget_ms = float(env.kv_budget.tpot.low_ms)
     grid = list(itertools.product(*[range(n) for n in env.action_space.nvec]))
+    actions = [np.array(a) for a in grid]
     steps = env.episode_steps
     test = range(min(args.test_episodes, env.num_samples("test")))
     validation = range(min(args.validation_episodes, env.num_samples("validation")))
@@ -91,13 +87,11 @@ def main(argv: list[str] | None = None, env_kwargs: dict | None = None) -> int:
 
     def constants(split: str, sample_id: int):
         returns, infos = env.evaluate_episode_group(sample_id, f"{budget_ms}ms", [[a] * steps for a in grid], split)
-        return returns, [episode_outcome(chunks[-1]) for chunks in infos]
+        return returns, [score_in_budget(chunks[-1]) for chunks in infos]  # the last chunk's info: the episode's
 
     validation_returns = np.array([constants("validation", i)[0] for i in validation])
     static = int(np.argmax(validation_returns.mean(0)))
-    test_returns, test_outcomes = zip(*(constants("test", i) for i in test))
-    test_returns = np.array(test_returns)
-    test_in_budget = np.array([[o[1] for o in outcomes] for outcomes in test_outcomes])
+    test_returns, test_in_budget = map(np.array, zip(*(constants("test", i) for i in test)))
     best_on_test = int(np.argmax(test_returns.mean(0)))
     oracle = test_returns.argmax(1)
 
@@ -106,18 +100,18 @@ def main(argv: list[str] | None = None, env_kwargs: dict | None = None) -> int:
         env.reset(options={"sample_id": sample_id, "split": "test", "budget": budget_ms})
         total, info = 0.0, {}
         for _ in range(steps):
-            rewards, _ = env.evaluate_chunk_group([np.array(a) for a in grid])
-            choice = grid[int(np.argmax(rewards))]
+            rewards, _ = env.evaluate_chunk_group(actions)
+            choice = int(np.argmax(rewards))
             lookahead_used[choice] += 1
-            _, reward, _, _, info = env.step(np.array(choice))
+            _, reward, _, _, info = env.step(actions[choice])
             total += reward
         lookahead_return.append(total)
-        lookahead_in_budget.append(episode_outcome(info)[1])
+        lookahead_in_budget.append(score_in_budget(info))
         print(f"  lookahead episode {sample_id}: return {total:.3f} (oracle {test_returns[sample_id].max():.3f}, "
               f"static {test_returns[sample_id, static]:.3f})", flush=True)
 
-    def named(index) -> str:
-        return str(dict(zip(env.knob_grid, (env.knob_grid[k][v] for k, v in zip(env.knob_grid, grid[index])))))
+    def named(index: int) -> str:
+        return str({knob: env.knob_grid[knob][v] for knob, v in zip(env.knob_grid, grid[index])})
 
     rows = {
         "static": (test_returns[:, static], test_in_budget[:, static], named(static)),
@@ -127,7 +121,7 @@ def main(argv: list[str] | None = None, env_kwargs: dict | None = None) -> int:
                                           f"{len(set(oracle.tolist()))} distinct settings"),
         "chunk lookahead": (np.array(lookahead_return), np.array(lookahead_in_budget),
                             f"{len(lookahead_used)} distinct settings, most used "
-                            f"{named(grid.index(lookahead_used.most_common(1)[0][0]))}"),
+                            f"{named(lookahead_used.most_common(1)[0][0])}"),
     }
     print(f"\n| scheme | mean return | score within budget | gain over static [95% CI] | settings |")
     print("|---|---|---|---|---|")
